@@ -1,0 +1,133 @@
+"""The ``imagegen`` command: one sub-command per flow, plus the dataset registry.
+
+    imagegen curate --preset smoke [--set download.timeout=3 ...] [--json]
+    imagegen datasets list | show NAME_OR_ID
+
+Every flow sub-command takes ``--preset``, ``--set key.path=value`` overrides (validated before
+any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
+``--json`` (a one-line JSON summary as the last line of stdout).  By default flows run through
+Prefect (visible in the UI when ``PREFECT_API_URL`` points at a server); ``--no-prefect`` runs
+the same plain functions directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def _common(p: argparse.ArgumentParser, presets: list[str], default: str) -> None:
+    p.add_argument("--preset", choices=presets, default=default, help=f"parameter preset (default {default})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter, e.g. --set download.timeout=3 (repeatable)")
+    p.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    p.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from imagegen.presets import CURATE_PRESETS
+
+    parser = argparse.ArgumentParser(prog="imagegen", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cur = sub.add_parser("curate", help="download -> dedup -> filter -> recaption -> shard into a dataset")
+    _common(cur, sorted(CURATE_PRESETS), "smoke")
+    cur.add_argument("--url-list", help="a LAION-style parquet/CSV/TSV/JSONL of url + caption "
+                     "(instead of the embedded world)")
+    cur.add_argument("--name", help="registry name of the dataset")
+    cur.add_argument("--url-col", help="URL column name (default url)")
+    cur.add_argument("--caption-col", help="caption column name (default caption)")
+
+    ds = sub.add_parser("datasets", help="list or show datasets in the registry")
+    ds.add_argument("action", choices=["list", "show"])
+    ds.add_argument("dataset", nargs="?", help="name or id (for show)")
+    ds.add_argument("--data-root", default=None)
+    ds.add_argument("--json", action="store_true")
+    return parser
+
+
+def _curate_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.url_list:
+        extra += ["source.kind=url_list", f"source.url_list={Path(args.url_list).resolve()}"]
+    if args.name:
+        extra.append(f"name={args.name}")
+    if args.url_col:
+        extra.append(f"download.url_col={args.url_col}")
+    if args.caption_col:
+        extra.append(f"download.caption_col={args.caption_col}")
+    return extra + list(args.overrides)
+
+
+def cmd_curate(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen import curate as C
+    from imagegen.paths import data_root
+    from imagegen.presets import CURATE_PRESETS, build_config
+
+    cfg = build_config(C.CurateConfig, CURATE_PRESETS, args.preset, _curate_overrides(args))
+    root = data_root(args.data_root)
+    C.check_preconditions(cfg, root)
+    if args.no_prefect:
+        def note(stage: str, res: C.StageResult) -> None:
+            print(f"[{stage}] {'cached' if res.cached else 'done'} {res.id} -> {res.path}", file=sys.stderr)
+
+        ref = C.curate(cfg, root, progress=note)
+        from flows.curate import curate_summary
+        return curate_summary(ref.path)
+    from flows.curate import curate_flow
+
+    return curate_flow(config=cfg, data_root=str(root))
+
+
+def cmd_datasets(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.paths import data_root
+    from imagegen.registry import get_dataset, list_datasets
+
+    root = data_root(args.data_root)
+    if args.action == "list":
+        refs = [r.summary() for r in list_datasets(root)]
+        if not args.json:
+            print(f"{'id':18} {'name':24} {'samples':>8} {'shards':>6}  path")
+            for r in refs:
+                print(f"{r['id']:18} {r['name'] or '-':24} {r['samples'] or 0:>8} {r['shards']:>6}  {r['path']}")
+        return {"datasets": refs}
+    if not args.dataset:
+        raise SystemExit("imagegen datasets show: name the dataset (name or id)")
+    ref = get_dataset(root, args.dataset)
+    if not args.json:
+        print(json.dumps(ref.card, indent=2, default=str))
+    return ref.summary()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        result = {"curate": cmd_curate, "datasets": cmd_datasets}[args.command](args)
+    except ValidationError as exc:
+        print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
+        return 2
+    except (ValueError, LookupError, OSError) as exc:
+        print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        sys.stdout.flush()
+        print(json.dumps(result, default=str, separators=(",", ":")))
+    elif args.command == "curate":
+        print(f"dataset {result['name']} ({result['dataset_id']}): {result['samples']} samples in "
+              f"{result['shards']} shards at {result['path']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""The curate DAG as plain functions: world -> reference CLIP -> download -> dedup -> filter ->
+recaption -> shard (the dataset).
+
+Each stage function takes the results of the stages before it (ids and paths, never data),
+names its output folder by a hash of (inputs' ids, its own parameters, its code version), and
+returns at once when that folder is already complete.  Prefect tasks in ``tasks/curate.py`` are
+thin wrappers around these functions; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+import imagegen.stages.dedup as dedup_mod
+import imagegen.stages.download as download_mod
+import imagegen.stages.filter as filter_mod
+import imagegen.stages.recaption as recaption_mod
+import imagegen.stages.shard as shard_mod
+from imagegen.artifacts import is_complete, read_card, stage_output
+from imagegen.hashing import code_version, file_sha256, stable_hash
+from imagegen.paths import datasets_dir, ensure_writable, models_dir, stage_dir
+from imagegen.registry import DatasetRef, get_dataset, register_name
+from imagegen.stages.dedup import DedupConfig
+from imagegen.stages.download import DownloadConfig
+from imagegen.stages.filter import FilterConfig
+from imagegen.stages.recaption import RecaptionConfig
+from imagegen.stages.shard import ShardConfig
+from imagegen.world.publish import PublishConfig
+from imagegen.world.reference_clip import ReferenceClipConfig
+from imagegen.world.scene import WorldConfig
+
+log = logging.getLogger(__name__)
+
+# Fields that change how fast a stage runs, never what it produces: left out of stage ids.
+EXECUTION_FIELDS = {
+    "download": {"processes_count", "thread_count", "distributor"},
+    "dedup": {"processes"},
+    "recaption": {"batch_size", "device"},
+}
+
+
+class SourceConfig(BaseModel):
+    """Where the URLs come from: the embedded world (served on loopback) or a user's URL list."""
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["world", "url_list"] = "world"
+    url_list: str | None = Field(None, description="Parquet/CSV/TSV/JSONL of url + caption (kind=url_list)")
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    world_host: str = Field("127.0.0.1", description="Where the world's HTTP server listens (loopback)")
+    world_port: int = Field(0, ge=0, le=65535, description="0 picks a free port")
+
+    @model_validator(mode="after")
+    def _needs_list(self) -> "SourceConfig":
+        if self.kind == "url_list" and not self.url_list:
+            raise ValueError("source.kind='url_list' needs source.url_list (a parquet or CSV of url, caption)")
+        return self
+
+
+class CurateConfig(BaseModel):
+    """Every parameter of the curate flow.  Prefect renders this as the run form."""
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("world", min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$",
+                      description="Registry name of the resulting dataset")
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    reference_clip: ReferenceClipConfig = Field(default_factory=ReferenceClipConfig)
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+
+
+class StageResult(BaseModel):
+    """What flows between stages: an id and a path, plus the stage card's counts."""
+    stage: str
+    id: str
+    path: str
+    cached: bool = False
+    counts: dict[str, Any] = Field(default_factory=dict)
+
+    def __init__(self, stage: str, id: str, path: str, cached: bool = False,
+                 counts: dict[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(stage=stage, id=id, path=path, cached=cached, counts=counts or {}, **kw)
+
+
+def _params(stage: str, cfg: BaseModel) -> dict[str, Any]:
+    d = cfg.model_dump(mode="json")
+    for k in EXECUTION_FIELDS.get(stage, ()):
+        d.pop(k, None)
+    return d
+
+
+def _run_stage(root: Path, stage: str, inputs: dict[str, Any], params: dict[str, Any], code: str,
+               body: Callable[[Path, dict[str, Any]], dict[str, Any]],
+               final: Callable[[str], Path] | None = None) -> StageResult:
+    """Content-addressed, atomic, idempotent execution of one stage."""
+    sid = stable_hash({"stage": stage, "inputs": inputs, "params": params, "code": code})
+    out = final(sid) if final is not None else stage_dir(root, stage, sid)
+    if is_complete(out):
+        return StageResult(stage, sid, str(out), cached=True, counts=read_card(out).get("counts", {}))
+    t0 = time.perf_counter()
+    with stage_output(out) as (tmp, card):
+        counts = body(tmp, card)
+        card.update({"stage": stage, "id": sid, "inputs": inputs, "params": params, "code_version": code,
+                     "counts": counts, "seconds": round(time.perf_counter() - t0, 3)})
+    log.info("%s %s done in %.1fs: %s", stage, sid, time.perf_counter() - t0, counts)
+    return StageResult(stage, sid, str(out), cached=False, counts=counts)
+
+
+# ---------------------------------------------------------------------------- stages
+
+def world_stage(root: Path, source: SourceConfig) -> StageResult:
+    """Publish the embedded world (files, routes, URL paths, ground truth) once per config."""
+    from imagegen.world import publish as publish_mod
+    from imagegen.world import scene as scene_mod
+
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        return publish_mod.publish_world(source.world, source.publish, tmp)
+
+    return _run_stage(root, "world", {}, {"world": source.world.model_dump(mode="json"),
+                                          "publish": source.publish.model_dump(mode="json")},
+                      code_version(scene_mod, publish_mod), body)
+
+
+def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
+    from imagegen.world import reference_clip as rc
+
+    t0 = time.perf_counter()
+    path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
+    card = read_card(path)
+    return StageResult("reference_clip", path.name, str(path), cached=time.perf_counter() - t0 < 1.0,
+                       counts=card.get("metrics", card.get("counts", {})))
+
+
+def source_id(source: SourceConfig, world: StageResult | None) -> str:
+    if source.kind == "world":
+        assert world is not None
+        return f"world-{world.id}"
+    return f"file-{file_sha256(source.url_list)[:16]}"
+
+
+def download_stage(root: Path, source: SourceConfig, world: StageResult | None, cfg: DownloadConfig) -> StageResult:
+    """Fetch every URL with img2dataset; for the world, serve it on loopback for the duration."""
+    if source.kind == "url_list":
+        table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
+    sid_inputs = {"source": source_id(source, world)}
+
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        if source.kind == "url_list":
+            return download_mod.run_download(table, cfg, tmp)
+        from imagegen.world.publish import url_table
+        from imagegen.world.server import serve_world
+
+        with serve_world(Path(world.path), host=source.world_host, port=source.world_port) as srv:
+            base = srv.base_url if hasattr(srv, "base_url") else str(srv)
+            urls = url_table(Path(world.path), base)
+            urls["skip_reason"] = None
+            counts = download_mod.run_download(urls, cfg, tmp)
+            if hasattr(srv, "stats"):
+                card["server_requests"] = srv.stats()
+        return counts
+
+    return _run_stage(root, "download", sid_inputs, _params("download", cfg), code_version(download_mod), body)
+
+
+def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageResult:
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        d = Path(download.path)
+        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet")
+
+    from imagegen import mih
+    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg),
+                      code_version(dedup_mod, mih), body)
+
+
+def model_resolver(clip: StageResult | None) -> Callable[[str], str]:
+    """Map the alias 'world' to the reference CLIP's open_clip local-dir; pass other specs through."""
+    def resolve(spec: str) -> str:
+        if spec == "world":
+            if clip is None:
+                raise ValueError("model 'world' names the embedded world's reference CLIP, which only "
+                                 "exists for source.kind='world'; give an open_clip spec such as "
+                                 "'ViT-B-32:laion2b_s34b_b79k'")
+            return f"local-dir:{clip.path}"
+        return spec
+    return resolve
+
+
+def _clip_inputs(clip: StageResult | None, *specs: str | None) -> dict[str, Any]:
+    return {"reference_clip": clip.id} if clip is not None and "world" in specs else {}
+
+
+def filter_stage(root: Path, download: StageResult, dedup: StageResult, cfg: FilterConfig,
+                 clip: StageResult | None) -> StageResult:
+    specs = [getattr(cfg, k).model for k in ("clip_score", "nsfw", "watermark", "text") if getattr(cfg, k)]
+
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        return filter_mod.run_filter(Path(download.path), Path(dedup.path) / "dedup.parquet", cfg,
+                                     tmp / "filter.parquet", resolve_model=model_resolver(clip))
+
+    return _run_stage(root, "filter", {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *specs)},
+                      _params("filter", cfg), code_version(filter_mod), body)
+
+
+def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cfg: RecaptionConfig,
+                    clip: StageResult | None) -> StageResult:
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        f = pd.read_parquet(Path(filtered.path) / "filter.parquet", columns=["key", "keep"])
+        keys = f.loc[f["keep"], "key"].tolist()
+        rcfg = cfg
+        if cfg.backend == "clip_retrieval":
+            rcfg = cfg.model_copy(update={"model": model_resolver(clip)(cfg.model or "world")})
+        return recaption_mod.run_recaption(Path(download.path) / "images", keys, rcfg, tmp / "captions.parquet")
+
+    from imagegen.world import detector
+    return _run_stage(root, "recaption", {"download": download.id, "filter": filtered.id,
+                                          **_clip_inputs(clip, cfg.model if cfg.backend == "clip_retrieval" else None)},
+                      _params("recaption", cfg), code_version(recaption_mod, detector), body)
+
+
+def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResult, dedup: StageResult,
+                filtered: StageResult, captions: StageResult, world: StageResult | None,
+                clip: StageResult | None) -> StageResult:
+    """Write the dataset: shards, manifest, accounting of every input row, and the card."""
+    inputs = {"download": download.id, "dedup": dedup.id, "filter": filtered.id, "recaption": captions.id}
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        return build_dataset(tmp, card, name, config, download, dedup, filtered, captions, world, clip)
+
+    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), code_version(shard_mod), body,
+                     final=lambda sid: datasets_dir(root) / sid)
+    register_name(root, name, res.id)
+    return res
+
+
+def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConfig, download: StageResult,
+                  dedup: StageResult, filtered: StageResult, captions: StageResult,
+                  world: StageResult | None, clip: StageResult | None) -> dict[str, Any]:
+    ddir = Path(download.path)
+    ledger = pd.read_parquet(ddir / "ledger.parquet")
+    dd = pd.read_parquet(Path(dedup.path) / "dedup.parquet")
+    ff = pd.read_parquet(Path(filtered.path) / "filter.parquet")
+    cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
+    kept = ff.loc[ff["keep"], "key"].tolist()
+
+    images: dict[str, tuple[bytes, str]] = {}
+    keep_set = set(kept)
+    for batch in download_mod.iter_images(ddir / "images", ["key", "image", "ext"]):
+        for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
+                               batch.column("ext").to_pylist()):
+            if k in keep_set:
+                images[k] = (img, ext)
+    led = ledger.set_index("key", drop=False)
+    ddi, ffi, cci = dd.set_index("key"), ff.set_index("key"), cc.set_index("key")
+    score_cols = [c for c in ff.columns if c.endswith("_score")]
+
+    def meta(key: str) -> dict[str, Any]:
+        lr, dr, cr = led.loc[key], ddi.loc[key], cci.loc[key]
+        m = {"row_id": int(lr["row_id"]), "url": lr["url"], "original_caption": cr["original_caption"],
+             "generated_caption": cr["generated_caption"], "caption_source": cr["caption_source"],
+             "captioner": cr["captioner"], "captioner_model": cr["captioner_model"],
+             "original_width": int(lr["original_width"]), "original_height": int(lr["original_height"]),
+             "sha256": lr["sha256"], "source_sha256": lr["source_sha256"], "phash": dr["phash"],
+             "near_cluster": dr["near_cluster"]}
+        for c in score_cols:
+            m[c] = float(ffi.loc[key, c])
+        return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
+
+    def get_sample(key: str) -> dict[str, Any]:
+        img, ext = images[key]
+        return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": meta(key)}
+
+    plan = shard_mod.plan_shards(kept, config.shard)
+    infos = shard_mod.write_shards_from_plan(plan, get_sample, out / "shards", config.shard)
+    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+
+    manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **get_sample(k)["meta"],
+                              "caption": cci.loc[k, "caption"]} for k in kept])
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    accounting = account_rows(ledger, dd, ff)
+    accounting.to_parquet(out / "accounting.parquet", index=False)
+
+    counts = {
+        "download": download.counts, "dedup": dedup.counts, "filter": filtered.counts,
+        "recaption": captions.counts,
+        "shard": {"samples": len(kept), "shards": len(infos), "bytes": int(sum(i.bytes for i in infos))},
+        "accounting": accounting["outcome"].value_counts().sort_index().to_dict(),
+    }
+    card.update({
+        "name": name,
+        "source": {"kind": config.source.kind, "url_list": config.source.url_list,
+                   "world_stage": world.id if world else None},
+        "stage_ids": {"world": world.id if world else None, "reference_clip": clip.id if clip else None,
+                      "download": download.id, "dedup": dedup.id, "filter": filtered.id,
+                      "recaption": captions.id},
+        "config": config.model_dump(mode="json"),
+        "shards": [{"name": i.name, "count": i.count, "bytes": i.bytes, "sha256": i.sha256} for i in infos],
+        "reference_clip": clip.counts if clip else None,
+    })
+    if world is not None:
+        card["world_report"] = world_report(Path(world.path), accounting, cc)
+    _write_grid(out, kept[:16], images, cci)
+    return counts
+
+
+def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFrame) -> pd.DataFrame:
+    """One row per input row with its final outcome: kept, or the stage and reason that dropped it."""
+    acc = ledger[["row_id", "url", "key", "status", "reason"]].copy()
+    f = filtered.set_index("key")
+    outcome = []
+    for key, status, reason in zip(acc["key"], acc["status"], acc["reason"]):
+        if status == "skipped":
+            outcome.append(f"skipped:{reason}")
+        elif status == "failed":
+            outcome.append(f"download_failed:{reason}")
+        elif key not in f.index:
+            outcome.append("lost")  # must never happen; the check below makes it loud
+        elif bool(f.at[key, "keep"]):
+            outcome.append("kept")
+        else:
+            outcome.append(f"filtered:{f.at[key, 'reason']}")
+    acc["outcome"] = outcome
+    if (acc["outcome"] == "lost").any() or len(acc) != len(ledger):
+        raise AssertionError(f"rows lost between download and filter: {acc[acc['outcome'] == 'lost']}")
+    return acc
+
+
+def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFrame) -> dict[str, Any]:
+    """Where each planted fault ended up, and caption accuracy before/after recaptioning."""
+    from imagegen.world.publish import read_truth
+
+    truth = read_truth(world_dir)
+    acc = accounting.merge(truth[["row_id", "planted", "objects", "caption_noise"]], on="row_id")
+    by_planted = {p: g["outcome"].value_counts().to_dict() for p, g in acc.groupby("planted")}
+    report: dict[str, Any] = {"outcome_by_planted": by_planted}
+    kept = acc[acc["outcome"] == "kept"].merge(captions[["key", "original_caption", "caption"]], on="key")
+    if len(kept):
+        objs = [json.loads(o) for o in kept["objects"]]
+        report["caption_accuracy_alt_text"] = recaption_mod.caption_accuracy(kept["original_caption"].tolist(), objs)
+        report["caption_accuracy_final"] = recaption_mod.caption_accuracy(kept["caption"].tolist(), objs)
+    return report
+
+
+def _write_grid(out: Path, keys: list[str], images: dict[str, tuple[bytes, str]], captions: pd.DataFrame) -> None:
+    """A PNG grid of the first samples with their captions, for the card and the Prefect artifact."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    if not keys:
+        return
+    cols, cell, text_h = 4, 128, 28
+    rows = (len(keys) + cols - 1) // cols
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, k in enumerate(keys):
+        im = Image.open(io.BytesIO(images[k][0])).convert("RGB").resize((cell, cell), Image.NEAREST)
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        grid.paste(im, (x, y))
+        cap = str(captions.loc[k, "caption"])
+        draw.text((x + 2, y + cell + 1), cap[:22], fill="black")
+        draw.text((x + 2, y + cell + 13), cap[22:44], fill="black")
+    grid.save(out / "samples.png")
+
+
+# ---------------------------------------------------------------------------- the whole DAG
+
+def check_preconditions(config: CurateConfig, root: Path) -> None:
+    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port."""
+    ensure_writable(root)
+    if config.source.kind == "url_list":
+        download_mod.read_url_list(config.source.url_list, config.download.url_col, config.download.caption_col,
+                                   config.download.on_duplicate_urls)
+    elif config.source.world_port:
+        import socket
+
+        if config.source.world_host not in ("127.0.0.1", "localhost", "::1"):
+            raise ValueError(f"world_host {config.source.world_host!r} is not loopback; the world server "
+                             "only listens on loopback")
+        with socket.socket() as s:
+            try:
+                s.bind((config.source.world_host, config.source.world_port))
+            except OSError as exc:
+                raise OSError(f"port {config.source.world_port} on {config.source.world_host} is already in use "
+                              f"({exc.strerror}); pick another with source.world_port or 0 for any free port") from exc
+
+
+def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
+    """Run the whole curate DAG without Prefect; returns the registered dataset."""
+    check_preconditions(config, root)
+    note = progress or (lambda stage, res: None)
+    world = clip = None
+    if config.source.kind == "world":
+        world = world_stage(root, config.source)
+        note("world", world)
+        clip = reference_clip_stage(root, config.source, config.reference_clip)
+        note("reference_clip", clip)
+    dl = download_stage(root, config.source, world, config.download)
+    note("download", dl)
+    dd = dedup_stage(root, dl, config.dedup)
+    note("dedup", dd)
+    ff = filter_stage(root, dl, dd, config.filter, clip)
+    note("filter", ff)
+    rc = recaption_stage(root, dl, ff, config.recaption, clip)
+    note("recaption", rc)
+    ds = shard_stage(root, config.name, config, dl, dd, ff, rc, world, clip)
+    note("shard", ds)
+    return get_dataset(root, ds.id)

@@ -1,0 +1,410 @@
+"""Download stage: img2dataset fetches the bytes, then one decode step makes every image uniform.
+
+img2dataset (the real one) does the network part: thread pools per process, retries, timeouts,
+its multiprocessing / pyspark / ray distributors.  We ask it for the raw bytes
+(``disable_all_reencoding``) because its OpenCV decoder ignores EXIF orientation, silently
+drops alpha onto black and cannot tell us *why* an image was bad; our own decode
+(:func:`normalize_image`) applies EXIF orientation, converts CMYK / grayscale / alpha / 16-bit
+images to 8-bit RGB and resizes with PIL (bicubic, antialiased), recording every decision.
+
+Every input row appears in the ledger exactly once with ``status`` in
+{"success", "failed", "skipped"} and a ``reason``; rows that failed for a transient reason
+(timeout, 5xx, truncated body, connection error) are retried in further passes, and only those.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen.hashing import bytes_sha256
+
+log = logging.getLogger(__name__)
+
+LEDGER_COLUMNS = [
+    "row_id", "url", "caption", "status", "reason", "error", "attempts", "key",
+    "original_width", "original_height", "original_mode", "original_format", "exif_transposed",
+    "width", "height", "source_sha256", "sha256",
+]
+IMAGE_PART_ROWS = 10_000
+
+
+class DownloadConfig(BaseModel):
+    """Options of the download stage.  Network options go to img2dataset unchanged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(64, ge=8, le=8192, description="Output side in pixels")
+    resize_mode: Literal["center_crop", "border", "keep_ratio", "no"] = Field(
+        "center_crop", description="center_crop: square crop; border: pad to square; keep_ratio: "
+        "shorter side = image_size; no: keep the original size")
+    encode_format: Literal["jpg", "png", "webp"] = "jpg"
+    encode_quality: int = Field(95, ge=1, le=100, description="JPEG/WebP quality")
+    processes_count: int = Field(2, ge=1, le=512, description="img2dataset processes (and decode workers)")
+    thread_count: int = Field(32, ge=1, le=4096, description="img2dataset download threads per process")
+    timeout: float = Field(5.0, gt=0, le=600, description="Per-request timeout in seconds")
+    retries: int = Field(0, ge=0, le=10, description="img2dataset's immediate retries per URL")
+    retry_passes: int = Field(1, ge=0, le=5, description="Extra passes over rows that failed transiently")
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    number_sample_per_shard: int = Field(10_000, ge=10, le=1_000_000)
+    user_agent_token: str | None = Field(None, description="Identifies your crawler to site owners")
+    url_col: str = "url"
+    caption_col: str = "caption"
+    on_duplicate_urls: Literal["error", "skip"] = Field(
+        "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
+
+
+# ---------------------------------------------------------------------------- input validation
+
+class InputError(ValueError):
+    """The URL list cannot be used; the message says what is wrong and where."""
+
+
+def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                  on_duplicate_urls: str = "error") -> pd.DataFrame:
+    """Read and validate a LAION-style URL list (parquet, CSV, TSV or JSONL).
+
+    Returns a frame with row_id (position in the file), url, caption, and ``skip_reason``
+    (None, or why the row will not be fetched).  Raises :class:`InputError` before any work.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"URL list {path} does not exist")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    try:
+        if suffix == ".parquet":
+            df = pd.read_parquet(path)
+        elif suffix in (".csv", ".csv.gz"):
+            df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        elif suffix in (".tsv", ".tsv.gz"):
+            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+        elif suffix in (".jsonl", ".json"):
+            df = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+        else:
+            raise InputError(f"URL list {path}: unknown format {suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
+        raise InputError(f"URL list {path} could not be read as {suffix}: {exc}") from exc
+    missing = [c for c in (url_col, caption_col) if c not in df.columns]
+    if missing:
+        hint = ""
+        for want in missing:
+            close = [c for c in df.columns if c.lower() in {want.lower(), *_ALIASES.get(want, ())}]
+            if close:
+                hint += f"; column {close[0]!r} looks like {want!r}: pass --{'url' if want == url_col else 'caption'}-col {close[0]}"
+        raise InputError(f"URL list {path} has no column(s) {missing}; it has {list(df.columns)}{hint}")
+    if len(df) == 0:
+        raise InputError(f"URL list {path} is empty: nothing to download")
+    out = pd.DataFrame({
+        "row_id": np.arange(len(df), dtype=np.int64),
+        "url": df[url_col].astype(str).str.strip(),
+        "caption": df[caption_col].fillna("").astype(str),
+    })
+    out["skip_reason"] = None
+    bad_url = ~out["url"].str.match(r"^https?://[^\s/]+", na=False)
+    out.loc[bad_url, "skip_reason"] = "invalid_url"
+    dup = out["url"].duplicated(keep="first") & ~bad_url
+    if dup.any():
+        first = out.drop_duplicates("url").set_index("url")["row_id"]
+        examples = ", ".join(f"row {r} repeats row {first[u]}" for r, u in
+                             zip(out.loc[dup, "row_id"][:5], out.loc[dup, "url"][:5]))
+        if on_duplicate_urls == "error":
+            raise InputError(f"URL list {path} has {int(dup.sum())} duplicate URL(s) ({examples}); "
+                             "deduplicate it or pass on_duplicate_urls='skip'")
+        out.loc[dup, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in out.loc[dup, "url"]]
+    return out
+
+
+_ALIASES = {"url": ("image_url", "img_url", "link", "src", "uri"),
+            "caption": ("text", "alt", "alt_text", "title", "txt", "description")}
+
+
+# ---------------------------------------------------------------------------- decode / normalize
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; transparency is composited over white, 16-bit is rescaled."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
+    w, h = img.size
+    if mode == "no":
+        return img
+    if mode == "border":
+        s = size / max(w, h)
+        inner = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC, reducing_gap=None)
+        canvas = Image.new("RGB", (size, size), (0, 0, 0))
+        canvas.paste(inner, ((size - inner.width) // 2, (size - inner.height) // 2))
+        return canvas
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    if mode == "keep_ratio":
+        return img
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
+    """Decode raw bytes into the dataset's uniform encoding.
+
+    Returns {"ok": True, "image": bytes, ...original properties} or
+    {"ok": False, "reason": "not_an_image" | "corrupt_image", "error": message}.
+    """
+    if not data:
+        return {"ok": False, "reason": "empty_body", "error": "zero bytes received"}
+    head = data[:512].lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
+        return {"ok": False, "reason": "not_an_image", "error": "body is HTML/XML, not an image"}
+    try:
+        with Image.open(io.BytesIO(data)) as src:
+            fmt, mode, (ow, oh) = src.format, src.mode, src.size
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                src.load()
+            orientation = src.getexif().get(0x0112, 1)
+            upright = ImageOps.exif_transpose(src) if orientation not in (None, 1) else src
+            rgb = _to_rgb(upright)
+    except Image.UnidentifiedImageError as exc:
+        return {"ok": False, "reason": "not_an_image", "error": str(exc)}
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
+    # original size is reported upright (after EXIF), as a viewer shows it
+    uw, uh = rgb.size
+    out = _resize(rgb, cfg.image_size, cfg.resize_mode)
+    buf = io.BytesIO()
+    if cfg.encode_format == "jpg":
+        out.save(buf, "JPEG", quality=cfg.encode_quality, optimize=False)
+    elif cfg.encode_format == "png":
+        out.save(buf, "PNG", compress_level=6)
+    else:
+        out.save(buf, "WEBP", quality=cfg.encode_quality)
+    encoded = buf.getvalue()
+    return {
+        "ok": True, "image": encoded, "original_width": uw, "original_height": uh,
+        "original_mode": mode, "original_format": fmt, "exif_transposed": orientation not in (None, 1),
+        "width": out.width, "height": out.height, "sha256": bytes_sha256(encoded),
+        "source_sha256": bytes_sha256(data),
+    }
+
+
+# ---------------------------------------------------------------------------- failure reasons
+
+_TRANSIENT = {"timeout", "http_5xx", "truncated", "connection_error", "http_429"}
+
+
+def classify_error(message: str | None) -> str:
+    """Map an img2dataset/urllib error message onto a short, countable reason."""
+    m = (message or "").lower()
+    if not m:
+        return "unknown_error"
+    if mo := re.search(r"http error (\d{3})", m):
+        code = int(mo.group(1))
+        if code == 429:
+            return "http_429"
+        return "http_5xx" if code >= 500 else f"http_{code}"
+    if "timed out" in m or "timeout" in m:
+        return "timeout"
+    if "incompleteread" in m or "incomplete read" in m or "bytes read" in m:
+        return "truncated"
+    if any(s in m for s in ("connection", "remote end closed", "reset by peer", "refused", "urlopen error")):
+        return "connection_error"
+    if "redirect" in m:
+        return "redirect_loop"
+    if "x-robots-tag" in m:
+        return "disallowed_by_robots"
+    return "download_error"
+
+
+def is_transient(reason: str) -> bool:
+    return reason in _TRANSIENT
+
+
+# ---------------------------------------------------------------------------- img2dataset passes
+
+def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> pd.DataFrame:
+    """One img2dataset run over ``rows`` (row_id, url, caption); returns its per-row parquet rows."""
+    # img2dataset imports albumentations, which phones home for updates at import in every
+    # spawned worker; offline that costs seconds per process.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download as i2d_download
+
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    inp = work / "input.parquet"
+    rows[["row_id", "url", "caption"]].to_parquet(inp, index=False)
+    out = work / "out"
+    i2d_download(
+        url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
+        output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
+        disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
+        processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+        timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
+        number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
+        compute_hash="sha256", extract_exif=False, enable_wandb=False,
+    )
+    parts = sorted(out.glob("*.parquet"))
+    frames = [pd.read_parquet(p, columns=["row_id", "status", "error_message", "jpg"]) for p in parts]
+    got = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["row_id", "status", "error_message", "jpg"])
+    missing = set(rows["row_id"]) - set(got["row_id"])
+    if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
+        extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
+                              "error_message": "img2dataset returned no record for this row (subjob failed)",
+                              "jpg": None})
+        got = pd.concat([got, extra], ignore_index=True)
+    return got
+
+
+def _normalize_chunk(args: tuple[list[bytes], DownloadConfig]) -> list[dict[str, Any]]:
+    blobs, cfg = args
+    return [normalize_image(b, cfg) for b in blobs]
+
+
+def _normalize_all(blobs: list[bytes], cfg: DownloadConfig) -> list[dict[str, Any]]:
+    if cfg.processes_count <= 1 or len(blobs) < 256:
+        return _normalize_chunk((blobs, cfg))
+    n = min(cfg.processes_count, os.cpu_count() or 1)
+    size = max(64, math.ceil(len(blobs) / (n * 4)))
+    chunks = [(blobs[i:i + size], cfg) for i in range(0, len(blobs), size)]
+    with multiprocessing.get_context("fork").Pool(n) as pool:
+        return [r for part in pool.map(_normalize_chunk, chunks) for r in part]
+
+
+def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
+                 progress: bool = True) -> dict[str, Any]:
+    """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
+
+    Writes ``out_dir/ledger.parquet`` (one row per input row) and
+    ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
+    caption).  Returns the counts for the stage card.
+    """
+    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": url_list["url"].to_numpy(),
+                           "caption": url_list["caption"].to_numpy()})
+    for col in LEDGER_COLUMNS[3:]:
+        ledger[col] = None
+    ledger["attempts"] = 0
+    ledger = ledger.set_index("row_id", drop=False)
+    skip = url_list.set_index("row_id")["skip_reason"].dropna()
+    ledger.loc[skip.index, "status"] = "skipped"
+    ledger.loc[skip.index, "reason"] = skip.to_numpy()
+
+    pending = url_list[url_list["skip_reason"].isna()]
+    images: dict[int, bytes] = {}
+    passes = []
+    work = out_dir / "_img2dataset"
+    for attempt in range(1 + cfg.retry_passes):
+        if pending.empty:
+            break
+        got = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
+        ok = got["status"] == "success"
+        ids = got["row_id"].to_numpy()
+        ledger.loc[ids, "attempts"] = ledger.loc[ids, "attempts"].to_numpy() + 1
+        results = _normalize_all([b for b in got.loc[ok, "jpg"]], cfg)
+        retry_ids = []
+        for rid, res in zip(got.loc[ok, "row_id"], results):
+            if res["ok"]:
+                images[int(rid)] = res.pop("image")
+                res.pop("ok")
+                for k, v in res.items():
+                    ledger.at[rid, k] = v
+                ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = "success", None, None
+            else:
+                ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = (
+                    "failed", res["reason"], res["error"])
+        for rid, msg in zip(got.loc[~ok, "row_id"], got.loc[~ok, "error_message"]):
+            reason = classify_error(msg)
+            ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = "failed", reason, msg
+            if is_transient(reason):
+                retry_ids.append(int(rid))
+        passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
+                       "transient_failures": len(retry_ids)})
+        if progress:
+            log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
+                     len(retry_ids))
+        pending = pending[pending["row_id"].isin(retry_ids)]
+    shutil.rmtree(work, ignore_errors=True)
+
+    succ = ledger["status"] == "success"
+    ledger.loc[succ, "key"] = [f"{int(r):09d}" for r in ledger.loc[succ, "row_id"]]
+    ledger = ledger.reset_index(drop=True)[LEDGER_COLUMNS]
+    for col in ("attempts", "original_width", "original_height", "width", "height"):
+        ledger[col] = ledger[col].astype("Int64")
+    ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
+    ledger.to_parquet(out_dir / "ledger.parquet", index=False)
+    _write_image_parts(ledger[succ.to_numpy()], images, cfg, out_dir / "images")
+
+    counts = summarize_ledger(ledger)
+    counts["passes"] = passes
+    return counts
+
+
+def _write_image_parts(rows: pd.DataFrame, images: dict[int, bytes], cfg: DownloadConfig, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    schema = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
+                        ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
+                        ("height", pa.int32()), ("caption", pa.string())])
+    rows = rows.sort_values("row_id")
+    for part, start in enumerate(range(0, max(len(rows), 1), IMAGE_PART_ROWS)):
+        chunk = rows.iloc[start:start + IMAGE_PART_ROWS]
+        table = pa.table({
+            "key": chunk["key"].tolist(), "row_id": chunk["row_id"].astype("int64").tolist(),
+            "image": [images[int(r)] for r in chunk["row_id"]], "ext": [cfg.encode_format] * len(chunk),
+            "sha256": chunk["sha256"].tolist(), "width": chunk["width"].astype("int32").tolist(),
+            "height": chunk["height"].astype("int32").tolist(), "caption": chunk["caption"].tolist(),
+        }, schema=schema)
+        pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=1000)
+
+
+def summarize_ledger(ledger: pd.DataFrame) -> dict[str, Any]:
+    """Counts that must add up: input = success + failed + skipped, and per reason."""
+    by_status = ledger["status"].value_counts().to_dict()
+    reasons = ledger.loc[ledger["status"] != "success", "reason"].value_counts().to_dict()
+    retried = int((ledger["attempts"] > 1).sum())
+    recovered = int(((ledger["attempts"] > 1) & (ledger["status"] == "success")).sum())
+    counts = {
+        "input_rows": int(len(ledger)),
+        "success": int(by_status.get("success", 0)),
+        "failed": int(by_status.get("failed", 0)),
+        "skipped": int(by_status.get("skipped", 0)),
+        "reasons": {str(k): int(v) for k, v in sorted(reasons.items())},
+        "retried_rows": retried,
+        "recovered_on_retry": recovered,
+        "exif_transposed": int(ledger["exif_transposed"].astype("boolean").fillna(False).sum()),
+    }
+    if counts["success"] + counts["failed"] + counts["skipped"] != counts["input_rows"] or \
+            ledger["row_id"].duplicated().any() or ledger["status"].isna().any():
+        raise AssertionError(f"download ledger does not account for every row: {counts}")
+    return counts
+
+
+def iter_images(images_dir: Path, columns: list[str] | None = None, batch_rows: int = 1000):
+    """Stream the image parts of a download output as pyarrow record batches."""
+    for part in sorted(Path(images_dir).glob("part-*.parquet")):
+        pf = pq.ParquetFile(part)
+        yield from pf.iter_batches(batch_size=batch_rows, columns=columns)

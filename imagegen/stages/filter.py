@@ -1,0 +1,281 @@
+"""Filter stage: composable filters, each writing its score, its decision and its reason.
+
+Filters run on every downloaded image (scores are useful even for rows dropped earlier), and
+the final decision applies them in order: the first filter that rejects a row names the reason.
+Built in: minimum side and maximum aspect ratio (on the original, upright size), low information
+(pixel standard deviation and histogram entropy), CLIP image-text similarity (threshold, or keep
+the top fraction as DataComp does), and CLIP zero-shot filters for NSFW, watermarks and rendered
+text.  Users add their own with :func:`register_filter` or a ``"package.module:factory"`` path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Protocol
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from imagegen.stages.download import iter_images
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- configuration
+
+class ClipScoreFilterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("world", description="open_clip spec: 'NAME:PRETRAINED', 'local-dir:PATH', "
+                       "'hf-hub:ORG/REPO' or 'world' (the embedded world's reference CLIP)")
+    mode: Literal["threshold", "top_fraction"] = "threshold"
+    threshold: float = Field(0.2, ge=-1, le=1, description="Minimum cosine similarity (mode=threshold)")
+    top_fraction: float = Field(0.3, gt=0, le=1, description="Fraction kept, DataComp-style (mode=top_fraction)")
+    batch_size: int = Field(256, ge=1, le=65536)
+
+
+class ZeroShotFilterConfig(BaseModel):
+    """Reject an image when CLIP prefers the 'reject' prompts with probability above threshold."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = "world"
+    reject_prompts: list[str] = Field(min_length=1)
+    accept_prompts: list[str] = Field(min_length=1)
+    threshold: float = Field(0.5, ge=0, le=1)
+    batch_size: int = Field(256, ge=1, le=65536)
+
+
+NSFW_PROMPTS = (["an explicit nude photo", "pornographic content", "a graphic violent image"],
+                ["a safe-for-work photo", "an ordinary photo", "a picture of objects"])
+WATERMARK_PROMPTS = (["a photo with a watermark", "a stock photo with a logo watermark across it"],
+                     ["a clean photo without any watermark"])
+TEXT_PROMPTS = (["an image containing written text", "a screenshot of a document", "a sign with letters"],
+                ["a photo with no text in it"])
+
+
+class FilterConfig(BaseModel):
+    """Which filters run, in order.  ``None`` switches a filter off."""
+    model_config = ConfigDict(extra="forbid")
+
+    drop_duplicates: bool = Field(True, description="Drop rows the dedup stage marked as duplicates")
+    min_side: int | None = Field(32, ge=1, description="Minimum original side in pixels")
+    max_aspect_ratio: float | None = Field(3.0, ge=1, description="Maximum long/short side ratio")
+    min_pixel_std: float | None = Field(3.0, ge=0, description="Blank/low-information: minimum grayscale std")
+    min_entropy: float | None = Field(1.0, ge=0, le=8, description="Minimum grayscale histogram entropy (bits)")
+    clip_score: ClipScoreFilterConfig | None = Field(default_factory=ClipScoreFilterConfig)
+    nsfw: ZeroShotFilterConfig | None = None
+    watermark: ZeroShotFilterConfig | None = None
+    text: ZeroShotFilterConfig | None = None
+    custom: list[str] = Field(default_factory=list, description="'package.module:factory' filters, run last")
+
+    @model_validator(mode="after")
+    def _check_custom(self) -> "FilterConfig":
+        for spec in self.custom:
+            if ":" not in spec and spec not in _REGISTRY:
+                raise ValueError(f"custom filter {spec!r} must be a registered name or 'package.module:factory'")
+        return self
+
+    @staticmethod
+    def zero_shot(kind: Literal["nsfw", "watermark", "text"], model: str = "world",
+                  threshold: float = 0.5) -> ZeroShotFilterConfig:
+        rej, acc = {"nsfw": NSFW_PROMPTS, "watermark": WATERMARK_PROMPTS, "text": TEXT_PROMPTS}[kind]
+        return ZeroShotFilterConfig(model=model, reject_prompts=rej, accept_prompts=acc, threshold=threshold)
+
+
+# ---------------------------------------------------------------------------- the filter contract
+
+@dataclass
+class FilterInput:
+    """What a filter sees: one row per downloaded image, images decoded lazily once."""
+    table: pd.DataFrame            # key, row_id, caption, original_width, original_height, ...
+    image_bytes: list[bytes]
+    _decoded: list[Image.Image] | None = field(default=None, repr=False)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        if self._decoded is None:
+            self._decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in self.image_bytes]
+        return self._decoded
+
+
+class Filter(Protocol):
+    name: str
+
+    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return (score, passes) arrays over all rows; ``candidates`` marks rows still in play
+        (ranking filters such as top-fraction rank only among them)."""
+
+
+@dataclass
+class ThresholdFilter:
+    name: str
+    scorer: Callable[[FilterInput], np.ndarray]
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = np.asarray(self.scorer(data), dtype=np.float64)
+        ok = np.ones(len(s), dtype=bool)
+        if self.minimum is not None:
+            ok &= s >= self.minimum
+        if self.maximum is not None:
+            ok &= s <= self.maximum
+        return s, ok
+
+
+def _min_side(d: FilterInput) -> np.ndarray:
+    return np.minimum(d.table["original_width"].to_numpy(float), d.table["original_height"].to_numpy(float))
+
+
+def _aspect(d: FilterInput) -> np.ndarray:
+    w, h = d.table["original_width"].to_numpy(float), d.table["original_height"].to_numpy(float)
+    return np.maximum(w, h) / np.maximum(np.minimum(w, h), 1.0)
+
+
+def _gray(d: FilterInput) -> list[np.ndarray]:
+    return [np.asarray(im.convert("L"), dtype=np.float64) for im in d.images]
+
+
+def pixel_std(d: FilterInput) -> np.ndarray:
+    return np.array([g.std() for g in _gray(d)])
+
+
+def entropy_bits(d: FilterInput) -> np.ndarray:
+    out = []
+    for g in _gray(d):
+        p = np.bincount(g.astype(np.uint8).ravel(), minlength=256) / g.size
+        p = p[p > 0]
+        out.append(float(-(p * np.log2(p)).sum()))
+    return np.array(out)
+
+
+@dataclass
+class ClipScoreFilter:
+    cfg: ClipScoreFilterConfig
+    resolve: Callable[[str], str]
+    name: str = "clip_score"
+
+    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from imagegen.clip import cosine, encode_images, encode_texts, load_clip
+
+        clip = load_clip(self.resolve(self.cfg.model))
+        img = encode_images(clip, data.images, batch_size=self.cfg.batch_size)
+        txt = encode_texts(clip, data.table["caption"].fillna("").tolist())
+        score = cosine(img, txt)
+        if self.cfg.mode == "threshold":
+            return score, score >= self.cfg.threshold
+        ok = np.zeros(len(score), dtype=bool)
+        idx = np.flatnonzero(candidates)
+        n_keep = int(round(self.cfg.top_fraction * len(idx)))
+        if n_keep:
+            # stable ranking: ties broken by row order, so the decision is deterministic
+            order = idx[np.argsort(-score[idx], kind="stable")][:n_keep]
+            ok[order] = True
+        return score, ok
+
+
+@dataclass
+class ZeroShotFilter:
+    cfg: ZeroShotFilterConfig
+    resolve: Callable[[str], str]
+    name: str = "zero_shot"
+
+    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from imagegen.clip import encode_images, encode_texts, load_clip
+
+        clip = load_clip(self.resolve(self.cfg.model))
+        img = encode_images(clip, data.images, batch_size=self.cfg.batch_size)
+        prompts = self.cfg.reject_prompts + self.cfg.accept_prompts
+        txt = encode_texts(clip, prompts)
+        logits = 100.0 * img @ txt.T
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        p /= p.sum(axis=1, keepdims=True)
+        p_reject = p[:, : len(self.cfg.reject_prompts)].sum(axis=1)
+        return p_reject, p_reject < self.cfg.threshold
+
+
+_REGISTRY: dict[str, Callable[[], Filter]] = {}
+
+
+def register_filter(name: str, factory: Callable[[], Filter]) -> None:
+    """Make ``name`` usable in ``FilterConfig.custom``."""
+    _REGISTRY[name] = factory
+
+
+def _load_custom(spec: str) -> Filter:
+    if spec in _REGISTRY:
+        return _REGISTRY[spec]()
+    module, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"custom filter {spec!r} could not be loaded: {exc}") from exc
+    return factory()
+
+
+def build_filters(cfg: FilterConfig, resolve_model: Callable[[str], str] = lambda s: s) -> list[Filter]:
+    """The configured filters, in the order they decide."""
+    fs: list[Filter] = []
+    if cfg.min_side is not None:
+        fs.append(ThresholdFilter("min_side", _min_side, minimum=cfg.min_side))
+    if cfg.max_aspect_ratio is not None:
+        fs.append(ThresholdFilter("aspect_ratio", _aspect, maximum=cfg.max_aspect_ratio))
+    if cfg.min_pixel_std is not None:
+        fs.append(ThresholdFilter("pixel_std", pixel_std, minimum=cfg.min_pixel_std))
+    if cfg.min_entropy is not None:
+        fs.append(ThresholdFilter("entropy", entropy_bits, minimum=cfg.min_entropy))
+    for kind in ("nsfw", "watermark", "text"):
+        sub = getattr(cfg, kind)
+        if sub is not None:
+            fs.append(ZeroShotFilter(sub, resolve_model, name=kind))
+    if cfg.clip_score is not None:
+        fs.append(ClipScoreFilter(cfg.clip_score, resolve_model))
+    fs.extend(_load_custom(s) for s in cfg.custom)
+    return fs
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, out_path: Path,
+               resolve_model: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
+    """Score every downloaded image with every filter and decide.
+
+    Writes ``out_path`` (parquet): key, row_id, ``<filter>_score`` and ``<filter>_pass`` per
+    filter, ``keep`` and ``reason`` (None when kept; "duplicate" or the first failing filter).
+    """
+    ledger = pd.read_parquet(download_dir / "ledger.parquet")
+    meta = ledger[ledger["status"] == "success"][["key", "row_id", "original_width", "original_height"]]
+    parts = [b.to_pandas() for b in iter_images(download_dir / "images", ["key", "image", "caption"])]
+    imgs = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["key", "image", "caption"])
+    table = imgs[["key", "caption"]].merge(meta, on="key", how="left", validate="one_to_one")
+    data = FilterInput(table=table, image_bytes=imgs["image"].tolist())
+
+    out = table[["key", "row_id"]].copy()
+    keep = np.ones(len(table), dtype=bool)
+    reason = np.full(len(table), None, dtype=object)
+    if cfg.drop_duplicates and dedup_path is not None:
+        dd = pd.read_parquet(dedup_path, columns=["key", "is_representative", "dup_kind"]).set_index("key")
+        rep = dd.loc[table["key"], "is_representative"].to_numpy(bool)
+        kind = dd.loc[table["key"], "dup_kind"].to_numpy(object)
+        out["duplicate"] = ~rep
+        reason[~rep] = [f"{k}_duplicate" for k in kind[~rep]]
+        keep &= rep
+    for f in build_filters(cfg, resolve_model):
+        score, ok = f(data, keep.copy())
+        out[f"{f.name}_score"] = score
+        out[f"{f.name}_pass"] = ok
+        newly = keep & ~ok
+        reason[newly] = f.name
+        keep &= ok
+        log.info("filter %s: rejected %d", f.name, int(newly.sum()))
+    out["keep"] = keep
+    out["reason"] = reason
+    out.to_parquet(out_path, index=False)
+    dropped = pd.Series(reason[~keep]).value_counts().to_dict()
+    return {"images": int(len(out)), "kept": int(keep.sum()),
+            "dropped": {str(k): int(v) for k, v in sorted(dropped.items())}}
