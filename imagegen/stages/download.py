@@ -170,6 +170,9 @@ def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
 def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     """Decode raw bytes into the dataset's uniform encoding.
 
@@ -191,7 +194,9 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
             upright = ImageOps.exif_transpose(src) if orientation not in (None, 1) else src
             rgb = _to_rgb(upright)
     except Image.UnidentifiedImageError as exc:
-        return {"ok": False, "reason": "not_an_image", "error": str(exc)}
+        # an image signature that does not decode is a corrupt image, anything else is not an image
+        reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_an_image"
+        return {"ok": False, "reason": reason, "error": str(exc)}
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
     # original size is reported upright (after EXIF), as a viewer shows it

@@ -1,0 +1,134 @@
+"""Download stage against a real HTTP server on loopback, through the real img2dataset."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from imagegen.stages.download import (DownloadConfig, InputError, classify_error, normalize_image,
+                                      read_url_list, run_download)
+from imagegen.world.publish import PublishConfig, publish_world, read_truth, url_table
+from imagegen.world.scene import WorldConfig, render_scene
+from imagegen.world.server import serve_world
+
+
+@pytest.fixture(scope="module")
+def downloaded(tmp_path_factory):
+    """A small world with every fault planted, downloaded once for the module."""
+    base = tmp_path_factory.mktemp("dl")
+    world = WorldConfig(seed=3)
+    pub = PublishConfig(seed=3, n_images=60, stall_seconds=3.0, uninformative_rate=0.0, wrong_rate=0.0)
+    publish_world(world, pub, base / "world")
+    out = base / "out"
+    out.mkdir()
+    cfg = DownloadConfig(timeout=1.5, processes_count=1, thread_count=8)
+    with serve_world(base / "world") as srv:
+        urls = url_table(base / "world", srv.base_url)
+        urls["skip_reason"] = None
+        counts = run_download(urls, cfg, out)
+        stats = srv.stats()
+    ledger = pd.read_parquet(out / "ledger.parquet")
+    truth = read_truth(base / "world")
+    return world, counts, ledger.merge(truth, on="row_id"), out, stats
+
+
+def test_ledger_accounts_for_every_row(downloaded):
+    _, counts, led, _, _ = downloaded
+    assert counts["input_rows"] == len(led) == led["row_id"].nunique()
+    assert counts["success"] + counts["failed"] + counts["skipped"] == counts["input_rows"]
+    assert sum(counts["reasons"].values()) == counts["failed"] + counts["skipped"]
+    assert led["status"].isin(["success", "failed", "skipped"]).all()
+
+
+def test_failures_have_the_right_reason(downloaded):
+    _, _, led, _, _ = downloaded
+    by = {p: g for p, g in led.groupby("planted")}
+    assert (by["not_found"]["reason"] == "http_404").all()
+    assert (by["timeout"]["reason"] == "timeout").all()
+    assert (by["truncated"]["reason"] == "truncated").all()
+    assert (by["html"]["reason"] == "not_an_image").all()
+    assert (by["corrupt"]["reason"] == "corrupt_image").all()
+    assert (by["redirect"]["status"] == "success").all()
+    # a 500 that succeeds on retry: failed once, fetched on the second pass, counted
+    flaky = by["flaky"]
+    assert (flaky["status"] == "success").all() and (flaky["attempts"] == 2).all()
+    # only transient failures were retried
+    retried = led[led["attempts"] > 1]
+    assert set(retried["planted"]) <= {"flaky", "timeout", "truncated"}
+    # every row the world expects to fetch did, and no other (an undecodable body is fetched
+    # over HTTP but fails our decode)
+    expected = (led["expected_download"] == "success") & (led["planted"] != "corrupt")
+    assert ((led["status"] == "success") == expected).all()
+
+
+def test_images_are_uniform_rgb_and_exif_applied(downloaded):
+    world, _, led, out, _ = downloaded
+    parts = pd.concat([pd.read_parquet(p) for p in sorted((out / "images").glob("part-*.parquet"))])
+    assert len(parts) == int((led["status"] == "success").sum())
+    for data in parts["image"]:
+        im = Image.open(io.BytesIO(data))
+        assert im.mode == "RGB" and im.size == (world.image_size, world.image_size)
+    rot = led[led["planted"] == "exif_rotated"]
+    assert rot["exif_transposed"].all()
+    # after applying EXIF the image matches the upright scene (not a rotated one)
+    img_by_row = dict(zip(parts["row_id"], parts["image"]))
+    for _, r in rot.iterrows():
+        _, truth_img = render_scene(world, int(r["scene_index"]))
+        got = np.asarray(Image.open(io.BytesIO(img_by_row[r["row_id"]])).convert("RGB"), dtype=float)
+        want = np.asarray(truth_img, dtype=float)
+        assert np.abs(got - want).mean() < np.abs(got - np.rot90(want)).mean()
+    for kind, mode in [("cmyk", "CMYK"), ("grayscale", "L"), ("alpha", "RGBA"), ("png16", None)]:
+        rows = led[led["planted"] == kind]
+        assert (rows["status"] == "success").all(), kind
+        if mode:
+            assert (rows["original_mode"] == mode).all(), (kind, rows["original_mode"].tolist())
+
+
+def test_server_saw_the_retry(downloaded):
+    *_, stats = downloaded
+    assert json.dumps(stats)  # JSON-able for the stage card
+
+
+def test_normalize_reports_reasons():
+    cfg = DownloadConfig()
+    assert normalize_image(b"", cfg)["reason"] == "empty_body"
+    assert normalize_image(b"<!DOCTYPE html><html></html>", cfg)["reason"] == "not_an_image"
+    assert normalize_image(b"\xff\xd8\xff\xe0" + b"x" * 50, cfg)["reason"] in {"corrupt_image", "not_an_image"}
+    buf = io.BytesIO()
+    Image.new("RGBA", (20, 10), (255, 0, 0, 0)).save(buf, "PNG")
+    r = normalize_image(buf.getvalue(), cfg)
+    assert r["ok"] and (r["original_width"], r["original_height"]) == (20, 10)
+    px = np.asarray(Image.open(io.BytesIO(r["image"])))
+    assert px.mean() > 240  # fully transparent -> composited over white, not black
+
+
+def test_classify_error():
+    assert classify_error("HTTP Error 404: Not Found") == "http_404"
+    assert classify_error("HTTP Error 503: Service Unavailable") == "http_5xx"
+    assert classify_error("The read operation timed out") == "timeout"
+    assert classify_error("IncompleteRead(10 bytes read, 90 more expected)") == "truncated"
+
+
+def test_bad_url_lists(tmp_path):
+    good = pd.DataFrame({"url": ["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"], "caption": ["a", "b"]})
+    (tmp_path / "nocol.parquet").write_bytes(b"")
+    good.rename(columns={"url": "image_url"}).to_parquet(tmp_path / "renamed.parquet")
+    with pytest.raises(InputError, match="no column.*'url'.*image_url"):
+        read_url_list(tmp_path / "renamed.parquet")
+    with pytest.raises(InputError, match="could not be read"):
+        read_url_list(tmp_path / "nocol.parquet")
+    good.iloc[:0].to_parquet(tmp_path / "empty.parquet")
+    with pytest.raises(InputError, match="empty"):
+        read_url_list(tmp_path / "empty.parquet")
+    pd.concat([good, good.iloc[:1]]).to_csv(tmp_path / "dup.csv", index=False)
+    with pytest.raises(InputError, match="duplicate URL.*row 2 repeats row 0"):
+        read_url_list(tmp_path / "dup.csv")
+    skipped = read_url_list(tmp_path / "dup.csv", on_duplicate_urls="skip")
+    assert skipped["skip_reason"].tolist() == [None, None, "duplicate_url_of_row_0"]
+    with pytest.raises(InputError, match="does not exist"):
+        read_url_list(tmp_path / "missing.parquet")
