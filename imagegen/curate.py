@@ -339,14 +339,18 @@ def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFra
     from imagegen.world.publish import read_truth
 
     truth = read_truth(world_dir)
-    acc = accounting.merge(truth[["row_id", "planted", "objects", "caption_noise"]], on="row_id")
+    acc = accounting.merge(truth[["row_id", "planted", "objects", "relation", "true_caption", "caption_noise"]],
+                           on="row_id")
     by_planted = {p: g["outcome"].value_counts().to_dict() for p, g in acc.groupby("planted")}
     report: dict[str, Any] = {"outcome_by_planted": by_planted}
     kept = acc[acc["outcome"] == "kept"].merge(captions[["key", "original_caption", "caption"]], on="key")
     if len(kept):
         objs = [json.loads(o) for o in kept["objects"]]
-        report["caption_accuracy_alt_text"] = recaption_mod.caption_accuracy(kept["original_caption"].tolist(), objs)
-        report["caption_accuracy_final"] = recaption_mod.caption_accuracy(kept["caption"].tolist(), objs)
+        rels = [json.loads(r) if isinstance(r, str) else None for r in kept["relation"]]
+        truth_caps = kept["true_caption"].tolist()
+        for label, col in (("alt_text", "original_caption"), ("final", "caption")):
+            report[f"caption_accuracy_{label}"] = recaption_mod.caption_accuracy(
+                kept[col].tolist(), objs, truth_relations=rels, truth_captions=truth_caps)
     return report
 
 

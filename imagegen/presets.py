@@ -20,7 +20,7 @@ CURATE_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "name": "world-smoke",
         "source": {"publish": {"n_images": 300, "stall_seconds": 4.0}},
-        "reference_clip": {"preset": "smoke"},
+        "reference_clip": {"n_train": 1500, "n_heldout": 200, "steps": 200, "warmup_steps": 20},
         "download": {"timeout": 2.0, "processes_count": 2, "thread_count": 16},
         "shard": {"target_shard_size": 64},
     },
@@ -28,7 +28,6 @@ CURATE_PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "name": "world-demo",
         "source": {"publish": {"n_images": 3000, "stall_seconds": 4.0}},
-        "reference_clip": {"preset": "default"},
         "download": {"timeout": 2.0, "processes_count": 2, "thread_count": 32},
         "shard": {"target_shard_size": 500},
     },

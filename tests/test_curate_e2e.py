@@ -1,0 +1,107 @@
+"""End to end: ``imagegen curate --preset smoke`` through Prefect, then reuse, registry and loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def _imagegen(args: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("imagegen")
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def smoke_run(prefect_server, session_tmp):
+    from prefect.settings import PREFECT_API_URL
+
+    root = session_tmp / "data"
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "IMAGEGEN_DATA_ROOT": str(root)}
+    t0 = time.perf_counter()
+    first = _imagegen(["curate", "--preset", "smoke", "--json"], env)
+    first_s = time.perf_counter() - t0
+    assert first.returncode == 0, first.stderr[-4000:]
+    t0 = time.perf_counter()
+    second = _imagegen(["curate", "--preset", "smoke", "--json"], env)
+    second_s = time.perf_counter() - t0
+    assert second.returncode == 0, second.stderr[-4000:]
+    print(f"smoke curate: first run {first_s:.1f}s, rerun {second_s:.1f}s", file=sys.stderr)
+    return root, env, first, second
+
+
+def _summary(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_smoke_produces_a_registered_dataset(smoke_run):
+    root, env, first, _ = smoke_run
+    s = _summary(first)
+    ds = Path(s["path"])
+    assert ds.parent == root / "datasets" and ds.name == s["dataset_id"]
+    assert 150 <= s["samples"] and s["shards"] >= 2
+    card = json.loads((ds / "card.json").read_text())
+    assert card["name"] == "world-smoke"
+    # every input row accounted for: kept + each reason adds up to the URL count
+    assert sum(s["accounting"].values()) == s["input_rows"]
+    acc = pd.read_parquet(ds / "accounting.parquet")
+    assert len(acc) == s["input_rows"] == acc["row_id"].nunique()
+    assert (acc["outcome"] == "kept").sum() == s["samples"]
+    manifest = pd.read_parquet(ds / "manifest.parquet")
+    assert len(manifest) == s["samples"] and manifest["key"].is_unique
+    listing = _imagegen(["datasets", "list", "--json"], env)
+    assert s["dataset_id"] in listing.stdout
+    show = _imagegen(["datasets", "show", "world-smoke", "--json"], env)
+    assert _summary(show)["id"] == s["dataset_id"]
+
+
+def test_rerun_reuses_everything(smoke_run):
+    _, _, first, second = smoke_run
+    a, b = _summary(first), _summary(second)
+    assert a["dataset_id"] == b["dataset_id"] and a["stage_ids"] == b["stage_ids"]
+
+
+def test_world_faults_end_where_they_should(smoke_run):
+    s = _summary(smoke_run[2])
+    card = json.loads((Path(s["path"]) / "card.json").read_text())
+    by = card["world_report"]["outcome_by_planted"]
+
+    def outcomes(kind):
+        return set(by.get(kind, {}))
+
+    # planted duplicates are found (dropped as duplicates), and the originals are kept
+    assert outcomes("exact_dup") <= {"filtered:exact_duplicate", "filtered:near_duplicate"}
+    assert outcomes("near_dup") <= {"filtered:near_duplicate", "filtered:exact_duplicate"}
+    # bad images are caught by the right filter
+    assert outcomes("tiny") == {"filtered:min_side"}
+    assert outcomes("extreme_aspect") == {"filtered:aspect_ratio"}
+    assert outcomes("blank") <= {"filtered:pixel_std", "filtered:entropy"}
+    assert outcomes("corrupt") == {"download_failed:corrupt_image"}
+    assert outcomes("not_found") == {"download_failed:http_404"}
+    # images that are fine once decoded properly are kept (unless the CLIP filter disliked the alt text)
+    for kind in ("cmyk", "alpha", "png16", "exif_rotated", "redirect", "flaky"):
+        assert "kept" in outcomes(kind), (kind, by.get(kind))
+    # clean rows: nothing else was merged as a duplicate
+    clean = by.get("clean", {})
+    assert not any(k.endswith("_duplicate") for k in clean), clean
+    # recaptioning beats the noisy alt text against ground truth
+    wr = card["world_report"]
+    assert wr["caption_accuracy_final"]["object_match"] > wr["caption_accuracy_alt_text"]["object_match"] + 0.05
+
+
+def test_loader_reads_the_dataset(smoke_run):
+    from imagegen.loader import make_dataset
+    from imagegen.registry import get_dataset
+
+    root = smoke_run[0]
+    ref = get_dataset(root, "world-smoke")
+    items = list(make_dataset(ref.shards))
+    assert len(items) == _summary(smoke_run[2])["samples"]
