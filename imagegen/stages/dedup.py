@@ -1,0 +1,327 @@
+"""Dedup stage: mark exact and perceptual near-duplicates; nothing is deleted.
+
+Exact duplicates are images whose normalized encoded bytes are identical (same ``sha256`` from
+the download stage).  Near-duplicates are images whose 64-bit perceptual hashes (imagehash:
+phash by default) lie within a Hamming radius; the pairs come from the exact multi-index-hashing
+search in :mod:`imagegen.mih` and are closed transitively into clusters (connected components),
+so a long chain of small edits ends up in one cluster; ``min_distance_to_rep`` shows when a
+member is further than ``radius`` from its representative.
+
+Keep rule ``largest_original_area``: in each near cluster the representative is the image with
+the largest ``original_width * original_height`` in the download ledger (the best source), ties
+broken by the smallest key, so the choice is deterministic and independent of file order.
+
+Output columns (one row per image, sorted by key): ``phash`` is the 16-hex-digit hash of the
+configured ``hash_type`` (phash unless set otherwise); ``exact_cluster`` / ``near_cluster`` are the
+smallest key of the group; ``dup_kind`` is "unique" for representatives (kept), "exact" for rows
+byte-identical to their representative, "near" for the other members; ``min_distance_to_rep`` is
+the Hamming distance from the row's hash to the representative's (0 for exact copies).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import multiprocessing
+import os
+from collections import deque
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal
+
+import imagehash
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen import mih
+
+log = logging.getLogger(__name__)
+
+HashType = Literal["phash", "dhash", "ahash", "whash"]
+HASH_FUNCS: dict[str, Callable[..., imagehash.ImageHash]] = {
+    "phash": imagehash.phash, "dhash": imagehash.dhash,
+    "ahash": imagehash.average_hash, "whash": imagehash.whash,
+}
+HASH_SIZE = 8  # 8x8 bits = 64: the index works on uint64
+CHUNK = 256  # images per worker task: large enough to amortize pickling, small enough to balance
+
+IMAGE_COLUMNS = ["key", "row_id", "image", "sha256"]
+LEDGER_COLUMNS = ["key", "status", "original_width", "original_height"]
+OUTPUT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("row_id", pa.int64()), ("sha256", pa.string()), ("phash", pa.string()),
+    ("exact_cluster", pa.string()), ("near_cluster", pa.string()), ("cluster_size", pa.int64()),
+    ("is_representative", pa.bool_()), ("duplicate_of", pa.string()), ("dup_kind", pa.string()),
+    ("min_distance_to_rep", pa.int16()),
+])
+
+
+class DedupConfig(BaseModel):
+    """Options of the dedup stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hash_type: HashType = Field("phash", description="imagehash function used for near-duplicates")
+    radius: int = Field(4, ge=0, le=mih.MAX_RADIUS,
+                        description="Max Hamming distance (of 64 bits) for two images to be near-duplicates; "
+                        "0 = identical hashes only")
+    processes: int = Field(1, ge=1, le=64, description="Hashing worker processes (capped at the CPU count)")
+    keep_rule: Literal["largest_original_area"] = Field(
+        "largest_original_area", description="Representative of a cluster: largest original_width*original_height "
+        "in the ledger, then smallest key")
+    batch_rows: int = Field(1000, ge=1, le=100_000, description="Rows per parquet read batch")
+
+
+# ---------------------------------------------------------------------------- hashing
+
+def _hash_one(item: bytes | str | Path, hash_type: str, hash_size: int) -> int:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        img = Image.open(io.BytesIO(item))
+    else:
+        img = Image.open(item)
+    with img:
+        bits = HASH_FUNCS[hash_type](img.convert("RGB"), hash_size=hash_size).hash
+    # imagehash's hex form reads the flattened bits most significant first; packbits matches it
+    return int.from_bytes(np.packbits(bits.reshape(-1)).tobytes(), "big")
+
+
+def _hash_chunk(args: tuple[list[Any], str, int, int]) -> np.ndarray:
+    items, hash_type, hash_size, offset = args
+    out = np.empty(len(items), np.uint64)
+    for i, item in enumerate(items):
+        try:
+            out[i] = _hash_one(item, hash_type, hash_size)
+        except Exception as exc:  # PIL raises several types for bad data
+            where = item if isinstance(item, (str, Path)) else f"{len(item)} bytes"
+            raise ValueError(f"image #{offset + i} ({where}) could not be hashed: "
+                             f"{type(exc).__name__}: {exc}") from None
+    return out
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # fork starts workers in milliseconds (the download stage uses it too); spawn where it is missing
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def compute_hashes(images: Iterable[bytes | str | Path], hash_type: str = "phash", hash_size: int = HASH_SIZE,
+                   processes: int = 1, chunk_size: int = CHUNK) -> np.ndarray:
+    """64-bit perceptual hashes (uint64, bit order of imagehash's hex string) of encoded images or paths.
+
+    ``images`` may be a generator; it is consumed in the calling process in order, chunk by
+    chunk, with at most ``4 * processes`` chunks in flight, so memory stays bounded.
+    """
+    if hash_type not in HASH_FUNCS:
+        raise ValueError(f"hash_type must be one of {sorted(HASH_FUNCS)}, got {hash_type!r}")
+    if hash_size != HASH_SIZE:
+        raise ValueError(f"hash_size must be {HASH_SIZE} (64-bit hashes for the near-duplicate index), "
+                         f"got {hash_size}")
+    if not 1 <= processes <= 64:
+        raise ValueError(f"processes must be in 1..64, got {processes}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    processes = min(processes, os.cpu_count() or 1)
+    chunks = _chunks(images, chunk_size)
+    first = next(chunks, None)
+    if first is None:
+        return np.empty(0, np.uint64)
+    second = next(chunks, None)
+    if processes == 1 or second is None:
+        parts = [_hash_chunk((first, hash_type, hash_size, 0))]
+        offset = len(first)
+        for chunk in _chain([second] if second is not None else [], chunks):
+            parts.append(_hash_chunk((chunk, hash_type, hash_size, offset)))
+            offset += len(chunk)
+        return np.concatenate(parts)
+    parts = []
+    pending: deque[Any] = deque()
+    offset = 0
+    with _pool_context().Pool(processes) as pool:
+        for chunk in _chain([first, second], chunks):
+            pending.append(pool.apply_async(_hash_chunk, ((chunk, hash_type, hash_size, offset),)))
+            offset += len(chunk)
+            while len(pending) >= 4 * processes:
+                parts.append(pending.popleft().get())
+        while pending:
+            parts.append(pending.popleft().get())
+    return np.concatenate(parts)
+
+
+def _chain(head: list[list[Any]], tail: Iterator[list[Any]]) -> Iterator[list[Any]]:
+    yield from head
+    yield from tail
+
+
+def hash_hex(hashes: np.ndarray) -> list[str]:
+    """16-character lowercase hex strings, equal to ``str(imagehash_result)`` for 64-bit hashes."""
+    return [f"{int(h):016x}" for h in hashes]
+
+
+# ---------------------------------------------------------------------------- reading inputs
+
+def _require_columns(schema: pa.Schema, needed: list[str], what: str) -> None:
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise ValueError(f"{what} lacks column(s) {missing}; it has {schema.names}")
+
+
+def _read_ledger(ledger_path: Path, batch_rows: int) -> pd.Series:
+    """Original area (width * height) per key, for rows with status 'success'."""
+    if not Path(ledger_path).is_file():
+        raise FileNotFoundError(f"ledger {ledger_path} does not exist")
+    pf = pq.ParquetFile(ledger_path)
+    _require_columns(pf.schema_arrow, LEDGER_COLUMNS, f"ledger {ledger_path}")
+    frames = []
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=LEDGER_COLUMNS):
+        df = batch.to_pandas()
+        frames.append(df[df["status"] == "success"])
+    led = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=LEDGER_COLUMNS)
+    bad = led["key"].isna() | led["original_width"].isna() | led["original_height"].isna()
+    if bad.any():
+        raise ValueError(f"ledger {ledger_path}: {int(bad.sum())} success row(s) lack key or original size "
+                         f"(e.g. keys {led.loc[bad, 'key'].head(5).tolist()})")
+    if led["key"].duplicated().any():
+        dup = led.loc[led["key"].duplicated(), "key"].head(5).tolist()
+        raise ValueError(f"ledger {ledger_path}: duplicate success keys {dup}")
+    area = led["original_width"].astype("int64") * led["original_height"].astype("int64")
+    return pd.Series(area.to_numpy(), index=led["key"].astype(str).to_numpy())
+
+
+def _image_parts(images_dir: Path) -> list[Path]:
+    parts = sorted(Path(images_dir).glob("part-*.parquet"))
+    if not parts:
+        raise FileNotFoundError(f"no part-*.parquet files in {images_dir}")
+    for part in parts:
+        _require_columns(pq.ParquetFile(part).schema_arrow, IMAGE_COLUMNS, f"image part {part}")
+    return parts
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: Path) -> dict[str, Any]:
+    """Hash every image, group exact and near duplicates, write one marked row per image to ``out_path``.
+
+    Returns counts for the stage card.
+    """
+    area_by_key = _read_ledger(Path(ledger_path), cfg.batch_rows)
+    parts = _image_parts(Path(images_dir))
+    keys: list[str] = []
+    row_ids: list[int] = []
+    shas: list[str] = []
+
+    def stream() -> Iterator[bytes]:
+        # Runs in this process (compute_hashes consumes it lazily): side columns fill as we go.
+        for part in parts:
+            pf = pq.ParquetFile(part)
+            for batch in pf.iter_batches(batch_size=cfg.batch_rows, columns=IMAGE_COLUMNS):
+                cols = batch.to_pydict()
+                for j, img in enumerate(cols["image"]):
+                    if img is None or cols["key"][j] is None or cols["sha256"][j] is None:
+                        raise ValueError(f"image part {part}: row {cols['row_id'][j]} (key {cols['key'][j]!r}) "
+                                         "has a null key, image or sha256")
+                keys.extend(cols["key"])
+                row_ids.extend(cols["row_id"])
+                shas.extend(cols["sha256"])
+                yield from cols["image"]
+
+    hashes = compute_hashes(stream(), cfg.hash_type, HASH_SIZE, cfg.processes)
+    table, counts = mark_duplicates(keys, row_ids, shas, hashes, area_by_key, cfg.radius)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    counts.update(hash_type=cfg.hash_type, radius=cfg.radius, keep_rule=cfg.keep_rule)
+    log.info("dedup: %(images)d images, %(marked_duplicates)d marked duplicates "
+             "(%(exact_duplicates)d exact, %(near_duplicates)d near)", counts)
+    return counts
+
+
+def mark_duplicates(keys: list[str], row_ids: list[int], shas: list[str], hashes: np.ndarray,
+                    area_by_key: pd.Series, radius: int) -> tuple[pa.Table, dict[str, Any]]:
+    """The marking logic of :func:`run_dedup` on in-memory columns (rows come back sorted by key)."""
+    n = len(keys)
+    if not (len(row_ids) == len(shas) == len(hashes) == n):
+        raise ValueError(f"column lengths differ: keys {n}, row_ids {len(row_ids)}, sha256 {len(shas)}, "
+                         f"hashes {len(hashes)}")
+    key_arr = np.asarray(keys, dtype=object)
+    if pd.Index(key_arr).has_duplicates:
+        dup = pd.Index(key_arr)[pd.Index(key_arr).duplicated()][:5].tolist()
+        raise ValueError(f"image keys are not unique: {dup}")
+    pos = pd.Index(area_by_key.index).get_indexer(key_arr)
+    if (pos < 0).any():
+        raise ValueError(f"{int((pos < 0).sum())} image(s) have no 'success' row in the ledger "
+                         f"(e.g. keys {key_arr[pos < 0][:5].tolist()})")
+    if len(area_by_key) != n:
+        have = set(keys)
+        missing = [k for k in area_by_key.index if k not in have][:5]
+        raise ValueError(f"ledger has {len(area_by_key)} success rows but images_dir has {n} images; "
+                         f"missing images for keys {missing}")
+    # Work in key order: "smallest row index" below then means "smallest key".
+    order = np.argsort(key_arr.astype(str), kind="stable")
+    key_arr = key_arr[order].astype(str)
+    row_arr = np.asarray(row_ids, dtype=np.int64)[order]
+    sha_arr = np.asarray(shas, dtype=object)[order].astype(str)
+    hashes = np.asarray(hashes, dtype=np.uint64)[order]
+    area = area_by_key.to_numpy()[pos[order]].astype(np.int64)
+
+    # exact groups: equal sha256, labelled by the smallest key
+    _, sha_first, sha_inv = np.unique(sha_arr, return_index=True, return_inverse=True)
+    sha_inv = sha_inv.reshape(-1)
+    exact_label = sha_first[sha_inv]  # first occurrence = smallest row = smallest key of the group
+
+    result = mih.near_pairs(hashes, radius)
+    near_label = mih.clusters_from_near_pairs(result)  # smallest row index of each cluster
+    if not np.array_equal(near_label[exact_label], near_label):
+        raise AssertionError("an exact group is split across near clusters (equal bytes with unequal hashes?)")
+    size = np.bincount(near_label, minlength=n)[near_label]
+
+    # representative: largest original area, then smallest key (= smallest row in key order)
+    rank = np.lexsort((np.arange(n), -area, near_label))  # by cluster, area desc, row asc
+    first_in_cluster = np.ones(n, bool)
+    first_in_cluster[1:] = near_label[rank[1:]] != near_label[rank[:-1]]
+    rep_of_cluster = np.empty(n, np.int64)
+    rep_of_cluster[near_label[rank[first_in_cluster]]] = rank[first_in_cluster]
+    rep = rep_of_cluster[near_label]
+    is_rep = rep == np.arange(n)
+    exact_to_rep = sha_inv == sha_inv[rep]
+    dup_kind = np.where(is_rep, "unique", np.where(exact_to_rep, "exact", "near"))
+    dist = np.bitwise_count(hashes ^ hashes[rep]).astype(np.int16)
+
+    table = pa.table({
+        "key": key_arr.tolist(), "row_id": row_arr, "sha256": sha_arr.tolist(),
+        "phash": hash_hex(hashes), "exact_cluster": key_arr[exact_label].tolist(),
+        "near_cluster": key_arr[near_label].tolist(), "cluster_size": size.astype(np.int64),
+        "is_representative": is_rep,
+        "duplicate_of": [None if r else k for r, k in zip(is_rep, key_arr[rep].tolist())],
+        "dup_kind": dup_kind.tolist(), "min_distance_to_rep": dist,
+    }, schema=OUTPUT_SCHEMA)
+    exact_sizes = np.bincount(sha_inv)
+    near_sizes = np.bincount(near_label, minlength=n)
+    counts = {
+        "images": n,
+        "unique_sha256": int(len(exact_sizes)),
+        "exact_groups": int((exact_sizes >= 2).sum()),
+        "unique_hashes": int(len(result.unique)),
+        "near_pairs": int(len(result.pairs)),
+        "near_groups": int((near_sizes >= 2).sum()),
+        "representatives": int(is_rep.sum()),
+        "marked_duplicates": int((~is_rep).sum()),
+        "exact_duplicates": int((dup_kind == "exact").sum()),
+        "near_duplicates": int((dup_kind == "near").sum()),
+        "max_distance_to_rep": int(dist.max()) if n else 0,
+    }
+    return table, counts
+
