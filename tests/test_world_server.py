@@ -1,0 +1,183 @@
+"""The loopback HTTP server: each planted behaviour, checked with real clients on a real socket."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import requests
+
+from imagegen.world.publish import BAD_IMAGE_KINDS, FAILURE_KINDS, PublishConfig, publish_world
+from imagegen.world.scene import WorldConfig
+from imagegen.world.server import PortInUseError, load_routes, serve_world
+
+STALL = 20.0  # far longer than any client timeout used here; the tests never wait for it
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, pd.DataFrame]:
+    out = tmp_path_factory.mktemp("served") / "pub"
+    rates = {f"{k}_rate": 0.0 for k in BAD_IMAGE_KINDS} | {f"{k}_rate": 0.05 for k in FAILURE_KINDS}
+    publish_world(WorldConfig(seed=2), PublishConfig(n_images=30, stall_seconds=STALL, **rates), out)
+    return out, pd.read_parquet(out / "truth.parquet")
+
+
+def _paths(truth: pd.DataFrame, planted: str) -> list[str]:
+    return list(truth[truth.planted == planted].path)
+
+
+def _file(out: Path, path: str) -> bytes:
+    routes = json.loads((out / "routes.json").read_text())
+    route = routes[path]
+    if route["behaviour"] == "redirect":
+        route = routes[route["target"]]
+    return (out / "files" / route["file"]).read_bytes()
+
+
+def test_clean_and_not_found(world):
+    out, truth = world
+    with serve_world(out) as srv:
+        assert srv.base_url.startswith("http://127.0.0.1:") and srv.port > 0
+        p = _paths(truth, "clean")[0]
+        with urllib.request.urlopen(srv.base_url + p, timeout=5) as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("image/")
+            assert r.read() == _file(out, p)
+        for p in [_paths(truth, "not_found")[0], "/img/does-not-exist.jpg"]:
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(srv.base_url + p, timeout=5)
+            assert e.value.code == 404
+        st = srv.stats()
+        assert st["total"] == 3 and st["per_status"] == {200: 1, 404: 2}
+        assert st["per_behaviour"] == {"ok": 1, "not_found": 2}
+
+
+def test_flaky_fails_once_then_serves(world):
+    out, truth = world
+    p = _paths(truth, "flaky")[0]
+    with serve_world(out) as srv:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(srv.base_url + p, timeout=5)
+        assert e.value.code == 500
+        r = requests.get(srv.base_url + p, timeout=5)
+        assert r.status_code == 200 and r.content == _file(out, p)
+        assert srv.stats()["per_path"][p] == 2
+    with serve_world(out) as srv:  # a fresh server forgets: the first request fails again
+        assert requests.get(srv.base_url + p, timeout=5).status_code == 500
+
+
+def test_truncated_body_is_detected(world):
+    out, truth = world
+    p = _paths(truth, "truncated")[0]
+    full = _file(out, p)
+    with serve_world(out) as srv:
+        with urllib.request.urlopen(srv.base_url + p, timeout=5) as r:
+            assert int(r.headers["Content-Length"]) == len(full)
+            with pytest.raises(http.client.IncompleteRead) as e:
+                r.read()
+        assert 0 < len(e.value.partial) < len(full) and full.startswith(e.value.partial)
+        with pytest.raises(requests.exceptions.RequestException):
+            requests.get(srv.base_url + p, timeout=5)
+
+
+def test_html_instead_of_image(world):
+    out, truth = world
+    p = _paths(truth, "html")[0]
+    assert p.endswith((".jpg", ".png"))  # looks like an image URL
+    with serve_world(out) as srv:
+        r = requests.get(srv.base_url + p, timeout=5)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/html")
+    assert r.content.startswith(b"<!doctype html>")
+
+
+def test_redirect_is_followed(world):
+    out, truth = world
+    p = _paths(truth, "redirect")[0]
+    with serve_world(out) as srv:
+        r = requests.get(srv.base_url + p, timeout=5)
+        assert r.status_code == 200 and r.content == _file(out, p)
+        assert [h.status_code for h in r.history] == [302] and "/moved/" in r.url
+        with urllib.request.urlopen(srv.base_url + p, timeout=5) as u:
+            assert u.read() == _file(out, p) and u.url != srv.base_url + p
+        st = srv.stats()
+    assert st["per_behaviour"]["redirect"] == 2 and st["per_status"] == {302: 2, 200: 2}
+
+
+def test_timeout_does_not_block_others_or_shutdown(world):
+    out, truth = world
+    stalled, clean = _paths(truth, "timeout")[0], _paths(truth, "clean")[0]
+    outcome: dict[str, object] = {}
+
+    def slow_client(url: str) -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=STALL * 3) as r:
+                outcome["body"] = r.read()
+        except Exception as exc:  # noqa: BLE001 - the outcome is what we check
+            outcome["error"] = exc
+
+    with serve_world(out) as srv:
+        with pytest.raises((TimeoutError, urllib.error.URLError, socket.timeout)):
+            urllib.request.urlopen(srv.base_url + stalled, timeout=0.3)
+        t = threading.Thread(target=slow_client, args=(srv.base_url + stalled,))
+        t.start()
+        # the stalled requests hold their own threads: a normal request is answered meanwhile
+        # (its timeout is far below the stall, so a blocked server would fail this line)
+        assert requests.get(srv.base_url + clean, timeout=STALL / 4).status_code == 200
+        while srv.stats()["per_path"].get(stalled, 0) < 2:
+            threading.Event().wait(0.01)
+    # leaving the block woke the stalled request and dropped it: the client saw no image
+    t.join()
+    assert "body" not in outcome and isinstance(outcome["error"], (http.client.HTTPException, OSError))
+
+
+def test_port_in_use_is_a_clear_error(world):
+    out, _ = world
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(PortInUseError) as e:
+            with serve_world(out, port=port):
+                pass
+    msg = str(e.value)
+    assert msg == f"port {port} on 127.0.0.1 is already in use; pick another with --world-port or 0 for any free port"
+
+
+def test_refuses_public_hosts(world):
+    out, _ = world
+    for host in ("0.0.0.0", "192.168.1.10", "example.com"):
+        with pytest.raises(PermissionError, match="non-loopback"):
+            with serve_world(out, host=host):
+                pass
+
+
+def test_bad_folder_and_routes(world, tmp_path):
+    out, _ = world
+    with pytest.raises(FileNotFoundError, match="routes.json"):
+        with serve_world(tmp_path):
+            pass
+    routes = json.loads((out / "routes.json").read_text())
+    first = sorted(routes)[0]
+    routes[first]["behaviour"] = "teapot"
+    (tmp_path / "routes.json").write_text(json.dumps(routes))
+    (tmp_path / "files").mkdir()
+    with pytest.raises(ValueError, match=f"{first}.*teapot"):
+        load_routes(tmp_path)
+
+
+def test_many_parallel_clients(world):
+    from concurrent.futures import ThreadPoolExecutor
+
+    out, truth = world
+    paths = _paths(truth, "clean") * 3
+    with serve_world(out) as srv:
+        with ThreadPoolExecutor(32) as pool:
+            bodies = list(pool.map(lambda p: requests.get(srv.base_url + p, timeout=10).content, paths))
+        assert srv.stats()["per_status"] == {200: len(paths)}
+    assert bodies == [_file(out, p) for p in paths]
