@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
     "download": {"processes_count", "thread_count", "distributor"},
-    "dedup": {"processes"},
+    "dedup": {"processes", "batch_rows"},
     "recaption": {"batch_size", "device"},
 }
 

@@ -15,6 +15,11 @@ from pydantic import BaseModel
 
 M = TypeVar("M", bound=BaseModel)
 
+# The world guarantees distinct scenes are > 10 phash bits apart and planted near duplicates
+# <= 4 bits from their source as served; download's resize/re-encode can move a near duplicate
+# a few bits further (8 measured), so the world presets search radius 8, still below 10.
+WORLD_DEDUP = {"radius": 8}
+
 CURATE_PRESETS: dict[str, dict[str, Any]] = {
     # a few hundred images in about two minutes on 2 cores (reference CLIP training included)
     "smoke": {
@@ -22,6 +27,7 @@ CURATE_PRESETS: dict[str, dict[str, Any]] = {
         "source": {"publish": {"n_images": 300, "stall_seconds": 4.0}},
         "reference_clip": {"n_train": 1500, "n_heldout": 200, "steps": 200, "warmup_steps": 20},
         "download": {"timeout": 2.0, "processes_count": 2, "thread_count": 16},
+        "dedup": WORLD_DEDUP,
         "shard": {"target_shard_size": 64},
     },
     # a few thousand images
@@ -29,6 +35,7 @@ CURATE_PRESETS: dict[str, dict[str, Any]] = {
         "name": "world-demo",
         "source": {"publish": {"n_images": 3000, "stall_seconds": 4.0}},
         "download": {"timeout": 2.0, "processes_count": 2, "thread_count": 32},
+        "dedup": WORLD_DEDUP,
         "shard": {"target_shard_size": 500},
     },
 }

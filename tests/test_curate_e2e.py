@@ -77,9 +77,16 @@ def test_world_faults_end_where_they_should(smoke_run):
     def outcomes(kind):
         return set(by.get(kind, {}))
 
-    # planted duplicates are found (dropped as duplicates), and the originals are kept
-    assert outcomes("exact_dup") <= {"filtered:exact_duplicate", "filtered:near_duplicate"}
-    assert outcomes("near_dup") <= {"filtered:near_duplicate", "filtered:exact_duplicate"}
+    # planted duplicates are found: of each (copy, original) pair at most one is kept, and the
+    # other is marked as a duplicate unless another filter already dropped it
+    acc = pd.read_parquet(Path(s["path"]) / "accounting.parquet").set_index("row_id")
+    truth = _truth(Path(s["path"]), card)
+    dups = truth[truth["planted"].isin(["exact_dup", "near_dup"])]
+    assert len(dups) >= 20
+    for row, orig in zip(dups["row_id"], dups["dup_of_row"]):
+        pair = [acc.at[row, "outcome"], acc.at[orig, "outcome"]]
+        assert pair.count("kept") <= 1, (row, orig, pair)
+        assert any(o.endswith("_duplicate") for o in pair) or "kept" not in pair, (row, orig, pair)
     # bad images are caught by the right filter
     assert outcomes("tiny") == {"filtered:min_side"}
     assert outcomes("extreme_aspect") == {"filtered:aspect_ratio"}
@@ -95,6 +102,12 @@ def test_world_faults_end_where_they_should(smoke_run):
     # recaptioning beats the noisy alt text against ground truth
     wr = card["world_report"]
     assert wr["caption_accuracy_final"]["object_match"] > wr["caption_accuracy_alt_text"]["object_match"] + 0.05
+
+
+def _truth(dataset_path: Path, card: dict) -> pd.DataFrame:
+    from imagegen.world.publish import read_truth
+
+    return read_truth(dataset_path.parent.parent / "stages" / "world" / card["stage_ids"]["world"])
 
 
 def test_loader_reads_the_dataset(smoke_run):
