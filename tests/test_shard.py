@@ -1,0 +1,302 @@
+"""Shard stage: reproducible bytes, seeded shuffle, tar metadata, img2dataset layout, bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from imagegen.hashing import file_sha256
+from imagegen.stages.shard import (
+    ShardConfig,
+    plan_shards,
+    read_img2dataset_folder,
+    write_shards,
+    write_shards_from_plan,
+)
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations
+
+
+def encode(i: int, fmt: str = "JPEG", size: int = 12) -> bytes:
+    rng = np.random.default_rng(i)
+    arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_samples(n: int, start: int = 0) -> list[dict]:
+    out = []
+    for i in range(start, start + n):
+        png = i % 3 == 0
+        out.append({"key": f"{i:06d}", "image": encode(i, "PNG" if png else "JPEG"), "ext": "png" if png else "jpg",
+                    "caption": f"a photo number {i} — é ü 漢", "meta": {"row_id": i, "score": i / 7,
+                    "src": {"w": 12, "h": 12}, "tags": ["a", "b"], "np": np.int64(i), "nan": float("nan")}})
+    return out
+
+
+def tar_keys(path: Path) -> list[str]:
+    with tarfile.open(path) as tf:
+        return [m.name.split(".")[0] for m in tf.getmembers() if m.name.endswith(".txt")]
+
+
+def all_keys(out_dir: Path) -> list[str]:
+    return [k for tar in sorted(out_dir.glob("*.tar")) for k in tar_keys(tar)]
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+
+def test_plan_is_seeded_permutation_cut_into_shards():
+    keys = [f"{i:05d}" for i in range(103)]
+    plan = plan_shards(keys, ShardConfig(target_shard_size=10, shuffle_seed=3))
+    assert [len(c) for c in plan] == [10] * 10 + [3]
+    flat = [k for c in plan for k in c]
+    assert sorted(flat) == keys
+    assert flat != keys, "keys were not shuffled"
+    assert plan == plan_shards(keys, ShardConfig(target_shard_size=10, shuffle_seed=3))
+    assert plan == plan_shards(list(reversed(keys)), ShardConfig(target_shard_size=10, shuffle_seed=3)), \
+        "order must depend on the key set and seed only, not on the input order"
+    other = [k for c in plan_shards(keys, ShardConfig(target_shard_size=10, shuffle_seed=4)) for k in c]
+    assert other != flat
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["a", "a"], "duplicate"), (["a.b"], "contains '.'"), (["x/y"], "contains"), ([""], "empty"),
+    (["__key__"], "reserves"), ([3], "must be str"), ([], "empty"),
+])
+def test_plan_refuses_bad_keys(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        plan_shards(bad)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"target_shard_size": 0}, {"image_ext": "gif"}, {"name_prefix": "a/b"}, {"max_shard_bytes": 100},
+    {"shuffle_seed": -1}, {"unknown": 1},
+])
+def test_config_refuses_bad_values(kwargs):
+    with pytest.raises(ValidationError):
+        ShardConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- write
+
+
+def test_shards_are_bit_reproducible_and_shuffled(tmp_path):
+    samples = make_samples(45)
+    cfg = ShardConfig(target_shard_size=10, shuffle_seed=1)
+    a = write_shards(samples, tmp_path / "a", cfg)
+    b = write_shards(list(reversed(samples)), tmp_path / "b", cfg)
+    assert [i.count for i in a] == [10, 10, 10, 10, 5]
+    assert a == b
+    for name in sorted(p.name for p in (tmp_path / "a").iterdir()):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    for info in a:
+        path = tmp_path / "a" / info.name
+        assert info.sha256 == file_sha256(path) and info.bytes == path.stat().st_size
+    order = all_keys(tmp_path / "a")
+    assert sorted(order) == [s["key"] for s in samples] and order != [s["key"] for s in samples]
+    c = write_shards(samples, tmp_path / "c", ShardConfig(target_shard_size=10, shuffle_seed=2))
+    assert [i.sha256 for i in c] != [i.sha256 for i in a]
+    assert not [p for p in tmp_path.rglob(".*")], "temporary files left behind"
+
+
+def test_tar_members_have_fixed_metadata_and_roundtrip(tmp_path):
+    samples = {s["key"]: s for s in make_samples(12)}
+    plan = plan_shards(samples, ShardConfig(target_shard_size=12))
+    write_shards_from_plan(plan, samples.__getitem__, tmp_path)
+    with tarfile.open(tmp_path / "00000.tar") as tf:
+        members = tf.getmembers()
+        assert len(members) == 36
+        for m in members:
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode, m.isreg()) == (0, 0, 0, "", "", 0o644, True)
+        for i, key in enumerate(plan[0]):
+            s = samples[key]
+            names = [m.name for m in members[3 * i:3 * i + 3]]
+            assert names == [f"{key}.{s['ext']}", f"{key}.txt", f"{key}.json"]
+            assert tf.extractfile(names[0]).read() == s["image"]
+            assert tf.extractfile(names[1]).read().decode("utf-8") == s["caption"]
+            meta = json.loads(tf.extractfile(names[2]).read())
+            assert meta["np"] == int(key) and meta["nan"] is None and meta["src"] == {"w": 12, "h": 12}
+
+
+def test_parquet_and_stats(tmp_path):
+    samples = make_samples(7)
+    samples[0]["meta"]["caption"] = "an older caption"
+    write_shards(samples, tmp_path, ShardConfig(target_shard_size=100))
+    table = pq.read_table(tmp_path / "00000.parquet")
+    assert table.column_names[:2] == ["key", "caption"]
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert set(rows) == {s["key"] for s in samples}
+    r0 = rows[samples[0]["key"]]
+    assert r0["caption"] == samples[0]["caption"] and r0["meta.caption"] == "an older caption"
+    assert r0["row_id"] == 0 and r0["src.w"] == 12 and r0["np"] == 0 and r0["nan"] is None
+    assert "tags" not in table.column_names, "lists stay in the .json only"
+    assert str(table.schema.field("row_id").type) == "int64"
+    assert str(table.schema.field("score").type) == "double"
+    stats = json.loads((tmp_path / "00000_stats.json").read_text())
+    assert stats["count"] == stats["successes"] == 7
+
+
+def test_max_shard_bytes_splits_shards(tmp_path):
+    samples = make_samples(30)
+    infos = write_shards(samples, tmp_path, ShardConfig(target_shard_size=20, max_shard_bytes=20_480))
+    assert len(infos) > 2 and sum(i.count for i in infos) == 30
+    assert all(i.bytes <= 20_480 for i in infos)
+    assert [i.name for i in infos] == [f"{n:05d}.tar" for n in range(len(infos))]
+    plan = plan_shards([s["key"] for s in samples], ShardConfig(target_shard_size=20))
+    assert all_keys(tmp_path) == [k for c in plan for k in c], "splitting must keep plan order"
+
+
+def test_name_prefix_and_ext_follow_input(tmp_path):
+    samples = make_samples(4)
+    infos = write_shards(samples, tmp_path, ShardConfig(name_prefix="train-"))
+    assert [i.name for i in infos] == ["train-00000.tar"]
+    assert {p.name for p in tmp_path.iterdir()} == {"train-00000.tar", "train-00000.parquet",
+                                                   "train-00000_stats.json"}
+    with tarfile.open(tmp_path / "train-00000.tar") as tf:
+        exts = {m.name.split(".", 1)[1] for m in tf.getmembers()}
+    assert exts == {"jpg", "png", "txt", "json"}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"ext": "gif"}, "ext must be one of"),
+    ({"image": b"not an image at all"}, "signature"),
+    ({"caption": None}, "caption must be str"),
+    ({"meta": {"x": {1, 2}}}, r"meta\.x: set"),
+    ({"meta": {"x": object()}}, "not JSON-serialisable"),
+    ({"meta": {"a": {"b": 1}, "a.b": 2}}, "appears twice"),
+    ({"image": "text"}, "image must be bytes"),
+])
+def test_bad_samples_are_refused_with_key(tmp_path, change, match):
+    samples = make_samples(3)
+    samples[1].update(change)
+    with pytest.raises((ValueError, TypeError), match=match) as err:
+        write_shards(samples, tmp_path)
+    assert samples[1]["key"] in str(err.value)
+    assert not list(tmp_path.iterdir()), "a failed shard must leave no file behind"
+
+
+def test_image_ext_config_must_match(tmp_path):
+    with pytest.raises(ValueError, match="image_ext='jpg'"):
+        write_shards(make_samples(3), tmp_path, ShardConfig(image_ext="jpg"))
+
+
+def test_failure_midway_keeps_finished_shards_only(tmp_path):
+    samples = {s["key"]: s for s in make_samples(10)}
+    plan = plan_shards(samples, ShardConfig(target_shard_size=4))
+    victim = plan[1][2]
+
+    def get(key):
+        if key == victim:
+            raise OSError("disk went away")
+        return samples[key]
+
+    with pytest.raises(OSError, match="disk went away"):
+        write_shards_from_plan(plan, get, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.parquet", "00000.tar", "00000_stats.json"]
+
+
+def test_wrong_key_from_get_sample_and_existing_output(tmp_path):
+    samples = make_samples(3)
+    plan = plan_shards([s["key"] for s in samples])
+    with pytest.raises(ValueError, match="returned a sample with key"):
+        write_shards_from_plan(plan, lambda k: samples[0] if k != samples[0]["key"] else samples[1], tmp_path / "x")
+    write_shards(samples, tmp_path / "y")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        write_shards(samples, tmp_path / "y")
+    infos = write_shards(samples[:2], tmp_path / "y", overwrite=True)
+    assert sorted(all_keys(tmp_path / "y")) == sorted(s["key"] for s in samples[:2]) and len(infos) == 1
+
+
+# ---------------------------------------------------------------------------------------------- img2dataset
+
+
+def write_img2dataset_reference(folder: Path, samples: list[dict]) -> None:
+    """One shard written by img2dataset's own writer and stats function."""
+    import pyarrow as pa
+    from img2dataset.logger import CappedCounter, write_stats
+    from img2dataset.writer import WebDatasetSampleWriter
+
+    folder.mkdir()
+    schema = pa.schema([("url", pa.string()), ("caption", pa.string()), ("key", pa.string()),
+                        ("status", pa.string())])
+    writer = WebDatasetSampleWriter(0, str(folder), True, 5, schema, "jpg")
+    for s in samples:
+        writer.write(s["image"], s["key"], s["caption"],
+                     {"url": f"http://x/{s['key']}", "caption": s["caption"], "key": s["key"], "status": "success"})
+    writer.close()
+    counter = CappedCounter()
+    counter.increment("success")
+    write_stats(str(folder), 0, len(samples), len(samples), 0, 0, 1.0, 2.0, counter, 5)
+
+
+def test_layout_matches_img2dataset_writer(tmp_path):
+    samples = [s for s in make_samples(6) if s["ext"] == "jpg"]
+    write_img2dataset_reference(tmp_path / "ref", samples)
+    write_shards(samples, tmp_path / "ours")
+    ref_files = {p.name for p in (tmp_path / "ref").iterdir()}
+    assert ref_files == {p.name for p in (tmp_path / "ours").iterdir()} == {
+        "00000.tar", "00000.parquet", "00000_stats.json"}
+    ref_stats = json.loads((tmp_path / "ref" / "00000_stats.json").read_text())
+    our_stats = json.loads((tmp_path / "ours" / "00000_stats.json").read_text())
+    assert set(ref_stats) <= set(our_stats), "img2dataset's logger reads every key it writes"
+    assert our_stats["count"] == ref_stats["count"] and our_stats["successes"] == ref_stats["successes"]
+    with tarfile.open(tmp_path / "ref" / "00000.tar") as ref, tarfile.open(tmp_path / "ours" / "00000.tar") as ours:
+        # img2dataset (via wds.TarWriter) orders a sample's members by name: jpg, json, txt; ours
+        # are jpg, txt, json as specified.  Readers group by key, so only the member set matters.
+        def members(tf):
+            out: dict[str, set[str]] = {}
+            for m in tf.getmembers():
+                key, ext = m.name.split(".", 1)
+                out.setdefault(key, set()).add(ext)
+            return out
+        assert members(ref) == members(ours) == {s["key"]: {"jpg", "txt", "json"} for s in samples}
+    ref_cols = set(pq.read_table(tmp_path / "ref" / "00000.parquet").column_names)
+    our_cols = set(pq.read_table(tmp_path / "ours" / "00000.parquet").column_names)
+    assert {"key", "caption"} <= ref_cols & our_cols
+    assert read_img2dataset_folder(tmp_path / "ref") == [tmp_path / "ref" / "00000.tar"]
+    assert read_img2dataset_folder(tmp_path / "ours") == [tmp_path / "ours" / "00000.tar"]
+    # shards brought in from img2dataset are read by the training loader like ours
+    from imagegen.loader import make_dataset
+    got = {s["key"]: s["caption"] for s in make_dataset(read_img2dataset_folder(tmp_path / "ref"))}
+    assert got == {s["key"]: s["caption"] for s in samples}
+
+
+def test_read_img2dataset_folder_validates(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_img2dataset_folder(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        read_img2dataset_folder(tmp_path / "empty")
+    write_shards(make_samples(8), tmp_path / "d", ShardConfig(target_shard_size=3))
+    (tmp_path / "d" / "00001.parquet").unlink()
+    with pytest.raises(FileNotFoundError, match=r"00001\.tar"):
+        read_img2dataset_folder(tmp_path / "d")
+    write_shards(make_samples(8), tmp_path / "e", ShardConfig(target_shard_size=3))
+    (tmp_path / "e" / "00002_stats.json").unlink()
+    with pytest.warns(UserWarning, match="00002.tar"):
+        assert len(read_img2dataset_folder(tmp_path / "e")) == 3
+    (tmp_path / "e" / "00000.tar").write_bytes(b"garbage" * 100)
+    with pytest.raises(ValueError, match="00000.tar"):
+        read_img2dataset_folder(tmp_path / "e")
+
+
+def test_long_and_non_ascii_keys_use_pax_headers_reproducibly(tmp_path):
+    image = encode(0, "PNG")
+    samples = [{"key": k, "image": image, "ext": "png", "caption": "c", "meta": {}}
+               for k in ("café-1", "k" * 150, "plain")]
+    a = write_shards(samples, tmp_path / "a")
+    assert a == write_shards(samples, tmp_path / "b")
+    with tarfile.open(tmp_path / "a" / "00000.tar") as tf:
+        names = {m.name.split(".")[0] for m in tf.getmembers()}
+    assert names == {"café-1", "k" * 150, "plain"}
