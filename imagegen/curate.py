@@ -139,7 +139,8 @@ def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipCon
     path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
     card = read_card(path)
     return StageResult("reference_clip", path.name, str(path), cached=time.perf_counter() - t0 < 1.0,
-                       counts=card.get("metrics", card.get("counts", {})))
+                       counts={"retrieval": card.get("retrieval"), "seconds": card.get("seconds"),
+                               "n_params": card.get("n_params")})
 
 
 def source_id(source: SourceConfig, world: StageResult | None) -> str:

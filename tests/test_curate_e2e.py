@@ -90,15 +90,22 @@ def test_world_faults_end_where_they_should(smoke_run):
     # bad images are caught by the right filter
     assert outcomes("tiny") == {"filtered:min_side"}
     assert outcomes("extreme_aspect") == {"filtered:aspect_ratio"}
-    assert outcomes("blank") <= {"filtered:pixel_std", "filtered:entropy"}
+    # blank images all share one phash: all but one are duplicates, the last fails the std filter
+    assert outcomes("blank") <= {"filtered:pixel_std", "filtered:exact_duplicate", "filtered:near_duplicate"}
+    assert "filtered:pixel_std" in outcomes("blank")
     assert outcomes("corrupt") == {"download_failed:corrupt_image"}
     assert outcomes("not_found") == {"download_failed:http_404"}
     # images that are fine once decoded properly are kept (unless the CLIP filter disliked the alt text)
     for kind in ("cmyk", "alpha", "png16", "exif_rotated", "redirect", "flaky"):
         assert "kept" in outcomes(kind), (kind, by.get(kind))
+        assert not {"filtered:pixel_std", "filtered:min_side", "filtered:aspect_ratio"} & outcomes(kind), kind
     # clean rows: nothing else was merged as a duplicate
     clean = by.get("clean", {})
-    assert not any(k.endswith("_duplicate") for k in clean), clean
+    # nothing else merged: every row marked duplicate is a planted copy, its original, or blank
+    in_pairs = set(dups["row_id"]) | set(dups["dup_of_row"]) | set(truth.loc[truth["planted"] == "blank", "row_id"])
+    marked = set(acc.index[acc["outcome"].str.endswith("_duplicate")])
+    assert marked <= in_pairs, sorted(marked - in_pairs)
+    assert not {"filtered:pixel_std", "filtered:min_side", "filtered:aspect_ratio"} & set(clean), clean
     # recaptioning beats the noisy alt text against ground truth
     wr = card["world_report"]
     assert wr["caption_accuracy_final"]["object_match"] > wr["caption_accuracy_alt_text"]["object_match"] + 0.05

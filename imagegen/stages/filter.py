@@ -64,8 +64,11 @@ class FilterConfig(BaseModel):
     drop_duplicates: bool = Field(True, description="Drop rows the dedup stage marked as duplicates")
     min_side: int | None = Field(32, ge=1, description="Minimum original side in pixels")
     max_aspect_ratio: float | None = Field(3.0, ge=1, description="Maximum long/short side ratio")
-    min_pixel_std: float | None = Field(3.0, ge=0, description="Blank/low-information: minimum grayscale std")
-    min_entropy: float | None = Field(1.0, ge=0, le=8, description="Minimum grayscale histogram entropy (bits)")
+    min_pixel_std: float | None = Field(2.0, ge=0, description="Blank: minimum pixel std of the most varied "
+                                        "RGB channel (a luminance std misses objects as bright as the background)")
+    min_entropy: float | None = Field(None, ge=0, le=12, description="Low information: minimum entropy (bits) "
+                                      "of the 4-bit-per-channel colour histogram; off by default because "
+                                      "simple images (one object on a plain background) score well under 1 bit")
     clip_score: ClipScoreFilterConfig | None = Field(default_factory=ClipScoreFilterConfig)
     nsfw: ZeroShotFilterConfig | None = None
     watermark: ZeroShotFilterConfig | None = None
@@ -136,18 +139,18 @@ def _aspect(d: FilterInput) -> np.ndarray:
     return np.maximum(w, h) / np.maximum(np.minimum(w, h), 1.0)
 
 
-def _gray(d: FilterInput) -> list[np.ndarray]:
-    return [np.asarray(im.convert("L"), dtype=np.float64) for im in d.images]
-
-
 def pixel_std(d: FilterInput) -> np.ndarray:
-    return np.array([g.std() for g in _gray(d)])
+    """Std of the most varied RGB channel: 0 for a solid image, whatever its colour."""
+    return np.array([np.asarray(im, dtype=np.float64).reshape(-1, 3).std(axis=0).max() for im in d.images])
 
 
 def entropy_bits(d: FilterInput) -> np.ndarray:
+    """Shannon entropy of the colour histogram quantised to 4 bits per channel (0..12 bits)."""
     out = []
-    for g in _gray(d):
-        p = np.bincount(g.astype(np.uint8).ravel(), minlength=256) / g.size
+    for im in d.images:
+        q = np.asarray(im, dtype=np.uint16).reshape(-1, 3) >> 4
+        codes = (q[:, 0] << 8) | (q[:, 1] << 4) | q[:, 2]
+        p = np.bincount(codes, minlength=4096) / len(codes)
         p = p[p > 0]
         out.append(float(-(p * np.log2(p)).sum()))
     return np.array(out)
@@ -221,10 +224,10 @@ def _load_custom(spec: str) -> Filter:
 def build_filters(cfg: FilterConfig, resolve_model: Callable[[str], str] = lambda s: s) -> list[Filter]:
     """The configured filters, in the order they decide."""
     fs: list[Filter] = []
+    if cfg.max_aspect_ratio is not None:  # before min_side: a 256x16 strip is a shape problem first
+        fs.append(ThresholdFilter("aspect_ratio", _aspect, maximum=cfg.max_aspect_ratio))
     if cfg.min_side is not None:
         fs.append(ThresholdFilter("min_side", _min_side, minimum=cfg.min_side))
-    if cfg.max_aspect_ratio is not None:
-        fs.append(ThresholdFilter("aspect_ratio", _aspect, maximum=cfg.max_aspect_ratio))
     if cfg.min_pixel_std is not None:
         fs.append(ThresholdFilter("pixel_std", pixel_std, minimum=cfg.min_pixel_std))
     if cfg.min_entropy is not None:
