@@ -106,6 +106,10 @@ def test_world_faults_end_where_they_should(smoke_run):
     marked = set(acc.index[acc["outcome"].str.endswith("_duplicate")])
     assert marked <= in_pairs, sorted(marked - in_pairs)
     assert not {"filtered:pixel_std", "filtered:min_side", "filtered:aspect_ratio"} & set(clean), clean
+    # the CLIP filter drops mostly rows whose alt text is wrong or uninformative
+    noisy = set(truth.loc[truth["caption_noise"] != "none", "row_id"])
+    clip_dropped = set(acc.index[acc["outcome"] == "filtered:clip_score"])
+    assert clip_dropped and len(clip_dropped & noisy) / len(clip_dropped) >= 0.8, (len(clip_dropped), len(clip_dropped & noisy))
     # recaptioning beats the noisy alt text against ground truth
     wr = card["world_report"]
     assert wr["caption_accuracy_final"]["object_match"] > wr["caption_accuracy_alt_text"]["object_match"] + 0.05
@@ -125,3 +129,18 @@ def test_loader_reads_the_dataset(smoke_run):
     ref = get_dataset(root, "world-smoke")
     items = list(make_dataset(ref.shards))
     assert len(items) == _summary(smoke_run[2])["samples"]
+
+
+def test_flow_published_artifacts(smoke_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-stage-counts"])))
+        md = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-summary"])))
+    assert table and md
+    rows = table[0].data if isinstance(table[0].data, list) else json.loads(table[0].data)
+    assert [r["stage"] for r in rows] == ["download", "dedup", "filter", "recaption", "shard"]
+    s = _summary(smoke_run[2])
+    assert rows[0]["in"] == s["input_rows"] and rows[-1]["kept"] == s["samples"]
+    assert "data:image/png;base64," in md[0].data and s["dataset_id"] in md[0].data
