@@ -97,12 +97,22 @@ class FilterInput:
     table: pd.DataFrame            # key, row_id, caption, original_width, original_height, ...
     image_bytes: list[bytes]
     _decoded: list[Image.Image] | None = field(default=None, repr=False)
+    _embedded: dict[str, tuple[Any, np.ndarray]] = field(default_factory=dict, repr=False)
 
     @property
     def images(self) -> list[Image.Image]:
         if self._decoded is None:
             self._decoded = [Image.open(io.BytesIO(b)).convert("RGB") for b in self.image_bytes]
         return self._decoded
+
+    def clip_images(self, spec: str, batch_size: int) -> tuple[Any, np.ndarray]:
+        """(the loaded CLIP, image embeddings), computed once per model for all model filters."""
+        if spec not in self._embedded:
+            from imagegen.clip import encode_images, load_clip
+
+            clip = load_clip(spec)
+            self._embedded[spec] = (clip, encode_images(clip, self.images, batch_size=batch_size))
+        return self._embedded[spec]
 
 
 class Filter(Protocol):
@@ -163,10 +173,9 @@ class ClipScoreFilter:
     name: str = "clip_score"
 
     def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from imagegen.clip import cosine, encode_images, encode_texts, load_clip
+        from imagegen.clip import cosine, encode_texts
 
-        clip = load_clip(self.resolve(self.cfg.model))
-        img = encode_images(clip, data.images, batch_size=self.cfg.batch_size)
+        clip, img = data.clip_images(self.resolve(self.cfg.model), self.cfg.batch_size)
         txt = encode_texts(clip, data.table["caption"].fillna("").tolist())
         score = cosine(img, txt)
         if self.cfg.mode == "threshold":
@@ -188,10 +197,9 @@ class ZeroShotFilter:
     name: str = "zero_shot"
 
     def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from imagegen.clip import encode_images, encode_texts, load_clip
+        from imagegen.clip import encode_texts
 
-        clip = load_clip(self.resolve(self.cfg.model))
-        img = encode_images(clip, data.images, batch_size=self.cfg.batch_size)
+        clip, img = data.clip_images(self.resolve(self.cfg.model), self.cfg.batch_size)
         prompts = self.cfg.reject_prompts + self.cfg.accept_prompts
         txt = encode_texts(clip, prompts)
         logits = 100.0 * img @ txt.T

@@ -65,6 +65,15 @@ BACKGROUND_TINT = 3  # at most +-3 per channel, so the gray never reads as a col
 TEXTURE_AMPLITUDE = (4.0, 10.0)
 
 
+def _known_subset(v: tuple[str, ...], allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
+    bad = [x for x in v if x not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; choose from {list(allowed)}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"{what} has duplicates: {list(v)}")
+    return v
+
+
 class WorldConfig(BaseModel):
     """What the world draws. Frozen: a config names a world, and its hash names its data."""
 
@@ -89,22 +98,12 @@ class WorldConfig(BaseModel):
     @field_validator("shapes")
     @classmethod
     def _known_shapes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [s for s in v if s not in SHAPES]
-        if bad:
-            raise ValueError(f"unknown shapes {bad}; choose from {list(SHAPES)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"shapes has duplicates: {list(v)}")
-        return v
+        return _known_subset(v, SHAPES, "shapes")
 
     @field_validator("colors")
     @classmethod
     def _known_colors(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        bad = [c for c in v if c not in COLORS]
-        if bad:
-            raise ValueError(f"unknown colors {bad}; choose from {list(COLORS)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"colors has duplicates: {list(v)}")
-        return v
+        return _known_subset(v, tuple(COLORS), "colors")
 
     @field_validator("kind_weights")
     @classmethod
