@@ -304,6 +304,8 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
                       "download": download.id, "dedup": dedup.id, "filter": filtered.id,
                       "recaption": captions.id},
         "config": config.model_dump(mode="json"),
+        "code_versions": {r.stage: read_card(Path(r.path)).get("code_version")
+                          for r in (world, download, dedup, filtered, captions) if r is not None},
         "shards": [{"name": i.name, "count": i.count, "bytes": i.bytes, "sha256": i.sha256} for i in infos],
         "reference_clip": clip.counts if clip else None,
     })
