@@ -1,0 +1,64 @@
+"""Name -> family class.  Adding a family = one file defining it + one register_family line here
+(or, outside this package, one ``register_family(MyFamily)`` call in the user's own module)."""
+
+from __future__ import annotations
+
+from models.base import Family, FamilyConfig
+
+FAMILIES: dict[str, type[Family]] = {}
+
+
+class UnknownFamilyError(KeyError, ValueError):
+    """No family is registered under that name (str() is the plain message, not KeyError's repr)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Register a Family subclass under ``cls.name`` (usable as a decorator); checks its class
+    attributes so a broken family fails here, not halfway through a training run."""
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise TypeError(f"register_family: expected a subclass of models.base.Family, got {cls!r}")
+    where = f"register_family({cls.__name__})"
+    if not isinstance(cls.name, str) or not cls.name.strip():
+        raise ValueError(f"{where}: set the class attribute `name` (a non-empty string)")
+    if not (isinstance(cls.Config, type) and issubclass(cls.Config, FamilyConfig)):
+        raise ValueError(f"{where}: `Config` must be a subclass of FamilyConfig")
+    if not cls.samplers or cls.default_sampler not in cls.samplers:
+        raise ValueError(f"{where}: `samplers` must be non-empty and contain default_sampler "
+                         f"{cls.default_sampler!r}, got {cls.samplers}")
+    unknown = set(cls.sampler_options) - set(cls.samplers)
+    if unknown:
+        raise ValueError(f"{where}: sampler_options names unknown samplers {sorted(unknown)}")
+    if not isinstance(cls.default_steps, int) or cls.default_steps < 1:
+        raise ValueError(f"{where}: default_steps must be a positive int, got {cls.default_steps!r}")
+    if not cls.conditioning or not set(cls.conditioning) <= {"none", "class", "text"}:
+        raise ValueError(f"{where}: conditioning must be a non-empty subset of none/class/text, "
+                         f"got {set(cls.conditioning)}")
+    old = FAMILIES.get(cls.name)
+    if old is not None and old is not cls:
+        raise ValueError(f"{where}: name {cls.name!r} is already taken by {old.__module__}.{old.__name__}")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def get_family(name: str) -> type[Family]:
+    if name not in FAMILIES:
+        raise UnknownFamilyError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def build_family(name: str, cfg: FamilyConfig | dict) -> Family:
+    """get_family(name)(cfg): what a trainer config {"family": ..., "model": {...}} turns into."""
+    return get_family(name)(cfg)
+
+
+# Built-in families: one line each.
+from models.ddpm import DDPM  # noqa: E402
+from models.edm import EDM  # noqa: E402
+from models.flow import FlowMatching  # noqa: E402
+
+register_family(DDPM)
+register_family(EDM)
+register_family(FlowMatching)
