@@ -1,0 +1,78 @@
+"""Exponential moving average of a module's weights, kept apart from the live weights.
+
+The shadow is a dict of tensors, never a second module: the only way EMA weights reach a
+module is :meth:`EMA.swap_in` (restores the live weights on exit, even on error) or
+:meth:`EMA.copy_into` on a module the caller names explicitly (e.g. a ``copy.deepcopy``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+
+class EMA:
+    """``shadow = decay * shadow + (1 - decay) * live`` for trainable floating parameters; the other
+    floating state (buffers, frozen weights) is copied as is, so the shadow is a full state_dict."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay!r}")
+        self.decay = float(decay)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        self.shadow: dict[str, Tensor] = {}
+        self._trainable: set[str] = set()
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                self.shadow[name] = t.detach().clone()
+                if name in trainable:
+                    self._trainable.add(name)
+        if not self._trainable:
+            raise ValueError(f"EMA: {type(module).__name__} has no trainable floating-point parameters")
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        state = module.state_dict()
+        for name, s in self.shadow.items():
+            live = state[name].detach()
+            if name in self._trainable:
+                s.lerp_(live.to(s.dtype), 1.0 - self.decay)  # s + (1-d)(live - s) = d*s + (1-d)*live
+            else:
+                s.copy_(live)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        missing = sorted(set(self.shadow) - set(state))
+        extra = sorted(set(state) - set(self.shadow))
+        if missing or extra:
+            raise ValueError(f"EMA state: missing keys {missing[:10]}, unexpected keys {extra[:10]}")
+        for name, s in self.shadow.items():
+            t = state[name]
+            if tuple(t.shape) != tuple(s.shape):
+                raise ValueError(f"EMA state: {name!r} has shape {tuple(t.shape)}, expected {tuple(s.shape)}")
+            s.copy_(t)
+
+    @torch.no_grad()
+    def copy_into(self, module: nn.Module) -> None:
+        """Load the EMA weights into ``module`` (meant for a copy, not the model being trained)."""
+        module.load_state_dict(self.shadow, strict=False)
+
+    @contextmanager
+    def swap_in(self, module: nn.Module) -> Iterator[nn.Module]:
+        """Within the block ``module`` holds the EMA weights; the live ones come back on exit."""
+        state = module.state_dict()
+        saved = {name: state[name].detach().clone() for name in self.shadow}
+        try:
+            with torch.no_grad():
+                for name, s in self.shadow.items():
+                    state[name].copy_(s)
+            yield module
+        finally:
+            with torch.no_grad():
+                for name, t in saved.items():
+                    state[name].copy_(t)
