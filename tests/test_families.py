@@ -21,6 +21,8 @@ from models.registry import FAMILIES, build_family, get_family, register_family
 from models.samplers import SampleResult
 from models.text import get_text_encoder
 
+from _helpers import tiny_random_clip
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -34,22 +36,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def clip_spec(tmp_path_factory) -> str:
     """A tiny random open_clip CLIP saved as a local-dir (config + safetensors); never downloads."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    from imagegen.clip import CONFIG_NAME, SAFE_WEIGHTS_NAME
-    from imagegen.world.reference_clip import ReferenceClipConfig, open_clip_config
-    from imagegen.world.scene import WorldConfig
-
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    small = ReferenceClipConfig(embed_dim=16, patch_size=16, vision_width=32, vision_layers=1, text_width=32,
-                                text_layers=1, head_width=16, context_length=16, steps=2, warmup_steps=1)
-    conf = open_clip_config(WorldConfig(), small)
-    (folder / CONFIG_NAME).write_text(json.dumps(conf))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**conf["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / SAFE_WEIGHTS_NAME))
-    return f"local-dir:{folder}"
+    return tiny_random_clip(tmp_path_factory.mktemp("tiny_clip"), context_length=16)
 
 
 SIZE = 16

@@ -32,6 +32,8 @@ from imagegen.stages.recaption import (
 from imagegen.world.detector import enumerate_world_captions
 from imagegen.world.scene import WorldConfig, caption_for, render_scene
 
+from _helpers import tiny_random_clip
+
 WORLD = WorldConfig(seed=21)
 PART_SCHEMA = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
                          ("caption", pa.string())])
@@ -380,22 +382,7 @@ def test_transformers_bad_model_folder(tmp_path):
 
 
 def _tiny_clip_dir(folder: Path) -> str:
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    from imagegen.clip import CONFIG_NAME, SAFE_WEIGHTS_NAME
-    from imagegen.world.reference_clip import ReferenceClipConfig, open_clip_config
-
-    folder.mkdir(parents=True)
-    small = ReferenceClipConfig(embed_dim=16, patch_size=16, vision_width=32, vision_layers=1, text_width=32,
-                                text_layers=1, head_width=16, context_length=32, steps=2, warmup_steps=1)
-    conf = open_clip_config(WorldConfig(), small)
-    (folder / CONFIG_NAME).write_text(json.dumps(conf))
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**conf["model_cfg"])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / SAFE_WEIGHTS_NAME))
-    return f"local-dir:{folder}"
+    return tiny_random_clip(folder, context_length=32)
 
 
 def test_clip_retrieval_picks_the_best_candidate(tmp_path):

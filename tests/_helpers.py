@@ -1,0 +1,30 @@
+"""Small builders shared by several test files (imported as ``from _helpers import ...``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def tiny_random_clip(folder: Path, context_length: int = 32, seed: int = 0) -> str:
+    """A tiny randomly initialised open_clip CLIP saved as a local-dir (config + safetensors).
+
+    It goes through exactly the loading path of real weights; nothing is downloaded."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    from imagegen.clip import CONFIG_NAME, SAFE_WEIGHTS_NAME
+    from imagegen.world.reference_clip import ReferenceClipConfig, open_clip_config
+    from imagegen.world.scene import WorldConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    small = ReferenceClipConfig(embed_dim=16, patch_size=16, vision_width=32, vision_layers=1, text_width=32,
+                                text_layers=1, head_width=16, context_length=context_length, steps=2,
+                                warmup_steps=1)
+    conf = open_clip_config(WorldConfig(), small)
+    (folder / CONFIG_NAME).write_text(json.dumps(conf))
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**conf["model_cfg"])
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / SAFE_WEIGHTS_NAME))
+    return f"local-dir:{folder}"
