@@ -28,8 +28,8 @@ TINY_WORLD = WorldConfig(
 )
 TINY_CLIP = R.ReferenceClipConfig(
     n_train=400, n_heldout=100, steps=100, batch_size=32, lr=3e-3, warmup_steps=10,
-    embed_dim=32, vision_width=64, vision_layers=2, text_width=32, text_layers=1, head_width=32,
-    vision_pool="avg", eval_candidates=20, threads=1,
+    embed_dim=32, vision_arch="resnet", vision_width=8, text_width=32, text_layers=1,
+    head_width=32, eval_candidates=20, threads=1,
 )
 
 
@@ -152,8 +152,9 @@ def test_reference_clip_retrieval_beats_chance(tiny_dir: Path) -> None:
     r = R.reference_card(tiny_dir)["retrieval"]
     assert r["n_images"] == TINY_CLIP.n_heldout
     assert r["n_distinct_captions"] >= 20
-    assert r["top1_distinct"] >= 3 * r["top1_distinct_chance"], r
-    assert r["top1_of_k"] >= 3 * r["top1_of_k_chance"], r
+    # Measured here: 0.39 of 46 captions (18x chance) and 0.67 of 20 (13x chance).
+    assert r["top1_distinct"] >= 5 * r["top1_distinct_chance"], r
+    assert r["top1_of_k"] >= 4 * r["top1_of_k_chance"], r
 
 
 def test_ensure_is_cached(tiny_dir: Path, models_root: Path) -> None:
@@ -244,11 +245,19 @@ def test_encode_cosine_and_zero_shot(tiny_dir: Path) -> None:
 
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="multiple of head_width"):
-        R.ReferenceClipConfig(vision_width=100, head_width=64)
+        R.ReferenceClipConfig(vision_arch="vit", vision_width=100, head_width=64)
+    with pytest.raises(ValueError, match="multiple of head_width"):
+        R.ReferenceClipConfig(text_width=100, head_width=64)
     with pytest.raises(ValueError, match="warmup_steps"):
         R.ReferenceClipConfig(steps=10, warmup_steps=10)
     with pytest.raises(ValueError, match="patch_size"):
-        R.model_cfg(WorldConfig(image_size=60), R.ReferenceClipConfig())
+        R.model_cfg(WorldConfig(image_size=60), R.ReferenceClipConfig(vision_arch="vit", vision_width=128))
+    with pytest.raises(ValueError, match="ResNet's stride"):
+        R.model_cfg(WorldConfig(image_size=80), R.ReferenceClipConfig())
+    # Both image towers are plain open_clip configs.
+    for cfg in (R.ReferenceClipConfig(), R.ReferenceClipConfig(vision_arch="vit", vision_width=64)):
+        model = open_clip.CLIP(**R.model_cfg(WorldConfig(), cfg))
+        assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, cfg.embed_dim)
 
 
 def test_caption_variants_mirror_and_swap() -> None:
@@ -297,23 +306,20 @@ def test_two_processes_share_one_training(tmp_path: Path) -> None:
         == [folder.name]
 
 
-def test_sample_batch_is_seeded_distinct_and_hard() -> None:
+def test_sample_batch_is_seeded_and_has_no_repeated_meaning() -> None:
     world = WorldConfig(seed=5)
-    scenes = [make_scene(world, i) for i in range(1000)]  # a palette of 3 holds ~200
-    variants = [R.caption_variants(s) for s in scenes]
-    keys = [(v[0], v[2]) for v in variants]
-    colors = [frozenset(o["color"] for o in s.objects) for s in scenes]
-    palette = tuple(sorted(set().union(*colors)))
-    cfg = R.ReferenceClipConfig(batch_size=48, hard_batch_frac=1.0, hard_palette=3)
-    a = R.sample_batch(keys, colors, palette, cfg, torch.Generator().manual_seed(1))
-    b = R.sample_batch(keys, colors, palette, cfg, torch.Generator().manual_seed(1))
-    assert a == b  # the data order is a function of the seed
+    scenes = [make_scene(world, i) for i in range(300)]
+    keys = [(v[0], v[2]) for v in map(R.caption_variants, scenes)]
+    cfg = R.ReferenceClipConfig(batch_size=64)
+    a = R.sample_batch(keys, cfg, torch.Generator().manual_seed(1))
+    assert a == R.sample_batch(keys, cfg, torch.Generator().manual_seed(1))  # seeded order
+    assert a != R.sample_batch(keys, cfg, torch.Generator().manual_seed(2))
     batch, flips = a
-    assert len(batch) == 48
+    assert len(batch) == 64 and set(flips) == {0, 1}
     meanings = [keys[i][f] for i, f in zip(batch, flips)]
     assert len(set(meanings)) == len(meanings)  # no false negatives in the batch
-    used = set().union(*(colors[i] for i in batch))
-    assert len(used) <= 3  # a hard batch stays inside its palette
-    easy = R.sample_batch(keys, colors, palette, cfg.model_copy(update={"hard_batch_frac": 0.0}),
-                          torch.Generator().manual_seed(1))[0]
-    assert len(set().union(*(colors[i] for i in easy))) > 3
+    # Only 3 distinct single-object captions: the batch stops at 3 rather than repeat one.
+    few = [("a photo of a red circle",) * 2, ("a photo of a blue star",) * 2,
+           ("a photo of a red star",) * 2] * 10
+    small, _ = R.sample_batch(few, cfg, torch.Generator().manual_seed(0))
+    assert len(small) == 3 and len({few[i][0] for i in small}) == 3
