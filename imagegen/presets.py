@@ -25,7 +25,8 @@ CURATE_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "name": "world-smoke",
         "source": {"publish": {"n_images": 300, "stall_seconds": 4.0}},
-        "reference_clip": {"n_train": 1500, "n_heldout": 200, "steps": 200, "warmup_steps": 20},
+        # = ReferenceClipConfig.smoke(): ~40 s on 2 cores, 0.68 top-1 over 252 distinct captions
+        "reference_clip": {"n_train": 2000, "n_heldout": 300, "steps": 300, "warmup_steps": 30},
         "download": {"timeout": 2.0, "processes_count": 2, "thread_count": 16},
         "dedup": WORLD_DEDUP,
         "shard": {"target_shard_size": 64},
