@@ -135,10 +135,10 @@ def world_stage(root: Path, source: SourceConfig) -> StageResult:
 def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
     from imagegen.world import reference_clip as rc
 
-    t0 = time.perf_counter()
+    existed = is_complete(models_dir(root) / "reference_clip" / rc.reference_clip_id(source.world, cfg))
     path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
     card = read_card(path)
-    return StageResult("reference_clip", path.name, str(path), cached=time.perf_counter() - t0 < 1.0,
+    return StageResult("reference_clip", path.name, str(path), cached=existed,
                        counts={"retrieval": card.get("retrieval"), "seconds": card.get("seconds"),
                                "n_params": card.get("n_params")})
 
@@ -152,12 +152,12 @@ def source_id(source: SourceConfig, world: StageResult | None) -> str:
 
 def download_stage(root: Path, source: SourceConfig, world: StageResult | None, cfg: DownloadConfig) -> StageResult:
     """Fetch every URL with img2dataset; for the world, serve it on loopback for the duration."""
-    if source.kind == "url_list":
-        table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
     sid_inputs = {"source": source_id(source, world)}
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
-        if source.kind == "url_list":
+        if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
+            table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
+                                               cfg.on_duplicate_urls)
             return download_mod.run_download(table, cfg, tmp)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
@@ -276,15 +276,17 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
             m[c] = float(ffi.loc[key, c])
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
 
+    metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
+
     def get_sample(key: str) -> dict[str, Any]:
         img, ext = images[key]
-        return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": meta(key)}
+        return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": metas[key]}
 
     plan = shard_mod.plan_shards(kept, config.shard)
     infos = shard_mod.write_shards_from_plan(plan, get_sample, out / "shards", config.shard)
     shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
 
-    manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **get_sample(k)["meta"],
+    manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **metas[k],
                               "caption": cci.loc[k, "caption"]} for k in kept])
     manifest.to_parquet(out / "manifest.parquet", index=False)
     accounting = account_rows(ledger, dd, ff)

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.context import TaskRunContext
 
 from imagegen import curate as C
-from imagegen.hashing import stable_hash
+from imagegen.hashing import code_version, stable_hash
 
 
 def _ident(value: Any) -> Any:
@@ -25,13 +25,13 @@ def _ident(value: Any) -> Any:
     return str(value) if isinstance(value, Path) else value
 
 
+_CODE = code_version(C)  # the stage functions' code; each stage's own modules are hashed inside its id
+
+
 def content_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
     """Cache key = task name + upstream stage ids + parameters + code version of the stage."""
-    from imagegen.hashing import code_version
-    import imagegen.curate as curate_mod
-
     ident = {k: _ident(v) for k, v in sorted(parameters.items())}
-    return f"imagegen-{context.task.name}-" + stable_hash({"p": ident, "code": code_version(curate_mod)})
+    return f"imagegen-{context.task.name}-" + stable_hash({"p": ident, "code": _CODE})
 
 
 def _res(d: dict[str, Any] | None) -> C.StageResult | None:

@@ -3,7 +3,6 @@ frozen text encoder, a user-defined family and a two-optimizer family driven by 
 
 from __future__ import annotations
 
-import json
 import statistics
 from typing import Any, ClassVar, Mapping
 

@@ -186,7 +186,7 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
         return {"ok": False, "reason": "not_an_image", "error": "body is HTML/XML, not an image"}
     try:
         with Image.open(io.BytesIO(data)) as src:
-            fmt, mode, (ow, oh) = src.format, src.mode, src.size
+            fmt, mode = src.format, src.mode
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 src.load()
