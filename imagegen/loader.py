@@ -6,9 +6,12 @@ Two modes, because they answer different questions:
   R ranks x W workers every sample is read exactly once.  That is what evaluation passes and
   dataset checks need.  Ranks get whole shards, so their sample counts differ a little: for DDP
   training use the resampled mode (or ``torch.distributed.algorithms.Join``).
-* training (``resampled=True``): ``wds.WebDataset(..., resampled=True)`` draws shards with
-  replacement, seeded per (seed, epoch, rank, worker), and ``with_epoch`` cuts the endless stream
-  so each rank yields exactly ``epoch_samples`` samples per epoch, whatever the worker count.
+* training (``resampled=True``): an endless stream of passes over the shards; each pass is a
+  fresh permutation seeded by (seed, epoch, pass) split disjointly over ranks x workers, so
+  ranks never read the same shard within a pass (``PartitionedPasses``).  ``with_epoch`` cuts
+  the stream so each rank yields exactly ``epoch_samples`` samples per epoch, whatever the
+  worker count.  With fewer shards than ranks x workers, shards are drawn with replacement
+  instead (a warning says so).
 
 A sample that cannot be used (image bytes PIL cannot decode, no caption, no image) is logged with
 its key and shard and skipped; webdataset's default handler would instead stop the whole run on
@@ -254,6 +257,31 @@ def _batched(src: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[st
 # dataset
 
 
+class PartitionedPasses(IterableDataset):
+    """Shard source of the training mode: each iteration is one pass over a permutation of all
+    shards seeded by (seed, epoch, pass number), of which this (rank, worker) reads the disjoint
+    share ``order[rank::world_size][worker::num_workers]``.  Within a pass no shard is read by
+    two readers; passes follow one another for as long as the epoch needs samples."""
+
+    def __init__(self, shards: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int,
+                 num_workers: int) -> None:
+        super().__init__()
+        self.shards, self.seed, self.epoch = shards, seed, epoch
+        self.rank, self.world_size, self.worker, self.num_workers = rank, world_size, worker, num_workers
+        self.passes = 0
+
+    def share(self, pass_index: int) -> list[str]:
+        order = list(self.shards)
+        random.Random(derive_seed("pass", self.seed, self.epoch, pass_index)).shuffle(order)
+        return order[self.rank::self.world_size][self.worker::self.num_workers]
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        mine = self.share(self.passes)
+        self.passes += 1
+        for url in mine:
+            yield {"url": url}
+
+
 class ShardDataset(IterableDataset):
     """The dataset :func:`make_dataset` returns.
 
@@ -298,14 +326,26 @@ class ShardDataset(IterableDataset):
         if self.resampled:
             ds = wds.WebDataset(self.shards, resampled=True, shardshuffle=False, handler=self.handler,
                                 nodesplitter=None, workersplitter=None, empty_check=False)
-            # Replace the shard sampler: the stock one seeds from the clock.  One repetition draws
-            # len(shards) shards; with_epoch repeats, and stops if a repetition yields nothing
-            # (all shards unreadable) instead of spinning forever.
             if not isinstance(ds.pipeline[0], wds.shardlists.ResampledShards):
                 raise RuntimeError("unexpected webdataset pipeline layout; this loader supports webdataset 0.2.x")
-            ds.pipeline[0] = wds.shardlists.ResampledShards(
-                self.shards, nshards=len(self.shards), deterministic=True, worker_seed=_zero_worker_seed,
-                seed=derive_seed("resample", self.seed, self.epoch, self.rank, worker) % (2**31))
+            if len(self.shards) >= self.world_size * num_workers:
+                # Partitioned passes: every repetition of the stream is one pass over a fresh
+                # permutation of all shards, split disjointly over (rank, worker).
+                ds.pipeline[0] = PartitionedPasses(self.shards, self.seed, self.epoch, self.rank, self.world_size,
+                                                   worker, num_workers)
+            else:
+                # Too few shards to give every reader its own: draw with replacement (the stock
+                # sampler seeds from the clock, so it is replaced by a seeded one).  One repetition
+                # draws len(shards) shards.
+                if worker == 0:
+                    log.warning("%d shard(s) for %d rank(s) x %d worker(s): readers draw shards with replacement, "
+                                "so samples may repeat across ranks within an epoch", len(self.shards),
+                                self.world_size, num_workers)
+                ds.pipeline[0] = wds.shardlists.ResampledShards(
+                    self.shards, nshards=len(self.shards), deterministic=True, worker_seed=_zero_worker_seed,
+                    seed=derive_seed("resample", self.seed, self.epoch, self.rank, worker) % (2**31))
+            # with_epoch (below) repeats the stream to fill the epoch, and stops if a repetition
+            # yields nothing (all shards unreadable) instead of spinning forever.
             return ds
         mine = self.shards_for(worker, num_workers)
         if not mine:

@@ -28,3 +28,30 @@ def tiny_random_clip(folder: Path, context_length: int = 32, seed: int = 0) -> s
     model = open_clip.CLIP(**conf["model_cfg"])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / SAFE_WEIGHTS_NAME))
     return f"local-dir:{folder}"
+
+
+def gradient_png(i: int, size: int = 16) -> bytes:
+    """Smooth two-colour gradient (horizontal for odd i, vertical for even): learnable in a few steps."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(i)
+    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = np.linspace(0, 1, size)[None, :, None] if i % 2 else np.linspace(0, 1, size)[:, None, None]
+    arr = (a * (1 - t) + b * t) * np.ones((size, size, 1))
+    buf = io.BytesIO()
+    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def gradient_shards(out, n: int = 40, per_shard: int = 10) -> list:
+    """n gradient PNGs (captions "gradient <i>") written as real shards of per_shard samples."""
+    from pathlib import Path
+
+    from imagegen.stages.shard import ShardConfig, write_shards
+
+    write_shards([{"key": f"{i:04d}", "image": gradient_png(i), "ext": "png", "caption": f"gradient {i}"}
+                  for i in range(n)], Path(out), ShardConfig(target_shard_size=per_shard))
+    return sorted(Path(out).glob("*.tar"))

@@ -220,3 +220,35 @@ def test_bad_shard_lists(shards, tmp_path):
         make_dataset([])
     with pytest.raises(TypeError, match="unknown"):
         make_loader(shards, batch_size=2, colour="red")
+
+
+def test_training_stream_splits_shards_across_ranks_without_duplicates(shards):
+    """Resampled (training) mode: one pass over the 8 shards is split disjointly over
+    2 ranks x 2 workers, so an epoch of N/2 samples per rank reads every sample exactly once."""
+    for epoch in (0, 1):
+        keys: list[str] = []
+        per_rank = []
+        for rank in range(2):
+            loader = make_loader(shards, batch_size=1, num_workers=2, resampled=True, epoch_samples=N_SAMPLES // 2,
+                                 image_size=4, rank=rank, world_size=2, shuffle_buffer=0, seed=5)
+            loader.dataset.set_epoch(epoch)
+            got = loader_keys(loader)
+            per_rank.append(got)
+            keys += got
+        assert Counter(keys) == ALL_KEYS, f"epoch {epoch}: duplicates or gaps across ranks"
+        assert not set(per_rank[0]) & set(per_rank[1])
+    # the shard-to-rank split changes with the epoch
+    first = {}
+    for epoch in (0, 1):
+        loader = make_loader(shards, batch_size=1, resampled=True, epoch_samples=N_SAMPLES // 2, image_size=4,
+                             rank=0, world_size=2, shuffle_buffer=0, seed=5)
+        loader.dataset.set_epoch(epoch)
+        first[epoch] = set(loader_keys(loader))
+    assert first[0] != first[1]
+
+
+def test_training_stream_with_too_few_shards_draws_with_replacement(shards, caplog):
+    caplog.set_level(logging.WARNING, logger="imagegen.loader")
+    ds = make_dataset(shards[:1], resampled=True, epoch_samples=9, image_size=4, rank=1, world_size=2)
+    assert len(list(ds)) == 9
+    assert any("draw shards with replacement" in r.getMessage() for r in caplog.records)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +13,8 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from imagegen.stages.shard import ShardConfig, write_shards
+from _helpers import gradient_shards
+
 from imagegen.train import EMA, CheckpointError, TrainConfig, TrainingDiverged, sample_images, train
 from imagegen.train.checkpoint import TENSORS, list_checkpoints, load_checkpoint, read_checkpoint
 from models.base import LossOut
@@ -57,23 +57,9 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def _png(i: int) -> bytes:
-    # smooth two-colour gradients: learnable structure in a few steps
-    rng = np.random.default_rng(i)
-    a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    t = np.linspace(0, 1, 16)[None, :, None] if i % 2 else np.linspace(0, 1, 16)[:, None, None]
-    arr = (a * (1 - t) + b * t) * np.ones((16, 16, 1))
-    buf = io.BytesIO()
-    Image.fromarray(arr.astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("trainer-shards")
-    write_shards([{"key": f"{i:04d}", "image": _png(i), "ext": "png", "caption": f"gradient {i}"} for i in range(40)],
-                 out, ShardConfig(target_shard_size=10))
-    return sorted(out.glob("*.tar"))
+    return gradient_shards(tmp_path_factory.mktemp("trainer-shards"))
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -195,7 +181,7 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_before_training(shards, tmp
     opt = {"model": torch.optim.AdamW(wide.parameters())}
     with pytest.raises(CheckpointError, match="model weights does not match.*shape mismatches"):
         load_checkpoint(ckpt, family=wide, optimizers=opt, schedulers={}, ema=None, config=cfg_json,
-                        generator=None)
+                        generators={})
     assert all(torch.equal(v, fresh[k]) for k, v in wide.state_dict().items())
 
     meta = json.loads((ckpt / "state.json").read_text())

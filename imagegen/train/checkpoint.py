@@ -7,7 +7,8 @@ reported instead of half-loaded.
 
 Tensor keys: ``model/<k>`` (family.state_dict()), ``ema/<k>``, ``optim/<name>/<param idx>/<k>``
 (AdamW's exp_avg, exp_avg_sq, step), ``rng/torch_cpu`` (global CPU generator state, uint8),
-``rng/generator`` (the loss generator), ``rng/cuda/<i>``.  JSON: step, config, optimizer
+``rng/generator/<slot>`` (the loss generator of each micro-batch slot of the global batch, see
+trainer.py), ``rng/cuda/<i>``.  JSON: step, config, optimizer
 param_groups, LR scheduler state, python/numpy RNG states and the trainer's own state (data
 position, bad-step count).
 """
@@ -63,10 +64,13 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 # ------------------------------------------------------------------------------------------ RNG
 
 
-def capture_rng(generator: torch.Generator | None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+Generators = Mapping[int, torch.Generator]
+
+
+def capture_rng(generator_states: Mapping[int, Tensor]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Global RNG states of this process plus the given loss-generator states (by slot)."""
     tensors = {"rng/torch_cpu": torch.get_rng_state()}
-    if generator is not None:
-        tensors["rng/generator"] = generator.get_state()
+    tensors.update({f"rng/generator/{slot}": st for slot, st in generator_states.items()})
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng/cuda/{i}"] = s
@@ -77,12 +81,10 @@ def capture_rng(generator: torch.Generator | None) -> tuple[dict[str, Tensor], d
     return tensors, js
 
 
-def restore_rng(tensors: Mapping[str, Tensor], js: Mapping[str, Any], generator: torch.Generator | None) -> None:
+def restore_rng(tensors: Mapping[str, Tensor], js: Mapping[str, Any], generators: Generators) -> None:
     torch.set_rng_state(tensors["rng/torch_cpu"])
-    if generator is not None:
-        if "rng/generator" not in tensors:
-            raise CheckpointError("checkpoint has no loss-generator state (rng/generator)")
-        generator.set_state(tensors["rng/generator"])
+    for slot, gen in generators.items():
+        gen.set_state(tensors[f"rng/generator/{slot}"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")),
                                        key=lambda k: int(k.rsplit("/", 1)[1]))]
     if cuda and torch.cuda.is_available():
@@ -103,8 +105,11 @@ def _cpu(t: Tensor) -> Tensor:
 
 def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
                     schedulers: Mapping[str, Any], ema: EMA | None, config: Mapping[str, Any],
-                    generator: torch.Generator | None, trainer_state: Mapping[str, Any], keep: int) -> Path:
-    """Write ``step_<step>`` atomically and keep only the newest ``keep`` checkpoints."""
+                    generator_states: Mapping[int, Tensor], trainer_state: Mapping[str, Any], keep: int) -> Path:
+    """Write ``step_<step>`` atomically and keep only the newest ``keep`` checkpoints.
+
+    ``generator_states``: the loss-generator state of every micro-batch slot (under DDP, gathered
+    from all ranks by the caller), so any rank layout can resume."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     tensors: dict[str, Tensor] = {f"model/{k}": _cpu(v) for k, v in family.state_dict().items()}
@@ -121,7 +126,7 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
                 else:
                     other.setdefault(str(idx), {})[k] = v
         optim_js[name] = {"param_groups": sd["param_groups"], "other_state": other}
-    rng_tensors, rng_js = capture_rng(generator)
+    rng_tensors, rng_js = capture_rng(generator_states)
     tensors.update(rng_tensors)
 
     base = checkpoints_dir(run_dir)
@@ -209,7 +214,7 @@ def _fix_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def load_checkpoint(path: Path, *, family: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
                     schedulers: Mapping[str, Any], ema: EMA | None, config: Mapping[str, Any],
-                    generator: torch.Generator | None, may_differ: Iterable[str] = ()) -> dict[str, Any]:
+                    generators: Generators, may_differ: Iterable[str] = ()) -> dict[str, Any]:
     """Restore everything from ``path`` into the given objects; returns the checkpoint's state dict.
 
     Every check (integrity, config, family, key sets and shapes) runs before anything is
@@ -258,6 +263,9 @@ def load_checkpoint(path: Path, *, family: nn.Module, optimizers: Mapping[str, t
                               f"{sorted(schedulers)}")
     if "rng/torch_cpu" not in tensors or "rng" not in meta:
         raise CheckpointError(f"checkpoint {path}: no RNG states")
+    missing_gen = sorted(slot for slot in generators if f"rng/generator/{slot}" not in tensors)
+    if missing_gen:
+        raise CheckpointError(f"checkpoint {path}: no loss-generator state for micro-batch slot(s) {missing_gen}")
 
     # -- all checks passed: restore
     family.load_state_dict(model_sd, strict=True)
@@ -270,5 +278,5 @@ def load_checkpoint(path: Path, *, family: nn.Module, optimizers: Mapping[str, t
             raise CheckpointError(f"checkpoint {path}: optimizer {name!r} state does not fit ({exc})") from None
     for name, sched in schedulers.items():
         sched.load_state_dict(meta["schedulers"][name])
-    restore_rng(tensors, meta["rng"], generator)
+    restore_rng(tensors, meta["rng"], generators)
     return meta

@@ -1,9 +1,12 @@
 """The generic trainer: one loop for every model family (models/base.py contract).
 
-Per step: ``family(batch, generator)`` (= loss) under optional bf16 autocast (CUDA only);
-non-finite losses or gradient norms skip the step (counted, abort after ``max_bad_steps``);
-each loss is backpropagated into its own optimizer's parameters, gradients clipped per
-optimizer, every AdamW steps, LR schedulers (warmup then cosine/constant) step, EMA updates.
+Per step, for each micro-batch slot this process owns (imagegen/train/distributed.py):
+``family(batch, generator)`` (= loss) under optional bf16 autocast (CUDA only), each loss
+backpropagated into its own optimizer's parameters (gradients accumulated over the slots; DDP
+or a flat all-reduce averages them over processes).  Then gradients are clipped per optimizer;
+a non-finite loss or gradient norm skips the step on every rank (counted, abort after
+``max_bad_steps``); every AdamW steps, LR schedulers (warmup then cosine/constant) step, EMA
+updates.  Rank 0 alone writes metrics, checkpoints, sample grids and progress.
 
 Exact resume.  Data come from the loader in resampled mode with a fixed seed; an "epoch" is
 ``epoch_batches`` batches and its order is a function of (seed, epoch) alone.  The data
@@ -11,16 +14,18 @@ position is (epoch, batches consumed in it); on resume the trainer calls ``set_e
 and skips the consumed batches (they are decoded and thrown away: exact but costs up to one
 epoch of reading; with the same ``num_workers`` the batch order is the same).  Weights,
 optimizer moments, scheduler, EMA and all RNG states come from the checkpoint, so on CPU a
-resumed run repeats the uninterrupted run's losses bit for bit.
+resumed run repeats the uninterrupted run's losses bit for bit.  Checkpoints hold the loss
+generator of every slot, so a run may resume on another number of processes.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +35,14 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagegen.artifacts import write_json_atomic
-from imagegen.loader import make_loader
+from imagegen.loader import derive_seed, make_loader
+from imagegen.train import distributed
 from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint,
                                        save_checkpoint)
+from imagegen.train.distributed import DistEnv
 from imagegen.train.ema import EMA
 from models.base import Family, check_optimizers_spec
 from models.registry import build_family, get_family
@@ -44,7 +52,7 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.parquet"
 # Fields that may change between a run and its resumption without changing the trajectory.
 RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints", "sample_every", "sample_count",
-                     "sample_steps", "max_bad_steps", "device")
+                     "sample_steps", "sample_guidance", "sample_prompts", "max_bad_steps", "device")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -57,7 +65,11 @@ class TrainConfig(BaseModel):
     family: str = Field(description="Registered model family name (models/registry.py)")
     model: dict[str, Any] = Field(default_factory=dict, description="The family's config fields")
     steps: int = Field(ge=1, le=100_000_000, description="Total optimizer steps of the run")
-    batch_size: int = Field(ge=1, le=65_536, description="Samples per step (per process)")
+    batch_size: int = Field(ge=1, le=1_048_576, description="Global batch: samples per optimizer step, all "
+                            "processes and micro-batches together")
+    micro_batches: int = Field(1, ge=1, le=4096, description="Slots the global batch is split into; each reads "
+                               "its own shard stream and noise. torchrun processes share the slots, the rest "
+                               "is gradient accumulation, so the run is the same on 1 or N processes")
     lr: float = Field(1e-4, gt=0.0, le=1.0, description="Peak learning rate of every AdamW")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1)")
     eps: float = Field(1e-8, gt=0.0, le=1.0, description="AdamW epsilon")
@@ -69,15 +81,25 @@ class TrainConfig(BaseModel):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only; CPU runs fp32)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds weights, data order and loss noise")
+    label_field: str | None = Field(None, description="Class conditioning: the samples' .json field holding "
+                                    "the class name (dotted path for nested fields)")
+    label_keywords: tuple[str, ...] = Field((), description="Class conditioning: the class of a sample is the "
+                                            "keyword found first in its caption (whole words, any case)")
+    classes: tuple[str, ...] = Field((), description="Class names in label order (label_keywords: the keywords; "
+                                     "label_field: filled from the dataset manifest when empty)")
     log_every: int = Field(1, ge=1, description="Steps between metric rows (skipped steps always logged)")
     ckpt_every: int = Field(1000, ge=1, description="Steps between checkpoints (and at the end)")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="Newest checkpoints kept")
-    sample_every: int = Field(0, ge=0, description="Steps between sample grids (0 = never)")
-    sample_count: int = Field(4, ge=1, le=256, description="Images per sample grid")
+    sample_every: int = Field(0, ge=0, description="Steps between sample grids (0 = only at the end)")
+    sample_count: int = Field(8, ge=1, le=256, description="Images per sample grid")
     sample_steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = family default)")
+    sample_guidance: float = Field(1.0, ge=0.0, le=100.0, description="CFG scale of the sample grids "
+                                   "(conditional models; 1 = no guidance)")
+    sample_prompts: tuple[str, ...] = Field((), description="Captions of the sample grids (text conditioning; "
+                                            "cycled; empty = the null prompt)")
     max_bad_steps: int = Field(10, ge=0, description="Non-finite steps tolerated (skipped) before aborting")
-    num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers")
-    epoch_batches: int = Field(1000, ge=1, description="Batches per data epoch (the resampling unit)")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers per micro-batch slot")
+    epoch_batches: int = Field(1000, ge=1, description="Batches per slot per data epoch (the resampling unit)")
     shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer of the loader")
 
     @field_validator("betas")
@@ -90,12 +112,16 @@ class TrainConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _normalise_model(cls, data: Any) -> Any:
-        # the family config in canonical form, so checkpoints compare like with like
+        # the family config in canonical form, so checkpoints and run ids compare like with like
         if isinstance(data, dict) and isinstance(data.get("family"), str):
             fam = get_family(data["family"])  # UnknownFamilyError is a ValueError: reported by pydantic
             model = data.get("model", {})
             if not isinstance(model, dict):
                 raise ValueError(f"model must be a dict of {fam.Config.__name__} fields, got {type(model).__name__}")
+            model = dict(model)
+            classes = tuple(data.get("classes") or data.get("label_keywords") or ())
+            if model.get("conditioning") == "class" and "num_classes" not in model and classes:
+                model["num_classes"] = len(classes)
             data = {**data, "model": fam.Config(**model).model_dump(mode="json")}
         return data
 
@@ -103,7 +129,42 @@ class TrainConfig(BaseModel):
     def _check(self) -> "TrainConfig":
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if self.batch_size % self.micro_batches:
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
+        conditioning = self.model.get("conditioning", "none")
+        if conditioning != "class":
+            if self.label_field or self.label_keywords or self.classes:
+                raise ValueError(f"label_field/label_keywords/classes are for class conditioning; the model has "
+                                 f"conditioning={conditioning!r}")
+        else:
+            if bool(self.label_field) == bool(self.label_keywords):
+                raise ValueError("conditioning='class' needs exactly one label source: label_field (a .json "
+                                 "field of the samples) or label_keywords (words looked up in the captions)")
+            if self.label_keywords:
+                words = [w.strip().lower() for w in self.label_keywords]
+                if any(not w for w in words) or len(set(words)) != len(words):
+                    raise ValueError(f"label_keywords must be distinct non-empty words, got {list(self.label_keywords)}")
+                if self.classes and tuple(self.classes) != tuple(self.label_keywords):
+                    raise ValueError("classes must be empty or equal label_keywords when classes come from keywords")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError(f"classes has duplicates: {list(self.classes)}")
+            n = len(self.classes or self.label_keywords)
+            if n and self.model.get("num_classes") != n:
+                raise ValueError(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+        if self.sample_prompts and conditioning != "text":
+            raise ValueError("sample_prompts are for text conditioning")
+        if self.sample_guidance != 1.0 and conditioning == "none":
+            raise ValueError(f"sample_guidance={self.sample_guidance} needs a conditional model "
+                             "(conditioning='none' samples without guidance: use 1.0)")
         return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.micro_batches
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return tuple(self.classes or self.label_keywords)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -116,23 +177,23 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def resolve_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("TrainConfig.device='cuda' but no CUDA device is available")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
 # ------------------------------------------------------------------------------------------ data
 
 
-def batch_stream(cfg: TrainConfig, shards: Sequence[str | Path], image_size: int, epoch: int,
-                 skip: int) -> Iterator[tuple[int, int, dict[str, Any]]]:
-    """(epoch, batches consumed in that epoch after this one, batch), from data position (epoch, skip)."""
-    loader = make_loader(shards, batch_size=cfg.batch_size, num_workers=cfg.num_workers, drop_last=True,
-                         image_size=image_size, resampled=True, epoch_samples=cfg.epoch_batches * cfg.batch_size,
-                         shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed % 2**62, rank=0, world_size=1)
+def slot_seed(seed: int, slot: int) -> int:
+    """Seed of micro-batch slot ``slot``'s loss generator (slot 0 uses the run seed itself)."""
+    return seed if slot == 0 else derive_seed("train-slot", seed, slot) % 2**62
+
+
+def batch_stream(cfg: TrainConfig, shards: Sequence[str | Path], image_size: int, epoch: int, skip: int,
+                 slot: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(epoch, batches consumed in that epoch after this one, batch) of micro-batch slot ``slot``,
+    from data position (epoch, skip).  Slot s reads loader rank s of ``micro_batches``."""
+    loader = make_loader(shards, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, drop_last=True,
+                         image_size=image_size, resampled=True,
+                         epoch_samples=cfg.epoch_batches * cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                         seed=cfg.seed % 2**62, rank=slot, world_size=cfg.micro_batches,
+                         with_meta=bool(cfg.label_field))
     while True:
         loader.dataset.set_epoch(epoch)
         seen = 0
@@ -141,9 +202,58 @@ def batch_stream(cfg: TrainConfig, shards: Sequence[str | Path], image_size: int
             if seen > skip:
                 yield epoch, seen, batch
         if seen == 0:
-            raise RuntimeError(f"data epoch {epoch} yielded no full batch of {cfg.batch_size} from {len(shards)} "
-                               "shard(s); are the shards readable and batch_size not larger than the data?")
+            raise RuntimeError(f"data epoch {epoch} yielded no full batch of {cfg.micro_batch_size} from "
+                               f"{len(shards)} shard(s) for slot {slot}; are the shards readable and the micro-batch "
+                               "not larger than the data?")
         epoch, skip = epoch + 1, 0
+
+
+class LabelError(ValueError):
+    """A sample whose class cannot be determined (names its key)."""
+
+
+def _field(meta: Any, path: str) -> Any:
+    value = meta
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+class Labeler:
+    """Batch -> LongTensor of class indices, from a .json field or from caption keywords."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.field = cfg.label_field
+        self.names = cfg.class_names
+        if self.field and not self.names:
+            raise ValueError(f"label_field={self.field!r} needs the class list (TrainConfig.classes); "
+                             "the train run layer fills it from the dataset manifest")
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.pattern = (re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in cfg.label_keywords) + r")\b",
+                                   re.IGNORECASE) if cfg.label_keywords else None)
+        self.lower = {w.strip().lower(): i for i, w in enumerate(cfg.label_keywords)}
+
+    def label(self, caption: str, meta: Any, key: str) -> int:
+        if self.pattern is not None:
+            m = self.pattern.search(caption)
+            if m is None:
+                raise LabelError(f"sample {key!r}: none of the label_keywords {list(self.names)} occurs in its "
+                                 f"caption {caption!r}")
+            return self.lower[m.group(1).lower()]
+        value = _field(meta, str(self.field))
+        if value is None:
+            raise LabelError(f"sample {key!r}: its .json has no field {self.field!r}")
+        if str(value) not in self.index:
+            raise LabelError(f"sample {key!r}: class {value!r} (field {self.field!r}) is not among the run's "
+                             f"{len(self.names)} classes, e.g. {list(self.names[:5])}")
+        return self.index[str(value)]
+
+    def __call__(self, batch: dict[str, Any]) -> Tensor:
+        metas = batch.get("meta") or [None] * len(batch["key"])
+        return torch.tensor([self.label(c, m, k) for c, m, k in zip(batch["caption"], metas, batch["key"])],
+                            dtype=torch.long)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -177,30 +287,93 @@ class MetricsLog:
 # ------------------------------------------------------------------------------------------ sampling
 
 
-def sample_images(family: Family, ema: EMA | None, n: int, seed: int, steps: int | None = None) -> Tensor:
+def sample_conditioning(cfg: TrainConfig, n: int) -> Any:
+    """What the sample grids are conditioned on: classes in turn, the run's prompts in turn, or None."""
+    conditioning = cfg.model.get("conditioning", "none")
+    if conditioning == "class":
+        return torch.arange(n) % int(cfg.model["num_classes"])
+    if conditioning == "text" and cfg.sample_prompts:
+        return [cfg.sample_prompts[i % len(cfg.sample_prompts)] for i in range(n)]
+    return None
+
+
+def sample_images(family: Family, ema: EMA | None, n: int, seed: int, steps: int | None = None,
+                  conditioning: Any = None, guidance: float = 1.0) -> Tensor:
     """n samples with the EMA weights swapped in (raw weights when EMA is off); the live weights
     are restored afterwards.  A dedicated generator leaves the training RNG streams alone."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=family.device).manual_seed(seed)
+    if guidance != 1.0 and conditioning is None:
+        guidance = 1.0  # no condition to guide towards (e.g. text model without sample prompts)
     ctx = ema.swap_in(family) if ema is not None else nullcontext(family)
     with ctx:
-        return family.sample(n, steps=steps, generator=gen).float().cpu()
+        return family.sample(n, conditioning=conditioning, steps=steps, guidance=guidance,
+                             generator=gen).float().cpu()
 
 
-def save_grid(images: Tensor, path: Path) -> None:
-    """[-1, 1] images -> one PNG row (uint8 = round((x + 1) * 127.5))."""
+def save_grid(images: Tensor, path: Path, columns: int | None = None) -> None:
+    """[-1, 1] images -> one PNG grid, ``columns`` per row (default: up to 8), uint8 = round((x+1)*127.5)."""
     from PIL import Image
 
     x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [n, C, H, W]
-    row = torch.cat(list(x), dim=2).permute(1, 2, 0).numpy()  # [H, n*W, C]
-    if row.shape[2] == 1:
-        row = row[:, :, 0]
+    n, c, h, w = x.shape
+    cols = max(1, min(n, columns or 8))
+    rows = -(-n // cols)
+    grid = torch.zeros((c, rows * h, cols * w), dtype=torch.uint8)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        grid[:, r * h:(r + 1) * h, q * w:(q + 1) * w] = x[i]
+    arr = grid.permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:
+        arr = arr[:, :, 0]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(np.ascontiguousarray(row)).save(tmp, format="PNG")
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
     tmp.replace(path)
 
 
+def save_loss_curve(metrics_path: Path, png: Path) -> Path | None:
+    """Loss (and LR) against step from metrics.parquet, one line per optimizer; None if no rows."""
+    if not metrics_path.is_file():
+        return None
+    df = pd.read_parquet(metrics_path)
+    loss_cols = [c for c in df.columns if c.startswith("loss/")]
+    if df.empty or not loss_cols:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = df[~df["skipped"]] if "skipped" in df else df
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for col in loss_cols:
+        ax.plot(ok["step"], ok[col], lw=0.6, alpha=0.35)
+        window = max(1, len(ok) // 20)
+        ax.plot(ok["step"], ok[col].rolling(window, min_periods=1).mean(), lw=1.6, label=f"{col} (mean of {window})")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if (ok[loss_cols] > 0).all().all():
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(png)
+    return png
+
+
 # ------------------------------------------------------------------------------------------ train
+
+
+def resolve_device(cfg: TrainConfig, env: DistEnv | None = None) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device='cuda' but no CUDA device is available")
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", env.local_rank if env is not None and env.distributed else torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def build(cfg: TrainConfig, device: torch.device) -> tuple[Family, dict[str, torch.optim.Optimizer],
@@ -209,27 +382,60 @@ def build(cfg: TrainConfig, device: torch.device) -> tuple[Family, dict[str, tor
     torch.manual_seed(cfg.seed)
     family = build_family(cfg.family, cfg.model).to(device)
     spec = check_optimizers_spec(family)
+    fused = {"fused": True} if device.type == "cuda" else {}
     optimizers = {name: torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                          weight_decay=cfg.weight_decay) for name, params in spec.items()}
+                                          weight_decay=cfg.weight_decay, **fused) for name, params in spec.items()}
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
                   for name, opt in optimizers.items()}
     ema = EMA(family, cfg.ema_decay) if cfg.ema_decay > 0 else None
     return family, optimizers, schedulers, ema
 
 
+class Progress:
+    """progress.json in the run folder (atomic, at most every ``every_s`` seconds, and at the end)
+    plus an optional callback, for Prefect artifacts or a parent process polling the file."""
+
+    def __init__(self, run_dir: Path, total: int, callback: Callable[[dict[str, Any]], None] | None,
+                 every_s: float = 2.0) -> None:
+        self.path, self.total, self.callback, self.every_s = run_dir / "progress.json", total, callback, every_s
+        self.last = -math.inf
+        self.t0 = time.perf_counter()
+        self.step0: int | None = None
+
+    def update(self, step: int, losses: dict[str, float], force: bool = False, **extra: Any) -> None:
+        now = time.perf_counter()
+        if self.step0 is None:
+            self.step0, self.t0 = step, now
+        if not force and now - self.last < self.every_s:
+            return
+        self.last = now
+        rate = (step - self.step0) / (now - self.t0) if now > self.t0 and step > self.step0 else None
+        info = {"step": step, "steps": self.total, "fraction": step / self.total, "losses": losses,
+                "steps_per_s": rate, "eta_s": (self.total - step) / rate if rate else None, **extra}
+        write_json_atomic(self.path, info)
+        if self.callback is not None:
+            self.callback(info)
+
+
 def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_dir: str | Path, *,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume, when ``run_dir`` holds a checkpoint) up to ``cfg.steps``.
 
-    ``stop_after``: return after that many steps of this call without a final checkpoint, as a
-    killed process would (for tests).  Returns a summary dict."""
+    Runs as one process, or as every rank of a torchrun group (imagegen.train.launch): rank 0
+    writes the run folder, all ranks return the same summary.  ``stop_after``: return after that
+    many steps of this call without a final checkpoint, as a killed process would (for tests).
+    ``progress(info)`` is called on rank 0 at most every 2 s with step, losses and rate.
+    """
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig(**cfg)
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an int >= 0 or None, got {stop_after!r}")
+    env = distributed.current()
+    slots = env.slots(cfg.micro_batches)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg, env)
     bf16 = cfg.precision == "bf16" and device.type == "cuda"
     if cfg.precision == "bf16" and not bf16:
         warnings.warn("precision='bf16' applies on CUDA only; this CPU run uses fp32", stacklevel=2)
@@ -237,7 +443,8 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     if family.cfg.data != "pixels" or family.cfg.channels != 3:
         raise ValueError(f"train: the shard loader yields RGB pixels; family config has data={family.cfg.data!r}, "
                          f"channels={family.cfg.channels} (latent training needs a latent loader, not built)")
-    generator = torch.Generator().manual_seed(cfg.seed)
+    labeler = Labeler(cfg) if family.cfg.conditioning == "class" else None
+    generators = {s: torch.Generator(device=device).manual_seed(slot_seed(cfg.seed, s)) for s in slots}
     cfg_json = cfg.model_dump(mode="json")
 
     step, epoch, skip, bad_steps = 0, 0, 0, 0
@@ -245,50 +452,95 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     if ckpt is not None:
         may_differ = RESUMABLE_CHANGES + (("steps",) if cfg.schedule == "constant" else ())
         meta = load_checkpoint(ckpt, family=family, optimizers=optimizers, schedulers=schedulers, ema=ema,
-                               config=cfg_json, generator=generator, may_differ=may_differ)
+                               config=cfg_json, generators=generators, may_differ=may_differ)
         step = int(meta["step"])
         st = meta["trainer"]
         epoch, skip, bad_steps = int(st["epoch"]), int(st["batch_in_epoch"]), int(st["bad_steps"])
         log.info("resumed from %s (step %d)", ckpt, step)
-    write_json_atomic(run_dir / "config.json", cfg_json)
+    if env.is_main:
+        write_json_atomic(run_dir / "config.json", cfg_json)
     start_step = step
-    metrics = MetricsLog(run_dir / METRICS, step)
+    metrics = MetricsLog(run_dir / METRICS, step) if env.is_main else None
     spec = check_optimizers_spec(family)
     names = list(spec)
+    model: torch.nn.Module = family
+    if env.distributed and len(names) == 1:
+        # one loss over all trainable weights: DDP overlaps the gradient all-reduce with backward
+        model = DDP(family, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    manual_sync = env.distributed and model is family
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    data = batch_stream(cfg, shards, family.cfg.image_size, epoch, skip)
+    streams = [batch_stream(cfg, shards, family.cfg.image_size, epoch, skip, s) for s in slots]
     last_ckpt: Path | None = ckpt
     samples: list[str] = []
     last_losses: dict[str, float] = {}
+    tracker = Progress(run_dir, cfg.steps, progress) if env.is_main else None
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Path | None:
+        states = {k: v for part in distributed.gather(env, {s: g.get_state() for s, g in generators.items()})
+                  for k, v in part.items()}
+        if not env.is_main:
+            return None
         metrics.flush()
         return save_checkpoint(run_dir, step, family=family, optimizers=optimizers, schedulers=schedulers, ema=ema,
-                               config=cfg_json, generator=generator, keep=cfg.keep_checkpoints,
-                               trainer_state={"epoch": epoch, "batch_in_epoch": skip, "bad_steps": bad_steps})
+                               config=cfg_json, generator_states=states, keep=cfg.keep_checkpoints,
+                               trainer_state={"epoch": epoch, "batch_in_epoch": skip, "bad_steps": bad_steps,
+                                              "world_size": env.world_size})
+
+    def grid(tag: str) -> None:
+        imgs = sample_images(family, ema, cfg.sample_count, cfg.seed + step, cfg.sample_steps,
+                             sample_conditioning(cfg, cfg.sample_count), cfg.sample_guidance)
+        path = run_dir / "samples" / f"{tag}.png"
+        save_grid(imgs, path)
+        samples.append(str(path))
+
+    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+        if labeler is not None:
+            batch["label"] = labeler(batch)
+        return {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
     family.train()
     t0 = time.perf_counter()
+    data_wait = 0.0
+    k = len(slots)
     while step < cfg.steps and (stop_after is None or step - start_step < stop_after):
-        epoch, skip, batch = next(data)
-        batch = {k: v.to(device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        with autocast:
-            out = family(batch, generator)
-        if set(out.losses) != set(names):
-            raise ValueError(f"{type(family).__name__}.loss returned losses {sorted(out.losses)}, "
-                             f"optimizers_spec() names {names}")
+        tw = time.perf_counter()
+        got = [next(st) for st in streams]
+        data_wait += time.perf_counter() - tw
+        epoch, skip = got[0][0], got[0][1]
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
-        losses = {n: out.losses[n].detach().float() for n in names}
-        ok = all(bool(torch.isfinite(v)) and v.ndim == 0 for v in losses.values())
-        norms = {n: float("nan") for n in names}
-        if ok:
-            for i, n in enumerate(names):
-                out.losses[n].backward(inputs=spec[n], retain_graph=i + 1 < len(names))
+        loss_sum = torch.zeros(len(names), device=device)
+        log_sums: dict[str, float] = {}
+        for j, (s, (_, _, batch)) in enumerate(zip(slots, got)):
+            batch = to_device(batch)
+            sync = model.no_sync() if isinstance(model, DDP) and j + 1 < k else nullcontext()
+            with sync:
+                with autocast:
+                    out = model(batch, generators[s])
+                if set(out.losses) != set(names):
+                    raise ValueError(f"{type(family).__name__}.loss returned losses {sorted(out.losses)}, "
+                                     f"optimizers_spec() names {names}")
+                bad_shape = [n for n in names if out.losses[n].ndim != 0]
+                if bad_shape:
+                    raise ValueError(f"{type(family).__name__}.loss: loss(es) {bad_shape} are not scalars")
+                # Non-finite losses are backpropagated too (NaN gradients): every rank then sees a
+                # non-finite norm after the all-reduce and skips the step together.
+                if len(names) == 1:
+                    (out.losses[names[0]] / k).backward()
+                else:
+                    for i, n in enumerate(names):
+                        (out.losses[n] / k).backward(inputs=spec[n], retain_graph=i + 1 < len(names))
+            loss_sum += torch.stack([out.losses[n].detach().float() for n in names])
+            for key, v in out.logs.items():
+                log_sums[key] = log_sums.get(key, 0.0) + float(v) / k
+        if manual_sync:
             for n in names:
-                norms[n] = float(torch.nn.utils.clip_grad_norm_(spec[n], clip))
-            ok = all(math.isfinite(v) for v in norms.values())
+                distributed.average_gradients(env, spec[n])
+        mean_losses = distributed.mean_across(env, loss_sum / k)
+        norms = {n: float(torch.nn.utils.clip_grad_norm_(spec[n], clip)) for n in names}
+        last_losses = {n: float(v) for n, v in zip(names, mean_losses.tolist())}
+        ok = all(math.isfinite(v) for v in [*last_losses.values(), *norms.values()])
         lrs = {n: optimizers[n].param_groups[0]["lr"] for n in names}
         if ok:
             for n in names:
@@ -296,44 +548,49 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
             if ema is not None:
                 ema.update(family)
         else:
-            for opt in optimizers.values():
-                opt.zero_grad(set_to_none=True)
             bad_steps += 1
-        for s in schedulers.values():
-            s.step()
+        for sch in schedulers.values():
+            sch.step()
         step += 1
-        last_losses = {n: float(v) for n, v in losses.items()}
-        if not ok or step % cfg.log_every == 0:
+        if metrics is not None and (not ok or step % cfg.log_every == 0):
             row: dict[str, Any] = {"step": step, "skipped": not ok}
             row.update({f"loss/{n}": v for n, v in last_losses.items()})
             row.update({f"lr/{n}": v for n, v in lrs.items()})
             row.update({f"grad_norm/{n}": v for n, v in norms.items()})
-            row.update({f"log/{k}": float(v) for k, v in out.logs.items()})
+            row.update({f"log/{key}": v for key, v in log_sums.items()})
             metrics.append(row)
+        if tracker is not None:
+            tracker.update(step, last_losses)
         if not ok:
             log.warning("step %d skipped: losses %s, grad norms %s (%d/%d bad steps)", step, last_losses, norms,
                         bad_steps, cfg.max_bad_steps)
             if bad_steps > cfg.max_bad_steps:
-                metrics.flush()
+                if metrics is not None:
+                    metrics.flush()
                 raise TrainingDiverged(f"training aborted at step {step}: {bad_steps} steps with a non-finite loss or "
                                        f"gradient (max_bad_steps={cfg.max_bad_steps}); last losses {last_losses}, "
                                        f"grad norms {norms}. Lower lr, raise grad clipping or check the data.")
         if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            last_ckpt = checkpoint()
-        if cfg.sample_every and step % cfg.sample_every == 0:
-            imgs = sample_images(family, ema, cfg.sample_count, cfg.seed + step, cfg.sample_steps)
-            path = run_dir / "samples" / f"step_{step:08d}.png"
-            save_grid(imgs, path)
-            samples.append(str(path))
+            last_ckpt = checkpoint() or last_ckpt
+        if env.is_main and cfg.sample_every and step % cfg.sample_every == 0:
+            grid(f"step_{step:08d}")
     elapsed = time.perf_counter() - t0
-    metrics.flush()
+    finished = step >= cfg.steps
+    curve = None
+    if env.is_main:
+        metrics.flush()
+        if finished and not (cfg.sample_every and step % cfg.sample_every == 0):
+            grid(f"step_{step:08d}")
+        curve = save_loss_curve(run_dir / METRICS, run_dir / "loss_curve.png")
+        tracker.update(step, last_losses, force=True, finished=finished)
     done = step - start_step
-    return {"step": step, "start_step": start_step, "finished": step >= cfg.steps, "bad_steps": bad_steps,
+    return {"step": step, "start_step": start_step, "finished": finished, "bad_steps": bad_steps,
             "last_losses": last_losses, "checkpoint": str(last_ckpt) if last_ckpt else None,
-            "metrics": str(run_dir / METRICS), "samples": samples, "device": str(device),
-            "precision": "bf16" if bf16 else "fp32",
-            "steps_per_s": done / elapsed if done and elapsed > 0 else None}
+            "metrics": str(run_dir / METRICS), "samples": samples, "loss_curve": str(curve) if curve else None,
+            "device": str(device), "precision": "bf16" if bf16 else "fp32", "world_size": env.world_size,
+            "micro_batches": cfg.micro_batches, "steps_per_s": done / elapsed if done and elapsed > 0 else None,
+            "elapsed_s": elapsed, "data_wait_s": data_wait}
 
 
-__all__ = ["TrainConfig", "TrainingDiverged", "CheckpointError", "train", "build", "lr_factor", "sample_images",
-           "save_grid", "batch_stream", "read_checkpoint"]
+__all__ = ["TrainConfig", "TrainingDiverged", "CheckpointError", "LabelError", "train", "build", "lr_factor",
+           "sample_images", "save_grid", "save_loss_curve", "batch_stream", "read_checkpoint", "slot_seed"]
