@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 METRICS = "metrics.parquet"
 # Fields that may change between a run and its resumption without changing the trajectory.
 RESUMABLE_CHANGES = ("log_every", "ckpt_every", "keep_checkpoints", "sample_every", "sample_count",
-                     "sample_steps", "sample_guidance", "sample_prompts", "max_bad_steps", "device")
+                     "sample_steps", "sample_sampler", "sample_guidance", "sample_prompts", "max_bad_steps", "device")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -84,7 +84,7 @@ class TrainConfig(BaseModel):
     label_field: str | None = Field(None, description="Class conditioning: the samples' .json field holding "
                                     "the class name (dotted path for nested fields)")
     label_keywords: tuple[str, ...] = Field((), description="Class conditioning: the class of a sample is the "
-                                            "keyword found first in its caption (whole words, any case)")
+                                            "keyword found first in its caption (whole words, any case, plurals in -s/-es)")
     classes: tuple[str, ...] = Field((), description="Class names in label order (label_keywords: the keywords; "
                                      "label_field: filled from the dataset manifest when empty)")
     log_every: int = Field(1, ge=1, description="Steps between metric rows (skipped steps always logged)")
@@ -95,6 +95,7 @@ class TrainConfig(BaseModel):
     sample_steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = family default)")
     sample_guidance: float = Field(1.0, ge=0.0, le=100.0, description="CFG scale of the sample grids "
                                    "(conditional models; 1 = no guidance)")
+    sample_sampler: str | None = Field(None, description="Sampler of the sample grids (None = family default)")
     sample_prompts: tuple[str, ...] = Field((), description="Captions of the sample grids (text conditioning; "
                                             "cycled; empty = the null prompt)")
     max_bad_steps: int = Field(10, ge=0, description="Non-finite steps tolerated (skipped) before aborting")
@@ -151,6 +152,9 @@ class TrainConfig(BaseModel):
             n = len(self.classes or self.label_keywords)
             if n and self.model.get("num_classes") != n:
                 raise ValueError(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+        samplers = get_family(self.family).samplers
+        if self.sample_sampler is not None and self.sample_sampler not in samplers:
+            raise ValueError(f"unknown sampler {self.sample_sampler!r} for family {self.family!r}; it has {list(samplers)}")
         if self.sample_prompts and conditioning != "text":
             raise ValueError("sample_prompts are for text conditioning")
         if self.sample_guidance != 1.0 and conditioning == "none":
@@ -231,8 +235,9 @@ class Labeler:
             raise ValueError(f"label_field={self.field!r} needs the class list (TrainConfig.classes); "
                              "the train run layer fills it from the dataset manifest")
         self.index = {name: i for i, name in enumerate(self.names)}
-        self.pattern = (re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in cfg.label_keywords) + r")\b",
-                                   re.IGNORECASE) if cfg.label_keywords else None)
+        # whole words, any case, plural -s/-es accepted ("two red circles" -> circle)
+        self.pattern = (re.compile(r"\b(" + "|".join(re.escape(w.strip()) for w in cfg.label_keywords) +
+                                   r")(?:s|es)?\b", re.IGNORECASE) if cfg.label_keywords else None)
         self.lower = {w.strip().lower(): i for i, w in enumerate(cfg.label_keywords)}
 
     def label(self, caption: str, meta: Any, key: str) -> int:
@@ -298,7 +303,7 @@ def sample_conditioning(cfg: TrainConfig, n: int) -> Any:
 
 
 def sample_images(family: Family, ema: EMA | None, n: int, seed: int, steps: int | None = None,
-                  conditioning: Any = None, guidance: float = 1.0) -> Tensor:
+                  conditioning: Any = None, guidance: float = 1.0, sampler: str | None = None) -> Tensor:
     """n samples with the EMA weights swapped in (raw weights when EMA is off); the live weights
     are restored afterwards.  A dedicated generator leaves the training RNG streams alone."""
     gen = torch.Generator(device=family.device).manual_seed(seed)
@@ -306,7 +311,7 @@ def sample_images(family: Family, ema: EMA | None, n: int, seed: int, steps: int
         guidance = 1.0  # no condition to guide towards (e.g. text model without sample prompts)
     ctx = ema.swap_in(family) if ema is not None else nullcontext(family)
     with ctx:
-        return family.sample(n, conditioning=conditioning, steps=steps, guidance=guidance,
+        return family.sample(n, conditioning=conditioning, sampler=sampler, steps=steps, guidance=guidance,
                              generator=gen).float().cpu()
 
 
@@ -489,7 +494,7 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
 
     def grid(tag: str) -> None:
         imgs = sample_images(family, ema, cfg.sample_count, cfg.seed + step, cfg.sample_steps,
-                             sample_conditioning(cfg, cfg.sample_count), cfg.sample_guidance)
+                             sample_conditioning(cfg, cfg.sample_count), cfg.sample_guidance, cfg.sample_sampler)
         path = run_dir / "samples" / f"{tag}.png"
         save_grid(imgs, path)
         samples.append(str(path))

@@ -1,0 +1,369 @@
+"""Training runs: one folder per (dataset id, training config, code version) under ``<root>/runs``.
+
+``train_run(request, root)`` resolves the dataset from the registry, completes the config from
+the dataset (class list, sample prompts, the world's reference CLIP), checks everything that can
+be checked before a step is taken, and then trains in this process (``nproc=1``) or on
+``nproc`` torchrun processes.  The run id is a hash of the dataset id, the config fields that
+change the trajectory (not logging/sampling knobs) and the source of the code the run depends
+on, so triggering the same run again resumes it from its last checkpoint, or, when it has
+finished, returns it as it is.
+
+Run folder: ``card.json`` (status, request, identity, summary), ``config.json``,
+``metrics.parquet``, ``progress.json``, ``loss_curve.png``, ``samples/step_*.png``,
+``checkpoints/step_*/{tensors.safetensors, state.json}``, ``launch/`` (torchrun logs).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
+
+from imagegen.artifacts import read_card, write_json_atomic
+from imagegen.hashing import code_version, stable_hash
+from imagegen.paths import models_dir
+from imagegen.registry import DatasetRef, get_dataset
+from imagegen.train.checkpoint import latest_checkpoint, read_checkpoint
+from imagegen.train.trainer import RESUMABLE_CHANGES, TrainConfig
+
+RUNS = "runs"
+CARD = "card.json"
+WORLD_TEXT_ENCODER = "world"  # alias: the reference CLIP of the (embedded-world) dataset trained on
+
+
+class RunError(ValueError):
+    """A training request that cannot run as asked (says what and where)."""
+
+
+class RunBusy(RuntimeError):
+    """Another process is training this run right now."""
+
+
+class TrainRequest(BaseModel):
+    """What a flow run or ``imagegen train`` asks for."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str = Field(min_length=1, description="Dataset name or id (or unique id prefix) in the registry")
+    train: TrainConfig = Field(description="The training configuration")
+    nproc: int = Field(1, ge=1, le=1024, description="Processes (GPUs) on this machine; >1 launches torchrun")
+    timeout_s: float | None = Field(None, gt=0, description="Kill the training (all processes) after this long")
+
+
+# Presets: partial TrainRequest dicts; every family accepts the model fields used here.
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    # minutes on 2 CPU cores: a tiny U-Net conditioned on the shape named first in the caption
+    "smoke": {
+        "dataset": "world-smoke",
+        "train": {
+            "family": "flow", "steps": 300, "batch_size": 32, "lr": 1e-3, "warmup_steps": 30,
+            "schedule": "cosine", "ema_decay": 0.99, "ckpt_every": 100, "log_every": 5, "epoch_batches": 50,
+            "shuffle_buffer": 256, "sample_count": 10, "sample_steps": 20, "sample_guidance": 2.0,
+            "label_keywords": ["circle", "square", "triangle", "star", "cross"],
+            "model": {"net": "unet", "net_size": "tiny", "image_size": 32, "conditioning": "class",
+                      # one more level so self-attention runs at 8x8 (the preset's 16x16 costs 3x per step)
+                      "net_overrides": {"channel_mult": [1, 2, 2], "attention_resolutions": [8]}},
+        },
+    },
+    # tens of minutes on CPU: text-conditioned on the world's captions through its reference CLIP
+    "demo": {
+        "dataset": "world-demo",
+        "train": {
+            "family": "flow", "steps": 3000, "batch_size": 64, "lr": 5e-4, "warmup_steps": 200,
+            "schedule": "cosine", "ema_decay": 0.999, "ckpt_every": 500, "log_every": 10, "epoch_batches": 200,
+            "sample_every": 1000, "sample_count": 16, "sample_steps": 30, "sample_guidance": 3.0,
+            "model": {"net": "unet", "net_size": "tiny", "image_size": 32, "conditioning": "text",
+                      "text_encoder": WORLD_TEXT_ENCODER,
+                      "net_overrides": {"channel_mult": [1, 2, 2], "attention_resolutions": [8]}},
+        },
+    },
+    # one or more GPUs: DiT-B/2 flow matching in bf16, text-conditioned (SD3/minRF-style recipe)
+    "gpu": {
+        "dataset": "world-demo",
+        "train": {
+            "family": "flow", "steps": 100_000, "batch_size": 256, "micro_batches": 8, "lr": 1e-4,
+            "warmup_steps": 1000, "schedule": "constant", "ema_decay": 0.9999, "precision": "bf16",
+            "device": "cuda", "ckpt_every": 5000, "log_every": 50, "epoch_batches": 1000, "num_workers": 4,
+            "sample_every": 5000, "sample_count": 32, "sample_steps": 50, "sample_guidance": 4.0,
+            "model": {"net": "dit", "net_size": "B", "image_size": 64, "conditioning": "text",
+                      "text_encoder": WORLD_TEXT_ENCODER},
+        },
+    },
+}
+
+
+# ------------------------------------------------------------------------------------------ identity
+
+
+def train_code_version(family: str) -> str:
+    """Source of everything a run's trajectory depends on: the family's module, the model code,
+    the trainer, the loader."""
+    import imagegen.loader
+    import imagegen.train.checkpoint
+    import imagegen.train.distributed
+    import imagegen.train.ema
+    import imagegen.train.trainer
+    import models.base
+    import models.diffusion
+    import models.nets.dit
+    import models.nets.layers
+    import models.nets.unet
+    import models.samplers
+    import models.text
+    from models.registry import get_family
+
+    fam = get_family(family)
+    import sys
+
+    return code_version(sys.modules[fam.__module__], models.base, models.diffusion, models.samplers, models.text,
+                        models.nets.layers, models.nets.unet, models.nets.dit, imagegen.loader,
+                        imagegen.train.trainer, imagegen.train.checkpoint, imagegen.train.ema,
+                        imagegen.train.distributed)
+
+
+def run_identity(dataset_id: str, cfg: TrainConfig) -> dict[str, Any]:
+    cfg_json = cfg.model_dump(mode="json")
+    return {"dataset": dataset_id,
+            "config": {k: v for k, v in cfg_json.items() if k not in RESUMABLE_CHANGES},
+            "code": train_code_version(cfg.family)}
+
+
+def runs_dir(root: Path) -> Path:
+    return Path(root) / RUNS
+
+
+# ------------------------------------------------------------------------------------------ prepare
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    dataset: DatasetRef
+    config: TrainConfig  # as requested, completed from the dataset: the run's identity
+    resolved: TrainConfig  # what the trainer gets (aliases such as text_encoder='world' resolved)
+    run_id: str
+    run_dir: Path
+    identity: dict[str, Any]
+
+
+def _manifest(ds: DatasetRef, columns: list[str] | None = None) -> pd.DataFrame:
+    path = ds.path / "manifest.parquet"
+    if not path.is_file():
+        raise RunError(f"dataset {ds.id} at {ds.path} has no manifest.parquet")
+    return pd.read_parquet(path, columns=columns)
+
+
+def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
+    """Fill in what comes from the dataset and refuse what the dataset cannot give."""
+    data = cfg.model_dump(mode="json")
+    conditioning = cfg.model.get("conditioning", "none")
+    manifest = _manifest(ds)
+    n = len(manifest)
+    where = f"dataset {ds.name or ds.id} ({ds.id})"
+    if cfg.micro_batch_size > n:
+        raise RunError(f"{where} has {n} samples; a micro-batch of {cfg.micro_batch_size} "
+                       f"(batch_size {cfg.batch_size} / micro_batches {cfg.micro_batches}) cannot be filled")
+    if conditioning == "class" and cfg.label_field:
+        col = cfg.label_field
+        if col not in manifest.columns:
+            meta_cols = [c for c in manifest.columns if c not in ("key", "shard", "caption")]
+            raise RunError(f"label_field={col!r} is not a field of {where}; its samples have {meta_cols}")
+        values = manifest[col]
+        missing = manifest.loc[values.isna(), "key"].tolist()
+        if missing:
+            raise RunError(f"label_field={col!r}: {len(missing)} of {n} samples of {where} have no value, "
+                           f"e.g. keys {missing[:5]}")
+        found = sorted(values.astype(str).unique())
+        if not cfg.classes:
+            data["classes"] = found
+            data["model"] = {**data["model"], "num_classes": len(found)}
+        else:
+            unknown = sorted(set(found) - set(cfg.classes))
+            if unknown:
+                raise RunError(f"label_field={col!r}: {where} has classes not in the given classes: {unknown[:10]}")
+    if conditioning == "class" and cfg.label_keywords:
+        from imagegen.train.trainer import LabelError, Labeler
+
+        labeler = Labeler(cfg)
+        bad = []
+        for key, caption in zip(manifest["key"], manifest["caption"]):
+            try:
+                labeler.label(str(caption), None, str(key))
+            except LabelError:
+                bad.append((key, caption))
+        if bad:
+            raise RunError(f"label_keywords {list(cfg.label_keywords)}: {len(bad)} of {n} captions of {where} contain "
+                           f"none of them, e.g. {bad[:3]}")
+    if conditioning == "text" and not cfg.sample_prompts:
+        caps = manifest.sort_values("key")["caption"].astype(str).tolist()
+        step = max(1, len(caps) // cfg.sample_count)
+        data["sample_prompts"] = caps[::step][:cfg.sample_count]
+    return TrainConfig(**data)
+
+
+def _resolve(cfg: TrainConfig, ds: DatasetRef, root: Path) -> TrainConfig:
+    if cfg.model.get("text_encoder") != WORLD_TEXT_ENCODER:
+        return cfg
+    clip_id = ds.card.get("stage_ids", {}).get("reference_clip")
+    if not clip_id:
+        raise RunError(f"text_encoder={WORLD_TEXT_ENCODER!r} names the reference CLIP of an embedded-world dataset; "
+                       f"dataset {ds.id} was not curated from the world. Give an open_clip spec instead "
+                       "(e.g. 'ViT-B-32:laion2b_s34b_b79k' or 'local-dir:/path')")
+    path = models_dir(root) / "reference_clip" / clip_id
+    if not (path / CARD).is_file():
+        raise RunError(f"the reference CLIP {clip_id} of dataset {ds.id} is missing from {path}; "
+                       "rerun `imagegen curate` for that dataset to rebuild it")
+    data = cfg.model_dump(mode="json")
+    data["model"] = {**data["model"], "text_encoder": f"local-dir:{path.resolve()}"}
+    return TrainConfig(**data)
+
+
+def prepare(request: TrainRequest, root: Path) -> PreparedRun:
+    """Every check that needs no training step; raises RunError (or LookupError for an unknown dataset)."""
+    ds = get_dataset(Path(root), request.dataset)
+    if not ds.shards:
+        raise RunError(f"dataset {ds.id} at {ds.path} has no shards")
+    if request.train.micro_batches % request.nproc:
+        raise RunError(f"nproc={request.nproc} must divide micro_batches={request.train.micro_batches}")
+    cfg = _complete(request.train, ds)
+    resolved = _resolve(cfg, ds, Path(root))
+    from models.registry import build_family
+
+    try:  # builds the networks (and loads the text encoder) once: bad net settings fail here
+        build_family(resolved.family, resolved.model)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        raise RunError(f"family {resolved.family!r} cannot be built with model {cfg.model}: {exc}") from exc
+    identity = run_identity(ds.id, cfg)
+    rid = stable_hash(identity)
+    return PreparedRun(ds, cfg, resolved, rid, runs_dir(root) / rid, identity)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+@contextmanager
+def _exclusive(run_dir: Path) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunBusy(f"run {run_dir.name} is being trained by another process right now ({run_dir})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _finished_step(run_dir: Path) -> int | None:
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    return int(read_checkpoint(ckpt)[1]["step"])
+
+
+def train_run(request: TrainRequest | dict[str, Any], root: Path | str, *,
+              progress: Callable[[dict[str, Any]], None] | None = None,
+              stop_after: int | None = None) -> dict[str, Any]:
+    """Train (or resume, or reuse) the run ``request`` describes; returns its summary."""
+    if not isinstance(request, TrainRequest):
+        request = TrainRequest(**request)
+    root = Path(root)
+    prep = prepare(request, root)
+    run_dir = prep.run_dir
+    with _exclusive(run_dir):
+        card = read_card(run_dir) if (run_dir / CARD).is_file() else {}
+        base = {"run_id": prep.run_id, "run_dir": str(run_dir), "dataset_id": prep.dataset.id,
+                "dataset_name": prep.dataset.name, "family": prep.config.family}
+        if card.get("status") == "finished" and _finished_step(run_dir) == prep.config.steps:
+            return {**card.get("summary", {}), **base, "reused": True}
+        t0 = time.time()
+        card = {**card, **base, "status": "running", "identity": prep.identity,
+                "config": prep.config.model_dump(mode="json"), "nproc": request.nproc, "pid": os.getpid(),
+                "started_unix": t0, "created_unix": card.get("created_unix", t0)}
+        write_json_atomic(run_dir / CARD, card)
+        try:
+            if request.nproc == 1:
+                summary = _train_here(prep, request, progress, stop_after)
+            else:
+                from imagegen.train.launch import launch
+
+                summary = launch(prep.resolved, prep.dataset.shards, run_dir, request.nproc,
+                                 timeout_s=request.timeout_s, progress=progress, stop_after=stop_after)
+        except BaseException as exc:
+            card.update(status="failed" if not isinstance(exc, KeyboardInterrupt) else "interrupted",
+                        error=f"{type(exc).__name__}: {exc}"[:4000], ended_unix=time.time())
+            write_json_atomic(run_dir / CARD, card)
+            raise
+        summary = {**summary, **base, "reused": False, "seconds": round(time.time() - t0, 3)}
+        card.update(status="finished" if summary["finished"] else "stopped", summary=summary,
+                    ended_unix=time.time())
+        card.pop("error", None)
+        write_json_atomic(run_dir / CARD, card)
+        return summary
+
+
+def _train_here(prep: PreparedRun, request: TrainRequest, progress: Callable[[dict[str, Any]], None] | None,
+                stop_after: int | None) -> dict[str, Any]:
+    from imagegen.train.trainer import train
+
+    if request.timeout_s is None:
+        return train(prep.resolved, prep.dataset.shards, prep.run_dir, progress=progress, stop_after=stop_after)
+    import signal
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"training run {prep.run_id} exceeded timeout_s={request.timeout_s}")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, request.timeout_s)
+    try:
+        return train(prep.resolved, prep.dataset.shards, prep.run_dir, progress=progress, stop_after=stop_after)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class RunRef:
+    id: str
+    path: Path
+    card: dict[str, Any]
+
+    def summary(self) -> dict[str, Any]:
+        c = self.card
+        s = c.get("summary", {})
+        return {"id": self.id, "status": c.get("status"), "family": c.get("family"), "dataset": c.get("dataset_name"),
+                "dataset_id": c.get("dataset_id"), "step": s.get("step"), "steps": c.get("config", {}).get("steps"),
+                "last_losses": s.get("last_losses"), "path": str(self.path)}
+
+    @property
+    def checkpoint(self) -> Path | None:
+        return latest_checkpoint(self.path)
+
+
+def list_runs(root: Path | str) -> list[RunRef]:
+    base = runs_dir(Path(root))
+    if not base.is_dir():
+        return []
+    refs = [RunRef(p.name, p, read_card(p)) for p in base.iterdir() if p.is_dir() and (p / CARD).is_file()]
+    return sorted(refs, key=lambda r: r.card.get("created_unix", 0))
+
+
+def get_run(root: Path | str, run_id: str) -> RunRef:
+    refs = list_runs(root)
+    hits = [r for r in refs if r.id == run_id] or [r for r in refs if len(run_id) >= 6 and r.id.startswith(run_id)]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise LookupError(f"run id prefix {run_id!r} is ambiguous: {[r.id for r in hits]}")
+    raise LookupError(f"no training run {run_id!r} under {runs_dir(Path(root))}; known: {[r.id for r in refs[-10:]]}")
