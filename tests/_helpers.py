@@ -55,3 +55,40 @@ def gradient_shards(out, n: int = 40, per_shard: int = 10) -> list:
     write_shards([{"key": f"{i:04d}", "image": gradient_png(i), "ext": "png", "caption": f"gradient {i}"}
                   for i in range(n)], Path(out), ShardConfig(target_shard_size=per_shard))
     return sorted(Path(out).glob("*.tar"))
+
+
+def register_world_dataset(root, name: str = "world-tiny", n: int = 48, per_shard: int = 12,
+                           stage_ids: dict | None = None) -> str:
+    """A registered dataset of n embedded-world scenes (JPEG, real shards, manifest, card) in
+    ``<root>/datasets/<id>``, built without the curate stages; returns its id."""
+    import io
+    import time
+    from pathlib import Path
+
+    import pandas as pd
+
+    from imagegen.artifacts import write_json_atomic
+    from imagegen.hashing import stable_hash
+    from imagegen.registry import register_name
+    from imagegen.stages.shard import ShardConfig, write_shards
+    from imagegen.world.scene import WorldConfig, render_scene
+
+    world = WorldConfig()
+    samples, rows = [], []
+    for i in range(n):
+        scene, image = render_scene(world, i)
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=95)
+        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "jpg", "caption": scene.caption,
+                        "meta": {"kind": scene.kind}})
+    dataset_id = stable_hash({"test-world": name, "n": n, "per_shard": per_shard})
+    folder = Path(root) / "datasets" / dataset_id
+    write_shards(samples, folder / "shards", ShardConfig(target_shard_size=per_shard))
+    for i, s in enumerate(samples):
+        rows.append({"key": s["key"], "shard": f"{i // per_shard:05d}.tar", "caption": s["caption"],
+                     "kind": s["meta"]["kind"]})
+    pd.DataFrame(rows).to_parquet(folder / "manifest.parquet", index=False)
+    write_json_atomic(folder / "card.json", {"id": dataset_id, "name": name, "created_unix": time.time(),
+                                             "stage_ids": stage_ids or {}, "counts": {"shard": {"samples": n}}})
+    register_name(Path(root), name, dataset_id)
+    return dataset_id

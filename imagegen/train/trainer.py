@@ -121,8 +121,13 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"model must be a dict of {fam.Config.__name__} fields, got {type(model).__name__}")
             model = dict(model)
             classes = tuple(data.get("classes") or data.get("label_keywords") or ())
-            if model.get("conditioning") == "class" and "num_classes" not in model and classes:
-                model["num_classes"] = len(classes)
+            if model.get("conditioning") == "class" and "num_classes" not in model:
+                if classes:
+                    model["num_classes"] = len(classes)
+                elif data.get("label_field"):
+                    # classes (and their number) come from the dataset manifest (train/runs.py);
+                    # until then the family config needs a valid count
+                    model["num_classes"] = 1
             data = {**data, "model": fam.Config(**model).model_dump(mode="json")}
         return data
 
