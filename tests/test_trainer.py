@@ -207,3 +207,18 @@ def test_bad_config_is_refused():
         TrainConfig(**base_cfg(warmup_steps=30))
     with pytest.raises(ValidationError, match="net_size"):
         TrainConfig(**base_cfg(model={**MODEL, "net_size": "huge"}))
+
+
+def test_ema_update_is_the_decay_formula():
+    fam = build_family("ddpm", MODEL)
+    ema = EMA(fam, 0.9)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in fam.parameters():
+            p.add_(1.0)
+    ema.update(fam)
+    live = fam.state_dict()
+    trainable = {n for n, p in fam.named_parameters()}
+    for k, s in ema.state_dict().items():
+        expect = 0.9 * start[k] + 0.1 * live[k] if k in trainable else live[k]
+        torch.testing.assert_close(s, expect, rtol=1e-6, atol=1e-6, msg=k)

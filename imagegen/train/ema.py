@@ -35,13 +35,23 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
-        state = module.state_dict()
+        # live tensors by state_dict name, without building a state_dict (costly per step)
+        live = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        train_s, train_l, other_s, other_l = [], [], [], []
         for name, s in self.shadow.items():
-            live = state[name].detach()
+            t = live[name].detach()
+            if t.dtype != s.dtype or t.device != s.device:
+                t = t.to(device=s.device, dtype=s.dtype)
             if name in self._trainable:
-                s.lerp_(live.to(s.dtype), 1.0 - self.decay)  # s + (1-d)(live - s) = d*s + (1-d)*live
+                train_s.append(s)
+                train_l.append(t)
             else:
-                s.copy_(live)
+                other_s.append(s)
+                other_l.append(t)
+        # s + (1-d)(live - s) = d*s + (1-d)*live, one fused kernel per tensor group
+        torch._foreach_lerp_(train_s, train_l, 1.0 - self.decay)
+        if other_s:
+            torch._foreach_copy_(other_s, other_l)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)
