@@ -44,9 +44,31 @@ def register_family(cls: type[Family]) -> type[Family]:
 
 
 def get_family(name: str) -> type[Family]:
+    """A registered family by name, or ``"package.module:ClassName"``: the module is imported and
+    the class registered (under its ``name`` and under this string).  That is how a user family
+    outside this package reaches every process of a run, torchrun ranks included."""
+    if name not in FAMILIES and isinstance(name, str) and ":" in name:
+        return _import_family(name)
     if name not in FAMILIES:
-        raise UnknownFamilyError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)}")
+        raise UnknownFamilyError(f"unknown model family {name!r}; registered: {sorted(FAMILIES)} "
+                                 "(or give 'package.module:ClassName')")
     return FAMILIES[name]
+
+
+def _import_family(ref: str) -> type[Family]:
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownFamilyError(f"family {ref!r}: cannot import module {module_name!r} ({exc})") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise UnknownFamilyError(f"family {ref!r}: module {module_name!r} has no attribute {attr!r}")
+    register_family(cls)  # checks it is a proper Family subclass; no-op if the module registered it
+    FAMILIES[ref] = cls
+    return cls
 
 
 def build_family(name: str, cfg: FamilyConfig | dict) -> Family:

@@ -141,3 +141,22 @@ def test_a_killed_launcher_takes_its_ranks_with_it(shards, tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_a_two_optimizer_user_family_from_its_own_module_trains_the_same_on_two_processes(shards, tmp_path):
+    """A GAN (generator + discriminator optimizers) named 'module:Class': DDP cannot wrap it, so
+    gradients are all-reduced per optimizer; the ranks import the user's module themselves."""
+    gan = cfg(family="user_families:PixelGAN", model={"image_size": 16, "hidden": 32}, steps=4, ckpt_every=4,
+              warmup_steps=0)
+    torch.set_num_threads(1)
+    one = train(gan, shards, tmp_path / "one")
+    two = launch(gan, shards, tmp_path / "two", nproc=2, timeout_s=300,
+                 env={"PYTHONPATH": str(Path(__file__).resolve().parent)})
+    assert one["finished"] and two["finished"] and two["world_size"] == 2
+    a = pd.read_parquet(tmp_path / "one" / "metrics.parquet")
+    b = pd.read_parquet(tmp_path / "two" / "metrics.parquet")
+    for col in ("loss/generator", "loss/discriminator", "log/d_real"):
+        np.testing.assert_allclose(b[col], a[col], rtol=1e-5, atol=1e-6, err_msg=col)
+    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)

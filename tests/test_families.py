@@ -467,3 +467,16 @@ def test_two_optimizer_family_steps_both() -> None:
     assert gan.sample(3, generator=_gen(1)).shape == (3, 3, 8, 8)
     with pytest.raises(ValueError, match="must be the same"):
         train_step(gan, {"generator": opts["generator"]}, batch)
+
+
+def test_family_by_module_reference() -> None:
+    from models.registry import get_family
+
+    cls = get_family("user_families:PixelGAN")
+    assert cls.__name__ == "PixelGAN" and get_family("user_pixel_gan") is cls
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        get_family("no_such_module:Thing")
+    with pytest.raises(ValueError, match="has no attribute 'Nope'"):
+        get_family("user_families:Nope")
+    with pytest.raises(TypeError, match="expected a subclass of models.base.Family"):
+        get_family("user_families:PixelGANConfig")

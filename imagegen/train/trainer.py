@@ -547,9 +547,13 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
         if manual_sync:
             for n in names:
                 distributed.average_gradients(env, spec[n])
-        mean_losses = distributed.mean_across(env, loss_sum / k)
+        # losses and logs averaged over all slots of all processes, in one all-reduce
+        log_keys = sorted(log_sums)
+        means = distributed.mean_across(env, torch.cat([loss_sum / k, torch.tensor(
+            [log_sums[key] for key in log_keys], device=device, dtype=loss_sum.dtype)])).tolist()
         norms = {n: float(torch.nn.utils.clip_grad_norm_(spec[n], clip)) for n in names}
-        last_losses = {n: float(v) for n, v in zip(names, mean_losses.tolist())}
+        last_losses = dict(zip(names, means[:len(names)]))
+        log_means = dict(zip(log_keys, means[len(names):]))
         ok = all(math.isfinite(v) for v in [*last_losses.values(), *norms.values()])
         lrs = {n: optimizers[n].param_groups[0]["lr"] for n in names}
         if ok:
@@ -567,7 +571,7 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
             row.update({f"loss/{n}": v for n, v in last_losses.items()})
             row.update({f"lr/{n}": v for n, v in lrs.items()})
             row.update({f"grad_norm/{n}": v for n, v in norms.items()})
-            row.update({f"log/{key}": v for key, v in log_sums.items()})
+            row.update({f"log/{key}": v for key, v in log_means.items()})
             metrics.append(row)
         if tracker is not None:
             tracker.update(step, last_losses)
