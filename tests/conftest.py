@@ -30,3 +30,14 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (two cores are shared by pytest, servers and subprocesses)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -406,49 +406,11 @@ def test_user_defined_family_trains_and_samples(user_family) -> None:
         OneStep(dict(conditioning="text", text_encoder="local-dir:/nowhere"))
 
 
-class TinyGANConfig(FamilyConfig):
-    builds_denoiser: ClassVar[bool] = False  # no U-Net/DiT: net_* fields are not checked
-
-
-class TinyGAN(Family):
-    """Two optimizers: the shape a GAN family takes under the contract."""
-
-    name: ClassVar[str] = "test_tiny_gan"
-    Config: ClassVar[type[FamilyConfig]] = TinyGANConfig
-    samplers: ClassVar[tuple[str, ...]] = ("generate",)
-    default_sampler: ClassVar[str] = "generate"
-    default_steps: ClassVar[int] = 1
-    conditioning: ClassVar[frozenset[str]] = frozenset({"none"})
-
-    def __init__(self, cfg: Any) -> None:
-        super().__init__(cfg)
-        d = self.cfg.channels * self.cfg.image_size**2
-        self.generator = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, d), nn.Tanh())
-        self.discriminator = nn.Sequential(nn.Linear(d, 32), nn.LeakyReLU(0.2), nn.Linear(32, 1))
-
-    def optimizers_spec(self) -> dict[str, list[nn.Parameter]]:
-        return {"generator": list(self.generator.parameters()),
-                "discriminator": list(self.discriminator.parameters())}
-
-    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
-        real = self.check_images(batch).flatten(1)
-        fake = self.generator(randn((real.shape[0], 8), generator, real.device))
-        # Non-saturating GAN (Goodfellow et al. 2014): D on detached fakes, G through D.
-        d_loss = F.softplus(-self.discriminator(real)).mean() + F.softplus(self.discriminator(fake.detach())).mean()
-        g_loss = F.softplus(-self.discriminator(fake)).mean()
-        return LossOut({"generator": g_loss, "discriminator": d_loss},
-                       {"g_loss": g_loss.item(), "d_loss": d_loss.item()})
-
-    def sample_result(self, n: int, *args: Any, generator: torch.Generator | None = None, **kw: Any) -> SampleResult:
-        with torch.no_grad():
-            z = randn((n, 8), generator, self.device)
-            x = self.generator(z).view(n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
-        return SampleResult(x, 1)
-
-
 def test_two_optimizer_family_steps_both() -> None:
     torch.manual_seed(0)
-    gan = TinyGAN(dict(image_size=8))
+    from user_families import PixelGAN  # what a user writes: a small GAN with two optimizers
+
+    gan = PixelGAN(dict(image_size=8, latent_dim=8, hidden=32))
     spec = gan.optimizers_spec()
     opts = {k: torch.optim.SGD(v, lr=0.1) for k, v in spec.items()}
     batch = {"image": torch.rand(4, 3, 8, 8) * 2 - 1}

@@ -10,7 +10,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import torch
 
 from _helpers import register_world_dataset
 from imagegen.presets import build_config, deep_merge
@@ -29,12 +28,7 @@ def root(tmp_path_factory) -> Path:
     return r
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def request(**train: Any) -> dict[str, Any]:

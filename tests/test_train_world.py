@@ -10,7 +10,6 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import torch
 
 from _helpers import tiny_random_clip
 from imagegen.stages.shard import ShardConfig, write_shards
@@ -35,12 +34,7 @@ def world_shards(tmp_path_factory) -> list[Path]:
     return sorted(out.glob("*.tar"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(family: str, model: dict[str, Any], shards: list[Path], run_dir: Path, **kw: Any) -> list[float]:
