@@ -107,3 +107,13 @@ def test_presets_are_valid_requests(preset):
     assert req.train.steps >= 100
     for family in ("ddpm", "edm", "flow"):
         build_config(TrainRequest, TRAIN_PRESETS, preset, [f"train.family={family}"])
+
+
+def test_a_timeout_stops_the_run_and_marks_it_failed(root):
+    from imagegen.train.launch import LaunchError
+
+    req = {**request(steps=100_000, ckpt_every=100_000, seed=9), "timeout_s": 5}
+    with pytest.raises(LaunchError, match="timed out after 5 s"):
+        train_run(req, root)
+    card = json.loads((prepare(TrainRequest(**req), root).run_dir / "card.json").read_text())
+    assert card["status"] == "failed" and "timed out" in card["error"]

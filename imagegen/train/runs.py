@@ -3,7 +3,8 @@
 ``train_run(request, root)`` resolves the dataset from the registry, completes the config from
 the dataset (class list, sample prompts, the world's reference CLIP), checks everything that can
 be checked before a step is taken, and then trains in this process (``nproc=1``) or on
-``nproc`` torchrun processes.  The run id is a hash of the dataset id, the config fields that
+``nproc`` torchrun processes (also for one process when a timeout is set: a child process can
+be killed on time, a thread cannot be interrupted).  The run id is a hash of the dataset id, the config fields that
 change the trajectory (not logging/sampling knobs) and the source of the code the run depends
 on, so triggering the same run again resumes it from its last checkpoint, or, when it has
 finished, returns it as it is.
@@ -290,9 +291,9 @@ def train_run(request: TrainRequest | dict[str, Any], root: Path | str, *,
                 "started_unix": t0, "created_unix": card.get("created_unix", t0)}
         write_json_atomic(run_dir / CARD, card)
         try:
-            if request.nproc == 1:
-                summary = _train_here(prep, request, progress, stop_after)
-            else:
+            if request.nproc == 1 and request.timeout_s is None:
+                summary = _train_here(prep, progress, stop_after)
+            else:  # in child processes, which a timeout or cancellation can kill whatever thread we are on
                 from imagegen.train.launch import launch
 
                 summary = launch(prep.resolved, prep.dataset.shards, run_dir, request.nproc,
@@ -310,24 +311,11 @@ def train_run(request: TrainRequest | dict[str, Any], root: Path | str, *,
         return summary
 
 
-def _train_here(prep: PreparedRun, request: TrainRequest, progress: Callable[[dict[str, Any]], None] | None,
+def _train_here(prep: PreparedRun, progress: Callable[[dict[str, Any]], None] | None,
                 stop_after: int | None) -> dict[str, Any]:
     from imagegen.train.trainer import train
 
-    if request.timeout_s is None:
-        return train(prep.resolved, prep.dataset.shards, prep.run_dir, progress=progress, stop_after=stop_after)
-    import signal
-
-    def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(f"training run {prep.run_id} exceeded timeout_s={request.timeout_s}")
-
-    old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, request.timeout_s)
-    try:
-        return train(prep.resolved, prep.dataset.shards, prep.run_dir, progress=progress, stop_after=stop_after)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    return train(prep.resolved, prep.dataset.shards, prep.run_dir, progress=progress, stop_after=stop_after)
 
 
 # ------------------------------------------------------------------------------------------ registry
