@@ -151,6 +151,8 @@ class Family(nn.Module):
     sampler_options: ClassVar[dict[str, tuple[str, ...]]] = {}
     # Scale of the level fed to the net's sinusoidal embedding (DenoiserConfig.time_scale).
     time_scale: ClassVar[float] = 1.0
+    # True when loss() reads batch["meta"] (the samples' .json), e.g. reflow's noise seeds.
+    needs_meta: ClassVar[bool] = False
 
     def __init__(self, cfg: FamilyConfig | Mapping[str, Any]) -> None:
         super().__init__()
@@ -290,6 +292,12 @@ class Family(nn.Module):
 
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         raise NotImplementedError(f"{type(self).__name__} must implement loss(batch, generator)")
+
+    def after_step(self) -> None:
+        """Called by the trainer on every rank after each optimizer step that was taken (not on
+        skipped steps), before the EMA update: e.g. a consistency model's target network update.
+        State it changes must live in the state_dict (buffers or frozen parameters) to be
+        checkpointed."""
 
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         """= loss(): DistributedDataParallel syncs gradients only for calls through forward."""

@@ -70,6 +70,8 @@ def expand_to(coef: Tensor | float, x: Tensor) -> Tensor:
         return c.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
     if c.shape == x.shape:
         return c.to(x.dtype)
+    if c.ndim == x.ndim and c.shape[0] == x.shape[0] and all(d == 1 for d in c.shape[1:]):
+        return c.to(x.dtype)  # already expanded: (B, 1, ..., 1)
     raise ValueError(
         f"coefficient of shape {tuple(c.shape)} does not match x of shape {tuple(x.shape)}: "
         "expected a scalar, shape (B,) with B = x.shape[0], or x's own shape"

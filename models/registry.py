@@ -84,3 +84,10 @@ from models.flow import FlowMatching  # noqa: E402
 register_family(DDPM)
 register_family(EDM)
 register_family(FlowMatching)
+from models.consistency import ConsistencyDistillation  # noqa: E402
+from models.progressive import ProgressiveDistillation  # noqa: E402
+from models.reflow import Reflow  # noqa: E402
+
+register_family(ProgressiveDistillation)
+register_family(Reflow)
+register_family(ConsistencyDistillation)

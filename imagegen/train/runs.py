@@ -210,9 +210,19 @@ def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
 
 
 def _resolve(cfg: TrainConfig, ds: DatasetRef, root: Path) -> TrainConfig:
+    teacher = cfg.model.get("teacher")
+    if isinstance(teacher, str) and teacher.startswith("run:"):
+        ref = get_run(root, teacher[4:])
+        if ref.card.get("status") != "finished" or ref.checkpoint is None:
+            raise RunError(f"teacher run {ref.id} is {ref.card.get('status')!r}, not finished")
+        data = cfg.model_dump(mode="json")
+        data["model"] = {**data["model"], "teacher": str(ref.checkpoint.resolve())}
+        cfg = TrainConfig(**data)
     if cfg.model.get("text_encoder") != WORLD_TEXT_ENCODER:
         return cfg
     clip_id = ds.card.get("stage_ids", {}).get("reference_clip")
+    if not clip_id and ds.card.get("source", {}).get("teacher_dataset"):  # a distillation dataset
+        clip_id = get_dataset(root, ds.card["source"]["teacher_dataset"]).card.get("stage_ids", {}).get("reference_clip")
     if not clip_id:
         raise RunError(f"text_encoder={WORLD_TEXT_ENCODER!r} names the reference CLIP of an embedded-world dataset; "
                        f"dataset {ds.id} was not curated from the world. Give an open_clip spec instead "

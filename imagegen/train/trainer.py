@@ -202,7 +202,7 @@ def batch_stream(cfg: TrainConfig, shards: Sequence[str | Path], image_size: int
                          image_size=image_size, resampled=True,
                          epoch_samples=cfg.epoch_batches * cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                          seed=cfg.seed % 2**62, rank=slot, world_size=cfg.micro_batches,
-                         with_meta=bool(cfg.label_field))
+                         with_meta=bool(cfg.label_field) or get_family(cfg.family).needs_meta)
     while True:
         loader.dataset.set_epoch(epoch)
         seen = 0
@@ -559,6 +559,7 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
         if ok:
             for n in names:
                 optimizers[n].step()
+            family.after_step()
             if ema is not None:
                 ema.update(family)
         else:

@@ -1,0 +1,329 @@
+"""Distillation: few-step students from trained teachers, as ordinary training runs.
+
+Each method is a family (models/progressive.py, reflow.py, consistency.py) trained by the
+generic trainer through the run registry (imagegen/train/runs.py), so students get EMA,
+checkpoints, resume, bf16, DDP and Prefect artifacts for free, and a student checkpoint is a
+checkpoint like any other (its family knows its own default sampler and step count).
+
+``distill(request, root)``:
+
+* progressive: rounds N0/2, N0/4, ..., target steps; round k's teacher is round k-1's student
+  (the first round's is the teacher run), each round initialised from its teacher.
+* reflow: ``reflow_pairs`` draws (noise seed, teacher ODE sample) couplings into a registered
+  dataset (content-addressed, so other students reuse it), then a reflow student trains on it.
+* consistency: one run with an EDM teacher.
+
+Then ``nfe_report`` samples teacher and students from the same noise at NFE 1, 2, 4, 8 (teacher
+also at 50) and writes grids, the MSE of every row to the teacher at 50 steps and a plot.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from imagegen.artifacts import is_complete, read_card, stage_output
+from imagegen.hashing import code_version, stable_hash
+from imagegen.paths import datasets_dir
+from imagegen.registry import get_dataset, register_name
+from imagegen.train.runs import RunError, TrainRequest, get_run, train_run
+from imagegen.train.trainer import TrainConfig, sample_conditioning, save_grid
+
+Method = Literal["progressive", "reflow", "consistency"]
+# teacher families each method accepts
+TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
+                                        "consistency": ("edm",)}
+
+
+class DistillRequest(BaseModel):
+    """A distillation: which teacher, which method, and how long each student trains."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    teacher: str = Field(min_length=1, description="Teacher training run id (or unique prefix) in the run registry")
+    method: Method = Field(description="progressive (DDPM v-pred teacher), reflow (flow teacher), consistency (EDM)")
+    steps: int = Field(1000, ge=1, le=10_000_000, description="Training steps per student (per round)")
+    lr: float | None = Field(None, gt=0, le=1.0, description="Student LR (None = the teacher's)")
+    batch_size: int | None = Field(None, ge=1, description="Global batch (None = the teacher's)")
+    ema_decay: float | None = Field(None, ge=0.0, lt=1.0, description="Student EMA (None = the teacher's)")
+    warmup_steps: int = Field(0, ge=0, description="Student LR warmup")
+    # progressive
+    start_steps: int = Field(64, ge=2, le=4096, description="progressive: sampling steps of the teacher run")
+    target_steps: int = Field(4, ge=1, le=2048, description="progressive: steps of the last student")
+    # reflow
+    pairs: int = Field(2000, ge=1, le=100_000_000, description="reflow: couplings drawn from the teacher")
+    pair_steps: int = Field(50, ge=1, le=10_000, description="reflow: teacher ODE steps per coupling")
+    pair_sampler: Literal["euler", "heun"] = Field("heun", description="reflow: teacher ODE sampler")
+    pair_guidance: float | None = Field(None, ge=0, le=50, description="reflow: teacher CFG (None = its sample_guidance)")
+    student_steps: int = Field(1, ge=1, le=1000, description="reflow/consistency: default sampling steps of the student")
+    # consistency
+    levels: int = Field(18, ge=2, le=4096, description="consistency: Karras levels N")
+    target_ema: float = Field(0.95, ge=0.0, lt=1.0, description="consistency: target-network EMA decay")
+    distance: Literal["l2", "pseudo_huber"] = Field("pseudo_huber", description="consistency: loss metric")
+    teacher_guidance: float = Field(1.0, ge=0, le=50, description="consistency: CFG scale distilled in (LCM)")
+    seed: int = Field(0, ge=0, le=2**62, description="Seeds pairs and report noise")
+    nproc: int = Field(1, ge=1, le=1024, description="Processes per student run (torchrun when > 1)")
+    report_nfe: tuple[int, ...] = Field((1, 2, 4, 8), description="NFEs of the report grids")
+    report_count: int = Field(8, ge=1, le=64, description="Images per report row")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DistillRequest":
+        if self.method == "progressive":
+            s, t = self.start_steps, self.target_steps
+            if t >= s or s % t or (s // t) & (s // t - 1):
+                raise ValueError(f"progressive distillation halves the steps each round: start_steps={s} must be "
+                                 f"target_steps={t} times a power of two (e.g. 64 -> 4)")
+        return self
+
+    def rounds(self) -> list[int]:
+        """Student step counts, one training run each."""
+        if self.method != "progressive":
+            return [self.student_steps]
+        out, n = [], self.start_steps
+        while n > self.target_steps:
+            n //= 2
+            out.append(n)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ teacher
+
+
+def teacher_run(root: Path, run_id: str, method: str) -> tuple[Any, TrainConfig]:
+    """The finished teacher run and its config; refuses a teacher the method cannot use."""
+    ref = get_run(root, run_id)
+    if ref.card.get("status") != "finished" or ref.checkpoint is None:
+        raise RunError(f"teacher run {ref.id} is {ref.card.get('status')!r}, not finished: train it to the end first")
+    cfg = TrainConfig(**ref.card["config"])
+    fam = cfg.family
+    if fam not in TEACHERS[method]:
+        why = {"progressive": "a DDPM family run in v-prediction (DDIM teacher)",
+               "reflow": "a flow-matching run (an ODE sampler on the linear path)",
+               "consistency": "an EDM run (sigma parameterisation with Heun ODE steps)"}[method]
+        raise RunError(f"{method} distillation needs {why}; teacher run {ref.id} is family {fam!r}")
+    if method == "progressive" and fam == "ddpm" and cfg.model.get("prediction") != "v":
+        raise RunError(f"progressive distillation needs a v-prediction teacher; run {ref.id} predicts "
+                       f"{cfg.model.get('prediction')!r} (train the teacher with model.prediction=v)")
+    return ref, cfg
+
+
+def student_request(request: DistillRequest, teacher_id: str, teacher_cfg: TrainConfig, dataset: str,
+                    model_extra: dict[str, Any], label: str) -> TrainRequest:
+    """The student's TrainRequest: the teacher's training config with the method's family, the
+    teacher's network, and the request's optimisation settings."""
+    data = teacher_cfg.model_dump(mode="json")
+    model = {k: v for k, v in data["model"].items() if k in _base_fields(request.method)}
+    model.update(model_extra, teacher=f"run:{teacher_id}")
+    data.update(family=request.method, model=model, steps=request.steps, warmup_steps=request.warmup_steps,
+                schedule="constant", ckpt_every=min(data.get("ckpt_every", 1000), request.steps),
+                sample_steps=None, sample_sampler=None)
+    for k in ("lr", "batch_size", "ema_decay"):
+        if getattr(request, k) is not None:
+            data[k] = getattr(request, k)
+    if request.method == "reflow":  # the pairs dataset carries captions, not the teacher's labels field
+        data["sample_guidance"] = 1.0 if model.get("conditioning", "none") == "none" else data["sample_guidance"]
+    try:
+        cfg = TrainConfig(**data)
+    except ValueError as exc:
+        raise RunError(f"{label}: the student config built from the teacher is invalid: {exc}") from exc
+    return TrainRequest(dataset=dataset, train=cfg, nproc=request.nproc)
+
+
+def _base_fields(method: str) -> set[str]:
+    from models.registry import get_family
+
+    return set(get_family(method).Config.model_fields)
+
+
+# ------------------------------------------------------------------------------------------ reflow pairs
+
+
+def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, steps: int, sampler: str,
+                 guidance: float, seed: int, name: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> str:
+    """Draw ``n`` (noise seed, teacher ODE sample) couplings into a registered dataset; returns its id.
+
+    Conditions are captions drawn (seeded) from the teacher's own training dataset, so a class
+    teacher's labels (from caption keywords or fields) and a text teacher's prompts carry over.
+    The dataset id hashes the teacher run, the settings and this code: rerunning reuses it."""
+    from models.reflow import NOISE_KEY, pair_noise
+    from models.teacher import checkpoint_family
+
+    ref = get_run(root, teacher_id)
+    ds = get_dataset(root, ref.card["dataset_id"])
+    ident = {"teacher": ref.id, "n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed,
+             "code": code_version(__import__("models.reflow", fromlist=["x"]), _code_self())}
+    dataset_id = stable_hash(ident)
+    final = datasets_dir(root) / dataset_id
+    label = name or f"reflow-{ref.id[:8]}"
+    if is_complete(final):
+        register_name(root, label, dataset_id)
+        return dataset_id
+    manifest = pd.read_parquet(ds.path / "manifest.parquet", columns=["key", "caption"]).sort_values("key")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(manifest), size=n)
+    captions = manifest["caption"].astype(str).to_numpy()[picks].tolist()
+    seeds = rng.integers(0, 2**62, size=n).tolist()
+    teacher = checkpoint_family(ref.checkpoint)
+    c = teacher_cfg.model
+    shape = (int(c.get("channels", 3)), int(c["image_size"]), int(c["image_size"]))
+    conditioning = c.get("conditioning", "none")
+    labeler = None
+    if conditioning == "class":
+        from imagegen.train.trainer import Labeler
+
+        labeler = Labeler(teacher_cfg)
+    samples = []
+    with stage_output(final) as (tmp, card):
+        t0 = time.time()
+        for start in range(0, n, 64):
+            idx = list(range(start, min(n, start + 64)))
+            x_T = pair_noise([seeds[i] for i in idx], shape)
+            cond: Any = None
+            if conditioning == "text":
+                cond = [captions[i] for i in idx]
+            elif labeler is not None:
+                cond = torch.tensor([labeler.label(captions[i], None, f"pair {i}") for i in idx])
+            g = 1.0 if cond is None else guidance
+            with torch.no_grad():
+                x = teacher.sample(len(idx), conditioning=cond, sampler=sampler, steps=steps, guidance=g, x_T=x_T)
+            u8 = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            for j, i in enumerate(idx):
+                buf = io.BytesIO()
+                from PIL import Image
+
+                Image.fromarray(u8[j]).save(buf, format="PNG")
+                samples.append({"key": f"{i:09d}", "image": buf.getvalue(), "ext": "png", "caption": captions[i],
+                                "meta": {NOISE_KEY: int(seeds[i]), "teacher_run": ref.id}})
+            if progress is not None:
+                progress(min(n, start + 64), n)
+        from imagegen.stages.shard import ShardConfig, write_shards
+
+        write_shards(samples, tmp / "shards", ShardConfig(target_shard_size=1000, shuffle_seed=seed))
+        pd.DataFrame([{"key": s["key"], "caption": s["caption"], NOISE_KEY: s["meta"][NOISE_KEY]}
+                      for s in samples]).to_parquet(tmp / "manifest.parquet", index=False)
+        card.update(id=dataset_id, name=label, kind="reflow_pairs", inputs=ident, stage_ids={},
+                    source={"kind": "reflow_pairs", "teacher_run": ref.id, "teacher_dataset": ds.id},
+                    counts={"shard": {"samples": n}}, seconds=round(time.time() - t0, 3))
+    register_name(root, label, dataset_id)
+    return dataset_id
+
+
+def _code_self() -> Any:
+    import sys
+
+    return sys.modules[__name__]
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
+               count: int, seed: int, teacher_steps: int = 50) -> dict[str, Any]:
+    """Sample every (label, family) at each NFE from the same noise and conditioning; the first
+    model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes one grid
+    per row, ``report.parquet`` (label, steps, nfe, mse to the reference) and ``nfe_mse.png``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher = models[0][1]
+    shape = (count, teacher.cfg.channels, teacher.cfg.image_size, teacher.cfg.image_size)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    cond = sample_conditioning(cfg, count)
+    guidance = cfg.sample_guidance if cond is not None else 1.0
+
+    def draw(fam: Any, steps: int) -> tuple[torch.Tensor, int]:
+        res = fam.sample_result(count, conditioning=cond, steps=steps, guidance=guidance, x_T=x_T,
+                                generator=torch.Generator().manual_seed(seed + 1))
+        return res.sample.float(), int(res.nfe)
+
+    ref, ref_nfe = draw(teacher, teacher_steps)
+    rows = [{"model": models[0][0], "steps": teacher_steps, "nfe": ref_nfe, "mse_to_reference": 0.0,
+             "grid": str(out_dir / f"{models[0][0]}_steps{teacher_steps}.png")}]
+    save_grid(ref, Path(rows[0]["grid"]))
+    for label, fam in models:
+        per_step = 2 if fam.default_sampler in ("heun",) else 1
+        for nfe in nfes:
+            steps = max(1, nfe // per_step) if per_step == 2 else nfe
+            x, used = draw(fam, steps)
+            path = out_dir / f"{label}_steps{steps}.png"
+            save_grid(x, path)
+            rows.append({"model": label, "steps": steps, "nfe": used,
+                         "mse_to_reference": float(((x - ref) ** 2).mean()), "grid": str(path)})
+    df = pd.DataFrame(rows)
+    df.to_parquet(out_dir / "report.parquet", index=False)
+    _plot(df, out_dir / "nfe_mse.png", models[0][0], ref_nfe)
+    return {"rows": rows, "plot": str(out_dir / "nfe_mse.png"), "table": str(out_dir / "report.parquet")}
+
+
+def _plot(df: pd.DataFrame, png: Path, teacher: str, ref_nfe: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=100)
+    for label, g in df[df["mse_to_reference"] > 0].groupby("model", sort=False):
+        ax.plot(g["nfe"], g["mse_to_reference"], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(f"MSE to {teacher} at NFE {ref_nfe}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ distill
+
+
+def distill(request: DistillRequest | dict[str, Any], root: Path | str,
+            progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the method's student run(s) and the NFE report; returns a summary (ids and paths)."""
+    if not isinstance(request, DistillRequest):
+        request = DistillRequest(**request)
+    root = Path(root)
+    ref, tcfg = teacher_run(root, request.teacher, request.method)
+    if request.method == "progressive":
+        have = ref.card["config"]["model"]
+        if have.get("timesteps", 1000) % (request.start_steps) and have.get("spacing", "trailing") != "trailing":
+            raise RunError(f"progressive: a {request.start_steps}-step teacher grid must contain the student grids; "
+                           "use a teacher with spacing='trailing'")
+    t0 = time.time()
+    rounds = []
+    teacher_id, dataset = ref.id, ref.card["dataset_id"]
+    extra_for: Callable[[int], dict[str, Any]]
+    if request.method == "progressive":
+        extra_for = lambda n: {"student_steps": n}  # noqa: E731
+    elif request.method == "reflow":
+        guidance = request.pair_guidance if request.pair_guidance is not None else tcfg.sample_guidance
+        dataset = reflow_pairs(root, ref.id, tcfg, request.pairs, request.pair_steps, request.pair_sampler,
+                               guidance, request.seed)
+        extra_for = lambda n: {"default_steps": n, "t_sampling": "uniform"}  # noqa: E731
+    else:
+        extra_for = lambda n: {"levels": request.levels, "target_ema": request.target_ema,  # noqa: E731
+                               "distance": request.distance, "teacher_guidance": request.teacher_guidance,
+                               "sample_steps": n}
+    for n in request.rounds():
+        label = f"{request.method} round {len(rounds) + 1} ({n} steps)"
+        treq = student_request(request, teacher_id, tcfg, dataset, extra_for(n), label)
+        summary = train_run(treq, root, progress=progress)
+        rounds.append({"steps": n, "run_id": summary["run_id"], "checkpoint": summary["checkpoint"],
+                       "reused": summary["reused"], "last_losses": summary["last_losses"]})
+        teacher_id = summary["run_id"]
+    from models.teacher import checkpoint_family
+
+    student = rounds[-1]
+    report_dir = Path(get_run(root, student["run_id"]).path) / "distill_report"
+    models = [("teacher", checkpoint_family(ref.checkpoint))]
+    models += [(f"student_{r['steps']}", checkpoint_family(r["checkpoint"])) for r in rounds[-1:]]
+    report = nfe_report(models, report_dir, tcfg, request.report_nfe, request.report_count, request.seed)
+    return {"method": request.method, "teacher_run": ref.id, "dataset_id": dataset, "rounds": rounds,
+            "student_run": student["run_id"], "student_checkpoint": student["checkpoint"], "report": report,
+            "seconds": round(time.time() - t0, 3)}

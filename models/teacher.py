@@ -1,0 +1,135 @@
+"""Frozen teachers for distillation families (models/progressive.py, reflow.py, consistency.py).
+
+A distillation method is a family like any other, trained by the generic trainer; it holds a
+frozen teacher loaded from a training checkpoint (safetensors; EMA weights when the run kept
+them).  The teacher is not a submodule: its weights are in no optimizer, checkpoint, EMA copy
+or DDP bucket; ``TeacherMixin._apply`` moves it with the student.  The student starts from
+the teacher's weights (same network), so a student checkpoint is a complete model on its own.
+
+Loading a student only to sample from it (evaluation) needs no teacher: inside
+``inference_only()`` distillation families skip loading theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+_INFERENCE_ONLY: ContextVar[bool] = ContextVar("imagegen_inference_only", default=False)
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot serve this distillation method (says why)."""
+
+
+@contextmanager
+def inference_only() -> Iterator[None]:
+    """Build families for sampling only: distillation families do not load their teachers."""
+    token = _INFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _INFERENCE_ONLY.reset(token)
+
+
+def loading_for_inference() -> bool:
+    return _INFERENCE_ONLY.get()
+
+
+def checkpoint_family(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Any:
+    """The family a training checkpoint holds, weights loaded (EMA when present and ``use_ema``),
+    in eval mode.  Distillation families inside it are built for inference only."""
+    from imagegen.train.checkpoint import read_checkpoint
+    from models.registry import build_family
+
+    path = Path(path)
+    tensors, meta = read_checkpoint(path)
+    cfg = meta.get("config", {})
+    if "family" not in cfg or "model" not in cfg:
+        raise TeacherError(f"checkpoint {path} has no family/model config in its state.json")
+    with inference_only():
+        fam = build_family(cfg["family"], cfg["model"])
+    prefix = "ema/" if use_ema and meta.get("has_ema") else "model/"
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    full = fam.state_dict()
+    # EMA shadows hold the floating-point entries; anything else comes from the raw weights
+    for k in full:
+        if k not in sd and f"model/{k}" in tensors:
+            sd[k] = tensors[f"model/{k}"]
+    missing = sorted(set(full) - set(sd))
+    if missing:
+        raise TeacherError(f"checkpoint {path} lacks weights {missing[:5]} of family {cfg['family']!r}")
+    fam.load_state_dict(sd, strict=True)
+    fam.to(device).eval().requires_grad_(False)
+    fam.checkpoint_path = str(path)
+    fam.checkpoint_step = int(meta.get("step", 0))
+    return fam
+
+
+class TeacherMixin:
+    """For a Family subclass: ``self.teacher`` (frozen, outside the module tree), loaded from
+    ``cfg.teacher`` unless building for inference; moved along with the student."""
+
+    def init_teacher(self, expected: tuple[str, ...], check: Any = None) -> Any:
+        """Load the teacher (a family whose name is in ``expected``), run ``check(teacher)``,
+        copy its network weights into the student's ``net``.  Returns it (None for inference)."""
+        object.__setattr__(self, "_teacher", None)
+        if loading_for_inference():
+            return None
+        ref = getattr(self.cfg, "teacher", None)
+        if not ref:
+            raise TeacherError(f"{type(self).__name__}: config field teacher (a checkpoint folder) is empty")
+        if not Path(ref).is_dir():
+            raise TeacherError(f"{type(self).__name__}: teacher checkpoint {ref} does not exist")
+        teacher = checkpoint_family(ref)
+        if teacher.name not in expected:
+            raise TeacherError(f"{type(self).__name__} distils a {' or '.join(expected)} teacher; {ref} holds a "
+                               f"{teacher.name!r} model")
+        if check is not None:
+            check(teacher)
+        own = self.net.state_dict()
+        theirs = teacher.net.state_dict()
+        bad = [k for k in own if k not in theirs or theirs[k].shape != own[k].shape]
+        if bad or set(theirs) != set(own):
+            raise TeacherError(f"{type(self).__name__}: the student's network does not match the teacher's "
+                               f"({len(bad)} mismatched tensors, e.g. {bad[:3]}); the student must use the "
+                               "teacher's net config")
+        self.net.load_state_dict(theirs)
+        object.__setattr__(self, "_teacher", teacher)
+        return teacher
+
+    @property
+    def teacher(self) -> Any:
+        t = self.__dict__.get("_teacher")
+        if t is None:
+            raise TeacherError(f"{type(self).__name__} was built for inference only (no teacher loaded)")
+        return t
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        t = self.__dict__.get("_teacher")
+        if t is not None:
+            t._apply(fn, recurse)
+        return out
+
+
+def same_fields(student: Any, teacher: Any, fields: tuple[str, ...], where: str) -> None:
+    """Refuse a student whose config differs from the teacher's on ``fields``."""
+    diffs = [f"{f}: student {getattr(student, f)!r} != teacher {getattr(teacher, f)!r}" for f in fields
+             if getattr(student, f) != getattr(teacher, f)]
+    if diffs:
+        raise TeacherError(f"{where}: the student must keep the teacher's settings; {'; '.join(diffs)}")
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    import copy
+
+    out = copy.deepcopy(module)
+    out.requires_grad_(False)
+    return out
