@@ -2,6 +2,8 @@
 
     imagegen curate --preset smoke [--set download.timeout=3 ...] [--json]
     imagegen datasets list | show NAME_OR_ID
+    imagegen train --preset smoke [--dataset D] [--family F] [--steps N] [--nproc N] [--set train.lr=3e-4 ...]
+    imagegen runs list | show RUN_ID
 
 Every flow sub-command takes ``--preset``, ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
@@ -34,6 +36,7 @@ def _common(p: argparse.ArgumentParser, presets: list[str], default: str) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     from imagegen.presets import CURATE_PRESETS
+    from imagegen.train.runs import TRAIN_PRESETS
 
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("dataset", nargs="?", help="name or id (for show)")
     ds.add_argument("--data-root", default=None)
     ds.add_argument("--json", action="store_true")
+
+    tr = sub.add_parser("train", help="train (or resume, or reuse) a model on a registered dataset")
+    _common(tr, sorted(TRAIN_PRESETS), "smoke")
+    tr.add_argument("--dataset", help="dataset name or id in the registry (= --set dataset=...)")
+    tr.add_argument("--family", help="model family, e.g. flow, ddpm, edm (= --set train.family=...)")
+    tr.add_argument("--steps", type=int, help="optimizer steps (= --set train.steps=...)")
+    tr.add_argument("--nproc", type=int, help="processes (GPUs); >1 launches torchrun (= --set nproc=...)")
+
+    rs = sub.add_parser("runs", help="list or show training runs")
+    rs.add_argument("action", choices=["list", "show"])
+    rs.add_argument("run", nargs="?", help="run id or unique id prefix (for show)")
+    rs.add_argument("--data-root", default=None)
+    rs.add_argument("--json", action="store_true")
     return parser
 
 
@@ -107,6 +123,49 @@ def cmd_datasets(args: argparse.Namespace) -> dict[str, Any]:
     return ref.summary()
 
 
+def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.train import build_request
+    from imagegen.paths import data_root
+
+    # validated before anything starts; the dataset and model checks come first in train_run
+    request = build_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
+    root = data_root(args.data_root)
+    if args.no_prefect:
+        from imagegen.train import runs
+        from tasks.train import progress_line
+
+        def note(info: dict[str, Any]) -> None:
+            print(f"[train] {progress_line(info)}", file=sys.stderr)
+
+        return runs.train_run(request, root, progress=note)
+    from flows.train import train_flow
+
+    return train_flow(request=request, data_root=str(root))
+
+
+def cmd_runs(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.paths import data_root
+    from imagegen.train.runs import get_run, list_runs
+
+    root = data_root(args.data_root)
+    if args.action == "list":
+        refs = [r.summary() for r in list_runs(root)]
+        if not args.json:
+            print(f"{'id':18} {'status':11} {'family':8} {'dataset':20} {'step':>13}  last losses")
+            for r in refs:
+                losses = " ".join(f"{k}={v:.4g}" for k, v in (r["last_losses"] or {}).items()) or "-"
+                print(f"{r['id']:18} {r['status'] or '-':11} {r['family'] or '-':8} {r['dataset'] or '-':20} "
+                      f"{r['step'] or 0:>6}/{r['steps'] or 0:<6}  {losses}")
+        return {"runs": refs}
+    if not args.run:
+        raise SystemExit("imagegen runs show: name the run (id or unique id prefix)")
+    ref = get_run(root, args.run)
+    if not args.json:
+        print(json.dumps(ref.card, indent=2, default=str))
+    ckpt = ref.checkpoint
+    return {**ref.summary(), "checkpoint": str(ckpt) if ckpt else None}
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -116,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:
-        result = {"curate": cmd_curate, "datasets": cmd_datasets}[args.command](args)
+        result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
+                  "runs": cmd_runs}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -129,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "curate":
         print(f"dataset {result['name']} ({result['dataset_id']}): {result['samples']} samples in "
               f"{result['shards']} shards at {result['path']}")
+    elif args.command == "train":
+        print(result["run_id"])
     return 0
 
 

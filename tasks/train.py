@@ -1,0 +1,82 @@
+"""Prefect task for training: a thin wrapper around :func:`imagegen.train.runs.train_run`.
+
+No Prefect result caching: the run folder is the cache.  ``train_run`` names the folder by a
+hash of (dataset id, trajectory-relevant config, code version), resumes it from its last
+checkpoint, or returns it untouched when it has finished.  Progress goes to a Prefect progress
+artifact (key ``train-progress``) and to the task's log.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from imagegen.train import runs
+
+PROGRESS_KEY = "train-progress"
+# train_run enforces timeout_s itself (with a timeout it trains in torchrun child processes and kills
+# the group), marking the run's card failed; the Prefect task timeout only backs it up, after this grace.
+TIMEOUT_GRACE_S = 120.0
+
+
+def progress_line(info: dict[str, Any]) -> str:
+    """One log line from a trainer progress dict."""
+    losses = " ".join(f"{k}={v:.4g}" for k, v in (info.get("losses") or {}).items())
+    rate, eta = info.get("steps_per_s"), info.get("eta_s")
+    text = f"step {info['step']}/{info['steps']} ({100.0 * info['fraction']:.0f}%) {losses}"
+    if rate:
+        text += f", {rate:.2f} steps/s"
+    if eta is not None and math.isfinite(eta):
+        text += f", eta {eta:.0f} s"
+    return text
+
+
+class ProgressArtifact:
+    """The trainer's progress callback: one Prefect progress artifact, created on the first call
+    and updated after; a failure to reach the API is logged, never allowed to stop training."""
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, description: str) -> None:
+        self.logger, self.description = logger, description
+        self.id: UUID | None = None
+        self.failed = False
+
+    def set(self, percent: float) -> None:
+        percent = max(0.0, min(100.0, float(percent)))
+        try:
+            if self.id is None:
+                self.id = create_progress_artifact(progress=percent, key=PROGRESS_KEY, description=self.description)
+            else:
+                update_progress_artifact(self.id, percent)
+        except Exception as exc:  # noqa: BLE001 - the API being away must not kill a training run
+            if not self.failed:
+                self.logger.warning("could not publish the progress artifact: %s", exc)
+            self.failed = True
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        self.logger.info(progress_line(info))
+        self.set(100.0 * info["fraction"])
+
+
+def timeout_seconds(request: runs.TrainRequest) -> float | None:
+    return None if request.timeout_s is None else request.timeout_s + TIMEOUT_GRACE_S
+
+
+@task(name="train", retries=0, cache_policy=NO_CACHE, persist_result=False)
+def train(request: runs.TrainRequest, data_root: str) -> dict[str, Any]:
+    """Train (resume, or reuse) the run ``request`` describes under ``data_root``; its summary."""
+    logger = get_run_logger()
+    prog = ProgressArtifact(logger, f"training on {request.dataset}: {request.train.family}, "
+                                    f"{request.train.steps} steps")
+    summary = runs.train_run(request, Path(data_root), progress=prog)
+    if prog.id is None:  # nothing trained in this call (a finished run reused): record where it stands
+        prog.set(100.0 * summary.get("step", 0) / request.train.steps)
+    logger.info("run %s %s at step %s (%s)", summary["run_id"], "reused" if summary.get("reused") else "trained",
+                summary.get("step"), summary["run_dir"])
+    return summary
