@@ -501,7 +501,8 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
         imgs = sample_images(family, ema, cfg.sample_count, cfg.seed + step, cfg.sample_steps,
                              sample_conditioning(cfg, cfg.sample_count), cfg.sample_guidance, cfg.sample_sampler)
         path = run_dir / "samples" / f"{tag}.png"
-        save_grid(imgs, path)
+        k = int(cfg.model.get("num_classes") or 0)
+        save_grid(imgs, path, columns=k if 1 < k <= 10 else None)  # class-conditional: one column per class
         samples.append(str(path))
 
     def to_device(batch: dict[str, Any]) -> dict[str, Any]:
