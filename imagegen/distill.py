@@ -247,9 +247,13 @@ def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, n
              "grid": str(out_dir / f"{models[0][0]}_steps{teacher_steps}.png")}]
     save_grid(ref, Path(rows[0]["grid"]))
     for label, fam in models:
-        per_step = 2 if fam.default_sampler in ("heun",) else 1
+        done: set[int] = set()
         for nfe in nfes:
-            steps = max(1, nfe // per_step) if per_step == 2 else nfe
+            # the most steps whose NFE fits the budget: Heun costs 2N - 1 (its last step is Euler)
+            steps = max(1, (nfe + 1) // 2) if fam.default_sampler == "heun" else nfe
+            if steps in done:
+                continue
+            done.add(steps)
             x, used = draw(fam, steps)
             path = out_dir / f"{label}_steps{steps}.png"
             save_grid(x, path)
