@@ -298,7 +298,7 @@ def _boxes_clear(box: list[int], placed: list[list[int]], gap: int) -> bool:
     return True
 
 
-def _place(
+def place_boxes(
     rng: np.random.Generator, cfg: WorldConfig, n: int, relation: str | None
 ) -> list[list[int]]:
     """Sample ``n`` non-overlapping square boxes (with the gap), shrinking sizes when crowded."""
@@ -354,21 +354,21 @@ def make_scene(cfg: WorldConfig, index: int) -> Scene:
     relation: dict[str, Any] | None = None
     if kind == "single_object":
         classes, colors = _pick(rng, cfg.shapes), _pick(rng, cfg.colors)
-        boxes = _place(rng, cfg, 1, None)
+        boxes = place_boxes(rng, cfg, 1, None)
     elif kind == "two_object":
         classes, colors = _pick(rng, cfg.shapes, 2, distinct=True), _pick(rng, cfg.colors, 2)
-        boxes = _place(rng, cfg, 2, None)
+        boxes = place_boxes(rng, cfg, 2, None)
     elif kind == "counting":
         n = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
         classes, colors = _pick(rng, cfg.shapes) * n, _pick(rng, cfg.colors) * n
-        boxes = _place(rng, cfg, n, None)
+        boxes = place_boxes(rng, cfg, n, None)
     else:  # position: objects[0] <relation> objects[1]
         classes, colors = _pick(rng, cfg.shapes, 2, distinct=True), _pick(rng, cfg.colors, 2)
         rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
-        boxes = _place(rng, cfg, 2, rel)
+        boxes = place_boxes(rng, cfg, 2, rel)
         relation = {"relation": rel, "a": 0, "b": 1}
     objects = [{"class": c, "color": col, "box": b} for c, col, b in zip(classes, colors, boxes)]
-    background = _make_background(rng, cfg)
+    background = make_background(rng, cfg)
     return Scene(
         index=index,
         kind=kind,
@@ -383,7 +383,7 @@ def make_scene(cfg: WorldConfig, index: int) -> Scene:
 # ---------------------------------------------------------------------------------- rendering
 
 
-def _make_background(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, Any]:
+def make_background(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, Any]:
     gray = int(rng.integers(BACKGROUND_GRAY[0], BACKGROUND_GRAY[1] + 1))
     tint = [int(t) for t in rng.integers(-BACKGROUND_TINT, BACKGROUND_TINT + 1, size=3)]
     textured = bool(rng.random() < cfg.textured_background_rate)
