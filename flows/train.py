@@ -75,7 +75,7 @@ def _without_switched(base: dict[str, Any], changes: dict[str, Any]) -> dict[str
     return {**base, "train": train}
 
 
-def _data_uri(png: str | Path | None) -> str | None:
+def data_uri(png: str | Path | None) -> str | None:
     if not png or not Path(png).is_file():
         return None
     return "data:image/png;base64," + base64.b64encode(Path(png).read_bytes()).decode()
@@ -111,11 +111,11 @@ def train_markdown(summary: dict[str, Any], request: TrainRequest) -> str:
              f"| speed | {f'{rate:.3g} steps/s' if rate else '-'} |",
              "", "<details><summary>full training config</summary>", "", "```json",
              json.dumps(cfg.model_dump(mode="json"), indent=1), "```", "", "</details>"]
-    curve = _data_uri(summary.get("loss_curve"))
+    curve = data_uri(summary.get("loss_curve"))
     if curve:
         lines += ["", "## Loss curve", "", f"![loss curve]({curve})"]
     samples = summary.get("samples") or []
-    grid = _data_uri(samples[-1]) if samples else None
+    grid = data_uri(samples[-1]) if samples else None
     if grid:
         lines += ["", f"## Samples ({Path(samples[-1]).stem})", "", f"![samples]({grid})"]
     return "\n".join(lines)

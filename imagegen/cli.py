@@ -4,8 +4,9 @@
     imagegen datasets list | show NAME_OR_ID
     imagegen train --preset smoke [--dataset D] [--family F] [--steps N] [--nproc N] [--set train.lr=3e-4 ...]
     imagegen runs list | show RUN_ID
+    imagegen distill --teacher RUN --method progressive|reflow|consistency [--steps N] [--set target_steps=2 ...]
 
-Every flow sub-command takes ``--preset``, ``--set key.path=value`` overrides (validated before
+Every flow sub-command takes ``--preset`` (not distill), ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
 ``--json`` (a one-line JSON summary as the last line of stdout).  By default flows run through
 Prefect (visible in the UI when ``PREFECT_API_URL`` points at a server); ``--no-prefect`` runs
@@ -67,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("run", nargs="?", help="run id or unique id prefix (for show)")
     rs.add_argument("--data-root", default=None)
     rs.add_argument("--json", action="store_true")
+
+    di = sub.add_parser("distill", help="distil a finished training run into a few-step student, with an NFE report")
+    di.add_argument("--teacher", required=True, help="teacher: a finished training run id or unique prefix")
+    di.add_argument("--method", required=True, choices=["progressive", "reflow", "consistency"],
+                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher)")
+    di.add_argument("--steps", type=int, help="training steps per student run (= --set steps=...)")
+    di.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a request field, e.g. --set target_steps=2 --set report_nfe=[1,2,4] (repeatable)")
+    di.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
+    di.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    di.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
     return parser
 
 
@@ -166,6 +178,27 @@ def cmd_runs(args: argparse.Namespace) -> dict[str, Any]:
     return {**ref.summary(), "checkpoint": str(ckpt) if ckpt else None}
 
 
+def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.distill import build_request, check_request
+    from imagegen.paths import data_root
+
+    named_steps = [f"steps={args.steps}"] if args.steps is not None else []
+    request = build_request(None, args.teacher, args.method, [*args.overrides, *named_steps])
+    root = data_root(args.data_root)
+    check_request(request, root)  # an unknown, unfinished or unfitting teacher fails here, before any run
+    if args.no_prefect:
+        from imagegen.distill import distill
+        from tasks.train import progress_line
+
+        def note(info: dict[str, Any]) -> None:
+            print(f"[distill] {progress_line(info)}", file=sys.stderr)
+
+        return distill(request, root, progress=note)
+    from flows.distill import distill_flow
+
+    return distill_flow(request=request, data_root=str(root))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -176,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
-                  "runs": cmd_runs}[args.command](args)
+                  "runs": cmd_runs, "distill": cmd_distill}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -191,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{result['shards']} shards at {result['path']}")
     elif args.command == "train":
         print(result["run_id"])
+    elif args.command == "distill":
+        print(result["student_run"])
     return 0
 
 

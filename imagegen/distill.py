@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imagegen.artifacts import is_complete, read_card, stage_output
+from imagegen.artifacts import is_complete, stage_output
 from imagegen.hashing import code_version, stable_hash
 from imagegen.paths import datasets_dir
 from imagegen.registry import get_dataset, register_name

@@ -140,8 +140,9 @@ class ConsistencyDistillation(TeacherMixin, EDM):
                     generator: torch.Generator | None, options: dict[str, Any]) -> SampleResult:
         """Multistep consistency sampling (paper Algorithm 1) on ``steps`` Karras levels."""
         c = self.cfg
-        levels = karras_sigmas(steps, c.sigma_min, c.sigma_max, c.rho)[:-1] if steps > 1 else \
-            torch.tensor([c.sigma_max], dtype=torch.float64)
+        # steps levels from sigma_max down, stopping short of sigma_min (where f is the identity
+        # and one more step would cost an NFE and change nothing)
+        levels = karras_sigmas(steps + 1, c.sigma_min, c.sigma_max, c.rho)[:-2]
         B = x_T.shape[0]
         x = x_T * c.sigma_max
         x0 = self.consistency(net_fn, x, torch.full((B,), float(levels[0]), device=x.device))

@@ -42,8 +42,9 @@ class ProgressArtifact:
     """The trainer's progress callback: one Prefect progress artifact, created on the first call
     and updated after; a failure to reach the API is logged, never allowed to stop training."""
 
-    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, description: str) -> None:
-        self.logger, self.description = logger, description
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter, description: str,
+                 key: str = PROGRESS_KEY) -> None:
+        self.logger, self.description, self.key = logger, description, key
         self.id: UUID | None = None
         self.failed = False
 
@@ -51,7 +52,7 @@ class ProgressArtifact:
         percent = max(0.0, min(100.0, float(percent)))
         try:
             if self.id is None:
-                self.id = create_progress_artifact(progress=percent, key=PROGRESS_KEY, description=self.description)
+                self.id = create_progress_artifact(progress=percent, key=self.key, description=self.description)
             else:
                 update_progress_artifact(self.id, percent)
         except Exception as exc:  # noqa: BLE001 - the API being away must not kill a training run
