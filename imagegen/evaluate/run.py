@@ -1,0 +1,515 @@
+"""Evaluate a training/distillation run (or a folder of images): FID/FD + KID, CLIPScore, GenEval.
+
+``evaluate(request, root)``:
+
+1. Source.  A run: its latest checkpoint (EMA weights), sampled with the request's sampler,
+   steps, guidance and seed.  The evaluation set is generated to disk first
+   (``<root>/evals/<id>/samples/00000.png ...`` + ``captions.jsonl``), image i from its own
+   noise seeded by (seed, i), so any subset or batch size gives the same images.  Conditions come
+   from the reference dataset: captions (text models), the class named in them (class models),
+   none (unconditional).  A folder: its images as they are (``captions.jsonl`` next to them, one
+   ``{"file", "caption"}`` per line, enables CLIPScore; a GenEval layout enables GenEval).
+2. FID / FD-<extractor> and KID against the reference dataset's images, decoded and resized to
+   the evaluated images' size exactly as the training loader does; reference features are cached
+   by (dataset id, size, extractor, mode, n).  ``extractor="auto"``: the dataset's reference CLIP
+   for embedded-world datasets (reported as FD-CLIP-..., never FID), else clean-fid's Inception.
+3. CLIPScore (both conventions) of each image against its caption.
+4. GenEval: a prompt file (official format) or ``"world"`` (the world's prompts), images per
+   prompt in the official layout, scored by the world detector or a torchvision detector.
+
+The eval folder id hashes the source (checkpoint tensors sha256, or the folder's files), the
+settings and this code, so evaluating again reuses what is on disk.  Every metric is one row of
+``metrics.parquet`` with its provenance (implementation, mode, extractor and its weights, library
+versions, sample counts, seeds, sampler settings, reference-statistics hash).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from imagegen.artifacts import read_card, write_json_atomic
+from imagegen.hashing import code_version, stable_hash
+from imagegen.paths import models_dir
+from imagegen.registry import DatasetRef, get_dataset
+
+Metric = Literal["fid", "kid", "clipscore", "geneval"]
+EVALS = "evals"
+
+
+class EvalError(ValueError):
+    """An evaluation that cannot run as asked (says what and where)."""
+
+
+class EvalRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str | None = Field(None, description="Training or distillation run id (or unique prefix) to evaluate")
+    folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
+    metrics: tuple[Metric, ...] = Field(("fid", "kid", "clipscore", "geneval"), min_length=1,
+                                        description="Metrics to compute")
+    sampler: str | None = Field(None, description="Sampler (None = the family's default)")
+    steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
+    guidance: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance scale (1 = none)")
+    seed: int = Field(0, ge=0, le=2**62, description="Seeds the noise of every generated image")
+    n_samples: int = Field(1000, ge=2, le=1_000_000, description="Images generated for FID/KID/CLIPScore")
+    reference: str | None = Field(None, description="Reference dataset (name or id); default: the run's dataset")
+    reference_n: int | None = Field(None, ge=2, description="Reference images (None = all)")
+    extractor: str = Field("auto", description="'auto', 'inception', or an open_clip spec / 'world' (FD-CLIP)")
+    fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = Field("clean", description="clean-fid mode")
+    kid_subsets: int = Field(100, ge=1, le=10_000, description="KID subsets")
+    kid_subset_size: int = Field(1000, ge=2, description="KID subset size (capped at the sample counts)")
+    clip_model: str = Field("auto", description="CLIPScore model: 'auto' (world -> the reference CLIP, else "
+                            "ViT-B-32:openai), 'world', or an open_clip spec")
+    geneval_prompts: str = Field("world", description="'world' or a GenEval metadata .jsonl file")
+    geneval_per_prompt: int = Field(4, ge=1, le=64, description="Images per GenEval prompt (official: 4)")
+    geneval_max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (None = all)")
+    detector: str = Field("world", description="'world' or 'torchvision:/path/to/maskrcnn_weights'")
+    batch_size: int = Field(64, ge=1, le=4096, description="Generation and feature batch size")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where generation and features run")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "EvalRequest":
+        if (self.run is None) == (self.folder is None):
+            raise ValueError("give exactly one of run (a run id) or folder (a folder of images)")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
+        return self
+
+
+def evals_dir(root: Path) -> Path:
+    return Path(root) / EVALS
+
+
+def _device(req: EvalRequest) -> str:
+    if req.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if req.device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("device='cuda' but no CUDA device is available")
+    return req.device
+
+
+def _versions() -> dict[str, str]:
+    out = {"torch": torch.__version__}
+    for pkg in ("clean-fid", "open-clip-torch", "numpy", "scipy"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------------ source
+
+
+class Source:
+    """What is evaluated: a run's model or a folder; resolved and checked before any work."""
+
+    def __init__(self, req: EvalRequest, root: Path) -> None:
+        self.req, self.root = req, root
+        self.family: Any = None
+        self.train_cfg: Any = None
+        self.run: Any = None
+        if req.run is not None:
+            from imagegen.train.checkpoint import read_checkpoint
+            from imagegen.train.runs import get_run
+            from imagegen.train.trainer import TrainConfig
+
+            self.run = get_run(root, req.run)
+            if self.run.checkpoint is None:
+                raise EvalError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
+            _, meta = read_checkpoint(self.run.checkpoint)
+            self.train_cfg = TrainConfig(**self.run.card["config"])
+            self.identity = {"run": self.run.id, "step": int(meta["step"]), "tensors": meta["tensors_sha256"]}
+            ds_name = req.reference or self.run.card.get("dataset_id")
+        else:
+            from imagegen.evaluate.images import list_images
+
+            folder = Path(str(req.folder))
+            if not folder.is_dir():
+                raise EvalError(f"image folder {folder} does not exist")
+            # a GenEval layout keeps its images in NNNNN/samples/; the others at the top level
+            only_geneval = set(req.metrics) <= {"geneval"}
+            self.files = [] if only_geneval else list_images(folder, recursive=False, same_size=True)
+            listed = self.files or sorted(folder.rglob("*.png"))
+            self.identity = {"folder": str(folder.resolve()),
+                             "files": stable_hash([(str(f.relative_to(folder)), f.stat().st_size) for f in listed])}
+            if req.reference is None and ({"fid", "kid"} & set(req.metrics)):
+                raise EvalError("evaluating a folder for FID/KID needs reference= (a dataset name or id)")
+            ds_name = req.reference
+            self.size = Image.open(self.files[0]).size[0] if self.files else 0
+        self.dataset: DatasetRef | None = get_dataset(root, ds_name) if ds_name else None
+
+    @property
+    def is_world(self) -> bool:
+        return bool(self.dataset is not None and self.dataset.card.get("stage_ids", {}).get("reference_clip")) or \
+            bool(self.dataset is not None and self.dataset.card.get("source", {}).get("teacher_dataset"))
+
+    def world_clip_spec(self) -> str:
+        ds = self.dataset
+        assert ds is not None
+        clip_id = ds.card.get("stage_ids", {}).get("reference_clip")
+        if not clip_id and ds.card.get("source", {}).get("teacher_dataset"):
+            clip_id = get_dataset(self.root, ds.card["source"]["teacher_dataset"]).card["stage_ids"]["reference_clip"]
+        if not clip_id:
+            raise EvalError(f"'world' names the reference CLIP of an embedded-world dataset; {ds.id} has none")
+        path = models_dir(self.root) / "reference_clip" / clip_id
+        if not (path / "card.json").is_file():
+            raise EvalError(f"the reference CLIP {clip_id} is missing from {path}; rerun `imagegen curate`")
+        return f"local-dir:{path.resolve()}"
+
+    def load(self, device: str) -> Any:
+        if self.family is None and self.run is not None:
+            from models.teacher import checkpoint_family
+
+            self.family = checkpoint_family(self.run.checkpoint, device=device)
+        return self.family
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_cfg.model["image_size"]) if self.train_cfg is not None else self.size
+
+
+def _resolve_clip(spec: str, src: Source) -> str:
+    if spec == "auto":
+        return "world" if src.is_world else "ViT-B-32:openai"
+    return spec
+
+
+def _check_before_work(req: EvalRequest, src: Source) -> None:
+    """Everything that can fail fast: weights, conditioning, prompt file, detector."""
+    if {"fid", "kid"} & set(req.metrics):
+        ext = _extractor_name(req, src)
+        if ext == "inception":
+            from imagegen.evaluate.fid import check_inception_weights
+
+            check_inception_weights(req.fid_mode)
+    if src.family is None and src.run is not None:
+        cond = src.train_cfg.model.get("conditioning", "none")
+        if req.guidance != 1.0 and cond == "none":
+            raise EvalError(f"guidance={req.guidance} needs a conditional model; run {src.run.id} is unconditional")
+        from models.registry import get_family
+
+        fam = get_family(src.train_cfg.family)
+        if req.sampler is not None and req.sampler not in fam.samplers:
+            raise EvalError(f"unknown sampler {req.sampler!r} for family {fam.name!r}; it has {list(fam.samplers)}")
+    if "geneval" in req.metrics and req.geneval_prompts != "world":
+        from imagegen.evaluate.geneval import read_prompts
+
+        read_prompts(req.geneval_prompts)  # line-numbered errors
+
+
+def _extractor_name(req: EvalRequest, src: Source) -> str:
+    if req.extractor == "auto":
+        return "world" if src.is_world else "inception"
+    return req.extractor
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def image_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """x_T of images ``indices``: one generator per image, seeded by (seed, index)."""
+    from imagegen.loader import derive_seed
+    from models.reflow import pair_noise
+
+    return pair_noise([derive_seed("eval-image", seed, i) % 2**62 for i in indices], shape)
+
+
+def conditions(src: Source, n: int, seed: int) -> tuple[list[str] | None, Any]:
+    """(captions, model conditioning) for n images, drawn (seeded) from the reference dataset."""
+    cond_kind = src.train_cfg.model.get("conditioning", "none")
+    if src.dataset is None:
+        raise EvalError("generating an evaluation set needs a reference dataset for its captions")
+    manifest = pd.read_parquet(src.dataset.path / "manifest.parquet", columns=["key", "caption"]).sort_values("key")
+    caps = manifest["caption"].astype(str).to_numpy()
+    picks = np.random.default_rng(seed).integers(0, len(caps), size=n)
+    captions = caps[picks].tolist()
+    if cond_kind == "text":
+        return captions, captions
+    if cond_kind == "class":
+        from imagegen.train.trainer import Labeler
+
+        lab = Labeler(src.train_cfg)
+        if src.train_cfg.label_field:  # no caption keyword: name the class
+            labels = list(range(n))
+            labels = [i % len(lab.names) for i in labels]
+        else:
+            labels = [lab.label(c, None, f"eval {i}") for i, c in enumerate(captions)]
+        names = [f"a photo of a {lab.names[y]}" for y in labels] if src.train_cfg.label_field else captions
+        return names, labels
+    return None, None
+
+
+def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[str, Any]:
+    """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete)."""
+    done = out / "captions.jsonl"
+    if done.is_file() and len(done.read_text().splitlines()) == req.n_samples:
+        return {"generated": 0, "reused": True}
+    fam = src.load(device)
+    captions, cond = conditions(src, req.n_samples, req.seed)
+    shape = (fam.cfg.channels, fam.cfg.image_size, fam.cfg.image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    nfe = None
+    for start in range(0, req.n_samples, req.batch_size):
+        idx = list(range(start, min(req.n_samples, start + req.batch_size)))
+        c = None if cond is None else (cond[start:idx[-1] + 1] if isinstance(cond, list) else cond)
+        if isinstance(c, list) and c and isinstance(c[0], int):
+            c = torch.tensor(c)
+        res = fam.sample_result(len(idx), conditioning=c, sampler=req.sampler, steps=req.steps,
+                                guidance=req.guidance if c is not None else 1.0,
+                                x_T=image_noise(req.seed, idx, shape).to(device),
+                                generator=torch.Generator(device=device).manual_seed(req.seed + start))
+        nfe = int(res.nfe)
+        u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for j, i in enumerate(idx):
+            Image.fromarray(u8[j]).save(out / f"{i:05d}.png")
+    lines = [json.dumps({"file": f"{i:05d}.png", "caption": captions[i] if captions else None})
+             for i in range(req.n_samples)]
+    tmp = out / ".captions.jsonl.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(done)
+    return {"generated": req.n_samples, "reused": False, "seconds": round(time.time() - t0, 3), "nfe": nfe}
+
+
+def reference_images(src: Source, size: int, n: int | None, seed: int) -> list[Path]:
+    """The reference dataset's images decoded and resized to ``size`` as the training loader does,
+    written once per (dataset id, size) under ``<root>/evals/reference``."""
+    from imagegen.loader import make_dataset
+
+    ds = src.dataset
+    if ds is None:
+        raise EvalError("FID/KID need a reference dataset")
+    folder = evals_dir(src.root) / "reference" / f"{ds.id}-{size}px"
+    marker = folder / "done.json"
+    if not marker.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for sample in make_dataset(ds.shards, image_size=size, shuffle_buffer=0):
+            x = ((sample["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(x).save(folder / f"{sample['key']}.png")
+            count += 1
+        write_json_atomic(marker, {"dataset_id": ds.id, "size": size, "images": count})
+    files = sorted(folder.glob("*.png"))
+    if n is not None and n < len(files):
+        idx = np.sort(np.random.default_rng(seed).choice(len(files), n, replace=False))
+        files = [files[i] for i in idx]
+    return files
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def _features(files: list[Path], extractor: Any, req: EvalRequest, device: str, cache: Path | None) -> np.ndarray:
+    from imagegen.evaluate.fid import clean_fid_features
+
+    if cache is not None and cache.is_file():
+        return np.load(cache, allow_pickle=False)
+    feats = clean_fid_features(files, mode=req.fid_mode, model=extractor, batch_size=req.batch_size,
+                               num_workers=0, device=device)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp.npy")
+        np.save(tmp, feats, allow_pickle=False)
+        tmp.replace(cache)
+    return feats
+
+
+def fid_kid(src: Source, req: EvalRequest, gen_files: list[Path], device: str, base: dict[str, Any]) -> list[dict]:
+    from imagegen.evaluate.fid import (INCEPTION_ID, clip_image_extractor, fd_from_features, gaussian_stats, kid,
+                                       metric_name, stats_hash)
+
+    name = _extractor_name(req, src)
+    if name == "inception":
+        extractor, ext_id, weights = None, INCEPTION_ID, {}
+    else:
+        spec = src.world_clip_spec() if name == "world" else name
+        extractor = clip_image_extractor(spec, device)
+        ext_id, weights = extractor.extractor_id, dict(extractor.identity)
+    size = Image.open(gen_files[0]).size[0]
+    ref_files = reference_images(src, size, req.reference_n, req.seed)
+    key = stable_hash({"dataset": src.dataset.id, "size": size, "extractor": ext_id, "mode": req.fid_mode,
+                       "n": req.reference_n, "seed": req.seed})
+    ref = _features(ref_files, extractor, req, device, evals_dir(src.root) / "reference" / "features" / f"{key}.npy")
+    gen = _features(gen_files, extractor, req, device, None)
+    mu, sigma = gaussian_stats(ref, name="reference features")
+    prov = {**base, "implementation": f"clean-fid {importlib.metadata.version('clean-fid')} features, "
+            "imagegen float64 eigen Fréchet distance", "mode": req.fid_mode, "extractor": ext_id,
+            "extractor_weights": json.dumps(weights, default=str), "n_generated": len(gen_files),
+            "n_reference": len(ref_files), "reference_dataset": src.dataset.id, "reference_size": size,
+            "reference_stats_sha256": stats_hash(mu, sigma)}
+    rows = []
+    if "fid" in req.metrics:
+        rows.append({**prov, "metric": metric_name(ext_id), "value": fd_from_features(gen, ref)})
+    if "kid" in req.metrics:
+        size_k = min(req.kid_subset_size, len(gen), len(ref))
+        mean, std = kid(gen, ref, subsets=req.kid_subsets, subset_size=size_k, seed=req.seed)
+        kid_name = "KID" if ext_id == INCEPTION_ID else f"KD-{ext_id}"
+        rows.append({**prov, "metric": kid_name, "value": float(mean), "std": float(std),
+                     "kid_subsets": req.kid_subsets, "kid_subset_size": size_k})
+    return rows
+
+
+def clipscore(src: Source, req: EvalRequest, files: list[Path], captions: list[str], device: str,
+              base: dict[str, Any]) -> list[dict]:
+    from imagegen.evaluate.clipscore import clip_score_images
+
+    spec = _resolve_clip(req.clip_model, src)
+    spec = src.world_clip_spec() if spec == "world" else spec
+    out = clip_score_images(spec, files, captions, batch_size=req.batch_size, device=device)
+    prov = {**base, "implementation": "open_clip cosine of L2-normalised embeddings", "clip": json.dumps(out["clip"]),
+            "n_generated": len(files)}
+    return [{**prov, "metric": "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))", "value": out["clipscore_hessel2021"]},
+            {**prov, "metric": "CLIPScore (torchmetrics: max(mean 100*cos, 0))", "value": out["clipscore_torchmetrics"]}]
+
+
+def _detector(req: EvalRequest) -> tuple[Any, Any]:
+    from imagegen.evaluate import geneval as G
+
+    if req.detector == "world":
+        return G.WorldDetector(), G.detector_color
+    if req.detector.startswith("torchvision:"):
+        return G.TorchvisionDetector(req.detector.split(":", 1)[1]), None
+    raise EvalError(f"unknown detector {req.detector!r}; use 'world' or 'torchvision:/path/to/weights'")
+
+
+def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[str, Any]) -> list[dict]:
+    from imagegen.evaluate import geneval as G
+    from imagegen.world.scene import WorldConfig
+
+    if req.geneval_prompts == "world":
+        prompts = G.world_prompts(WorldConfig())
+    else:
+        prompts = G.read_prompts(req.geneval_prompts)
+    if req.geneval_max_prompts is not None:
+        prompts = prompts[:req.geneval_max_prompts]
+    layout = out / "geneval"
+    world_size = WorldConfig().image_size
+    if src.run is not None:
+        fam = src.load(device)
+        shape = (fam.cfg.channels, fam.cfg.image_size, fam.cfg.image_size)
+
+        def make_images(meta: dict[str, Any], n: int, i: int) -> list[Image.Image]:
+            idx = [i * 1000 + k for k in range(n)]
+            res = fam.sample(n, conditioning=[meta["prompt"]] * n, sampler=req.sampler, steps=req.steps,
+                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device),
+                             generator=torch.Generator(device=device).manual_seed(req.seed + i))
+            u8 = ((res.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            ims = [Image.fromarray(a) for a in u8]
+            if req.detector == "world" and ims[0].size[0] != world_size:  # the detector reads world-sized images
+                ims = [im.resize((world_size, world_size), Image.Resampling.BICUBIC) for im in ims]
+            return ims
+
+        G.generate_layout(layout, prompts, req.geneval_per_prompt, make_images)
+    else:
+        layout = Path(str(req.folder))
+    detector, color = _detector(req)
+    rows = G.score_folder(layout, detector, color, outfile=out / "geneval_results.jsonl")
+    summary = G.summarize(rows)
+    write_json_atomic(out / "geneval_summary.json", summary)
+    prov = {**base, "implementation": "imagegen GenEval rules (Ghosh et al. 2023)", "detector": req.detector,
+            "prompts": req.geneval_prompts, "n_prompts": summary["prompts"], "n_generated": summary["images"],
+            "per_prompt": req.geneval_per_prompt}
+    out_rows = [{**prov, "metric": "GenEval overall", "value": summary["overall"],
+                 "complete": summary["complete"]}]
+    out_rows += [{**prov, "metric": f"GenEval {t}", "value": v["accuracy"]} for t, v in summary["tasks"].items()]
+    return out_rows
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+
+
+def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[str, Any]:
+    """Run the requested metrics; returns a summary with the metric values and paths."""
+    if not isinstance(request, EvalRequest):
+        request = EvalRequest(**request)
+    root = Path(root)
+    req = request
+    src = Source(req, root)
+    _check_before_work(req, src)
+    device = _device(req)
+    import imagegen.evaluate.fid as fid_mod
+    import imagegen.evaluate.geneval as geneval_mod
+
+    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
+                                                                                      "batch_size"}),
+             "code": code_version(fid_mod, geneval_mod, _self())}
+    eval_id = stable_hash(ident)
+    out = evals_dir(root) / eval_id
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    base = {"eval_id": eval_id, "source": json.dumps(src.identity), "run_id": src.run.id if src.run else None,
+            "family": src.train_cfg.family if src.train_cfg else None,
+            "sampler": req.sampler or (src.load(device).default_sampler if src.run else None),
+            "steps": req.steps or (int(src.load(device).default_steps) if src.run else None),
+            "guidance": req.guidance, "seed": req.seed, "versions": json.dumps(_versions())}
+    rows: list[dict[str, Any]] = []
+    skipped: dict[str, str] = {}
+    need_set = bool({"fid", "kid", "clipscore"} & set(req.metrics))
+    files: list[Path] = []
+    captions: list[str | None] = []
+    if need_set:
+        if src.run is not None:
+            info = generate_set(src, req, out / "samples", device)
+            base["nfe"] = info.get("nfe")
+            recs = [json.loads(x) for x in (out / "samples" / "captions.jsonl").read_text().splitlines()]
+            files = [out / "samples" / r["file"] for r in recs]
+            captions = [r["caption"] for r in recs]
+        else:
+            files = src.files
+            cap_file = Path(str(req.folder)) / "captions.jsonl"
+            by_file = {}
+            if cap_file.is_file():
+                by_file = {json.loads(x)["file"]: json.loads(x)["caption"] for x in cap_file.read_text().splitlines()
+                           if x.strip()}
+            captions = [by_file.get(f.name) for f in files]
+    if {"fid", "kid"} & set(req.metrics):
+        rows += fid_kid(src, req, files, device, base)
+    if "clipscore" in req.metrics:
+        if any(c is None for c in captions):
+            skipped["clipscore"] = ("the model is unconditional (no captions)" if src.run is not None else
+                                    "the folder has no captions.jsonl with a caption for every image")
+        else:
+            rows += clipscore(src, req, files, [str(c) for c in captions], device, base)
+    if "geneval" in req.metrics:
+        is_layout = src.run is None and (Path(str(req.folder)) / "00000" / "metadata.jsonl").is_file()
+        if src.run is not None and src.train_cfg.model.get("conditioning") != "text":
+            skipped["geneval"] = (f"GenEval prompts are text; run {src.run.id} is "
+                                  f"{src.train_cfg.model.get('conditioning')}-conditioned")
+        elif src.run is None and not is_layout:
+            skipped["geneval"] = "the folder is not a GenEval layout (NNNNN/metadata.jsonl + NNNNN/samples/)"
+        else:
+            rows += geneval(src, req, out, device, base)
+    df = pd.DataFrame(rows)
+    if not df.empty:
+        df.to_parquet(out / "metrics.parquet", index=False)
+    summary = {"eval_id": eval_id, "path": str(out), "metrics": {r["metric"]: r["value"] for r in rows},
+               "skipped": skipped, "run_id": base["run_id"], "family": base["family"],
+               "sampler": base["sampler"], "steps": base["steps"], "nfe": base.get("nfe"),
+               "guidance": req.guidance, "n_samples": len(files), "seconds": round(time.time() - t0, 3),
+               "metrics_file": str(out / "metrics.parquet") if rows else None}
+    write_json_atomic(out / "card.json", {**summary, "request": req.model_dump(mode="json"), "identity": ident})
+    return summary
+
+
+def _self() -> Any:
+    import sys
+
+    return sys.modules[__name__]
+
+
+def read_eval(root: Path | str, eval_id: str) -> dict[str, Any]:
+    path = evals_dir(Path(root)) / eval_id
+    if not (path / "card.json").is_file():
+        raise LookupError(f"no evaluation {eval_id!r} under {evals_dir(Path(root))}")
+    return read_card(path)
