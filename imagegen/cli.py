@@ -5,6 +5,8 @@
     imagegen train --preset smoke [--dataset D] [--family F] [--steps N] [--nproc N] [--set train.lr=3e-4 ...]
     imagegen runs list | show RUN_ID
     imagegen distill --teacher RUN --method progressive|reflow|consistency [--steps N] [--set target_steps=2 ...]
+    imagegen evaluate (--run RUN | --folder DIR) [--metrics fid,kid,clipscore,geneval] [--set steps=8 ...]
+    imagegen benchmark [--runs A,B | --families flow,reflow] [--dataset D] [--nfe 1,2,4,8] [--set n_samples=5000 ...]
 
 Every flow sub-command takes ``--preset`` (not distill), ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
@@ -79,6 +81,31 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
     di.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
     di.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
+
+    ev = sub.add_parser("evaluate", help="FID/FD + KID, CLIPScore and GenEval of a run (sampled to disk first) "
+                        "or of a folder of images")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a training or distillation run id (or unique prefix): its latest checkpoint")
+    src.add_argument("--folder", help="a folder of images, evaluated as they are (FID/KID need --set reference=D)")
+    ev.add_argument("--metrics", help="comma-separated subset of fid,kid,clipscore,geneval (default: all)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="set a request field, e.g. --set steps=8 --set n_samples=5000 --set guidance=3 "
+                    "--set geneval_prompts=evaluation_metadata.jsonl (repeatable)")
+    ev.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
+    ev.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    ev.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
+
+    bm = sub.add_parser("benchmark", help="evaluate a set of runs with the same settings and write a leaderboard")
+    bm.add_argument("--runs", help="comma-separated run ids or unique prefixes (else: a registry query)")
+    bm.add_argument("--families", help="comma-separated families: every finished run of them (default: any)")
+    bm.add_argument("--dataset", help="only runs trained on this dataset (name or id), students through "
+                    "their teacher")
+    bm.add_argument("--nfe", help="comma-separated step counts each run is evaluated at too, e.g. 1,2,4,8")
+    bm.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="an evaluation setting for every run, e.g. --set n_samples=5000 --set steps=8 (repeatable)")
+    bm.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
+    bm.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    bm.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
     return parser
 
 
@@ -199,6 +226,64 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     return distill_flow(request=request, data_root=str(root))
 
 
+def _csv(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.evaluate import build_request, check_request
+    from imagegen.paths import data_root
+
+    named = [f"metrics={json.dumps(_csv(args.metrics))}"] if args.metrics is not None else []
+    folder = str(Path(args.folder).resolve()) if args.folder else None
+    request = build_request(None, args.run, folder, [*args.overrides, *named])
+    root = data_root(args.data_root)
+    check_request(request, root)  # an unknown run, a bad folder or prompt file fails here, before any work
+    if args.no_prefect:
+        from tasks.evaluate import run_evaluation
+
+        return run_evaluation(request, root)
+    from flows.evaluate import evaluate_flow
+
+    return evaluate_flow(request=request, data_root=str(root))
+
+
+def _nfe_list(text: str | None) -> list[int]:
+    try:
+        return [int(x) for x in _csv(text)]
+    except ValueError:
+        raise ValueError(f"--nfe takes comma-separated step counts such as 1,2,4,8; got {text!r}") from None
+
+
+def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from flows.benchmark import check_plan, plan, settings_from_overrides
+    from imagegen.paths import data_root
+
+    runs, families, nfe = _csv(args.runs) or None, _csv(args.families) or None, _nfe_list(args.nfe) or None
+    settings = settings_from_overrides(args.overrides)
+    root = data_root(args.data_root)
+    jobs = plan(root, runs, families, args.dataset, settings, nfe)  # every request validated, runs resolved
+    check_plan(jobs, root)
+    if args.no_prefect:
+        from flows.benchmark import already_done
+        from imagegen.leaderboard import build_leaderboard
+        from tasks.evaluate import run_evaluation
+
+        summaries: list[dict[str, Any]] = []
+        for i, req in enumerate(jobs):
+            if already_done(req, summaries):
+                continue
+            print(f"[benchmark] {i + 1}/{len(jobs)}: run {req.run} at {req.steps or 'default'} steps", file=sys.stderr)
+            summaries.append(run_evaluation(req, root))
+        card = {"settings": settings, "nfe_sweep": nfe or [], "failed": [],
+                "query": {"runs": runs, "families": families, "dataset": args.dataset}}
+        return {**build_leaderboard(root, summaries, card), "failed": []}
+    from flows.benchmark import benchmark_flow
+
+    return benchmark_flow(runs=runs, families=families, dataset=args.dataset, settings=settings, nfe_sweep=nfe,
+                          data_root=str(root))
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -209,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
-                  "runs": cmd_runs, "distill": cmd_distill}[args.command](args)
+                  "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
+                  "benchmark": cmd_benchmark}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -226,6 +312,20 @@ def main(argv: list[str] | None = None) -> int:
         print(result["run_id"])
     elif args.command == "distill":
         print(result["student_run"])
+    elif args.command == "evaluate":
+        from tasks.evaluate import metric_lines
+
+        for line in metric_lines(result):
+            print(line)
+        for name, why in result["skipped"].items():
+            print(f"imagegen evaluate: skipped {name}: {why}", file=sys.stderr)
+    elif args.command == "benchmark":
+        import pandas as pd
+
+        from imagegen.leaderboard import leaderboard_markdown
+
+        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
+        print(result["path"])
     return 0
 
 

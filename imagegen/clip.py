@@ -381,14 +381,18 @@ def _load_cached(spec_str: str, device: str, allow_pickle: bool, cache_dir: str 
     # For a tag, open_clip gets the tag (so it applies the tag's mean/std/quick_gelu); the
     # resolve step above has already placed the file in the cache open_clip reads from.
     name, pretrained = spec.open_clip_args()
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        name,
-        pretrained=pretrained,
-        device=device,
-        cache_dir=cache_dir,
-        weights_only=True,
-        require_pretrained=True,  # never fall back to random weights silently
-    )
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name,
+            pretrained=pretrained,
+            device=device,
+            cache_dir=cache_dir,
+            weights_only=True,
+            require_pretrained=True,  # never fall back to random weights silently
+        )
+    except Exception as exc:  # safetensors/torch raise many types for a damaged or mismatched file
+        raise ClipSpecError(f"CLIP spec {spec_str!r}: cannot load weights file {weights} "
+                            f"({type(exc).__name__}: {exc}); is it complete and for model {name!r}?") from exc
     model.eval()
     model.requires_grad_(False)
     tokenizer = open_clip.get_tokenizer(spec.tokenizer_name())

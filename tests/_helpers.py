@@ -92,3 +92,37 @@ def register_world_dataset(root, name: str = "world-tiny", n: int = 48, per_shar
                                              "stage_ids": stage_ids or {}, "counts": {"shard": {"samples": n}}})
     register_name(Path(root), name, dataset_id)
     return dataset_id
+
+
+TINY_UNET = {"net": "unet", "net_size": "tiny", "image_size": 16,
+             "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
+
+
+def eval_world_root(root, n: int = 48, per_shard: int = 16) -> str:
+    """A data root for evaluation tests: a tiny random reference CLIP (``models/reference_clip/testclip``)
+    and a registered world dataset ``world-tiny`` of n scenes that names it; returns the dataset id."""
+    from pathlib import Path
+
+    clip_dir = Path(root) / "models" / "reference_clip" / "testclip"
+    tiny_random_clip(clip_dir)
+    (clip_dir / "card.json").write_text("{}")
+    return register_world_dataset(root, n=n, per_shard=per_shard, stage_ids={"reference_clip": "testclip"})
+
+
+def tiny_text_run(root, family: str = "flow", steps: int = 4, seed: int = 0) -> str:
+    """A finished text-conditioned run (tiny U-Net, 16 px, the world CLIP as text encoder) of ``steps``
+    steps on ``world-tiny`` (see eval_world_root), trained on one torch thread; returns its id."""
+    import torch
+
+    from imagegen.train.runs import train_run
+
+    req = {"dataset": "world-tiny", "train": {
+        "family": family, "model": {**TINY_UNET, "conditioning": "text", "text_encoder": "world"}, "steps": steps,
+        "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "ema_decay": 0.9, "ckpt_every": steps,
+        "epoch_batches": 2, "shuffle_buffer": 16, "sample_count": 2, "sample_steps": 2, "seed": seed}}
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_run(req, root)["run_id"]
+    finally:
+        torch.set_num_threads(old)

@@ -206,6 +206,22 @@ def _check_before_work(req: EvalRequest, src: Source) -> None:
         from imagegen.evaluate.geneval import read_prompts
 
         read_prompts(req.geneval_prompts)  # line-numbered errors
+    if "geneval" in req.metrics:
+        _detector(req)  # a missing detector weights file is named now, not after generation
+    specs = []
+    if "clipscore" in req.metrics:
+        specs.append(_resolve_clip(req.clip_model, src))
+    if {"fid", "kid"} & set(req.metrics) and _extractor_name(req, src) != "inception":
+        specs.append(_extractor_name(req, src))
+    for spec in specs:
+        from imagegen.clip import parse_spec, resolve_weights
+
+        resolve_weights(parse_spec(src.world_clip_spec() if spec == "world" else spec))
+
+
+def check_request(request: EvalRequest, root: Path | str) -> None:
+    """Every check that needs no image generated (the flows call it before any work)."""
+    _check_before_work(request, Source(request, Path(root)))
 
 
 def _extractor_name(req: EvalRequest, src: Source) -> str:
@@ -253,8 +269,9 @@ def conditions(src: Source, n: int, seed: int) -> tuple[list[str] | None, Any]:
 def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[str, Any]:
     """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete)."""
     done = out / "captions.jsonl"
-    if done.is_file() and len(done.read_text().splitlines()) == req.n_samples:
-        return {"generated": 0, "reused": True}
+    info_path = out / "generate.json"
+    if done.is_file() and len(done.read_text().splitlines()) == req.n_samples and info_path.is_file():
+        return {**json.loads(info_path.read_text()), "generated": 0, "reused": True}
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
     shape = (fam.cfg.channels, fam.cfg.image_size, fam.cfg.image_size)
@@ -278,8 +295,10 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
              for i in range(req.n_samples)]
     tmp = out / ".captions.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(done)
-    return {"generated": req.n_samples, "reused": False, "seconds": round(time.time() - t0, 3), "nfe": nfe}
+    info = {"nfe": nfe, "seconds": round(time.time() - t0, 3)}
+    write_json_atomic(info_path, info)
+    tmp.replace(done)  # written last: marks the set complete
+    return {**info, "generated": req.n_samples, "reused": False}
 
 
 def reference_images(src: Source, size: int, n: int | None, seed: int) -> list[Path]:
@@ -446,6 +465,11 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
              "code": code_version(fid_mod, geneval_mod, _self())}
     eval_id = stable_hash(ident)
     out = evals_dir(root) / eval_id
+    if (out / "card.json").is_file():
+        card = read_card(out)
+        if card.get("identity") == json.loads(json.dumps(ident, default=str)) and \
+                (card.get("metrics_file") is None or Path(card["metrics_file"]).is_file()):
+            return {k: v for k, v in card.items() if k not in ("request", "identity")} | {"reused": True}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = {"eval_id": eval_id, "source": json.dumps(src.identity), "run_id": src.run.id if src.run else None,
@@ -497,7 +521,7 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
                "skipped": skipped, "run_id": base["run_id"], "family": base["family"],
                "sampler": base["sampler"], "steps": base["steps"], "nfe": base.get("nfe"),
                "guidance": req.guidance, "n_samples": len(files), "seconds": round(time.time() - t0, 3),
-               "metrics_file": str(out / "metrics.parquet") if rows else None}
+               "metrics_file": str(out / "metrics.parquet") if rows else None, "reused": False}
     write_json_atomic(out / "card.json", {**summary, "request": req.model_dump(mode="json"), "identity": ident})
     return summary
 
