@@ -329,5 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``imagegen`` console script.  A refused command (exit code != 0) leaves at once after
+    flushing: it started no work, and an interpreter teardown racing native thread pools (torch,
+    pyarrow) once turned a clean exit 2 into an abort (-6) on a CI machine."""
+    code = main()
+    if code != 0:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
