@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -312,13 +314,23 @@ def reference_images(src: Source, size: int, n: int | None, seed: int) -> list[P
     folder = evals_dir(src.root) / "reference" / f"{ds.id}-{size}px"
     marker = folder / "done.json"
     if not marker.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
+
+        tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")  # filled aside, renamed into place
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         count = 0
         for sample in make_dataset(ds.shards, image_size=size, shuffle_buffer=0):
             x = ((sample["image"] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(x).save(folder / f"{sample['key']}.png")
+            Image.fromarray(x).save(tmp / f"{sample['key']}.png")
             count += 1
-        write_json_atomic(marker, {"dataset_id": ds.id, "size": size, "images": count})
+        write_json_atomic(tmp / "done.json", {"dataset_id": ds.id, "size": size, "images": count})
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first (or a leftover without done.json)
+            if not marker.is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                os.replace(tmp, folder)
+            shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(folder.glob("*.png"))
     if n is not None and n < len(files):
         idx = np.sort(np.random.default_rng(seed).choice(len(files), n, replace=False))
@@ -338,7 +350,7 @@ def _features(files: list[Path], extractor: Any, req: EvalRequest, device: str, 
                                num_workers=0, device=device)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp.npy")
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npy")
         np.save(tmp, feats, allow_pickle=False)
         tmp.replace(cache)
     return feats
