@@ -232,7 +232,7 @@ def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, n
     per row, ``report.parquet`` (label, steps, nfe, mse to the reference) and ``nfe_mse.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher = models[0][1]
-    shape = (count, teacher.cfg.channels, teacher.cfg.image_size, teacher.cfg.image_size)
+    shape = (count, *teacher.noise_shape)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     cond = sample_conditioning(cfg, count)
     guidance = cfg.sample_guidance if cond is not None else 1.0

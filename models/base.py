@@ -185,6 +185,11 @@ class Family(nn.Module):
         return build_net(self.cfg.net, self.cfg.net_config(self.text_dim, self.time_scale))
 
     @property
+    def noise_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's starting noise ``x_T`` (a latent for families that decode one)."""
+        return (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+
+    @property
     def device(self) -> torch.device:
         for t in self.parameters():
             return t.device

@@ -91,3 +91,6 @@ from models.reflow import Reflow  # noqa: E402
 register_family(ProgressiveDistillation)
 register_family(Reflow)
 register_family(ConsistencyDistillation)
+from models.vae import VAE  # noqa: E402
+
+register_family(VAE)

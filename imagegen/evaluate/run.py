@@ -276,7 +276,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
         return {**json.loads(info_path.read_text()), "generated": 0, "reused": True}
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
-    shape = (fam.cfg.channels, fam.cfg.image_size, fam.cfg.image_size)
+    shape = fam.noise_shape
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     nfe = None
@@ -428,7 +428,7 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     world_size = WorldConfig().image_size
     if src.run is not None:
         fam = src.load(device)
-        shape = (fam.cfg.channels, fam.cfg.image_size, fam.cfg.image_size)
+        shape = fam.noise_shape
 
         def make_images(meta: dict[str, Any], n: int, i: int) -> list[Image.Image]:
             idx = [i * 1000 + k for k in range(n)]

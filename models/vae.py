@@ -1,0 +1,154 @@
+"""VAE / beta-VAE (Kingma & Welling 2014; Higgins et al. 2017) on the family contract.
+
+A convolutional Gaussian encoder q(z|x) = N(mu(x), diag sigma^2(x)) over a ``latent_channels x
+(image_size / 2^levels)^2`` latent grid, the reparameterised sample z = mu + sigma eps, and a
+decoder whose mean is the reconstruction.  Loss (per image, averaged over the batch):
+
+    recon + beta * KL(q(z|x) || N(0, I)),   recon = sum over pixels of (x - x_hat)^2 / (2 s^2)
+
+with a fixed Gaussian decoder scale ``s`` (``recon_scale``), so beta = 1 is the ELBO up to a
+constant.  Logged separately: the reconstruction term, the KL, and the number of *active* latent
+dimensions — dimensions whose posterior mean varies across the batch, Cov_x(E_q[z_d]) > 0.01
+(Burda et al. 2016's activity statistic): a posterior-collapse indicator.  Sampling decodes
+z ~ N(0, I).  No U-Net/DiT: ``builds_denoiser = False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from models.base import Family, FamilyConfig, LossOut, randn
+from models.samplers import SampleResult
+
+ACTIVE_THRESHOLD = 0.01
+
+
+class VAEConfig(FamilyConfig):
+    builds_denoiser: ClassVar[bool] = False
+
+    beta: float = Field(1.0, ge=0.0, le=1000.0, description="Weight of the KL term (1 = ELBO; >1 beta-VAE)")
+    latent_channels: int = Field(4, ge=1, le=256, description="Channels of the latent grid")
+    levels: int = Field(2, ge=0, le=6, description="Downsampling levels (factor 2 each)")
+    width: int = Field(32, ge=4, le=1024, description="Channels of the first level (doubling per level)")
+    recon_scale: float = Field(0.1, gt=0.0, le=10.0, description="Decoder std s of the Gaussian likelihood")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VAEConfig":
+        if self.image_size % (2 ** self.levels):
+            raise ValueError(f"VAEConfig: image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
+        if self.conditioning != "none":
+            raise ValueError("VAEConfig: the VAE is unconditional (conditioning='none')")
+        return self
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    g = max(1, min(8, cout // 4))
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(g, cout), nn.SiLU())
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: VAEConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [_block(c.channels, c.width)]
+        w = c.width
+        for _ in range(c.levels):
+            layers += [nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), _block(2 * w, 2 * w)]
+            w *= 2
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(w, 2 * c.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mu, logvar = self.out(self.body(x)).chunk(2, dim=1)
+        return mu, logvar.clamp(-30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    def __init__(self, c: VAEConfig) -> None:
+        super().__init__()
+        w = c.width * 2 ** c.levels
+        layers: list[nn.Module] = [nn.Conv2d(c.latent_channels, w, 3, padding=1), _block(w, w)]
+        for _ in range(c.levels):
+            layers += [nn.ConvTranspose2d(w, w // 2, 4, stride=2, padding=1), _block(w // 2, w // 2)]
+            w //= 2
+        layers.append(nn.Conv2d(w, c.channels, 3, padding=1))
+        self.body = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.body(z)
+
+
+class VAE(Family):
+    name: ClassVar[str] = "vae"
+    Config: ClassVar[type[FamilyConfig]] = VAEConfig
+    samplers: ClassVar[tuple[str, ...]] = ("decode",)
+    default_sampler: ClassVar[str] = "decode"
+    default_steps: ClassVar[int] = 1
+    conditioning: ClassVar[frozenset[str]] = frozenset({"none"})
+
+    cfg: VAEConfig
+
+    def __init__(self, cfg: VAEConfig | Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        self.encoder = Encoder(self.cfg)
+        self.decoder = Decoder(self.cfg)
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return self.latent_shape
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.cfg.image_size // 2 ** self.cfg.levels
+        return (self.cfg.latent_channels, s, s)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, logvar) of q(z|x)."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
+        x = self.check_images(batch)
+        mu, logvar = self.encode(x)
+        z = mu + (0.5 * logvar).exp() * randn(mu.shape, generator, mu.device, mu.dtype)
+        x_hat = self.decode(z)
+        recon = ((x_hat.float() - x.float()) ** 2).flatten(1).sum(1) / (2 * self.cfg.recon_scale ** 2)
+        kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
+        loss = (recon + self.cfg.beta * kl).mean()
+        with torch.no_grad():
+            active = int((mu.float().flatten(1).var(dim=0) > ACTIVE_THRESHOLD).sum()) if x.shape[0] > 1 else -1
+            mse = float(F.mse_loss(x_hat.float(), x.float()))
+        return LossOut({"model": loss}, {"recon": float(recon.mean().detach()), "kl": float(kl.mean().detach()),
+                                         "active_dims": float(active), "mse": mse})
+
+    def sample_result(self, n: int, conditioning: Any = None, sampler: str | None = None, steps: int | None = None,
+                      guidance: float = 1.0, negative: Any = None, generator: torch.Generator | None = None,
+                      x_T: Tensor | None = None, **options: Any) -> SampleResult:
+        """Decode z ~ N(0, I); ``x_T`` (if given) is the unit Gaussian latent, shape [n, *latent_shape]."""
+        self._check_sampling(sampler, steps, guidance, conditioning, negative, options)
+        if x_T is None:
+            x_T = randn((n, *self.latent_shape), generator, self.device)
+        elif tuple(x_T.shape) != (n, *self.latent_shape):
+            raise ValueError(f"VAE.sample: x_T must be a latent of shape {(n, *self.latent_shape)}, "
+                             f"got {tuple(x_T.shape)}")
+        was = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                x = self.decode(x_T.to(self.device)).clamp(-1, 1)
+        finally:
+            self.train(was)
+        return SampleResult(x, 1)
+
+
+def active_dimensions(vae: VAE, images: Tensor, threshold: float = ACTIVE_THRESHOLD) -> int:
+    """Latent dimensions whose posterior mean varies across ``images`` (Burda et al. 2016)."""
+    with torch.no_grad():
+        mu, _ = vae.encode(images.to(vae.device))
+    return int((mu.float().flatten(1).var(dim=0) > threshold).sum())
