@@ -298,6 +298,12 @@ class Family(nn.Module):
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         raise NotImplementedError(f"{type(self).__name__} must implement loss(batch, generator)")
 
+    def optimizers_for_step(self, step: int) -> list[str]:
+        """Names of the optimizers that update at (0-based) training ``step``; all by default.  A
+        GAN with a D:G ratio of k returns only the discriminator on k-1 of every k steps; losses of
+        the others are still computed and logged, not backpropagated."""
+        return list(self.optimizers_spec())
+
     def after_step(self) -> None:
         """Called by the trainer on every rank after each optimizer step that was taken (not on
         skipped steps), before the EMA update: e.g. a consistency model's target network update.

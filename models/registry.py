@@ -94,3 +94,6 @@ register_family(ConsistencyDistillation)
 from models.vae import VAE  # noqa: E402
 
 register_family(VAE)
+from models.gan import GAN  # noqa: E402
+
+register_family(GAN)

@@ -427,6 +427,15 @@ class Progress:
             self.callback(info)
 
 
+def _active_optimizers(family: Family, step: int, names: list[str]) -> list[str]:
+    """The optimizers that update at (0-based) ``step``: ``family.optimizers_for_step`` checked."""
+    active = list(family.optimizers_for_step(step))
+    if not active or not set(active) <= set(names) or len(set(active)) != len(active):
+        raise ValueError(f"{type(family).__name__}.optimizers_for_step({step}) returned {active}; it must be a "
+                         f"non-empty subset of the optimizers {names}")
+    return [n for n in names if n in active]  # in optimizers_spec order
+
+
 def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_dir: str | Path, *,
           stop_after: int | None = None, progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume, when ``run_dir`` holds a checkpoint) up to ``cfg.steps``.
@@ -523,6 +532,7 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
             opt.zero_grad(set_to_none=True)
         loss_sum = torch.zeros(len(names), device=device)
         log_sums: dict[str, float] = {}
+        active = _active_optimizers(family, step, names)
         for j, (s, (_, _, batch)) in enumerate(zip(slots, got)):
             batch = to_device(batch)
             sync = model.no_sync() if isinstance(model, DDP) and j + 1 < k else nullcontext()
@@ -540,33 +550,37 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
                 if len(names) == 1:
                     (out.losses[names[0]] / k).backward()
                 else:
-                    for i, n in enumerate(names):
-                        (out.losses[n] / k).backward(inputs=spec[n], retain_graph=i + 1 < len(names))
+                    for i, n in enumerate(active):
+                        (out.losses[n] / k).backward(inputs=spec[n], retain_graph=i + 1 < len(active))
             loss_sum += torch.stack([out.losses[n].detach().float() for n in names])
             for key, v in out.logs.items():
                 log_sums[key] = log_sums.get(key, 0.0) + float(v) / k
         if manual_sync:
-            for n in names:
+            for n in active:
                 distributed.average_gradients(env, spec[n])
         # losses and logs averaged over all slots of all processes, in one all-reduce
         log_keys = sorted(log_sums)
         means = distributed.mean_across(env, torch.cat([loss_sum / k, torch.tensor(
             [log_sums[key] for key in log_keys], device=device, dtype=loss_sum.dtype)])).tolist()
-        norms = {n: float(torch.nn.utils.clip_grad_norm_(spec[n], clip)) for n in names}
+        norms = {n: float(torch.nn.utils.clip_grad_norm_(spec[n], clip)) if n in active else float("nan")
+                 for n in names}
         last_losses = dict(zip(names, means[:len(names)]))
         log_means = dict(zip(log_keys, means[len(names):]))
-        ok = all(math.isfinite(v) for v in [*last_losses.values(), *norms.values()])
+        ok = all(math.isfinite(v) for v in [*last_losses.values(), *(norms[n] for n in active)])
         lrs = {n: optimizers[n].param_groups[0]["lr"] for n in names}
         if ok:
-            for n in names:
+            for n in active:
                 optimizers[n].step()
             family.after_step()
             if ema is not None:
                 ema.update(family)
         else:
             bad_steps += 1
-        for sch in schedulers.values():
-            sch.step()
+        with warnings.catch_warnings():
+            # the LR follows the global step, also for an optimizer that sat this step out
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            for sch in schedulers.values():
+                sch.step()
         step += 1
         if metrics is not None and (not ok or step % cfg.log_every == 0):
             row: dict[str, Any] = {"step": step, "skipped": not ok}
