@@ -41,7 +41,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # member extensions read as the image, first found wins
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "npy")  # member extensions read as the image, first found wins
+LATENT_KEY = "npy"  # a latent shard's sample: float32 [C, h, w] saved by numpy (never pickled)
+
+
+def decode_latent(data: bytes) -> torch.Tensor:
+    """A ``.npy`` member -> float32 [C, h, w] (``allow_pickle=False``: object arrays are refused)."""
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if arr.ndim != 3 or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"a latent must be a float array [C, h, w], got {arr.dtype} {arr.shape}")
+    return torch.from_numpy(arr.astype(np.float32, copy=False).copy())
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -172,7 +181,9 @@ def _decode_samples(src: Iterator[dict[str, Any]], image_size: int | None, with_
             except UnicodeDecodeError as exc:
                 raise BadSample(f"sample {key!r} in shard {shard}: caption is not UTF-8 ({exc})") from None
             try:
-                image = decode_rgb(raw[image_key], image_size)
+                # latents are used as stored: image_size is the pixel size, it does not resize them
+                image = decode_latent(raw[image_key]) if image_key == LATENT_KEY else \
+                    decode_rgb(raw[image_key], image_size)
             except Exception as exc:  # PIL raises many types for bad bytes
                 raise BadSample(f"sample {key!r} in shard {shard}: cannot decode .{image_key} "
                                 f"({type(exc).__name__}: {exc})") from None

@@ -73,6 +73,12 @@ class FamilyConfig(BaseModel):
     text_tokens: bool = Field(
         True, description="Cross-attend to text tokens (else the pooled embedding alone conditions the net)"
     )
+    autoencoder: str | None = Field(
+        None, description="data='latents': the autoencoder checkpoint (or 'run:<id>') whose decoder turns "
+        "samples back into images"
+    )
+    latent_scale: float = Field(1.0, gt=0.0, description="data='latents': the scale the latents were multiplied "
+                                "by (unit variance); samples are divided by it before decoding")
 
     @model_validator(mode="after")
     def _check_family(self) -> "FamilyConfig":
@@ -85,6 +91,8 @@ class FamilyConfig(BaseModel):
             raise ValueError(f"{name}: conditioning='text' needs text_encoder (an open_clip spec string)")
         if self.conditioning != "text" and self.text_encoder is not None:
             raise ValueError(f"{name}: text_encoder is only used with conditioning='text'")
+        if self.autoencoder is not None and self.data != "latents":
+            raise ValueError(f"{name}: autoencoder is only used with data='latents'")
         owned = sorted(set(self.net_overrides) & set(_FAMILY_OWNED_NET_FIELDS))
         if owned:
             hint = ", ".join(f"{k} -> {_FAMILY_OWNED_NET_FIELDS[k]}" for k in owned)
@@ -393,7 +401,20 @@ class Family(nn.Module):
             self.train(was_training)
         if self.cfg.data == "pixels":
             res.sample = res.sample.clamp(-1, 1)
+        elif self.cfg.autoencoder:
+            res.sample = self.decode_latents(res.sample)
         return res
+
+    def decode_latents(self, z: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1] through the (frozen, lazily loaded) autoencoder."""
+        ae = self.__dict__.get("_autoencoder")
+        if ae is None:
+            from models.teacher import checkpoint_family
+
+            ae = checkpoint_family(str(self.cfg.autoencoder), device=self.device)
+            object.__setattr__(self, "_autoencoder", ae)  # not a submodule: no optimizer, EMA or checkpoint
+        with torch.no_grad():
+            return ae.decode(z.to(ae.device) / self.cfg.latent_scale).clamp(-1, 1).to(z.device)
 
     def sample(
         self,

@@ -91,9 +91,10 @@ from models.reflow import Reflow  # noqa: E402
 register_family(ProgressiveDistillation)
 register_family(Reflow)
 register_family(ConsistencyDistillation)
-from models.vae import VAE  # noqa: E402
+from models.vae import VAE, KLAutoencoder  # noqa: E402
 
 register_family(VAE)
+register_family(KLAutoencoder)
 from models.gan import GAN  # noqa: E402
 
 register_family(GAN)

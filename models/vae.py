@@ -152,3 +152,80 @@ def active_dimensions(vae: VAE, images: Tensor, threshold: float = ACTIVE_THRESH
     with torch.no_grad():
         mu, _ = vae.encode(images.to(vae.device))
     return int((mu.float().flatten(1).var(dim=0) > threshold).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# KL autoencoder (the latent-diffusion first stage, Rombach et al. 2022, at small scale)
+
+
+class KLAutoencoderConfig(VAEConfig):
+    beta: float = Field(1e-6, ge=0.0, le=1.0, description="KL weight (small: a regularised autoencoder, not a "
+                        "generative VAE; Rombach et al. use 1e-6 on summed losses)")
+    disc_weight: float = Field(0.0, ge=0.0, le=100.0, description="Weight of the patch-discriminator (hinge) "
+                               "term for the autoencoder; 0 = no discriminator")
+    disc_start: int = Field(0, ge=0, description="Training step from which the discriminator term is used")
+
+
+class PatchDiscriminator(nn.Module):
+    """A few strided convolutions giving one logit per patch (pix2pix / taming-transformers style)."""
+
+    def __init__(self, channels: int, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(width, 2 * width, 4, stride=2, padding=1), _block(2 * width, 2 * width),
+            nn.Conv2d(2 * width, 1, 3, padding=1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+class KLAutoencoder(VAE):
+    """Encoder/decoder with a downsampling factor 2^levels (4 or 8 for latent diffusion), loss =
+    per-image summed L1 reconstruction + beta * KL (+ disc_weight * hinge adversarial term after
+    ``disc_start``, with its own discriminator optimizer).  Latents are the posterior means; the
+    latent scale factor is measured on the dataset when it is encoded (imagegen/latents.py)."""
+
+    name: ClassVar[str] = "kl_autoencoder"
+    Config: ClassVar[type[FamilyConfig]] = KLAutoencoderConfig
+
+    cfg: KLAutoencoderConfig
+
+    def __init__(self, cfg: KLAutoencoderConfig | Mapping[str, Any]) -> None:
+        super().__init__(cfg)
+        self.discriminator = PatchDiscriminator(self.cfg.channels, self.cfg.width) if self.cfg.disc_weight > 0 else None
+        self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+
+    def optimizers_spec(self) -> dict[str, list[nn.Parameter]]:
+        ae = [*self.encoder.parameters(), *self.decoder.parameters()]
+        if self.discriminator is None:
+            return {"model": ae}
+        return {"autoencoder": ae, "discriminator": list(self.discriminator.parameters())}
+
+    def optimizers_for_step(self, step: int) -> list[str]:
+        if self.discriminator is not None and step < self.cfg.disc_start:
+            return ["autoencoder"]  # the discriminator sits out until its start step
+        return list(self.optimizers_spec())
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        self.steps_done += 1
+
+    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
+        x = self.check_images(batch)
+        mu, logvar = self.encode(x)
+        z = mu + (0.5 * logvar).exp() * randn(mu.shape, generator, mu.device, mu.dtype)
+        x_hat = self.decode(z)
+        recon = (x_hat.float() - x.float()).abs().flatten(1).sum(1)
+        kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
+        ae_loss = (recon + self.cfg.beta * kl).mean()
+        logs = {"recon_l1": float(recon.mean().detach()) / x[0].numel(), "kl": float(kl.mean().detach()),
+                "mse": float(F.mse_loss(x_hat.float(), x.float()).detach())}
+        if self.discriminator is None:
+            return LossOut({"model": ae_loss}, logs)
+        on = float(int(self.steps_done) >= self.cfg.disc_start)
+        g_adv = -self.discriminator(x_hat).mean()
+        d_loss = (F.relu(1 - self.discriminator(x)).mean() + F.relu(1 + self.discriminator(x_hat.detach())).mean())
+        logs.update(g_adv=float(g_adv.detach()), disc_on=on)
+        return LossOut({"autoencoder": ae_loss + on * self.cfg.disc_weight * g_adv, "discriminator": on * d_loss},
+                       logs)

@@ -150,18 +150,27 @@ class Source:
             ds_name = req.reference
             self.size = Image.open(self.files[0]).size[0] if self.files else 0
         self.dataset: DatasetRef | None = get_dataset(root, ds_name) if ds_name else None
+        if self.dataset is not None and self.dataset.card.get("kind") == "latents":
+            from imagegen.train.runs import parent_dataset
+
+            # a latent model's samples are decoded to images: compare them with the images encoded
+            self.dataset = get_dataset(root, str(parent_dataset(self.dataset)))
 
     @property
     def is_world(self) -> bool:
-        return bool(self.dataset is not None and self.dataset.card.get("stage_ids", {}).get("reference_clip")) or \
-            bool(self.dataset is not None and self.dataset.card.get("source", {}).get("teacher_dataset"))
+        from imagegen.train.runs import parent_dataset
+
+        return bool(self.dataset is not None and (self.dataset.card.get("stage_ids", {}).get("reference_clip")
+                                                  or parent_dataset(self.dataset)))
 
     def world_clip_spec(self) -> str:
         ds = self.dataset
         assert ds is not None
+        from imagegen.train.runs import parent_dataset
+
         clip_id = ds.card.get("stage_ids", {}).get("reference_clip")
-        if not clip_id and ds.card.get("source", {}).get("teacher_dataset"):
-            clip_id = get_dataset(self.root, ds.card["source"]["teacher_dataset"]).card["stage_ids"]["reference_clip"]
+        if not clip_id and parent_dataset(ds):
+            clip_id = get_dataset(self.root, parent_dataset(ds)).card.get("stage_ids", {}).get("reference_clip")
         if not clip_id:
             raise EvalError(f"'world' names the reference CLIP of an embedded-world dataset; {ds.id} has none")
         path = models_dir(self.root) / "reference_clip" / clip_id

@@ -38,9 +38,9 @@ from imagegen.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = ("jpg", "png")
+IMAGE_EXTS = ("jpg", "png", "npy")  # npy: a latent (numpy array file) of a latent dataset
 # First bytes of each format (JPEG SOI + marker prefix; PNG signature, RFC 2083 section 12.11).
-_MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n"}
+_MAGIC = {"jpg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "npy": b"\x93NUMPY"}
 # webdataset splits a member name at the first dot of its basename, treats "__x__" names as its
 # own metadata and "/" as folders, so keys must avoid all three.
 _BAD_KEY_CHARS = re.compile(r"[./\\\s\x00-\x1f\x7f]")

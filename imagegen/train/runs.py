@@ -165,6 +165,16 @@ def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
     """Fill in what comes from the dataset and refuse what the dataset cannot give."""
     data = cfg.model_dump(mode="json")
     conditioning = cfg.model.get("conditioning", "none")
+    latents = ds.card.get("kind") == "latents"
+    if latents != (cfg.model.get("data") == "latents"):
+        raise RunError(f"dataset {ds.id} holds {'latents' if latents else 'images'}; set model.data="
+                       f"{'latents' if latents else 'pixels'} (a latent dataset comes from `imagegen.latents`)")
+    if latents:  # the latent grid and the decoder come from the dataset's card
+        c, h, _ = ds.card["latent_shape"]
+        data["model"] = {**data["model"], "channels": c, "image_size": h, "latent_scale": ds.card["latent_scale"],
+                         "autoencoder": f"run:{ds.card['source']['autoencoder_run']}"}
+        cfg = TrainConfig(**data)
+        data = cfg.model_dump(mode="json")
     manifest = _manifest(ds)
     n = len(manifest)
     where = f"dataset {ds.name or ds.id} ({ds.id})"
@@ -209,20 +219,27 @@ def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
     return TrainConfig(**data)
 
 
+def parent_dataset(ds: DatasetRef) -> str | None:
+    """The dataset a derived one (reflow pairs, latents) was made from."""
+    src = ds.card.get("source", {})
+    return src.get("parent_dataset") or src.get("teacher_dataset")
+
+
 def _resolve(cfg: TrainConfig, ds: DatasetRef, root: Path) -> TrainConfig:
-    teacher = cfg.model.get("teacher")
-    if isinstance(teacher, str) and teacher.startswith("run:"):
-        ref = get_run(root, teacher[4:])
-        if ref.card.get("status") != "finished" or ref.checkpoint is None:
-            raise RunError(f"teacher run {ref.id} is {ref.card.get('status')!r}, not finished")
-        data = cfg.model_dump(mode="json")
-        data["model"] = {**data["model"], "teacher": str(ref.checkpoint.resolve())}
-        cfg = TrainConfig(**data)
+    for field in ("teacher", "autoencoder"):  # 'run:<id>' -> that finished run's checkpoint folder
+        ref_str = cfg.model.get(field)
+        if isinstance(ref_str, str) and ref_str.startswith("run:"):
+            ref = get_run(root, ref_str[4:])
+            if ref.card.get("status") != "finished" or ref.checkpoint is None:
+                raise RunError(f"{field} run {ref.id} is {ref.card.get('status')!r}, not finished")
+            data = cfg.model_dump(mode="json")
+            data["model"] = {**data["model"], field: str(ref.checkpoint.resolve())}
+            cfg = TrainConfig(**data)
     if cfg.model.get("text_encoder") != WORLD_TEXT_ENCODER:
         return cfg
     clip_id = ds.card.get("stage_ids", {}).get("reference_clip")
-    if not clip_id and ds.card.get("source", {}).get("teacher_dataset"):  # a distillation dataset
-        clip_id = get_dataset(root, ds.card["source"]["teacher_dataset"]).card.get("stage_ids", {}).get("reference_clip")
+    if not clip_id and parent_dataset(ds):  # a derived dataset (reflow pairs, latents)
+        clip_id = get_dataset(root, parent_dataset(ds)).card.get("stage_ids", {}).get("reference_clip")
     if not clip_id:
         raise RunError(f"text_encoder={WORLD_TEXT_ENCODER!r} names the reference CLIP of an embedded-world dataset; "
                        f"dataset {ds.id} was not curated from the world. Give an open_clip spec instead "

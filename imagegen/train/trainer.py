@@ -459,9 +459,9 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     if cfg.precision == "bf16" and not bf16:
         warnings.warn("precision='bf16' applies on CUDA only; this CPU run uses fp32", stacklevel=2)
     family, optimizers, schedulers, ema = build(cfg, device)
-    if family.cfg.data != "pixels" or family.cfg.channels != 3:
-        raise ValueError(f"train: the shard loader yields RGB pixels; family config has data={family.cfg.data!r}, "
-                         f"channels={family.cfg.channels} (latent training needs a latent loader, not built)")
+    if family.cfg.data == "pixels" and family.cfg.channels != 3:
+        raise ValueError(f"train: pixel shards hold RGB images; the family config has channels={family.cfg.channels} "
+                         "(train on a latent dataset with data='latents' for other channel counts)")
     labeler = Labeler(cfg) if family.cfg.conditioning == "class" else None
     generators = {s: torch.Generator(device=device).manual_seed(slot_seed(cfg.seed, s)) for s in slots}
     cfg_json = cfg.model_dump(mode="json")

@@ -1,0 +1,127 @@
+"""Latent datasets: a registered image dataset encoded once by a frozen autoencoder run.
+
+``encode_dataset(root, dataset, autoencoder_run)`` reads every sample of the dataset (in shard
+order, decoded and resized exactly as the training loader does, at the autoencoder's image
+size), encodes it to the posterior mean, measures the latent scale factor ``1 / std`` over the
+whole dataset (so the stored latents have unit variance: Rombach et al. 2022 measure it on a
+batch and hard-code 0.18215 for SD; here it is measured per (dataset, autoencoder)), and writes
+a registered dataset of ``.npy`` latents (float32, never pickled) with the original captions,
+.json fields and manifest rows.  Its id hashes (dataset id, autoencoder checkpoint sha256, this
+code), so every latent model reuses it; its card records the scale, the latent shape and the
+reconstruction error measured while encoding.  Any diffusion/flow family then trains on it with
+``model.data = "latents"`` (the run layer fills channels, size, scale and the decoder in).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from imagegen.artifacts import is_complete, stage_output
+from imagegen.hashing import code_version, stable_hash
+from imagegen.paths import datasets_dir
+from imagegen.registry import get_dataset, register_name
+
+
+class LatentError(ValueError):
+    pass
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr.astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _metas(shards: list[Path]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    out[m.name[:-5]] = json.loads(tar.extractfile(m).read())  # type: ignore[union-attr]
+    return out
+
+
+def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batch_size: int = 64,
+                   device: str = "cpu", name: str | None = None) -> str:
+    """Encode ``dataset`` with the autoencoder of a finished run into a registered latent dataset; its id."""
+    from imagegen.loader import make_dataset
+    from imagegen.stages.shard import ShardConfig, write_shards
+    from imagegen.train.checkpoint import read_checkpoint
+    from imagegen.train.runs import get_run
+    from models.teacher import checkpoint_family
+
+    root = Path(root)
+    ds = get_dataset(root, dataset)
+    if ds.card.get("kind") == "latents":
+        raise LatentError(f"dataset {ds.id} already holds latents")
+    run = get_run(root, autoencoder_run)
+    if run.card.get("status") != "finished" or run.checkpoint is None:
+        raise LatentError(f"autoencoder run {run.id} is {run.card.get('status')!r}, not finished")
+    _, meta = read_checkpoint(run.checkpoint)
+    ae = checkpoint_family(run.checkpoint, device=device)
+    if not hasattr(ae, "encode") or not hasattr(ae, "decode"):
+        raise LatentError(f"run {run.id} is family {ae.name!r}, which has no encode/decode (train a vae or "
+                          "kl_autoencoder run)")
+    ident = {"dataset": ds.id, "autoencoder": meta["tensors_sha256"],
+             "code": code_version(__import__("imagegen.loader", fromlist=["x"]), __import__(__name__, fromlist=["x"]))}
+    dataset_id = stable_hash(ident)
+    label = name or f"latents-{ds.name or ds.id[:8]}-{run.id[:8]}"
+    final = datasets_dir(root) / dataset_id
+    if is_complete(final):
+        register_name(root, label, dataset_id)
+        return dataset_id
+    t0 = time.time()
+    keys: list[str] = []
+    captions: list[str] = []
+    latents: list[np.ndarray] = []
+    sq_err = n_px = 0.0
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal sq_err, n_px
+        x = torch.stack([b["image"] for b in batch]).to(device)
+        with torch.no_grad():
+            mu, _ = ae.encode(x)
+            x_hat = ae.decode(mu).clamp(-1, 1)
+        sq_err += float(((x_hat - x) ** 2).sum())
+        n_px += x.numel()
+        latents.extend(mu.float().cpu().numpy())
+        keys.extend(b["key"] for b in batch)
+        captions.extend(b["caption"] for b in batch)
+        batch.clear()
+
+    for sample in make_dataset(ds.shards, image_size=ae.cfg.image_size, shuffle_buffer=0):
+        batch.append(sample)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not latents:
+        raise LatentError(f"dataset {ds.id} yielded no readable samples")
+    stack = np.stack(latents)
+    std = float(stack.std())
+    scale = 1.0 / std if std > 0 else 1.0
+    metas = _metas(ds.shards)
+    with stage_output(final) as (tmp, card):
+        write_shards([{"key": k, "image": _npy(z * scale), "ext": "npy", "caption": c, "meta": metas.get(k, {})}
+                      for k, z, c in zip(keys, stack, captions)], tmp / "shards", ShardConfig(target_shard_size=1000))
+        manifest = pd.read_parquet(ds.path / "manifest.parquet")
+        manifest = manifest[manifest["key"].isin(set(keys))]
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        card.update(id=dataset_id, name=label, kind="latents", inputs=ident, stage_ids={},
+                    source={"kind": "latents", "parent_dataset": ds.id, "autoencoder_run": run.id},
+                    latent_shape=list(stack.shape[1:]), latent_scale=scale, latent_std_before_scaling=std,
+                    recon_mse=sq_err / n_px, counts={"shard": {"samples": len(keys)}},
+                    image_size=ae.cfg.image_size, seconds=round(time.time() - t0, 3))
+    register_name(root, label, dataset_id)
+    return dataset_id
