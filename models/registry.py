@@ -98,3 +98,6 @@ register_family(KLAutoencoder)
 from models.gan import GAN  # noqa: E402
 
 register_family(GAN)
+from models.vq import VQTokenizer  # noqa: E402
+
+register_family(VQTokenizer)
