@@ -3,7 +3,8 @@
 ``encode_dataset(root, dataset, autoencoder_run)`` reads every sample of the dataset (in shard
 order, decoded and resized exactly as the training loader does, at the autoencoder's image
 size), encodes it to the posterior mean, measures the latent scale factor ``1 / std`` over the
-whole dataset (so the stored latents have unit variance: Rombach et al. 2022 measure it on a
+whole dataset (so the stored latents have unit variance; a tokenizer's token grids are stored as
+exact float32 ids [1, h, w], unscaled: Rombach et al. 2022 measure it on a
 batch and hard-code 0.18215 for SD; here it is measured per (dataset, autoencoder)), and writes
 a registered dataset of ``.npy`` latents (float32, never pickled) with the original captions,
 .json fields and manifest rows.  Its id hashes (dataset id, autoencoder checkpoint sha256, this
@@ -69,9 +70,10 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
         raise LatentError(f"autoencoder run {run.id} is {run.card.get('status')!r}, not finished")
     _, meta = read_checkpoint(run.checkpoint)
     ae = checkpoint_family(run.checkpoint, device=device)
-    if not hasattr(ae, "encode") or not hasattr(ae, "decode"):
-        raise LatentError(f"run {run.id} is family {ae.name!r}, which has no encode/decode (train a vae or "
-                          "kl_autoencoder run)")
+    tokens = hasattr(ae, "encode_tokens") and hasattr(ae, "decode_tokens")
+    if not tokens and not (hasattr(ae, "encode") and hasattr(ae, "decode")):
+        raise LatentError(f"run {run.id} is family {ae.name!r}, which has no encode/decode (train a vae, "
+                          "kl_autoencoder or vq run)")
     ident = {"dataset": ds.id, "autoencoder": meta["tensors_sha256"],
              "code": code_version(__import__("imagegen.loader", fromlist=["x"]), __import__(__name__, fromlist=["x"]))}
     dataset_id = stable_hash(ident)
@@ -91,8 +93,13 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
         nonlocal sq_err, n_px
         x = torch.stack([b["image"] for b in batch]).to(device)
         with torch.no_grad():
-            mu, _ = ae.encode(x)
-            x_hat = ae.decode(mu).clamp(-1, 1)
+            if tokens:  # a tokenizer: integer token grids, stored as exact float32 [1, h, w]
+                t = ae.encode_tokens(x)
+                x_hat = ae.decode_tokens(t).clamp(-1, 1)
+                mu = t[:, None].float()
+            else:
+                mu, _ = ae.encode(x)
+                x_hat = ae.decode(mu).clamp(-1, 1)
         sq_err += float(((x_hat - x) ** 2).sum())
         n_px += x.numel()
         latents.extend(mu.float().cpu().numpy())
@@ -110,7 +117,7 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
         raise LatentError(f"dataset {ds.id} yielded no readable samples")
     stack = np.stack(latents)
     std = float(stack.std())
-    scale = 1.0 / std if std > 0 else 1.0
+    scale = 1.0 if tokens else (1.0 / std if std > 0 else 1.0)  # token ids are never scaled
     metas = _metas(ds.shards)
     with stage_output(final) as (tmp, card):
         write_shards([{"key": k, "image": _npy(z * scale), "ext": "npy", "caption": c, "meta": metas.get(k, {})}
@@ -122,6 +129,7 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
                     source={"kind": "latents", "parent_dataset": ds.id, "autoencoder_run": run.id},
                     latent_shape=list(stack.shape[1:]), latent_scale=scale, latent_std_before_scaling=std,
                     recon_mse=sq_err / n_px, counts={"shard": {"samples": len(keys)}},
+                    tokens=bool(tokens), vocab_size=int(ae.vocab_size) if tokens else None,
                     image_size=ae.cfg.image_size, seconds=round(time.time() - t0, 3))
     register_name(root, label, dataset_id)
     return dataset_id

@@ -414,6 +414,8 @@ class Family(nn.Module):
             ae = checkpoint_family(str(self.cfg.autoencoder), device=self.device)
             object.__setattr__(self, "_autoencoder", ae)  # not a submodule: no optimizer, EMA or checkpoint
         with torch.no_grad():
+            if hasattr(ae, "decode_tokens"):  # a tokenizer: z holds token ids
+                return ae.decode_tokens(z.to(ae.device).round().long()).clamp(-1, 1).to(z.device)
             return ae.decode(z.to(ae.device) / self.cfg.latent_scale).clamp(-1, 1).to(z.device)
 
     def sample(

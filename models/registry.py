@@ -101,3 +101,6 @@ register_family(GAN)
 from models.vq import VQTokenizer  # noqa: E402
 
 register_family(VQTokenizer)
+from models.maskgit import MaskGIT  # noqa: E402
+
+register_family(MaskGIT)

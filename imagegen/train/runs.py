@@ -34,6 +34,7 @@ from imagegen.paths import models_dir
 from imagegen.registry import DatasetRef, get_dataset
 from imagegen.train.checkpoint import latest_checkpoint, read_checkpoint
 from imagegen.train.trainer import RESUMABLE_CHANGES, TrainConfig
+from models.registry import get_family
 
 RUNS = "runs"
 CARD = "card.json"
@@ -173,6 +174,11 @@ def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
         c, h, _ = ds.card["latent_shape"]
         data["model"] = {**data["model"], "channels": c, "image_size": h, "latent_scale": ds.card["latent_scale"],
                          "autoencoder": f"run:{ds.card['source']['autoencoder_run']}"}
+        if ds.card.get("tokens"):
+            if "vocab_size" not in get_family(cfg.family).Config.model_fields:
+                raise RunError(f"dataset {ds.id} holds discrete tokens; family {cfg.family!r} models continuous "
+                               "latents (train a token model such as maskgit)")
+            data["model"]["vocab_size"] = ds.card["vocab_size"]
         cfg = TrainConfig(**data)
         data = cfg.model_dump(mode="json")
     manifest = _manifest(ds)
