@@ -78,12 +78,11 @@ def main() -> None:
     evals: list[dict] = []
     latent_sets: dict[str, str] = {}
     for family in [f.strip() for f in args.families.split(",") if f.strip()]:
-        overrides = [f"train.family={family}", *args.set]
-        if args.steps is not None:
-            overrides.append(f"train.steps={args.steps}")
-        base = build_config(TrainRequest, TRAIN_PRESETS, args.preset, overrides)
+        overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
+        base = build_config(TrainRequest, TRAIN_PRESETS, args.preset, overrides)  # the preset's own family
         ensure_dataset(root, base.dataset, args.curate)
         data = base.model_dump(mode="json")
+        data["train"]["family"] = family
         size = data["train"]["model"].get("image_size", 32)
         cond = data["train"]["model"].get("conditioning", "none")
         if family in OWN_MODEL:  # not a denoiser: its own network settings, same budget and data
