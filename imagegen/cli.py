@@ -7,6 +7,8 @@
     imagegen distill --teacher RUN --method progressive|reflow|consistency [--steps N] [--set target_steps=2 ...]
     imagegen evaluate (--run RUN | --folder DIR) [--metrics fid,kid,clipscore,geneval] [--set steps=8 ...]
     imagegen benchmark [--runs A,B | --families flow,reflow] [--dataset D] [--nfe 1,2,4,8] [--set n_samples=5000 ...]
+    imagegen pipeline --preset smoke|demo|gpu [--set train.family=ddpm --set distill.method=null ...]
+    imagegen serve [--host 127.0.0.1] [--port 4200] [--home DIR] [--no-worker] [--api-url URL]
 
 Every flow sub-command takes ``--preset`` (not distill), ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
@@ -106,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
     bm.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
     bm.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
+
+    from imagegen.pipeline import PIPELINE_PRESETS
+
+    pl = sub.add_parser("pipeline", help="curate -> train -> distill -> evaluate teacher and student, and a report")
+    _common(pl, sorted(PIPELINE_PRESETS), "smoke")  # --set STAGE.KEY=VALUE, e.g. train.family=ddpm
+
+    sv = sub.add_parser("serve", help="a local Prefect server (UI), the work pool, every deployment and a worker")
+    sv.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1: loopback only)")
+    sv.add_argument("--port", type=int, default=4200, help="server port (default 4200)")
+    sv.add_argument("--home", default=None, help="PREFECT_HOME of the server, worker and flow runs: SQLite "
+                    "database, logs, results (default <data root>/prefect)")
+    sv.add_argument("--data-root", default=None, help="data root of the flow runs (default $IMAGEGEN_DATA_ROOT "
+                    "or ./imagegen-data)")
+    sv.add_argument("--no-worker", action="store_true", help="start no worker (run one elsewhere: "
+                    "prefect worker start --pool imagegen-process)")
+    sv.add_argument("--api-url", default=None, help="use the Prefect server at this API URL (e.g. "
+                    "http://host:4200/api) instead of starting one: create the pool, deploy, start the worker")
     return parser
 
 
@@ -284,6 +303,33 @@ def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           data_root=str(root))
 
 
+def cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen import pipeline as P
+    from imagegen.paths import data_root
+
+    request = P.build_request(args.preset, None, list(args.overrides))  # every stage validated before any work
+    root = data_root(args.data_root)
+    if args.no_prefect:
+        def note(line: str) -> None:
+            print(line, file=sys.stderr)
+
+        return P.summary_result(P.run_pipeline(request, root, P.plain_stages(note), note=note))
+    from flows.pipeline import pipeline_flow
+
+    return pipeline_flow(request=request, data_root=str(root))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Runs until Ctrl-C / SIGTERM; returns the exit code."""
+    from imagegen.serve import ServeError, serve
+
+    try:
+        return serve(args.data_root, args.host, args.port, args.home, not args.no_worker, args.api_url)
+    except (ServeError, OSError, ValueError) as exc:
+        print(f"imagegen serve: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -292,10 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    if args.command == "serve":
+        return cmd_serve(args)
     try:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
                   "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
-                  "benchmark": cmd_benchmark}[args.command](args)
+                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -326,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
 
         print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
         print(result["path"])
+    elif args.command == "pipeline":
+        for role, metrics in result["metrics"].items():
+            for name, value in metrics.items():
+                print(f"{role} {name}: {value:.6g}")
+        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in result["seconds"].items()))
+        print(f"report: {result['report']['markdown']} (and report.html)")
     return 0
 
 

@@ -43,7 +43,7 @@ class DistillProgress(ProgressArtifact):
         self.set(100.0 * (self.round + fraction) / self.rounds)
 
 
-@task(name="distill", retries=0, cache_policy=NO_CACHE, persist_result=False)
+@task(name="distill", tags=["gpu"], retries=0, cache_policy=NO_CACHE, persist_result=False)
 def distill(request: D.DistillRequest, data_root: str) -> dict[str, Any]:
     """Train (resume, or reuse) the student run(s) ``request`` describes under ``data_root`` and
     write the NFE report; the summary of :func:`imagegen.distill.distill`."""

@@ -69,7 +69,7 @@ def timeout_seconds(request: runs.TrainRequest) -> float | None:
     return None if request.timeout_s is None else request.timeout_s + TIMEOUT_GRACE_S
 
 
-@task(name="train", retries=0, cache_policy=NO_CACHE, persist_result=False)
+@task(name="train", tags=["gpu"], retries=0, cache_policy=NO_CACHE, persist_result=False)
 def train(request: runs.TrainRequest, data_root: str) -> dict[str, Any]:
     """Train (resume, or reuse) the run ``request`` describes under ``data_root``; its summary."""
     logger = get_run_logger()

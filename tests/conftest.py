@@ -41,3 +41,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def live_prefect(session_tmp):
+    """A real ``prefect server start`` on a free loopback port with its own PREFECT_HOME (SQLite), the
+    work pool, the ``gpu`` concurrency limit, every deployment of prefect.yaml and a process worker,
+    brought up by the functions of ``imagegen serve``.  Flow runs that name no data root use
+    ``<session tmp>/live-data``; the server, deploy and worker logs are under ``<session tmp>/live-prefect``."""
+    from imagegen import serve as S
+
+    home = session_tmp / "live-prefect"
+    served = S.bring_up(session_tmp / "live-data", port=S.free_port(), home=home, worker_log=home / "worker.log",
+                        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO",
+                                    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    yield served
+    served.stop()
