@@ -126,3 +126,22 @@ def tiny_text_run(root, family: str = "flow", steps: int = 4, seed: int = 0) -> 
         return train_run(req, root)["run_id"]
     finally:
         torch.set_num_threads(old)
+
+
+def world_scene_shards(out, n: int = 96, per_shard: int = 24, image_format: str = "PNG") -> list:
+    """n embedded-world scenes (captions = their ground-truth captions) as real shards in ``out``."""
+    import io
+    from pathlib import Path
+
+    from imagegen.stages.shard import ShardConfig, write_shards
+    from imagegen.world.scene import WorldConfig, render_scene
+
+    ext = {"PNG": "png", "JPEG": "jpg"}[image_format]
+    samples = []
+    for i in range(n):
+        scene, image = render_scene(WorldConfig(), i)
+        buf = io.BytesIO()
+        image.save(buf, format=image_format, **({"quality": 95} if image_format == "JPEG" else {}))
+        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": ext, "caption": scene.caption})
+    write_shards(samples, Path(out), ShardConfig(target_shard_size=per_shard))
+    return sorted(Path(out).glob("*.tar"))

@@ -4,17 +4,16 @@ projection conditioning run, sampling through the common interface, exact resume
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from imagegen.stages.shard import ShardConfig, write_shards
+from _helpers import world_scene_shards
 from imagegen.train.checkpoint import read_checkpoint
 from imagegen.train.trainer import train
-from imagegen.world.scene import SHAPES, WorldConfig, render_scene
+from imagegen.world.scene import SHAPES
 from models.teacher import checkpoint_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -24,15 +23,7 @@ MODEL = {"image_size": 16, "latent_dim": 32, "width": 16, "levels": 2}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("gan-shards")
-    samples = []
-    for i in range(96):
-        scene, image = render_scene(WorldConfig(), i)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "png", "caption": scene.caption})
-    write_shards(samples, out, ShardConfig(target_shard_size=24))
-    return sorted(out.glob("*.tar"))
+    return world_scene_shards(tmp_path_factory.mktemp("gan-shards"))
 
 
 def cfg(**kw):

@@ -3,18 +3,16 @@ shard loader: class labels from caption keywords, captions through a text tower,
 
 from __future__ import annotations
 
-import io
 import statistics
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
+from _helpers import tiny_random_clip, world_scene_shards
 
-from _helpers import tiny_random_clip
-from imagegen.stages.shard import ShardConfig, write_shards
-from imagegen.train.trainer import LabelError, Labeler, TrainConfig, train
-from imagegen.world.scene import SHAPES, WorldConfig, render_scene
+from imagegen.train.trainer import Labeler, LabelError, TrainConfig, train
+from imagegen.world.scene import SHAPES
 
 NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -22,16 +20,7 @@ NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
 
 @pytest.fixture(scope="module")
 def world_shards(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("world-shards")
-    world = WorldConfig()
-    samples = []
-    for i in range(96):
-        scene, image = render_scene(world, i)
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=95)
-        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "jpg", "caption": scene.caption})
-    write_shards(samples, out, ShardConfig(target_shard_size=24))
-    return sorted(out.glob("*.tar"))
+    return world_scene_shards(tmp_path_factory.mktemp("world-shards"), image_format="JPEG")
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

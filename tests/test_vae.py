@@ -3,16 +3,14 @@ the number of active latent dimensions, sampling through the common interface, e
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from imagegen.stages.shard import ShardConfig, write_shards
+from _helpers import world_scene_shards
 from imagegen.train.trainer import train
-from imagegen.world.scene import WorldConfig, render_scene
 from models.teacher import checkpoint_family
 from models.vae import active_dimensions
 
@@ -23,15 +21,7 @@ MODEL = {"image_size": 16, "latent_channels": 8, "levels": 2, "width": 8}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("vae-shards")
-    samples = []
-    for i in range(96):
-        scene, image = render_scene(WorldConfig(), i)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "png", "caption": scene.caption})
-    write_shards(samples, out, ShardConfig(target_shard_size=24))
-    return sorted(out.glob("*.tar"))
+    return world_scene_shards(tmp_path_factory.mktemp("vae-shards"))
 
 
 def cfg(**kw):

@@ -3,16 +3,14 @@ dead-code restarts raise codebook usage, tokens round-trip, exact resume."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from imagegen.stages.shard import ShardConfig, write_shards
+from _helpers import world_scene_shards
 from imagegen.train.trainer import train
-from imagegen.world.scene import WorldConfig, render_scene
 from models.teacher import checkpoint_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -22,15 +20,7 @@ MODEL = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 64, "code_d
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("vq-shards")
-    samples = []
-    for i in range(96):
-        scene, image = render_scene(WorldConfig(), i)
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "png", "caption": scene.caption})
-    write_shards(samples, out, ShardConfig(target_shard_size=24))
-    return sorted(out.glob("*.tar"))
+    return world_scene_shards(tmp_path_factory.mktemp("vq-shards"))
 
 
 def cfg(**kw):
@@ -85,6 +75,7 @@ def test_maskgit_on_token_shards_from_a_vq_run(tmp_path):
     """Tokens encoded once by a frozen VQ run into a registered dataset; a class-conditional
     MaskGIT trains on them (masked-token accuracy rises) and samples decode to images."""
     from _helpers import register_world_dataset
+
     from imagegen.latents import encode_dataset
     from imagegen.registry import get_dataset
     from imagegen.train.runs import train_run
