@@ -270,25 +270,11 @@ ColorFn = Callable[[Image.Image | None, Det], str]
 
 def relative_position(box_a: Sequence[float], box_b: Sequence[float],
                       threshold: float = POSITION_THRESHOLD) -> set[str]:
-    """GenEval's relations of box A to box B (image y grows downward)."""
-    a = np.asarray(box_a[:4], dtype=np.float64).reshape(2, 2)
-    b = np.asarray(box_b[:4], dtype=np.float64).reshape(2, 2)
-    offset = a.mean(axis=0) - b.mean(axis=0)
-    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
-    revised = np.maximum(np.abs(offset) - threshold * dims, 0.0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
-    return rels
+    """GenEval's relations of box A to box B (image y grows downward): the world's own rule,
+    ``imagegen.world.scene.geneval_relations``, which both the scene generator and scoring use."""
+    from imagegen.world.scene import geneval_relations
+
+    return geneval_relations(list(box_a), list(box_b), threshold)
 
 
 def filter_detections(detections: Iterable[Det], tag: str, *, threshold: float = THRESHOLD,

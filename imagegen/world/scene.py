@@ -243,16 +243,17 @@ def caption_for(
 # --------------------------------------------------------------------------- GenEval position
 
 
-def geneval_offsets(box_a: list[float], box_b: list[float]) -> tuple[float, float]:
+def geneval_offsets(box_a: list[float], box_b: list[float],
+                    threshold: float = GENEVAL_POSITION_THRESHOLD) -> tuple[float, float]:
     """GenEval's normalised, shrunk centre offset (dx, dy) of box A relative to box B.
 
     Returns (0, 0) when the shrunk offset vanishes (GenEval then reports no relation).
     """
-    ax0, ay0, ax1, ay1 = (float(v) for v in box_a)
-    bx0, by0, bx1, by1 = (float(v) for v in box_b)
+    ax0, ay0, ax1, ay1 = (float(v) for v in box_a[:4])
+    bx0, by0, bx1, by1 = (float(v) for v in box_b[:4])
     ox = (ax0 + ax1) / 2 - (bx0 + bx1) / 2
     oy = (ay0 + ay1) / 2 - (by0 + by1) / 2
-    t = GENEVAL_POSITION_THRESHOLD
+    t = threshold
     rx = math.copysign(max(abs(ox) - t * (abs(ax1 - ax0) + abs(bx1 - bx0)), 0.0), ox)
     ry = math.copysign(max(abs(oy) - t * (abs(ay1 - ay0) + abs(by1 - by0)), 0.0), oy)
     if abs(rx) < 1e-3 and abs(ry) < 1e-3:
@@ -261,9 +262,10 @@ def geneval_offsets(box_a: list[float], box_b: list[float]) -> tuple[float, floa
     return rx / norm, ry / norm
 
 
-def geneval_relations(box_a: list[float], box_b: list[float]) -> set[str]:
+def geneval_relations(box_a: list[float], box_b: list[float],
+                      threshold: float = GENEVAL_POSITION_THRESHOLD) -> set[str]:
     """The set of relations GenEval reads for "A <relation> B" (image y grows downward)."""
-    dx, dy = geneval_offsets(box_a, box_b)
+    dx, dy = geneval_offsets(box_a, box_b, threshold)
     rels = set()
     if dx < -0.5:
         rels.add("left of")
