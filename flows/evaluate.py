@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import pandas as pd
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from imagegen.evaluate.images import image_grid
 from imagegen.evaluate.run import EvalRequest
 from imagegen.paths import data_root as resolve_root
 from imagegen.presets import deep_merge, parse_override
@@ -90,26 +90,6 @@ def shown_images(summary: dict[str, Any], request: EvalRequest, count: int = GRI
     top = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp")
                  and not p.name.startswith("."))
     return (top or sorted(folder.glob("*/samples/*.png")))[:count]
-
-
-def image_grid(files: list[Path], columns: int = 8, cell: int = 64) -> bytes:
-    """PNG bytes of the images side by side, ``columns`` per row, each scaled to ``cell`` px
-    (nearest neighbour: small generated images stay sharp)."""
-    from PIL import Image
-
-    if not files:
-        raise ValueError("image_grid: no images")
-    cols = max(1, min(columns, len(files)))
-    rows = -(-len(files) // cols)
-    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
-    for i, f in enumerate(files):
-        with Image.open(f) as im:
-            tile = im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-        r, c = divmod(i, cols)
-        grid.paste(tile, (c * cell, r * cell))
-    buf = io.BytesIO()
-    grid.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def png_uri(data: bytes) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.artifacts import read_card, stage_output
+from imagegen.evaluate.images import image_grid
 from imagegen.hashing import stable_hash
 from imagegen.presets import deep_merge, parse_override
 
@@ -522,25 +523,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _grid_png(files: list[Path], out: Path, columns: int = 8, cell: int = 64) -> Path | None:
-    """The images side by side, ``columns`` per row, each scaled to ``cell`` px (nearest neighbour)."""
-    from PIL import Image
-
-    if not files:
-        return None
-    cols = max(1, min(columns, len(files)))
-    rows = -(-len(files) // cols)
-    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
-    for i, f in enumerate(files):
-        with Image.open(f) as im:
-            tile = im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
-        r, c = divmod(i, cols)
-        grid.paste(tile, (c * cell, r * cell))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out, format="PNG")
-    return out
-
-
 def metrics_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the metrics table: one row per metric (and the sampling settings), one
     column per evaluated model; a skipped metric says so."""
@@ -652,7 +634,8 @@ def _blocks(summary: dict[str, Any], out: Path) -> list[tuple]:
     for role, e in ev.items():
         files = sorted((Path(e["path"]) / "samples").glob("*.png"))[:GRID_IMAGES]
         if files:
-            _grid_png(files, img_dir / f"evaluated_{role}.png")
+            img_dir.mkdir(parents=True, exist_ok=True)
+            (img_dir / f"evaluated_{role}.png").write_bytes(image_grid(files))
             b += [("h", 3, f"The first {len(files)} evaluated images of the {role}"),
                   ("img", f"images/evaluated_{role}.png", f"evaluated images of the {role}")]
     return b

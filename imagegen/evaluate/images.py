@@ -6,6 +6,8 @@ error that names the folder or the file.
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 from typing import Literal
 
@@ -88,3 +90,21 @@ def open_rgb(path: str | Path) -> Image.Image:
             return out.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageFolderError(f"{p}: not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def image_grid(files: list[Path], columns: int = 8, cell: int = 64) -> bytes:
+    """PNG bytes of the images side by side, ``columns`` per row, each scaled to ``cell`` px
+    (nearest neighbour: small generated images stay sharp)."""
+    if not files:
+        raise ValueError("image_grid: no images")
+    cols = max(1, min(columns, len(files)))
+    rows = -(-len(files) // cols)
+    grid = Image.new("RGB", (cols * cell, rows * cell), (255, 255, 255))
+    for i, f in enumerate(files):
+        with Image.open(f) as im:
+            tile = im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+        r, c = divmod(i, cols)
+        grid.paste(tile, (c * cell, r * cell))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
