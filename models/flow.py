@@ -43,7 +43,12 @@ class FlowMatching(Family):
 
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         x0 = self.check_images(batch)
-        cond = self.training_condition(batch, generator)
+        return self.velocity_loss(x0, self.training_condition(batch, generator), generator)
+
+    def velocity_loss(self, x0: Tensor, cond: dict[str, Tensor], generator: torch.Generator | None,
+                      eps: Tensor | None = None) -> LossOut:
+        """MSE of the velocity eps - x0 at x_t = (1 - t) x0 + t eps, t from ``t_sampling``;
+        ``eps`` defaults to fresh Gaussian noise (drawn after t); reflow passes its paired noise."""
         B, dev = x0.shape[0], x0.device
         g_dev = generator.device if generator is not None else dev
         if self.cfg.t_sampling == "uniform":
@@ -51,7 +56,8 @@ class FlowMatching(Family):
         else:
             t = sample_t_logit_normal(B, self.cfg.logit_mean, self.cfg.logit_std, generator, g_dev)
         t = t.to(dev)
-        eps = randn(x0.shape, generator, dev, x0.dtype)
+        if eps is None:
+            eps = randn(x0.shape, generator, dev, x0.dtype)
         x_t = flow_interpolate(x0, eps, t)
         out = self.net(x_t, t.to(x0.dtype), cond)
         loss = F.mse_loss(out.float(), flow_target(x0, eps).float())

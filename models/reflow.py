@@ -19,12 +19,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
 from models.base import FamilyConfig, LossOut
-from models.diffusion import flow_interpolate, flow_target, sample_t_logit_normal, sample_t_uniform
 from models.flow import FlowConfig, FlowMatching
 from models.teacher import TeacherError, TeacherMixin, same_fields
 
@@ -74,18 +72,7 @@ class Reflow(TeacherMixin, FlowMatching):
             raise TeacherError(f"reflow: samples {keys} have no integer {NOISE_KEY!r} in their .json; this is not a "
                                "reflow pairs dataset") from None
         z = pair_noise(seeds, tuple(x1.shape[1:]), x1.device, x1.dtype)
-        cond = self.training_condition(batch, generator)
-        B, dev = x1.shape[0], x1.device
-        g_dev = generator.device if generator is not None else dev
-        if self.cfg.t_sampling == "uniform":
-            t = sample_t_uniform(B, generator, g_dev)
-        else:
-            t = sample_t_logit_normal(B, self.cfg.logit_mean, self.cfg.logit_std, generator, g_dev)
-        t = t.to(dev)
-        x_t = flow_interpolate(x1, z, t)
-        out = self.net(x_t, t.to(x1.dtype), cond)
-        loss = F.mse_loss(out.float(), flow_target(x1, z).float())
-        return LossOut({"model": loss}, {"loss": float(loss.detach())})
+        return self.velocity_loss(x1, self.training_condition(batch, generator), generator, eps=z)
 
 
 def straightness(trajectory: list[Tensor], ts: Tensor) -> float:
