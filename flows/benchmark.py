@@ -13,7 +13,7 @@ from flows.train import data_uri
 from imagegen import leaderboard as L
 from imagegen.evaluate.run import EvalRequest
 from imagegen.paths import data_root as resolve_root
-from imagegen.presets import deep_merge, parse_override
+from imagegen.presets import parse_overrides
 from tasks import benchmark as TB
 from tasks import evaluate as TE
 
@@ -25,10 +25,7 @@ PER_RUN = ("run", "folder")
 
 def settings_from_overrides(overrides: list[str] | None) -> dict[str, Any]:
     """``["steps=8", "n_samples=5000"]`` -> ``{"steps": 8, "n_samples": 5000}`` (values JSON when they parse)."""
-    out: dict[str, Any] = {}
-    for text in overrides or []:
-        out = deep_merge(out, parse_override(text))
-    return out
+    return parse_overrides(overrides)
 
 
 def plan(root: Path, runs: list[str] | None = None, families: list[str] | None = None, dataset: str | None = None,

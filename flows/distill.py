@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.train import data_uri
 from imagegen.distill import DistillRequest, Method, teacher_run
 from imagegen.paths import data_root as resolve_root
-from imagegen.presets import deep_merge, parse_override
+from imagegen.presets import base_data, deep_merge, parse_overrides
 from tasks import distill as T
 
 REPORT_KEY = "distill-report"
@@ -22,18 +22,11 @@ def build_request(request: DistillRequest | None = None, teacher: str | None = N
                   overrides: list[str] | None = None) -> DistillRequest:
     """The validated request: ``request`` (else nothing), then ``overrides`` (``key=value``, the value
     JSON when it parses), then the named ``teacher`` and ``method``, taken as they are."""
-    changes: dict[str, Any] = {}
-    for text in overrides or []:
-        changes = deep_merge(changes, parse_override(text))
+    changes = parse_overrides(overrides)
     changes.update({k: v for k, v in {"teacher": teacher, "method": method}.items() if v is not None})
-    if request is not None:
-        if not isinstance(request, DistillRequest):
-            raise TypeError(f"request must be a DistillRequest, got {type(request).__name__}")
-        if not changes:
-            return request
-        base = request.model_dump(mode="json")
-    else:
-        base = {}
+    base = base_data(DistillRequest, {}, None, request)
+    if request is not None and not changes:
+        return request
     return DistillRequest.model_validate(deep_merge(base, changes))
 
 

@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from imagegen.evaluate.images import image_grid
 from imagegen.evaluate.run import EvalRequest
 from imagegen.paths import data_root as resolve_root
-from imagegen.presets import deep_merge, parse_override
+from imagegen.presets import base_data, deep_merge, parse_overrides
 from tasks import evaluate as T
 
 METRICS_KEY = "evaluate-metrics"
@@ -27,18 +27,11 @@ def build_request(request: EvalRequest | None = None, run: str | None = None, fo
     """The validated request: ``request`` (else nothing), then ``overrides`` (``key=value``, the value
     JSON when it parses: ``metrics=["fid","kid"]``, ``steps=8``), then the named ``run`` / ``folder``,
     taken as they are (a run id ``123`` stays a string)."""
-    changes: dict[str, Any] = {}
-    for text in overrides or []:
-        changes = deep_merge(changes, parse_override(text))
+    changes = parse_overrides(overrides)
     changes.update({k: v for k, v in {"run": run, "folder": folder}.items() if v is not None})
-    if request is not None:
-        if not isinstance(request, EvalRequest):
-            raise TypeError(f"request must be an EvalRequest, got {type(request).__name__}")
-        if not changes:
-            return request
-        base = request.model_dump(mode="json")
-    else:
-        base = {}
+    base = base_data(EvalRequest, {}, None, request)
+    if request is not None and not changes:
+        return request
     return EvalRequest.model_validate(deep_merge(base, changes))
 
 

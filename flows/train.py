@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import copy
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -12,7 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from imagegen.paths import data_root as resolve_root
-from imagegen.presets import deep_merge, parse_override
+from imagegen.presets import base_data, deep_merge, parse_overrides
 from imagegen.train.runs import TRAIN_PRESETS, TrainRequest
 from tasks import train as T
 
@@ -31,24 +30,13 @@ def build_request(preset: str | None = "smoke", request: TrainRequest | None = N
     family knows, and switching ``train.model.net`` drops the base's ``net_overrides`` (the smoke
     preset's U-Net levels mean nothing to a DiT); overrides given alongside still apply.
     """
-    changes: dict[str, Any] = {}
-    for text in overrides or []:
-        changes = deep_merge(changes, parse_override(text))
+    changes = parse_overrides(overrides)
     named_train = {k: v for k, v in {"family": family, "steps": steps}.items() if v is not None}
     named = {k: v for k, v in {"dataset": dataset, "nproc": nproc, "train": named_train}.items() if v not in (None, {})}
     changes = deep_merge(changes, named)
-    if request is not None:
-        if not isinstance(request, TrainRequest):
-            raise TypeError(f"request must be a TrainRequest, got {type(request).__name__}")
-        if not changes:
-            return request
-        base = request.model_dump(mode="json")
-    elif preset is None:
-        base = {}
-    elif preset in TRAIN_PRESETS:
-        base = copy.deepcopy(TRAIN_PRESETS[preset])
-    else:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
+    base = base_data(TrainRequest, TRAIN_PRESETS, preset, request)
+    if request is not None and not changes:
+        return request
     return TrainRequest.model_validate(deep_merge(_without_switched(base, changes), changes))
 
 

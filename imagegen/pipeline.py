@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from imagegen.artifacts import read_card, stage_output
 from imagegen.evaluate.images import image_grid
 from imagegen.hashing import stable_hash
-from imagegen.presets import deep_merge, parse_override
+from imagegen.presets import base_data, deep_merge, parse_overrides
 
 REPORTS = "reports"
 GRID_IMAGES = 16  # evaluated images shown per model
@@ -171,25 +171,14 @@ def build_request(preset: str | None = "smoke", request: PipelineRequest | None 
     ``train.family=ddpm``, ``distill.method=null``, ``curate.n_images=100``,
     ``train.model.image_size=16`` (a stage's knob, else a key of its config; values JSON when
     they parse)."""
-    changes: dict[str, Any] = {}
-    for text in overrides or []:
-        changes = deep_merge(changes, parse_override(text))
+    changes = parse_overrides(overrides)
     unknown = sorted(set(changes) - set(PipelineRequest.model_fields))
     if unknown:
         raise ValueError(f"pipeline overrides start with a stage ({', '.join(PipelineRequest.model_fields)}); "
                          f"got {unknown}, e.g. train.steps=50 or curate.download.timeout=3")
-    if request is not None:
-        if not isinstance(request, PipelineRequest):
-            raise TypeError(f"request must be a PipelineRequest, got {type(request).__name__}")
-        if not changes:
-            return request
-        base = request.model_dump(mode="json")
-    elif preset is None:
-        base = {}
-    elif preset in PIPELINE_PRESETS:
-        base = copy.deepcopy(PIPELINE_PRESETS[preset])
-    else:
-        raise ValueError(f"unknown pipeline preset {preset!r}; choose one of {sorted(PIPELINE_PRESETS)}")
+    base = base_data(PipelineRequest, PIPELINE_PRESETS, preset, request, what="pipeline preset")
+    if request is not None and not changes:
+        return request
     merged = copy.deepcopy(base)
     for stage, change in changes.items():
         if not isinstance(change, dict):

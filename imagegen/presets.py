@@ -72,14 +72,34 @@ def parse_override(text: str) -> dict[str, Any]:
     return out
 
 
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Several ``a.b=value`` overrides merged into one nested dict (later ones win)."""
+    out: dict[str, Any] = {}
+    for text in overrides or []:
+        out = deep_merge(out, parse_override(text))
+    return out
+
+
+def base_data(model: type[M], presets: dict[str, dict[str, Any]], preset: str | None, request: M | None,
+              what: str = "preset") -> dict[str, Any]:
+    """The dict an override merge starts from: ``request`` (checked to be a ``model``) as JSON,
+    else a deep copy of the named preset, else {}; an unknown preset name is refused."""
+    if request is not None:
+        if not isinstance(request, model):
+            article = "an" if model.__name__[0] in "AEIOU" else "a"
+            raise TypeError(f"request must be {article} {model.__name__}, got {type(request).__name__}")
+        return request.model_dump(mode="json")
+    if preset is None:
+        return {}
+    if preset not in presets:
+        raise ValueError(f"unknown {what} {preset!r}; choose one of {sorted(presets)}")
+    return copy.deepcopy(presets[preset])
+
+
 def build_config(model: type[M], presets: dict[str, dict[str, Any]], preset: str | None,
                  overrides: list[str] | dict[str, Any] | None = None) -> M:
     if preset is not None and preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
     data = copy.deepcopy(presets.get(preset, {})) if preset else {}
-    if isinstance(overrides, dict):
-        data = deep_merge(data, overrides)
-    else:
-        for o in overrides or []:
-            data = deep_merge(data, parse_override(o))
+    data = deep_merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     return model.model_validate(data)
