@@ -223,8 +223,9 @@ class Family(nn.Module):
         if x.shape[0] < 1:
             raise ValueError(f"{where}: batch['image'] is empty")
         if self.cfg.data == "pixels":
-            lo, hi = float(x.min()), float(x.max())
-            if lo < -1.001 or hi > 1.001 or x.isnan().any():
+            lo_t, hi_t = torch.aminmax(x)  # one pass; a NaN makes both NaN and fails the test below
+            lo, hi = float(lo_t), float(hi_t)
+            if not (lo >= -1.001 and hi <= 1.001):
                 raise ValueError(f"{where}: batch['image'] must lie in [-1, 1] (data='pixels'), got "
                                  f"min {lo:.4g} max {hi:.4g}; scale uint8 images as x / 127.5 - 1")
         return x
@@ -310,7 +311,11 @@ class Family(nn.Module):
         """Names of the optimizers that update at (0-based) training ``step``; all by default.  A
         GAN with a D:G ratio of k returns only the discriminator on k-1 of every k steps; losses of
         the others are still computed and logged, not backpropagated."""
-        return list(self.optimizers_spec())
+        names = self.__dict__.get("_optimizer_names")
+        if names is None:  # the names never change: no need to rebuild the parameter lists each step
+            names = list(self.optimizers_spec())
+            self.__dict__["_optimizer_names"] = names
+        return list(names)
 
     def after_step(self) -> None:
         """Called by the trainer on every rank after each optimizer step that was taken (not on
