@@ -15,14 +15,16 @@ z ~ N(0, I).  No U-Net/DiT: ``builds_denoiser = False``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from models.base import Family, FamilyConfig, LossOut, randn
+from models.teacher import loading_for_inference
 from models.samplers import SampleResult
 
 ACTIVE_THRESHOLD = 0.01
@@ -164,6 +166,17 @@ class KLAutoencoderConfig(VAEConfig):
     disc_weight: float = Field(0.0, ge=0.0, le=100.0, description="Weight of the patch-discriminator (hinge) "
                                "term for the autoencoder; 0 = no discriminator")
     disc_start: int = Field(0, ge=0, description="Training step from which the discriminator term is used")
+    perceptual: str | None = Field(None, min_length=1, description="LPIPS weights (.safetensors written by "
+                                   "`python -m imagegen.perceptual convert`) for a perceptual reconstruction "
+                                   "term; None = off")
+    perceptual_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the LPIPS term (per pixel, "
+                                     "next to the per-pixel L1)")
+
+    @field_validator("perceptual")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        # training may run in another working directory (torchrun ranks, a Prefect worker)
+        return None if v is None else str(Path(v).expanduser().absolute())
 
 
 class PatchDiscriminator(nn.Module):
@@ -183,8 +196,12 @@ class PatchDiscriminator(nn.Module):
 class KLAutoencoder(VAE):
     """Encoder/decoder with a downsampling factor 2^levels (4 or 8 for latent diffusion), loss =
     per-image summed L1 reconstruction + beta * KL (+ disc_weight * hinge adversarial term after
-    ``disc_start``, with its own discriminator optimizer).  Latents are the posterior means; the
-    latent scale factor is measured on the dataset when it is encoded (imagegen/latents.py)."""
+    ``disc_start``, with its own discriminator optimizer).  With ``perceptual`` set, each pixel's
+    L1 gets ``perceptual_weight * LPIPS(x, x_hat)`` added, as in the latent-diffusion recipe
+    (Rombach et al. 2022, whose autoencoder loss adds the image's LPIPS to every pixel's L1); the
+    LPIPS network is frozen and held outside the module tree (not trained, not checkpointed) and
+    not loaded for inference.  Latents are the posterior means; the latent scale factor is
+    measured on the dataset when it is encoded (imagegen/latents.py)."""
 
     name: ClassVar[str] = "kl_autoencoder"
     Config: ClassVar[type[FamilyConfig]] = KLAutoencoderConfig
@@ -195,6 +212,17 @@ class KLAutoencoder(VAE):
         super().__init__(cfg)
         self.discriminator = PatchDiscriminator(self.cfg.channels, self.cfg.width) if self.cfg.disc_weight > 0 else None
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
+        if self.cfg.perceptual is not None and not loading_for_inference():
+            from imagegen.perceptual import load_lpips
+
+            object.__setattr__(self, "_perceptual", load_lpips(self.cfg.perceptual))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)
+        lp = self.__dict__.get("_perceptual")
+        if lp is not None:  # moved (device, dtype) with the autoencoder
+            lp._apply(fn, recurse)
+        return out
 
     def optimizers_spec(self) -> dict[str, list[nn.Parameter]]:
         ae = [*self.encoder.parameters(), *self.decoder.parameters()]
@@ -218,9 +246,14 @@ class KLAutoencoder(VAE):
         x_hat = self.decode(z)
         recon = (x_hat.float() - x.float()).abs().flatten(1).sum(1)
         kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
-        ae_loss = (recon + self.cfg.beta * kl).mean()
         logs = {"recon_l1": float(recon.mean().detach()) / x[0].numel(), "kl": float(kl.mean().detach()),
                 "mse": float(F.mse_loss(x_hat.float(), x.float()).detach())}
+        lp = self.__dict__.get("_perceptual")
+        if lp is not None:
+            p = lp(x_hat, x)
+            recon = recon + self.cfg.perceptual_weight * x[0].numel() * p
+            logs["lpips"] = float(p.mean().detach())
+        ae_loss = (recon + self.cfg.beta * kl).mean()
         if self.discriminator is None:
             return LossOut({"model": ae_loss}, logs)
         on = float(int(self.steps_done) >= self.cfg.disc_start)
