@@ -1,29 +1,35 @@
-"""Train every family at the same fixed budget on the embedded world, evaluate it, leaderboard.
+"""Train every family at the same fixed CPU budget on the embedded world, evaluate it, leaderboard.
 
-Each family trains for the same number of steps at the same global batch on the same curated
-dataset: the diffusion/flow families (ddpm, edm, flow) on the preset's network; vae and gan with
-their own CPU-sized networks; latent_flow (a DiT flow on the latents of a KL autoencoder run) and
-maskgit (on the tokens of a VQ run) after their first stage is trained and the dataset encoded.
-Every run is then evaluated with the same settings (FD on the reference CLIP, KID, CLIPScore for
-conditional ones) and a leaderboard is written.  The
-runs land in the run registry (``<data root>/runs/<id>``: checkpoints with EMA weights, sample
-grids, loss curve, metrics), so the evaluate stage can score them by run id.  Reruns reuse
-finished runs.
+Budget: each family gets the same number of CPU-seconds of training (``--budget-cpu-s``; the
+training process's CPU time, torch on ``--threads`` threads, data decoded in-process with
+``num_workers=0`` so decoding is counted).  A short probe of each family (its own network, batch
+and data, outside the registry) measures CPU-seconds per step; the run then trains
+``budget / (CPU-s per step)`` steps, so cheap steps (GAN, VAE) get more of them.  Measuring CPU
+time rather than wall time keeps the budget the same when other jobs share the machine.  Pass
+``--steps-for family=N`` to repeat an earlier table exactly (the JSON line lists the steps).
 
-    .venv/bin/python benchmarks/train_quality.py [--preset demo] [--steps 3000] [--families ddpm,edm,flow]
-        [--data-root DIR] [--curate]   # --curate: curate the preset's dataset first if it is missing
+Families: the diffusion/flow families (ddpm, edm, flow) on the preset's network; vae, gan,
+kl_autoencoder and vq with their own CPU-sized networks; latent_flow (a tiny DiT flow on the
+latents of the kl_autoencoder run) and maskgit (on the tokens of the vq run), whose first stage
+is that family's row (its budget is not charged twice; the table says so).  Every run is
+evaluated with the same settings (FD on the reference CLIP, KID, CLIPScore for conditional ones)
+and a leaderboard is written.  The runs land in the run registry (``<data root>/runs/<id>``), so
+reruns reuse finished runs.
 
-Prints one row per family (seconds, steps/s, final loss, run id, grid) and one line of JSON.
-Defaults: the demo preset (text-conditioned tiny U-Net, 32 px, batch 64) for 3000 steps, about
-an hour per family on 2 CPU cores.
+    .venv/bin/python benchmarks/train_quality.py [--preset smoke] [--budget-cpu-s 180]
+        [--families ddpm,edm,flow,...] [--data-root DIR] [--curate]
+
+Prints one row per family (steps, CPU-s, wall s, final losses, metrics) and one line of JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +43,8 @@ from imagegen.registry import RegistryError, get_dataset  # noqa: E402
 from imagegen.evaluate.run import evaluate  # noqa: E402
 from imagegen.latents import encode_dataset  # noqa: E402
 from imagegen.leaderboard import leaderboard, write_leaderboard  # noqa: E402
-from imagegen.train.runs import TRAIN_PRESETS, TrainRequest, train_run  # noqa: E402
+from imagegen.train.runs import TRAIN_PRESETS, TrainRequest, prepare, train_run  # noqa: E402
+from imagegen.train.trainer import train  # noqa: E402
 
 # Families that are not denoisers bring their own network settings (small, CPU-sized).
 OWN_MODEL: dict[str, dict] = {
@@ -62,72 +69,128 @@ def ensure_dataset(root: Path, name: str, curate: bool) -> None:
         curate(build_config(CurateConfig, CURATE_PRESETS, preset), root)
 
 
+FIRST_STAGE = {"latent_flow": "kl_autoencoder", "maskgit": "vq"}
+DEFAULT_FAMILIES = "ddpm,edm,flow,vae,gan,kl_autoencoder,latent_flow,vq,maskgit"
+
+
+def family_request(base: TrainRequest, family: str, dataset: str | None = None) -> dict:
+    """The preset's request with ``family`` swapped in (and, for latent families, ``dataset``)."""
+    data = base.model_dump(mode="json")
+    data["train"].update(family=family, num_workers=0)
+    size = data["train"]["model"].get("image_size", 32)
+    cond = data["train"]["model"].get("conditioning", "none")
+    if family in OWN_MODEL:  # not a denoiser: its own network settings, same budget and data
+        data["train"]["model"] = {"image_size": size, **OWN_MODEL[family]}
+        for k in ("label_keywords", "label_field", "classes", "sample_prompts"):
+            data["train"].pop(k, None)
+        data["train"]["sample_guidance"] = 1.0
+        data["train"]["sample_steps"] = None
+    if family in FIRST_STAGE:
+        data["dataset"] = dataset
+        model = {"conditioning": cond, **({"text_encoder": data["train"]["model"]["text_encoder"]}
+                                          if cond == "text" else {})}
+        if family == "latent_flow":
+            data["train"]["family"] = "flow"
+            model.update(data="latents", net="dit", net_size="tiny", net_overrides={"patch_size": 2})
+        else:
+            model.update(hidden=128, depth=4, heads=4)
+        data["train"]["model"] = model
+    return data
+
+
+class _ProbeDone(Exception):
+    pass
+
+
+def cpu_per_step(data: dict, root: Path, probe_cpu_s: float) -> float:
+    """CPU-seconds per training step of this request, measured over ``probe_cpu_s`` of training
+    after the first progress report (start-up and the first steps excluded)."""
+    probe = dict(data, train={**data["train"], "steps": 10**6, "sample_every": 0, "ckpt_every": 10**6})
+    prep = prepare(TrainRequest(**probe), root)
+    marks: list[tuple[int, float]] = []
+
+    def progress(info: dict) -> None:
+        marks.append((int(info["step"]), time.process_time()))
+        if len(marks) >= 2 and marks[-1][1] - marks[0][1] >= probe_cpu_s and marks[-1][0] > marks[0][0]:
+            raise _ProbeDone
+
+    with tempfile.TemporaryDirectory(prefix="quality-probe-") as tmp:
+        try:
+            train(prep.resolved, prep.dataset.shards, tmp, progress=progress)
+        except _ProbeDone:
+            pass
+    (s0, c0), (s1, c1) = marks[0], marks[-1]
+    return (c1 - c0) / (s1 - s0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="demo", choices=sorted(TRAIN_PRESETS))
-    ap.add_argument("--steps", type=int, default=None, help="steps per family (default: the preset's)")
-    ap.add_argument("--families", default="ddpm,edm,flow,vae,gan,latent_flow,maskgit")
+    ap.add_argument("--preset", default="smoke", choices=sorted(TRAIN_PRESETS))
+    ap.add_argument("--budget-cpu-s", type=float, default=180.0, help="training CPU-seconds per family")
+    ap.add_argument("--probe-cpu-s", type=float, default=8.0, help="CPU-seconds of each family's speed probe")
+    ap.add_argument("--steps-for", action="append", default=[], metavar="FAMILY=N",
+                    help="train FAMILY for N steps instead of the budget's (to repeat a table)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--families", default=DEFAULT_FAMILIES)
     ap.add_argument("--n-eval", type=int, default=500, help="images generated per family for the metrics")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more request overrides")
     ap.add_argument("--curate", action="store_true", help="curate the preset's dataset if it is missing")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    fixed = {k: int(v) for k, v in (x.split("=", 1) for x in args.steps_for)}
 
     root = data_root(args.data_root)
+    base = build_config(TrainRequest, TRAIN_PRESETS, args.preset, list(args.set))
+    ensure_dataset(root, base.dataset, args.curate)
     rows: list[dict] = []
     evals: list[dict] = []
+    runs: dict[str, str] = {}  # family -> run id
     latent_sets: dict[str, str] = {}
-    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
-        overrides = list(args.set) + ([f"train.steps={args.steps}"] if args.steps is not None else [])
-        base = build_config(TrainRequest, TRAIN_PRESETS, args.preset, overrides)  # the preset's own family
-        ensure_dataset(root, base.dataset, args.curate)
-        data = base.model_dump(mode="json")
-        data["train"]["family"] = family
-        size = data["train"]["model"].get("image_size", 32)
-        cond = data["train"]["model"].get("conditioning", "none")
-        if family in OWN_MODEL:  # not a denoiser: its own network settings, same budget and data
-            data["train"]["model"] = {"image_size": size, **OWN_MODEL[family]}
-            for k in ("label_keywords", "label_field", "classes", "sample_prompts"):
-                data["train"].pop(k, None)
-            data["train"]["sample_guidance"] = 1.0
-            data["train"]["sample_steps"] = None
-        if family in ("latent_flow", "maskgit"):  # on a dataset encoded once by a first-stage run
-            first = "kl_autoencoder" if family == "latent_flow" else "vq"
+
+    def run_family(family: str) -> dict:
+        dataset = None
+        if family in FIRST_STAGE:
+            first = FIRST_STAGE[family]
+            if first not in runs:
+                run_family(first)
             if first not in latent_sets:
-                fs = {**data, "train": {**data["train"], "family": first,
-                                        "model": {"image_size": size, **OWN_MODEL[first]}}}
-                fs["train"].update(sample_guidance=1.0, sample_steps=None)
-                for k in ("label_keywords", "label_field", "classes", "sample_prompts"):
-                    fs["train"].pop(k, None)
-                ae = train_run(TrainRequest(**fs), root)["run_id"]
-                latent_sets[first] = encode_dataset(root, base.dataset, ae)
-            data["dataset"] = latent_sets[first]
-            model = {"conditioning": cond, **({"text_encoder": data["train"]["model"]["text_encoder"]}
-                                              if cond == "text" else {})}
-            if family == "latent_flow":
-                data["train"]["family"] = "flow"
-                model.update(data="latents", net="dit", net_size="tiny", net_overrides={"patch_size": 2})
-            else:
-                model.update(hidden=128, depth=4, heads=4)
-            data["train"]["model"] = model
+                latent_sets[first] = encode_dataset(root, base.dataset, runs[first])
+            dataset = latent_sets[first]
+        data = family_request(base, family, dataset)
+        per_step = cpu_per_step(data, root, args.probe_cpu_s)
+        steps = fixed.get(family) or max(1, round(args.budget_cpu_s / per_step))
+        data["train"]["steps"] = steps
+        data["train"]["warmup_steps"] = min(data["train"].get("warmup_steps", 0), max(1, steps // 10))
+        data["train"]["ckpt_every"] = steps
         req = TrainRequest(**data)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = train_run(req, root)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        runs[family] = res["run_id"]
+        cond = req.train.model.get("conditioning", "none") if isinstance(req.train.model, dict) else "none"
         ev = evaluate({"run": res["run_id"], "reference": base.dataset, "n_samples": args.n_eval,
-                       "metrics": ["fid", "kid", "clipscore"] if cond != "none" else ["fid", "kid"]}, root)
+                       "metrics": ["fid", "kid", "clipscore"] if cond not in (None, "none") else ["fid", "kid"]}, root)
         evals.append(ev)
-        rows.append({"family": family, "run_id": res["run_id"], "reused": res["reused"],
-                     "seconds": round(time.perf_counter() - t0, 1), "steps": res["step"],
-                     "steps_per_s": res.get("steps_per_s"), "final_losses": res["last_losses"],
-                     "grid": res["samples"][-1] if res.get("samples") else None,
-                     "checkpoint": res["checkpoint"], "metrics": ev["metrics"]})
-        r = rows[-1]
-        print(f"{family:14s} {r['seconds']:8.1f} s  {r['steps']:6d} steps  run {r['run_id']}"
-              f"{' (reused)' if r['reused'] else ''}  {ev['metrics']}", flush=True)
+        row = {"family": family, "run_id": res["run_id"], "reused": res["reused"], "steps": res["step"],
+               "probe_cpu_s_per_step": round(per_step, 4), "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
+               "first_stage": runs.get(FIRST_STAGE.get(family, ""), None), "final_losses": res["last_losses"],
+               "grid": res["samples"][-1] if res.get("samples") else None, "checkpoint": res["checkpoint"],
+               "metrics": ev["metrics"]}
+        rows.append(row)
+        print(f"{family:14s} {row['steps']:6d} steps  {row['train_cpu_s']:7.1f} CPU-s {row['train_wall_s']:7.1f} s  "
+              f"run {row['run_id']}{' (reused)' if row['reused'] else ''}  {ev['metrics']}", flush=True)
+        return row
+
+    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
+        if family not in runs:
+            run_family(family)
     board = write_leaderboard(leaderboard(root, evals), Path(root) / "leaderboards" / f"quality-{args.preset}")
     print(f"leaderboard: {board}")
-    print(json.dumps({"preset": args.preset, "machine": platform.processor() or platform.machine(),
-                      "threads": torch.get_num_threads(), "runs": rows, "leaderboard": board}, default=str))
+    print(json.dumps({"preset": args.preset, "budget_cpu_s": args.budget_cpu_s, "threads": args.threads,
+                      "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                      "load_average": os.getloadavg(), "runs": rows, "leaderboard": board,
+                      "steps_for": [f"{r['family']}={r['steps']}" for r in rows]}, default=str))
 
 
 if __name__ == "__main__":
