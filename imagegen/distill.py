@@ -225,8 +225,11 @@ def _code_self() -> Any:
 # ------------------------------------------------------------------------------------------ report
 
 
+REPORT_TEACHER_STEPS = 50  # the NFE report's reference: the teacher at this many steps
+
+
 def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
-               count: int, seed: int, teacher_steps: int = 50) -> dict[str, Any]:
+               count: int, seed: int, teacher_steps: int = REPORT_TEACHER_STEPS) -> dict[str, Any]:
     """Sample every (label, family) at each NFE from the same noise and conditioning; the first
     model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes one grid
     per row, ``report.parquet`` (label, steps, nfe, mse to the reference) and ``nfe_mse.png``."""
@@ -262,6 +265,15 @@ def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, n
     df = pd.DataFrame(rows)
     df.to_parquet(out_dir / "report.parquet", index=False)
     _plot(df, out_dir / "nfe_mse.png", models[0][0], ref_nfe)
+    return {"rows": rows, "plot": str(out_dir / "nfe_mse.png"), "table": str(out_dir / "report.parquet")}
+
+
+def read_nfe_report(out_dir: Path) -> dict[str, Any]:
+    """What ``nfe_report`` returned, read back from its folder (paths point into ``out_dir``)."""
+    rows = pd.read_parquet(out_dir / "report.parquet").to_dict("records")
+    for r in rows:
+        r["grid"] = str(out_dir / Path(r["grid"]).name)
+        r["steps"], r["nfe"], r["mse_to_reference"] = int(r["steps"]), int(r["nfe"]), float(r["mse_to_reference"])
     return {"rows": rows, "plot": str(out_dir / "nfe_mse.png"), "table": str(out_dir / "report.parquet")}
 
 
@@ -324,10 +336,21 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     from models.teacher import checkpoint_family
 
     student = rounds[-1]
-    report_dir = Path(get_run(root, student["run_id"]).path) / "distill_report"
-    models = [("teacher", checkpoint_family(ref.checkpoint))]
-    models += [(f"student_{r['steps']}", checkpoint_family(r["checkpoint"])) for r in rounds[-1:]]
-    report = nfe_report(models, report_dir, tcfg, request.report_nfe, request.report_count, request.seed)
+    # the report is an artifact like any other: named by what it depends on, computed once
+    inputs = {"teacher_checkpoint": str(ref.checkpoint), "student_checkpoint": str(student["checkpoint"]),
+              "nfe": list(request.report_nfe), "count": request.report_count, "seed": request.seed,
+              "teacher_steps": REPORT_TEACHER_STEPS,
+              "code": code_version(_code_self(), __import__("models.samplers", fromlist=["x"]))}
+    report_dir = Path(get_run(root, student["run_id"]).path) / "distill_report" / stable_hash(inputs)
+    reused = is_complete(report_dir)
+    if not reused:
+        with stage_output(report_dir) as (tmp, card):
+            models = [("teacher", checkpoint_family(ref.checkpoint))]
+            models += [(f"student_{r['steps']}", checkpoint_family(r["checkpoint"])) for r in rounds[-1:]]
+            nfe_report(models, tmp, tcfg, request.report_nfe, request.report_count, request.seed,
+                       REPORT_TEACHER_STEPS)
+            card.update(inputs)
+    report = {**read_nfe_report(report_dir), "reused": reused}
     return {"method": request.method, "teacher_run": ref.id, "dataset_id": dataset, "rounds": rounds,
             "student_run": student["run_id"], "student_checkpoint": student["checkpoint"], "report": report,
             "seconds": round(time.time() - t0, 3)}

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
-from _helpers import TINY_UNET, eval_world_root, tiny_text_run
+from _helpers import TINY_UNET, eval_world_root, tiny_text_run, one_thread, flow_artifacts, artifact_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -24,15 +23,6 @@ SETTINGS = {"n_samples": 32, "kid_subsets": 10, "kid_subset_size": 16, "geneval_
             "geneval_per_prompt": 1, "batch_size": 32}
 SWEEP = [1, 2]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _one_thread(fn):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +34,9 @@ def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("benchmark-flow")
     eval_world_root(root)
     teacher = tiny_text_run(root, "edm", steps=4)
-    student = _one_thread(lambda: distill({"teacher": teacher, "method": "consistency", "steps": 3, "batch_size": 4,
-                                           "levels": 4, "report_count": 2, "report_nfe": [1, 2]}, root))
-    stopped = _one_thread(lambda: train_run({"dataset": "world-tiny", "train": {
+    student = one_thread(lambda: distill({"teacher": teacher, "method": "consistency", "steps": 3, "batch_size": 4,
+                                          "levels": 4, "report_count": 2, "report_nfe": [1, 2]}, root))
+    stopped = one_thread(lambda: train_run({"dataset": "world-tiny", "train": {
         "family": "flow", "model": TINY_UNET, "steps": 3, "batch_size": 4, "ckpt_every": 1}}, root, stop_after=1))
     return {"root": root, "teacher": teacher, "student": student["student_run"], "stopped": stopped["run_id"]}
 
@@ -54,8 +44,8 @@ def world(tmp_path_factory) -> dict:
 def _flow(world):
     from flows.benchmark import benchmark_flow
 
-    state = _one_thread(lambda: benchmark_flow(families=["edm", "consistency"], settings=SETTINGS, nfe_sweep=SWEEP,
-                                               data_root=str(world["root"]), return_state=True))
+    state = one_thread(lambda: benchmark_flow(families=["edm", "consistency"], settings=SETTINGS, nfe_sweep=SWEEP,
+                                              data_root=str(world["root"]), return_state=True))
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
 
@@ -70,20 +60,6 @@ def flow_runs(prefect_server, world):
     times = _sample_times(world["root"])
     second = _flow(world)
     return first, second, times
-
-
-def _artifacts(key: str, flow_run_id=None) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    flt = ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
-                         flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None)
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=flt)
-
-
-def _data(artifact):
-    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
 def test_benchmark_writes_the_leaderboard(flow_runs, world):
@@ -128,13 +104,13 @@ def test_benchmark_writes_the_leaderboard(flow_runs, world):
 
 def test_benchmark_publishes_artifacts(flow_runs):
     (flow_run_id, board), _, _ = flow_runs
-    (table,) = _artifacts("leaderboard", flow_run_id)
-    got = _data(table)
+    (table,) = flow_artifacts(flow_run_id, "leaderboard")
+    got = artifact_data(table)
     main = board["main_metric"]
     assert [(r["run_id"], r["steps"], r["eval_id"]) for r in got] == \
         [(r["run_id"], r["steps"], r["eval_id"]) for r in board["rows"]]
     assert [r[main] for r in got] == pytest.approx([r[main] for r in board["rows"]])
-    (md,) = _artifacts("leaderboard-report", flow_run_id)
+    (md,) = flow_artifacts(flow_run_id, "leaderboard-report")
     assert board["leaderboard_id"] in md.data and md.data.count("data:image/png;base64,") == 2  # both plots
     assert "## Failed evaluations" not in md.data
 
@@ -144,9 +120,9 @@ def test_rerun_reuses_evaluations_and_adds_artifact_versions(flow_runs, world):
     assert second["eval_ids"] == first["eval_ids"] and second["leaderboard_id"] == first["leaderboard_id"]
     assert [r["nfe"] for r in second["rows"]] == [r["nfe"] for r in first["rows"]], "reused sets keep their NFE"
     assert _sample_times(world["root"]) == times, "no image is generated again"
-    versions = {a.flow_run_id for a in _artifacts("leaderboard")}
+    versions = {a.flow_run_id for a in flow_artifacts(key="leaderboard")}
     assert {first_id, second_id} <= versions
-    assert {first_id, second_id} <= {a.flow_run_id for a in _artifacts("leaderboard-report")}
+    assert {first_id, second_id} <= {a.flow_run_id for a in flow_artifacts(key="leaderboard-report")}
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
 
@@ -246,13 +222,13 @@ def test_a_failed_evaluation_keeps_the_others(prefect_server, world):
     missing.write_bytes(b"these bytes are not a safetensors file")
     settings = {**SETTINGS, "n_samples": 20, "steps": 1, "metrics": ["fid", "clipscore"],
                 "clip_model": f"ViT-B-32:{missing}"}
-    state = _one_thread(lambda: benchmark_flow(runs=[world["teacher"], world["stopped"]], settings=settings,
-                                               data_root=str(world["root"]), return_state=True))
+    state = one_thread(lambda: benchmark_flow(runs=[world["teacher"], world["stopped"]], settings=settings,
+                                              data_root=str(world["root"]), return_state=True))
     assert state.is_failed(), state
     exc = state.result(raise_on_failure=False)
     assert "1 of 2 evaluations failed" in str(exc) and world["teacher"] in str(exc)
-    (table,) = _artifacts("leaderboard", state.state_details.flow_run_id)
-    assert [r["run_id"] for r in _data(table)] == [world["stopped"]]
-    (md,) = _artifacts("leaderboard-report", state.state_details.flow_run_id)
+    (table,) = flow_artifacts(state.state_details.flow_run_id, "leaderboard")
+    assert [r["run_id"] for r in artifact_data(table)] == [world["stopped"]]
+    (md,) = flow_artifacts(state.state_details.flow_run_id, "leaderboard-report")
     assert "## Failed evaluations" in md.data and f"run `{world['teacher']}` at 1 step:" in md.data
     assert str(missing) in md.data

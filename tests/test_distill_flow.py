@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import register_world_dataset
+from _helpers import register_world_dataset, one_thread, flow_artifacts, artifact_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,16 +21,6 @@ NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
 # a tiny consistency distillation: 3 student steps, 4 Karras levels, 2 images per report row at NFE 1 and 2
 TINY_CD = ["steps=3", "batch_size=4", "levels=4", "report_count=2", "report_nfe=[1,2]"]
-
-
-def _one_thread(fn):
-    """Run ``fn`` on one torch thread (module fixtures run before the function-scoped fixture)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -49,31 +39,17 @@ def teacher(root) -> str:
         "family": "edm", "model": NET, "steps": 4, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0,
         "ckpt_every": 4, "log_every": 1, "epoch_batches": 2, "shuffle_buffer": 16, "sample_count": 2,
         "sample_steps": 2, "seed": 2}}
-    return _one_thread(lambda: train_run(req, root))["run_id"]
+    return one_thread(lambda: train_run(req, root))["run_id"]
 
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_server, root, teacher):
     from flows.distill import distill_flow
 
-    state = _one_thread(lambda: distill_flow(teacher=teacher, method="consistency", overrides=TINY_CD,
-                                             data_root=str(root), return_state=True))
+    state = one_thread(lambda: distill_flow(teacher=teacher, method="consistency", overrides=TINY_CD,
+                                            data_root=str(root), return_state=True))
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
-
-
-def _artifacts(flow_run_id, key: str | None = None) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                         key=ArtifactFilterKey(any_=[key]) if key else None)
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=flt)
-
-
-def _data(artifact):
-    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
 def test_flow_distils_a_student(flow_run, root, teacher):
@@ -101,26 +77,27 @@ def test_flow_distils_a_student(flow_run, root, teacher):
     assert all(1 <= r["nfe"] <= 2 and r["mse_to_reference"] > 0 for r in rows[1:])
     assert all(Path(r["grid"]).is_file() for r in rows)
     assert Path(s["report"]["plot"]).is_file() and Path(s["report"]["table"]).is_file()
+    assert s["report"]["reused"] is False
 
 
 def test_flow_publishes_artifacts(flow_run, teacher):
     flow_run_id, s = flow_run
     rows = s["report"]["rows"]
-    (table,) = _artifacts(flow_run_id, "distill-report")
-    got = _data(table)
+    (table,) = flow_artifacts(flow_run_id, "distill-report")
+    got = artifact_data(table)
     assert [(r["model"], r["steps"], r["nfe"]) for r in got] == [(r["model"], r["steps"], r["nfe"]) for r in rows]
     assert [r["mse_to_reference"] for r in got] == pytest.approx([r["mse_to_reference"] for r in rows])
     assert [r["run_id"] for r in got] == [teacher if r["model"] == "teacher" else s["student_run"] for r in rows]
-    (md,) = _artifacts(flow_run_id, "distill-summary")
+    (md,) = flow_artifacts(flow_run_id, "distill-summary")
     text = md.data
     assert teacher in text and s["student_run"] in text
     assert text.count("data:image/png;base64,") == 1 + len(rows)  # the NFE plot + every grid
     for r in rows[1:]:
         assert f"### {r['model']}, NFE {r['nfe']} ({r['steps']} step" in text
     assert f"### teacher, NFE {rows[0]['nfe']} (50 steps, reference)" in text
-    progress = [a for a in _artifacts(flow_run_id) if a.type == "progress"]
+    progress = [a for a in flow_artifacts(flow_run_id) if a.type == "progress"]
     assert [a.key for a in progress] == ["distill-progress"]
-    assert float(_data(progress[0])) == pytest.approx(100.0)
+    assert float(artifact_data(progress[0])) == pytest.approx(100.0)
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -145,7 +122,7 @@ def test_cli_reuses_the_flows_student(flow_run, root, teacher, capsys):
     got = json.loads(lines[0])
     assert got["student_run"] == s["student_run"] and got["teacher_run"] == teacher
     assert got["rounds"][0]["reused"] is True and got["student_checkpoint"] == s["student_checkpoint"]
-    assert [r["model"] for r in got["report"]["rows"]] == [r["model"] for r in s["report"]["rows"]]
+    assert got["report"]["rows"] == s["report"]["rows"] and got["report"]["reused"] is True  # not recomputed
     # without --json: the student run id alone
     assert main(_cli(root, teacher)) == 0
     assert capsys.readouterr().out.strip().splitlines() == [s["student_run"]]

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
-from _helpers import eval_world_root, tiny_text_run
+from _helpers import eval_world_root, tiny_text_run, one_thread, flow_artifacts, artifact_data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,16 +27,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = ["n_samples=32", "steps=4", "kid_subsets=10", "kid_subset_size=16", "geneval_max_prompts=6",
          "geneval_per_prompt=1", "batch_size=32"]
 HESSEL = "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))"
-
-
-def _one_thread(fn):
-    """Run ``fn`` on one torch thread (module fixtures run before the function-scoped fixture)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -61,24 +50,10 @@ def flow_run(prefect_server, root, run_id):
     from flows.evaluate import evaluate_flow
 
     # a unique id prefix names the run
-    state = _one_thread(lambda: evaluate_flow(run=run_id[:8], overrides=SMALL, data_root=str(root),
+    state = one_thread(lambda: evaluate_flow(run=run_id[:8], overrides=SMALL, data_root=str(root),
                                               return_state=True))
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
-
-
-def _artifacts(flow_run_id, key: str | None = None) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                         key=ArtifactFilterKey(any_=[key]) if key else None)
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=flt)
-
-
-def _data(artifact):
-    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
 
 
 def _fd(metrics: dict) -> str:
@@ -105,8 +80,8 @@ def test_flow_evaluates_the_run(flow_run, run_id):
 
 def test_flow_publishes_artifacts(flow_run):
     flow_run_id, s = flow_run
-    (table,) = _artifacts(flow_run_id, "evaluate-metrics")
-    got = _data(table)
+    (table,) = flow_artifacts(flow_run_id, "evaluate-metrics")
+    got = artifact_data(table)
     assert [r["metric"] for r in got] == list(s["metrics"])
     assert [r["value"] for r in got] == pytest.approx(list(s["metrics"].values()))
     for r in got:
@@ -114,7 +89,7 @@ def test_flow_publishes_artifacts(flow_run):
             (s["run_id"], "flow", "euler", 4, 4, 1.0)
     n = {r["metric"]: r["n"] for r in got}
     assert n[_fd(s["metrics"])] == n[HESSEL] == 32 and n["GenEval overall"] == 6  # 6 prompts x 1 image
-    (md,) = _artifacts(flow_run_id, "evaluate-summary")
+    (md,) = flow_artifacts(flow_run_id, "evaluate-summary")
     text = md.data
     assert s["eval_id"] in text and s["run_id"] in text and "## Skipped" not in text
     for name, value in s["metrics"].items():

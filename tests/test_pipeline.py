@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from _helpers import one_thread
 
 from imagegen import pipeline as P
 
@@ -42,20 +43,11 @@ TINY = [
 SECOND = [*TINY, "train.family=ddpm", "distill.method=null"]
 
 
-def _one_thread(fn):
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
-
-
 def _run(root: Path, overrides: list[str]):
     from flows.pipeline import pipeline_flow
 
     t0 = time.perf_counter()
-    state = _one_thread(lambda: pipeline_flow(preset="smoke", overrides=overrides, data_root=str(root),
+    state = one_thread(lambda: pipeline_flow(preset="smoke", overrides=overrides, data_root=str(root),
                                               return_state=True))
     wall = time.perf_counter() - t0
     assert state.is_completed(), state
@@ -187,7 +179,7 @@ def test_rerunning_the_same_request_recomputes_nothing(first, root):
     _, a = first
     req = P.build_request("smoke", overrides=TINY)
     lines: list[str] = []
-    s = _one_thread(lambda: P.run_pipeline(req, root, P.plain_stages(lines.append)))
+    s = one_thread(lambda: P.run_pipeline(req, root, P.plain_stages(lines.append)))
     assert s["dataset"]["id"] == a["dataset_id"] and s["report"]["id"] == a["report"]["id"]
     assert s["teacher"]["run_id"] == a["teacher_run"] and s["teacher"]["reused"]
     assert all(r["reused"] for r in s["distill"]["rounds"])

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _helpers import gradient_png
+from _helpers import gradient_png, flow_artifacts, artifact_data
 
 DATASET = "tiny-shapes"
 DATASET_ID = "0123456789abcdef"  # any folder name: the registry takes every complete folder as a dataset
@@ -91,20 +91,6 @@ def flow_runs(prefect_server, data_root):
     return data_root, (first_id, first), (second_id, second), before
 
 
-def _artifacts(flow_run_id, key: str | None = None) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
-
-    flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                         key=ArtifactFilterKey(any_=[key]) if key else None)
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(artifact_filter=flt)
-
-
-def _data(artifact):
-    return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-
-
 def test_flow_trains_the_run(flow_runs):
     root, (_, s), _, _ = flow_runs
     run_dir = Path(s["run_dir"])
@@ -122,18 +108,18 @@ def test_flow_trains_the_run(flow_runs):
 
 def test_flow_publishes_artifacts(flow_runs):
     _, (flow_run_id, s), _, _ = flow_runs
-    table = _artifacts(flow_run_id, "train-metrics")
-    md = _artifacts(flow_run_id, "train-summary")
+    table = flow_artifacts(flow_run_id, "train-metrics")
+    md = flow_artifacts(flow_run_id, "train-summary")
     assert len(table) == 1 and len(md) == 1
-    (row,) = _data(table[0])
+    (row,) = artifact_data(table[0])
     assert row["run_id"] == s["run_id"] and row["dataset_id"] == DATASET_ID and row["reused"] is False
     assert row["step"] == row["steps"] == 6 and row["loss/model"] == pytest.approx(s["last_losses"]["model"])
     assert row["steps_per_s"] > 0
     text = md[0].data
     assert s["run_id"] in text and text.count("data:image/png;base64,") == 2  # loss curve + last sample grid
-    progress = [a for a in _artifacts(flow_run_id) if a.type == "progress"]
+    progress = [a for a in flow_artifacts(flow_run_id) if a.type == "progress"]
     assert [a.key for a in progress] == ["train-progress"]
-    assert float(_data(progress[0])) == pytest.approx(100.0)
+    assert float(artifact_data(progress[0])) == pytest.approx(100.0)
 
 
 def test_rerun_reuses_the_finished_run(flow_runs):
@@ -143,7 +129,7 @@ def test_rerun_reuses_the_finished_run(flow_runs):
     run_dir = Path(second["run_dir"])
     assert (run_dir / "metrics.parquet").read_bytes() == before["metrics"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in (run_dir / "checkpoints").iterdir()) == before["checkpoints"]
-    (row,) = _data(_artifacts(second_id, "train-metrics")[0])
+    (row,) = artifact_data(flow_artifacts(second_id, "train-metrics")[0])
     assert row["reused"] is True and row["run_id"] == first["run_id"]
 
 
