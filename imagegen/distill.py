@@ -82,6 +82,17 @@ class DistillRequest(BaseModel):
                                  f"target_steps={t} times a power of two (e.g. 64 -> 4)")
         return self
 
+    def guidance(self, conditional: bool, teacher_sample_guidance: float) -> tuple[float, float]:
+        """(the teacher's CFG scale the student learned from, the student's own CFG scale).  Reflow
+        pairs and consistency targets have the teacher's guidance distilled in, so those students
+        sample without CFG (a second CFG on top would over-guide); a progressive student samples
+        with the teacher's."""
+        if not conditional:
+            return 1.0, 1.0
+        learned = {"reflow": self.pair_guidance if self.pair_guidance is not None else teacher_sample_guidance,
+                   "consistency": self.teacher_guidance}.get(self.method, teacher_sample_guidance)
+        return float(learned), float(learned) if self.method == "progressive" else 1.0
+
     def rounds(self) -> list[int]:
         """Student step counts, one training run each."""
         if self.method != "progressive":
@@ -228,28 +239,28 @@ def _code_self() -> Any:
 REPORT_TEACHER_STEPS = 50  # the NFE report's reference: the teacher at this many steps
 
 
-def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
+def nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
                count: int, seed: int, teacher_steps: int = REPORT_TEACHER_STEPS) -> dict[str, Any]:
-    """Sample every (label, family) at each NFE from the same noise and conditioning; the first
-    model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes one grid
-    per row, ``report.parquet`` (label, steps, nfe, mse to the reference) and ``nfe_mse.png``."""
+    """Sample every (label, family, CFG scale) at each NFE from the same noise and conditioning;
+    the first model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes
+    one grid per row, ``report.parquet`` (label, steps, nfe, guidance, mse to the reference) and
+    ``nfe_mse.png``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher = models[0][1]
+    teacher, teacher_g = models[0][1], models[0][2]
     shape = (count, *teacher.noise_shape)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     cond = sample_conditioning(cfg, count)
-    guidance = cfg.sample_guidance if cond is not None else 1.0
 
-    def draw(fam: Any, steps: int) -> tuple[torch.Tensor, int]:
-        res = fam.sample_result(count, conditioning=cond, steps=steps, guidance=guidance, x_T=x_T,
-                                generator=torch.Generator().manual_seed(seed + 1))
+    def draw(fam: Any, steps: int, guidance: float) -> tuple[torch.Tensor, int]:
+        res = fam.sample_result(count, conditioning=cond, steps=steps, guidance=guidance if cond is not None else 1.0,
+                                x_T=x_T, generator=torch.Generator().manual_seed(seed + 1))
         return res.sample.float(), int(res.nfe)
 
-    ref, ref_nfe = draw(teacher, teacher_steps)
-    rows = [{"model": models[0][0], "steps": teacher_steps, "nfe": ref_nfe, "mse_to_reference": 0.0,
-             "grid": str(out_dir / f"{models[0][0]}_steps{teacher_steps}.png")}]
+    ref, ref_nfe = draw(teacher, teacher_steps, teacher_g)
+    rows = [{"model": models[0][0], "steps": teacher_steps, "nfe": ref_nfe, "guidance": teacher_g,
+             "mse_to_reference": 0.0, "grid": str(out_dir / f"{models[0][0]}_steps{teacher_steps}.png")}]
     save_grid(ref, Path(rows[0]["grid"]))
-    for label, fam in models:
+    for label, fam, g in models:
         done: set[int] = set()
         for nfe in nfes:
             # the most steps whose NFE fits the budget: Heun costs 2N - 1 (its last step is Euler)
@@ -257,10 +268,10 @@ def nfe_report(models: list[tuple[str, Any]], out_dir: Path, cfg: TrainConfig, n
             if steps in done:
                 continue
             done.add(steps)
-            x, used = draw(fam, steps)
+            x, used = draw(fam, steps, g)
             path = out_dir / f"{label}_steps{steps}.png"
             save_grid(x, path)
-            rows.append({"model": label, "steps": steps, "nfe": used,
+            rows.append({"model": label, "steps": steps, "nfe": used, "guidance": g,
                          "mse_to_reference": float(((x - ref) ** 2).mean()), "grid": str(path)})
     df = pd.DataFrame(rows)
     df.to_parquet(out_dir / "report.parquet", index=False)
@@ -274,6 +285,7 @@ def read_nfe_report(out_dir: Path) -> dict[str, Any]:
     for r in rows:
         r["grid"] = str(out_dir / Path(r["grid"]).name)
         r["steps"], r["nfe"], r["mse_to_reference"] = int(r["steps"]), int(r["nfe"]), float(r["mse_to_reference"])
+        r["guidance"] = float(r["guidance"])
     return {"rows": rows, "plot": str(out_dir / "nfe_mse.png"), "table": str(out_dir / "report.parquet")}
 
 
@@ -318,9 +330,8 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     if request.method == "progressive":
         extra_for = lambda n: {"student_steps": n}  # noqa: E731
     elif request.method == "reflow":
-        guidance = request.pair_guidance if request.pair_guidance is not None else tcfg.sample_guidance
         dataset = reflow_pairs(root, ref.id, tcfg, request.pairs, request.pair_steps, request.pair_sampler,
-                               guidance, request.seed)
+                               request.guidance(True, tcfg.sample_guidance)[0], request.seed)
         extra_for = lambda n: {"default_steps": n, "t_sampling": "uniform"}  # noqa: E731
     else:
         extra_for = lambda n: {"levels": request.levels, "target_ema": request.target_ema,  # noqa: E731
@@ -345,8 +356,9 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     reused = is_complete(report_dir)
     if not reused:
         with stage_output(report_dir) as (tmp, card):
-            models = [("teacher", checkpoint_family(ref.checkpoint))]
-            models += [(f"student_{r['steps']}", checkpoint_family(r["checkpoint"])) for r in rounds[-1:]]
+            t_g, s_g = request.guidance(tcfg.model.get("conditioning", "none") != "none", tcfg.sample_guidance)
+            models = [("teacher", checkpoint_family(ref.checkpoint), t_g)]
+            models += [(f"student_{r['steps']}", checkpoint_family(r["checkpoint"]), s_g) for r in rounds[-1:]]
             nfe_report(models, tmp, tcfg, request.report_nfe, request.report_count, request.seed,
                        REPORT_TEACHER_STEPS)
             card.update(inputs)

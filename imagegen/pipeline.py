@@ -315,13 +315,9 @@ def eval_requests(request: PipelineRequest, dataset_id: str, teacher_run: str, t
     consistency student, which has that guidance distilled in, with none.  ``evaluate.teacher_steps``
     sets the teacher's sampler steps (the student samples at its own default)."""
     conditional = teacher_cfg.get("model", {}).get("conditioning", "none") != "none"
-    learned = float(teacher_cfg.get("sample_guidance", 1.0)) if conditional else 1.0
-    if distill is not None and conditional:
-        if distill.method == "reflow" and distill.pair_guidance is not None:
-            learned = distill.pair_guidance
-        elif distill.method == "consistency":
-            learned = distill.teacher_guidance
-    student_guidance = learned if distill is not None and distill.method == "progressive" else 1.0
+    own = float(teacher_cfg.get("sample_guidance", 1.0))
+    learned, student_guidance = (distill.guidance(conditional, own) if distill is not None
+                                 else (own if conditional else 1.0, 1.0))
     auto = request.evaluate.guidance is None
     out = {"teacher": _eval_request(request, teacher_run, {"guidance": learned} if auto else {}, teacher=True)}
     if student_run is not None:

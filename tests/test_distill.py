@@ -122,3 +122,16 @@ def test_teachers_that_do_not_fit_are_refused(root):
     eps = teacher(root, "ddpm", steps=2, prediction="eps")
     with pytest.raises(RunError, match="needs a v-prediction teacher"):
         distill({"teacher": eps, "method": "progressive"}, root)
+
+
+def test_students_sample_with_the_guidance_they_learned():
+    """Reflow pairs and consistency targets carry the teacher's CFG: those students sample without
+    a second CFG (the NFE report and the pipeline's evaluation use this one rule)."""
+    def req(**kw):
+        return DistillRequest(teacher="t", **kw)
+
+    assert req(method="reflow").guidance(True, 3.0) == (3.0, 1.0)
+    assert req(method="reflow", pair_guidance=2.0).guidance(True, 3.0) == (2.0, 1.0)
+    assert req(method="consistency", teacher_guidance=4.0).guidance(True, 3.0) == (4.0, 1.0)
+    assert req(method="progressive").guidance(True, 3.0) == (3.0, 3.0)
+    assert req(method="reflow").guidance(False, 3.0) == (1.0, 1.0)
