@@ -95,6 +95,11 @@ def family_request(base: TrainRequest, family: str, dataset: str | None = None) 
         else:
             model.update(hidden=128, depth=4, heads=4)
         data["train"]["model"] = model
+    # keep only the model fields the new family accepts (the preset's own family may have others)
+    from models.registry import get_family
+
+    fields = get_family(data["train"]["family"]).Config.model_fields
+    data["train"]["model"] = {k: v for k, v in data["train"]["model"].items() if k in fields}
     return data
 
 
