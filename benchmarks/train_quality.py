@@ -163,8 +163,8 @@ def main() -> None:
                 latent_sets[first] = encode_dataset(root, base.dataset, runs[first])
             dataset = latent_sets[first]
         data = family_request(base, family, dataset)
-        per_step = cpu_per_step(data, root, args.probe_cpu_s)
-        steps = fixed.get(family) or max(1, round(args.budget_cpu_s / per_step))
+        per_step = None if family in fixed else cpu_per_step(data, root, args.probe_cpu_s)
+        steps = fixed[family] if per_step is None else max(1, round(args.budget_cpu_s / per_step))
         data["train"]["steps"] = steps
         data["train"]["warmup_steps"] = min(data["train"].get("warmup_steps", 0), max(1, steps // 10))
         data["train"]["ckpt_every"] = steps
@@ -178,7 +178,7 @@ def main() -> None:
                        "metrics": ["fid", "kid", "clipscore"] if cond not in (None, "none") else ["fid", "kid"]}, root)
         evals.append(ev)
         row = {"family": family, "run_id": res["run_id"], "reused": res["reused"], "steps": res["step"],
-               "probe_cpu_s_per_step": round(per_step, 4), "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
+               "probe_cpu_s_per_step": round(per_step, 4) if per_step else None, "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
                "first_stage": runs.get(FIRST_STAGE.get(family, ""), None), "final_losses": res["last_losses"],
                "grid": res["samples"][-1] if res.get("samples") else None, "checkpoint": res["checkpoint"],
                "metrics": ev["metrics"]}
