@@ -104,3 +104,9 @@ register_family(VQTokenizer)
 from models.maskgit import MaskGIT  # noqa: E402
 
 register_family(MaskGIT)
+from models.vqgan import VQGAN  # noqa: E402
+
+register_family(VQGAN)
+from models.ar import AutoregressiveTransformer  # noqa: E402
+
+register_family(AutoregressiveTransformer)

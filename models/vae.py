@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from models.base import Family, FamilyConfig, LossOut, randn
@@ -160,23 +160,31 @@ def active_dimensions(vae: VAE, images: Tensor, threshold: float = ACTIVE_THRESH
 # KL autoencoder (the latent-diffusion first stage, Rombach et al. 2022, at small scale)
 
 
-class KLAutoencoderConfig(VAEConfig):
-    beta: float = Field(1e-6, ge=0.0, le=1.0, description="KL weight (small: a regularised autoencoder, not a "
-                        "generative VAE; Rombach et al. use 1e-6 on summed losses)")
+class AdversarialFields(BaseModel):
+    """Config fields of the optional perceptual (LPIPS) and patch-GAN terms of an autoencoder
+    (shared by the KL autoencoder and VQ-GAN)."""
+
     disc_weight: float = Field(0.0, ge=0.0, le=100.0, description="Weight of the patch-discriminator (hinge) "
                                "term for the autoencoder; 0 = no discriminator")
     disc_start: int = Field(0, ge=0, description="Training step from which the discriminator term is used")
+    adaptive_weight: bool = Field(False, description="Scale the GAN term by |grad rec| / |grad GAN| at the "
+                                  "decoder's last layer (Esser et al. 2021 eq. 7), times disc_weight")
     perceptual: str | None = Field(None, min_length=1, description="LPIPS weights (.safetensors written by "
                                    "`python -m imagegen.perceptual convert`) for a perceptual reconstruction "
                                    "term; None = off")
     perceptual_weight: float = Field(1.0, ge=0.0, le=100.0, description="Weight of the LPIPS term (per pixel, "
-                                     "next to the per-pixel L1)")
+                                     "next to the per-pixel reconstruction term)")
 
     @field_validator("perceptual")
     @classmethod
     def _absolute(cls, v: str | None) -> str | None:
         # training may run in another working directory (torchrun ranks, a Prefect worker)
         return None if v is None else str(Path(v).expanduser().absolute())
+
+
+class KLAutoencoderConfig(AdversarialFields, VAEConfig):
+    beta: float = Field(1e-6, ge=0.0, le=1.0, description="KL weight (small: a regularised autoencoder, not a "
+                        "generative VAE; Rombach et al. use 1e-6 on summed losses)")
 
 
 class PatchDiscriminator(nn.Module):
@@ -193,7 +201,68 @@ class PatchDiscriminator(nn.Module):
         return self.body(x)
 
 
-class KLAutoencoder(VAE):
+class AdversarialAutoencoder:
+    """For an autoencoder Family whose Config has the :class:`AdversarialFields`: the frozen LPIPS
+    network (held outside the module tree: neither trained nor checkpointed, not loaded for
+    inference, moved with the model), the patch discriminator with its own optimizer that sits out
+    until ``disc_start``, and the hinge losses.  The family provides ``autoencoder_parameters()``
+    and a ``steps_done`` buffer counted in its ``after_step``."""
+
+    def init_adversarial(self, channels: int, width: int) -> None:
+        c = self.cfg  # type: ignore[attr-defined]
+        self.discriminator = PatchDiscriminator(channels, width) if c.disc_weight > 0 else None
+        if c.perceptual is not None and not loading_for_inference():
+            from imagegen.perceptual import load_lpips
+
+            object.__setattr__(self, "_perceptual", load_lpips(c.perceptual))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        lp = self.__dict__.get("_perceptual")
+        if lp is not None:  # moved (device, dtype) with the autoencoder
+            lp._apply(fn, recurse)
+        return out
+
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def optimizers_spec(self) -> dict[str, list[nn.Parameter]]:
+        ae = self.autoencoder_parameters()
+        if self.discriminator is None:
+            return {"model": ae}
+        return {"autoencoder": ae, "discriminator": list(self.discriminator.parameters())}
+
+    def optimizers_for_step(self, step: int) -> list[str]:
+        if self.discriminator is not None and step < self.cfg.disc_start:  # type: ignore[attr-defined]
+            return ["autoencoder"]  # the discriminator sits out until its start step
+        return list(self.optimizers_spec())
+
+    def perceptual_distance(self, x_hat: Tensor, x: Tensor) -> Tensor | None:
+        """LPIPS(x, x_hat) per image, or None without a perceptual term."""
+        lp = self.__dict__.get("_perceptual")
+        return None if lp is None else lp(x_hat, x)
+
+    def adversarial_losses(self, x: Tensor, x_hat: Tensor, rec_loss: Tensor, ae_loss: Tensor,
+                           logs: dict[str, float], last_layer: Tensor) -> LossOut:
+        """The autoencoder loss (+ the weighted hinge generator term once the discriminator is on)
+        and the discriminator's hinge loss on real images and detached reconstructions."""
+        c = self.cfg  # type: ignore[attr-defined]
+        if self.discriminator is None:
+            return LossOut({"model": ae_loss}, logs)
+        on = float(int(self.steps_done) >= c.disc_start)  # type: ignore[attr-defined]
+        g_adv = -self.discriminator(x_hat).mean()
+        weight = torch.full((), c.disc_weight, device=x.device)
+        if c.adaptive_weight and on and torch.is_grad_enabled():
+            g_rec, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+            g_gan, = torch.autograd.grad(g_adv, last_layer, retain_graph=True)
+            weight = weight * (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(0.0, 1e4).detach()
+        d_loss = F.relu(1 - self.discriminator(x)).mean() + F.relu(1 + self.discriminator(x_hat.detach())).mean()
+        logs.update(g_adv=float(g_adv.detach()), disc_on=on, disc_loss=float(d_loss.detach()),
+                    adv_weight=float(weight))
+        return LossOut({"autoencoder": ae_loss + on * weight * g_adv, "discriminator": on * d_loss}, logs)
+
+
+class KLAutoencoder(AdversarialAutoencoder, VAE):
     """Encoder/decoder with a downsampling factor 2^levels (4 or 8 for latent diffusion), loss =
     per-image summed L1 reconstruction + beta * KL (+ disc_weight * hinge adversarial term after
     ``disc_start``, with its own discriminator optimizer).  With ``perceptual`` set, each pixel's
@@ -210,30 +279,11 @@ class KLAutoencoder(VAE):
 
     def __init__(self, cfg: KLAutoencoderConfig | Mapping[str, Any]) -> None:
         super().__init__(cfg)
-        self.discriminator = PatchDiscriminator(self.cfg.channels, self.cfg.width) if self.cfg.disc_weight > 0 else None
+        self.init_adversarial(self.cfg.channels, self.cfg.width)
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
-        if self.cfg.perceptual is not None and not loading_for_inference():
-            from imagegen.perceptual import load_lpips
 
-            object.__setattr__(self, "_perceptual", load_lpips(self.cfg.perceptual))
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        out = super()._apply(fn, recurse)
-        lp = self.__dict__.get("_perceptual")
-        if lp is not None:  # moved (device, dtype) with the autoencoder
-            lp._apply(fn, recurse)
-        return out
-
-    def optimizers_spec(self) -> dict[str, list[nn.Parameter]]:
-        ae = [*self.encoder.parameters(), *self.decoder.parameters()]
-        if self.discriminator is None:
-            return {"model": ae}
-        return {"autoencoder": ae, "discriminator": list(self.discriminator.parameters())}
-
-    def optimizers_for_step(self, step: int) -> list[str]:
-        if self.discriminator is not None and step < self.cfg.disc_start:
-            return ["autoencoder"]  # the discriminator sits out until its start step
-        return list(self.optimizers_spec())
+    def autoencoder_parameters(self) -> list[nn.Parameter]:
+        return [*self.encoder.parameters(), *self.decoder.parameters()]
 
     @torch.no_grad()
     def after_step(self) -> None:
@@ -248,17 +298,9 @@ class KLAutoencoder(VAE):
         kl = 0.5 * (mu.float() ** 2 + logvar.float().exp() - 1.0 - logvar.float()).flatten(1).sum(1)
         logs = {"recon_l1": float(recon.mean().detach()) / x[0].numel(), "kl": float(kl.mean().detach()),
                 "mse": float(F.mse_loss(x_hat.float(), x.float()).detach())}
-        lp = self.__dict__.get("_perceptual")
-        if lp is not None:
-            p = lp(x_hat, x)
+        p = self.perceptual_distance(x_hat, x)
+        if p is not None:
             recon = recon + self.cfg.perceptual_weight * x[0].numel() * p
             logs["lpips"] = float(p.mean().detach())
         ae_loss = (recon + self.cfg.beta * kl).mean()
-        if self.discriminator is None:
-            return LossOut({"model": ae_loss}, logs)
-        on = float(int(self.steps_done) >= self.cfg.disc_start)
-        g_adv = -self.discriminator(x_hat).mean()
-        d_loss = (F.relu(1 - self.discriminator(x)).mean() + F.relu(1 + self.discriminator(x_hat.detach())).mean())
-        logs.update(g_adv=float(g_adv.detach()), disc_on=on)
-        return LossOut({"autoencoder": ae_loss + on * self.cfg.disc_weight * g_adv, "discriminator": on * d_loss},
-                       logs)
+        return self.adversarial_losses(x, x_hat, recon.mean(), ae_loss, logs, self.decoder.body[-1].weight)

@@ -1,5 +1,6 @@
-"""Discrete tokenizers on the family contract: VQ-VAE (van den Oord et al. 2017) and FSQ (Mentzer
-et al. 2024), sharing one convolutional encoder/decoder (models/vae.py).
+"""Discrete tokenizers on the family contract: VQ-VAE (van den Oord et al. 2017), FSQ (Mentzer
+et al. 2024) and LFQ (Yu et al. 2024, MAGVIT-v2), sharing one convolutional encoder/decoder
+(models/vae.py).
 
 * VQ: nearest-codebook quantisation with the straight-through estimator; commitment loss
   beta |z_e - sg(q)|^2; the codebook follows the encoder outputs by exponential moving averages
@@ -11,6 +12,11 @@ et al. 2024), sharing one convolutional encoder/decoder (models/vae.py).
 * FSQ: each of ``len(fsq_levels)`` channels is bounded (tanh) and rounded to L_i levels with a
   straight-through gradient; the implicit codebook has prod(L_i) codes, nothing to learn,
   nothing to collapse.
+* LFQ (lookup-free quantisation): each of ``lfq_bits`` channels is quantised to its sign, so the
+  implicit codebook is {-1, 1}^bits (2^bits codes, the token id the bits read as a binary
+  number), straight-through gradient, commitment beta |z - sg(q)|^2 and MAGVIT-v2's entropy
+  penalty  E[H(p(c|z))] - diversity * H(E[p(c|z)]),  p(c|z) = softmax_c(2 z.c / tau) over all
+  codes: confident assignments per position, uniform use of the codebook over the batch.
 
 Logged: reconstruction MSE, codebook usage (share of codes used in the batch) and perplexity
 exp(H) of the code distribution.  ``encode_tokens``/``decode_tokens`` map images to token grids
@@ -36,7 +42,8 @@ from models.vae import Decoder, Encoder
 class VQConfig(FamilyConfig):
     builds_denoiser: ClassVar[bool] = False
 
-    quantizer: Literal["vq", "fsq"] = Field("vq", description="VQ codebook or finite scalar quantisation")
+    quantizer: Literal["vq", "fsq", "lfq"] = Field("vq", description="VQ codebook, finite scalar or lookup-free "
+                                                  "quantisation")
     codebook_size: int = Field(256, ge=2, le=65536, description="VQ: number of codes K")
     code_dim: int = Field(8, ge=1, le=1024, description="VQ: code (latent channel) dimension")
     commitment: float = Field(0.25, ge=0.0, le=10.0, description="VQ: commitment weight beta")
@@ -45,6 +52,10 @@ class VQConfig(FamilyConfig):
                                   "step) falls below this; 0 = never")
     fsq_levels: tuple[int, ...] = Field((8, 5, 5, 5), min_length=1, max_length=16,
                                         description="FSQ: levels per channel (codebook = their product)")
+    lfq_bits: int = Field(10, ge=1, le=16, description="LFQ: bits per token (codebook = 2^bits)")
+    entropy_weight: float = Field(0.1, ge=0.0, le=10.0, description="LFQ: weight of the entropy penalty")
+    diversity: float = Field(1.0, ge=0.0, le=10.0, description="LFQ: weight of the codebook entropy inside it")
+    lfq_temperature: float = Field(0.01, gt=0.0, le=10.0, description="LFQ: temperature tau of p(c|z)")
     levels: int = Field(2, ge=0, le=6, description="Downsampling levels (factor 2 each)")
     width: int = Field(32, ge=4, le=1024, description="Channels of the first level")
 
@@ -60,7 +71,7 @@ class VQConfig(FamilyConfig):
 
     @property
     def latent_channels(self) -> int:  # what the shared Encoder/Decoder read
-        return self.code_dim if self.quantizer == "vq" else len(self.fsq_levels)
+        return {"vq": self.code_dim, "fsq": len(self.fsq_levels), "lfq": self.lfq_bits}[self.quantizer]
 
 
 class _CoderConfig:
@@ -96,12 +107,13 @@ class VQTokenizer(Family):
             self.register_buffer("ema_sum", self.codebook.clone())
             self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))
             self._acc: list[Tensor] = []  # this step's (counts, sums, sample of z_e), per micro-batch
-        else:
+        elif c.quantizer == "fsq":
             self.register_buffer("fsq_levels_t", torch.tensor(c.fsq_levels, dtype=torch.float32))
 
     @property
     def vocab_size(self) -> int:
-        return self.cfg.codebook_size if self.cfg.quantizer == "vq" else math.prod(self.cfg.fsq_levels)
+        c = self.cfg
+        return {"vq": c.codebook_size, "fsq": math.prod(c.fsq_levels), "lfq": 2 ** c.lfq_bits}[c.quantizer]
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -138,8 +150,27 @@ class VQTokenizer(Family):
             self._sample = flat.detach()[pick.to(flat.device)]
         return q, index.view(B, h, w)
 
+    def _bit_weights(self, device: torch.device) -> Tensor:
+        return 2 ** torch.arange(self.cfg.lfq_bits, device=device).view(1, -1, 1, 1)
+
+    def _lfq(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        bits = z > 0
+        q = torch.where(bits, 1.0, -1.0).to(z.dtype)
+        return q, (bits.long() * self._bit_weights(z.device)).sum(1)
+
+    def lfq_entropy(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean per-position entropy of p(c|z), entropy of the batch-average p) over all 2^bits codes."""
+        codes = self.codes_to_latent(torch.arange(self.vocab_size, device=z.device).view(1, 1, -1))[0, :, 0]
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        logp = (2 * flat @ codes / self.cfg.lfq_temperature).log_softmax(-1)
+        p = logp.exp()
+        per_sample = -(p * logp).sum(-1).mean()
+        avg = p.mean(0)
+        codebook = -(avg * avg.clamp_min(1e-12).log()).sum()
+        return per_sample, codebook
+
     def quantize(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self._vq(z) if self.cfg.quantizer == "vq" else self._fsq(z)
+        return {"vq": self._vq, "fsq": self._fsq, "lfq": self._lfq}[self.cfg.quantizer](z)
 
     # ------------------------------------------------------------------ API
 
@@ -154,6 +185,9 @@ class VQTokenizer(Family):
         tokens = tokens.long()
         if self.cfg.quantizer == "vq":
             return self.codebook[tokens].permute(0, 3, 1, 2)
+        if self.cfg.quantizer == "lfq":
+            bits = (tokens[:, None] // self._bit_weights(tokens.device)) % 2
+            return bits.float() * 2 - 1
         L = self.fsq_levels_t.to(tokens.device)
         digits, rest = [], tokens
         for lv in L.long().tolist():
@@ -168,24 +202,35 @@ class VQTokenizer(Family):
             tokens = tokens[:, 0]
         return self.decoder(self.codes_to_latent(tokens))
 
-    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
-        x = self.check_images(batch)
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+        """(x_hat, reconstruction MSE, the quantiser's own loss terms, logs) of a training forward."""
         z = self.encode_latent(x)
         q, index = self.quantize(z)
-        if self.cfg.quantizer == "vq":
+        c = self.cfg
+        logs: dict[str, float] = {}
+        if c.quantizer in ("vq", "lfq"):
             commit = F.mse_loss(z.float(), q.detach().float())
             zq = z + (q - z).detach()  # straight-through
         else:
             commit = torch.zeros((), device=x.device)
             zq = q
+        extra = c.commitment * commit
+        if c.quantizer == "lfq" and c.entropy_weight > 0:
+            per_sample, codebook = self.lfq_entropy(z)
+            extra = extra + c.entropy_weight * (per_sample - c.diversity * codebook)
+            logs.update(sample_entropy=float(per_sample.detach()), codebook_entropy=float(codebook.detach()))
         x_hat = self.decoder(zq)
         recon = F.mse_loss(x_hat.float(), x.float())
-        loss = recon + self.cfg.commitment * commit
         counts = torch.bincount(index.flatten(), minlength=self.vocab_size).float()
         p = counts / counts.sum()
         perplexity = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
-        return LossOut({"model": loss}, {"mse": float(recon.detach()), "commitment": float(commit.detach()),
-                                         "usage": float((counts > 0).float().mean()), "perplexity": perplexity})
+        logs.update(mse=float(recon.detach()), commitment=float(commit.detach()),
+                    usage=float((counts > 0).float().mean()), perplexity=perplexity)
+        return x_hat, recon, extra, logs
+
+    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
+        _, recon, extra, logs = self.reconstruct(self.check_images(batch))
+        return LossOut({"model": recon + extra}, logs)
 
     @torch.no_grad()
     def after_step(self) -> None:
