@@ -93,10 +93,10 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
         nonlocal sq_err, n_px
         x = torch.stack([b["image"] for b in batch]).to(device)
         with torch.no_grad():
-            if tokens:  # a tokenizer: integer token grids, stored as exact float32 [1, h, w]
+            if tokens:  # a tokenizer: integer token grids, stored as exact float32 [1, h, w] (or [K, h, w])
                 t = ae.encode_tokens(x)
                 x_hat = ae.decode_tokens(t).clamp(-1, 1)
-                mu = t[:, None].float()
+                mu = (t[:, None] if t.ndim == 3 else t).float()
             else:
                 mu, _ = ae.encode(x)
                 x_hat = ae.decode(mu).clamp(-1, 1)

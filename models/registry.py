@@ -110,3 +110,8 @@ register_family(VQGAN)
 from models.ar import AutoregressiveTransformer  # noqa: E402
 
 register_family(AutoregressiveTransformer)
+from models.msvq import MultiScaleVQ  # noqa: E402
+from models.var import VAR  # noqa: E402
+
+register_family(MultiScaleVQ)
+register_family(VAR)

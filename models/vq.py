@@ -265,7 +265,6 @@ class VQTokenizer(Family):
                       x_T: Tensor | None = None, **options: Any) -> SampleResult:
         """Decodes uniformly random tokens (a tokenizer has no prior: train a token model for that)."""
         self._check_sampling(sampler, steps, guidance, conditioning, negative, options)
-        h, w = self.token_shape
-        tokens = torch.randint(0, self.vocab_size, (n, h, w), generator=generator).to(self.device)
+        tokens = torch.randint(0, self.vocab_size, (n, *self.token_shape), generator=generator).to(self.device)
         with torch.no_grad():
             return SampleResult(self.decode_tokens(tokens).clamp(-1, 1), 1)
