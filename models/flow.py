@@ -17,7 +17,8 @@ from models.samplers import SampleResult, flow_euler, flow_heun, flow_timesteps
 
 
 class FlowConfig(FamilyConfig):
-    net: Literal["unet", "dit"] = Field("dit", description="Denoiser architecture (DiT by default)")
+    net: Literal["unet", "dit", "mmdit"] = Field("dit", description="Denoiser architecture (DiT by default; mmdit: "
+                                                "SD3's joint attention over caption tokens and image patches)")
     t_sampling: Literal["uniform", "logit_normal"] = Field(
         "logit_normal", description="Training time distribution (logit-normal: SD3, Esser et al. 2024 eq. 19)"
     )

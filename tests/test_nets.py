@@ -9,14 +9,15 @@ from pydantic import ValidationError
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.nets import DiT, DiTConfig, UNet, UNetConfig, build_net
+from models.nets import DiT, DiTConfig, MMDiTConfig, UNet, UNetConfig, build_net
 from models.nets.layers import apply_rope_2d, rope_2d, sincos_pos_embed_2d, timestep_embedding
 
 B, TXT, L, NC = 3, 16, 5, 10
-KINDS = ["unet", "dit"]
+KINDS = ["unet", "dit", "mmdit"]
+CONFIGS = {"unet": UNetConfig, "dit": DiTConfig, "mmdit": MMDiTConfig}
 # The tiny presets at 16x16 instead of 32x32 keep the suite fast on 2 busy cores; the 32x32
 # defaults are covered by test_tiny_presets_at_default_size.
-SMALL = {"unet": dict(image_size=16, attention_resolutions=(8,)), "dit": dict(image_size=16)}
+SMALL = {"unet": dict(image_size=16, attention_resolutions=(8,)), "dit": dict(image_size=16), "mmdit": dict(image_size=16)}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,9 +31,8 @@ def one_thread():
 
 
 def make(kind: str, **overrides) -> torch.nn.Module:
-    cfg_cls = UNetConfig if kind == "unet" else DiTConfig
     torch.manual_seed(0)
-    return build_net(kind, cfg_cls.preset("tiny", **{**SMALL[kind], **overrides}))
+    return build_net(kind, CONFIGS[kind].preset("tiny", **{**SMALL[kind], **overrides}))
 
 
 def perturb(net: torch.nn.Module, seed: int = 1, std: float = 0.05) -> torch.nn.Module:
@@ -94,7 +94,7 @@ def test_learned_sigma_out_channels(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_tiny_presets_at_default_size(kind):
-    cfg = (UNetConfig if kind == "unet" else DiTConfig).preset("tiny")
+    cfg = CONFIGS[kind].preset("tiny")
     assert cfg.image_size == 32
     net = perturb(build_net(kind, cfg))
     x, t = inputs(net, batch=2)
@@ -329,8 +329,8 @@ def test_flops_scale_with_batch_and_width(kind):
     net = make(kind)
     f1, f4 = net.flops_per_forward(1), net.flops_per_forward(4)
     assert f1 > 0 and f4 == 4 * f1
-    if kind == "dit":
-        wide = make("dit", hidden_size=128, num_heads=2)
+    if kind != "unet":
+        wide = make(kind, hidden_size=128, num_heads=2)
     else:
         wide = make("unet", model_channels=64, head_channels=64)
     ratio = wide.flops_per_forward(1) / f1

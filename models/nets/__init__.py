@@ -11,15 +11,17 @@ from typing import Any, Literal, Mapping
 
 from models.nets.dit import DiT, DiTConfig
 from models.nets.layers import Denoiser, DenoiserConfig
+from models.nets.mmdit import MMDiT, MMDiTConfig
 from models.nets.unet import UNet, UNetConfig
 
 NET_KINDS: dict[str, tuple[type[DenoiserConfig], type[Denoiser]]] = {
     "unet": (UNetConfig, UNet),
     "dit": (DiTConfig, DiT),
+    "mmdit": (MMDiTConfig, MMDiT),
 }
 
 
-def build_net(kind: Literal["unet", "dit"], cfg: DenoiserConfig | Mapping[str, Any]) -> Denoiser:
+def build_net(kind: Literal["unet", "dit", "mmdit"], cfg: DenoiserConfig | Mapping[str, Any]) -> Denoiser:
     """Build a network from its config (or a plain dict of that config's fields)."""
     if kind not in NET_KINDS:
         raise ValueError(f"build_net: unknown kind {kind!r}; known: {sorted(NET_KINDS)}")
@@ -31,4 +33,4 @@ def build_net(kind: Literal["unet", "dit"], cfg: DenoiserConfig | Mapping[str, A
     return net_cls(cfg)
 
 
-__all__ = ["DiT", "DiTConfig", "UNet", "UNetConfig", "Denoiser", "DenoiserConfig", "NET_KINDS", "build_net"]
+__all__ = ["DiT", "DiTConfig", "MMDiT", "MMDiTConfig", "UNet", "UNetConfig", "Denoiser", "DenoiserConfig", "NET_KINDS", "build_net"]

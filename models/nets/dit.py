@@ -159,9 +159,18 @@ class DiT(Denoiser):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.cond_embed = CondEmbedder(d, cfg.freq_dim, cfg.num_classes, cfg.text_dim, cfg.time_scale)
-        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = self.make_blocks(cfg)
         self.final = FinalLayer(d, p, cfg.out_channels)
         self._init_weights()
+
+    def make_blocks(self, cfg: DiTConfig) -> nn.ModuleList:
+        return nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+
+    def zero_modulations(self) -> None:
+        """AdaLN-Zero: every block's modulation (hence its gates) starts at zero."""
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN[-1].weight)
+            nn.init.zeros_(block.adaLN[-1].bias)
 
     def _init_weights(self) -> None:
         """DiT's init: xavier linears, N(0, 0.02) embeddings, zeros on every gate/modulation/output."""
@@ -177,9 +186,7 @@ class DiT(Denoiser):
             nn.init.normal_(lin.weight, std=0.02)
         if ce.class_emb is not None:
             nn.init.normal_(ce.class_emb.weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN[-1].weight)
-            nn.init.zeros_(block.adaLN[-1].bias)
+        self.zero_modulations()
         for lin in (self.final.adaLN[-1], self.final.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
