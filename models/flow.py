@@ -1,6 +1,8 @@
 """Flow matching / rectified flow (Lipman et al. 2023; Liu et al. 2023): linear path
 x_t = (1 - t) x0 + t eps, velocity target eps - x0, t ~ U(0,1) or logit-normal (Esser et al.
-2024), sampled by Euler or Heun from t = 1 (noise) to t = 0.  DiT by default (SD3-style)."""
+2024), optionally shifted towards noise (``train_shift``, SD3 Sec. 5.3.2), sampled by Euler or
+Heun from t = 1 (noise) to t = 0.  DiT by default (SD3-style), or MMDiT (joint attention over
+caption tokens); optional REPA alignment of a block's tokens to a frozen encoder (models/repa.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,12 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from models.base import Family, FamilyConfig, LossOut, randn
 from models.diffusion import flow_interpolate, flow_target, sample_t_logit_normal, sample_t_uniform
+from models.repa import REPA, RepaConfig, check_repa
 from models.samplers import SampleResult, flow_euler, flow_heun, flow_timesteps
 
 
@@ -25,6 +28,16 @@ class FlowConfig(FamilyConfig):
     logit_mean: float = Field(0.0, ge=-5.0, le=5.0, description="Logit-normal location m")
     logit_std: float = Field(1.0, gt=0.0, le=5.0, description="Logit-normal scale s")
     shift: float = Field(1.0, gt=0.0, le=100.0, description="Sampling timestep shift (SD3 Sec. 5.3.2); 1 = uniform")
+    train_shift: float = Field(1.0, gt=0.0, le=100.0, description="Training timestep shift t' = s t / (1 + (s - 1) t) "
+                               "of the sampled t (SD3 Sec. 5.3.2: > 1 puts more weight on noisy t); 1 = none")
+    repa: RepaConfig | None = Field(None, description="REPA: align a DiT/MMDiT block's tokens to a frozen vision "
+                                    "encoder's patch features (Yu et al. 2024); None = off")
+
+    @model_validator(mode="after")
+    def _check_repa(self) -> "FlowConfig":
+        if self.repa is not None:
+            check_repa(self.repa, self.net, getattr(self.net_config(8, 1.0), "depth", 0), type(self).__name__)
+        return self
 
 
 class FlowMatching(Family):
@@ -41,6 +54,10 @@ class FlowMatching(Family):
     def __init__(self, cfg: FlowConfig | Mapping[str, Any]) -> None:
         super().__init__(cfg)
         self.net = self.build_denoiser()
+        if self.cfg.repa is not None:
+            from models.teacher import loading_for_inference
+
+            self.repa = REPA(self.cfg.repa, self.net, load_encoder=not loading_for_inference())
 
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         x0 = self.check_images(batch)
@@ -56,13 +73,22 @@ class FlowMatching(Family):
             t = sample_t_uniform(B, generator, g_dev)
         else:
             t = sample_t_logit_normal(B, self.cfg.logit_mean, self.cfg.logit_std, generator, g_dev)
+        if self.cfg.train_shift != 1.0:
+            s = self.cfg.train_shift
+            t = s * t / (1 + (s - 1) * t)
         t = t.to(dev)
         if eps is None:
             eps = randn(x0.shape, generator, dev, x0.dtype)
         x_t = flow_interpolate(x0, eps, t)
         out = self.net(x_t, t.to(x0.dtype), cond)
         loss = F.mse_loss(out.float(), flow_target(x0, eps).float())
-        return LossOut({"model": loss}, {"loss": float(loss.detach())})
+        logs = {"loss": float(loss.detach())}
+        if self.cfg.repa is not None:
+            images = x0 if self.cfg.data == "pixels" else self.decode_latents(x0)
+            align = self.repa.loss(images)
+            logs["repa_cos"] = -float(align.detach())
+            loss = loss + self.cfg.repa.weight * align
+        return LossOut({"model": loss}, logs)
 
     def run_sampler(self, net_fn: Any, x_T: Tensor, sampler: str, steps: int,
                     generator: torch.Generator | None, options: dict[str, Any]) -> SampleResult:

@@ -125,10 +125,36 @@ def train_code_version(family: str) -> str:
     fam = get_family(family)
     import sys
 
-    return code_version(sys.modules[fam.__module__], models.base, models.diffusion, models.samplers, models.text,
-                        models.nets.layers, models.nets.unet, models.nets.dit, imagegen.loader,
-                        imagegen.train.trainer, imagegen.train.checkpoint, imagegen.train.ema,
-                        imagegen.train.distributed)
+    shared = [models.base, models.diffusion, models.samplers, models.text, models.nets.layers, models.nets.unet,
+              models.nets.dit]
+    own = [m for m in _models_closure(sys.modules[fam.__module__]) if m not in shared]
+    return code_version(*own, *shared, imagegen.loader, imagegen.train.trainer, imagegen.train.checkpoint,
+                        imagegen.train.ema, imagegen.train.distributed)
+
+
+def _models_closure(module: Any) -> list[Any]:
+    """``module`` and every ``models.*`` module it uses, transitively (names it imported: modules,
+    classes, functions), in a fixed order: a family built on another's code (VQ-GAN on VQ and the
+    KL autoencoder, VAR on the multi-scale tokenizer) changes id when that code changes."""
+    import sys
+    import types
+
+    seen: dict[str, Any] = {}
+    todo = [module]
+    while todo:
+        m = todo.pop()
+        if m.__name__ in seen:
+            continue
+        seen[m.__name__] = m
+        package = hasattr(m, "__path__")  # its submodules are attributes once anyone imported them: skip those
+        for value in vars(m).values():
+            if isinstance(value, types.ModuleType):
+                name = None if package else value.__name__
+            else:
+                name = getattr(value, "__module__", None)
+            if isinstance(name, str) and name.startswith("models.") and name not in seen and name in sys.modules:
+                todo.append(sys.modules[name])
+    return [seen[k] for k in sorted(seen)]
 
 
 def run_identity(dataset_id: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -241,22 +267,32 @@ def _resolve(cfg: TrainConfig, ds: DatasetRef, root: Path) -> TrainConfig:
             data = cfg.model_dump(mode="json")
             data["model"] = {**data["model"], field: str(ref.checkpoint.resolve())}
             cfg = TrainConfig(**data)
+    repa = cfg.model.get("repa")
+    if isinstance(repa, dict) and repa.get("encoder") == WORLD_TEXT_ENCODER:  # REPA's vision encoder
+        data = cfg.model_dump(mode="json")
+        data["model"] = {**data["model"], "repa": {**repa, "encoder": f"local-dir:{_world_clip(ds, root).resolve()}"}}
+        cfg = TrainConfig(**data)
     if cfg.model.get("text_encoder") != WORLD_TEXT_ENCODER:
         return cfg
+    data = cfg.model_dump(mode="json")
+    data["model"] = {**data["model"], "text_encoder": f"local-dir:{_world_clip(ds, root).resolve()}"}
+    return TrainConfig(**data)
+
+
+def _world_clip(ds: DatasetRef, root: Path) -> Path:
+    """The folder of the reference CLIP of the (embedded-world) dataset ``ds`` (alias 'world')."""
     clip_id = ds.card.get("stage_ids", {}).get("reference_clip")
     if not clip_id and parent_dataset(ds):  # a derived dataset (reflow pairs, latents)
         clip_id = get_dataset(root, parent_dataset(ds)).card.get("stage_ids", {}).get("reference_clip")
     if not clip_id:
-        raise RunError(f"text_encoder={WORLD_TEXT_ENCODER!r} names the reference CLIP of an embedded-world dataset; "
-                       f"dataset {ds.id} was not curated from the world. Give an open_clip spec instead "
+        raise RunError(f"{WORLD_TEXT_ENCODER!r} (text_encoder or repa.encoder) names the reference CLIP of an "
+                       f"embedded-world dataset; dataset {ds.id} was not curated from the world. Give an open_clip spec instead "
                        "(e.g. 'ViT-B-32:laion2b_s34b_b79k' or 'local-dir:/path')")
     path = models_dir(root) / "reference_clip" / clip_id
     if not (path / CARD).is_file():
         raise RunError(f"the reference CLIP {clip_id} of dataset {ds.id} is missing from {path}; "
                        "rerun `imagegen curate` for that dataset to rebuild it")
-    data = cfg.model_dump(mode="json")
-    data["model"] = {**data["model"], "text_encoder": f"local-dir:{path.resolve()}"}
-    return TrainConfig(**data)
+    return path
 
 
 def prepare(request: TrainRequest, root: Path) -> PreparedRun:
