@@ -1,5 +1,8 @@
-"""DDPM family (Ho et al. 2020): discrete T-step diffusion, eps- or v-prediction, sampled by
-ancestral DDPM or DDIM (Song et al. 2021) on a respaced grid of training timesteps."""
+"""DDPM family (Ho et al. 2020): discrete T-step diffusion, eps-, x0- or v-prediction, sampled by
+ancestral DDPM or DDIM (Song et al. 2021) on a respaced grid of training timesteps.  The MSE is
+unweighted in the chosen target, or min-SNR-gamma weighted (Hang et al. 2023): per timestep
+min(SNR, gamma) / SNR for eps, min(SNR, gamma) for x0 and min(SNR, gamma) / (SNR + 1) for v,
+SNR = ab / (1 - ab), i.e. the same x0-space weight min(SNR, gamma) whatever the target."""
 
 from __future__ import annotations
 
@@ -16,7 +19,11 @@ from models.samplers import SampleResult, ddim, ddpm_ancestral
 
 
 class DDPMConfig(FamilyConfig):
-    prediction: Literal["eps", "v"] = Field("eps", description="Network target: noise eps or v (Salimans & Ho 2022)")
+    prediction: Literal["eps", "x0", "v"] = Field("eps", description="Network target: noise eps, clean image x0 or v "
+                                                 "(Salimans & Ho 2022)")
+    loss_weighting: Literal["none", "min_snr"] = Field("none", description="Per-timestep MSE weight: none, or "
+                                                       "min-SNR-gamma (Hang et al. 2023)")
+    min_snr_gamma: float = Field(5.0, gt=0.0, le=1000.0, description="gamma of min-SNR weighting (paper: 5)")
     schedule: Literal["linear", "cosine"] = Field(
         "linear", description="Beta schedule: linear (Ho et al. 2020) or cosine (Nichol & Dhariwal 2021)"
     )
@@ -57,7 +64,10 @@ class DDPM(Family):
         x_t = q_sample(x0, t, eps, self.alphas_cumprod)
         target = pred_from_x0_eps(x0, eps, ab, self.cfg.prediction)
         out = self.net(x_t, t, cond)
-        loss = F.mse_loss(out.float(), target.float())
+        per = ((out.float() - target.float()) ** 2).flatten(1).mean(1)
+        if self.cfg.loss_weighting == "min_snr":
+            per = per * min_snr_weight(ab, self.cfg.min_snr_gamma, self.cfg.prediction).to(per)
+        loss = per.mean()
         return LossOut({"model": loss}, {"loss": float(loss.detach())})
 
     def run_sampler(self, net_fn: Any, x_T: Tensor, sampler: str, steps: int,
@@ -70,3 +80,12 @@ class DDPM(Family):
             return ddpm_ancestral(net_fn, x_T, ab, ts, pred=pred, generator=generator, clip_denoised=clip)
         eta = float(options.get("eta", self.cfg.eta))
         return ddim(net_fn, x_T, ab, ts, eta=eta, pred=pred, generator=generator, clip_denoised=clip)
+
+
+def min_snr_weight(ab: Tensor, gamma: float, prediction: str) -> Tensor:
+    """Min-SNR-gamma loss weight (Hang et al. 2023, Sec. 3.4) of each sample's MSE in ``prediction``
+    space at alpha-bar ``ab``: min(SNR, gamma) in x0 space, divided by the factor relating the
+    target's squared error to x0's (SNR for eps, SNR + 1 for v)."""
+    snr = ab.double() / (1 - ab.double())
+    w = snr.clamp(max=gamma)
+    return {"eps": w / snr, "x0": w, "v": w / (snr + 1)}[prediction].float()
