@@ -47,7 +47,53 @@ class ConsistencyConfig(EDMConfig):
     sample_steps: int = Field(1, ge=1, le=16, description="Default consistency sampling steps")
 
 
-class ConsistencyDistillation(TeacherMixin, EDM):
+class ConsistencyFunction:
+    """The consistency function f(x, sigma) on an EDM network, its distance and the multistep
+    consistency sampler: shared by consistency distillation and consistency training (models/ict.py).
+    Reads ``cfg.sigma_min``, ``sigma_max``, ``sigma_data``, ``rho`` and ``distance``."""
+
+    def _coeffs(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        c = self.cfg  # type: ignore[attr-defined]
+        s = sigma.double()
+        sd = c.sigma_data
+        c_skip = sd**2 / ((s - c.sigma_min) ** 2 + sd**2)
+        c_out = (s - c.sigma_min) * sd / (s**2 + sd**2).sqrt()
+        _, _, c_in, c_noise = edm_precond(s.clamp(min=1e-12), sd)
+        return c_skip, c_out, c_in, c_noise
+
+    def consistency(self, raw: Any, x: Tensor, sigma: Tensor) -> Tensor:
+        """f(x, sigma) from a raw network function F(x_in, c_noise)."""
+        c_skip, c_out, c_in, c_noise = self._coeffs(sigma)
+        f = raw(expand_to(c_in, x) * x, c_noise.to(x.dtype))
+        return expand_to(c_skip, x) * x + expand_to(c_out, x) * f
+
+    def distance(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Per-sample squared L2 (mean) or pseudo-Huber (Song & Dhariwal 2023, c = 0.00054 sqrt(d))."""
+        diff = (pred.float() - target.float()).flatten(1)
+        if self.cfg.distance == "l2":  # type: ignore[attr-defined]
+            return (diff**2).mean(dim=1)
+        cc = 0.00054 * math.sqrt(diff.shape[1])
+        return ((diff**2).sum(dim=1) + cc**2).sqrt() - cc
+
+    def run_sampler(self, net_fn: Any, x_T: Tensor, sampler: str, steps: int,
+                    generator: torch.Generator | None, options: dict[str, Any]) -> SampleResult:
+        """Multistep consistency sampling (paper Algorithm 1) on ``steps`` Karras levels."""
+        c = self.cfg  # type: ignore[attr-defined]
+        # steps levels from sigma_max down, stopping short of sigma_min (where f is the identity
+        # and one more step would cost an NFE and change nothing)
+        levels = karras_sigmas(steps + 1, c.sigma_min, c.sigma_max, c.rho)[:-2]
+        B = x_T.shape[0]
+        x = x_T * c.sigma_max
+        x0 = self.consistency(net_fn, x, torch.full((B,), float(levels[0]), device=x.device))
+        for s in levels[1:].tolist():
+            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
+                                dtype=x.dtype).to(x.device)
+            x = x0 + math.sqrt(max(s**2 - c.sigma_min**2, 0.0)) * noise
+            x0 = self.consistency(net_fn, x, torch.full((B,), s, device=x.device))
+        return SampleResult(x0, len(levels))
+
+
+class ConsistencyDistillation(ConsistencyFunction, TeacherMixin, EDM):
     name: ClassVar[str] = "consistency"
     Config: ClassVar[type[FamilyConfig]] = ConsistencyConfig
     samplers: ClassVar[tuple[str, ...]] = ("consistency",)
@@ -73,23 +119,6 @@ class ConsistencyDistillation(TeacherMixin, EDM):
     def after_step(self) -> None:
         mu = self.cfg.target_ema
         torch._foreach_lerp_(list(self.target_net.parameters()), list(self.net.parameters()), 1.0 - mu)
-
-    # -------------------------------------------------------------- the consistency function
-
-    def _coeffs(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        c = self.cfg
-        s = sigma.double()
-        sd = c.sigma_data
-        c_skip = sd**2 / ((s - c.sigma_min) ** 2 + sd**2)
-        c_out = (s - c.sigma_min) * sd / (s**2 + sd**2).sqrt()
-        _, _, c_in, c_noise = edm_precond(s.clamp(min=1e-12), sd)
-        return c_skip, c_out, c_in, c_noise
-
-    def consistency(self, raw: Any, x: Tensor, sigma: Tensor) -> Tensor:
-        """f(x, sigma) from a raw network function F(x_in, c_noise)."""
-        c_skip, c_out, c_in, c_noise = self._coeffs(sigma)
-        f = raw(expand_to(c_in, x) * x, c_noise.to(x.dtype))
-        return expand_to(c_skip, x) * x + expand_to(c_out, x) * f
 
     def _teacher_denoiser(self, cond: dict[str, Tensor]) -> Any:
         teacher, w = self.teacher, self.cfg.teacher_guidance
@@ -125,30 +154,5 @@ class ConsistencyDistillation(TeacherMixin, EDM):
                 x_lo = x_hi + expand_to(s_lo - s_hi, x0) * 0.5 * (d + d2)
             target = self.consistency(lambda xi, n: self.target_net(xi, n, cond), x_lo, s_lo)
         pred = self.consistency(lambda xi, n: self.net(xi, n, cond), x_hi, s_hi)
-        diff = (pred.float() - target.float()).flatten(1)
-        if c.distance == "l2":
-            per = (diff**2).mean(dim=1)
-        else:
-            cc = 0.00054 * math.sqrt(diff.shape[1])
-            per = ((diff**2).sum(dim=1) + cc**2).sqrt() - cc
-        loss = per.mean()
+        loss = self.distance(pred, target).mean()
         return LossOut({"model": loss}, {"loss": float(loss.detach())})
-
-    # -------------------------------------------------------------- sampling
-
-    def run_sampler(self, net_fn: Any, x_T: Tensor, sampler: str, steps: int,
-                    generator: torch.Generator | None, options: dict[str, Any]) -> SampleResult:
-        """Multistep consistency sampling (paper Algorithm 1) on ``steps`` Karras levels."""
-        c = self.cfg
-        # steps levels from sigma_max down, stopping short of sigma_min (where f is the identity
-        # and one more step would cost an NFE and change nothing)
-        levels = karras_sigmas(steps + 1, c.sigma_min, c.sigma_max, c.rho)[:-2]
-        B = x_T.shape[0]
-        x = x_T * c.sigma_max
-        x0 = self.consistency(net_fn, x, torch.full((B,), float(levels[0]), device=x.device))
-        for s in levels[1:].tolist():
-            noise = torch.randn(x.shape, generator=generator, device=generator.device if generator else x.device,
-                                dtype=x.dtype).to(x.device)
-            x = x0 + math.sqrt(max(s**2 - c.sigma_min**2, 0.0)) * noise
-            x0 = self.consistency(net_fn, x, torch.full((B,), s, device=x.device))
-        return SampleResult(x0, len(levels))

@@ -61,18 +61,23 @@ class Reflow(TeacherMixin, FlowMatching):
 
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         x1 = self.check_images(batch)
-        metas = batch.get("meta")
-        if not isinstance(metas, list) or len(metas) != x1.shape[0]:
-            raise TeacherError("reflow: batches need the samples' .json (batch['meta']) with their noise seeds; "
-                               "train on a reflow pairs dataset (imagegen distill --method reflow builds it)")
-        try:
-            seeds = [int(m[NOISE_KEY]) for m in metas]
-        except (KeyError, TypeError, ValueError):
-            keys = batch.get("key", [])[:3]
-            raise TeacherError(f"reflow: samples {keys} have no integer {NOISE_KEY!r} in their .json; this is not a "
-                               "reflow pairs dataset") from None
-        z = pair_noise(seeds, tuple(x1.shape[1:]), x1.device, x1.dtype)
+        z = batch_pair_noise(batch, x1, "reflow")
         return self.velocity_loss(x1, self.training_condition(batch, generator), generator, eps=z)
+
+
+def batch_pair_noise(batch: Mapping[str, Any], x1: Tensor, where: str) -> Tensor:
+    """The paired noise of a batch of a reflow pairs dataset (seeds from the samples' .json)."""
+    metas = batch.get("meta")
+    if not isinstance(metas, list) or len(metas) != x1.shape[0]:
+        raise TeacherError(f"{where}: batches need the samples' .json (batch['meta']) with their noise seeds; "
+                           "train on a reflow pairs dataset (imagegen distill --method reflow builds it)")
+    try:
+        seeds = [int(m[NOISE_KEY]) for m in metas]
+    except (KeyError, TypeError, ValueError):
+        keys = batch.get("key", [])[:3]
+        raise TeacherError(f"{where}: samples {keys} have no integer {NOISE_KEY!r} in their .json; this is not a "
+                           "reflow pairs dataset") from None
+    return pair_noise(seeds, tuple(x1.shape[1:]), x1.device, x1.dtype)
 
 
 def straightness(trajectory: list[Tensor], ts: Tensor) -> float:

@@ -115,3 +115,8 @@ from models.var import VAR  # noqa: E402
 
 register_family(MultiScaleVQ)
 register_family(VAR)
+from models.dmd import DMD  # noqa: E402
+from models.ict import ConsistencyTraining  # noqa: E402
+
+register_family(ConsistencyTraining)
+register_family(DMD)
