@@ -8,10 +8,15 @@ and data, outside the registry) measures CPU-seconds per step; the run then trai
 time rather than wall time keeps the budget the same when other jobs share the machine.  Pass
 ``--steps-for family=N`` to repeat an earlier table exactly (the JSON line lists the steps).
 
-Families: the diffusion/flow families (ddpm, edm, flow) on the preset's network; vae, gan,
-kl_autoencoder and vq with their own CPU-sized networks; latent_flow (a tiny DiT flow on the
-latents of the kl_autoencoder run) and maskgit (on the tokens of the vq run), whose first stage
-is that family's row (its budget is not charged twice; the table says so).  Every run is
+Families: the diffusion/flow families (ddpm, edm, flow, ict = consistency training) on the
+preset's network; vae, gan, kl_autoencoder, vq, vqgan, vq_lfq (vq with LFQ) and msvq (VAR's
+multi-scale tokenizer) with their own CPU-sized networks; latent_flow (a tiny DiT flow on the
+latents of the kl_autoencoder run), latent_mmdit (the same with the MMDiT backbone),
+latent_flow_repa (latent_flow with REPA on the world's reference CLIP), maskgit and ar (on the
+tokens of the vq run) and var (on the token maps of the msvq run), whose first stage is that
+family's row (its budget is not charged twice; the table says so); dmd, distilled from the flow
+row's run on 512 of its (noise, 20-step Euler sample) pairs (drawing the pairs is not charged
+either; the JSON names the teacher).  Every run is
 evaluated with the same settings (FD on the reference CLIP, KID, CLIPScore for conditional ones)
 and a leaderboard is written.  The runs land in the run registry (``<data root>/runs/<id>``), so
 reruns reuse finished runs.
@@ -43,8 +48,9 @@ from imagegen.registry import RegistryError, get_dataset  # noqa: E402
 from imagegen.evaluate.run import evaluate  # noqa: E402
 from imagegen.latents import encode_dataset  # noqa: E402
 from imagegen.leaderboard import leaderboard, write_leaderboard  # noqa: E402
-from imagegen.train.runs import TRAIN_PRESETS, TrainRequest, prepare, train_run  # noqa: E402
-from imagegen.train.trainer import train  # noqa: E402
+from imagegen.distill import reflow_pairs  # noqa: E402
+from imagegen.train.runs import TRAIN_PRESETS, TrainRequest, get_run, prepare, train_run  # noqa: E402
+from imagegen.train.trainer import TrainConfig, train  # noqa: E402
 
 # Families that are not denoisers bring their own network settings (small, CPU-sized).
 OWN_MODEL: dict[str, dict] = {
@@ -52,7 +58,20 @@ OWN_MODEL: dict[str, dict] = {
     "gan": {"width": 32, "latent_dim": 64, "levels": 2},
     "kl_autoencoder": {"width": 32, "latent_channels": 4, "levels": 2},
     "vq": {"width": 32, "codebook_size": 256, "code_dim": 8, "levels": 2},
+    "vqgan": {"width": 32, "codebook_size": 256, "code_dim": 8, "levels": 2},
+    "vq_lfq": {"width": 32, "quantizer": "lfq", "lfq_bits": 8, "levels": 2},
+    "msvq": {"width": 32, "codebook_size": 256, "code_dim": 8, "levels": 2},
 }
+# Leaderboard rows that are a registered family with other settings.
+ROW_FAMILY = {"vq_lfq": "vq", "latent_flow": "flow", "latent_mmdit": "flow", "latent_flow_repa": "flow"}
+# Rows distilled from another row's run (their teacher; the pairs dataset is drawn from it, not charged).
+TEACHER = {"dmd": "flow"}
+DMD_PAIRS, DMD_PAIR_STEPS = 512, 20
+
+
+def msvq_scales(side: int) -> list[int]:
+    """VAR-style scales for a latent side: 1, 2, 3, 4, 6, 8, ... below it, then the side itself."""
+    return [s for s in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48) if s < side] + [side]
 
 
 def ensure_dataset(root: Path, name: str, curate: bool) -> None:
@@ -69,18 +88,23 @@ def ensure_dataset(root: Path, name: str, curate: bool) -> None:
         curate(build_config(CurateConfig, CURATE_PRESETS, preset), root)
 
 
-FIRST_STAGE = {"latent_flow": "kl_autoencoder", "maskgit": "vq"}
-DEFAULT_FAMILIES = "ddpm,edm,flow,vae,gan,kl_autoencoder,latent_flow,vq,maskgit"
+FIRST_STAGE = {"latent_flow": "kl_autoencoder", "latent_mmdit": "kl_autoencoder",
+               "latent_flow_repa": "kl_autoencoder", "maskgit": "vq", "ar": "vq", "var": "msvq"}
+DEFAULT_FAMILIES = ("ddpm,edm,flow,vae,gan,kl_autoencoder,latent_flow,vq,maskgit,vqgan,vq_lfq,ar,msvq,var,"
+                    "latent_mmdit,latent_flow_repa,ict,dmd")
 
 
-def family_request(base: TrainRequest, family: str, dataset: str | None = None) -> dict:
-    """The preset's request with ``family`` swapped in (and, for latent families, ``dataset``)."""
+def family_request(base: TrainRequest, family: str, dataset: str | None = None, teacher: str | None = None) -> dict:
+    """The preset's request with ``family`` swapped in (and, for latent families, ``dataset``; for a
+    distilled row, the teacher run and its pairs ``dataset``)."""
     data = base.model_dump(mode="json")
-    data["train"].update(family=family, num_workers=0)
+    data["train"].update(family=ROW_FAMILY.get(family, family), num_workers=0)
     size = data["train"]["model"].get("image_size", 32)
     cond = data["train"]["model"].get("conditioning", "none")
     if family in OWN_MODEL:  # not a denoiser: its own network settings, same budget and data
         data["train"]["model"] = {"image_size": size, **OWN_MODEL[family]}
+        if family == "msvq":
+            data["train"]["model"]["scales"] = msvq_scales(size // 4)
         for k in ("label_keywords", "label_field", "classes", "sample_prompts"):
             data["train"].pop(k, None)
         data["train"]["sample_guidance"] = 1.0
@@ -89,12 +113,23 @@ def family_request(base: TrainRequest, family: str, dataset: str | None = None) 
         data["dataset"] = dataset
         model = {"conditioning": cond, **({"text_encoder": data["train"]["model"]["text_encoder"]}
                                           if cond == "text" else {})}
-        if family == "latent_flow":
-            data["train"]["family"] = "flow"
-            model.update(data="latents", net="dit", net_size="tiny", net_overrides={"patch_size": 2})
+        if family in ("latent_flow", "latent_mmdit", "latent_flow_repa"):
+            model.update(data="latents", net="mmdit" if family == "latent_mmdit" else "dit", net_size="tiny",
+                         net_overrides={"patch_size": 2})
+            if family == "latent_flow_repa":  # the world's reference CLIP as the aligned encoder
+                model["repa"] = {"encoder": "world", "layer": 1, "projector_dim": 256}
         else:
             model.update(hidden=128, depth=4, heads=4)
+            if family in ("ar", "var"):
+                data["train"]["sample_steps"] = None  # one step per token / per scale
         data["train"]["model"] = model
+    if family in TEACHER:  # a student of the teacher row's run, on its (noise, sample) pairs
+        data["dataset"] = dataset
+        model = {**data["train"]["model"], "teacher": f"run:{teacher}"}
+        if cond != "none":
+            model["real_guidance"] = data["train"].get("sample_guidance", 1.0)
+        data["train"]["model"] = model
+        data["train"].update(sample_steps=1, sample_guidance=1.0)
     # keep only the model fields the new family accepts (the preset's own family may have others)
     from models.registry import get_family
 
@@ -154,7 +189,7 @@ def main() -> None:
     latent_sets: dict[str, str] = {}
 
     def run_family(family: str) -> dict:
-        dataset = None
+        dataset = teacher = None
         if family in FIRST_STAGE:
             first = FIRST_STAGE[family]
             if first not in runs:
@@ -162,10 +197,21 @@ def main() -> None:
             if first not in latent_sets:
                 latent_sets[first] = encode_dataset(root, base.dataset, runs[first])
             dataset = latent_sets[first]
-        data = family_request(base, family, dataset)
+        if family in TEACHER:
+            if TEACHER[family] not in runs:
+                run_family(TEACHER[family])
+            teacher = runs[TEACHER[family]]
+            tcfg = TrainConfig(**get_run(root, teacher).card["config"])
+            guidance = tcfg.sample_guidance if tcfg.model.get("conditioning", "none") != "none" else 1.0
+            dataset = reflow_pairs(root, teacher, tcfg, DMD_PAIRS, DMD_PAIR_STEPS, "euler", guidance, seed=0)
+        data = family_request(base, family, dataset, teacher)
         per_step = None if family in fixed else cpu_per_step(data, root, args.probe_cpu_s)
         steps = fixed[family] if per_step is None else max(1, round(args.budget_cpu_s / per_step))
         data["train"]["steps"] = steps
+        if data["train"]["family"] == "ict":  # the discretisation curriculum spans the run
+            data["train"]["model"]["curriculum_steps"] = steps
+        if data["train"]["family"] == "vqgan":  # the discriminator joins after the first quarter
+            data["train"]["model"]["disc_start"] = steps // 4
         data["train"]["warmup_steps"] = min(data["train"].get("warmup_steps", 0), max(1, steps // 10))
         data["train"]["ckpt_every"] = steps
         req = TrainRequest(**data)
@@ -179,7 +225,8 @@ def main() -> None:
         evals.append(ev)
         row = {"family": family, "run_id": res["run_id"], "reused": res["reused"], "steps": res["step"],
                "probe_cpu_s_per_step": round(per_step, 4) if per_step else None, "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
-               "first_stage": runs.get(FIRST_STAGE.get(family, ""), None), "final_losses": res["last_losses"],
+               "first_stage": runs.get(FIRST_STAGE.get(family, ""), None), "teacher": teacher,
+               "final_losses": res["last_losses"],
                "grid": res["samples"][-1] if res.get("samples") else None, "checkpoint": res["checkpoint"],
                "metrics": ev["metrics"]}
         rows.append(row)

@@ -30,12 +30,13 @@ from models.samplers import SampleResult
 _OPTIONS = ("temperature", "top_k", "top_p", "kv_cache")
 
 
-class ARConfig(FamilyConfig):
+class TokenModelConfig(FamilyConfig):
+    """Fields of the transformer token models (the raster transformer here, VAR)."""
+
     builds_denoiser: ClassVar[bool] = False
 
-    data: str = Field("latents", description="Always 'latents': token grids")  # type: ignore[assignment]
-    channels: int = Field(1, ge=1, le=1, description="Token grids have one channel")
-    text_tokens: bool = Field(False, description="Unused: the pooled caption embedding is the condition token")
+    data: str = Field("latents", description="Always 'latents': a tokenizer's token dataset")  # type: ignore[assignment]
+    text_tokens: bool = Field(False, description="Unused: the pooled caption embedding is the condition")
     vocab_size: int = Field(256, ge=2, le=1 << 20, description="Tokenizer codebook size (filled from the dataset)")
     hidden: int = Field(128, ge=8, le=8192, description="Transformer width")
     depth: int = Field(4, ge=1, le=128, description="Transformer layers")
@@ -46,19 +47,33 @@ class ARConfig(FamilyConfig):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus filter (1 = off)")
 
     @model_validator(mode="after")
-    def _check(self) -> "ARConfig":
+    def _check_tokens(self) -> "TokenModelConfig":
+        name = type(self).__name__
         if self.data != "latents":
-            raise ValueError("ARConfig: data must be 'latents' (token grids)")
+            raise ValueError(f"{name}: data must be 'latents' (a token dataset of a tokenizer run)")
         if self.hidden % self.heads:
-            raise ValueError(f"ARConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
+            raise ValueError(f"{name}: hidden {self.hidden} is not divisible by heads {self.heads}")
         if self.top_k >= self.vocab_size:
-            raise ValueError(f"ARConfig: top_k {self.top_k} must be below vocab_size {self.vocab_size} (0 = off)")
+            raise ValueError(f"{name}: top_k {self.top_k} must be below vocab_size {self.vocab_size} (0 = off)")
         return self
 
 
-def cat_conditions(cond: dict[str, Tensor], uncond: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The conditional rows, then the unconditional ones, as one batch (CFG in one forward)."""
-    return {k: torch.cat([cond[k], uncond[k].to(cond[k].dtype)]) for k in cond}
+class ARConfig(TokenModelConfig):
+    channels: int = Field(1, ge=1, le=1, description="Token grids have one channel")
+
+
+def sampling_setup(fam: Family, n: int, conditioning: Any, negative: Any, guidance: float, options: dict[str, Any],
+                   where: str) -> tuple[dict[str, Tensor], int, dict[str, Any], bool]:
+    """(condition dict, rows, filter knobs, use the KV cache) of a token model's sampling call: with
+    guidance the conditional rows come first, then the unconditional ones (CFG in one forward)."""
+    c = fam.cfg
+    knobs = {"temperature": float(options.get("temperature", c.temperature)),
+             "top_k": int(options.get("top_k", c.top_k)), "top_p": float(options.get("top_p", c.top_p))}
+    cond = fam.null_condition(n) if conditioning is None else fam.condition_from(conditioning, n, where)
+    if guidance != 1.0:
+        uncond = fam.null_condition(n) if negative is None else fam.condition_from(negative, n, where)
+        cond = {k: torch.cat([cond[k], uncond[k].to(cond[k].dtype)]) for k in cond}
+    return cond, (2 * n if guidance != 1.0 else n), knobs, bool(options.get("kv_cache", True))
 
 
 class AutoregressiveTransformer(Family):
@@ -120,15 +135,8 @@ class AutoregressiveTransformer(Family):
         if steps != self.length:
             raise ValueError(f"AutoregressiveTransformer.sample: raster sampling takes one step per token, "
                              f"steps must be {self.length} (or None), got {steps}")
-        temperature = float(options.get("temperature", c.temperature))
-        top_k, top_p = int(options.get("top_k", c.top_k)), float(options.get("top_p", c.top_p))
-        use_cache = bool(options.get("kv_cache", True))
-        where = "AutoregressiveTransformer.sample"
-        cond = self.null_condition(n) if conditioning is None else self.condition_from(conditioning, n, where)
-        if guidance != 1.0:
-            uncond = self.null_condition(n) if negative is None else self.condition_from(negative, n, where)
-            cond = cat_conditions(cond, uncond)
-        rows = 2 * n if guidance != 1.0 else n
+        cond, rows, knobs, use_cache = sampling_setup(self, n, conditioning, negative, guidance, options,
+                                                      "AutoregressiveTransformer.sample")
         dev = self.device
         was = self.training
         self.eval()
@@ -139,7 +147,7 @@ class AutoregressiveTransformer(Family):
                 tokens = torch.zeros(rows, 0, dtype=torch.long, device=dev)
                 for _ in range(self.length):
                     logits = cfg_logits(self._next(tokens, cvec, cache), guidance)
-                    nxt = sample_logits(logits, generator, temperature, top_k, top_p)
+                    nxt = sample_logits(logits, generator, **knobs)
                     if guidance != 1.0:
                         nxt = nxt.repeat(2)  # both halves of the batch continue with the same token
                     tokens = torch.cat([tokens, nxt[:, None]], 1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal, Mapping
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 

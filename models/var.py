@@ -27,10 +27,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
-from models.ar import cat_conditions
+from models.ar import TokenModelConfig, sampling_setup
 from models.base import Family, FamilyConfig, LossOut
 from models.msvq import down, up
 from models.nets.tokens import CondVector, KVCache, TokenTransformer, cfg_logits, sample_logits, token_ids
@@ -43,30 +43,8 @@ class VARError(ValueError):
     """A VAR model that cannot be built on this tokenizer (says why)."""
 
 
-class VARConfig(FamilyConfig):
-    builds_denoiser: ClassVar[bool] = False
-
-    data: str = Field("latents", description="Always 'latents': packed multi-scale token maps")  # type: ignore[assignment]
+class VARConfig(TokenModelConfig):
     channels: int = Field(4, ge=1, le=64, description="Number of scales K (filled from the token dataset)")
-    text_tokens: bool = Field(False, description="Unused: the pooled caption embedding conditions the model")
-    vocab_size: int = Field(256, ge=2, le=1 << 20, description="Tokenizer codebook size (filled from the dataset)")
-    hidden: int = Field(128, ge=8, le=8192, description="Transformer width")
-    depth: int = Field(4, ge=1, le=128, description="Transformer layers")
-    heads: int = Field(4, ge=1, le=128, description="Attention heads")
-    mlp_ratio: float = Field(4.0, gt=0.0, le=16.0, description="MLP width / hidden")
-    temperature: float = Field(1.0, gt=0.0, le=10.0, description="Default sampling temperature")
-    top_k: int = Field(0, ge=0, description="Default top-k filter (0 = off)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus filter (1 = off)")
-
-    @model_validator(mode="after")
-    def _check(self) -> "VARConfig":
-        if self.data != "latents":
-            raise ValueError("VARConfig: data must be 'latents' (a token dataset of an msvq tokenizer)")
-        if self.hidden % self.heads:
-            raise ValueError(f"VARConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
-        if self.top_k >= self.vocab_size:
-            raise ValueError(f"VARConfig: top_k {self.top_k} must be below vocab_size {self.vocab_size} (0 = off)")
-        return self
 
 
 def block_causal_mask(scales: tuple[int, ...], device: torch.device | str = "cpu") -> Tensor:
@@ -162,19 +140,11 @@ class VAR(Family):
                       x_T: Tensor | None = None, **options: Any) -> SampleResult:
         """K steps, one per scale; images decoded by the tokenizer (``x_T`` is unused)."""
         sampler, steps = self._check_sampling(sampler, steps, guidance, conditioning, negative, options)
-        c, K = self.cfg, len(self.scales)
+        K = len(self.scales)
         if steps != K:
             raise ValueError(f"VAR.sample: next-scale sampling takes one step per scale, steps must be {K} (or "
                              f"None), got {steps}")
-        temperature = float(options.get("temperature", c.temperature))
-        top_k, top_p = int(options.get("top_k", c.top_k)), float(options.get("top_p", c.top_p))
-        use_cache = bool(options.get("kv_cache", True))
-        where = "VAR.sample"
-        cond = self.null_condition(n) if conditioning is None else self.condition_from(conditioning, n, where)
-        if guidance != 1.0:
-            uncond = self.null_condition(n) if negative is None else self.condition_from(negative, n, where)
-            cond = cat_conditions(cond, uncond)
-        rows = 2 * n if guidance != 1.0 else n
+        cond, rows, knobs, use_cache = sampling_setup(self, n, conditioning, negative, guidance, options, "VAR.sample")
         dev, side = self.device, self.scales[-1]
         codebook = self.tokenizer.codebook
         was = self.training
@@ -199,7 +169,7 @@ class VAR(Family):
                         end = start + s * s
                         out = self.transformer(torch.cat(seq, 1), cvec, mask=self.mask[:end, :end])[:, start:]
                     logits = cfg_logits(self.head(out), guidance)
-                    r = sample_logits(logits, generator, temperature, top_k, top_p).view(n, s, s)
+                    r = sample_logits(logits, generator, **knobs).view(n, s, s)
                     maps.append(r)
                     r_all = r.repeat(2, 1, 1) if guidance != 1.0 else r
                     f_hat = f_hat + up(codebook[r_all].permute(0, 3, 1, 2), side)
