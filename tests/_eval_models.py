@@ -22,7 +22,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, [chr(c) for c in cs]))
 
 
-def clip_tokenizer_files(folder: Path, merges: tuple[str, ...] = ("a </w>", "o </w>", "t h")) -> int:
+def clip_tokenizer_files(folder: Path, merges: tuple[str, ...] = ("t h", "a t</w>", "o f</w>")) -> int:
     """vocab.json + merges.txt of a character-level CLIP BPE tokenizer; returns the vocabulary size."""
     folder.mkdir(parents=True, exist_ok=True)
     chars = list(_bytes_to_unicode().values())
@@ -40,9 +40,7 @@ def clip_tokenizer(folder: Path, model_max_length: int = 16):
     from transformers import CLIPTokenizer
 
     clip_tokenizer_files(folder)
-    tok = CLIPTokenizer(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"),
-                        model_max_length=model_max_length, pad_token="<|endoftext|>")
-    return tok
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, pad_token="<|endoftext|>")
 
 
 def tiny_dinov2(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
