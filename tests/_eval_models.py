@@ -109,3 +109,36 @@ def bert_tokenizer_folder(folder: Path) -> Path:
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     tok.save_pretrained(folder)
     return folder
+
+
+VQA_WORDS = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "yes", "no", "is", "there", "a", "cat", "dog", "red", "blue",
+             "?", ".", ":", "answer", "or", "user", "assistant", "the", "left", "of"]
+VQA_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}{% if c['type'] == 'image' %}"
+                     "<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}{% endfor %}"
+                     "{% if add_generation_prompt %}assistant : {% endif %}")
+
+
+def tiny_llava(folder: Path, seed: int = 0) -> Path:
+    """A LLaVA (CLIP vision tower + Llama) with random weights, a word-level tokenizer and a chat template."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor,
+                              PreTrainedTokenizerFast)
+
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VQA_WORDS)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=32, patch_size=16),
+        text_config=dict(model_type="llama", vocab_size=len(VQA_WORDS), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        image_token_index=VQA_WORDS.index("<image>"), vision_feature_layer=-1)
+    LlavaForConditionalGeneration(cfg).save_pretrained(folder, safe_serialization=True)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                   tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                   chat_template=VQA_CHAT_TEMPLATE, num_additional_image_tokens=1).save_pretrained(folder)
+    return folder
