@@ -49,28 +49,33 @@ class Dinov2Extractor(torch.nn.Module):
     """
 
     def __init__(self, model_name_or_path: str | Path = DEFAULT_MODEL, device: str = "cpu",
-                 input_size: int = INPUT_SIZE) -> None:
-        from transformers import Dinov2Model
-
+                 input_size: int = INPUT_SIZE, *, model: Any = None, name: str | None = None) -> None:
+        from imagegen.evaluate.fid import metric_name
         from imagegen.evaluate.hf_models import load_pretrained, weights_identity
 
         super().__init__()
-        self.model = load_pretrained(Dinov2Model, model_name_or_path, what="DINOv2 weights", device=device)
+        if model is not None:  # an instance in memory (benchmarks): named by the caller, no weights file
+            if not name:
+                raise ValueError("Dinov2Extractor(model=...) needs name= (its weights have no file to hash)")
+            self.model = model.eval().to(device).requires_grad_(False)
+            self.identity = {"model": name, "weights": None}
+            base = name
+        else:
+            from transformers import Dinov2Model
+
+            self.model = load_pretrained(Dinov2Model, model_name_or_path, what="DINOv2 weights", device=device)
+            self.identity = weights_identity(model_name_or_path)
+            p = Path(str(model_name_or_path)).expanduser()
+            if p.is_dir():
+                base = f"{p.name}-{next(iter(self.identity['weights'].values()), '')[:12]}"
+            else:
+                base = str(model_name_or_path).replace("/", "-")
         self.input_size = int(input_size)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device))
-        self.identity = weights_identity(model_name_or_path)
         self.identity["preprocessing"] = PREPROCESSING
         self.feature_dim = int(self.model.config.hidden_size)
-        p = Path(str(model_name_or_path)).expanduser()
-        if p.is_dir():
-            sha = next(iter(self.identity["weights"].values()), "")[:12]
-            base = f"{p.name}-{sha}"
-        else:
-            base = str(model_name_or_path).replace("/", "-")
         self.extractor_id = f"DINOv2-{base}"
-        from imagegen.evaluate.fid import metric_name
-
         self.name = metric_name(self.extractor_id)
 
     @torch.no_grad()
