@@ -43,6 +43,15 @@ def clip_tokenizer(folder: Path, model_max_length: int = 16):
     return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length, pad_token="<|endoftext|>")
 
 
+def _clip_towers(tok, image_size: int) -> dict:
+    """text_config / vision_config of a one-layer, 32-wide CLIP-style pair of towers (OWLv2, CLIP)."""
+    return {"text_config": dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+            "vision_config": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  image_size=image_size, patch_size=16)}
+
+
 def tiny_dinov2(folder: Path, seed: int = 0, hidden: int = 32) -> Path:
     import torch
     from transformers import Dinov2Config, Dinov2Model
@@ -61,13 +70,7 @@ def tiny_owlv2(folder: Path, seed: int = 0) -> Path:
 
     tok = clip_tokenizer(folder / "tok")
     torch.manual_seed(seed)
-    cfg = Owlv2Config(
-        text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=64, patch_size=16),
-        projection_dim=32)
+    cfg = Owlv2Config(**_clip_towers(tok, image_size=64), projection_dim=32)
     Owlv2ForObjectDetection(cfg).save_pretrained(folder, safe_serialization=True)
     proc = Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok)
     proc.save_pretrained(folder)
@@ -81,13 +84,7 @@ def tiny_hf_clip(folder: Path, seed: int = 0) -> Path:
 
     tok = clip_tokenizer(folder / "tok")
     torch.manual_seed(seed)
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16),
-        projection_dim=16)
+    cfg = CLIPConfig(**_clip_towers(tok, image_size=32), projection_dim=16)
     CLIPModel(cfg).save_pretrained(folder, safe_serialization=True)
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=tok).save_pretrained(folder)

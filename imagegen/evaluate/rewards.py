@@ -80,20 +80,22 @@ def _safetensors(path: str | Path, what: str) -> Path:
     return p
 
 
-def _load_state(path: Path, module: torch.nn.Module, what: str, prefix: str = "") -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    if prefix:
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _fit(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load ``state`` into ``module`` strictly; a mismatch raises RewardWeightsError naming the keys."""
     try:
         missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches
-        raise RewardWeightsError(f"{what}: {path} does not fit the architecture: {str(exc)[:600]}") from None
+        raise RewardWeightsError(f"{what} does not fit the architecture: {str(exc)[:600]}") from None
     if missing or unexpected:
-        raise RewardWeightsError(f"{what}: {path} does not fit the architecture: missing {sorted(missing)[:8]}"
+        raise RewardWeightsError(f"{what} does not fit the architecture: missing {sorted(missing)[:8]}"
                                  f"{'...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}"
                                  f"{'...' if len(unexpected) > 8 else ''}")
+
+
+def _load_state(path: Path, module: torch.nn.Module, what: str) -> None:
+    from safetensors.torch import load_file
+
+    _fit(module, load_file(str(path)), f"{what}: {path}")
 
 
 def _read_pickled_tensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -400,14 +402,7 @@ def convert_imagereward_checkpoint(pt: str | Path, med_config: str | Path, token
         dropped.append(k)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = ImageRewardModel(vision_cfg, text_cfg)
-    try:
-        missing, unexpected = model.load_state_dict(mapped, strict=False)
-    except RuntimeError as exc:  # shape mismatches
-        raise RewardWeightsError(f"{pt}: not an ImageReward checkpoint for this config: {str(exc)[:600]}") from None
-    if missing or unexpected:
-        raise RewardWeightsError(f"{pt}: not an ImageReward checkpoint for this config: missing {sorted(missing)[:8]}, "
-                                 f"unexpected {sorted(unexpected)[:8]}")
+    _fit(ImageRewardModel(vision_cfg, text_cfg), mapped, f"{pt} (mapped to the ImageReward architecture)")
     _save(mapped, out / WEIGHTS)
     AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(str(out / "tokenizer"))
     cfg = {"vision_config": vision_cfg, "text_config": text_cfg, "mean": IMAGEREWARD_MEAN, "std": IMAGEREWARD_STD,
