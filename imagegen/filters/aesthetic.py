@@ -25,11 +25,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.filters.base import (FilterModelError, cached_model, file_sha256, load_safetensors,
-                                   load_state_strict, pass_at_least, read_pickled_tensors, save_tensors,
-                                   safetensors_metadata)
+                                   load_state_strict, pass_at_least, read_pickled_tensors, save_tensors)
 
 FORMAT = "imagegen-aesthetic"
-MLP_WIDTHS = (1024, 128, 64, 16)
 
 
 class AestheticConfig(BaseModel):
@@ -48,23 +46,14 @@ class AestheticConfig(BaseModel):
 
 
 def build_predictor(arch: str, dim: int) -> Any:
+    """The predictor module with random weights: ``mlp`` (V2) or ``linear`` (V1)."""
     import torch.nn as nn
 
     if arch == "linear":
         return nn.Linear(dim, 1)
-    w = (dim, *MLP_WIDTHS)
+    from imagegen.filters.aesthetic_mlp import AestheticMLP
 
-    class AestheticMLP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layers = nn.Sequential(
-                nn.Linear(w[0], w[1]), nn.Dropout(0.2), nn.Linear(w[1], w[2]), nn.Dropout(0.2),
-                nn.Linear(w[2], w[3]), nn.Dropout(0.1), nn.Linear(w[3], w[4]), nn.Linear(w[4], 1))
-
-        def forward(self, x: Any) -> Any:
-            return self.layers(x)
-
-    return AestheticMLP()
+    return AestheticMLP(dim)
 
 
 def _input_dim(state: dict[str, Any], arch: str, path: Path) -> int:
@@ -145,6 +134,3 @@ def convert_checkpoint(src: str | Path, out: str | Path, arch: str | None = None
     return save_tensors(state, out, {"format": FORMAT, "arch": arch, "input_dim": str(dim),
                                      "source_sha256": file_sha256(src)})
 
-
-def describe(weights: str | Path) -> dict[str, str]:
-    return safetensors_metadata(weights)
