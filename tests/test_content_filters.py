@@ -362,3 +362,44 @@ def test_reasons_land_in_the_filter_table_and_accounting(world, tmp_path):
     assert counts["dropped"] == {"hash_blocklist": 4, "nsfw_nudenet": 4, "text_ocr": 4}
     for name in ("nsfw_nudenet", "text_ocr", "hash_blocklist"):
         assert f"{name}_score" in ff and f"{name}_pass" in ff
+
+
+# ---------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_curate_drops_planted_content_end_to_end(tmp_path):
+    """World with planted content -> HTTP download -> dedup -> filters -> dataset: accounting says why."""
+    from imagegen import curate as C
+    from imagegen.presets import CURATE_PRESETS, build_config
+
+    over = [
+        "name=content", "source.publish.n_images=60", "source.publish.stall_seconds=2.5",
+        "source.publish.nsfw_rate=0.05", "source.publish.text_rate=0.05", "source.publish.blocklisted_rate=0.05",
+        "reference_clip.n_train=200", "reference_clip.n_heldout=40", "reference_clip.steps=12",
+        "reference_clip.warmup_steps=2", "reference_clip.vision_width=64", "reference_clip.text_width=64",
+        "reference_clip.head_width=32", "reference_clip.vision_layers=1", "reference_clip.text_layers=1",
+        "download.timeout=1.5", "download.processes_count=1", "shard.target_shard_size=20",
+        "filter.clip_score.threshold=-1.0",
+    ]
+    cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", over)
+    world = C.world_stage(tmp_path, cfg.source)  # the stage curate() reuses; its folder holds the list
+    from imagegen.filters.blocklist import HashBlocklistConfig
+    from imagegen.filters.nsfw import NudeNetConfig
+    from imagegen.filters.ocr import OcrConfig
+
+    cfg.filter = cfg.filter.model_copy(update={
+        "hash_blocklist": HashBlocklistConfig(path=str(Path(world.path) / BLOCKLIST_FILE)),
+        "nsfw_nudenet": NudeNetConfig(), "text_ocr": OcrConfig()})
+    ref = C.curate(cfg, tmp_path)
+    acc = pd.read_parquet(ref.path / "accounting.parquet")
+    truth = pd.read_parquet(Path(world.path) / "truth.parquet")
+    acc = acc.merge(truth[["row_id", "planted"]], on="row_id")
+    want = {"nsfw": "filtered:nsfw_nudenet", "text": "filtered:text_ocr", "blocklisted": "filtered:hash_blocklist"}
+    for kind, outcome in want.items():
+        got = acc.loc[acc["planted"] == kind, "outcome"]
+        assert len(got) == 3 and set(got) == {outcome}, (kind, got.tolist())
+    assert not acc.loc[~acc["planted"].isin(want), "outcome"].isin(want.values()).any()
+    manifest = pd.read_parquet(ref.path / "manifest.parquet")
+    for name in ("nsfw_nudenet", "text_ocr", "hash_blocklist"):
+        assert f"{name}_score" in manifest
+    assert (manifest["text_ocr_score"] == 0).all() and manifest["hash_blocklist_score"].isna().all()
