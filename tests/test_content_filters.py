@@ -403,3 +403,26 @@ def test_curate_drops_planted_content_end_to_end(tmp_path):
     for name in ("nsfw_nudenet", "text_ocr", "hash_blocklist"):
         assert f"{name}_score" in manifest
     assert (manifest["text_ocr_score"] == 0).all() and manifest["hash_blocklist_score"].isna().all()
+
+
+def test_stage_identity_follows_lists_and_weights(tmp_path):
+    from imagegen.filters import stage_identity
+
+    lst = tmp_path / "l.txt"
+    lst.write_text("phash:8f373714acfcf4d0\n")
+    cfg = FilterConfig(clip_score=None, hash_blocklist={"path": str(lst)})
+    a = stage_identity(cfg)
+    lst.write_text("phash:8f373714acfcf4d1\n")
+    b = stage_identity(cfg)
+    assert a["code"] == b["code"] and a["models"] != b["models"]
+    assert stage_identity(FilterConfig(clip_score=None))["models"] == {}
+
+
+def test_converter_cli_reports_bad_input(tmp_path, capsys):
+    from imagegen.filters.__main__ import main
+
+    (tmp_path / "junk.pth").write_bytes(b"not a pickle")
+    assert main(["convert-aesthetic", "--src", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "weights_only" in capsys.readouterr().err
+    assert main(["convert-watermark", "--src", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -17,3 +17,27 @@ The CLIP zero-shot prompts in :mod:`imagegen.stages.filter` stay available as a 
 from imagegen.filters.base import FilterModelError, ScoringFilter, StageAdapter, as_stage_filter
 
 __all__ = ["FilterModelError", "ScoringFilter", "StageAdapter", "as_stage_filter"]
+
+
+def stage_identity(cfg: object) -> dict[str, object]:
+    """What a filter stage id must hash beyond its config: this package's source and each
+    configured filter's model/list identity (file sha256s, package versions).
+
+    ``cfg`` is a :class:`imagegen.stages.filter.FilterConfig`."""
+    import sys
+
+    from imagegen.hashing import code_version
+    from imagegen.stages.filter import build_filters
+
+    import imagegen.filters.aesthetic  # noqa: F401  (every module of the package, loaded)
+    import imagegen.filters.aesthetic_mlp  # noqa: F401
+    import imagegen.filters.base  # noqa: F401
+    import imagegen.filters.blocklist  # noqa: F401
+    import imagegen.filters.nsfw  # noqa: F401
+    import imagegen.filters.ocr  # noqa: F401
+    import imagegen.filters.watermark  # noqa: F401
+
+    mods = sorted((m for n, m in sys.modules.items() if n.startswith("imagegen.filters.") and n != "imagegen.filters.__main__"),
+                  key=lambda m: m.__name__)
+    ident = {f.name: f.identity() for f in build_filters(cfg) if hasattr(f, "identity")}  # type: ignore[arg-type]
+    return {"code": code_version(*mods), "models": {k: v for k, v in ident.items() if v}}

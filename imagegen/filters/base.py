@@ -21,7 +21,6 @@ everything that shapes the model) and run it over the given rows in batches.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import weakref
 from dataclasses import dataclass
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+from imagegen.hashing import file_sha256  # noqa: F401  (re-exported for the filter modules)
 
 
 class FilterModelError(ValueError):
@@ -147,14 +148,6 @@ def batches(items: Sequence[Any], size: int) -> Iterator[tuple[int, Sequence[Any
         raise ValueError(f"batch size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield start, items[start:start + size]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def require_file(path: str | Path, what: str, suffixes: tuple[str, ...] | None = None) -> Path:
