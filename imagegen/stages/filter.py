@@ -4,8 +4,10 @@ Filters run on every downloaded image (scores are useful even for rows dropped e
 the final decision applies them in order: the first filter that rejects a row names the reason.
 Built in: minimum side and maximum aspect ratio (on the original, upright size), low information
 (pixel standard deviation and histogram entropy), CLIP image-text similarity (threshold, or keep
-the top fraction as DataComp does), and CLIP zero-shot filters for NSFW, watermarks and rendered
-text.  Users add their own with :func:`register_filter` or a ``"package.module:factory"`` path.
+the top fraction as DataComp does), CLIP zero-shot prompts for NSFW, watermarks and rendered text
+(a heuristic), and the real detectors of :mod:`imagegen.filters`: NudeNet (NSFW), RapidOCR (text
+coverage), LAION's aesthetic predictor, a watermark classifier by path, and a hash blocklist.
+Users add their own with :func:`register_filter` or a ``"package.module:factory"`` path.
 """
 
 from __future__ import annotations
@@ -22,6 +24,11 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from imagegen.filters.aesthetic import AestheticConfig
+from imagegen.filters.blocklist import HashBlocklistConfig
+from imagegen.filters.nsfw import NudeNetConfig
+from imagegen.filters.ocr import OcrConfig
+from imagegen.filters.watermark import WatermarkConfig
 from imagegen.stages.download import iter_images
 
 log = logging.getLogger(__name__)
@@ -70,9 +77,19 @@ class FilterConfig(BaseModel):
                                       "of the 4-bit-per-channel colour histogram; off by default because "
                                       "simple images (one object on a plain background) score well under 1 bit")
     clip_score: ClipScoreFilterConfig | None = Field(default_factory=ClipScoreFilterConfig)
-    nsfw: ZeroShotFilterConfig | None = None
-    watermark: ZeroShotFilterConfig | None = None
-    text: ZeroShotFilterConfig | None = None
+    nsfw: ZeroShotFilterConfig | None = Field(None, description="Heuristic: CLIP zero-shot NSFW prompts")
+    watermark: ZeroShotFilterConfig | None = Field(None, description="Heuristic: CLIP zero-shot watermark prompts")
+    text: ZeroShotFilterConfig | None = Field(None, description="Heuristic: CLIP zero-shot rendered-text prompts")
+    hash_blocklist: HashBlocklistConfig | None = Field(None, description="Known-bad perceptual/sha256 hashes "
+                                                       "(reason 'hash_blocklist'); runs first")
+    nsfw_nudenet: NudeNetConfig | None = Field(None, description="NudeNet NSFW detector, shipped with the "
+                                               "nudenet wheel (reason 'nsfw_nudenet')")
+    text_ocr: OcrConfig | None = Field(None, description="RapidOCR text coverage, models shipped with "
+                                       "rapidocr-onnxruntime (reason 'text_ocr')")
+    watermark_classifier: WatermarkConfig | None = Field(None, description="Watermark classifier by path "
+                                                         "(reason 'watermark_classifier')")
+    aesthetic: AestheticConfig | None = Field(None, description="LAION aesthetic predictor by path "
+                                              "(reason 'aesthetic')")
     custom: list[str] = Field(default_factory=list, description="'package.module:factory' filters, run last")
 
     @model_validator(mode="after")
@@ -231,7 +248,13 @@ def _load_custom(spec: str) -> Filter:
 
 def build_filters(cfg: FilterConfig, resolve_model: Callable[[str], str] = lambda s: s) -> list[Filter]:
     """The configured filters, in the order they decide."""
+    from imagegen.filters.base import as_stage_filter
+
     fs: list[Filter] = []
+    if cfg.hash_blocklist is not None:  # a listed image is dropped as listed, whatever else is wrong with it
+        from imagegen.filters.blocklist import HashBlocklistFilter
+
+        fs.append(as_stage_filter(HashBlocklistFilter(cfg.hash_blocklist)))
     if cfg.max_aspect_ratio is not None:  # before min_side: a 256x16 strip is a shape problem first
         fs.append(ThresholdFilter("aspect_ratio", _aspect, maximum=cfg.max_aspect_ratio))
     if cfg.min_side is not None:
@@ -240,10 +263,26 @@ def build_filters(cfg: FilterConfig, resolve_model: Callable[[str], str] = lambd
         fs.append(ThresholdFilter("pixel_std", pixel_std, minimum=cfg.min_pixel_std))
     if cfg.min_entropy is not None:
         fs.append(ThresholdFilter("entropy", entropy_bits, minimum=cfg.min_entropy))
+    if cfg.nsfw_nudenet is not None:
+        from imagegen.filters.nsfw import NudeNetFilter
+
+        fs.append(as_stage_filter(NudeNetFilter(cfg.nsfw_nudenet)))
+    if cfg.text_ocr is not None:
+        from imagegen.filters.ocr import OcrFilter
+
+        fs.append(as_stage_filter(OcrFilter(cfg.text_ocr)))
+    if cfg.watermark_classifier is not None:
+        from imagegen.filters.watermark import WatermarkFilter
+
+        fs.append(as_stage_filter(WatermarkFilter(cfg.watermark_classifier)))
     for kind in ("nsfw", "watermark", "text"):
         sub = getattr(cfg, kind)
         if sub is not None:
             fs.append(ZeroShotFilter(sub, resolve_model, name=kind))
+    if cfg.aesthetic is not None:
+        from imagegen.filters.aesthetic import AestheticFilter
+
+        fs.append(as_stage_filter(AestheticFilter(cfg.aesthetic, resolve_model)))
     if cfg.clip_score is not None:
         fs.append(ClipScoreFilter(cfg.clip_score, resolve_model))
     fs.extend(_load_custom(s) for s in cfg.custom)

@@ -13,6 +13,12 @@ Truth columns ``expected_download`` and ``expected_bad`` say what a correct pipe
 drop (tiny, extreme aspect, blank, undecodable, grayscale: the caption names colours the pixels
 lack). CMYK, RGBA, 16-bit and EXIF-rotated images are *not* bad: decoded properly (converted to
 RGB, EXIF orientation applied) they are the upright scene.
+
+Content kinds (``CONTENT_KINDS``, off unless their rate is set) plant what the content filters of
+:mod:`imagegen.filters` must catch: ``nsfw`` serves a drawn figure NudeNet flags instead of the
+scene, ``text`` draws a word over the scene, ``blocklisted`` serves a clean scene whose hashes are
+written to ``blocklist.txt`` (the list a user would supply).  Truth ``detail`` records the word,
+the figure or the listed hashes, and ``expected_filter`` the filter that should drop the row.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ BAD_IMAGE_KINDS: tuple[str, ...] = (
 )
 DUP_KINDS: tuple[str, ...] = ("exact_dup", "near_dup")
 PLANTED_KINDS: tuple[str, ...] = ("clean", *DUP_KINDS, *FAILURE_KINDS, *BAD_IMAGE_KINDS)
+# Planted only when their rate is positive (so default worlds keep their images and counts).
+CONTENT_KINDS: tuple[str, ...] = ("nsfw", "text", "blocklisted")
+EXPECTED_FILTER = {"nsfw": "nsfw_nudenet", "text": "text_ocr", "blocklisted": "hash_blocklist"}
+BLOCKLIST_FILE = "blocklist.txt"
+NSFW_MIN_SIZE = 64  # below this NudeNet does not see the drawn figure (measured: median score 0 at 32 px)
 CAPTION_NOISE: tuple[str, ...] = ("none", "uninformative", "wrong")
 # Planted kinds whose HTTP fetch fails for a client that retries once and follows redirects.
 FAILED_DOWNLOAD = frozenset({"not_found", "timeout", "truncated", "html"})
@@ -93,6 +104,10 @@ class PublishConfig(BaseModel):
     alpha_rate: float = _rate("RGBA PNG", 0.01)
     png16_rate: float = _rate("16-bit-per-channel RGB PNG", 0.01)
     exif_rotated_rate: float = _rate("JPEG stored rotated with an EXIF Orientation tag", 0.01)
+    # content the filters of imagegen.filters must catch (off by default)
+    nsfw_rate: float = _rate("drawn figure NudeNet flags as exposed (needs image_size >= 64)", 0.0)
+    text_rate: float = _rate("a word drawn over the scene, off the objects (~1/4 of the side tall)", 0.0)
+    blocklisted_rate: float = _rate("clean scene whose phash and sha256 are listed in blocklist.txt", 0.0)
     # caption noise (over all URL rows)
     uninformative_rate: float = _rate("alt text like 'IMG_2931.jpg' or 'untitled'", 0.1)
     wrong_rate: float = _rate("alt text of a different scene", 0.1)
@@ -105,7 +120,7 @@ class PublishConfig(BaseModel):
 
     @model_validator(mode="after")
     def _fits(self) -> PublishConfig:
-        faults = {k: self.count(k) for k in (*FAILURE_KINDS, *BAD_IMAGE_KINDS)}
+        faults = {k: self.count(k) for k in (*FAILURE_KINDS, *BAD_IMAGE_KINDS, *CONTENT_KINDS)}
         need_clean = 1 if (self.exact_dup_rate > 0 or self.near_dup_rate > 0) else 0
         if sum(faults.values()) + need_clean > self.n_images:
             raise ValueError(
@@ -215,6 +230,37 @@ def _bad_image(kind: str, img: Image.Image, rng: np.random.Generator, pub: Publi
         stored = img.transpose(_STORE_ROTATED[orientation])
         return encode(stored, "jpg", q, exif=exif.tobytes()), "jpg", {"orientation": orientation}
     raise ValueError(f"unknown bad-image kind {kind!r}; choose from {list(BAD_IMAGE_KINDS)}")
+
+
+def _content_image(kind: str, sc: Any, img: Image.Image, rng: np.random.Generator, pub: PublishConfig,
+                   size: int) -> tuple[bytes, str, dict[str, Any]] | None:
+    """Bytes, extension and detail for a content kind; None when this scene cannot carry it."""
+    q = pub.jpeg_quality
+    detail: dict[str, Any] = {"expected_filter": EXPECTED_FILTER[kind]}
+    if kind == "nsfw":
+        fig = scene_mod.render_figure(rng, size)
+        detail["content"] = "figure"
+        return encode(fig, "jpg", q), "jpg", detail
+    if kind == "text":
+        word = scene_mod.OVERLAY_WORDS[int(rng.integers(len(scene_mod.OVERLAY_WORDS)))]
+        drawn = scene_mod.overlay_word(img, sc, word)
+        if drawn is None:
+            return None
+        detail.update(drawn[1])
+        return encode(drawn[0], "jpg", q), "jpg", detail
+    if kind == "blocklisted":
+        data = encode(img, "jpg", q)
+        served = hash_u64(phash_of(decode_upright(data), size))
+        # the list holds the hash of the "known original": the scene at twice the size, re-encoded;
+        # the crawled copy is then a few bits away, as re-encoded copies are
+        big = decode_upright(encode(img.resize((2 * size, 2 * size), Image.Resampling.BICUBIC), "jpg", 70))
+        listed = hash_u64(phash_of(big, size))
+        if int(np.bitwise_count(listed ^ served)) > NEAR_DUP_MAX_DISTANCE:
+            listed = served
+        detail.update(listed_phash=f"{int(listed):016x}", listed_sha256=bytes_sha256(data),
+                      listed_phash_distance=int(np.bitwise_count(listed ^ served)))
+        return data, "jpg", detail
+    raise ValueError(f"unknown content kind {kind!r}; choose from {list(CONTENT_KINDS)}")
 
 
 def _near_dup_variant(img: Image.Image, transform: str, strength: int, rng: np.random.Generator, pub: PublishConfig) -> tuple[Image.Image, int, str]:
@@ -367,6 +413,15 @@ def _accept_base_scenes(
             entry["data"], entry["fmt"], entry["detail"] = _bad_image(kind, img, vrng, pub, size)
             if kind not in ("blank", "corrupt"):
                 new.append(hash_u64(phash_of(decode_upright(entry["data"]), size)))
+        elif kind in CONTENT_KINDS:
+            planted_content = _content_image(kind, sc, img, np.random.default_rng([world.seed, pub.seed, index, 0xC0]),
+                                             pub, size)
+            if planted_content is None:  # no room for the word in this scene: try the next one
+                rejected.append(index)
+                index += 1
+                continue
+            entry["data"], entry["fmt"], entry["detail"] = planted_content
+            new.append(hash_u64(phash_of(decode_upright(entry["data"]), size)))
         if min(_min_distance(pool[:m], x) for x in new) < BASE_MIN_DISTANCE:
             rejected.append(index)
         else:
@@ -382,6 +437,9 @@ def publish_world(world: WorldConfig, pub: PublishConfig, out_dir: Path) -> dict
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"publish_world needs an empty folder, {out_dir} has files in it")
+    if pub.count("nsfw") and world.image_size < NSFW_MIN_SIZE:
+        raise ValueError(f"nsfw_rate plants figures NudeNet must flag, and it does not see them below "
+                         f"{NSFW_MIN_SIZE} px; this world draws {world.image_size} px images")
     files_dir = out_dir / "files"
     files_dir.mkdir(parents=True, exist_ok=True)
     size = world.image_size
@@ -392,7 +450,7 @@ def publish_world(world: WorldConfig, pub: PublishConfig, out_dir: Path) -> dict
     planted = ["clean"] * n
     order = rng.permutation(n)
     pos = 0
-    for kind in (*FAILURE_KINDS, *BAD_IMAGE_KINDS):
+    for kind in (*FAILURE_KINDS, *BAD_IMAGE_KINDS, *CONTENT_KINDS):
         for _ in range(pub.count(kind)):
             planted[int(order[pos])] = kind
             pos += 1
@@ -560,7 +618,8 @@ def publish_world(world: WorldConfig, pub: PublishConfig, out_dir: Path) -> dict
     summary: dict[str, Any] = {
         "rows": len(truth),
         "base_scenes": n,
-        "planted": {k: sum(t["planted"] == k for t in truth) for k in PLANTED_KINDS},
+        "planted": {k: sum(t["planted"] == k for t in truth)
+                    for k in (*PLANTED_KINDS, *(c for c in CONTENT_KINDS if pub.count(c)))},
         "caption_noise": {k: sum(t["caption_noise"] == k for t in truth) for k in CAPTION_NOISE},
         "expected_download_success": sum(t["expected_download"] == "success" for t in truth),
         "expected_bad": sum(bool(t["expected_bad"]) for t in truth),
@@ -574,6 +633,13 @@ def publish_world(world: WorldConfig, pub: PublishConfig, out_dir: Path) -> dict
         "guarantees": guarantees,
         "summary": summary,
     }
+    listed = [json.loads(t["detail"]) for t in truth if t["planted"] == "blocklisted"]
+    if listed:
+        lines = ["# known-bad hashes of the planted 'blocklisted' rows (phash of their original, sha256 of "
+                 "the bytes served)"]
+        for d in listed:
+            lines += [f"phash:{d['listed_phash']}", f"sha256:{d['listed_sha256']}"]
+        (out_dir / BLOCKLIST_FILE).write_text("\n".join(lines) + "\n")
     (out_dir / "routes.json").write_text(json.dumps(routes, indent=1, sort_keys=True) + "\n")
     (out_dir / "world.json").write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
     _write_parquet(

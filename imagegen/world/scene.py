@@ -484,3 +484,84 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
 def render_scene(cfg: WorldConfig, index: int) -> tuple[Scene, Image.Image]:
     scene = make_scene(cfg, index)
     return scene, render(scene, cfg)
+
+
+# ------------------------------------------------------------------- planted content (filters)
+# Drawn content that real content filters must catch; planted only when a publish config asks.
+
+# Skin tones (light to dark) for the figure an NSFW detector must flag.
+# NudeNet scores the same drawing lower on darker skin (mean 0.49 on (172, 112, 80) against 0.69-0.75
+# on these three, 400 draws at 64 px): a bias of the detector worth knowing when setting its
+# threshold.  The planted figures use the three tones it flags reliably, so every planted row is
+# one the detector must catch.
+FIGURE_SKIN: tuple[tuple[int, int, int], ...] = ((241, 194, 165), (224, 172, 140), (198, 134, 103))
+FIGURE_AREOLA: tuple[int, int, int] = (150, 80, 70)
+# Short common words for rendered-text rows (the kind of overlay text web images carry).
+OVERLAY_WORDS: tuple[str, ...] = (
+    "SALE", "STOCK", "HELLO", "FREE", "PHOTO", "OPEN", "NEWS", "SHOP", "PARIS", "LOGO", "DEMO", "HOTEL",
+    "MUSIC", "CAFE", "BOOK", "GAME", "CITY", "LOVE", "HOME", "MENU", "TAXI", "BANK", "PARK", "CLUB",
+    "Shop", "Sale", "Hello", "Paris", "music", "promo", "sample", "online",
+)
+
+
+def render_figure(rng: np.random.Generator, size: int) -> Image.Image:
+    """A crude drawing of a bare chest: two shaded skin-tone discs with darker areolae, on skin.
+
+    Nothing but filled circles, yet NudeNet's detector reads it as FEMALE_BREAST_EXPOSED (0.6-0.9 at
+    64 px, measured), which is what a planted NSFW row needs: content a real detector flags.  The
+    position, size and a gray band above or below vary so that figures differ in phash as much
+    as scenes do.
+    """
+    s = SUPERSAMPLE * 4
+    w = size * s
+    skin = FIGURE_SKIN[int(rng.integers(len(FIGURE_SKIN)))]
+    r_frac = float(rng.uniform(0.15, 0.2))
+    sep = float(rng.uniform(1.05, 1.2)) * r_frac
+    a_frac = float(rng.uniform(0.18, 0.22))
+    cx0 = w // 2 + int(rng.uniform(-0.12, 0.12) * w)
+    cy = w // 2 + int(rng.uniform(-0.15, 0.15) * w)
+    img = Image.new("RGB", (w, w), tuple(int(v * 0.97) for v in skin))
+    draw = ImageDraw.Draw(img)
+    r = int(r_frac * w)
+    band = float(rng.uniform(0.0, 0.3))  # a gray band (background beyond the body) above or below
+    gray = int(rng.integers(BACKGROUND_GRAY[0], BACKGROUND_GRAY[1] + 1))
+    if rng.random() < 0.5:
+        draw.rectangle((0, 0, w, int(band * w)), fill=(gray, gray, gray))
+    else:
+        draw.rectangle((0, w - int(band * w), w, w), fill=(gray, gray, gray))
+    for cx in (cx0 - int(sep * w), cx0 + int(sep * w)):
+        for k in range(r, 0, -s):  # shading: 12 % darker towards the centre
+            t = k / r
+            draw.ellipse((cx - k, cy - k, cx + k, cy + k), fill=tuple(int(v * (1.0 - 0.12 * (1 - t))) for v in skin))
+        a = int(a_frac * r)
+        draw.ellipse((cx - a, cy + r // 4 - a, cx + a, cy + r // 4 + a), fill=FIGURE_AREOLA)
+    return img.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def overlay_word(img: Image.Image, scene: Scene, word: str) -> tuple[Image.Image, dict[str, Any]] | None:
+    """``img`` with ``word`` drawn in dark letters across a band free of the scene's objects.
+
+    Font: Pillow's bundled scalable font (``ImageFont.load_default(size)``, no system fonts), about a
+    quarter of the image side (16 px at 64 px), shrunk until the word fits the width.  Returns None
+    when neither the top nor the bottom band is free of objects.
+    """
+    from PIL import ImageFont
+
+    size = img.size[0]
+    px = max(8, round(size / 4))
+    draw = ImageDraw.Draw(img)
+    while True:
+        font = ImageFont.load_default(size=px)
+        bb = draw.textbbox((0, 0), word, font=font)
+        if bb[2] - bb[0] <= size - 4 or px <= 6:
+            break
+        px -= 1
+    x = (size - (bb[2] - bb[0])) // 2 - bb[0]
+    margin = max(1, size // 32)
+    for y in (size - bb[3] - 2 * margin, 2 * margin - bb[1]):
+        box = [x + bb[0] - margin, y + bb[1] - margin, x + bb[2] + margin, y + bb[3] + margin]
+        if all(o["box"][3] <= box[1] or o["box"][1] >= box[3] for o in scene.objects):
+            out = img.copy()
+            ImageDraw.Draw(out).text((x, y), word, font=font, fill=(12, 12, 12))
+            return out, {"word": word, "font_px": px, "text_box": [int(v) for v in box]}
+    return None
