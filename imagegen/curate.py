@@ -414,10 +414,10 @@ class _Spill:
 
 
 def _spill_by_shard(images_dir: Path, plan: list[list[str]], folder: Path, grid_keys: list[str],
-                    grid: dict[str, tuple[bytes, str]]) -> _Spill:
+                    grid: dict[str, tuple[bytes, str]], flush_bytes: int = 64 << 20) -> _Spill:
     shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
     want_grid = set(grid_keys)
-    spill = _Spill(folder, len(plan))
+    spill = _Spill(folder, len(plan), flush_bytes)
     for batch in download_mod.iter_images(images_dir, ["key", "image", "ext"]):
         for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
                                batch.column("ext").to_pylist()):
