@@ -512,6 +512,9 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
             raise ValueError(f"world_host {config.source.world_host!r} is not loopback; the world server "
                              "only listens on loopback")
         with socket.socket() as s:
+            # as the world server does (allow_reuse_address): a port whose last connections are in
+            # TIME_WAIT is free for it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((config.source.world_host, config.source.world_port))
             except OSError as exc:
