@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
     "download": {"processes_count", "thread_count", "distributor", "runner"},
-    "dedup": {"processes", "batch_rows", "runner"},
+    "dedup": {"processes", "batch_rows", "runner", "semantic_batch_size"},
     "filter": {"runner"},
     "recaption": {"batch_size", "device"},
 }
@@ -193,14 +194,27 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
     return _run_stage(root, "download", sid_inputs, _params("download", cfg), code_version(download_mod), body)
 
 
-def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageResult:
+def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: StageResult | None = None) -> StageResult:
+    """Exact and perceptual duplicates; with ``cfg.semantic``, SemDeDup over CLIP embeddings too
+    (``clip``: the world's reference CLIP, for ``semantic_model='world'``)."""
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet", runner=cfg.runner)
+        counts = dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet",
+                                     runner=cfg.runner, resolve_model=model_resolver(clip))
+        shutil.rmtree(tmp / "_embeddings", ignore_errors=True)
+        return counts
 
-    from imagegen import mih
-    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg),
-                      code_version(dedup_mod, mih), body)
+    from imagegen import mih, semdedup
+    inputs = {"download": download.id}
+    code = code_version(dedup_mod, mih)
+    if cfg.semantic is not None:  # ids of phash-only configs stay as they were
+        inputs.update(_clip_inputs(clip, cfg.semantic_model))
+        code = stable_hash({"dedup": code, "semdedup": code_version(semdedup)})
+    params = _params("dedup", cfg)
+    if cfg.semantic is None:
+        for k in ("semantic", "semantic_model", "semantic_batch_size"):
+            params.pop(k, None)
+    return _run_stage(root, "dedup", inputs, params, code, body)
 
 
 def model_resolver(clip: StageResult | None) -> Callable[[str], str]:
@@ -534,7 +548,7 @@ def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResul
         note("reference_clip", clip)
     dl = download_stage(root, config.source, world, config.download)
     note("download", dl)
-    dd = dedup_stage(root, dl, config.dedup)
+    dd = dedup_stage(root, dl, config.dedup, clip)
     note("dedup", dd)
     ff = filter_stage(root, dl, dd, config.filter, clip)
     note("filter", ff)

@@ -70,6 +70,7 @@ def _filter(d: Path, dedup: Path, out: Path, runner: str) -> pd.DataFrame:
     return pd.read_parquet(out / "filter.parquet")
 
 
+@pytest.mark.slow
 def test_local_pool_equals_one_process(download_dir, tmp_path):
     one = _dedup(download_dir, tmp_path / "a", "local:1")
     assert _dedup(download_dir, tmp_path / "b", "local:2") == one
@@ -312,3 +313,52 @@ def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
         grow_small = small[stage] - small["base"]
         grow_big = big[stage] - big["base"]
         assert grow_big <= 2.0 * max(grow_small, 30.0), (stage, small, big)
+
+
+# ------------------------------------------------------------------ SemDeDup as an option of the dedup stage
+
+@pytest.mark.slow
+def test_semantic_dedup_in_the_dedup_stage(download_dir, tmp_path):
+    """Embeddings are a map step per part; SemDeDup runs over the perceptual representatives only and
+    marks exactly what the in-memory semdedup() marks on the same embeddings; the filter drops them
+    as 'semantic_duplicate'; a 2-process pool gives the same bytes."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _helpers import tiny_random_clip
+
+    from imagegen.clip import encode_images, load_clip
+    from imagegen.semdedup import SemDedupConfig, semdedup
+
+    spec = tiny_random_clip(tmp_path / "clip")
+    sem = SemDedupConfig(threshold=0.999, n_clusters=2, keep="priority")
+    cfg = DedupConfig(radius=4, semantic=sem, semantic_model="mine")
+    outs = {}
+    for runner in ("local:1", "local:2"):
+        out = tmp_path / runner.replace(":", "")
+        counts = run_dedup(download_dir / "images", download_dir / "ledger.parquet", cfg, out / "dedup.parquet",
+                           runner=runner, resolve_model=lambda s: spec if s == "mine" else s)
+        outs[runner] = (out / "dedup.parquet").read_bytes()
+    assert outs["local:1"] == outs["local:2"]
+    df = pd.read_parquet(tmp_path / "local1" / "dedup.parquet")
+    _dedup(download_dir, tmp_path / "plain", "local:1")
+    base = pd.read_parquet(tmp_path / "plain" / "dedup.parquet")
+    reps = base.loc[base["is_representative"], "key"].tolist()
+    # the reference: the same CLIP on the representatives' images, in memory
+    imgs = {}
+    for p in sorted((download_dir / "images").glob("part-*.parquet")):
+        t = pq.read_table(p, columns=["key", "image"]).to_pydict()
+        imgs.update(zip(t["key"], t["image"]))
+    emb = encode_images(load_clip(spec), [Image.open(io.BytesIO(imgs[k])).convert("RGB") for k in reps])
+    led = pd.read_parquet(download_dir / "ledger.parquet").set_index("key")
+    area = (led.loc[reps, "original_width"] * led.loc[reps, "original_height"]).to_numpy()
+    want, _ = semdedup(emb, reps, sem, priority=area)
+    want_dups = set(want.to_pandas().query("not is_representative")["key"])
+    got_dups = set(df.loc[df["dup_kind"] == "semantic", "key"])
+    assert want_dups and got_dups == want_dups  # something to find, and exactly that
+    assert counts["semantic_duplicates"] == len(want_dups)
+    # perceptual marks are untouched, semantic ones only among perceptual representatives
+    assert (df.loc[df["dup_kind"].isin(["exact", "near"]), "key"].tolist()
+            == base.loc[~base["is_representative"], "key"].tolist())
+    ff = _filter(download_dir, tmp_path / "local1" / "dedup.parquet", tmp_path / "fs", "local:1")
+    assert set(ff.loc[ff["reason"] == "semantic_duplicate", "key"]) == want_dups
