@@ -82,6 +82,9 @@ class CurateConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    parent: str | None = Field(None, description="Make a new version of this registered dataset (NAME, NAME@N "
+                               "or id): reuse its parts, fetch again only the rows that failed for a transient "
+                               "reason, plus download.append_list; registered as NAME@<next>")
     runner: str = Field("local", description="Where the per-part map steps run: local (a process pool sized "
                         "to the machine), local:N, dask (a LocalCluster), dask:N, dask://HOST:PORT, ray, ray:N, "
                         "ray://HOST:PORT; a stage's own runner field overrides it. Never part of an id")
@@ -90,6 +93,14 @@ class CurateConfig(BaseModel):
     @classmethod
     def _runner_spec(cls, v: str) -> str:
         return runner_spec(v)
+
+    @model_validator(mode="after")
+    def _parent(self) -> "CurateConfig":
+        if self.parent and not self.download.parent:
+            object.__setattr__(self, "download", self.download.model_copy(update={"parent": self.parent}))
+        if self.download.append_list and not self.download.parent:
+            raise ValueError("download.append_list needs a parent dataset (parent=NAME) to append to")
+        return self
 
     @model_validator(mode="after")
     def _stage_runners(self) -> "CurateConfig":
@@ -170,11 +181,36 @@ def source_id(source: SourceConfig, world: StageResult | None) -> str:
     return f"file-{file_sha256(source.url_list)[:16]}"
 
 
+def parent_download(root: Path, parent: str) -> tuple[DatasetRef, Path]:
+    """The parent dataset of an incremental version and its download stage folder."""
+    ref = get_dataset(root, parent)
+    dl_id = ref.card.get("stage_ids", {}).get("download")
+    path = stage_dir(root, "download", dl_id) if dl_id else None
+    if path is None or not is_complete(path):
+        raise FileNotFoundError(f"parent dataset {parent!r} ({ref.id}): its download stage {dl_id} is not in "
+                                f"{stage_dir(root, 'download', '')}; an incremental version needs it")
+    return ref, path
+
+
 def download_stage(root: Path, source: SourceConfig, world: StageResult | None, cfg: DownloadConfig) -> StageResult:
-    """Fetch every URL with img2dataset; for the world, serve it on loopback for the duration."""
-    sid_inputs = {"source": source_id(source, world)}
+    """Fetch every URL with img2dataset; for the world, serve it on loopback for the duration.
+
+    With ``cfg.parent`` (a dataset id, see :func:`resolve_parent`): a new version that reuses the
+    parent's parts (:mod:`imagegen.stages.incremental`)."""
+    sid_inputs: dict[str, Any] = {"source": source_id(source, world)}
+    params = _params("download", cfg)
+    for k in ("parent", "append_list"):
+        params.pop(k, None)
+    parent_dir = None
+    if cfg.parent:
+        pref, parent_dir = parent_download(root, cfg.parent)
+        sid_inputs["parent_download"] = parent_dir.name
+        if cfg.append_list:
+            sid_inputs["append"] = f"file-{file_sha256(cfg.append_list)[:16]}"
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        if parent_dir is not None:
+            return incremental_body(tmp, card)
         if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
             table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
                                                cfg.on_duplicate_urls)
@@ -191,7 +227,39 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
                 card["server_requests"] = srv.stats()
         return counts
 
-    return _run_stage(root, "download", sid_inputs, _params("download", cfg), code_version(download_mod), body)
+    def incremental_body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        from imagegen.stages import incremental
+
+        append = None
+        if cfg.append_list:
+            append = download_mod.read_url_list(cfg.append_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
+        card["parent"] = {"dataset": cfg.parent, "download": parent_dir.name}
+        if source.kind == "url_list":
+            urls = pd.read_parquet(parent_dir / "ledger.parquet", columns=["row_id", "url", "caption"])
+            return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
+        from imagegen.world.publish import url_table
+        from imagegen.world.server import serve_world
+
+        with serve_world(Path(world.path), host=source.world_host, port=source.world_port) as srv:
+            urls = url_table(Path(world.path), srv.base_url)  # the parent's URLs named another port
+            return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
+
+    from imagegen.stages import incremental as incremental_mod
+    code = code_version(download_mod) if parent_dir is None else stable_hash(
+        {"download": code_version(download_mod), "incremental": code_version(incremental_mod)})
+    return _run_stage(root, "download", sid_inputs, params, code, body)
+
+
+def resolve_parent(config: "CurateConfig", root: Path) -> "CurateConfig":
+    """``parent`` (NAME, NAME@N or id) -> the parent dataset's id, so the ids (and Prefect's cache
+    keys) name an immutable parent, whatever the registry's names point at later."""
+    spec = config.download.parent
+    if not spec:
+        return config
+    ref = get_dataset(root, spec)
+    if ref.id == spec:
+        return config
+    return config.model_copy(update={"download": config.download.model_copy(update={"parent": ref.id})})
 
 
 def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: StageResult | None = None) -> StageResult:
@@ -248,15 +316,15 @@ def filter_identity(download: StageResult, dedup: StageResult, cfg: FilterConfig
 def filter_stage(root: Path, download: StageResult, dedup: StageResult, cfg: FilterConfig,
                  clip: StageResult | None) -> StageResult:
     inputs, params, code = filter_identity(download, dedup, cfg, clip)
-    # per-part scores, content-addressed by (download part, filter params, code): a rerun of a
-    # crashed stage rescores only the parts that were missing
-    part_ns = stable_hash({"inputs": inputs, "params": params, "code": code})[:16]
+    # per-part scores, content-addressed by (the part file's sha256, filter params, code, models): a
+    # rerun of a crashed stage rescores only the missing parts, a new version only its new parts
+    part_ns = stable_hash({"clip": inputs.get("reference_clip"), "params": params, "code": code})[:16]
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return filter_mod.run_filter(Path(download.path), Path(dedup.path) / "dedup.parquet", cfg,
                                      tmp / "filter.parquet", resolve_model=model_resolver(clip), runner=cfg.runner,
-                                     part_cache=stage_dir(root, "filter-parts", part_ns),
-                                     part_key=lambda name: name.removesuffix(".parquet"))
+                                     part_cache=root / "parts" / "filter" / part_ns,
+                                     part_key=lambda part: file_sha256(part)[:32])
 
     return _run_stage(root, "filter", inputs, params, code, body)
 
@@ -369,6 +437,7 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
                           for r in (world, download, dedup, filtered, captions) if r is not None},
         "shards": [{"name": i.name, "count": i.count, "bytes": i.bytes, "sha256": i.sha256} for i in infos],
         "reference_clip": clip.counts if clip else None,
+        "parent": _parent_card(root_of(download), read_card(Path(download.path)).get("parent")),
     })
     if world is not None:
         card["world_report"] = world_report(Path(world.path), accounting, cc)
@@ -445,6 +514,24 @@ def _spill_by_shard(images_dir: Path, plan: list[list[str]], folder: Path, grid_
     return spill
 
 
+def root_of(res: StageResult) -> Path:
+    return Path(res.path).parents[2]  # <root>/stages/<stage>/<id>
+
+
+def _parent_card(root: Path, parent: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The parent version of an incremental dataset: its id, name and version number."""
+    if not parent:
+        return None
+    from imagegen.registry import versions_of
+
+    ref = get_dataset(root, parent["dataset"])
+    out = {"id": ref.id, "download": parent["download"], "name": ref.card.get("name")}
+    vs = versions_of(root, ref.card.get("name", ""))
+    if ref.id in vs:
+        out["version"] = vs.index(ref.id) + 1
+    return out
+
+
 def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFrame) -> pd.DataFrame:
     """One row per input row with its final outcome: kept, or the stage and reason that dropped it."""
     acc = ledger[["row_id", "url", "key", "status", "reason"]].copy()
@@ -516,6 +603,11 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
     ensure_writable(root)
     for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
         check_runner(spec, root)
+    if config.download.parent:
+        parent_download(root, config.download.parent)  # a known dataset whose download is still here
+        if config.download.append_list:
+            download_mod.read_url_list(config.download.append_list, config.download.url_col,
+                                       config.download.caption_col, config.download.on_duplicate_urls)
     if config.source.kind == "url_list":
         download_mod.read_url_list(config.source.url_list, config.download.url_col, config.download.caption_col,
                                    config.download.on_duplicate_urls)
@@ -539,6 +631,7 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
     """Run the whole curate DAG without Prefect; returns the registered dataset."""
     check_preconditions(config, root)
+    config = resolve_parent(config, root)
     note = progress or (lambda stage, res: None)
     world = clip = None
     if config.source.kind == "world":
