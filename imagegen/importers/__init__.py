@@ -250,7 +250,6 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
 def import_dataset(cfg: ImportConfig | dict[str, Any], root: Path | str,
                    progress: Any = None) -> ImportResult:
     """Import ``cfg.source`` into the registry at ``root``; returns the dataset id and counts."""
-    from imagegen import curate as C
     from imagegen.stages import shard as shard_mod
 
     if not isinstance(cfg, ImportConfig):
@@ -282,6 +281,8 @@ def import_dataset(cfg: ImportConfig | dict[str, Any], root: Path | str,
     outcome = {r["key"]: "kept" for r in ok}
     stage_counts: dict[str, Any] = {}
     if cfg.curate:
+        from imagegen import curate as C  # the curate DAG's own dedup and filter stages (imports torch/open_clip)
+
         imp = C.StageResult("import", import_id, str(stage_dir(root, "import", import_id)))
         if is_complete(Path(imp.path)):
             imp = C.StageResult("import", import_id, imp.path, cached=True, counts=read_card(Path(imp.path))["counts"])
@@ -379,11 +380,34 @@ def import_dataset(cfg: ImportConfig | dict[str, Any], root: Path | str,
                                      "min_side": min(min(s) for s in sizes), "max_side": max(max(s) for s in sizes)},
                      "shards": [{"name": i.name, "count": i.count, "bytes": i.bytes, "sha256": i.sha256} for i in infos],
                      "config": cfg.model_dump(mode="json"), "seconds": round(time.time() - t0, 3)})
-        caps = pd.DataFrame({"caption": {k: by_key[k][1]["caption"] for k in grid}})
-        C._write_grid(tmp, list(grid), grid, caps)
+        _write_grid(tmp / "samples.png", [(grid[k][0], by_key[k][1]["caption"]) for k in grid])
     register_name(root, name, dataset_id)
     note(f"[import] dataset {name} ({dataset_id}): {len(kept)} samples in {len(infos)} shards")
     return ImportResult(dataset_id=dataset_id, name=name, path=str(final), cached=False, counts=counts)
+
+
+def _write_grid(path: Path, items: list[tuple[bytes, str]]) -> None:
+    """The first samples (each fitted into a 128 px cell, aspect kept) with their captions."""
+    from PIL import ImageDraw
+
+    if not items:
+        return
+    cols, cell, text_h = 4, 128, 28
+    rows = -(-len(items) // cols)
+    grid = Image.new("RGB", (cols * cell, rows * (cell + text_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (data, caption) in enumerate(items):
+        im = Image.open(io.BytesIO(data))
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        im.thumbnail((cell, cell), Image.Resampling.BICUBIC if max(im.size) > cell else Image.Resampling.NEAREST)
+        if max(im.size) < cell:  # small images (8 px digits) scaled up, pixels kept sharp
+            f = cell / max(im.size)
+            im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.Resampling.NEAREST)
+        x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
+        grid.paste(im, (x + (cell - im.width) // 2, y + (cell - im.height) // 2))
+        draw.text((x + 2, y + cell + 1), caption[:22], fill="black")
+        draw.text((x + 2, y + cell + 13), caption[22:44], fill="black")
+    grid.save(path)
 
 
 def imported(root: Path | str, result: ImportResult) -> DatasetRef:

@@ -343,17 +343,19 @@ class HFSource(Source):
         self._names = None
         if label_column is not None and isinstance(ds.features[label_column], datasets.ClassLabel):
             self._names = list(ds.features[label_column].names)
+        if getattr(ds, "_indices", None) is not None:  # a select/shuffle view: materialise the row order
+            ds = ds.flatten_indices()
         self.ds = ds
         self.fingerprint = getattr(ds, "_fingerprint", None)
+        # rows are read straight from the memory-mapped arrow table (no per-row python formatting)
+        self._table = ds.data.table if hasattr(ds.data, "table") else ds.data
 
     def rows(self) -> list[Row]:
         out = []
-        meta_cols = [c for c in (self.caption_column, self.label_column) if c]
-        table = self.ds.select_columns(meta_cols) if meta_cols else None
-        for i in range(len(self.ds)):
-            rec = table[i] if table is not None else {}
-            caption = rec.get(self.caption_column) if self.caption_column else None
-            label = rec.get(self.label_column) if self.label_column else None
+        n = len(self.ds)
+        caps = self._table.column(self.caption_column).to_pylist() if self.caption_column else [None] * n
+        labs = self._table.column(self.label_column).to_pylist() if self.label_column else [None] * n
+        for i, (caption, label) in enumerate(zip(caps, labs)):
             if label is not None:
                 label = self._names[label] if self._names is not None and isinstance(label, int) else str(label)
             if caption is None:
@@ -362,7 +364,7 @@ class HFSource(Source):
         return out
 
     def read(self, row: Row) -> bytes:
-        value = self.ds[int(row.loc)][self.image_column]
+        value = self._table.column(self.image_column)[int(row.loc)].as_py()
         if isinstance(value, dict):
             if value.get("bytes"):
                 return bytes(value["bytes"])
