@@ -348,7 +348,12 @@ def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen.sample import cmd_sample
 
-    return cmd_sample(args)
+    def via_prefect(request: Any, root: Path) -> dict[str, Any]:
+        from flows.sample import sample_flow
+
+        return sample_flow(request=request, data_root=str(root))
+
+    return cmd_sample(args, via_prefect)
 
 
 def main(argv: list[str] | None = None) -> int:

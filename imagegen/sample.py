@@ -384,7 +384,8 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
     return SampleRequest(**data)
 
 
-def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+def cmd_sample(args: argparse.Namespace, via_prefect: Any = None) -> dict[str, Any]:
+    """The command; ``via_prefect(request, root)`` runs the flow (given by the Prefect-facing cli)."""
     import sys
 
     from imagegen.paths import data_root
@@ -397,10 +398,8 @@ def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     req = request_from_args(args)
     root = data_root(args.data_root)
     Prepared(req, root)  # unknown run, class names, prompts file: refused before any work
-    if args.no_prefect:
+    if args.no_prefect or via_prefect is None:
         res = sample(req, root, progress=lambda m: print(m, file=sys.stderr))
     else:
-        from flows.sample import sample_flow
-
-        res = sample_flow(request=req, data_root=str(root))
+        res = via_prefect(req, root)
     return {**res, "message": f"{res['n_images']} image(s) in {res['out']}" + (f", grid {res['grid']}" if res["grid"] else "")}

@@ -281,3 +281,20 @@ def test_curate_runs_dedup_and_filter(tmp_path, photo_folder):
     assert "phash" in man.columns
     plain = import_dataset(ImportConfig(kind="folder", source=str(folder)), root)
     assert plain.dataset_id != res.dataset_id and plain.counts["shard"]["samples"] == 10
+
+
+def test_cli_import(tmp_path, photo_folder, capsys):
+    from imagegen.cli import main
+
+    root = tmp_path / "data"
+    assert main(["import", "folder", str(photo_folder), "--name", "cli-photos", "--set", "shard.target_shard_size=4",
+                 "--data-root", str(root), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["samples"] == 9 and out["shards"] == 3 and out["name"] == "cli-photos"
+    assert main(["datasets", "show", "cli-photos", "--data-root", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["source"] == "import"
+    (tmp_path / "empty").mkdir()
+    assert main(["import", "folder", str(tmp_path / "empty"), "--data-root", str(root)]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert main(["import", "hf", str(tmp_path / "empty"), "--data-root", str(root)]) == 2
+    assert "needs image_column" in capsys.readouterr().err
