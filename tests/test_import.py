@@ -43,6 +43,11 @@ def _members(shards: list[Path]) -> dict[str, dict[str, bytes]]:
     return out
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no request log on stderr
+        pass
+
+
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory) -> Path:
     """Two class folders of real photos, captions from captions.jsonl, a sidecar .txt, or the class."""
@@ -222,9 +227,7 @@ def test_webdataset_by_url_pattern_and_bad_tars(tmp_path, photo_folder):
                                                           shard={"target_shard_size": 4}), root).dataset_id)
     serve_dir = tmp_path / "www"
     shutil.copytree(first.path / "shards", serve_dir)
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(serve_dir))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(serve_dir)))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/{{00000..00002}}.tar"
@@ -298,3 +301,45 @@ def test_cli_import(tmp_path, photo_folder, capsys):
     assert "holds no images" in capsys.readouterr().err
     assert main(["import", "hf", str(tmp_path / "empty"), "--data-root", str(root)]) == 2
     assert "needs image_column" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_real_img2dataset_output_is_imported_without_reencoding(tmp_path, photo_folder):
+    """img2dataset itself downloads the photos from a loopback server into its webdataset layout
+    (raw bytes kept); the import checks that folder and keeps every image's bytes."""
+    from img2dataset import download
+
+    files = sorted(p for p in photo_folder.rglob("*") if p.suffix in (".jpg", ".png") and p.name != "broken.png")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(photo_folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    urls = pd.DataFrame({"url": [f"{base}/{p.relative_to(photo_folder).as_posix()}" for p in files],
+                         "caption": [f"picture {p.stem}" for p in files]})
+    urls.to_parquet(tmp_path / "urls.parquet", index=False)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    try:
+        download(url_list=str(tmp_path / "urls.parquet"), input_format="parquet", url_col="url", caption_col="caption",
+                 output_format="webdataset", output_folder=str(tmp_path / "i2d"), disable_all_reencoding=True,
+                 processes_count=1, thread_count=4, number_sample_per_shard=4, enable_wandb=False,
+                 compute_hash="sha256", timeout=10)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    root = tmp_path / "data"
+    res = import_dataset(ImportConfig(kind="webdataset", source=str(tmp_path / "i2d"), name="i2d"), root)
+    ds = get_dataset(root, "i2d")
+    assert res.counts["shard"]["samples"] == len(files) and res.counts["reencoded"] == 0
+    by_sha = {_sha(p.read_bytes()): p for p in files}
+    members = _members(ds.shards)
+    man = pd.read_parquet(ds.path / "manifest.parquet")
+    for _, row in man.iterrows():
+        src = by_sha[row["sha256"]]  # the very bytes of a served file
+        stored = members[row["key"]]
+        ext = next(e for e in stored if e in ("jpg", "png"))
+        assert ext == ("png" if src.suffix == ".png" else "jpg")  # img2dataset called them all .jpg
+        assert stored["txt"].decode() == f"picture {src.stem}"
+        assert json.loads(stored["json"])["source_meta"]["url"].endswith(src.relative_to(photo_folder).as_posix())
+    # an img2dataset folder missing a shard's parquet is refused by name
+    (tmp_path / "i2d" / "00000.parquet").unlink()
+    with pytest.raises(ImportError_, match="have no .parquet next to them"):
+        import_dataset(ImportConfig(kind="webdataset", source=str(tmp_path / "i2d")), root)

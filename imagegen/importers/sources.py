@@ -155,10 +155,17 @@ def expand_pattern(pattern: str) -> list[str]:
             if re.match(r"^[a-z][a-z0-9+.-]*://", item):
                 out.append(item)
             elif Path(item).is_dir():
-                tars = sorted(str(p) for p in Path(item).glob("*.tar") if not p.name.startswith("."))
+                tars = sorted(p for p in Path(item).glob("*.tar") if not p.name.startswith("."))
                 if not tars:
                     raise ImportError_(f"folder {item} holds no .tar shards")
-                out.extend(tars)
+                if any(t.with_suffix(".parquet").is_file() for t in tars):  # an img2dataset output folder
+                    from imagegen.stages.shard import read_img2dataset_folder
+
+                    try:  # every tar with its .parquet; a tar without _stats.json is warned about
+                        tars = read_img2dataset_folder(item)
+                    except (FileNotFoundError, ValueError) as exc:
+                        raise ImportError_(str(exc)) from None
+                out.extend(str(t) for t in tars)
             elif any(c in item for c in "*?["):
                 hits = sorted(glob.glob(item))
                 if not hits:
