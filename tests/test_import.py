@@ -343,3 +343,26 @@ def test_real_img2dataset_output_is_imported_without_reencoding(tmp_path, photo_
     (tmp_path / "i2d" / "00000.parquet").unlink()
     with pytest.raises(ImportError_, match="have no .parquet next to them"):
         import_dataset(ImportConfig(kind="webdataset", source=str(tmp_path / "i2d")), root)
+
+
+def test_hf_dataset_repo_copy_by_path(tmp_path):
+    """A local copy of a hub dataset repository (data/train-*.parquet) goes through load_dataset."""
+    import datasets
+
+    path, pix, labels = _digits_dataset(tmp_path)
+    repo = tmp_path / "digits-repo"
+    (repo / "data").mkdir(parents=True)
+    datasets.load_from_disk(str(path)).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    root = tmp_path / "data"
+    res = import_dataset(ImportConfig(kind="hf", source=str(repo), split="train", image_column="image",
+                                      label_column="label", caption_column="text"), root)
+    ds = get_dataset(root, res.dataset_id)
+    assert ds.card["source"]["how"] == "load_dataset(folder)" and res.counts["shard"]["samples"] == 60
+    man = pd.read_parquet(ds.path / "manifest.parquet").sort_values("row_id")
+    assert man["label"].tolist() == [str(v) for v in labels]
+    # the same rows as the save_to_disk copy: the same content hash (the split name is a parameter)
+    same = import_dataset(ImportConfig(kind="hf", source=str(path), image_column="image", label_column="label",
+                                       caption_column="text"), root)
+    assert get_dataset(root, same.dataset_id).card["content_sha256"] == ds.card["content_sha256"]
+    with pytest.raises(ImportError_, match=r"Unknown split \"test\""):
+        import_dataset(ImportConfig(kind="hf", source=str(repo), split="test", image_column="image"), root)

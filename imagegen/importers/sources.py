@@ -305,7 +305,8 @@ def _read_at(f: Any, offset: int, size: int) -> bytes:
 
 
 class HFSource(Source):
-    """A Hugging Face dataset: a folder written by ``save_to_disk`` (read with ``load_from_disk``) or
+    """A Hugging Face dataset: a folder written by ``save_to_disk`` (read with ``load_from_disk``), a
+    local copy of a dataset repository (its parquet/csv/json/image files, read by ``load_dataset``), or
     a dataset name read by ``load_dataset`` from the user's cache (``HF_DATASETS_OFFLINE=1`` /
     ``HF_HUB_OFFLINE=1`` keep it offline).  The image column may be a ``datasets.Image`` feature (its
     stored bytes are taken as they are) or an array (H, W[, C]) of uint8; the caption and label
@@ -322,9 +323,12 @@ class HFSource(Source):
         self.image_column, self.caption_column, self.label_column = image_column, caption_column, label_column
         path = Path(name_or_path)
         try:
-            if path.exists():
-                ds = datasets.load_from_disk(str(path))
+            if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+                ds = datasets.load_from_disk(str(path))  # written by save_to_disk
                 self.how = "load_from_disk"
+            elif path.exists():  # a local copy of a hub dataset repo (parquet/csv/json/image files)
+                ds = datasets.load_dataset(str(path), split=split, cache_dir=cache_dir)
+                self.how = "load_dataset(folder)"
             else:
                 ds = datasets.load_dataset(name_or_path, split=split, revision=revision, cache_dir=cache_dir)
                 self.how = "load_dataset"
