@@ -142,3 +142,27 @@ def test_cli_import_fid_stats(tmp_path, capsys):
                  "--protocol", "TTUR / pytorch-fid CIFAR-10 train", "--data-root", str(tmp_path / "r"), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["name"] == "ttur-cifar10" and out["feature_dim"] == 2048
+
+
+def test_imported_dataset_is_an_fid_reference(tmp_path, one_torch_thread):
+    """An imported folder of non-square photos serves as evaluate()'s reference dataset (decoded and
+    centre-cropped by the training loader's path)."""
+    from imagegen.evaluate.run import EvalRequest, evaluate
+    from imagegen.importers import ImportConfig, import_dataset
+
+    sk = pytest.importorskip("sklearn.datasets")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for f in ("china.jpg", "flower.jpg"):
+        im = Image.open(Path(sk.__file__).parent / "images" / f)
+        for i in range(6):  # non-square tiles of the real photographs
+            im.crop((i * 40, i * 20, i * 40 + 96, i * 20 + 64)).save(photos / f"{Path(f).stem}-{i}.png")
+    root = tmp_path / "root"
+    import_dataset(ImportConfig(kind="folder", source=str(photos), name="tiles"), root)
+    gen = _crops(tmp_path / "gen", 3, n=12)
+    spec = tiny_random_clip(tmp_path / "clip")
+    res = evaluate(EvalRequest(folder=str(gen), metrics=("fid", "kid"), reference="tiles", extractor=spec,
+                               kid_subsets=3, kid_subset_size=6), root)
+    assert {m[:3] for m in res["metrics"]} == {"FD-", "KD-"} and all(np.isfinite(v) for v in res["metrics"].values())
+    ref_dir = next((root / "evals" / "reference").glob("*-32px"))
+    assert len(list(ref_dir.glob("*.png"))) == 12 and Image.open(next(ref_dir.glob("*.png"))).size == (32, 32)
