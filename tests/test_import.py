@@ -198,6 +198,9 @@ def test_hf_dataset_bad_columns(tmp_path):
         import_dataset(ImportConfig(kind="hf", source=str(path), image_column="text"), tmp_path / "data")
     with pytest.raises(ValueError, match="needs image_column"):
         ImportConfig(kind="hf", source=str(path))
+    # a name that is not in the cache, offline (conftest sets HF_HUB_OFFLINE=1): refused, named
+    with pytest.raises(ImportError_, match="cannot open Hugging Face dataset 'no-such-dataset-xyz'"):
+        import_dataset(ImportConfig(kind="hf", source="no-such-dataset-xyz", image_column="img"), tmp_path / "data")
 
 
 def test_webdataset_round_trip_from_img2dataset_layout(tmp_path, photo_folder):
