@@ -260,9 +260,11 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
         import imwatermark  # noqa: F401  (installed? fail before generating)
 
         side = req.output_size
-        if side is None:
-            side = int(prep.train_cfg.model.get("image_size", 0)) * (8 if prep.train_cfg.model.get("data") == "latents" else 1)
-        if side * side < WATERMARK_MIN_PIXELS:
+        if side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
+            side = int(prep.train_cfg.model.get("image_size", 0))
+        # (a latent run's decoded size is known once the first image is decoded: apply_watermark checks it
+        # before anything is saved)
+        if side is not None and side * side < WATERMARK_MIN_PIXELS:
             raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; run {prep.run.id} makes "
                               f"about {side} x {side} (set output_size=256 or more)")
     device = _device(req)
