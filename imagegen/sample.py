@@ -353,8 +353,9 @@ def add_sample_parser(sub: Any) -> None:
     src.add_argument("--run", help="a training or distillation run id (or unique prefix)")
     src.add_argument("--model", help="a model spec: run:RUN (diffusers:... is not supported yet)")
     src.add_argument("--check-watermark", metavar="FILE", help="report whether FILE carries the watermark")
-    sp.add_argument("--prompt", dest="prompts", action="append", default=[], help="a prompt (repeatable)")
-    sp.add_argument("--prompts", dest="prompts_file", help="a file of prompts, one per line (or .jsonl 'prompt')")
+    sp.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                    help="a prompt (repeatable)")
+    sp.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a file of prompts, one per line (or .jsonl 'prompt')")
     sp.add_argument("--negative", help="negative prompt")
     sp.add_argument("--guidance", type=float, help="CFG scale (default 1: none)")
     sp.add_argument("--sampler", help="sampler (default: the family's)")
