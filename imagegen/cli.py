@@ -154,7 +154,7 @@ def cmd_curate(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{stage}] {'cached' if res.cached else 'done'} {res.id} -> {res.path}", file=sys.stderr)
 
         ref = C.curate(cfg, root, progress=note)
-        from flows.curate import curate_summary
+        from imagegen.report import curate_summary
         return curate_summary(ref.path)
     from flows.curate import curate_flow
 
@@ -182,15 +182,15 @@ def cmd_datasets(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.train import build_request
     from imagegen.paths import data_root
+    from imagegen.requests import build_train_request
 
     # validated before anything starts; the dataset and model checks come first in train_run
-    request = build_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
+    request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
     root = data_root(args.data_root)
     if args.no_prefect:
+        from imagegen.report import progress_line
         from imagegen.train import runs
-        from tasks.train import progress_line
 
         def note(info: dict[str, Any]) -> None:
             print(f"[train] {progress_line(info)}", file=sys.stderr)
@@ -225,8 +225,9 @@ def cmd_runs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.distill import build_request, check_request
     from imagegen.paths import data_root
+    from imagegen.requests import build_distill_request as build_request
+    from imagegen.requests import check_distill_request as check_request
 
     named_steps = [f"steps={args.steps}"] if args.steps is not None else []
     request = build_request(None, args.teacher, args.method, [*args.overrides, *named_steps])
@@ -234,7 +235,7 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     check_request(request, root)  # an unknown, unfinished or unfitting teacher fails here, before any run
     if args.no_prefect:
         from imagegen.distill import distill
-        from tasks.train import progress_line
+        from imagegen.report import progress_line
 
         def note(info: dict[str, Any]) -> None:
             print(f"[distill] {progress_line(info)}", file=sys.stderr)
@@ -250,8 +251,9 @@ def _csv(text: str | None) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.evaluate import build_request, check_request
     from imagegen.paths import data_root
+    from imagegen.requests import build_eval_request as build_request
+    from imagegen.requests import check_eval_request as check_request
 
     named = [f"metrics={json.dumps(_csv(args.metrics))}"] if args.metrics is not None else []
     folder = str(Path(args.folder).resolve()) if args.folder else None
@@ -259,7 +261,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     root = data_root(args.data_root)
     check_request(request, root)  # an unknown run, a bad folder or prompt file fails here, before any work
     if args.no_prefect:
-        from tasks.evaluate import run_evaluation
+        from imagegen.evaluate.run import run_evaluation
 
         return run_evaluation(request, root)
     from flows.evaluate import evaluate_flow
@@ -275,7 +277,7 @@ def _nfe_list(text: str | None) -> list[int]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.benchmark import check_plan, plan, settings_from_overrides
+    from imagegen.benchmark import check_plan, plan, settings_from_overrides
     from imagegen.paths import data_root
 
     runs, families, nfe = _csv(args.runs) or None, _csv(args.families) or None, _nfe_list(args.nfe) or None
@@ -284,18 +286,11 @@ def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     jobs = plan(root, runs, families, args.dataset, settings, nfe)  # every request validated, runs resolved
     check_plan(jobs, root)
     if args.no_prefect:
-        from flows.benchmark import already_done
+        from imagegen.benchmark import benchmark_card, run_plan
         from imagegen.leaderboard import build_leaderboard
-        from tasks.evaluate import run_evaluation
 
-        summaries: list[dict[str, Any]] = []
-        for i, req in enumerate(jobs):
-            if already_done(req, summaries):
-                continue
-            print(f"[benchmark] {i + 1}/{len(jobs)}: run {req.run} at {req.steps or 'default'} steps", file=sys.stderr)
-            summaries.append(run_evaluation(req, root))
-        card = {"settings": settings, "nfe_sweep": nfe or [], "failed": [],
-                "query": {"runs": runs, "families": families, "dataset": args.dataset}}
+        summaries = run_plan(jobs, root, note=lambda line: print(line, file=sys.stderr))
+        card = benchmark_card(settings, nfe, runs, families, args.dataset, [])
         return {**build_leaderboard(root, summaries, card), "failed": []}
     from flows.benchmark import benchmark_flow
 
@@ -361,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "distill":
         print(result["student_run"])
     elif args.command == "evaluate":
-        from tasks.evaluate import metric_lines
+        from imagegen.report import metric_lines
 
         for line in metric_lines(result):
             print(line)

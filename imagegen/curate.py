@@ -403,24 +403,39 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
                               f"({exc.strerror}); pick another with source.world_port or 0 for any free port") from exc
 
 
+StageRunner = Callable[..., StageResult]
+
+
+def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
+               progress: Callable[[str, StageResult], None] | None = None) -> StageResult:
+    """The one order of the curate stages: (world, reference CLIP,) download, dedup, filter,
+    recaption, shard; registers the dataset's name and returns the shard stage's result.
+
+    ``run(stage, fn, *args)`` runs one stage: by default ``fn(*args)`` in this process; the curate
+    flow passes one that runs the stage's Prefect task instead (``flows/curate.py``)."""
+    call: StageRunner = run or (lambda stage, fn, *args: fn(*args))
+    note = progress or (lambda stage, res: None)
+
+    def step(stage: str, fn: Callable[..., StageResult], *args: Any) -> StageResult:
+        res = call(stage, fn, *args)
+        note(stage, res)
+        return res
+
+    world = clip = None
+    if config.source.kind == "world":
+        world = step("world", world_stage, root, config.source)
+        clip = step("reference_clip", reference_clip_stage, root, config.source, config.reference_clip)
+    dl = step("download", download_stage, root, config.source, world, config.download)
+    dd = step("dedup", dedup_stage, root, dl, config.dedup)
+    ff = step("filter", filter_stage, root, dl, dd, config.filter, clip)
+    rc = step("recaption", recaption_stage, root, dl, ff, config.recaption, clip)
+    ds = step("shard", shard_stage, root, config.name, config, dl, dd, ff, rc, world, clip)
+    register_name(root, config.name, ds.id)  # a stage served from a cache did not register it
+    return ds
+
+
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
     """Run the whole curate DAG without Prefect; returns the registered dataset."""
     check_preconditions(config, root)
-    note = progress or (lambda stage, res: None)
-    world = clip = None
-    if config.source.kind == "world":
-        world = world_stage(root, config.source)
-        note("world", world)
-        clip = reference_clip_stage(root, config.source, config.reference_clip)
-        note("reference_clip", clip)
-    dl = download_stage(root, config.source, world, config.download)
-    note("download", dl)
-    dd = dedup_stage(root, dl, config.dedup)
-    note("dedup", dd)
-    ff = filter_stage(root, dl, dd, config.filter, clip)
-    note("filter", ff)
-    rc = recaption_stage(root, dl, ff, config.recaption, clip)
-    note("recaption", rc)
-    ds = shard_stage(root, config.name, config, dl, dd, ff, rc, world, clip)
-    note("shard", ds)
+    ds = run_stages(config, root, progress=progress)
     return get_dataset(root, ds.id)

@@ -410,14 +410,21 @@ class Family(nn.Module):
             res.sample = self.decode_latents(res.sample)
         return res
 
-    def decode_latents(self, z: Tensor) -> Tensor:
-        """Scaled latents -> images in [-1, 1] through the (frozen, lazily loaded) autoencoder."""
-        ae = self.__dict__.get("_autoencoder")
-        if ae is None:
-            from models.teacher import checkpoint_family
+    def attach_autoencoder(self, autoencoder: Any) -> None:
+        """Hand in the (frozen) autoencoder whose decoder turns this family's latents into images;
+        it is not a submodule: no optimizer, EMA or checkpoint sees it."""
+        object.__setattr__(self, "_autoencoder", autoencoder)
 
-            ae = checkpoint_family(str(self.cfg.autoencoder), device=self.device)
-            object.__setattr__(self, "_autoencoder", ae)  # not a submodule: no optimizer, EMA or checkpoint
+    def decode_latents(self, z: Tensor, autoencoder: Any = None) -> Tensor:
+        """Scaled latents -> images in [-1, 1] through ``autoencoder``, else the attached one
+        (:meth:`attach_autoencoder`), else the one ``cfg.autoencoder`` names, loaded once through
+        ``models.checkpoint.load_family``."""
+        ae = autoencoder if autoencoder is not None else self.__dict__.get("_autoencoder")
+        if ae is None:
+            from models.checkpoint import load_family
+
+            ae = load_family(str(self.cfg.autoencoder), device=self.device)
+            self.attach_autoencoder(ae)
         with torch.no_grad():
             if hasattr(ae, "decode_tokens"):  # a tokenizer: z holds token ids
                 return ae.decode_tokens(z.to(ae.device).round().long()).clamp(-1, 1).to(z.device)

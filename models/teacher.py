@@ -18,7 +18,6 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 _INFERENCE_ONLY: ContextVar[bool] = ContextVar("imagegen_inference_only", default=False)
@@ -42,36 +41,6 @@ def loading_for_inference() -> bool:
     return _INFERENCE_ONLY.get()
 
 
-def checkpoint_family(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Any:
-    """The family a training checkpoint holds, weights loaded (EMA when present and ``use_ema``),
-    in eval mode.  Distillation families inside it are built for inference only."""
-    from imagegen.train.checkpoint import read_checkpoint
-    from models.registry import build_family
-
-    path = Path(path)
-    tensors, meta = read_checkpoint(path)
-    cfg = meta.get("config", {})
-    if "family" not in cfg or "model" not in cfg:
-        raise TeacherError(f"checkpoint {path} has no family/model config in its state.json")
-    with inference_only():
-        fam = build_family(cfg["family"], cfg["model"])
-    prefix = "ema/" if use_ema and meta.get("has_ema") else "model/"
-    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    full = fam.state_dict()
-    # EMA shadows hold the floating-point entries; anything else comes from the raw weights
-    for k in full:
-        if k not in sd and f"model/{k}" in tensors:
-            sd[k] = tensors[f"model/{k}"]
-    missing = sorted(set(full) - set(sd))
-    if missing:
-        raise TeacherError(f"checkpoint {path} lacks weights {missing[:5]} of family {cfg['family']!r}")
-    fam.load_state_dict(sd, strict=True)
-    fam.to(device).eval().requires_grad_(False)
-    fam.checkpoint_path = str(path)
-    fam.checkpoint_step = int(meta.get("step", 0))
-    return fam
-
-
 class TeacherMixin:
     """For a Family subclass: ``self.teacher`` (frozen, outside the module tree), loaded from
     ``cfg.teacher`` unless building for inference; moved along with the student."""
@@ -87,7 +56,9 @@ class TeacherMixin:
             raise TeacherError(f"{type(self).__name__}: config field teacher (a checkpoint folder) is empty")
         if not Path(ref).is_dir():
             raise TeacherError(f"{type(self).__name__}: teacher checkpoint {ref} does not exist")
-        teacher = checkpoint_family(ref)
+        from models.checkpoint import load_family
+
+        teacher = load_family(ref)
         if teacher.name not in expected:
             raise TeacherError(f"{type(self).__name__} distils a {' or '.join(expected)} teacher; {ref} holds a "
                                f"{teacher.name!r} model")

@@ -54,7 +54,7 @@ def flow_run(prefect_server, root, teacher):
 
 def test_flow_distils_a_student(flow_run, root, teacher):
     from imagegen.train.runs import get_run
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
     _, s = flow_run
     json.dumps(s)  # the flow's result is JSON-able
@@ -65,7 +65,7 @@ def test_flow_distils_a_student(flow_run, root, teacher):
     run = get_run(root, s["student_run"])
     assert run.card["status"] == "finished" and run.card["summary"]["step"] == 3
     assert run.card["config"]["family"] == "consistency" and run.card["config"]["model"]["teacher"] == f"run:{teacher}"
-    student = checkpoint_family(s["student_checkpoint"])
+    student = load_family(s["student_checkpoint"])
     assert student.name == "consistency" and student.default_steps == 1
     x = student.sample(2, x_T=torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0)))
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
@@ -155,8 +155,8 @@ def test_cli_refuses_bad_input(case, root, teacher, capsys):
 
 
 def test_build_request_applies_named_parameters_last():
-    from flows.distill import build_request
     from imagegen.distill import DistillRequest
+    from imagegen.requests import build_distill_request as build_request
 
     req = build_request(overrides=["teacher=other", "method=reflow", "steps=7", "report_nfe=[1,4]"],
                         teacher="123", method="consistency")

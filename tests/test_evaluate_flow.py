@@ -107,9 +107,11 @@ def test_flow_publishes_artifacts(flow_run):
 
 def test_markdown_lists_skipped_metrics(root):
     """An unconditional run: CLIPScore and GenEval are skipped, each with its reason, in the summary."""
-    from flows.evaluate import build_request, evaluate_markdown, metrics_rows
+    from imagegen.evaluate.run import run_evaluation
+    from imagegen.report import eval_metrics_rows as metrics_rows
+    from imagegen.report import evaluate_markdown
+    from imagegen.requests import build_eval_request as build_request
     from imagegen.train.runs import train_run
-    from tasks.evaluate import run_evaluation
 
     from _helpers import TINY_UNET
 
@@ -243,8 +245,8 @@ def test_cli_wants_exactly_one_source(root, capsys):
 
 
 def test_build_request_applies_named_parameters_last():
-    from flows.evaluate import build_request
     from imagegen.evaluate.run import EvalRequest
+    from imagegen.requests import build_eval_request as build_request
 
     req = build_request(run="123", overrides=["steps=8", "run=other", 'metrics=["fid"]'])
     assert req.run == "123" and req.steps == 8 and req.metrics == ("fid",)

@@ -16,7 +16,7 @@ from _helpers import register_world_dataset
 from imagegen.latents import LatentError, encode_dataset
 from imagegen.registry import get_dataset
 from imagegen.train.runs import RunError, get_run, train_run
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -61,7 +61,7 @@ def test_latent_dataset_is_unit_variance_and_reconstructs(world):
     assert card["recon_mse"] < 0.05 and card["recon_mse"] < 0.5 * baseline
     assert encode_dataset(root, "world-tiny", ae) == lid, "encoded once, then reused"
     # decode(stored latent / scale) is the autoencoder's reconstruction of that image
-    fam = checkpoint_family(get_run(root, ae).checkpoint)
+    fam = load_family(get_run(root, ae).checkpoint)
     x = fam.decode(torch.from_numpy(z[:4]) / card["latent_scale"])
     assert x.shape == (4, 3, 16, 16)
 
@@ -74,7 +74,7 @@ def test_a_flow_trains_on_latents_and_samples_decode(world):
                                     "net_overrides": {"patch_size": 2}},
         "steps": 30, "batch_size": 16, "lr": 1e-3, "ckpt_every": 30, "epoch_batches": 4, "shuffle_buffer": 64,
         "sample_count": 3, "sample_steps": 4}}, root)
-    fam = checkpoint_family(res["checkpoint"])
+    fam = load_family(res["checkpoint"])
     assert fam.cfg.data == "latents" and fam.noise_shape == (4, 8, 8)
     x = fam.sample(3, steps=4, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 3, 16, 16) and x.abs().max() <= 1, "latent samples come back as decoded images"

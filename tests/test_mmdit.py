@@ -15,7 +15,7 @@ from _helpers import tiny_random_clip, world_scene_shards
 from imagegen.train.trainer import train
 from models.nets import MMDiTConfig, build_net
 from models.registry import build_family
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -102,7 +102,7 @@ def test_flow_trains_on_caption_token_sequences_with_mmdit(text_setup, tmp_path)
     train(c, shards, tmp_path / "part")
     a = pd.read_parquet(tmp_path / "full" / "metrics.parquet")["loss/model"].tolist()
     assert a == pd.read_parquet(tmp_path / "part" / "metrics.parquet")["loss/model"].tolist()
-    fam = checkpoint_family(sorted(Path(tmp_path / "full" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted(Path(tmp_path / "full" / "checkpoints").iterdir())[-1])
     x = fam.sample(2, conditioning=["a red circle", "a green square"], steps=2, guidance=2.0,
                    generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()

@@ -14,7 +14,7 @@ from _helpers import world_scene_shards
 from imagegen.perceptual import LPIPS, LPIPSError, convert, load_lpips, save_lpips
 from imagegen.train.checkpoint import read_checkpoint
 from imagegen.train.trainer import train
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -124,7 +124,7 @@ def test_kl_autoencoder_trains_with_the_perceptual_term(tmp_path):
     assert not any("lins" in k or "perceptual" in k for k in tensors), "the frozen LPIPS is not checkpointed"
 
     weights.unlink()  # sampling and encoding need no perceptual weights
-    ae = checkpoint_family(ckpt)
+    ae = load_family(ckpt)
     assert ae.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     from models.registry import build_family
 

@@ -16,6 +16,7 @@ import pytest
 from _helpers import one_thread
 
 from imagegen import pipeline as P
+from imagegen import report as R
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -88,7 +89,7 @@ def test_report_holds_the_metrics_table(first):
     fd = next(m for m in res["metrics"]["teacher"] if m.startswith("FD-CLIP-"))
     assert set(res["metrics"]["student"]) == set(res["metrics"]["teacher"])
     for name, value in res["metrics"]["teacher"].items():
-        row = next(line for line in text.splitlines() if line.startswith(f"| {P._md_cell(name)} |"))
+        row = next(line for line in text.splitlines() if line.startswith(f"| {R._md_cell(name)} |"))
         assert f"{value:.4g}" in row and f"{res['metrics']['student'][name]:.4g}" in row
     assert fd.startswith("FD-CLIP-") and "| NFE | 20 | 1 |" in text  # teacher_steps=20 (euler) vs 1-step reflow
     assert "| guidance | 2 | 1 |" in text  # the teacher at the guidance its pairs were drawn with

@@ -18,7 +18,7 @@ from imagegen.train.runs import TrainRequest, prepare
 from imagegen.train.trainer import train
 from models.registry import build_family, get_family
 from models.repa import RepaError, VisionFeatures, get_vision_encoder
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -96,7 +96,7 @@ def test_flow_with_repa_trains_resumes_exactly_and_samples_without_the_encoder(c
     moved = clip_dir.with_name("gone")
     clip_dir.rename(moved)  # sampling needs no encoder
     try:
-        fam = checkpoint_family(ckpt)
+        fam = load_family(ckpt)
         assert fam.sample(2, steps=2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     finally:
         moved.rename(clip_dir)

@@ -20,7 +20,7 @@ from imagegen.train.trainer import train
 from models.msvq import down
 from models.nets.tokens import filter_logits
 from models.registry import build_family, get_family
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 from models.var import VARError, block_causal_mask
 from imagegen.world.scene import SHAPES
 
@@ -73,7 +73,7 @@ def perturbed(fam: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def test_ar_trains_on_the_maskgit_token_dataset_and_kv_cache_sampling_equals_uncached(root, tmp_path):
     req = request(root["vq_tokens"], "ar", {"conditioning": "class", "hidden": 32, "depth": 2, "heads": 2})
     ckpt = resume_is_exact(req, root["root"], tmp_path)
-    fam = perturbed(checkpoint_family(ckpt))
+    fam = perturbed(load_family(ckpt))
     assert fam.cfg.vocab_size == 32 and fam.default_steps == 16
     for opts in ({}, {"top_k": 5, "temperature": 0.8}, {"top_p": 0.7}):
         g = [torch.Generator().manual_seed(4) for _ in range(2)]
@@ -112,7 +112,7 @@ def test_top_k_and_top_p_filters():
 
 
 def test_msvq_scales_reconstruct_the_residual_sum(root):
-    tok = checkpoint_family(root["msvq"]["checkpoint"])
+    tok = load_family(root["msvq"]["checkpoint"])
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     z = tok.encode_latent(x)
     f_hat, flat = tok.quantize(z)
@@ -135,7 +135,7 @@ def test_msvq_scales_reconstruct_the_residual_sum(root):
 def test_msvq_trains_through_the_trainer_and_resumes_exactly(root, tmp_path):
     req = TrainRequest(dataset="world-tiny", train=dict(family="msvq", model={**TOK, "scales": [1, 2, 4]}, steps=5,
                                                        ckpt_every=2, **COMMON))
-    tok = checkpoint_family(resume_is_exact(req, root["root"], tmp_path))
+    tok = load_family(resume_is_exact(req, root["root"], tmp_path))
     assert tok.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     assert tok.noise_shape == (3, 4, 4)
 
@@ -158,7 +158,7 @@ def test_var_mask_is_block_causal(root):
 def test_var_trains_resumes_exactly_and_kv_cache_sampling_equals_uncached(root, tmp_path):
     req = request(root["ms_tokens"], "var", {"conditioning": "class", "hidden": 32, "depth": 2, "heads": 2})
     ckpt = resume_is_exact(req, root["root"], tmp_path)
-    fam = perturbed(checkpoint_family(ckpt))
+    fam = perturbed(load_family(ckpt))
     assert fam.default_steps == 3 and fam.cfg.channels == 3
     from imagegen.train.checkpoint import read_checkpoint
 

@@ -228,7 +228,7 @@ def test_cli_refusal_in_a_subprocess(data_root, cli_env):
 
 
 def test_build_request_applies_named_parameters_last():
-    from flows.train import build_request
+    from imagegen.requests import build_train_request as build_request
 
     req = build_request("smoke", overrides=["train.steps=50", "train.warmup_steps=0", "dataset=other"], dataset="123", steps=7,
                         nproc=2, family="ddpm")

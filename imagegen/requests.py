@@ -1,0 +1,111 @@
+"""Validated requests from presets, ``key=value`` overrides and named parameters: one place for
+the merging rules the command line, the flows and the pipeline share.
+
+Each builder takes a full ``request`` (else a preset, else the defaults), merges the overrides
+over it, then the named parameters (taken as they are: a dataset called ``123`` stays a string),
+and validates the result, so a bad value is refused before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imagegen.presets import base_data, deep_merge, parse_overrides
+
+
+def build_train_request(preset: str | None = "smoke", request: Any = None, overrides: list[str] | None = None,
+                        dataset: str | None = None, family: str | None = None, steps: int | None = None,
+                        nproc: int | None = None) -> Any:
+    """The validated :class:`~imagegen.train.runs.TrainRequest`: ``request`` (else ``preset``), then
+    ``overrides`` (``a.b=value``), then the named parameters.
+
+    Overrides merge into the base, so base settings that only fit what an override replaces are
+    dropped first: switching ``train.family`` keeps only the model fields the new
+    family knows, and switching ``train.model.net`` drops the base's ``net_overrides`` (the smoke
+    preset's U-Net levels mean nothing to a DiT); overrides given alongside still apply.
+    """
+    from imagegen.train.runs import TRAIN_PRESETS, TrainRequest
+
+    changes = parse_overrides(overrides)
+    named_train = {k: v for k, v in {"family": family, "steps": steps}.items() if v is not None}
+    named = {k: v for k, v in {"dataset": dataset, "nproc": nproc, "train": named_train}.items() if v not in (None, {})}
+    changes = deep_merge(changes, named)
+    base = base_data(TrainRequest, TRAIN_PRESETS, preset, request)
+    if request is not None and not changes:
+        return request
+    return TrainRequest.model_validate(deep_merge(_without_switched(base, changes), changes))
+
+
+def _without_switched(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    train, new = base.get("train"), changes.get("train")
+    if not isinstance(train, dict) or not isinstance(new, dict):
+        return base
+    train = dict(train)
+    model = dict(train.get("model") or {})
+    family = new.get("family")
+    if isinstance(family, str) and family != train.get("family"):
+        from models.registry import get_family
+
+        try:
+            known = get_family(family).Config.model_fields
+        except ValueError:
+            pass  # an unknown family: validation names it
+        else:
+            model = {k: v for k, v in model.items() if k in known}
+    net = (new.get("model") or {}).get("net") if isinstance(new.get("model"), dict) else None
+    if isinstance(net, str) and "net" in model and net != model["net"]:
+        model.pop("net_overrides", None)
+    train["model"] = model
+    return {**base, "train": train}
+
+
+def build_distill_request(request: Any = None, teacher: str | None = None, method: str | None = None,
+                          overrides: list[str] | None = None) -> Any:
+    """The validated :class:`~imagegen.distill.DistillRequest`: ``request`` (else nothing), then
+    ``overrides`` (``key=value``, the value JSON when it parses), then the named ``teacher`` and
+    ``method``, taken as they are."""
+    from imagegen.distill import DistillRequest
+
+    changes = parse_overrides(overrides)
+    changes.update({k: v for k, v in {"teacher": teacher, "method": method}.items() if v is not None})
+    base = base_data(DistillRequest, {}, None, request)
+    if request is not None and not changes:
+        return request
+    return DistillRequest.model_validate(deep_merge(base, changes))
+
+
+def check_distill_request(request: Any, root: Path | str) -> None:
+    """The checks that need no work: the teacher run exists (LookupError), is finished and fits the
+    method (RunError).  ``distill`` repeats them; doing them first keeps a bad teacher from
+    starting a task (or, from the command line, a flow run)."""
+    from imagegen.distill import teacher_run
+
+    teacher_run(Path(root), request.teacher, request.method)
+
+
+def build_eval_request(request: Any = None, run: str | None = None, folder: str | None = None,
+                       overrides: list[str] | None = None) -> Any:
+    """The validated :class:`~imagegen.evaluate.run.EvalRequest`: ``request`` (else nothing), then
+    ``overrides`` (``key=value``, the value JSON when it parses: ``metrics=["fid","kid"]``,
+    ``steps=8``), then the named ``run`` / ``folder``, taken as they are (a run id ``123`` stays a
+    string)."""
+    from imagegen.evaluate.run import EvalRequest
+
+    changes = parse_overrides(overrides)
+    changes.update({k: v for k, v in {"run": run, "folder": folder}.items() if v is not None})
+    base = base_data(EvalRequest, {}, None, request)
+    if request is not None and not changes:
+        return request
+    return EvalRequest.model_validate(deep_merge(base, changes))
+
+
+def check_eval_request(request: Any, root: Path | str) -> None:
+    """The checks that need no work (``evaluate`` repeats them): the run is in the registry
+    (LookupError) and has a checkpoint, the folder holds readable images of one size, the reference
+    dataset exists, the sampler fits the family, guidance has a condition, the Inception weights
+    are there for FID, a GenEval prompt file parses (its line number in the error).  Doing them first
+    keeps bad input from starting a task (or, from the command line, a flow run)."""
+    from imagegen.evaluate.run import check_request
+
+    check_request(request, Path(root))
