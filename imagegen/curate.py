@@ -341,6 +341,7 @@ def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFra
 
 def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFrame) -> dict[str, Any]:
     """Where each planted fault ended up, and caption accuracy before/after recaptioning."""
+    from imagegen.world.captions import caption_accuracy
     from imagegen.world.publish import read_truth
 
     truth = read_truth(world_dir)
@@ -354,7 +355,7 @@ def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFra
         rels = [json.loads(r) if isinstance(r, str) else None for r in kept["relation"]]
         truth_caps = kept["true_caption"].tolist()
         for label, col in (("alt_text", "original_caption"), ("final", "caption")):
-            report[f"caption_accuracy_{label}"] = recaption_mod.caption_accuracy(
+            report[f"caption_accuracy_{label}"] = caption_accuracy(
                 kept[col].tolist(), objs, truth_relations=rels, truth_captions=truth_caps)
     return report
 

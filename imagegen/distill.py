@@ -35,11 +35,8 @@ from imagegen.paths import datasets_dir
 from imagegen.registry import get_dataset, register_name
 from imagegen.train.runs import RunError, TrainRequest, get_run, train_run
 from imagegen.train.trainer import TrainConfig, sample_conditioning, save_grid
+from models.teacher import METHODS, TEACHERS, Method, lacks_v_prediction  # noqa: F401 (re-exported)
 
-Method = Literal["progressive", "reflow", "consistency"]
-# teacher families each method accepts
-TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
-                                        "consistency": ("edm",)}
 
 
 class DistillRequest(BaseModel):
@@ -119,7 +116,7 @@ def teacher_run(root: Path, run_id: str, method: str) -> tuple[Any, TrainConfig]
                "reflow": "a flow-matching run (an ODE sampler on the linear path)",
                "consistency": "an EDM run (sigma parameterisation with Heun ODE steps)"}[method]
         raise RunError(f"{method} distillation needs {why}; teacher run {ref.id} is family {fam!r}")
-    if method == "progressive" and fam == "ddpm" and cfg.model.get("prediction") != "v":
+    if lacks_v_prediction(method, fam, cfg.model):
         raise RunError(f"progressive distillation needs a v-prediction teacher; run {ref.id} predicts "
                        f"{cfg.model.get('prediction')!r} (train the teacher with model.prediction=v)")
     return ref, cfg

@@ -97,7 +97,10 @@ def select_runs(root: Path | str, families: list[str] | None = None, status: str
 
 
 def lower_is_better(metric: str) -> bool:
-    return not metric.startswith(("CLIPScore", "GenEval"))
+    """The direction of a result column, from the metric table (imagegen/evaluate/metrics.py)."""
+    from imagegen.evaluate.metrics import higher_is_better
+
+    return not higher_is_better(metric)
 
 
 def main_metric(columns: list[str]) -> str | None:

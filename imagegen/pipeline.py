@@ -24,16 +24,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.artifacts import read_card
+from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.presets import base_data, deep_merge, parse_overrides
 from imagegen.report import progress_line, report_dir, report_id, write_report
-
-Metric = Literal["fid", "kid", "clipscore", "geneval"]
-Method = Literal["progressive", "reflow", "consistency"]
-# teacher families each distillation method accepts (imagegen.distill.TEACHERS; repeated here so the
-# request can be checked without importing torch)
-_TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
-                                         "consistency": ("edm",)}
-
+from models.teacher import METHODS, TEACHERS, Method, lacks_v_prediction, methods_for
 
 # ------------------------------------------------------------------------------------------ request
 
@@ -130,7 +124,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"preset": "smoke", "steps": 200},
         "distill": {"method": "reflow", "steps": 150,
                     "overrides": {"pairs": 256, "pair_steps": 8, "pair_sampler": "heun", "report_count": 8}},
-        "evaluate": {"n_samples": 200, "teacher_steps": 20, "metrics": ["fid", "kid", "clipscore", "geneval"],
+        "evaluate": {"n_samples": 200, "teacher_steps": 20, "metrics": list(ALL_METRICS),
                      "overrides": {"kid_subsets": 50}},
     },
     # tens of minutes on CPU: the demo dataset, a text-conditioned flow U-Net, reflow, GenEval included
@@ -139,7 +133,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"preset": "demo"},
         "distill": {"method": "reflow", "steps": 1000,
                     "overrides": {"pairs": 2000, "pair_steps": 25, "pair_sampler": "heun"}},
-        "evaluate": {"n_samples": 1000, "metrics": ["fid", "kid", "clipscore", "geneval"],
+        "evaluate": {"n_samples": 1000, "metrics": list(ALL_METRICS),
                      "overrides": {"geneval_per_prompt": 1}},
     },
     # one or more GPUs: the gpu training preset (DiT-B/2, bf16) on the demo dataset, a reflow student,
@@ -149,7 +143,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"preset": "gpu"},
         "distill": {"method": "reflow", "steps": 20_000,
                     "overrides": {"pairs": 50_000, "pair_steps": 50, "pair_sampler": "heun"}},
-        "evaluate": {"n_samples": 10_000, "metrics": ["fid", "kid", "clipscore", "geneval"],
+        "evaluate": {"n_samples": 10_000, "metrics": list(ALL_METRICS),
                      "overrides": {"geneval_per_prompt": 4, "batch_size": 256}},
     },
 }
@@ -251,12 +245,12 @@ def check_method_fits(request: PipelineRequest, train_cfg: Any) -> None:
     if method is None:
         return
     family = train_cfg.family
-    if family not in _TEACHERS[method]:
-        fits = [m for m, fams in _TEACHERS.items() if family in fams]
-        raise ValueError(f"distill.method={method} needs a {' or '.join(_TEACHERS[method])} teacher; the train "
+    if family not in TEACHERS[method]:
+        fits = methods_for(family, METHODS)
+        raise ValueError(f"distill.method={method} needs a {' or '.join(TEACHERS[method])} teacher; the train "
                          f"stage trains family {family!r} (set distill.method="
                          f"{fits[0] if fits else 'null'}{' or null to skip distillation' if fits else ''})")
-    if method == "progressive" and train_cfg.model.get("prediction") != "v":
+    if lacks_v_prediction(method, family, train_cfg.model):
         raise ValueError("distill.method=progressive needs a v-prediction DDPM teacher; set "
                          "train.model.prediction=v (or distill.method=null)")
 

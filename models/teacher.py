@@ -15,10 +15,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-from torch import nn
+if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers without it
+    from torch import nn
+
+# THE teacher table: the teacher families each distillation family accepts (a distillation method
+# of imagegen.distill is the family of the same name).
+TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
+                                        "consistency": ("edm",), "dmd": ("flow", "reflow")}
+# the methods ``imagegen distill`` runs (DMD is trained as a family of its own)
+Method = Literal["progressive", "reflow", "consistency"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+
+def lacks_v_prediction(method: str, family: str, model: Mapping[str, Any]) -> bool:
+    """Progressive distillation halves the DDIM steps of a v-prediction DDPM: True for a ``ddpm``
+    teacher (model config ``model``) that predicts anything else."""
+    return method == "progressive" and family == "ddpm" and model.get("prediction") != "v"
+
+
+def methods_for(family: str, methods: tuple[str, ...] | None = None) -> list[str]:
+    """The distillation families (restricted to ``methods`` when given) that accept a ``family``
+    teacher, in table order."""
+    return [m for m, fams in TEACHERS.items() if family in fams and (methods is None or m in methods)]
+
 
 _INFERENCE_ONLY: ContextVar[bool] = ContextVar("imagegen_inference_only", default=False)
 
@@ -45,9 +68,11 @@ class TeacherMixin:
     """For a Family subclass: ``self.teacher`` (frozen, outside the module tree), loaded from
     ``cfg.teacher`` unless building for inference; moved along with the student."""
 
-    def init_teacher(self, expected: tuple[str, ...], check: Any = None) -> Any:
-        """Load the teacher (a family whose name is in ``expected``), run ``check(teacher)``,
-        copy its network weights into the student's ``net``.  Returns it (None for inference)."""
+    def init_teacher(self, expected: tuple[str, ...] | None = None, check: Any = None) -> Any:
+        """Load the teacher (a family whose name is in ``expected``, by default the teacher table's
+        row of this family), run ``check(teacher)``, copy its network weights into the student's
+        ``net``.  Returns it (None for inference)."""
+        expected = TEACHERS[self.name] if expected is None else expected  # type: ignore[attr-defined]
         object.__setattr__(self, "_teacher", None)
         if loading_for_inference():
             return None

@@ -31,6 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -40,11 +41,12 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.artifacts import read_card, write_json_atomic
+from imagegen.evaluate import metrics as M
+from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.hashing import code_version, stable_hash
 from imagegen.paths import models_dir
 from imagegen.registry import DatasetRef, get_dataset
 
-Metric = Literal["fid", "kid", "clipscore", "geneval"]
 EVALS = "evals"
 
 
@@ -57,7 +59,7 @@ class EvalRequest(BaseModel):
 
     run: str | None = Field(None, description="Training or distillation run id (or unique prefix) to evaluate")
     folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
-    metrics: tuple[Metric, ...] = Field(("fid", "kid", "clipscore", "geneval"), min_length=1,
+    metrics: tuple[Metric, ...] = Field(ALL_METRICS, min_length=1,
                                         description="Metrics to compute")
     sampler: str | None = Field(None, description="Sampler (None = the family's default)")
     steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
@@ -417,7 +419,9 @@ def _detector(req: EvalRequest) -> tuple[Any, Any]:
     from imagegen.evaluate import geneval as G
 
     if req.detector == "world":
-        return G.WorldDetector(), G.detector_color
+        from imagegen.world.geneval import WorldDetector
+
+        return WorldDetector(), G.detector_color
     if req.detector.startswith("torchvision:"):
         return G.TorchvisionDetector(req.detector.split(":", 1)[1]), None
     raise EvalError(f"unknown detector {req.detector!r}; use 'world' or 'torchvision:/path/to/weights'")
@@ -428,7 +432,9 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     from imagegen.world.scene import WorldConfig
 
     if req.geneval_prompts == "world":
-        prompts = G.world_prompts(WorldConfig())
+        from imagegen.world.geneval import world_prompts
+
+        prompts = world_prompts(WorldConfig())
     else:
         prompts = G.read_prompts(req.geneval_prompts)
     if req.geneval_max_prompts is not None:
@@ -466,6 +472,44 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     return out_rows
 
 
+# ------------------------------------------------------------------------------------------ the table's compute functions
+
+
+@dataclass
+class MetricContext:
+    """What a metric's compute function gets besides the source and the request."""
+
+    out: Path                        # the evaluation folder
+    device: str
+    base: dict[str, Any]             # provenance columns shared by every row
+    files: list[Path]                # the generated set (or the folder's images); empty when not needed
+    captions: list[str | None]
+
+
+Computed = tuple[list[dict[str, Any]], dict[str, str]]  # (metric rows, skipped metric -> reason)
+
+
+def fid_kid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
+    return fid_kid(src, req, ctx.files, ctx.device, ctx.base), {}
+
+
+def clipscore_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
+    if any(c is None for c in ctx.captions):
+        return [], {"clipscore": ("the model is unconditional (no captions)" if src.run is not None else
+                                  "the folder has no captions.jsonl with a caption for every image")}
+    return clipscore(src, req, ctx.files, [str(c) for c in ctx.captions], ctx.device, ctx.base), {}
+
+
+def geneval_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
+    is_layout = src.run is None and (Path(str(req.folder)) / "00000" / "metadata.jsonl").is_file()
+    if src.run is not None and src.train_cfg.model.get("conditioning") != "text":
+        return [], {"geneval": (f"GenEval prompts are text; run {src.run.id} is "
+                                f"{src.train_cfg.model.get('conditioning')}-conditioned")}
+    if src.run is None and not is_layout:
+        return [], {"geneval": "the folder is not a GenEval layout (NNNNN/metadata.jsonl + NNNNN/samples/)"}
+    return geneval(src, req, ctx.out, ctx.device, ctx.base), {}
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 
 
@@ -478,12 +522,9 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
     src = Source(req, root)
     _check_before_work(req, src)
     device = _device(req)
-    import imagegen.evaluate.fid as fid_mod
-    import imagegen.evaluate.geneval as geneval_mod
-
     ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
                                                                                       "batch_size"}),
-             "code": code_version(fid_mod, geneval_mod, _self())}
+             "code": code_version(*M.modules(req.metrics), M, _self())}
     eval_id = stable_hash(ident)
     out = evals_dir(root) / eval_id
     if (out / "card.json").is_file():
@@ -500,7 +541,7 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
             "guidance": req.guidance, "seed": req.seed, "versions": json.dumps(_versions())}
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
-    need_set = bool({"fid", "kid", "clipscore"} & set(req.metrics))
+    need_set = M.needs_generated_set(req.metrics)
     files: list[Path] = []
     captions: list[str | None] = []
     if need_set:
@@ -518,23 +559,11 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
                 by_file = {json.loads(x)["file"]: json.loads(x)["caption"] for x in cap_file.read_text().splitlines()
                            if x.strip()}
             captions = [by_file.get(f.name) for f in files]
-    if {"fid", "kid"} & set(req.metrics):
-        rows += fid_kid(src, req, files, device, base)
-    if "clipscore" in req.metrics:
-        if any(c is None for c in captions):
-            skipped["clipscore"] = ("the model is unconditional (no captions)" if src.run is not None else
-                                    "the folder has no captions.jsonl with a caption for every image")
-        else:
-            rows += clipscore(src, req, files, [str(c) for c in captions], device, base)
-    if "geneval" in req.metrics:
-        is_layout = src.run is None and (Path(str(req.folder)) / "00000" / "metadata.jsonl").is_file()
-        if src.run is not None and src.train_cfg.model.get("conditioning") != "text":
-            skipped["geneval"] = (f"GenEval prompts are text; run {src.run.id} is "
-                                  f"{src.train_cfg.model.get('conditioning')}-conditioned")
-        elif src.run is None and not is_layout:
-            skipped["geneval"] = "the folder is not a GenEval layout (NNNNN/metadata.jsonl + NNNNN/samples/)"
-        else:
-            rows += geneval(src, req, out, device, base)
+    ctx = MetricContext(out, device, base, files, captions)
+    for compute in M.compute_functions(req.metrics):
+        got, why = compute(src, req, ctx)
+        rows += got
+        skipped.update(why)
     df = pd.DataFrame(rows)
     if not df.empty:
         df.to_parquet(out / "metrics.parquet", index=False)
