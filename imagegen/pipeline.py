@@ -149,6 +149,23 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def stage_presets(stage: str, knobs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each pipeline preset's ``stage`` section as a partial request of that stage's own command
+    (its ``overrides`` plus the ``knobs`` it sets): the presets of ``imagegen distill`` and
+    ``imagegen evaluate``, so a stage run alone and inside the pipeline share their settings."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, preset in PIPELINE_PRESETS.items():
+        section = preset.get(stage, {})
+        out[name] = {**copy.deepcopy(section.get("overrides", {})),
+                     **{k: copy.deepcopy(section[k]) for k in knobs if section.get(k) is not None}}
+    return out
+
+
+# distillation and evaluation settings per preset (teacher, method and run come from the command)
+DISTILL_PRESETS = stage_presets("distill", ("steps",))
+EVAL_PRESETS = stage_presets("evaluate", ("n_samples", "metrics"))
+
+
 def build_request(preset: str | None = "smoke", request: PipelineRequest | None = None,
                   overrides: list[str] | None = None) -> PipelineRequest:
     """The validated request: ``request`` (else ``preset``), then ``overrides`` such as

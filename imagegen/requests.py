@@ -61,18 +61,36 @@ def _without_switched(base: dict[str, Any], changes: dict[str, Any]) -> dict[str
 
 
 def build_distill_request(request: Any = None, teacher: str | None = None, method: str | None = None,
-                          overrides: list[str] | None = None) -> Any:
-    """The validated :class:`~imagegen.distill.DistillRequest`: ``request`` (else nothing), then
-    ``overrides`` (``key=value``, the value JSON when it parses), then the named ``teacher`` and
-    ``method``, taken as they are."""
+                          overrides: list[str] | None = None, preset: str | None = None) -> Any:
+    """The validated :class:`~imagegen.distill.DistillRequest`: ``request`` (else ``preset``, the
+    distillation settings of that pipeline preset, else nothing), then ``overrides``
+    (``key=value``, the value JSON when it parses), then the named ``teacher`` and ``method``,
+    taken as they are."""
     from imagegen.distill import DistillRequest
+    from imagegen.pipeline import DISTILL_PRESETS
 
     changes = parse_overrides(overrides)
     changes.update({k: v for k, v in {"teacher": teacher, "method": method}.items() if v is not None})
-    base = base_data(DistillRequest, {}, None, request)
+    base = base_data(DistillRequest, DISTILL_PRESETS, preset, request)
     if request is not None and not changes:
         return request
     return DistillRequest.model_validate(deep_merge(base, changes))
+
+
+def natural_method(root: Path | str, teacher: str) -> str:
+    """The distillation method for a teacher run when none is named: the first of the teacher
+    table's methods that accepts the run's family (flow -> reflow, ddpm -> progressive, edm ->
+    consistency); LookupError for an unknown run, ValueError for a family no method distils."""
+    from imagegen.train.runs import get_run
+    from models.teacher import METHODS, methods_for
+
+    ref = get_run(Path(root), teacher)
+    family = str((ref.card.get("config") or {}).get("family"))
+    fits = methods_for(family, METHODS)
+    if not fits:
+        raise ValueError(f"teacher run {ref.id} is family {family!r}, which no distillation method distils "
+                         f"(methods: {list(METHODS)}); name one with --method")
+    return fits[0]
 
 
 def check_distill_request(request: Any, root: Path | str) -> None:
@@ -85,16 +103,17 @@ def check_distill_request(request: Any, root: Path | str) -> None:
 
 
 def build_eval_request(request: Any = None, run: str | None = None, folder: str | None = None,
-                       overrides: list[str] | None = None) -> Any:
-    """The validated :class:`~imagegen.evaluate.run.EvalRequest`: ``request`` (else nothing), then
-    ``overrides`` (``key=value``, the value JSON when it parses: ``metrics=["fid","kid"]``,
-    ``steps=8``), then the named ``run`` / ``folder``, taken as they are (a run id ``123`` stays a
-    string)."""
+                       overrides: list[str] | None = None, preset: str | None = None) -> Any:
+    """The validated :class:`~imagegen.evaluate.run.EvalRequest`: ``request`` (else ``preset``, the
+    evaluation settings of that pipeline preset, else nothing), then ``overrides`` (``key=value``,
+    the value JSON when it parses: ``metrics=["fid","kid"]``, ``steps=8``), then the named ``run`` /
+    ``folder``, taken as they are (a run id ``123`` stays a string)."""
     from imagegen.evaluate.run import EvalRequest
+    from imagegen.pipeline import EVAL_PRESETS
 
     changes = parse_overrides(overrides)
     changes.update({k: v for k, v in {"run": run, "folder": folder}.items() if v is not None})
-    base = base_data(EvalRequest, {}, None, request)
+    base = base_data(EvalRequest, EVAL_PRESETS, preset, request)
     if request is not None and not changes:
         return request
     return EvalRequest.model_validate(deep_merge(base, changes))
