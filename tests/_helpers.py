@@ -111,15 +111,14 @@ def eval_world_root(root, n: int = 48, per_shard: int = 16) -> str:
 
 def tiny_text_run(root, family: str = "flow", steps: int = 4, seed: int = 0) -> str:
     """A finished text-conditioned run (tiny U-Net, 16 px, the world CLIP as text encoder) of ``steps``
-    steps on ``world-tiny`` (see eval_world_root), trained on one torch thread; returns its id."""
-
+    steps on ``world-tiny`` (see eval_world_root); returns its id."""
     from imagegen.train.runs import train_run
 
     req = {"dataset": "world-tiny", "train": {
         "family": family, "model": {**TINY_UNET, "conditioning": "text", "text_encoder": "world"}, "steps": steps,
         "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "ema_decay": 0.9, "ckpt_every": steps,
         "epoch_batches": 2, "shuffle_buffer": 16, "sample_count": 2, "sample_steps": 2, "seed": seed}}
-    return one_thread(lambda: train_run(req, root)["run_id"])
+    return train_run(req, root)["run_id"]
 
 
 def world_scene_shards(out, n: int = 96, per_shard: int = 24, image_format: str = "PNG") -> list:
@@ -139,18 +138,6 @@ def world_scene_shards(out, n: int = 96, per_shard: int = 24, image_format: str 
         samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": ext, "caption": scene.caption})
     write_shards(samples, Path(out), ShardConfig(target_shard_size=per_shard))
     return sorted(Path(out).glob("*.tar"))
-
-
-def one_thread(fn):
-    """Run ``fn`` on one torch thread (module fixtures run before the function-scoped fixture)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
 
 
 def flow_artifacts(flow_run_id=None, key: str | None = None) -> list:

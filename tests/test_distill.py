@@ -16,7 +16,7 @@ from models.reflow import straightness
 from models.samplers import flow_euler, flow_timesteps
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 352 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -30,7 +30,6 @@ def root(tmp_path_factory) -> Path:
 
 
 def teacher(root: Path, family: str, steps: int = 300, **model: Any) -> str:
-    torch.set_num_threads(1)
     req = {"dataset": "world-tiny", "train": {
         "family": family, "model": {**NET, **model}, "steps": steps, "batch_size": 16, "lr": 2e-3,
         "warmup_steps": min(20, steps), "schedule": "cosine", "ema_decay": 0.95, "ckpt_every": steps, "log_every": 10,

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import register_world_dataset, one_thread, flow_artifacts, artifact_data
+from _helpers import register_world_dataset, flow_artifacts, artifact_data
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -39,15 +38,15 @@ def teacher(root) -> str:
         "family": "edm", "model": NET, "steps": 4, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0,
         "ckpt_every": 4, "log_every": 1, "epoch_batches": 2, "shuffle_buffer": 16, "sample_count": 2,
         "sample_steps": 2, "seed": 2}}
-    return one_thread(lambda: train_run(req, root))["run_id"]
+    return train_run(req, root)["run_id"]
 
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_server, root, teacher):
     from flows.distill import distill_flow
 
-    state = one_thread(lambda: distill_flow(teacher=teacher, method="consistency", overrides=TINY_CD,
-                                            data_root=str(root), return_state=True))
+    state = distill_flow(teacher=teacher, method="consistency", overrides=TINY_CD,
+                                            data_root=str(root), return_state=True)
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
 

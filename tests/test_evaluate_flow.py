@@ -19,9 +19,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from _helpers import eval_world_root, tiny_text_run, one_thread, flow_artifacts, artifact_data
+from _helpers import eval_world_root, tiny_text_run, flow_artifacts, artifact_data
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 32 images at 4 Euler steps, KID on 10 subsets of 16, GenEval on the first 6 world prompts x 1 image
 SMALL = ["n_samples=32", "steps=4", "kid_subsets=10", "kid_subset_size=16", "geneval_max_prompts=6",
@@ -50,8 +49,8 @@ def flow_run(prefect_server, root, run_id):
     from flows.evaluate import evaluate_flow
 
     # a unique id prefix names the run
-    state = one_thread(lambda: evaluate_flow(run=run_id[:8], overrides=SMALL, data_root=str(root),
-                                              return_state=True))
+    state = evaluate_flow(run=run_id[:8], overrides=SMALL, data_root=str(root),
+                                              return_state=True)
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
 

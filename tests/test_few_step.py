@@ -24,7 +24,7 @@ from models.registry import build_family, get_family
 from models.checkpoint import load_family
 from models.teacher import TeacherError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 24 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 COMMON = dict(batch_size=8, lr=1e-3, warmup_steps=1, epoch_batches=4, shuffle_buffer=16, sample_count=2, seed=3)
 
@@ -75,7 +75,6 @@ def test_ict_trains_through_the_trainer_resumes_exactly_and_samples(tmp_path):
 
 @pytest.fixture(scope="module")
 def dmd_setup(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dmd-root")
     register_world_dataset(root, n=32, per_shard=16)
     teacher = train_run({"dataset": "world-tiny", "train": dict(

@@ -16,7 +16,6 @@ from imagegen.train.trainer import train
 from imagegen.world.scene import SHAPES
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = {"image_size": 16, "latent_dim": 32, "width": 16, "levels": 2}
 
@@ -33,6 +32,7 @@ def cfg(**kw):
     return base
 
 
+@pytest.mark.slow
 def test_nonsaturating_gan_trains_and_samples(shards, tmp_path):
     train(cfg(model={**MODEL, "r1_gamma": 1.0, "r1_every": 2}), shards, tmp_path / "ns")
     m = pd.read_parquet(tmp_path / "ns" / "metrics.parquet")

@@ -245,6 +245,7 @@ def test_torchvision_detector_missing_weights(tmp_path):
     assert str(tmp_path / "maskrcnn.pth") in msg and "maskrcnn_resnet50_fpn_coco" in msg and "copy" in msg
 
 
+@pytest.mark.slow
 def test_torchvision_detector_code_path_with_random_weights(tmp_path, one_torch_thread):
     import torchvision.models.detection as tvd
     from safetensors.torch import save_file
@@ -267,6 +268,7 @@ def test_torchvision_detector_code_path_with_random_weights(tmp_path, one_torch_
 # ------------------------------------------------------------------ the world, end to end
 
 
+@pytest.mark.slow
 def test_world_images_score_high_and_shuffled_prompts_low(tmp_path):
     import pandas as pd
 

@@ -18,7 +18,7 @@ from imagegen.registry import get_dataset
 from imagegen.train.runs import RunError, get_run, train_run
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 15 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 AE = {"image_size": 16, "latent_channels": 4, "levels": 1, "width": 16}
 
@@ -27,7 +27,6 @@ AE = {"image_size": 16, "latent_channels": 4, "levels": 1, "width": 16}
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent-root")
     register_world_dataset(root, n=64, per_shard=16)
-    torch.set_num_threads(1)
     ae = train_run({"dataset": "world-tiny", "train": {
         "family": "kl_autoencoder", "model": AE, "steps": 200, "batch_size": 16, "lr": 2e-3, "warmup_steps": 10,
         "ckpt_every": 200, "epoch_batches": 4, "shuffle_buffer": 64, "sample_count": 2}}, root)["run_id"]

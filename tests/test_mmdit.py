@@ -17,7 +17,6 @@ from models.nets import MMDiTConfig, build_net
 from models.registry import build_family
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TXT, L = 16, 6
 
@@ -87,6 +86,7 @@ def text_setup(tmp_path_factory):
     return world_scene_shards(d / "shards", n=32, per_shard=16), tiny_random_clip(d / "clip")
 
 
+@pytest.mark.slow
 def test_flow_trains_on_caption_token_sequences_with_mmdit(text_setup, tmp_path):
     shards, clip = text_setup
     model = {"net": "mmdit", "net_size": "tiny", "image_size": 16, "conditioning": "text", "text_encoder": clip,

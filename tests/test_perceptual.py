@@ -16,7 +16,6 @@ from imagegen.train.checkpoint import read_checkpoint
 from imagegen.train.trainer import train
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_lpips(seed: int = 0) -> LPIPS:
@@ -108,6 +107,7 @@ def test_files_round_trip_and_bad_files_are_refused(tmp_path):
         convert("tiny", tmp_path / "nolin.pth", tmp_path / "tiny.pth", tmp_path / "x.safetensors")
 
 
+@pytest.mark.slow
 def test_kl_autoencoder_trains_with_the_perceptual_term(tmp_path):
     shards = world_scene_shards(tmp_path / "shards")
     weights = save_lpips(tiny_lpips(), tmp_path / "lpips-tiny.safetensors")

@@ -20,7 +20,6 @@ from models.registry import build_family, get_family
 from models.repa import RepaError, VisionFeatures, get_vision_encoder
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +77,7 @@ def test_the_frozen_encoder_is_outside_the_module_tree(clip):
     assert -1.0 <= out.logs["repa_cos"] <= 1.0
 
 
+@pytest.mark.slow
 def test_flow_with_repa_trains_resumes_exactly_and_samples_without_the_encoder(clip, tmp_path):
     shards = world_scene_shards(tmp_path / "shards", n=32, per_shard=16)
     c = dict(family="flow", model=model(clip), steps=4, batch_size=8, lr=2e-3, warmup_steps=1, ckpt_every=2,

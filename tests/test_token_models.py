@@ -24,7 +24,6 @@ from models.checkpoint import load_family
 from models.var import VARError, block_causal_mask
 from imagegen.world.scene import SHAPES
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOK = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 32, "code_dim": 4}
 COMMON = dict(batch_size=8, lr=2e-3, warmup_steps=1, epoch_batches=4, shuffle_buffer=16, sample_count=2, seed=1)
@@ -32,7 +31,6 @@ COMMON = dict(batch_size=8, lr=2e-3, warmup_steps=1, epoch_batches=4, shuffle_bu
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> dict:
-    torch.set_num_threads(1)
     r = tmp_path_factory.mktemp("token-root")
     register_world_dataset(r, n=32, per_shard=16)
     vq = train_run({"dataset": "world-tiny", "train": dict(family="vq", model=TOK, steps=10, ckpt_every=10,
@@ -70,6 +68,7 @@ def perturbed(fam: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- AR
 
 
+@pytest.mark.slow
 def test_ar_trains_on_the_maskgit_token_dataset_and_kv_cache_sampling_equals_uncached(root, tmp_path):
     req = request(root["vq_tokens"], "ar", {"conditioning": "class", "hidden": 32, "depth": 2, "heads": 2})
     ckpt = resume_is_exact(req, root["root"], tmp_path)

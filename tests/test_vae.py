@@ -14,7 +14,7 @@ from imagegen.train.trainer import train
 from models.checkpoint import load_family
 from models.vae import active_dimensions
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 32 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 MODEL = {"image_size": 16, "latent_channels": 8, "levels": 2, "width": 8}
 

@@ -13,7 +13,6 @@ from _helpers import world_scene_shards
 from imagegen.train.trainer import train
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 64, "code_dim": 4}
 
@@ -30,6 +29,7 @@ def cfg(**kw):
     return base
 
 
+@pytest.mark.slow
 def test_dead_code_restarts_raise_usage(shards, tmp_path):
     train(cfg(model={**MODEL, "dead_threshold": 0.5}), shards, tmp_path / "restart")
     train(cfg(model={**MODEL, "dead_threshold": 0.0}), shards, tmp_path / "plain")
@@ -71,6 +71,7 @@ def test_vq_resume_gives_the_same_next_losses(shards, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_maskgit_on_token_shards_from_a_vq_run(tmp_path):
     """Tokens encoded once by a frozen VQ run into a registered dataset; a class-conditional
     MaskGIT trains on them (masked-token accuracy rises) and samples decode to images."""

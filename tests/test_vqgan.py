@@ -20,7 +20,6 @@ from imagegen.train.trainer import train
 from models.registry import build_family
 from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VQ = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 32, "code_dim": 4}
 KL = {"image_size": 16, "levels": 2, "width": 8, "latent_channels": 4}
