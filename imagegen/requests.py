@@ -27,14 +27,23 @@ def build_train_request(preset: str | None = "smoke", request: Any = None, overr
     """
     from imagegen.train.runs import TRAIN_PRESETS, TrainRequest
 
-    changes = parse_overrides(overrides)
     named_train = {k: v for k, v in {"family": family, "steps": steps}.items() if v is not None}
     named = {k: v for k, v in {"dataset": dataset, "nproc": nproc, "train": named_train}.items() if v not in (None, {})}
-    changes = deep_merge(changes, named)
-    base = base_data(TrainRequest, TRAIN_PRESETS, preset, request)
+    return _build(TrainRequest, TRAIN_PRESETS, preset, request, overrides, named, _without_switched)
+
+
+def _build(model: Any, presets: dict[str, dict[str, Any]], preset: str | None, request: Any,
+           overrides: list[str] | None, named: dict[str, Any], prepare: Any = None) -> Any:
+    """``request`` (else the preset) <- overrides <- named values, validated as ``model``; the
+    request itself when nothing changes it.  ``prepare(base, changes)`` may drop base settings
+    the changes make meaningless."""
+    changes = deep_merge(parse_overrides(overrides), {k: v for k, v in named.items() if v is not None})
+    base = base_data(model, presets, preset, request)
     if request is not None and not changes:
         return request
-    return TrainRequest.model_validate(deep_merge(_without_switched(base, changes), changes))
+    if prepare is not None:
+        base = prepare(base, changes)
+    return model.model_validate(deep_merge(base, changes))
 
 
 def _without_switched(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
@@ -69,12 +78,7 @@ def build_distill_request(request: Any = None, teacher: str | None = None, metho
     from imagegen.distill import DistillRequest
     from imagegen.pipeline import DISTILL_PRESETS
 
-    changes = parse_overrides(overrides)
-    changes.update({k: v for k, v in {"teacher": teacher, "method": method}.items() if v is not None})
-    base = base_data(DistillRequest, DISTILL_PRESETS, preset, request)
-    if request is not None and not changes:
-        return request
-    return DistillRequest.model_validate(deep_merge(base, changes))
+    return _build(DistillRequest, DISTILL_PRESETS, preset, request, overrides, {"teacher": teacher, "method": method})
 
 
 def natural_method(root: Path | str, teacher: str) -> str:
@@ -111,12 +115,7 @@ def build_eval_request(request: Any = None, run: str | None = None, folder: str 
     from imagegen.evaluate.run import EvalRequest
     from imagegen.pipeline import EVAL_PRESETS
 
-    changes = parse_overrides(overrides)
-    changes.update({k: v for k, v in {"run": run, "folder": folder}.items() if v is not None})
-    base = base_data(EvalRequest, EVAL_PRESETS, preset, request)
-    if request is not None and not changes:
-        return request
-    return EvalRequest.model_validate(deep_merge(base, changes))
+    return _build(EvalRequest, EVAL_PRESETS, preset, request, overrides, {"run": run, "folder": folder})
 
 
 def check_eval_request(request: Any, root: Path | str) -> None:
