@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imagegen import leaderboard as L
-from imagegen.evaluate.run import EvalRequest
+from imagegen.evaluate.run import EvalRequest, EvalSummary
 from imagegen.presets import parse_overrides
 from imagegen.requests import check_eval_request
 
@@ -70,7 +70,7 @@ def plan(root: Path, runs: list[str] | None = None, families: list[str] | None =
     return jobs
 
 
-def already_done(req: EvalRequest, summaries: list[dict[str, Any]]) -> bool:
+def already_done(req: EvalRequest, summaries: list[EvalSummary]) -> bool:
     """Whether an evaluation of the same run at the same steps is among ``summaries``: a sweep value
     equal to the family's default step count (known once the run's first evaluation resolved it)."""
     return req.steps is not None and any(s.get("run_id") == req.run and s.get("steps") == req.steps
@@ -94,12 +94,12 @@ def benchmark_card(settings: dict[str, Any] | None, nfe_sweep: list[int] | None,
             "query": {"runs": runs, "families": families, "dataset": dataset}}
 
 
-def run_plan(jobs: list[EvalRequest], root: Path, note: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+def run_plan(jobs: list[EvalRequest], root: Path, note: Callable[[str], None] | None = None) -> list[EvalSummary]:
     """Every evaluation of ``jobs`` in this process, one after another (skipping sweep values equal
     to a run's default steps); their summaries."""
     from imagegen.evaluate.run import run_evaluation
 
-    summaries: list[dict[str, Any]] = []
+    summaries: list[EvalSummary] = []
     for i, req in enumerate(jobs):
         if already_done(req, summaries):
             continue

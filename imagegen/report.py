@@ -21,11 +21,14 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from imagegen.artifacts import stage_output
 from imagegen.evaluate.images import image_grid
 from imagegen.hashing import stable_hash
+
+if TYPE_CHECKING:
+    from imagegen.evaluate.run import EvalSummary
 
 REPORTS = "reports"
 GRID_IMAGES = 16  # evaluated images shown per model
@@ -73,7 +76,7 @@ def progress_line(info: dict[str, Any]) -> str:
     return text
 
 
-def metric_lines(summary: dict[str, Any]) -> list[str]:
+def metric_lines(summary: "EvalSummary") -> list[str]:
     """``name: value`` for every metric of an evaluation summary (what ``imagegen evaluate`` prints)."""
     return [f"{name}: {value:.6g}" if isinstance(value, (int, float)) else f"{name}: {value}"
             for name, value in summary["metrics"].items()]
@@ -271,7 +274,7 @@ def _per_metric(summary: dict[str, Any], column: str) -> dict[str, Any]:
     return {m: (None if pd.isna(v) else v) for m, v in zip(df["metric"], df[column])}
 
 
-def eval_metrics_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def eval_metrics_rows(summary: "EvalSummary") -> list[dict[str, Any]]:
     """The ``evaluate-metrics`` table: one row per metric with the sampling settings it was computed under;
     ``n`` is the number of images behind the value (the generated set, or GenEval's images)."""
     n_by_metric = _per_metric(summary, "n_generated")
@@ -282,7 +285,7 @@ def eval_metrics_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
             for name, value in summary["metrics"].items()]
 
 
-def shown_images(summary: dict[str, Any], request: Any, count: int = GRID_IMAGES) -> list[Path]:
+def shown_images(summary: "EvalSummary", request: Any, count: int = GRID_IMAGES) -> list[Path]:
     """The first ``count`` evaluated images: ``<eval>/samples/`` for a run, the folder's own otherwise
     (a GenEval layout: the first images of its ``NNNNN/samples/``)."""
     samples = Path(summary["path"]) / "samples"
@@ -296,7 +299,7 @@ def shown_images(summary: dict[str, Any], request: Any, count: int = GRID_IMAGES
     return (top or sorted(folder.glob("*/samples/*.png")))[:count]
 
 
-def evaluate_markdown(summary: dict[str, Any], request: Any) -> str:
+def evaluate_markdown(summary: "EvalSummary", request: Any) -> str:
     if summary.get("run_id"):
         title = f"# Evaluation of run `{summary['run_id']}` ({summary.get('family')})"
         source = f"run `{summary['run_id']}`, family {summary.get('family')}"
@@ -333,7 +336,7 @@ def evaluate_markdown(summary: dict[str, Any], request: Any) -> str:
     return "\n".join(lines)
 
 
-def evaluate_pages(summary: dict[str, Any], request: Any) -> list[Page]:
+def evaluate_pages(summary: "EvalSummary", request: Any) -> list[Page]:
     what = f"run {summary['run_id']}" if summary.get("run_id") else f"folder {request.folder}"
     return [Page("evaluate-metrics", "table", eval_metrics_rows(summary),
                  f"Metrics of {what} (evaluation {summary['eval_id']})"),

@@ -32,7 +32,7 @@ import shutil
 import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -88,6 +88,26 @@ class EvalRequest(BaseModel):
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         return self
+
+
+class EvalSummary(TypedDict):
+    """What :func:`evaluate` returns: the flows, the benchmark, the leaderboard and the reports read
+    it (``card.json`` of the evaluation holds it too, with the request and the identity)."""
+
+    eval_id: str
+    path: str
+    metrics: dict[str, float]       # result name (FID, FD-..., KID, CLIPScore (...), GenEval ...) -> value
+    skipped: dict[str, str]         # requested metric -> why it was not computed
+    run_id: str | None
+    family: str | None
+    sampler: str | None
+    steps: int | None
+    nfe: int | None
+    guidance: float
+    n_samples: int
+    seconds: float
+    metrics_file: str | None
+    reused: bool
 
 
 def evals_dir(root: Path) -> Path:
@@ -513,7 +533,7 @@ def geneval_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
 # ------------------------------------------------------------------------------------------ evaluate
 
 
-def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[str, Any]:
+def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSummary:
     """Run the requested metrics; returns a summary with the metric values and paths."""
     if not isinstance(request, EvalRequest):
         request = EvalRequest(**request)
@@ -531,7 +551,7 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
         card = read_card(out)
         if card.get("identity") == json.loads(json.dumps(ident, default=str)) and \
                 (card.get("metrics_file") is None or Path(card["metrics_file"]).is_file()):
-            return {k: v for k, v in card.items() if k not in ("request", "identity")} | {"reused": True}
+            return {k: v for k, v in card.items() if k not in ("request", "identity")} | {"reused": True}  # type: ignore[return-value]
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = {"eval_id": eval_id, "source": json.dumps(src.identity), "run_id": src.run.id if src.run else None,
@@ -567,7 +587,7 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> dict[st
     df = pd.DataFrame(rows)
     if not df.empty:
         df.to_parquet(out / "metrics.parquet", index=False)
-    summary = {"eval_id": eval_id, "path": str(out), "metrics": {r["metric"]: r["value"] for r in rows},
+    summary: EvalSummary = {"eval_id": eval_id, "path": str(out), "metrics": {r["metric"]: r["value"] for r in rows},
                "skipped": skipped, "run_id": base["run_id"], "family": base["family"],
                "sampler": base["sampler"], "steps": base["steps"], "nfe": base.get("nfe"),
                "guidance": req.guidance, "n_samples": len(files), "seconds": round(time.time() - t0, 3),
@@ -604,7 +624,7 @@ def measured_nfe(root: Path, run_id: str, sampler: str | None, steps: int | None
     return int(res.nfe)
 
 
-def run_evaluation(request: EvalRequest, root: Path | str) -> dict[str, Any]:
+def run_evaluation(request: EvalRequest, root: Path | str) -> EvalSummary:
     """:func:`evaluate`, with ``nfe`` filled in when it comes back empty.
 
     ``evaluate`` reports the NFE of the sampling it does; an evaluation that reuses its
