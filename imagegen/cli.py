@@ -216,6 +216,16 @@ def cmd_datasets(args: argparse.Namespace) -> dict[str, Any]:
     return ref.summary()
 
 
+def _progress(tag: str) -> Any:
+    """The trainer's progress callback of a --no-prefect run: one line on stderr per report."""
+    from imagegen.report import progress_line
+
+    def note(info: dict[str, Any]) -> None:
+        print(f"[{tag}] {progress_line(info)}", file=sys.stderr)
+
+    return note
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen.paths import data_root
     from imagegen.requests import build_train_request
@@ -224,13 +234,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
     root = data_root(args.data_root)
     if args.no_prefect:
-        from imagegen.report import progress_line
         from imagegen.train import runs
 
-        def note(info: dict[str, Any]) -> None:
-            print(f"[train] {progress_line(info)}", file=sys.stderr)
-
-        return runs.train_run(request, root, progress=note)
+        return runs.train_run(request, root, progress=_progress("train"))
     from flows.train import train_flow
 
     return train_flow(request=request, data_root=str(root))
@@ -280,12 +286,8 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     check_request(request, root)  # an unknown, unfinished or unfitting teacher fails here, before any run
     if args.no_prefect:
         from imagegen.distill import distill
-        from imagegen.report import progress_line
 
-        def note(info: dict[str, Any]) -> None:
-            print(f"[distill] {progress_line(info)}", file=sys.stderr)
-
-        return distill(request, root, progress=note)
+        return distill(request, root, progress=_progress("distill"))
     from flows.distill import distill_flow
 
     return distill_flow(request=request, data_root=str(root))
