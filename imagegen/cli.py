@@ -10,6 +10,9 @@
     imagegen benchmark [--runs A,B | --families flow,reflow] [--dataset D] [--nfe 1,2,4,8] [--set n_samples=5000 ...]
     imagegen pipeline --preset smoke|demo|gpu [--set train.family=ddpm --set distill.method=null ...]
     imagegen serve [--host 127.0.0.1] [--port 4200] [--home DIR] [--no-worker] [--api-url URL]
+    imagegen import folder|webdataset|hf SOURCE [--name N] [--curate] [--image-column C ...] [--set shard.target_shard_size=500]
+    imagegen import fid-stats FILE.npz --name N [--protocol TEXT]
+    imagegen sample --run RUN --prompt TEXT [--prompts FILE] [--guidance G] [--steps N] [--n N] [--out DIR]
 
 Every flow sub-command takes ``--preset``, ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
@@ -148,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="curate -> train -> distill -> evaluate teacher and student, and a report")
     _common(pl, sorted(PIPELINE_PRESETS), "smoke")  # --set STAGE.KEY=VALUE, e.g. train.family=ddpm
+
+    from imagegen.importers.cli import add_import_parser
+    from imagegen.sample import add_sample_parser
+
+    add_import_parser(sub)
+    add_sample_parser(sub)
 
     sv = sub.add_parser("serve", help="a local Prefect server (UI), the work pool, every deployment and a worker")
     sv.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1: loopback only)")
@@ -372,6 +381,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.importers.cli import cmd_import
+
+    return cmd_import(args)
+
+
+def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.sample import cmd_sample
+
+    def via_prefect(request: Any, root: Path) -> dict[str, Any]:
+        from flows.sample import sample_flow
+
+        return sample_flow(request=request, data_root=str(root))
+
+    return cmd_sample(args, via_prefect)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -385,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
                   "families": cmd_families, "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
-                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline}[args.command](args)
+                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline, "import": _cmd_import,
+                  "sample": _cmd_sample}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -416,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
         print(result["path"])
+    elif args.command in ("import", "sample"):
+        print(result["message"])
     elif args.command == "pipeline":
         for role, metrics in result["metrics"].items():
             for name, value in metrics.items():
