@@ -120,3 +120,6 @@ from models.ict import ConsistencyTraining  # noqa: E402
 
 register_family(ConsistencyTraining)
 register_family(DMD)
+from models.controlnet import ControlNet  # noqa: E402
+
+register_family(ControlNet)
