@@ -346,15 +346,19 @@ class ControlNet(Family):
                       x_T: Tensor | None = None, **options: Any) -> SampleResult:
         """The base's sampling under control: ``control`` = a map [1|n, C, H, W] (None = the base
         alone), ``control_scale`` (default the config's)."""
-        control = options.pop("control", None)
-        scale = options.pop("control_scale", None)
-        scale = self.cfg.control_scale if scale is None else scale
+        with self.controlled(options.pop("control", None), options.pop("control_scale", None), n) as base:
+            return base.sample_result(n, conditioning, sampler, steps, guidance, negative, generator, x_T, **options)
+
+    @contextmanager
+    def controlled(self, control: Tensor | None, control_scale: float | None, n: int) -> Iterator[Any]:
+        """The base family under ``control`` (a map, None = no control) at ``control_scale``
+        (None = the config's): what models/editing.py edits with when given a ControlNet."""
+        scale = self.cfg.control_scale if control_scale is None else control_scale
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= 10:
             raise ValueError(f"ControlNet.sample: control_scale must be a number in [0, 10], got {scale!r}")
         hint = None if control is None else self.check_control(control, n)
         with self.controlling(hint, scale):
-            return self.base.sample_result(n, conditioning, sampler, steps, guidance, negative, generator, x_T,
-                                           **options)
+            yield self.base
 
     def run_sampler(self, net_fn: Any, x_T: Tensor, sampler: str, steps: int,
                     generator: torch.Generator | None, options: dict[str, Any]) -> SampleResult:

@@ -227,6 +227,10 @@ def _check_image(family: Any, images: Tensor, what: str = "init image") -> Tenso
     return images.to(family.device)
 
 
+def _batch(images: Any) -> int:
+    return int(images.shape[0]) if isinstance(images, Tensor) and images.ndim == 4 else 1
+
+
 def _check_strength(strength: Any, where: str) -> float:
     if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= float(strength) <= 1.0:
         raise EditError(f"{where}: strength must be a number in [0, 1] (0 = the input, 1 = plain sampling), "
@@ -305,6 +309,11 @@ def sdedit(family: Any, images: Tensor, strength: float, conditioning: Any = Non
     of ``strength`` and sampled from there with the family's sampler.  ``noise``: the unit
     Gaussian used (default drawn from ``generator``); with strength 1 it is exactly the x_T of
     ``family.sample``."""
+    if hasattr(family, "controlled"):  # a ControlNet: edit its base under the control map
+        with family.controlled(options.pop("control", None), options.pop("control_scale", None),
+                               _batch(images)) as base:
+            return sdedit(base, images, strength, conditioning, sampler=sampler, steps=steps, guidance=guidance,
+                          negative=negative, generator=generator, noise=noise, **options)
     where = f"{type(family).__name__}.sdedit"
     s = _check_strength(strength, where)
     x_img = _check_image(family, images)
@@ -363,6 +372,12 @@ def inpaint(family: Any, images: Tensor, mask: Tensor, conditioning: Any = None,
     input too (SDEdit inside the mask).  ``resample`` = RePaint's r (one-step samplers only).
     An all-zeros mask returns the input, an all-ones mask is plain SDEdit at ``strength``; the
     result says which (``trivial``)."""
+    if hasattr(family, "controlled"):  # a ControlNet: inpaint with its base under the control map
+        with family.controlled(options.pop("control", None), options.pop("control_scale", None),
+                               _batch(images)) as base:
+            return inpaint(base, images, mask, conditioning, strength=strength, resample=resample, sampler=sampler,
+                           steps=steps, guidance=guidance, negative=negative, generator=generator, noise=noise,
+                           paste=paste, **options)
     where = f"{type(family).__name__}.inpaint"
     s = _check_strength(strength, where)
     if isinstance(resample, bool) or not isinstance(resample, int) or resample < 1:
@@ -481,9 +496,15 @@ def invert(family: Any, images: Tensor, conditioning: Any = None, *, steps: int 
 
 
 def invert_edit(family: Any, images: Tensor, source: Any, target: Any, *, steps: int | None = None,
-                guidance: float = 1.0, negative: Any = None, fixed_point_iters: int = 0) -> Tensor:
+                guidance: float = 1.0, negative: Any = None, fixed_point_iters: int = 0,
+                control: Tensor | None = None, control_scale: float | None = None) -> Tensor:
     """DDIM-inversion edit: invert ``images`` under the ``source`` prompt/label, then sample from
-    that x_T under ``target`` (with guidance) with the same deterministic sampler."""
+    that x_T under ``target`` (with guidance) with the same deterministic sampler.  A ControlNet
+    takes ``control=`` / ``control_scale=`` (used for both walks)."""
+    if hasattr(family, "controlled"):
+        with family.controlled(control, control_scale, _batch(images)) as base:
+            return invert_edit(base, images, source, target, steps=steps, guidance=guidance, negative=negative,
+                               fixed_point_iters=fixed_point_iters)
     x_T = invert(family, images, source, steps=steps, fixed_point_iters=fixed_point_iters)
     sampler = "ddim" if "ddim" in family.samplers else "euler"
     opts = {"eta": 0.0} if sampler == "ddim" and "eta" in family.sampler_options.get("ddim", ()) else {}

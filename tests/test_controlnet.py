@@ -116,6 +116,31 @@ def test_bad_control_input_names_both_sizes(tmp_path):
         cn.sample(1, steps=2, sampler="euler", eta=0.5)
 
 
+def test_editing_under_control(tmp_path):
+    from models.editing import inpaint, invert_edit, sdedit
+
+    ck, cfg = base_checkpoint(tmp_path, "flow", UNET, conditioning="class", num_classes=3)
+    cn = build_family("controlnet", {**cfg, "base": ck})
+    x = world_images(2)
+    hint = cn.control_map(x)
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(16, 16)
+    mask[:, 8:] = 1
+    plain = sdedit(cn.base, x, 0.6, [0, 1], steps=5, noise=z)
+    assert torch.equal(sdedit(cn, x, 0.6, [0, 1], steps=5, noise=z, control=hint), plain)  # step 0: the base
+    with torch.no_grad():
+        for p in cn.net.branch.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    edited = sdedit(cn, x, 0.6, [0, 1], steps=5, noise=z, control=hint)
+    assert (edited - plain).abs().max() > 1e-3
+    assert torch.equal(sdedit(cn, x, 0.6, [0, 1], steps=5, noise=z, control=hint, control_scale=0.0), plain)
+    out = inpaint(cn, x, mask, [0, 1], steps=5, noise=z, control=hint).sample
+    assert torch.equal(out[..., :8], x[..., :8])
+    assert invert_edit(cn, x, [0, 1], [1, 1], steps=5, control=hint).shape == x.shape
+    with pytest.raises(ValueError, match="control map is 8x8"):
+        sdedit(cn, x, 0.5, [0, 1], control=hint[..., :8, :8])
+
+
 def test_control_maps_come_from_the_pixels():
     from imagegen.world.scene import SHAPES, WorldConfig, render_scene
 
