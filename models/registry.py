@@ -123,3 +123,6 @@ register_family(DMD)
 from models.controlnet import ControlNet  # noqa: E402
 
 register_family(ControlNet)
+from models.inpainting import Inpainting  # noqa: E402
+
+register_family(Inpainting)
