@@ -120,6 +120,12 @@ from models.ict import ConsistencyTraining  # noqa: E402
 
 register_family(ConsistencyTraining)
 register_family(DMD)
+from models.controlnet import ControlNet  # noqa: E402
+
+register_family(ControlNet)
+from models.inpainting import Inpainting  # noqa: E402
+
+register_family(Inpainting)
 
 
 def describe_families() -> list[dict[str, object]]:
