@@ -58,9 +58,9 @@ def test_sample_writes_pngs_with_parameters_and_a_grid(text_root, tmp_path):
 
     from imagegen.train.runs import get_run
     from models.reflow import pair_noise
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
-    fam = checkpoint_family(get_run(root, run).checkpoint)
+    fam = load_family(get_run(root, run).checkpoint)
     x = one_thread(lambda: fam.sample(1, conditioning=[p2["prompt"]], negative=[p2["negative"]], guidance=p2["guidance"],
                                       sampler=p2["sampler"], steps=p2["steps"],
                                       x_T=pair_noise([p2["image_seed"]], fam.noise_shape)))
