@@ -95,7 +95,10 @@ class StageResult(BaseModel):
 
 def _params(stage: str, cfg: BaseModel) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
-    for k in EXECUTION_FIELDS.get(stage, ()):
+    fields = EXECUTION_FIELDS.get(stage, ())
+    if stage == "recaption" and d.get("backend") != "world_detector":
+        fields = ()  # a model's output depends on its device and batch (padding, kernels): hashed
+    for k in fields:
         d.pop(k, None)
     return d
 

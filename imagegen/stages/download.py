@@ -305,11 +305,15 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
-    Writes ``out_dir/ledger.parquet`` (one row per input row) and
+    Writes ``out_dir/ledger.parquet`` (one row per input row, ``url`` from ``record_url`` where
+    the table has one) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
     caption).  Returns the counts for the stage card.
     """
-    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": url_list["url"].to_numpy(),
+    # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
+    # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
+    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
+    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": recorded.to_numpy(),
                            "caption": url_list["caption"].to_numpy()})
     for col in LEDGER_COLUMNS[3:]:
         ledger[col] = None
