@@ -6,8 +6,8 @@ rewritten: when two writers race for one id (two flow runs, two users of one dat
 rename wins and later writers discard their temporary copy and use the existing folder, so a
 reader that has the folder open never sees it disappear.
 
-A temporary folder records its owner (host and pid) in ``.owner``; temporaries whose owner is a
-dead process on this host are left-overs of a killed run and are removed the next time any
+A temporary folder's owner (host and pid) is recorded next to it in ``<tmp>.owner`` (outside,
+so the stage sees an empty folder); temporaries whose owner is a dead process on this host are left-overs of a killed run and are removed the next time any
 writer opens an output in the same parent folder (the next run of that stage).
 """
 
@@ -28,7 +28,11 @@ from typing import Any, Iterator
 log = logging.getLogger(__name__)
 
 CARD = "card.json"
-OWNER = ".owner"
+OWNER = ".owner"  # suffix of the file next to a temporary folder that names its writer
+
+
+def owner_file(tmp: Path) -> Path:
+    return tmp.with_name(tmp.name + OWNER)
 
 
 def is_complete(path: Path) -> bool:
@@ -65,7 +69,7 @@ def _owner_dead(tmp: Path) -> bool:
     pids mean nothing here.
     """
     try:
-        owner = json.loads((tmp / OWNER).read_text())
+        owner = json.loads(owner_file(tmp).read_text())
         if owner.get("host") != socket.gethostname():
             return False
         return not _pid_alive(int(owner["pid"]))
@@ -93,8 +97,11 @@ def sweep_stale(parent: Path) -> list[Path]:
         if p.is_dir() and _owner_dead(p):
             shutil.rmtree(p, ignore_errors=True)
             if not p.exists():
+                owner_file(p).unlink(missing_ok=True)
                 removed.append(p)
                 log.info("removed %s, the temporary folder of a killed run", p)
+        elif p.name.endswith(OWNER) and p.is_file() and not p.with_name(p.name[:-len(OWNER)]).exists():
+            p.unlink(missing_ok=True)  # its folder is gone (published or removed)
     return removed
 
 
@@ -143,14 +150,15 @@ def stage_output(final: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     sweep_stale(final.parent)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
     tmp.mkdir()
-    (tmp / OWNER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    owner_file(tmp).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     card: dict[str, Any] = {"created_unix": round(time.time(), 3)}
     try:
         yield tmp, card
-        (tmp / OWNER).unlink(missing_ok=True)
         write_json_atomic(tmp / CARD, card)
         if not publish(tmp, final):
             log.info("%s was completed by another writer first; kept it, discarded this copy", final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        owner_file(tmp).unlink(missing_ok=True)

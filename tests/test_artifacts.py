@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.artifacts import OWNER, is_complete, read_card, stage_output, sweep_stale
+from imagegen.artifacts import is_complete, owner_file, read_card, stage_output, sweep_stale
 
 
 def _dead_pid() -> int:
@@ -35,7 +35,7 @@ def test_complete_folder_is_never_replaced(tmp_path: Path) -> None:
     assert (final / "data.bin").read_bytes() == b"first" and held.read() == b"first"
     held.close()
     assert sorted(p.name for p in final.parent.iterdir()) == ["abc"], "the loser's copy is left"
-    assert not (final / OWNER).exists()
+    assert not list(final.iterdir()) == [] and sorted(p.name for p in final.iterdir()) == ["card.json", "data.bin"]
 
 
 def test_incomplete_final_folder_is_replaced(tmp_path: Path) -> None:
@@ -43,6 +43,7 @@ def test_incomplete_final_folder_is_replaced(tmp_path: Path) -> None:
     final.mkdir()
     (final / "half").write_text("x")
     with stage_output(final) as (tmp, card):
+        assert list(tmp.iterdir()) == []  # a stage may insist on an empty folder
         (tmp / "data").write_text("ok")
     assert is_complete(final) and (final / "data").read_text() == "ok" and not (final / "half").exists()
 
@@ -64,17 +65,17 @@ def test_stale_temporaries_of_dead_processes_are_swept(tmp_path: Path) -> None:
     os.utime(stale, (0, 0))
     stale2 = tmp_path / f"other.tmp-{dead}-abcdef"  # the new layout with an owner file
     stale2.mkdir()
-    (stale2 / OWNER).write_text(json.dumps({"host": os.uname().nodename, "pid": dead}))
+    owner_file(stale2).write_text(json.dumps({"host": os.uname().nodename, "pid": dead}))
     live = tmp_path / f"busy.tmp-{os.getpid()}-123456"  # a live writer: left alone
     live.mkdir()
-    (live / OWNER).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    owner_file(live).write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
     foreign = tmp_path / f"far.tmp-{dead}-654321"  # another host's writer: its pid means nothing here
     foreign.mkdir()
-    (foreign / OWNER).write_text(json.dumps({"host": "some-other-host", "pid": dead}))
+    owner_file(foreign).write_text(json.dumps({"host": "some-other-host", "pid": dead}))
     with stage_output(tmp_path / "new") as (tmp, card):
         pass
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["new", live.name, foreign.name])
+    assert names == sorted(["new", live.name, owner_file(live).name, foreign.name, owner_file(foreign).name])
     assert sweep_stale(tmp_path) == []
 
 

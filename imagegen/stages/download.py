@@ -65,6 +65,10 @@ class DownloadConfig(BaseModel):
     user_agent_token: str | None = Field(None, description="Identifies your crawler to site owners")
     url_col: str = "url"
     caption_col: str = "caption"
+    max_pixels: int = Field(
+        50_000_000, ge=1, le=2_000_000_000, description="refuse images with more pixels (width x height "
+        "from the header, before decoding) as image_too_large: a 20 KB PNG can claim 13300 x 13300 "
+        "and cost ~860 MB to decode")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
 
@@ -176,17 +180,28 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"B
 def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     """Decode raw bytes into the dataset's uniform encoding.
 
-    Returns {"ok": True, "image": bytes, ...original properties} or
-    {"ok": False, "reason": "not_an_image" | "corrupt_image", "error": message}.
+    Returns {"ok": True, "image": bytes, ...original properties} or {"ok": False, "reason":
+    "empty_body" | "compressed_body" | "not_an_image" | "image_too_large" | "corrupt_image",
+    "error": message}.  Sizes are checked on the header, before any pixel is decoded.
     """
     if not data:
         return {"ok": False, "reason": "empty_body", "error": "zero bytes received"}
+    if data[:2] == b"\x1f\x8b":  # a gzip stream (Content-Encoding: gzip): never inflated here
+        return {"ok": False, "reason": "compressed_body",
+                "error": f"body is a gzip stream ({len(data)} bytes), not an image; it was not inflated"}
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return {"ok": False, "reason": "not_an_image", "error": "body is HTML/XML, not an image"}
     try:
-        with Image.open(io.BytesIO(data)) as src:
+        with warnings.catch_warnings():  # a size over PIL's bomb warning is reported, not printed
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            src = Image.open(io.BytesIO(data))
+        with src:
             fmt, mode = src.format, src.mode
+            if src.width * src.height > cfg.max_pixels:
+                return {"ok": False, "reason": "image_too_large",
+                        "error": f"{src.width}x{src.height} = {src.width * src.height:,} pixels > "
+                                 f"download.max_pixels={cfg.max_pixels:,} (not decoded)"}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 src.load()
@@ -197,7 +212,9 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
         # an image signature that does not decode is a corrupt image, anything else is not an image
         reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_an_image"
         return {"ok": False, "reason": reason, "error": str(exc)}
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit, hit at open for > 2x MAX_IMAGE_PIXELS
+        return {"ok": False, "reason": "image_too_large", "error": str(exc)}
+    except (OSError, ValueError, SyntaxError) as exc:
         return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
     # original size is reported upright (after EXIF), as a viewer shows it
     uw, uh = rgb.size
