@@ -79,3 +79,27 @@ def test_two_clean_runs_in_separate_roots_give_identical_shards(reference, tmp_p
     assert _dataset_path(again) != _dataset_path(out)
     assert Path(_dataset_path(again)).name == Path(_dataset_path(out)).name
     assert shard_digests(_dataset_path(again)) == digests
+
+
+@pytest.mark.parametrize("args, says", [
+    (["train", "--preset", "smoke", "--set", "train.family=os:system"], "not a subclass of models.base.Family"),
+    (["curate", "--url-list", "{dup}"], "--set download.on_duplicate_urls=skip"),
+    (["curate", "--url-list", "{bad}"], "line 2"),
+    (["curate", "--url-list", "{ok}"], "filter.clip_score.model"),
+])
+def test_bad_input_is_exit_2_with_a_message_and_leaves_no_data_root(tmp_path, args, says):
+    """Finding 7 and 10: refusals are exit 2 and one message, never a traceback, and a refused
+    request leaves no data root behind."""
+    lists = {"dup": '{"url": "http://127.0.0.1:9/a.jpg", "caption": "a"}\n' * 2,
+             "bad": '{"url": "http://127.0.0.1:9/a.jpg", "caption": "a"}\n{"url": "http://x", caption\n',
+             "ok": '{"url": "http://127.0.0.1:9/a.jpg", "caption": "a"}\n'}
+    for name, text in lists.items():
+        (tmp_path / f"{name}.jsonl").write_text(text)
+    args = [a.format(**{n: tmp_path / f"{n}.jsonl" for n in lists}) for a in args]
+    root = tmp_path / "root"
+    p = subprocess.run([*IMAGEGEN, *args, "--data-root", str(root), "--no-prefect"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr + p.stdout
+    assert says in p.stderr, p.stderr[-2000:]
+    assert not root.exists()

@@ -104,7 +104,8 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "ca
     except InputError:
         raise
     except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        raise InputError(f"URL list {path} could not be read as {suffix}: {exc}") from exc
+        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
+        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
     missing = [c for c in (url_col, caption_col) if c not in df.columns]
     if missing:
         hint = ""
@@ -130,9 +131,27 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "ca
                              zip(out.loc[dup, "row_id"][:5], out.loc[dup, "url"][:5]))
         if on_duplicate_urls == "error":
             raise InputError(f"URL list {path} has {int(dup.sum())} duplicate URL(s) ({examples}); "
-                             "deduplicate it or pass on_duplicate_urls='skip'")
+                             "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
+                             "with --set download.on_duplicate_urls=skip")
         out.loc[dup, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in out.loc[dup, "url"]]
     return out
+
+
+def _bad_jsonl_line(path: Path) -> str | None:
+    """``", line N (text...)"`` for the first line of a JSONL file that is not a JSON object."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                return f", line {n} ({line.strip()[:80]!r} is not a JSON object)"
+    return None
 
 
 _ALIASES = {"url": ("image_url", "img_url", "link", "src", "uri"),
