@@ -100,8 +100,12 @@ def sweep_stale(parent: Path) -> list[Path]:
                 owner_file(p).unlink(missing_ok=True)
                 removed.append(p)
                 log.info("removed %s, the temporary folder of a killed run", p)
-        elif p.name.endswith(OWNER) and p.is_file() and not p.with_name(p.name[:-len(OWNER)]).exists():
-            p.unlink(missing_ok=True)  # its folder is gone (published or removed)
+        elif p.name.endswith(OWNER) and p.is_file():
+            if not p.with_name(p.name[:-len(OWNER)]).exists():
+                p.unlink(missing_ok=True)  # its folder is gone (published or removed)
+        elif p.is_file() and p.name.startswith(".") and _owner_dead(p):
+            p.unlink(missing_ok=True)  # a write_json_atomic temporary of a killed writer
+            removed.append(p)
     return removed
 
 

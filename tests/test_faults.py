@@ -1,68 +1,40 @@
 """Fault injection with real processes: same request, same bytes, however the run went.
 
-Each test runs ``imagegen`` as a subprocess (its own process group), kills it where the test says
-and reruns; the reference is an uninterrupted run of the same request.
+Each test runs ``imagegen`` as a subprocess in its own process group (``imagegen.faultinject``),
+kills the whole group with SIGKILL where the test says and reruns; the reference is an
+uninterrupted run of the same request in another data root.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import signal
+import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-IMAGEGEN = [sys.executable, "-m", "imagegen.cli"]
+from imagegen import faultinject as F
 
-TINY = [
-    "name=tiny", "source.publish.n_images=90", "source.publish.stall_seconds=2.5",
-    "reference_clip.n_train=200", "reference_clip.n_heldout=40", "reference_clip.steps=12",
-    "reference_clip.warmup_steps=2", "reference_clip.vision_width=64", "reference_clip.text_width=64",
-    "reference_clip.head_width=32", "reference_clip.vision_layers=1", "reference_clip.text_layers=1",
-    "download.timeout=1.5", "download.processes_count=1", "shard.target_shard_size=20",
-    "filter.clip_score.threshold=-1.0",
-]
+REPO = F.REPO
+IMAGEGEN = F.IMAGEGEN
 
 
-def curate_cmd(root: Path, *extra: str) -> list[str]:
-    sets = [a for kv in (*TINY, *extra) for a in ("--set", kv)]
-    return [*IMAGEGEN, "curate", "--preset", "smoke", *sets, "--data-root", str(root), "--no-prefect", "--json"]
-
-
-def run(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 600) -> dict:
-    p = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                       timeout=timeout)
-    assert p.returncode == 0, f"{cmd} exited {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-    return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def shard_digests(dataset_path: str | Path) -> dict[str, str]:
-    """sha256 of every shard file (tar, parquet, stats) and of the manifest/accounting tables."""
-    d = Path(dataset_path)
-    files = sorted([*(d / "shards").iterdir(), d / "manifest.parquet", d / "accounting.parquet"])
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.is_file()}
-
-
-def leftovers(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if ".tmp-" in p.name)
+def _ok(o: F.Outcome) -> dict:
+    assert o.returncode == 0, f"exit {o.returncode}\n{o.stderr[-4000:]}"
+    assert o.result is not None
+    return o.result
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted tiny curate: the bytes every other run must reproduce."""
     root = tmp_path_factory.mktemp("ref")
-    out = run(curate_cmd(root), env={"OMP_NUM_THREADS": "1"})
-    return root, out, shard_digests(out["path"])
-
-
-def _dataset_path(out: dict) -> str:
-    return out["path"]
+    out = _ok(F.run(F.curate_cmd(root), env={"OMP_NUM_THREADS": "1"}))
+    return root, out, F.dataset_digests(out["path"])
 
 
 @pytest.mark.slow
@@ -72,13 +44,89 @@ def test_two_clean_runs_in_separate_roots_give_identical_shards(reference, tmp_p
     root, out, digests = reference
     burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        again = run(curate_cmd(tmp_path), env={"OMP_NUM_THREADS": "2"})
+        again = _ok(F.run(F.curate_cmd(tmp_path), env={"OMP_NUM_THREADS": "2"}))
     finally:
         burner.kill()
         burner.wait()
-    assert _dataset_path(again) != _dataset_path(out)
-    assert Path(_dataset_path(again)).name == Path(_dataset_path(out)).name
-    assert shard_digests(_dataset_path(again)) == digests
+    assert again["path"] != out["path"] and again["dataset_id"] == out["dataset_id"]
+    assert F.dataset_digests(again["path"]) == digests
+
+
+@pytest.mark.slow
+def test_curate_killed_in_every_stage_resumes_to_the_same_bytes(reference, tmp_path):
+    """kill -9 of curate's process group in each stage in turn (a random moment after the stage
+    before it finished), then one last run: same dataset bytes as the undisturbed run, nothing
+    left over, and every stage that had finished is reused, not recomputed."""
+    _, out, digests = reference
+    rng = random.Random(12)
+    finished: set[str] = set()
+    for before, stage in zip(F.CURATE_STAGES, F.CURATE_STAGES[1:]):
+        o = F.run(F.curate_cmd(tmp_path), kill_after_line=f"[{before}]",
+                  delay=F.random_delay(rng, 2.0 if stage in ("reference_clip", "download") else 0.3))
+        status = F.stage_status(o)
+        assert all(status.get(s) == "cached" for s in finished if s in status), (stage, status)
+        finished |= set(status)
+        if not o.killed:  # the stage finished before the kill landed: the drill moves on
+            assert o.returncode == 0, o.stderr[-3000:]
+    last = F.run(F.curate_cmd(tmp_path))
+    res = _ok(last)
+    status = F.stage_status(last)
+    assert all(status[s] == "cached" for s in finished if s in status), status
+    assert res["dataset_id"] == out["dataset_id"]
+    assert F.dataset_digests(res["path"]) == digests
+    assert F.leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_of_one_request_on_one_root(reference, tmp_path):
+    """Both succeed with the same id and identical bytes; a reader that sees the dataset folder
+    once never sees it missing afterwards (the second writer never replaces it)."""
+    _, out, digests = reference
+    final = tmp_path / "datasets" / out["dataset_id"]
+    seen, vanished, stop = [], [], threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            here = (final / "card.json").is_file()
+            if seen and not here:
+                vanished.append(time.time())
+            if here and not seen:
+                seen.append(os.stat(final).st_ino)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    results: list[F.Outcome] = []
+    runners = [threading.Thread(target=lambda: results.append(F.run(F.curate_cmd(tmp_path)))) for _ in range(2)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join()
+    stop.set()
+    t.join()
+    a, b = (_ok(o) for o in results)
+    assert a["dataset_id"] == b["dataset_id"] == out["dataset_id"] and a["path"] == b["path"]
+    assert seen and not vanished and os.stat(final).st_ino == seen[0]
+    assert F.dataset_digests(a["path"]) == digests
+    assert F.leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_train_killed_at_a_random_step_resumes_bit_identically(reference, tmp_path):
+    """kill -9 of ``imagegen train`` after a random logged step, rerun: the final checkpoint's
+    tensors (model, EMA, optimizer, RNG) equal an uninterrupted run's, bit for bit."""
+    root, out, _ = reference
+    straight = _ok(F.run(F.train_cmd(root, out["dataset_id"], "train.seed=1")))
+    other = tmp_path / "root"
+    _ok(F.run(F.curate_cmd(other)))
+    rng = random.Random(3)
+    k = rng.randint(5, 18)
+    o = F.run(F.train_cmd(other, out["dataset_id"], "train.seed=1"), kill_after_line=f"[train] step {k}/")
+    assert o.killed or o.returncode == 0
+    resumed = _ok(F.run(F.train_cmd(other, out["dataset_id"], "train.seed=1")))
+    assert resumed["run_id"] == straight["run_id"]
+    assert F.checkpoint_tensors(resumed["run_dir"]) == F.checkpoint_tensors(straight["run_dir"])
+    assert F.leftovers(other / "runs") == []
 
 
 @pytest.mark.parametrize("args, says", [
