@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -69,6 +70,13 @@ class DownloadConfig(BaseModel):
         50_000_000, ge=1, le=2_000_000_000, description="refuse images with more pixels (width x height "
         "from the header, before decoding) as image_too_large: a 20 KB PNG can claim 13300 x 13300 "
         "and cost ~860 MB to decode")
+    allow_private_addresses: bool = Field(
+        False, description="fetch URLs whose host is a loopback, private, link-local or reserved IP "
+        "literal or localhost (refused by default as skipped:private_address; the embedded world's own "
+        "loopback server is always allowed)")
+    retry_wait: float = Field(
+        1.0, ge=0, le=600, description="seconds to wait before a retry pass that retries HTTP 429s "
+        "(img2dataset does not hand the Retry-After header over; the world sends Retry-After: 1)")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
 
@@ -264,6 +272,8 @@ def classify_error(message: str | None) -> str:
     m = (message or "").lower()
     if not m:
         return "unknown_error"
+    if "infinite loop" in m or "redirect loop" in m or "too many redirects" in m:
+        return "redirect_loop"
     if mo := re.search(r"http error (\d{3})", m):
         code = int(mo.group(1))
         if code == 429:
@@ -337,6 +347,26 @@ def _normalize_all(blobs: list[bytes], cfg: DownloadConfig) -> list[dict[str, An
         return [r for part in pool.map(_normalize_chunk, chunks) for r in part]
 
 
+def is_private_host(url: str) -> bool:
+    """True for URLs whose host is localhost or an IP literal that is not public (loopback,
+    RFC 1918 private, link-local incl. cloud metadata 169.254.169.254, reserved, multicast).
+    Host names are not resolved: a public name pointing at a private address is not caught."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not ip.is_global or ip.is_multicast
+
+
 def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
@@ -355,6 +385,14 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
         ledger[col] = None
     ledger["attempts"] = 0
     ledger = ledger.set_index("row_id", drop=False)
+    if not cfg.allow_private_addresses and "record_url" not in url_list.columns:
+        # a user's list (the world's table carries record_url and is served by our own loopback server)
+        private = url_list["skip_reason"].isna() & url_list["url"].map(is_private_host)
+        if private.any():
+            url_list = url_list.copy()
+            url_list.loc[private, "skip_reason"] = "private_address"
+            log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
+                        "download.allow_private_addresses=true to fetch them)", int(private.sum()))
     skip = url_list.set_index("row_id")["skip_reason"].dropna()
     ledger.loc[skip.index, "status"] = "skipped"
     ledger.loc[skip.index, "reason"] = skip.to_numpy()
@@ -393,6 +431,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
                      len(retry_ids))
         pending = pending[pending["row_id"].isin(retry_ids)]
+        if not pending.empty and cfg.retry_wait and (ledger.loc[retry_ids, "reason"] == "http_429").any():
+            time.sleep(cfg.retry_wait)  # rate limited: wait before asking again
     shutil.rmtree(work, ignore_errors=True)
 
     succ = ledger["status"] == "success"
