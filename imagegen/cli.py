@@ -419,6 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, LookupError, OSError) as exc:
         print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        from imagegen.train.checkpoint import CheckpointError
+
+        if not isinstance(exc, CheckpointError):
+            raise
+        print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     if getattr(args, "json", False):
         sys.stdout.flush()
         print(json.dumps(result, default=str, separators=(",", ":")))

@@ -131,7 +131,10 @@ class StageResult(BaseModel):
 
 def _params(stage: str, cfg: BaseModel) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
-    for k in EXECUTION_FIELDS.get(stage, ()):
+    fields = EXECUTION_FIELDS.get(stage, ())
+    if stage == "recaption" and d.get("backend") != "world_detector":
+        fields = ()  # a model's output depends on its device and batch (padding, kernels): hashed
+    for k in fields:
         d.pop(k, None)
     return d
 
@@ -309,6 +312,8 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
 
     metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
+    if not kept:
+        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
 
     def get_sample(key: str) -> dict[str, Any]:
         img, ext = images[key]
@@ -347,6 +352,22 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
         card["world_report"] = world_report(Path(world.path), accounting, cc)
     _write_grid(out, kept[:16], images, cci)
     return counts
+
+
+def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> None:
+    """No row survived: keep the accounting and the ledger where the user can read them, then refuse.
+
+    They go to ``<data root>/failed/<dataset id>/`` (the dataset folder itself never appears: an
+    empty dataset is not a dataset)."""
+    sid = out.name.split(".tmp-", 1)[0]
+    where = out.parent.parent / "failed" / sid
+    where.mkdir(parents=True, exist_ok=True)
+    accounting.to_parquet(where / "accounting.parquet", index=False)
+    ledger.to_parquet(where / "ledger.parquet", index=False)
+    outcomes = accounting["outcome"].value_counts().to_dict()
+    raise ValueError(f"no sample to shard: none of the {len(accounting)} input rows survived "
+                     f"(outcomes: {outcomes}); every row's outcome is in {where / 'accounting.parquet'} "
+                     f"and the download ledger in {where / 'ledger.parquet'}")
 
 
 def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFrame) -> pd.DataFrame:
@@ -417,11 +438,48 @@ def _write_grid(out: Path, keys: list[str], images: dict[str, tuple[bytes, str]]
 # ---------------------------------------------------------------------------- the whole DAG
 
 def check_preconditions(config: CurateConfig, root: Path) -> None:
-    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port."""
+    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port.
+    A refused request leaves no data root behind that it created itself."""
+    created = not root.exists()
     ensure_writable(root)
-    if config.source.kind == "url_list":
-        download_mod.read_url_list(config.source.url_list, config.download.url_col, config.download.caption_col,
-                                   config.download.on_duplicate_urls)
+    try:
+        _check_inputs(config)
+    except BaseException:
+        if created:
+            try:
+                root.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
+
+
+def _world_models(obj: Any, where: str) -> list[str]:
+    """Dotted paths of every ``model: 'world'`` setting under ``obj`` (a dumped config)."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in
+                ([f"{where}.{k}"] if k == "model" and v == "world" else _world_models(v, f"{where}.{k}"))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _world_models(v, f"{where}[{i}]")]
+    return []
+
+
+def _check_inputs(config: CurateConfig) -> None:
+    if config.source.kind == "url_list":  # every problem at once, not one per attempt
+        problems = []
+        used = _world_models(config.filter.model_dump(mode="json"), "filter") + \
+            _world_models(config.recaption.model_dump(mode="json"), "recaption")
+        if used:
+            problems.append(f"{', '.join(used)} use the embedded world's models, which only exist for "
+                            "source.kind='world'; for a URL list set them to real models (e.g. --set "
+                            "filter.clip_score.model=ViT-B-32:laion2b_s34b_b79k) or turn them off")
+        try:
+            download_mod.read_url_list(config.source.url_list, config.download.url_col,
+                                       config.download.caption_col, config.download.on_duplicate_urls)
+        except download_mod.InputError as exc:
+            problems.insert(0, str(exc))
+        if problems:
+            raise download_mod.InputError("\n".join(problems) if len(problems) == 1 else
+                                          f"{len(problems)} problems:\n" + "\n".join(f"- {m}" for m in problems))
     elif config.source.world_port:
         import socket
 
