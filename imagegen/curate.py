@@ -41,6 +41,42 @@ from imagegen.world.scene import WorldConfig
 
 log = logging.getLogger(__name__)
 
+# The modules each stage's output depends on: their source is the stage's code version (in this
+# order; user filters' and captioners' own modules are added by stage_code).
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "world": ("imagegen.world.scene", "imagegen.world.publish"),
+    "download": ("imagegen.stages.download",),
+    "dedup": ("imagegen.stages.dedup", "imagegen.mih"),
+    "filter": ("imagegen.stages.filter",),
+    "recaption": ("imagegen.stages.recaption", "imagegen.world.detector"),
+    "shard": ("imagegen.stages.shard",),
+}
+
+
+def user_modules(stage: str, cfg: BaseModel) -> list[str]:
+    """Modules outside STAGE_MODULES that a stage's config brings in: the custom filters'
+    (``FilterConfig.custom``) and the captioner's (``RecaptionConfig.backend``), so editing one
+    recomputes the stage."""
+    names: list[str] = []
+    if stage == "filter":
+        for spec in getattr(cfg, "custom", ()):
+            factory = filter_mod._REGISTRY.get(spec)
+            names.append(factory.__module__ if factory is not None else spec.partition(":")[0])
+    elif stage == "recaption":
+        factory = recaption_mod.CAPTIONERS.get(getattr(cfg, "backend", ""))
+        if factory is not None:
+            names.append(factory.__module__)
+    return names
+
+
+def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
+    """The code version of ``stage``: STAGE_MODULES plus its config's user modules, each once."""
+    import importlib
+
+    names = list(dict.fromkeys([*STAGE_MODULES[stage], *(user_modules(stage, cfg) if cfg is not None else [])]))
+    return code_version(*(importlib.import_module(n) for n in names))
+
+
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
     "download": {"processes_count", "thread_count", "distributor", "runner"},
@@ -126,7 +162,10 @@ class StageResult(BaseModel):
 
 def _params(stage: str, cfg: BaseModel) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
-    for k in EXECUTION_FIELDS.get(stage, ()):
+    fields = EXECUTION_FIELDS.get(stage, ())
+    if stage == "recaption" and d.get("backend") != "world_detector":
+        fields = ()  # a model's output depends on its device and batch (padding, kernels): hashed
+    for k in fields:
         d.pop(k, None)
     return d
 
@@ -153,14 +192,13 @@ def _run_stage(root: Path, stage: str, inputs: dict[str, Any], params: dict[str,
 def world_stage(root: Path, source: SourceConfig) -> StageResult:
     """Publish the embedded world (files, routes, URL paths, ground truth) once per config."""
     from imagegen.world import publish as publish_mod
-    from imagegen.world import scene as scene_mod
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return publish_mod.publish_world(source.world, source.publish, tmp)
 
     return _run_stage(root, "world", {}, {"world": source.world.model_dump(mode="json"),
                                           "publish": source.publish.model_dump(mode="json")},
-                      code_version(scene_mod, publish_mod), body)
+                      stage_code("world"), body)
 
 
 def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
@@ -245,8 +283,8 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
             return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
 
     from imagegen.stages import incremental as incremental_mod
-    code = code_version(download_mod) if parent_dir is None else stable_hash(
-        {"download": code_version(download_mod), "incremental": code_version(incremental_mod)})
+    code = stage_code("download") if parent_dir is None else stable_hash(
+        {"download": stage_code("download"), "incremental": code_version(incremental_mod)})
     return _run_stage(root, "download", sid_inputs, params, code, body)
 
 
@@ -272,9 +310,9 @@ def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: Stage
         shutil.rmtree(tmp / "_embeddings", ignore_errors=True)
         return counts
 
-    from imagegen import mih, semdedup
+    from imagegen import semdedup
     inputs = {"download": download.id}
-    code = code_version(dedup_mod, mih)
+    code = stage_code("dedup")
     if cfg.semantic is not None:  # ids of phash-only configs stay as they were
         inputs.update(_clip_inputs(clip, cfg.semantic_model))
         code = stable_hash({"dedup": code, "semdedup": code_version(semdedup)})
@@ -309,7 +347,7 @@ def filter_identity(download: StageResult, dedup: StageResult, cfg: FilterConfig
     from imagegen import filters as filters_pkg
 
     inputs = {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *filter_mod.model_specs(cfg))}
-    code = stable_hash({"stage": code_version(filter_mod), "filters": filters_pkg.stage_identity(cfg)})
+    code = stable_hash({"stage": stage_code("filter", cfg), "filters": filters_pkg.stage_identity(cfg)})
     return inputs, _params("filter", cfg), code
 
 
@@ -339,10 +377,9 @@ def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cf
             rcfg = cfg.model_copy(update={"model": model_resolver(clip)(cfg.model or "world")})
         return recaption_mod.run_recaption(Path(download.path) / "images", keys, rcfg, tmp / "captions.parquet")
 
-    from imagegen.world import detector
     return _run_stage(root, "recaption", {"download": download.id, "filter": filtered.id,
                                           **_clip_inputs(clip, cfg.model if cfg.backend == "clip_retrieval" else None)},
-                      _params("recaption", cfg), code_version(recaption_mod, detector), body)
+                      _params("recaption", cfg), stage_code("recaption", cfg), body)
 
 
 def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResult, dedup: StageResult,
@@ -353,7 +390,7 @@ def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResu
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return build_dataset(tmp, card, name, config, download, dedup, filtered, captions, world, clip)
 
-    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), code_version(shard_mod), body,
+    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), stage_code("shard"), body,
                      final=lambda sid: datasets_dir(root) / sid)
     register_name(root, name, res.id)
     return res
@@ -392,6 +429,8 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
 
     metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
+    if not kept:
+        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
 
     shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
     loaded: dict[str, Any] = {"shard": None, "images": {}}
@@ -445,6 +484,20 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     return counts
 
 
+def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> None:
+    """No row survived: keep the accounting and the ledger where the user can read them, then refuse.
+
+    They go to ``<data root>/failed/<dataset id>/`` (the dataset folder itself never appears: an
+    empty dataset is not a dataset)."""
+    sid = out.name.split(".tmp-", 1)[0]
+    where = out.parent.parent / "failed" / sid
+    where.mkdir(parents=True, exist_ok=True)
+    accounting.to_parquet(where / "accounting.parquet", index=False)
+    ledger.to_parquet(where / "ledger.parquet", index=False)
+    outcomes = accounting["outcome"].value_counts().to_dict()
+    raise ValueError(f"no sample to shard: none of the {len(accounting)} input rows survived "
+                     f"(outcomes: {outcomes}); every row's outcome is in {where / 'accounting.parquet'} "
+                     f"and the download ledger in {where / 'ledger.parquet'}")
 class _Spill:
     """Per-shard spill files of (key, image, ext) rows, written in one pass over the image parts."""
 
@@ -556,6 +609,7 @@ def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFra
 
 def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFrame) -> dict[str, Any]:
     """Where each planted fault ended up, and caption accuracy before/after recaptioning."""
+    from imagegen.world.captions import caption_accuracy
     from imagegen.world.publish import read_truth
 
     truth = read_truth(world_dir)
@@ -569,7 +623,7 @@ def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFra
         rels = [json.loads(r) if isinstance(r, str) else None for r in kept["relation"]]
         truth_caps = kept["true_caption"].tolist()
         for label, col in (("alt_text", "original_caption"), ("final", "caption")):
-            report[f"caption_accuracy_{label}"] = recaption_mod.caption_accuracy(
+            report[f"caption_accuracy_{label}"] = caption_accuracy(
                 kept[col].tolist(), objs, truth_relations=rels, truth_captions=truth_caps)
     return report
 
@@ -599,18 +653,55 @@ def _write_grid(out: Path, keys: list[str], images: dict[str, tuple[bytes, str]]
 # ---------------------------------------------------------------------------- the whole DAG
 
 def check_preconditions(config: CurateConfig, root: Path) -> None:
-    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port."""
+    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port.
+    A refused request leaves no data root behind that it created itself."""
+    created = not root.exists()
     ensure_writable(root)
-    for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
-        check_runner(spec, root)
-    if config.download.parent:
-        parent_download(root, config.download.parent)  # a known dataset whose download is still here
-        if config.download.append_list:
-            download_mod.read_url_list(config.download.append_list, config.download.url_col,
+    try:
+        for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
+            check_runner(spec, root)
+        if config.download.parent:
+            parent_download(root, config.download.parent)  # a known dataset whose download is still here
+            if config.download.append_list:
+                download_mod.read_url_list(config.download.append_list, config.download.url_col,
+                                           config.download.caption_col, config.download.on_duplicate_urls)
+        _check_inputs(config)
+    except BaseException:
+        if created:
+            try:
+                root.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
+
+
+def _world_models(obj: Any, where: str) -> list[str]:
+    """Dotted paths of every ``model: 'world'`` setting under ``obj`` (a dumped config)."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in
+                ([f"{where}.{k}"] if k == "model" and v == "world" else _world_models(v, f"{where}.{k}"))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _world_models(v, f"{where}[{i}]")]
+    return []
+
+
+def _check_inputs(config: CurateConfig) -> None:
+    if config.source.kind == "url_list":  # every problem at once, not one per attempt
+        problems = []
+        used = _world_models(config.filter.model_dump(mode="json"), "filter") + \
+            _world_models(config.recaption.model_dump(mode="json"), "recaption")
+        if used:
+            problems.append(f"{', '.join(used)} use the embedded world's models, which only exist for "
+                            "source.kind='world'; for a URL list set them to real models (e.g. --set "
+                            "filter.clip_score.model=ViT-B-32:laion2b_s34b_b79k) or turn them off")
+        try:
+            download_mod.read_url_list(config.source.url_list, config.download.url_col,
                                        config.download.caption_col, config.download.on_duplicate_urls)
-    if config.source.kind == "url_list":
-        download_mod.read_url_list(config.source.url_list, config.download.url_col, config.download.caption_col,
-                                   config.download.on_duplicate_urls)
+        except download_mod.InputError as exc:
+            problems.insert(0, str(exc))
+        if problems:
+            raise download_mod.InputError("\n".join(problems) if len(problems) == 1 else
+                                          f"{len(problems)} problems:\n" + "\n".join(f"- {m}" for m in problems))
     elif config.source.world_port:
         import socket
 
@@ -628,25 +719,40 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
                               f"({exc.strerror}); pick another with source.world_port or 0 for any free port") from exc
 
 
+StageRunner = Callable[..., StageResult]
+
+
+def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
+               progress: Callable[[str, StageResult], None] | None = None) -> StageResult:
+    """The one order of the curate stages: (world, reference CLIP,) download, dedup, filter,
+    recaption, shard; registers the dataset's name and returns the shard stage's result.
+
+    ``run(stage, fn, *args)`` runs one stage: by default ``fn(*args)`` in this process; the curate
+    flow passes one that runs the stage's Prefect task instead (``flows/curate.py``)."""
+    call: StageRunner = run or (lambda stage, fn, *args: fn(*args))
+    note = progress or (lambda stage, res: None)
+
+    def step(stage: str, fn: Callable[..., StageResult], *args: Any) -> StageResult:
+        res = call(stage, fn, *args)
+        note(stage, res)
+        return res
+
+    world = clip = None
+    if config.source.kind == "world":
+        world = step("world", world_stage, root, config.source)
+        clip = step("reference_clip", reference_clip_stage, root, config.source, config.reference_clip)
+    dl = step("download", download_stage, root, config.source, world, config.download)
+    dd = step("dedup", dedup_stage, root, dl, config.dedup, clip)
+    ff = step("filter", filter_stage, root, dl, dd, config.filter, clip)
+    rc = step("recaption", recaption_stage, root, dl, ff, config.recaption, clip)
+    ds = step("shard", shard_stage, root, config.name, config, dl, dd, ff, rc, world, clip)
+    register_name(root, config.name, ds.id)  # a stage served from a cache did not register it
+    return ds
+
+
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
     """Run the whole curate DAG without Prefect; returns the registered dataset."""
     check_preconditions(config, root)
     config = resolve_parent(config, root)
-    note = progress or (lambda stage, res: None)
-    world = clip = None
-    if config.source.kind == "world":
-        world = world_stage(root, config.source)
-        note("world", world)
-        clip = reference_clip_stage(root, config.source, config.reference_clip)
-        note("reference_clip", clip)
-    dl = download_stage(root, config.source, world, config.download)
-    note("download", dl)
-    dd = dedup_stage(root, dl, config.dedup, clip)
-    note("dedup", dd)
-    ff = filter_stage(root, dl, dd, config.filter, clip)
-    note("filter", ff)
-    rc = recaption_stage(root, dl, ff, config.recaption, clip)
-    note("recaption", rc)
-    ds = shard_stage(root, config.name, config, dl, dd, ff, rc, world, clip)
-    note("shard", ds)
+    ds = run_stages(config, root, progress=progress)
     return get_dataset(root, ds.id)

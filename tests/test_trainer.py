@@ -49,7 +49,6 @@ class NanDDPM(DDPM):
 register_family(NanDDPM)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +60,7 @@ def losses(run_dir: Path) -> list[float]:
     return pd.read_parquet(run_dir / "metrics.parquet")["loss/model"].tolist()
 
 
+@pytest.mark.slow
 def test_tiny_ddpm_loss_falls(shards, tmp_path):
     res = train(base_cfg(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, ckpt_every=40, epoch_batches=10),
                 shards, tmp_path)
@@ -76,6 +76,7 @@ def test_tiny_ddpm_loss_falls(shards, tmp_path):
     print(f"\ntiny ddpm: {res['steps_per_s']:.1f} steps/s, loss {first:.3f} -> {last:.3f}")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_trajectory_exactly(shards, tmp_path):
     straight = tmp_path / "straight"
     train(base_cfg(ema_decay=0.9), shards, straight)
@@ -140,6 +141,7 @@ def test_swap_in_restores_live_weights_on_error():
         EMA(fam, 1.0)
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_abort(shards, tmp_path):
     NanDDPM.nan_calls = {2, 4}
     res = train(base_cfg(family="test_nan_ddpm", steps=8, max_bad_steps=2), shards, tmp_path / "ok")
@@ -154,6 +156,7 @@ def test_nan_steps_are_skipped_then_abort(shards, tmp_path):
     NanDDPM.nan_calls = set()
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_checkpoint_is_refused_before_training(shards, tmp_path):
     run = tmp_path / "run"
     train(base_cfg(steps=5), shards, run)
@@ -189,6 +192,29 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_before_training(shards, tmp
     with pytest.raises(CheckpointError, match="not valid JSON"):
         train(base_cfg(steps=10), shards, run)
     assert meta["step"] == 5
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(shards, tmp_path, caplog):
+    """Finding 6: a corrupt step_*/tensors.safetensors is skipped with a warning naming it; the
+    run resumes from the step before and ends bit-identical to an undisturbed run."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(base_cfg(steps=15), shards, straight)
+    train(base_cfg(steps=15), shards, run, stop_after=10)
+    newest = list_checkpoints(run)[-1]
+    assert newest.name == "step_00000010"
+    data = bytearray((newest / TENSORS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / TENSORS).write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        res = train(base_cfg(steps=15), shards, run)
+    assert res["start_step"] == 5 and res["step"] == 15
+    assert any("step_00000010" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    ta, _ = read_checkpoint(list_checkpoints(straight)[-1])
+    tb, _ = read_checkpoint(list_checkpoints(run)[-1])
+    assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(("model/", "ema/", "optim/")))
+    assert losses(straight) == losses(run)
+    # the damaged folder was re-made by the resumed run (same step), nothing damaged is left under a step name
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000005", "step_00000010", "step_00000015"]
 
 
 def test_bad_config_is_refused():

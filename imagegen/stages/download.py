@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,17 @@ class DownloadConfig(BaseModel):
     user_agent_token: str | None = Field(None, description="Identifies your crawler to site owners")
     url_col: str = "url"
     caption_col: str = "caption"
+    max_pixels: int = Field(
+        50_000_000, ge=1, le=2_000_000_000, description="refuse images with more pixels (width x height "
+        "from the header, before decoding) as image_too_large: a 20 KB PNG can claim 13300 x 13300 "
+        "and cost ~860 MB to decode")
+    allow_private_addresses: bool = Field(
+        False, description="fetch URLs whose host is a loopback, private, link-local or reserved IP "
+        "literal or localhost (refused by default as skipped:private_address; the embedded world's own "
+        "loopback server is always allowed)")
+    retry_wait: float = Field(
+        1.0, ge=0, le=600, description="seconds to wait before a retry pass that retries HTTP 429s "
+        "(img2dataset does not hand the Retry-After header over; the world sends Retry-After: 1)")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
     parent: str | None = Field(None, description="A new version of this registered dataset (NAME, NAME@N or id): "
@@ -114,7 +126,8 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "ca
     except InputError:
         raise
     except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        raise InputError(f"URL list {path} could not be read as {suffix}: {exc}") from exc
+        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
+        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
     missing = [c for c in (url_col, caption_col) if c not in df.columns]
     if missing:
         hint = ""
@@ -140,9 +153,27 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "ca
                              zip(out.loc[dup, "row_id"][:5], out.loc[dup, "url"][:5]))
         if on_duplicate_urls == "error":
             raise InputError(f"URL list {path} has {int(dup.sum())} duplicate URL(s) ({examples}); "
-                             "deduplicate it or pass on_duplicate_urls='skip'")
+                             "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
+                             "with --set download.on_duplicate_urls=skip")
         out.loc[dup, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in out.loc[dup, "url"]]
     return out
+
+
+def _bad_jsonl_line(path: Path) -> str | None:
+    """``", line N (text...)"`` for the first line of a JSONL file that is not a JSON object."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                return f", line {n} ({line.strip()[:80]!r} is not a JSON object)"
+    return None
 
 
 _ALIASES = {"url": ("image_url", "img_url", "link", "src", "uri"),
@@ -190,17 +221,28 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"B
 def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     """Decode raw bytes into the dataset's uniform encoding.
 
-    Returns {"ok": True, "image": bytes, ...original properties} or
-    {"ok": False, "reason": "not_an_image" | "corrupt_image", "error": message}.
+    Returns {"ok": True, "image": bytes, ...original properties} or {"ok": False, "reason":
+    "empty_body" | "compressed_body" | "not_an_image" | "image_too_large" | "corrupt_image",
+    "error": message}.  Sizes are checked on the header, before any pixel is decoded.
     """
     if not data:
         return {"ok": False, "reason": "empty_body", "error": "zero bytes received"}
+    if data[:2] == b"\x1f\x8b":  # a gzip stream (Content-Encoding: gzip): never inflated here
+        return {"ok": False, "reason": "compressed_body",
+                "error": f"body is a gzip stream ({len(data)} bytes), not an image; it was not inflated"}
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return {"ok": False, "reason": "not_an_image", "error": "body is HTML/XML, not an image"}
     try:
-        with Image.open(io.BytesIO(data)) as src:
+        with warnings.catch_warnings():  # a size over PIL's bomb warning is reported, not printed
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            src = Image.open(io.BytesIO(data))
+        with src:
             fmt, mode = src.format, src.mode
+            if src.width * src.height > cfg.max_pixels:
+                return {"ok": False, "reason": "image_too_large",
+                        "error": f"{src.width}x{src.height} = {src.width * src.height:,} pixels > "
+                                 f"download.max_pixels={cfg.max_pixels:,} (not decoded)"}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 src.load()
@@ -211,7 +253,9 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
         # an image signature that does not decode is a corrupt image, anything else is not an image
         reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_an_image"
         return {"ok": False, "reason": reason, "error": str(exc)}
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit, hit at open for > 2x MAX_IMAGE_PIXELS
+        return {"ok": False, "reason": "image_too_large", "error": str(exc)}
+    except (OSError, ValueError, SyntaxError) as exc:
         return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
     # original size is reported upright (after EXIF), as a viewer shows it
     uw, uh = rgb.size
@@ -242,6 +286,8 @@ def classify_error(message: str | None) -> str:
     m = (message or "").lower()
     if not m:
         return "unknown_error"
+    if "infinite loop" in m or "redirect loop" in m or "too many redirects" in m:
+        return "redirect_loop"
     if mo := re.search(r"http error (\d{3})", m):
         code = int(mo.group(1))
         if code == 429:
@@ -324,6 +370,24 @@ def _normalize_all(blobs: list[bytes], cfg: DownloadConfig) -> list[dict[str, An
         return [r for part in pool.map(_normalize_chunk, chunks) for r in part]
 
 
+def is_private_host(url: str) -> bool:
+    """True for URLs whose host is localhost or an IP literal that is not public (loopback,
+    RFC 1918 private, link-local incl. cloud metadata 169.254.169.254, reserved, multicast).
+    Host names are not resolved: a public name pointing at a private address is not caught."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not ip.is_global or ip.is_multicast
 IMAGE_SCHEMA = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
                           ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
                           ("height", pa.int32()), ("caption", pa.string())])
@@ -399,7 +463,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True, runner: str | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
-    Writes ``out_dir/ledger.parquet`` (one row per input row) and
+    Writes ``out_dir/ledger.parquet`` (one row per input row, ``url`` from ``record_url`` where
+    the table has one) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
     caption), one image part per img2dataset part of the first pass (rows recovered by a retry
     pass go back to the part of their input row, so parts stay in key order).  Passes keep only
@@ -409,12 +474,23 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     """
     from imagegen.executors import executor
 
-    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": url_list["url"].to_numpy(),
+    # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
+    # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
+    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
+    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": recorded.to_numpy(),
                            "caption": url_list["caption"].to_numpy()})
     for col in LEDGER_COLUMNS[3:]:
         ledger[col] = None
     ledger["attempts"] = 0
     ledger = ledger.set_index("row_id", drop=False)
+    if not cfg.allow_private_addresses and "record_url" not in url_list.columns:
+        # a user's list (the world's table carries record_url and is served by our own loopback server)
+        private = url_list["skip_reason"].isna() & url_list["url"].map(is_private_host)
+        if private.any():
+            url_list = url_list.copy()
+            url_list.loc[private, "skip_reason"] = "private_address"
+            log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
+                        "download.allow_private_addresses=true to fetch them)", int(private.sum()))
     skip = url_list.set_index("row_id")["skip_reason"].dropna()
     ledger.loc[skip.index, "status"] = "skipped"
     ledger.loc[skip.index, "reason"] = skip.to_numpy()
@@ -449,6 +525,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
                      len(retry_ids))
         pending = pending[pending["row_id"].isin(retry_ids)]
+        if not pending.empty and cfg.retry_wait and (ledger.loc[retry_ids, "reason"] == "http_429").any():
+            time.sleep(cfg.retry_wait)  # rate limited: wait before asking again
 
     # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
     images_dir = out_dir / "images"

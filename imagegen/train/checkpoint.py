@@ -16,6 +16,7 @@ position, bad-step count).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -26,21 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from imagegen.hashing import file_sha256
 from imagegen.train.ema import EMA
+# the format and its reader live with the models (models/checkpoint.py: load_family); re-exported here
+from models.checkpoint import (FORMAT, STATE, TENSORS, CheckpointError, read_checkpoint,  # noqa: F401
+                               verify_checkpoint)
 
-FORMAT = 1
-TENSORS = "tensors.safetensors"
-STATE = "state.json"
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: damaged, or made by a different run setup."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -59,6 +56,24 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; each damaged newer one is
+    named in a warning (and left in place: it is renamed aside by the next save).  When every
+    checkpoint is damaged it raises instead of silently starting over."""
+    errors = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            log.warning("skipping damaged checkpoint %s (%s); falling back to the next older one", path, exc)
+    if errors:
+        raise CheckpointError("; ".join(errors) + f" — no usable checkpoint is left in {checkpoints_dir(run_dir)}: "
+                              "remove the damaged folders to train this run from step 0")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -150,36 +165,18 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for later in list_checkpoints(run_dir):
+        # newer than the one just saved: this run resumed from before it, so it was damaged
+        if int(_STEP_DIR.match(later.name).group(1)) > step:
+            aside = later.with_name(f"{later.name}.damaged-{os.getpid()}")
+            os.replace(later, aside)
+            log.warning("moved the damaged checkpoint %s aside to %s", later, aside)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 # ------------------------------------------------------------------------------------------ load
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint folder, with its integrity checked."""
-    path = Path(path)
-    st, tf = path / STATE, path / TENSORS
-    if not st.is_file() or not tf.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: needs {STATE} and {TENSORS}")
-    try:
-        meta = json.loads(st.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}"
-                              f" (this code reads format {FORMAT})")
-    digest = file_sha256(tf)
-    if digest != meta.get("tensors_sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TENSORS} has sha256 {digest[:16]}..., "
-                              f"{STATE} records {str(meta.get('tensors_sha256'))[:16]}...")
-    try:
-        tensors = load_file(str(tf))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
-    return tensors, meta
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], may_differ: Iterable[str] = ()) -> list[str]:
