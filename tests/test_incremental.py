@@ -64,6 +64,7 @@ _TINY = [
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_a_new_version_retries_only_the_transient_failures(tmp_path):
     from imagegen import curate as C
     from imagegen.presets import CURATE_PRESETS, build_config

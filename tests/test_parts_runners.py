@@ -211,6 +211,7 @@ def _fingerprint(ref) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 @pytest.mark.parametrize("runner", ["local:2", "dask:2", "ray:2"])
 def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner):
     import shutil
