@@ -45,6 +45,8 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
     pending = pd.DataFrame({"row_id": retry_ids.to_numpy(), "url": cur.loc[retry_ids, "url"].to_numpy(),
                             "caption": cur.loc[retry_ids, "caption"].to_numpy()})
     pending["skip_reason"] = None
+    if "record_url" in cur.columns:  # the world's table: the ledger keeps the port-free URL
+        pending["record_url"] = cur.loc[retry_ids, "record_url"].to_numpy()
     n_append = 0
     if append is not None and len(append):
         start = int(parent_ledger["row_id"].max()) + 1
@@ -58,7 +60,9 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
                 raise D.InputError(f"the appended list repeats {int(seen.sum())} URL(s) of the parent: {ex}; "
                                    "pass on_duplicate_urls='skip' to ledger them as skipped")
             add.loc[seen, "skip_reason"] = [f"duplicate_url_of_row_{known[u]}" for u in add.loc[seen, "url"]]
-        pending = pd.concat([pending, add[["row_id", "url", "caption", "skip_reason"]]], ignore_index=True)
+        if "record_url" in pending.columns:
+            add["record_url"] = add["url"]
+        pending = pd.concat([pending, add[[c for c in pending.columns]]], ignore_index=True)
         n_append = len(add)
 
     images = out_dir / "images"
