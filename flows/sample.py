@@ -19,7 +19,8 @@ def sample_markdown(summary: dict[str, Any]) -> str:
 
     lines = [f"# Samples of run `{summary['run_id']}` ({summary['family']})", "",
              f"{summary['n_images']} image(s) in `{summary['out']}`: {summary['sampler']}, {summary['steps']} steps, "
-             f"guidance {summary['guidance']:g}" + (f", watermark {summary['watermark']!r}" if summary["watermark"] else ""),
+             f"guidance {summary['guidance']:g}" + (f", watermark {summary['watermark']!r}" if summary["watermark"] else "")
+             + (f", edit: {summary['edit']}" if summary.get("edit", "sample") != "sample" else ""),
              "", "Prompts: " + "; ".join(f"`{p}`" for p in summary["prompts"] if p) or "(unconditional)"]
     uri = png_data_uri(summary.get("grid"))
     if uri:

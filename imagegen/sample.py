@@ -14,6 +14,10 @@ unconditional run takes no prompt.  ``watermark=TEXT`` embeds TEXT invisibly wit
 :func:`check_watermark` reads it back.  That method needs images of at least 256 x 256 pixels:
 ``output_size`` resizes the samples (bicubic) before saving, and the resize is recorded.
 
+Editing and control (SDEdit, inpainting / outpainting, the inversion edit, ControlNet, a LoRA
+adapter, a textual-inversion embedding) are request fields too; imagegen/sample_edit.py checks
+their files before any work and makes each batch's call.
+
 The model slot takes ``run=RUN`` or ``model="run:RUN"``; other model specs (``diffusers:...``) are
 refused with a message until a family for them exists.
 """

@@ -120,7 +120,8 @@ class EditPlan:
 
         self.req = req
         run_id = prep.run.id
-        fam_name, model = prep.family_name, prep.train_cfg.model
+        # the checkpoint's own config: the run card may hold references as given ('run:<id>', 'world')
+        fam_name, model = prep.family_name, _state_config(prep.run.checkpoint).get("model", prep.train_cfg.model)
         self.controlnet_run = None
         self.is_controlnet = fam_name == "controlnet"
         self.trained_inpainting = fam_name == "inpainting"
@@ -136,7 +137,7 @@ class EditPlan:
                 raise EditInputError(f"ControlNet run {cn.id} has no checkpoint yet")
             self._check_base(cn, prep)
             self.controlnet_run = cn
-            self.cn_model = cn.card["config"]["model"]
+            self.cn_model = _state_config(cn.checkpoint).get("model", {})
         elif self.is_controlnet:
             self.cn_model = model
             base_family = _state_config(model["base"]).get("family", "")
@@ -254,7 +255,7 @@ class EditPlan:
 
     @staticmethod
     def _check_base(cn: Any, prep: Any) -> None:
-        base = Path(str(cn.card["config"]["model"].get("base", "")))
+        base = Path(str(_state_config(cn.checkpoint).get("model", {}).get("base", "")))
         mine = Path(prep.run.checkpoint)
         if base.resolve() == mine.resolve():
             return

@@ -214,7 +214,6 @@ def test_lora_and_embedding(edit_root, tmp_path):
         sample(SampleRequest(**base, embedding=str(bad)), root)
 
 
-@pytest.mark.slow
 def test_controlnet_runs_through_the_cli(edit_root, tmp_path, capsys):
     from imagegen.cli import main
     from imagegen.train.runs import train_run
@@ -260,6 +259,26 @@ def test_controlnet_runs_through_the_cli(edit_root, tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(big)
     assert main([*args, "--run", cn, "--control", str(big)]) == 2
     assert "is 32x32, but run" in capsys.readouterr().err
+
+
+def test_trained_inpainting_run(edit_root, tmp_path):
+    from imagegen.train.runs import train_run
+
+    root, run, init = edit_root
+    inp = train_run({"dataset": "world-tiny", "train": {
+        "family": "inpainting", "model": {**TINY_UNET, "conditioning": "text", "text_encoder": "world",
+                                          "inner": "flow"},
+        "steps": 2, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "ckpt_every": 2, "epoch_batches": 2,
+        "shuffle_buffer": 16, "sample_count": 2, "sample_steps": 2}}, root)["run_id"]
+    mask = _mask(tmp_path / "m.png", rows=slice(0, 5))
+    res = sample(SampleRequest(run=inp, prompts=["a red circle"], n=2, steps=3, init_image=str(init), mask=str(mask),
+                               out=str(tmp_path / "ti")), root)
+    keep = np.asarray(Image.open(mask)) == 0
+    assert all(np.array_equal(_px(f)[keep], _px(init)[keep]) for f in res["files"])
+    p = read_parameters(res["files"][0])
+    assert p["edit"]["trained_inpainting"] is True and p["nfe"] > 0
+    with pytest.raises(SampleError, match="trained inpainting model"):
+        sample(SampleRequest(run=inp, prompts=["x"], init_image=str(init), strength=0.5), root)
 
 
 def test_cli_edit_and_the_deployment_schema(edit_root, tmp_path, capsys):
