@@ -317,3 +317,19 @@ def test_cli_edit_and_the_deployment_schema(edit_root, tmp_path, capsys):
 
     deps = {d["name"]: d for d in yaml.safe_load(Path("prefect.yaml").read_text())["deployments"]}
     assert deps["sample"]["entrypoint"] == "flows/sample.py:sample_flow"
+
+
+@pytest.mark.slow
+def test_inpainting_through_the_prefect_flow(edit_root, tmp_path, prefect_server):
+    from flows.sample import sample_flow
+
+    root, run, init = edit_root
+    mask = _mask(tmp_path / "m.png", rows=slice(0, 8))
+    res = sample_flow(request=SampleRequest(run=run, prompts=["a red circle"], n=1, steps=2, init_image=str(init),
+                                            mask=str(mask), out=str(tmp_path / "flow")), data_root=str(root))
+    assert res["edit"] == "inpaint"
+    assert np.array_equal(_px(res["files"][0])[8:], _px(init)[8:])
+    with pytest.raises(SampleError, match="is 8x8, the init image"):
+        sample_flow(request=SampleRequest(run=run, prompts=["x"], init_image=str(init),
+                                          mask=str(_mask(tmp_path / "m8.png", value=0, size=(8, 8)))),
+                    data_root=str(root))
