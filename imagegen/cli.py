@@ -10,6 +10,9 @@
     imagegen benchmark [--runs A,B | --families flow,reflow] [--dataset D] [--nfe 1,2,4,8] [--set n_samples=5000 ...]
     imagegen pipeline --preset smoke|demo|gpu [--set train.family=ddpm --set distill.method=null ...]
     imagegen serve [--host 127.0.0.1] [--port 4200] [--home DIR] [--no-worker] [--api-url URL]
+    imagegen import folder|webdataset|hf SOURCE [--name N] [--curate] [--image-column C ...] [--set shard.target_shard_size=500]
+    imagegen import fid-stats FILE.npz --name N [--protocol TEXT]
+    imagegen sample --run RUN --prompt TEXT [--prompts FILE] [--guidance G] [--steps N] [--n N] [--out DIR]
 
 Every flow sub-command takes ``--preset``, ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--name", help="registry name of the dataset")
     cur.add_argument("--url-col", help="URL column name (default url)")
     cur.add_argument("--caption-col", help="caption column name (default caption)")
+    cur.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
 
     ds = sub.add_parser("datasets", help="list or show datasets in the registry")
     ds.add_argument("action", choices=["list", "show"])
@@ -148,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="curate -> train -> distill -> evaluate teacher and student, and a report")
     _common(pl, sorted(PIPELINE_PRESETS), "smoke")  # --set STAGE.KEY=VALUE, e.g. train.family=ddpm
+    pl.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
+
+    from imagegen.importers.cli import add_import_parser
+    from imagegen.sample import add_sample_parser
+
+    add_import_parser(sub)
+    add_sample_parser(sub)
 
     sv = sub.add_parser("serve", help="a local Prefect server (UI), the work pool, every deployment and a worker")
     sv.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1: loopback only)")
@@ -173,6 +184,8 @@ def _curate_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"download.url_col={args.url_col}")
     if args.caption_col:
         extra.append(f"download.caption_col={args.caption_col}")
+    if getattr(args, "runner", None):
+        extra.append(f"runner={args.runner}")
     return extra + list(args.overrides)
 
 
@@ -349,7 +362,8 @@ def cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen import pipeline as P
     from imagegen.paths import data_root
 
-    request = P.build_request(args.preset, None, list(args.overrides))  # every stage validated before any work
+    overrides = ([f"curate.runner={args.runner}"] if getattr(args, "runner", None) else []) + list(args.overrides)
+    request = P.build_request(args.preset, None, overrides)  # every stage validated before any work
     root = data_root(args.data_root)
     if args.no_prefect:
         def note(line: str) -> None:
@@ -372,6 +386,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.importers.cli import cmd_import
+
+    return cmd_import(args)
+
+
+def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.sample import cmd_sample
+
+    def via_prefect(request: Any, root: Path) -> dict[str, Any]:
+        from flows.sample import sample_flow
+
+        return sample_flow(request=request, data_root=str(root))
+
+    return cmd_sample(args, via_prefect)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -385,11 +416,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
                   "families": cmd_families, "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
-                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline}[args.command](args)
+                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline, "import": _cmd_import,
+                  "sample": _cmd_sample}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
     except (ValueError, LookupError, OSError) as exc:
+        print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from imagegen.train.checkpoint import CheckpointError
+
+        if not isinstance(exc, CheckpointError):
+            raise
         print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):
@@ -416,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
         print(result["path"])
+    elif args.command in ("import", "sample"):
+        print(result["message"])
     elif args.command == "pipeline":
         for role, metrics in result["metrics"].items():
             for name, value in metrics.items():

@@ -68,6 +68,8 @@ class EvalRequest(BaseModel):
     n_samples: int = Field(1000, ge=2, le=1_000_000, description="Images generated for FID/KID/CLIPScore")
     reference: str | None = Field(None, description="Reference dataset (name or id); default: the run's dataset")
     reference_n: int | None = Field(None, ge=2, description="Reference images (None = all)")
+    reference_stats: str | None = Field(None, description="FID against imported reference statistics (name or id "
+                                        "of `imagegen import fid-stats FILE.npz`) instead of a reference dataset")
     extractor: str = Field("auto", description="'auto', 'inception', or an open_clip spec / 'world' (FD-CLIP)")
     fid_mode: Literal["clean", "legacy_pytorch", "legacy_tensorflow"] = Field("clean", description="clean-fid mode")
     kid_subsets: int = Field(100, ge=1, le=10_000, description="KID subsets")
@@ -167,8 +169,9 @@ class Source:
             listed = self.files or sorted(folder.rglob("*.png"))
             self.identity = {"folder": str(folder.resolve()),
                              "files": stable_hash([(str(f.relative_to(folder)), f.stat().st_size) for f in listed])}
-            if req.reference is None and ({"fid", "kid"} & set(req.metrics)):
-                raise EvalError("evaluating a folder for FID/KID needs reference= (a dataset name or id)")
+            if req.reference is None and req.reference_stats is None and ({"fid", "kid"} & set(req.metrics)):
+                raise EvalError("evaluating a folder for FID/KID needs reference= (a dataset name or id) or "
+                                "reference_stats= (imported .npz statistics)")
             ds_name = req.reference
             self.size = Image.open(self.files[0]).size[0] if self.files else 0
         self.dataset: DatasetRef | None = get_dataset(root, ds_name) if ds_name else None
@@ -220,6 +223,8 @@ def _resolve_clip(spec: str, src: Source) -> str:
 
 def _check_before_work(req: EvalRequest, src: Source) -> None:
     """Everything that can fail fast: weights, conditioning, prompt file, detector."""
+    if req.reference_stats is not None:
+        _stats_card(req, src)
     if {"fid", "kid"} & set(req.metrics):
         ext = _extractor_name(req, src)
         if ext == "inception":
@@ -257,7 +262,23 @@ def check_request(request: EvalRequest, root: Path | str) -> None:
     _check_before_work(request, Source(request, Path(root)))
 
 
+def _stats_card(req: EvalRequest, src: Source) -> dict[str, Any]:
+    """The imported reference statistics' card, checked against the request (extractor, clean-fid mode)."""
+    from imagegen.importers.fid_stats import get_fid_ref
+
+    card = get_fid_ref(src.root, str(req.reference_stats))
+    if req.extractor not in ("auto", card["extractor"]):
+        raise EvalError(f"reference_stats {card['name']} ({card['id']}) are {card['extractor']} features; "
+                        f"extractor={req.extractor!r} would compare other features with them")
+    if card.get("mode") and card["mode"] != req.fid_mode:
+        raise EvalError(f"reference_stats {card['name']} were computed in clean-fid mode {card['mode']!r}; "
+                        f"set fid_mode={card['mode']!r} (this request has {req.fid_mode!r})")
+    return card
+
+
 def _extractor_name(req: EvalRequest, src: Source) -> str:
+    if req.reference_stats is not None:
+        return _stats_card(req, src)["extractor"]
     if req.extractor == "auto":
         return "world" if src.is_world else "inception"
     return req.extractor
@@ -399,6 +420,8 @@ def fid_kid(src: Source, req: EvalRequest, gen_files: list[Path], device: str, b
         extractor = clip_image_extractor(spec, device)
         ext_id, weights = extractor.extractor_id, dict(extractor.identity)
     size = Image.open(gen_files[0]).size[0]
+    if req.reference_stats is not None:
+        return _fid_against_stats(req, src, extractor, ext_id, weights, gen_files, device, base)
     ref_files = reference_images(src, size, req.reference_n, req.seed)
     key = stable_hash({"dataset": src.dataset.id, "size": size, "extractor": ext_id, "mode": req.fid_mode,
                        "n": req.reference_n, "seed": req.seed})
@@ -419,6 +442,34 @@ def fid_kid(src: Source, req: EvalRequest, gen_files: list[Path], device: str, b
         kid_name = "KID" if ext_id == INCEPTION_ID else f"KD-{ext_id}"
         rows.append({**prov, "metric": kid_name, "value": float(mean), "std": float(std),
                      "kid_subsets": req.kid_subsets, "kid_subset_size": size_k})
+    return rows
+
+
+def _fid_against_stats(req: EvalRequest, src: Source, extractor: Any, ext_id: str, weights: dict[str, Any],
+                       gen_files: list[Path], device: str, base: dict[str, Any]) -> list[dict]:
+    """FID (and KID when the file holds clean-fid's features) against imported statistics."""
+    from imagegen.evaluate.fid import INCEPTION_ID, frechet_distance, gaussian_stats, kid, metric_name
+    from imagegen.importers.fid_stats import load_fid_ref
+
+    mu, sigma, feats, card = load_fid_ref(src.root, str(req.reference_stats))
+    gen = _features(gen_files, extractor, req, device, None)
+    if gen.shape[1] != mu.shape[0]:
+        raise EvalError(f"reference_stats {card['name']} are {mu.shape[0]}-d; extractor {ext_id} gives {gen.shape[1]}-d")
+    g_mu, g_sigma = gaussian_stats(gen, name="generated features")
+    prov = {**base, "implementation": f"clean-fid {importlib.metadata.version('clean-fid')} features, "
+            "imagegen float64 eigen Fréchet distance, imported reference statistics", "mode": req.fid_mode,
+            "extractor": ext_id, "extractor_weights": json.dumps(weights, default=str), "n_generated": len(gen_files),
+            "n_reference": card.get("n_feats"), "reference_dataset": None, "reference_stats": card["id"],
+            "reference_stats_name": card["name"], "reference_stats_file_sha256": card["file_sha256"],
+            "reference_stats_protocol": card.get("protocol"), "reference_stats_sha256": card["stats_sha256"]}
+    rows = []
+    if "fid" in req.metrics:
+        rows.append({**prov, "metric": metric_name(ext_id), "value": frechet_distance(g_mu, g_sigma, mu, sigma)})
+    if "kid" in req.metrics and feats is not None:
+        size_k = min(req.kid_subset_size, len(gen), len(feats))
+        mean, std = kid(gen, feats, subsets=req.kid_subsets, subset_size=size_k, seed=req.seed)
+        rows.append({**prov, "metric": "KID" if ext_id == INCEPTION_ID else f"KD-{ext_id}", "value": float(mean),
+                     "std": float(std), "kid_subsets": req.kid_subsets, "kid_subset_size": size_k})
     return rows
 
 
@@ -510,7 +561,11 @@ Computed = tuple[list[dict[str, Any]], dict[str, str]]  # (metric rows, skipped 
 
 
 def fid_kid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
-    return fid_kid(src, req, ctx.files, ctx.device, ctx.base), {}
+    rows = fid_kid(src, req, ctx.files, ctx.device, ctx.base)
+    if "kid" in req.metrics and req.reference_stats is not None and not any(r["metric"].startswith("K") for r in rows):
+        return rows, {"kid": (f"reference_stats {req.reference_stats} hold mu/sigma only; KID needs the reference "
+                              "features (clean-fid's *_kid.npz 'feats')")}
+    return rows, {}
 
 
 def clipscore_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
@@ -545,6 +600,8 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
     ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
                                                                                       "batch_size"}),
              "code": code_version(*M.modules(req.metrics), M, _self())}
+    if req.reference_stats is not None:  # a name can be given to another file: the file's hash decides
+        ident["reference_stats_sha256"] = _stats_card(req, src)["file_sha256"]
     eval_id = stable_hash(ident)
     out = evals_dir(root) / eval_id
     if (out / "card.json").is_file():
