@@ -193,7 +193,7 @@ def main() -> None:
         # personalisation: DreamBooth full vs LoRA-4 on the ring under the circle label
         from models.lora import trainable_fraction
         from models.personalize import denoising_loss, dreambooth
-        from models.teacher import checkpoint_family
+        from models.checkpoint import load_family as checkpoint_family
 
         circle = SHAPES.index("circle")
         subj, held = ring_images(12, 0), ring_images(16, 1)

@@ -39,6 +39,42 @@ from imagegen.world.scene import WorldConfig
 
 log = logging.getLogger(__name__)
 
+# The modules each stage's output depends on: their source is the stage's code version (in this
+# order; user filters' and captioners' own modules are added by stage_code).
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "world": ("imagegen.world.scene", "imagegen.world.publish"),
+    "download": ("imagegen.stages.download",),
+    "dedup": ("imagegen.stages.dedup", "imagegen.mih"),
+    "filter": ("imagegen.stages.filter",),
+    "recaption": ("imagegen.stages.recaption", "imagegen.world.detector"),
+    "shard": ("imagegen.stages.shard",),
+}
+
+
+def user_modules(stage: str, cfg: BaseModel) -> list[str]:
+    """Modules outside STAGE_MODULES that a stage's config brings in: the custom filters'
+    (``FilterConfig.custom``) and the captioner's (``RecaptionConfig.backend``), so editing one
+    recomputes the stage."""
+    names: list[str] = []
+    if stage == "filter":
+        for spec in getattr(cfg, "custom", ()):
+            factory = filter_mod._REGISTRY.get(spec)
+            names.append(factory.__module__ if factory is not None else spec.partition(":")[0])
+    elif stage == "recaption":
+        factory = recaption_mod.CAPTIONERS.get(getattr(cfg, "backend", ""))
+        if factory is not None:
+            names.append(factory.__module__)
+    return names
+
+
+def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
+    """The code version of ``stage``: STAGE_MODULES plus its config's user modules, each once."""
+    import importlib
+
+    names = list(dict.fromkeys([*STAGE_MODULES[stage], *(user_modules(stage, cfg) if cfg is not None else [])]))
+    return code_version(*(importlib.import_module(n) for n in names))
+
+
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
     "download": {"processes_count", "thread_count", "distributor"},
@@ -122,14 +158,13 @@ def _run_stage(root: Path, stage: str, inputs: dict[str, Any], params: dict[str,
 def world_stage(root: Path, source: SourceConfig) -> StageResult:
     """Publish the embedded world (files, routes, URL paths, ground truth) once per config."""
     from imagegen.world import publish as publish_mod
-    from imagegen.world import scene as scene_mod
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return publish_mod.publish_world(source.world, source.publish, tmp)
 
     return _run_stage(root, "world", {}, {"world": source.world.model_dump(mode="json"),
                                           "publish": source.publish.model_dump(mode="json")},
-                      code_version(scene_mod, publish_mod), body)
+                      stage_code("world"), body)
 
 
 def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
@@ -171,7 +206,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
                 card["server_requests"] = srv.stats()
         return counts
 
-    return _run_stage(root, "download", sid_inputs, _params("download", cfg), code_version(download_mod), body)
+    return _run_stage(root, "download", sid_inputs, _params("download", cfg), stage_code("download"), body)
 
 
 def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageResult:
@@ -179,9 +214,7 @@ def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageRes
         d = Path(download.path)
         return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet")
 
-    from imagegen import mih
-    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg),
-                      code_version(dedup_mod, mih), body)
+    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg), stage_code("dedup"), body)
 
 
 def model_resolver(clip: StageResult | None) -> Callable[[str], str]:
@@ -210,7 +243,7 @@ def filter_stage(root: Path, download: StageResult, dedup: StageResult, cfg: Fil
                                      tmp / "filter.parquet", resolve_model=model_resolver(clip))
 
     return _run_stage(root, "filter", {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *specs)},
-                      _params("filter", cfg), code_version(filter_mod), body)
+                      _params("filter", cfg), stage_code("filter", cfg), body)
 
 
 def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cfg: RecaptionConfig,
@@ -223,10 +256,9 @@ def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cf
             rcfg = cfg.model_copy(update={"model": model_resolver(clip)(cfg.model or "world")})
         return recaption_mod.run_recaption(Path(download.path) / "images", keys, rcfg, tmp / "captions.parquet")
 
-    from imagegen.world import detector
     return _run_stage(root, "recaption", {"download": download.id, "filter": filtered.id,
                                           **_clip_inputs(clip, cfg.model if cfg.backend == "clip_retrieval" else None)},
-                      _params("recaption", cfg), code_version(recaption_mod, detector), body)
+                      _params("recaption", cfg), stage_code("recaption", cfg), body)
 
 
 def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResult, dedup: StageResult,
@@ -237,7 +269,7 @@ def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResu
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return build_dataset(tmp, card, name, config, download, dedup, filtered, captions, world, clip)
 
-    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), code_version(shard_mod), body,
+    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), stage_code("shard"), body,
                      final=lambda sid: datasets_dir(root) / sid)
     register_name(root, name, res.id)
     return res
@@ -341,6 +373,7 @@ def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFra
 
 def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFrame) -> dict[str, Any]:
     """Where each planted fault ended up, and caption accuracy before/after recaptioning."""
+    from imagegen.world.captions import caption_accuracy
     from imagegen.world.publish import read_truth
 
     truth = read_truth(world_dir)
@@ -354,7 +387,7 @@ def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFra
         rels = [json.loads(r) if isinstance(r, str) else None for r in kept["relation"]]
         truth_caps = kept["true_caption"].tolist()
         for label, col in (("alt_text", "original_caption"), ("final", "caption")):
-            report[f"caption_accuracy_{label}"] = recaption_mod.caption_accuracy(
+            report[f"caption_accuracy_{label}"] = caption_accuracy(
                 kept[col].tolist(), objs, truth_relations=rels, truth_captions=truth_caps)
     return report
 
@@ -403,24 +436,39 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
                               f"({exc.strerror}); pick another with source.world_port or 0 for any free port") from exc
 
 
+StageRunner = Callable[..., StageResult]
+
+
+def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
+               progress: Callable[[str, StageResult], None] | None = None) -> StageResult:
+    """The one order of the curate stages: (world, reference CLIP,) download, dedup, filter,
+    recaption, shard; registers the dataset's name and returns the shard stage's result.
+
+    ``run(stage, fn, *args)`` runs one stage: by default ``fn(*args)`` in this process; the curate
+    flow passes one that runs the stage's Prefect task instead (``flows/curate.py``)."""
+    call: StageRunner = run or (lambda stage, fn, *args: fn(*args))
+    note = progress or (lambda stage, res: None)
+
+    def step(stage: str, fn: Callable[..., StageResult], *args: Any) -> StageResult:
+        res = call(stage, fn, *args)
+        note(stage, res)
+        return res
+
+    world = clip = None
+    if config.source.kind == "world":
+        world = step("world", world_stage, root, config.source)
+        clip = step("reference_clip", reference_clip_stage, root, config.source, config.reference_clip)
+    dl = step("download", download_stage, root, config.source, world, config.download)
+    dd = step("dedup", dedup_stage, root, dl, config.dedup)
+    ff = step("filter", filter_stage, root, dl, dd, config.filter, clip)
+    rc = step("recaption", recaption_stage, root, dl, ff, config.recaption, clip)
+    ds = step("shard", shard_stage, root, config.name, config, dl, dd, ff, rc, world, clip)
+    register_name(root, config.name, ds.id)  # a stage served from a cache did not register it
+    return ds
+
+
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
     """Run the whole curate DAG without Prefect; returns the registered dataset."""
     check_preconditions(config, root)
-    note = progress or (lambda stage, res: None)
-    world = clip = None
-    if config.source.kind == "world":
-        world = world_stage(root, config.source)
-        note("world", world)
-        clip = reference_clip_stage(root, config.source, config.reference_clip)
-        note("reference_clip", clip)
-    dl = download_stage(root, config.source, world, config.download)
-    note("download", dl)
-    dd = dedup_stage(root, dl, config.dedup)
-    note("dedup", dd)
-    ff = filter_stage(root, dl, dd, config.filter, clip)
-    note("filter", ff)
-    rc = recaption_stage(root, dl, ff, config.recaption, clip)
-    note("recaption", rc)
-    ds = shard_stage(root, config.name, config, dl, dd, ff, rc, world, clip)
-    note("shard", ds)
+    ds = run_stages(config, root, progress=progress)
     return get_dataset(root, ds.id)

@@ -19,12 +19,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from imagegen.artifacts import write_json_atomic
 from imagegen.hashing import code_version, stable_hash
+
+if TYPE_CHECKING:  # the evaluation module imports torch
+    from imagegen.evaluate.run import EvalSummary
 
 LEADERBOARDS = "leaderboards"
 ID_COLUMNS = ["run_id", "family", "teacher_run", "lineage", "dataset", "dataset_id", "trained_steps", "sampler",
@@ -97,7 +100,10 @@ def select_runs(root: Path | str, families: list[str] | None = None, status: str
 
 
 def lower_is_better(metric: str) -> bool:
-    return not metric.startswith(("CLIPScore", "GenEval"))
+    """The direction of a result column, from the metric table (imagegen/evaluate/metrics.py)."""
+    from imagegen.evaluate.metrics import higher_is_better
+
+    return not higher_is_better(metric)
 
 
 def main_metric(columns: list[str]) -> str | None:
@@ -116,7 +122,7 @@ def metric_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if c not in ID_COLUMNS]
 
 
-def leaderboard(root: Path | str, eval_summaries: list[dict[str, Any]]) -> pd.DataFrame:
+def leaderboard(root: Path | str, eval_summaries: list[EvalSummary]) -> pd.DataFrame:
     """One row per evaluation summary (as :func:`imagegen.evaluate.run.evaluate` returns them), best
     first by the main metric; the same (run, sampler, steps, guidance) twice keeps the first.
 
@@ -301,7 +307,7 @@ def records(df: pd.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
-def build_leaderboard(root: Path | str, eval_summaries: list[dict[str, Any]],
+def build_leaderboard(root: Path | str, eval_summaries: list[EvalSummary],
                       card: dict[str, Any] | None = None) -> dict[str, Any]:
     """:func:`leaderboard` written by :func:`write_leaderboard` to ``<root>/leaderboards/<id>/`` with a
     ``card.json`` (written last; ``card`` adds fields such as the settings).  The id hashes the

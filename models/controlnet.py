@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from models.base import Family, FamilyConfig, LossOut
 from models.samplers import SampleResult
-from models.teacher import TeacherError, checkpoint_family, same_fields
+from models.checkpoint import load_family
+from models.teacher import TeacherError, same_fields
 
 _SAME = ("net", "net_size", "net_overrides", "image_size", "channels", "data", "conditioning", "num_classes",
          "text_encoder", "text_tokens")
@@ -252,7 +253,7 @@ class ControlNet(Family):
         c = self.cfg
         if not c.base:
             raise TeacherError("ControlNet: config field base (the base run's checkpoint folder) is empty")
-        base = checkpoint_family(c.base)
+        base = load_family(c.base)
         if not hasattr(base, "net") or base.cfg.net not in ("unet", "dit"):
             raise TeacherError(f"ControlNet: the base {c.base} is a {base.name!r} model on net "
                                f"{getattr(base.cfg, 'net', None)!r}; ControlNet needs a U-Net or DiT denoiser")

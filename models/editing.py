@@ -244,10 +244,10 @@ def autoencoder(family: Any) -> Any:
     if ae is None:
         if not family.cfg.autoencoder:
             raise EditError(f"{type(family).__name__}: data='latents' without an autoencoder: cannot encode images")
-        from models.teacher import checkpoint_family
+        from models.checkpoint import load_family
 
-        ae = checkpoint_family(str(family.cfg.autoencoder), device=family.device)
-        object.__setattr__(family, "_autoencoder", ae)
+        ae = load_family(str(family.cfg.autoencoder), device=family.device)
+        family.attach_autoencoder(ae)
     if hasattr(ae, "decode_tokens"):
         raise EditError(f"{type(family).__name__}: its latents are token ids of {ae.name!r}; editing needs a "
                         "continuous autoencoder")

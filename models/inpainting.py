@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from models.base import Family, FamilyConfig, LossOut, rand
 from models.nets import build_net
 from models.samplers import SampleResult
-from models.teacher import TeacherError, checkpoint_family
+from models.checkpoint import load_family
+from models.teacher import TeacherError
 
 
 class InpaintingConfig(FamilyConfig):
@@ -116,7 +117,7 @@ class Inpainting(Family):
         self.sampler_options = {k: (*inner.sampler_options.get(k, ()), "image", "mask", "paste") for k in inner.samplers}
 
     def _init_from(self, ref: str) -> None:
-        base = checkpoint_family(ref)
+        base = load_family(ref)
         if base.name != self.cfg.inner:
             raise TeacherError(f"inpainting: base {ref} is a {base.name!r} run; inner is {self.cfg.inner!r}")
         theirs, own = base.net.state_dict(), self.inner.net.net.state_dict()

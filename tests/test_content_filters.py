@@ -338,6 +338,7 @@ def test_watermark_classifier_by_path(world, tmp_path):
 
 # ---------------------------------------------------------------------------- the stage
 
+@pytest.mark.slow
 def test_reasons_land_in_the_filter_table_and_accounting(world, tmp_path):
     from imagegen.curate import account_rows
 

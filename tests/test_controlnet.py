@@ -15,7 +15,8 @@ from imagegen.train.checkpoint import save_checkpoint
 from models.base import train_step
 from models.controlnet import control_map
 from models.registry import build_family
-from models.teacher import TeacherError, checkpoint_family
+from models.checkpoint import load_family as checkpoint_family
+from models.teacher import TeacherError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -37,6 +37,7 @@ def downloaded(tmp_path_factory):
     return world, counts, ledger.merge(truth, on="row_id"), out, stats
 
 
+@pytest.mark.slow
 def test_ledger_accounts_for_every_row(downloaded):
     _, counts, led, _, _ = downloaded
     assert counts["input_rows"] == len(led) == led["row_id"].nunique()
@@ -45,6 +46,7 @@ def test_ledger_accounts_for_every_row(downloaded):
     assert led["status"].isin(["success", "failed", "skipped"]).all()
 
 
+@pytest.mark.slow
 def test_failures_have_the_right_reason(downloaded):
     _, _, led, _, _ = downloaded
     by = {p: g for p, g in led.groupby("planted")}
@@ -66,6 +68,7 @@ def test_failures_have_the_right_reason(downloaded):
     assert ((led["status"] == "success") == expected).all()
 
 
+@pytest.mark.slow
 def test_images_are_uniform_rgb_and_exif_applied(downloaded):
     world, _, led, out, _ = downloaded
     parts = pd.concat([pd.read_parquet(p) for p in sorted((out / "images").glob("part-*.parquet"))])
@@ -89,6 +92,7 @@ def test_images_are_uniform_rgb_and_exif_applied(downloaded):
             assert (rows["original_mode"] == mode).all(), (kind, rows["original_mode"].tolist())
 
 
+@pytest.mark.slow
 def test_server_saw_the_retry(downloaded):
     *_, stats = downloaded
     assert json.dumps(stats)  # JSON-able for the stage card
