@@ -195,7 +195,7 @@ def main() -> None:
         # personalisation: DreamBooth full vs LoRA-4 on the ring under the circle label
         from models.lora import trainable_fraction
         from models.personalize import denoising_loss, dreambooth
-        from models.checkpoint import load_family as checkpoint_family
+        from models.checkpoint import load_family
 
         circle = SHAPES.index("circle")
         subj, held = ring_images(12, 0), ring_images(16, 1)
@@ -205,7 +205,7 @@ def main() -> None:
         rows = {}
         for name, kw in [("full", {"lr": 5e-4}), ("lora4", {"lora_rank": 4, "lr": 5e-3}),
                          ("lora4_all", {"lora_rank": 4, "lora_targets": "all", "lr": 5e-3})]:
-            fam = checkpoint_family(ck)
+            fam = load_family(ck)
             fam.requires_grad_(True)
             t0 = time.process_time()
             dreambooth(fam, subj, circle, steps=args.tune_steps, batch_size=8, **kw)

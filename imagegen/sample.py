@@ -118,7 +118,7 @@ class Prepared:
     """A request resolved against the registry: run, checkpoint identity, prompts and their conditions."""
 
     def __init__(self, req: SampleRequest, root: Path) -> None:
-        from imagegen.train.checkpoint import read_checkpoint
+        from models.checkpoint import read_checkpoint
         from imagegen.train.runs import get_run
         from imagegen.train.trainer import TrainConfig
         from models.registry import get_family
@@ -251,13 +251,18 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     """Generate the request's images into its output folder; returns a summary (paths, parameters)."""
     from imagegen import __version__
     from models.reflow import pair_noise
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
     req = request if isinstance(request, SampleRequest) else SampleRequest(**request)
     root = Path(root)
     prep = Prepared(req, root)
     if req.watermark is not None:
-        import imwatermark  # noqa: F401  (installed? fail before generating)
+        try:
+            import imwatermark  # noqa: F401  (installed? fail before generating)
+        except ImportError as exc:
+            raise SampleError(f"watermarks need the invisible-watermark package ({exc}); setup.sh installs it "
+                              "(pip install --no-deps invisible-watermark: its opencv-python requirement would "
+                              "replace opencv-python-headless)") from None
 
         side = req.output_size
         if side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
@@ -274,7 +279,7 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings})
     out = Path(req.out) if req.out else root / "samples" / sample_id
     out.mkdir(parents=True, exist_ok=True)
-    fam = checkpoint_family(prep.run.checkpoint, device=device)
+    fam = load_family(prep.run.checkpoint, device=device)
     sampler = req.sampler or fam.default_sampler
     steps = int(req.steps or fam.default_steps)
     t0 = time.time()

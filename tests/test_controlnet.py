@@ -15,7 +15,7 @@ from imagegen.train.checkpoint import save_checkpoint
 from models.base import train_step
 from models.controlnet import control_map
 from models.registry import build_family
-from models.checkpoint import load_family as checkpoint_family
+from models.checkpoint import load_family
 from models.teacher import TeacherError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,7 +91,7 @@ def test_checkpoint_round_trip_and_another_base_is_refused(tmp_path):
     saved = save_checkpoint(tmp_path / "cn", 3, family=cn, optimizers={}, schedulers={}, ema=None,
                             config={"family": "controlnet", "model": model}, generator_states={},
                             trainer_state={}, keep=1)
-    back = checkpoint_family(saved)
+    back = load_family(saved)
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), cn.state_dict().values()))
     assert not any(k.startswith("base") and k != "base_id" for k in cn.state_dict())  # the base is not in it
     other_ck, _ = base_checkpoint(tmp_path / "b", "flow", UNET, seed=7)
@@ -178,7 +178,7 @@ def test_trained_controlnet_beats_the_base_on_held_out_scenes(tmp_path):
     cn_run = train_run({"dataset": "world-tiny", "train": {
         "family": "controlnet", "model": {**UNET, "base": f"run:{base}", "signal": "canny"}, "steps": 250,
         "ckpt_every": 250, **common}}, tmp_path)["run_id"]
-    cn = checkpoint_family(get_run(tmp_path, cn_run).checkpoint)
+    cn = load_family(get_run(tmp_path, cn_run).checkpoint)
     assert cn.cfg.base == str(get_run(tmp_path, base).checkpoint.resolve())
     x = world_images(16, start=500)
     hint = cn.control_map(x)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _helpers import TINY_UNET, eval_world_root, one_thread, tiny_text_run
+from _helpers import TINY_UNET, eval_world_root, tiny_text_run
 from PIL import Image
 
 from imagegen.sample import (SampleError, SampleRequest, apply_watermark, check_watermark, read_parameters,
@@ -30,7 +30,7 @@ def test_sample_writes_pngs_with_parameters_and_a_grid(text_root, tmp_path):
     root, run = text_root
     req = SampleRequest(run=run, prompts=["a red circle", "two blue squares"], n=3, batch_size=2, steps=3, seed=7,
                         out=str(tmp_path / "a"))
-    res = one_thread(lambda: sample(req, root))
+    res = (sample(req, root))
     assert res["n_images"] == 6 and len(res["files"]) == 6 and Path(res["grid"]).is_file()
     grid = Image.open(res["grid"])
     assert grid.size == (3 * 16, 2 * 16)
@@ -45,11 +45,11 @@ def test_sample_writes_pngs_with_parameters_and_a_grid(text_root, tmp_path):
     assert [json.loads(x)["file"] for x in lines] == [Path(f).name for f in res["files"]]
 
     # one image at a time: the same pixels (each image's noise comes from its own seed)
-    res1 = one_thread(lambda: sample(req.model_copy(update={"batch_size": 1, "out": str(tmp_path / "b")}), root))
+    res1 = (sample(req.model_copy(update={"batch_size": 1, "out": str(tmp_path / "b")}), root))
     for a, b in zip(res["files"], res1["files"]):
         assert np.array_equal(_pixels(Path(a)), _pixels(Path(b)))
     # CFG with a negative prompt changes the images and is recorded
-    res2 = one_thread(lambda: sample(req.model_copy(update={"guidance": 3.0, "negative": "a green star",
+    res2 = (sample(req.model_copy(update={"guidance": 3.0, "negative": "a green star",
                                                             "out": str(tmp_path / "c")}), root))
     p2 = read_parameters(res2["files"][0])
     assert p2["guidance"] == 3.0 and p2["negative"] == "a green star"
@@ -58,10 +58,10 @@ def test_sample_writes_pngs_with_parameters_and_a_grid(text_root, tmp_path):
 
     from imagegen.train.runs import get_run
     from models.reflow import pair_noise
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
-    fam = checkpoint_family(get_run(root, run).checkpoint)
-    x = one_thread(lambda: fam.sample(1, conditioning=[p2["prompt"]], negative=[p2["negative"]], guidance=p2["guidance"],
+    fam = load_family(get_run(root, run).checkpoint)
+    x = (fam.sample(1, conditioning=[p2["prompt"]], negative=[p2["negative"]], guidance=p2["guidance"],
                                       sampler=p2["sampler"], steps=p2["steps"],
                                       x_T=pair_noise([p2["image_seed"]], fam.noise_shape)))
     again = ((x[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -72,12 +72,12 @@ def test_watermark_round_trip(text_root, tmp_path):
     root, run = text_root
     req = SampleRequest(run=run, prompts=["a red circle"], n=2, steps=2, output_size=256, watermark="imagegen",
                         out=str(tmp_path / "wm"))
-    res = one_thread(lambda: sample(req, root))
+    res = (sample(req, root))
     for f in res["files"]:
         assert Image.open(f).size == (256, 256)
         got = check_watermark(f, "imagegen")
         assert got["detected"] and got["bit_match"] >= 0.9 and got["recorded_in_png"]["method"] == "dwtDct"
-    plain = one_thread(lambda: sample(req.model_copy(update={"watermark": None, "out": str(tmp_path / "plain")}), root))
+    plain = (sample(req.model_copy(update={"watermark": None, "out": str(tmp_path / "plain")}), root))
     assert not check_watermark(plain["files"][0], "imagegen")["detected"]
     # on a real photograph no one here made (scikit-learn's bundled china.jpg)
     sk = pytest.importorskip("sklearn.datasets")
@@ -111,7 +111,7 @@ def test_refusals(text_root, tmp_path):
         sample(SampleRequest(run=run, prompts_file=str(tmp_path / "none.txt")), root)
     # model="run:ID" is the same as run=ID; prompts from a file
     (tmp_path / "p.txt").write_text("a red circle\n\na blue square\n")
-    res = one_thread(lambda: sample(SampleRequest(model=f"run:{run}", prompts_file=str(tmp_path / "p.txt"), n=1,
+    res = (sample(SampleRequest(model=f"run:{run}", prompts_file=str(tmp_path / "p.txt"), n=1,
                                                   steps=1, grid=False, out=str(tmp_path / "f")), root))
     assert res["prompts"] == ["a red circle", "a blue square"] and res["grid"] is None
 
@@ -135,8 +135,8 @@ def test_class_run_on_imported_digits_samples_by_class_name(tmp_path):
         "family": "flow", "model": {**TINY_UNET, "conditioning": "class"}, "label_field": "label", "steps": 2,
         "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "ckpt_every": 2, "epoch_batches": 2, "shuffle_buffer": 8,
         "sample_count": 2, "sample_steps": 1}}
-    run = one_thread(lambda: train_run(req, root)["run_id"])
-    res = one_thread(lambda: sample(SampleRequest(run=run, prompts=["7", "3"], n=2, steps=2, guidance=2.0,
+    run = (train_run(req, root)["run_id"])
+    res = (sample(SampleRequest(run=run, prompts=["7", "3"], n=2, steps=2, guidance=2.0,
                                                   negative="1", out=str(tmp_path / "s")), root))
     assert res["n_images"] == 4 and read_parameters(res["files"][2])["prompt"] == "3"
     with pytest.raises(SampleError, match=r"names none of the 10 classes .*\['0', '1'"):
@@ -147,7 +147,7 @@ def test_cli_sample_and_check_watermark(text_root, tmp_path, capsys):
     from imagegen.cli import main
 
     root, run = text_root
-    code = one_thread(lambda: main(["sample", "--run", run, "--prompt", "a red circle", "--n", "1", "--steps", "1",
+    code = (main(["sample", "--run", run, "--prompt", "a red circle", "--n", "1", "--steps", "1",
                                     "--output-size", "256", "--watermark", "--out", str(tmp_path / "cli"),
                                     "--data-root", str(root), "--no-prefect", "--json"]))
     assert code == 0
@@ -164,6 +164,6 @@ def test_sample_flow_through_prefect(text_root, tmp_path, prefect_server):
     from flows.sample import sample_flow
 
     root, run = text_root
-    res = one_thread(lambda: sample_flow(request=SampleRequest(run=run, prompts=["a red circle"], n=2, steps=1,
+    res = (sample_flow(request=SampleRequest(run=run, prompts=["a red circle"], n=2, steps=1,
                                                                out=str(tmp_path / "flow")), data_root=str(root)))
     assert res["n_images"] == 2 and read_parameters(res["files"][0])["model"]["run"] == run
