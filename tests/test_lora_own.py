@@ -157,6 +157,7 @@ def _subject_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.slow
 def test_dreambooth_fits_the_subject_and_prior_preservation_limits_drift():
     from models.personalize import denoising_loss, dreambooth, prior_images
 
