@@ -441,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
 
         from imagegen.leaderboard import leaderboard_markdown
 
-        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
+        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}",
+                                  protocol=result.get("protocol")))
         print(result["path"])
     elif args.command in ("import", "sample"):
         print(result["message"])
