@@ -153,3 +153,25 @@ def test_metric_requests_refused_before_work(root, folder):
     with pytest.raises(FileNotFoundError, match="DINOv2 weights"):
         evaluate(dict(folder=str(folder), reference="world-tiny", metrics=["fd_dinov2"],
                       dinov2_model=str(folder / "missing")), root)
+
+
+def test_n_seeds_reruns_generation_and_reports_mean_and_std(root, one_torch_thread):
+    from _helpers import tiny_text_run
+
+    run_id = tiny_text_run(root, steps=4)
+    req = dict(run=run_id, metrics=["fid", "clipscore"], n_samples=12, steps=2, batch_size=12, n_resamples=10,
+               kid_subsets=2, kid_subset_size=4)
+    got = evaluate({**req, "n_seeds": 2}, root)
+    one = [evaluate({**req, "seed": s}, root) for s in (0, 1)]
+    assert all(o["reused"] for o in one), "the per-seed evaluations are the combined one's parts"
+    a = Image.open(Path(one[0]["path"]) / "samples" / "00000.png")
+    b = Image.open(Path(one[1]["path"]) / "samples" / "00000.png")
+    assert np.asarray(a).tolist() != np.asarray(b).tolist(), "independent seeds give other images"
+    rows = pd.read_parquet(got["metrics_file"]).set_index("metric")
+    for name, value in got["metrics"].items():
+        per = [o["metrics"][name] for o in one]
+        assert value == pytest.approx(np.mean(per))
+        assert rows.loc[name, "seed_std"] == pytest.approx(np.std(per, ddof=1))
+        assert rows.loc[name, "ci_low"] <= value <= rows.loc[name, "ci_high"]
+        assert rows.loc[name, "n_seeds"] == 2 and "Student t" in rows.loc[name, "ci_method"]
+    assert got["n_seeds"] == 2 and got["protocol"]["seeds"] == [0, 1]
