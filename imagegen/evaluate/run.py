@@ -382,19 +382,42 @@ def conditions(src: Source, n: int, seed: int) -> tuple[list[str] | None, Any]:
     return None, None
 
 
+def rank_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The batch starts rank ``rank`` of ``world`` generates: a contiguous, disjoint range of the
+    global batches (so of image indices, and of the seeds derived from them).  Batches are the same
+    as in one process, which makes every image byte-identical to a one-process run (stochastic
+    samplers draw from a generator seeded by the batch start)."""
+    starts = list(range(0, n, batch_size))
+    return starts[rank * len(starts) // world:(rank + 1) * len(starts) // world]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[str, Any]:
-    """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete)."""
+    """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete).
+
+    Under torchrun (a process group initialised) each rank generates its range of batches
+    (:func:`rank_batches`) into the shared folder, then one gather tells rank 0 what each rank
+    did; rank 0 checks every batch was made and writes captions.jsonl last."""
     done = out / "captions.jsonl"
     info_path = out / "generate.json"
     if done.is_file() and len(done.read_text().splitlines()) == req.n_samples and info_path.is_file():
         return {**json.loads(info_path.read_text()), "generated": 0, "reused": True}
+    rank, world = _dist_rank_world()
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
     shape = fam.noise_shape
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     nfe = None
-    for start in range(0, req.n_samples, req.batch_size):
+    mine = rank_batches(req.n_samples, req.batch_size, rank, world)
+    for start in mine:
         idx = list(range(start, min(req.n_samples, start + req.batch_size)))
         c = None if cond is None else (cond[start:idx[-1] + 1] if isinstance(cond, list) else cond)
         if isinstance(c, list) and c and isinstance(c[0], int):
@@ -407,11 +430,23 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
         u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for j, i in enumerate(idx):
             Image.fromarray(u8[j]).save(out / f"{i:05d}.png")
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, {"rank": rank, "starts": mine, "nfe": nfe, "seconds": round(time.time() - t0, 3)})
+        made = sorted(s for p in parts for s in p["starts"])
+        if made != list(range(0, req.n_samples, req.batch_size)):
+            raise EvalError(f"distributed generation: the ranks made batches {made}, not every batch once")
+        nfe = next((p["nfe"] for p in parts if p["nfe"] is not None), None)
+        if rank != 0:
+            return {"nfe": nfe, "generated": sum(len(range(s, min(req.n_samples, s + req.batch_size))) for s in mine),
+                    "reused": False, "rank": rank, "world": world}
     lines = [json.dumps({"file": f"{i:05d}.png", "caption": captions[i] if captions else None})
              for i in range(req.n_samples)]
     tmp = out / ".captions.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    info = {"nfe": nfe, "seconds": round(time.time() - t0, 3)}
+    info = {"nfe": nfe, "seconds": round(time.time() - t0, 3), "world_size": world}
     write_json_atomic(info_path, info)
     tmp.replace(done)  # written last: marks the set complete
     return {**info, "generated": req.n_samples, "reused": False}
@@ -710,11 +745,7 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
     src = Source(req, root)
     _check_before_work(req, src)
     device = _device(req)
-    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
-                                                                                      "batch_size"}),
-             "code": code_version(*M.modules(req.metrics), M, _self())}
-    if req.reference_stats is not None:  # a name can be given to another file: the file's hash decides
-        ident["reference_stats_sha256"] = _stats_card(req, src)["file_sha256"]
+    ident = eval_identity(req, src)
     eval_id = stable_hash(ident)
     out = evals_dir(root) / eval_id
     if (out / "card.json").is_file():
@@ -768,6 +799,17 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
                "protocol": eval_protocol(rows, req.model_dump(mode="json"), [req.seed], len(files))}
     write_json_atomic(out / "card.json", {**summary, "request": req.model_dump(mode="json"), "identity": ident})
     return summary
+
+
+def eval_identity(req: EvalRequest, src: Source) -> dict[str, Any]:
+    """What the evaluation id hashes: the source, the settings (not where or in what batches it runs)
+    and the code of the requested metrics."""
+    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
+                                                                                      "batch_size"}),
+             "code": code_version(*M.modules(req.metrics), M, _self())}
+    if req.reference_stats is not None:  # a name can be given to another file: the file's hash decides
+        ident["reference_stats_sha256"] = _stats_card(req, src)["file_sha256"]
+    return ident
 
 
 def _row_summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
