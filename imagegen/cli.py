@@ -66,7 +66,7 @@ def _common(p: argparse.ArgumentParser, presets: list[str], default: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imagegen.evaluate.metrics import ALL_METRICS
+    from imagegen.evaluate.metrics import ALL_METRICS, KNOWN_METRICS
     from imagegen.pipeline import DISTILL_PRESETS, EVAL_PRESETS
     from imagegen.presets import CURATE_PRESETS
     from imagegen.train.runs import TRAIN_PRESETS
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training or distillation run id (or unique prefix): its latest checkpoint")
     src.add_argument("--folder", help="a folder of images, evaluated as they are (FID/KID need --set reference=D)")
-    ev.add_argument("--metrics", help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
+    ev.add_argument("--metrics", help=f"comma-separated subset of {','.join(KNOWN_METRICS)} "
+                    f"(default: {','.join(ALL_METRICS)})")
     ev.add_argument("--preset", choices=sorted(EVAL_PRESETS), default=None,
                     help="the evaluation settings of a pipeline preset (default: EvalRequest's defaults)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
