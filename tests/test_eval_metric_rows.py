@@ -45,6 +45,7 @@ def folder(root) -> Path:
     return out
 
 
+@pytest.mark.slow  # ~45 s on the shared cores (tiny DINOv2 at 224 px, bootstraps)
 def test_phase1_metrics_through_evaluate(root, folder, tmp_path, one_torch_thread):
     from imagegen.clip import load_clip
     from imagegen.evaluate import cmmd as C, dinov2 as D, prdc as P
@@ -105,6 +106,7 @@ DPG = [("p1", "a red circle", "circle", 1, "0", "entity", "whole", "entity - who
        ("p2", "a blue square", "square", 1, "0", "entity", "whole", "entity - whole (square)", "Is there a square?")]
 
 
+@pytest.mark.slow  # tiny OWLv2 + LLaVA through evaluate
 def test_geneval_with_owlv2_and_dpg_with_a_vqa_model(root, tmp_path, one_torch_thread):
     from imagegen.evaluate import geneval as G
 
@@ -155,6 +157,7 @@ def test_metric_requests_refused_before_work(root, folder):
                       dinov2_model=str(folder / "missing")), root)
 
 
+@pytest.mark.slow  # a tiny training + three evaluations
 def test_n_seeds_reruns_generation_and_reports_mean_and_std(root, one_torch_thread):
     from _helpers import tiny_text_run
 
