@@ -354,7 +354,8 @@ def benchmark_markdown(board: dict[str, Any], failed: list[dict[str, Any]]) -> s
 
     df = pd.DataFrame(board["rows"])
     images = {k: uri for k in ("family_plot", "nfe_plot") if (uri := png_data_uri(board["files"][k]))}
-    text = leaderboard_markdown(df, images, title=f"Leaderboard `{board['leaderboard_id']}`")
+    text = leaderboard_markdown(df, images, title=f"Leaderboard `{board['leaderboard_id']}`",
+                                protocol=board.get("protocol"))
     text += f"\nFolder: `{board['path']}` (leaderboard.parquet, leaderboard.md, plots, card.json)\n"
     if failed:
         text += "\n## Failed evaluations\n\n" + "\n".join(
