@@ -345,7 +345,7 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                                                     "prompts"})
     plan = prep.edit
     sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings,
-                             "inputs": plan.inputs, "loras": [l["sha256"] for l in plan.loras]})
+                             "inputs": plan.inputs, "loras": [lo.get("sha256") for lo in plan.loras]})
     out = Path(req.out) if req.out else root / "samples" / sample_id
     out.mkdir(parents=True, exist_ok=True)
     fam = plan.load(prep, device)  # the run's family (or its ControlNet), LoRA merged, control map made

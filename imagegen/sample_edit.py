@@ -429,3 +429,26 @@ class EditPlan:
         finally:
             hook.remove()
         return out, calls[0]
+
+
+class PlainPlan:
+    """No editing or control: the plan of a model that takes none (e.g. a diffusers pipeline, whose
+    loader applies its own LoRAs); ``generate`` is the model's plain ``sample_result``."""
+
+    mode, trivial, control = "sample", None, None
+
+    def __init__(self, loras: list[str] | None = None) -> None:
+        self.inputs: dict[str, Any] = {}
+        self.loras = [{"spec": s} for s in loras or []]
+
+    def record(self) -> dict[str, Any]:
+        return {"edit": None, "control": None, "embedding": None}
+
+    def context(self, fam: Any) -> ExitStack:
+        return ExitStack()
+
+    def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
+                 x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
+                                negative=negative, x_T=x_T, generator=generator)
+        return res.sample, int(res.nfe)
