@@ -341,8 +341,9 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                               f"about {side} x {side} (set output_size=256 or more)")
     device = _device(req)
     note = progress or (lambda msg: None)
-    settings = req.model_dump(mode="json", exclude={"out", "batch_size", "device", "run", "model", "prompts_file",
-                                                    "prompts"})
+    # batch_size stays in: a stochastic sampler's generator is seeded per batch, so the batch
+    # layout can change its images (the initial noise is per image either way)
+    settings = req.model_dump(mode="json", exclude={"out", "device", "run", "model", "prompts_file", "prompts"})
     plan = prep.edit
     sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings,
                              "inputs": plan.inputs, "loras": [lo.get("sha256") for lo in plan.loras]})
