@@ -16,7 +16,9 @@ echo "setup: creating .venv with locked versions (constraints.txt)" >&2
 # RapidOCR (the OCR filter; its ONNX models ship in the wheel) without its opencv-python requirement:
 # cv2 comes from opencv-python-headless, and a second cv2 build would overwrite it
 .venv/bin/python -m pip install -q -c constraints.txt --no-deps rapidocr-onnxruntime
-.venv/bin/python -c "import rapidocr_onnxruntime, nudenet, cv2"
+# invisible-watermark (dwtDct watermarks of imagegen sample) likewise asks for opencv-python
+.venv/bin/python -m pip install -q -c constraints.txt --no-deps invisible-watermark
+.venv/bin/python -c "import rapidocr_onnxruntime, nudenet, cv2, imwatermark"
 # img2dataset pulls the old 'dataclasses' backport, which shadows the standard module and kills
 # Prefect's server process ("dataclass() got an unexpected keyword argument 'slots'").
 .venv/bin/python -m pip uninstall -q -y dataclasses 2>/dev/null || true

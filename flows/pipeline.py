@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
 
 from flows.curate import curate_flow
 from flows.distill import distill_flow
 from flows.evaluate import evaluate_flow
+from flows.publish import publish_pages
 from flows.train import train_flow
 from imagegen import pipeline as P
 from imagegen.paths import data_root as resolve_root
-
-REPORT_KEY = "pipeline-report"
+from imagegen.report import pipeline_pages
 
 
 def _subflow(fn: Any, name: str, **params: Any) -> dict[str, Any]:
@@ -39,12 +38,6 @@ def subflow_stages() -> P.Stages:
     )
 
 
-def publish_report(summary: dict[str, Any]) -> None:
-    create_markdown_artifact(key=REPORT_KEY, markdown=P.embedded_markdown(summary["report"]["markdown"]),
-                             description=f"Pipeline report {summary['report']['id']}: dataset card, training "
-                                         "curve, teacher and student samples, metrics")
-
-
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(preset: Literal["smoke", "demo", "gpu"] | None = "smoke", request: P.PipelineRequest | None = None,
                   overrides: list[str] | None = None, data_root: str | None = None) -> dict[str, Any]:
@@ -60,7 +53,7 @@ def pipeline_flow(preset: Literal["smoke", "demo", "gpu"] | None = "smoke", requ
     req = P.build_request(preset, request, overrides)  # every stage validated before any work
     root = resolve_root(data_root)
     summary = P.run_pipeline(req, root, subflow_stages(), note=logger.info)
-    publish_report(summary)
+    publish_pages(pipeline_pages(summary))
     result = P.summary_result(summary)
     logger.info("pipeline: dataset %s, teacher %s, student %s; seconds %s; report %s", result["dataset_id"],
                 result["teacher_run"], result["student_run"], result["seconds"], result["report"]["markdown"])

@@ -3,14 +3,18 @@
     imagegen curate --preset smoke [--set download.timeout=3 ...] [--json]
     imagegen datasets list | show NAME_OR_ID
     imagegen train --preset smoke [--dataset D] [--family F] [--steps N] [--nproc N] [--set train.lr=3e-4 ...]
+    imagegen families
     imagegen runs list | show RUN_ID
-    imagegen distill --teacher RUN --method progressive|reflow|consistency [--steps N] [--set target_steps=2 ...]
-    imagegen evaluate (--run RUN | --folder DIR) [--metrics fid,kid,clipscore,geneval] [--set steps=8 ...]
+    imagegen distill --teacher RUN [--method progressive|reflow|consistency] [--preset P] [--steps N] [--set target_steps=2 ...]
+    imagegen evaluate (--run RUN | --folder DIR) [--preset P] [--metrics fid,kid,clipscore,geneval] [--set steps=8 ...]
     imagegen benchmark [--runs A,B | --families flow,reflow] [--dataset D] [--nfe 1,2,4,8] [--set n_samples=5000 ...]
     imagegen pipeline --preset smoke|demo|gpu [--set train.family=ddpm --set distill.method=null ...]
     imagegen serve [--host 127.0.0.1] [--port 4200] [--home DIR] [--no-worker] [--api-url URL]
+    imagegen import folder|webdataset|hf SOURCE [--name N] [--curate] [--image-column C ...] [--set shard.target_shard_size=500]
+    imagegen import fid-stats FILE.npz --name N [--protocol TEXT]
+    imagegen sample --run RUN --prompt TEXT [--prompts FILE] [--guidance G] [--steps N] [--n N] [--out DIR]
 
-Every flow sub-command takes ``--preset`` (not distill), ``--set key.path=value`` overrides (validated before
+Every flow sub-command takes ``--preset``, ``--set key.path=value`` overrides (validated before
 any work), ``--data-root`` (default ``$IMAGEGEN_DATA_ROOT`` or ``./imagegen-data``) and
 ``--json`` (a one-line JSON summary as the last line of stdout).  By default flows run through
 Prefect (visible in the UI when ``PREFECT_API_URL`` points at a server); ``--no-prefect`` runs
@@ -30,21 +34,46 @@ from typing import Any
 from pydantic import ValidationError
 
 
-def _common(p: argparse.ArgumentParser, presets: list[str], default: str) -> None:
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be computed when help is shown (``lazy_epilog``): the
+    family list of ``imagegen train --help`` imports the model registry only then."""
+
+    def __init__(self, *args: Any, lazy_epilog: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_epilog = lazy_epilog
+
+    def format_help(self) -> str:
+        if self.lazy_epilog is not None and self.epilog is None:
+            self.epilog = self.lazy_epilog()
+        return super().format_help()
+
+
+def _families_epilog() -> str:
+    from models.registry import family_lines
+
+    return ("registered families (--family NAME, or 'package.module:ClassName' for your own; "
+            "`imagegen families` lists them):\n  " + "\n  ".join(family_lines()))
+
+
+def _common(p: argparse.ArgumentParser, presets: list[str], default: str,
+            example: str = "download.timeout=3") -> None:
     p.add_argument("--preset", choices=presets, default=default, help=f"parameter preset (default {default})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter, e.g. --set download.timeout=3 (repeatable)")
+                   help=f"override a parameter, e.g. --set {example} (repeatable)")
     p.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
     p.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from imagegen.evaluate.metrics import ALL_METRICS, KNOWN_METRICS
+    from imagegen.pipeline import DISTILL_PRESETS, EVAL_PRESETS
     from imagegen.presets import CURATE_PRESETS
     from imagegen.train.runs import TRAIN_PRESETS
+    from models.teacher import METHODS
 
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     cur = sub.add_parser("curate", help="download -> dedup -> filter -> recaption -> shard into a dataset")
     _common(cur, sorted(CURATE_PRESETS), "smoke")
@@ -53,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--name", help="registry name of the dataset")
     cur.add_argument("--url-col", help="URL column name (default url)")
     cur.add_argument("--caption-col", help="caption column name (default caption)")
+    cur.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
 
     ds = sub.add_parser("datasets", help="list or show datasets in the registry")
     ds.add_argument("action", choices=["list", "show"])
@@ -60,12 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--data-root", default=None)
     ds.add_argument("--json", action="store_true")
 
-    tr = sub.add_parser("train", help="train (or resume, or reuse) a model on a registered dataset")
-    _common(tr, sorted(TRAIN_PRESETS), "smoke")
+    tr = sub.add_parser("train", help="train (or resume, or reuse) a model on a registered dataset",
+                        lazy_epilog=_families_epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(tr, sorted(TRAIN_PRESETS), "smoke", example="train.lr=3e-4 --set train.model.net_size=B")
     tr.add_argument("--dataset", help="dataset name or id in the registry (= --set dataset=...)")
     tr.add_argument("--family", help="model family, e.g. flow, ddpm, edm (= --set train.family=...)")
     tr.add_argument("--steps", type=int, help="optimizer steps (= --set train.steps=...)")
     tr.add_argument("--nproc", type=int, help="processes (GPUs); >1 launches torchrun (= --set nproc=...)")
+
+    fm = sub.add_parser("families", help="list the registered model families, one line each")
+    fm.add_argument("--json", action="store_true", help="print them as one JSON line")
 
     rs = sub.add_parser("runs", help="list or show training runs")
     rs.add_argument("action", choices=["list", "show"])
@@ -75,8 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     di = sub.add_parser("distill", help="distil a finished training run into a few-step student, with an NFE report")
     di.add_argument("--teacher", required=True, help="teacher: a finished training run id or unique prefix")
-    di.add_argument("--method", required=True, choices=["progressive", "reflow", "consistency"],
-                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher)")
+    di.add_argument("--method", choices=list(METHODS),
+                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher); "
+                    "default: the one the teacher's family fits")
+    di.add_argument("--preset", choices=sorted(DISTILL_PRESETS), default=None,
+                    help="the distillation settings of a pipeline preset (default: DistillRequest's defaults)")
     di.add_argument("--steps", type=int, help="training steps per student run (= --set steps=...)")
     di.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a request field, e.g. --set target_steps=2 --set report_nfe=[1,2,4] (repeatable)")
@@ -89,7 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training or distillation run id (or unique prefix): its latest checkpoint")
     src.add_argument("--folder", help="a folder of images, evaluated as they are (FID/KID need --set reference=D)")
-    ev.add_argument("--metrics", help="comma-separated subset of fid,kid,clipscore,geneval (default: all)")
+    ev.add_argument("--metrics", help=f"comma-separated subset of {','.join(KNOWN_METRICS)} "
+                    f"(default: {','.join(ALL_METRICS)})")
+    ev.add_argument("--preset", choices=sorted(EVAL_PRESETS), default=None,
+                    help="the evaluation settings of a pipeline preset (default: EvalRequest's defaults)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="set a request field, e.g. --set steps=8 --set n_samples=5000 --set guidance=3 "
                     "--set geneval_prompts=evaluation_metadata.jsonl (repeatable)")
@@ -113,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="curate -> train -> distill -> evaluate teacher and student, and a report")
     _common(pl, sorted(PIPELINE_PRESETS), "smoke")  # --set STAGE.KEY=VALUE, e.g. train.family=ddpm
+    pl.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
+
+    from imagegen.importers.cli import add_import_parser
+    from imagegen.sample import add_sample_parser
+
+    add_import_parser(sub)
+    add_sample_parser(sub)
+    from imagegen.compare import add_compare_parser
+
+    add_compare_parser(sub)
 
     sv = sub.add_parser("serve", help="a local Prefect server (UI), the work pool, every deployment and a worker")
     sv.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1: loopback only)")
@@ -138,6 +188,8 @@ def _curate_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"download.url_col={args.url_col}")
     if args.caption_col:
         extra.append(f"download.caption_col={args.caption_col}")
+    if getattr(args, "runner", None):
+        extra.append(f"runner={args.runner}")
     return extra + list(args.overrides)
 
 
@@ -154,7 +206,7 @@ def cmd_curate(args: argparse.Namespace) -> dict[str, Any]:
             print(f"[{stage}] {'cached' if res.cached else 'done'} {res.id} -> {res.path}", file=sys.stderr)
 
         ref = C.curate(cfg, root, progress=note)
-        from flows.curate import curate_summary
+        from imagegen.report import curate_summary
         return curate_summary(ref.path)
     from flows.curate import curate_flow
 
@@ -181,24 +233,38 @@ def cmd_datasets(args: argparse.Namespace) -> dict[str, Any]:
     return ref.summary()
 
 
+def _progress(tag: str) -> Any:
+    """The trainer's progress callback of a --no-prefect run: one line on stderr per report."""
+    from imagegen.report import progress_line
+
+    def note(info: dict[str, Any]) -> None:
+        print(f"[{tag}] {progress_line(info)}", file=sys.stderr)
+
+    return note
+
+
 def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.train import build_request
     from imagegen.paths import data_root
+    from imagegen.requests import build_train_request
 
     # validated before anything starts; the dataset and model checks come first in train_run
-    request = build_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
+    request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
     root = data_root(args.data_root)
     if args.no_prefect:
         from imagegen.train import runs
-        from tasks.train import progress_line
 
-        def note(info: dict[str, Any]) -> None:
-            print(f"[train] {progress_line(info)}", file=sys.stderr)
-
-        return runs.train_run(request, root, progress=note)
+        return runs.train_run(request, root, progress=_progress("train"))
     from flows.train import train_flow
 
     return train_flow(request=request, data_root=str(root))
+
+
+def cmd_families(args: argparse.Namespace) -> dict[str, Any]:
+    from models.registry import describe_families, family_lines
+
+    if not args.json:
+        print("\n".join(family_lines()))
+    return {"families": describe_families()}
 
 
 def cmd_runs(args: argparse.Namespace) -> dict[str, Any]:
@@ -225,21 +291,20 @@ def cmd_runs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.distill import build_request, check_request
     from imagegen.paths import data_root
+    from imagegen.requests import build_distill_request as build_request
+    from imagegen.requests import check_distill_request as check_request
+    from imagegen.requests import natural_method
 
     named_steps = [f"steps={args.steps}"] if args.steps is not None else []
-    request = build_request(None, args.teacher, args.method, [*args.overrides, *named_steps])
     root = data_root(args.data_root)
+    method = args.method or natural_method(root, args.teacher)
+    request = build_request(None, args.teacher, method, [*args.overrides, *named_steps], preset=args.preset)
     check_request(request, root)  # an unknown, unfinished or unfitting teacher fails here, before any run
     if args.no_prefect:
         from imagegen.distill import distill
-        from tasks.train import progress_line
 
-        def note(info: dict[str, Any]) -> None:
-            print(f"[distill] {progress_line(info)}", file=sys.stderr)
-
-        return distill(request, root, progress=note)
+        return distill(request, root, progress=_progress("distill"))
     from flows.distill import distill_flow
 
     return distill_flow(request=request, data_root=str(root))
@@ -250,16 +315,17 @@ def _csv(text: str | None) -> list[str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.evaluate import build_request, check_request
     from imagegen.paths import data_root
+    from imagegen.requests import build_eval_request as build_request
+    from imagegen.requests import check_eval_request as check_request
 
     named = [f"metrics={json.dumps(_csv(args.metrics))}"] if args.metrics is not None else []
     folder = str(Path(args.folder).resolve()) if args.folder else None
-    request = build_request(None, args.run, folder, [*args.overrides, *named])
+    request = build_request(None, args.run, folder, [*args.overrides, *named], preset=args.preset)
     root = data_root(args.data_root)
     check_request(request, root)  # an unknown run, a bad folder or prompt file fails here, before any work
     if args.no_prefect:
-        from tasks.evaluate import run_evaluation
+        from imagegen.evaluate.run import run_evaluation
 
         return run_evaluation(request, root)
     from flows.evaluate import evaluate_flow
@@ -275,7 +341,7 @@ def _nfe_list(text: str | None) -> list[int]:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    from flows.benchmark import check_plan, plan, settings_from_overrides
+    from imagegen.benchmark import check_plan, plan, settings_from_overrides
     from imagegen.paths import data_root
 
     runs, families, nfe = _csv(args.runs) or None, _csv(args.families) or None, _nfe_list(args.nfe) or None
@@ -284,18 +350,11 @@ def cmd_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     jobs = plan(root, runs, families, args.dataset, settings, nfe)  # every request validated, runs resolved
     check_plan(jobs, root)
     if args.no_prefect:
-        from flows.benchmark import already_done
+        from imagegen.benchmark import benchmark_card, run_plan
         from imagegen.leaderboard import build_leaderboard
-        from tasks.evaluate import run_evaluation
 
-        summaries: list[dict[str, Any]] = []
-        for i, req in enumerate(jobs):
-            if already_done(req, summaries):
-                continue
-            print(f"[benchmark] {i + 1}/{len(jobs)}: run {req.run} at {req.steps or 'default'} steps", file=sys.stderr)
-            summaries.append(run_evaluation(req, root))
-        card = {"settings": settings, "nfe_sweep": nfe or [], "failed": [],
-                "query": {"runs": runs, "families": families, "dataset": args.dataset}}
+        summaries = run_plan(jobs, root, note=lambda line: print(line, file=sys.stderr))
+        card = benchmark_card(settings, nfe, runs, families, args.dataset, [])
         return {**build_leaderboard(root, summaries, card), "failed": []}
     from flows.benchmark import benchmark_flow
 
@@ -307,7 +366,8 @@ def cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen import pipeline as P
     from imagegen.paths import data_root
 
-    request = P.build_request(args.preset, None, list(args.overrides))  # every stage validated before any work
+    overrides = ([f"curate.runner={args.runner}"] if getattr(args, "runner", None) else []) + list(args.overrides)
+    request = P.build_request(args.preset, None, overrides)  # every stage validated before any work
     root = data_root(args.data_root)
     if args.no_prefect:
         def note(line: str) -> None:
@@ -330,6 +390,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cmd_import(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.importers.cli import cmd_import
+
+    return cmd_import(args)
+
+
+def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.sample import cmd_sample
+
+    def via_prefect(request: Any, root: Path) -> dict[str, Any]:
+        from flows.sample import sample_flow
+
+        return sample_flow(request=request, data_root=str(root))
+
+    return cmd_sample(args, via_prefect)
+
+
+def _cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.compare import cmd_compare
+
+    def publish(report: dict[str, Any]) -> None:
+        from flows.compare import compare_report_flow
+
+        compare_report_flow(report=report)
+
+    return cmd_compare(args, None if args.no_prefect else publish)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -342,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_serve(args)
     try:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
-                  "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
-                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline}[args.command](args)
+                  "families": cmd_families, "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
+                  "benchmark": cmd_benchmark, "pipeline": cmd_pipeline, "import": _cmd_import,
+                  "sample": _cmd_sample, "compare": _cmd_compare}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -368,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "distill":
         print(result["student_run"])
     elif args.command == "evaluate":
-        from tasks.evaluate import metric_lines
+        from imagegen.report import metric_lines
 
         for line in metric_lines(result):
             print(line)
@@ -379,8 +468,11 @@ def main(argv: list[str] | None = None) -> int:
 
         from imagegen.leaderboard import leaderboard_markdown
 
-        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
+        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}",
+                                  protocol=result.get("protocol")))
         print(result["path"])
+    elif args.command in ("import", "sample", "compare"):
+        print(result["message"])
     elif args.command == "pipeline":
         for role, metrics in result["metrics"].items():
             for name, value in metrics.items():

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import imagegen.stages.dedup as dedup_mod
 import imagegen.stages.download as download_mod
@@ -25,6 +25,7 @@ import imagegen.stages.filter as filter_mod
 import imagegen.stages.recaption as recaption_mod
 import imagegen.stages.shard as shard_mod
 from imagegen.artifacts import is_complete, read_card, stage_output
+from imagegen.executors import check_runner, runner_spec
 from imagegen.hashing import code_version, file_sha256, stable_hash
 from imagegen.paths import datasets_dir, ensure_writable, models_dir, stage_dir
 from imagegen.registry import DatasetRef, get_dataset, register_name
@@ -39,12 +40,50 @@ from imagegen.world.scene import WorldConfig
 
 log = logging.getLogger(__name__)
 
+# The modules each stage's output depends on: their source is the stage's code version (in this
+# order; user filters' and captioners' own modules are added by stage_code).
+STAGE_MODULES: dict[str, tuple[str, ...]] = {
+    "world": ("imagegen.world.scene", "imagegen.world.publish"),
+    "download": ("imagegen.stages.download",),
+    "dedup": ("imagegen.stages.dedup", "imagegen.mih"),
+    "filter": ("imagegen.stages.filter",),
+    "recaption": ("imagegen.stages.recaption", "imagegen.world.detector"),
+    "shard": ("imagegen.stages.shard",),
+}
+
+
+def user_modules(stage: str, cfg: BaseModel) -> list[str]:
+    """Modules outside STAGE_MODULES that a stage's config brings in: the custom filters'
+    (``FilterConfig.custom``) and the captioner's (``RecaptionConfig.backend``), so editing one
+    recomputes the stage."""
+    names: list[str] = []
+    if stage == "filter":
+        for spec in getattr(cfg, "custom", ()):
+            factory = filter_mod._REGISTRY.get(spec)
+            names.append(factory.__module__ if factory is not None else spec.partition(":")[0])
+    elif stage == "recaption":
+        factory = recaption_mod.CAPTIONERS.get(getattr(cfg, "backend", ""))
+        if factory is not None:
+            names.append(factory.__module__)
+    return names
+
+
+def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
+    """The code version of ``stage``: STAGE_MODULES plus its config's user modules, each once."""
+    import importlib
+
+    names = list(dict.fromkeys([*STAGE_MODULES[stage], *(user_modules(stage, cfg) if cfg is not None else [])]))
+    return code_version(*(importlib.import_module(n) for n in names))
+
+
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
-    "download": {"processes_count", "thread_count", "distributor"},
-    "dedup": {"processes", "batch_rows"},
+    "download": {"processes_count", "thread_count", "distributor", "runner"},
+    "dedup": {"processes", "batch_rows", "runner"},
+    "filter": {"runner"},
     "recaption": {"batch_size", "device"},
 }
+RUNNER_STAGES = ("download", "dedup", "filter")  # stages with per-part map steps on the runner
 
 
 class SourceConfig(BaseModel):
@@ -78,6 +117,22 @@ class CurateConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    runner: str = Field("local", description="Where the per-part map steps run: local (a process pool sized "
+                        "to the machine), local:N, dask (a LocalCluster), dask:N, dask://HOST:PORT, ray, ray:N, "
+                        "ray://HOST:PORT; a stage's own runner field overrides it. Never part of an id")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_spec(cls, v: str) -> str:
+        return runner_spec(v)
+
+    @model_validator(mode="after")
+    def _stage_runners(self) -> "CurateConfig":
+        for stage in RUNNER_STAGES:
+            sub = getattr(self, stage)
+            if sub.runner is None:
+                object.__setattr__(self, stage, sub.model_copy(update={"runner": self.runner}))
+        return self
 
 
 class StageResult(BaseModel):
@@ -125,14 +180,13 @@ def _run_stage(root: Path, stage: str, inputs: dict[str, Any], params: dict[str,
 def world_stage(root: Path, source: SourceConfig) -> StageResult:
     """Publish the embedded world (files, routes, URL paths, ground truth) once per config."""
     from imagegen.world import publish as publish_mod
-    from imagegen.world import scene as scene_mod
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return publish_mod.publish_world(source.world, source.publish, tmp)
 
     return _run_stage(root, "world", {}, {"world": source.world.model_dump(mode="json"),
                                           "publish": source.publish.model_dump(mode="json")},
-                      code_version(scene_mod, publish_mod), body)
+                      stage_code("world"), body)
 
 
 def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
@@ -161,7 +215,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
         if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
             table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
                                                cfg.on_duplicate_urls)
-            return download_mod.run_download(table, cfg, tmp)
+            return download_mod.run_download(table, cfg, tmp, runner=cfg.runner)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
 
@@ -169,22 +223,20 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
             base = srv.base_url if hasattr(srv, "base_url") else str(srv)
             urls = url_table(Path(world.path), base)
             urls["skip_reason"] = None
-            counts = download_mod.run_download(urls, cfg, tmp)
+            counts = download_mod.run_download(urls, cfg, tmp, runner=cfg.runner)
             if hasattr(srv, "stats"):
                 card["server_requests"] = srv.stats()
         return counts
 
-    return _run_stage(root, "download", sid_inputs, _params("download", cfg), code_version(download_mod), body)
+    return _run_stage(root, "download", sid_inputs, _params("download", cfg), stage_code("download"), body)
 
 
 def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageResult:
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet")
+        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet", runner=cfg.runner)
 
-    from imagegen import mih
-    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg),
-                      code_version(dedup_mod, mih), body)
+    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg), stage_code("dedup"), body)
 
 
 def model_resolver(clip: StageResult | None) -> Callable[[str], str]:
@@ -204,16 +256,31 @@ def _clip_inputs(clip: StageResult | None, *specs: str | None) -> dict[str, Any]
     return {"reference_clip": clip.id} if clip is not None and "world" in specs else {}
 
 
+def filter_identity(download: StageResult, dedup: StageResult, cfg: FilterConfig,
+                    clip: StageResult | None) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(inputs, params, code) the filter stage id hashes: the filter package's code and every
+    configured model/list file (sha256, :func:`imagegen.filters.stage_identity`) are in ``code``."""
+    from imagegen import filters as filters_pkg
+
+    inputs = {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *filter_mod.model_specs(cfg))}
+    code = stable_hash({"stage": stage_code("filter", cfg), "filters": filters_pkg.stage_identity(cfg)})
+    return inputs, _params("filter", cfg), code
+
+
 def filter_stage(root: Path, download: StageResult, dedup: StageResult, cfg: FilterConfig,
                  clip: StageResult | None) -> StageResult:
-    specs = [getattr(cfg, k).model for k in ("clip_score", "nsfw", "watermark", "text") if getattr(cfg, k)]
+    inputs, params, code = filter_identity(download, dedup, cfg, clip)
+    # per-part scores, content-addressed by (download part, filter params, code): a rerun of a
+    # crashed stage rescores only the parts that were missing
+    part_ns = stable_hash({"inputs": inputs, "params": params, "code": code})[:16]
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return filter_mod.run_filter(Path(download.path), Path(dedup.path) / "dedup.parquet", cfg,
-                                     tmp / "filter.parquet", resolve_model=model_resolver(clip))
+                                     tmp / "filter.parquet", resolve_model=model_resolver(clip), runner=cfg.runner,
+                                     part_cache=stage_dir(root, "filter-parts", part_ns),
+                                     part_key=lambda name: name.removesuffix(".parquet"))
 
-    return _run_stage(root, "filter", {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *specs)},
-                      _params("filter", cfg), code_version(filter_mod), body)
+    return _run_stage(root, "filter", inputs, params, code, body)
 
 
 def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cfg: RecaptionConfig,
@@ -226,10 +293,9 @@ def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cf
             rcfg = cfg.model_copy(update={"model": model_resolver(clip)(cfg.model or "world")})
         return recaption_mod.run_recaption(Path(download.path) / "images", keys, rcfg, tmp / "captions.parquet")
 
-    from imagegen.world import detector
     return _run_stage(root, "recaption", {"download": download.id, "filter": filtered.id,
                                           **_clip_inputs(clip, cfg.model if cfg.backend == "clip_retrieval" else None)},
-                      _params("recaption", cfg), code_version(recaption_mod, detector), body)
+                      _params("recaption", cfg), stage_code("recaption", cfg), body)
 
 
 def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResult, dedup: StageResult,
@@ -240,7 +306,7 @@ def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResu
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return build_dataset(tmp, card, name, config, download, dedup, filtered, captions, world, clip)
 
-    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), code_version(shard_mod), body,
+    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), stage_code("shard"), body,
                      final=lambda sid: datasets_dir(root) / sid)
     register_name(root, name, res.id)
     return res
@@ -256,13 +322,12 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
     kept = ff.loc[ff["keep"], "key"].tolist()
 
-    images: dict[str, tuple[bytes, str]] = {}
-    keep_set = set(kept)
-    for batch in download_mod.iter_images(ddir / "images", ["key", "image", "ext"]):
-        for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
-                               batch.column("ext").to_pylist()):
-            if k in keep_set:
-                images[k] = (img, ext)
+    plan = shard_mod.plan_shards(kept, config.shard)
+    # one pass over the image parts routes each kept image to its planned shard's spill file, so
+    # writing a shard holds only that shard's images, never the dataset's
+    grid_keys = kept[:16]
+    grid: dict[str, tuple[bytes, str]] = {}
+    spill = _spill_by_shard(ddir / "images", plan, out / "_spill", grid_keys, grid)
     led = ledger.set_index("key", drop=False)
     ddi, ffi, cci = dd.set_index("key"), ff.set_index("key"), cc.set_index("key")
     score_cols = [c for c in ff.columns if c.endswith("_score")]
@@ -283,16 +348,28 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     if not kept:
         _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
 
+    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    loaded: dict[str, Any] = {"shard": None, "images": {}}
+
     def get_sample(key: str) -> dict[str, Any]:
-        img, ext = images[key]
+        s = shard_of[key]
+        if loaded["shard"] != s:  # plan order: each shard's spill is read once
+            loaded["shard"], loaded["images"] = s, spill.load(s)
+        img, ext = loaded["images"][key]
         return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": metas[key]}
 
-    plan = shard_mod.plan_shards(kept, config.shard)
     infos = shard_mod.write_shards_from_plan(plan, get_sample, out / "shards", config.shard)
-    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    loaded.clear()
+    spill.remove()
 
     manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **metas[k],
                               "caption": cci.loc[k, "caption"]} for k in kept])
+    # the filters' extra columns (OCR text, NudeNet detections, blocklist matches): manifest only,
+    # so the shards' bytes do not depend on which detectors ran
+    extra = [c for c in ff.columns if c not in {"key", "row_id", "duplicate", "keep", "reason"}
+             and not c.endswith(("_score", "_pass"))]
+    for c in extra:
+        manifest[c] = ffi.loc[kept, c].to_numpy() if kept else []
     manifest.to_parquet(out / "manifest.parquet", index=False)
     accounting = account_rows(ledger, dd, ff)
     accounting.to_parquet(out / "accounting.parquet", index=False)
@@ -318,7 +395,7 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     })
     if world is not None:
         card["world_report"] = world_report(Path(world.path), accounting, cc)
-    _write_grid(out, kept[:16], images, cci)
+    _write_grid(out, grid_keys, grid, cci)
     return counts
 
 
@@ -336,6 +413,73 @@ def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> 
     raise ValueError(f"no sample to shard: none of the {len(accounting)} input rows survived "
                      f"(outcomes: {outcomes}); every row's outcome is in {where / 'accounting.parquet'} "
                      f"and the download ledger in {where / 'ledger.parquet'}")
+class _Spill:
+    """Per-shard spill files of (key, image, ext) rows, written in one pass over the image parts."""
+
+    def __init__(self, folder: Path, n: int, flush_bytes: int = 64 << 20) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.folder, self.n, self.flush_bytes = folder, n, flush_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        self.schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("ext", pa.string())])
+        self.writers: dict[int, Any] = {}
+        self.buf: dict[int, list[tuple[str, bytes, str]]] = {}
+        self.buffered = 0
+        self._pa, self._pq = pa, pq
+
+    def path(self, s: int) -> Path:
+        return self.folder / f"{s:05d}.parquet"
+
+    def add(self, s: int, key: str, image: bytes, ext: str) -> None:
+        self.buf.setdefault(s, []).append((key, image, ext))
+        self.buffered += len(image)
+        if self.buffered > self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        for s, rows in self.buf.items():
+            if s not in self.writers:
+                self.writers[s] = self._pq.ParquetWriter(self.path(s), self.schema)
+            self.writers[s].write_table(self._pa.table(
+                {"key": [r[0] for r in rows], "image": [r[1] for r in rows], "ext": [r[2] for r in rows]},
+                schema=self.schema))
+        self.buf.clear()
+        self.buffered = 0
+
+    def close(self) -> None:
+        self.flush()
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+    def load(self, s: int) -> dict[str, tuple[bytes, str]]:
+        t = self._pq.read_table(self.path(s))
+        return {k: (img, ext) for k, img, ext in zip(t.column("key").to_pylist(), t.column("image").to_pylist(),
+                                                     t.column("ext").to_pylist())}
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _spill_by_shard(images_dir: Path, plan: list[list[str]], folder: Path, grid_keys: list[str],
+                    grid: dict[str, tuple[bytes, str]], flush_bytes: int = 64 << 20) -> _Spill:
+    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    want_grid = set(grid_keys)
+    spill = _Spill(folder, len(plan), flush_bytes)
+    for batch in download_mod.iter_images(images_dir, ["key", "image", "ext"]):
+        for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
+                               batch.column("ext").to_pylist()):
+            s = shard_of.get(k)
+            if s is None:
+                continue
+            spill.add(s, k, img, ext)
+            if k in want_grid:
+                grid[k] = (img, ext)
+    spill.close()
+    return spill
 
 
 def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFrame) -> pd.DataFrame:
@@ -362,6 +506,7 @@ def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFra
 
 def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFrame) -> dict[str, Any]:
     """Where each planted fault ended up, and caption accuracy before/after recaptioning."""
+    from imagegen.world.captions import caption_accuracy
     from imagegen.world.publish import read_truth
 
     truth = read_truth(world_dir)
@@ -375,7 +520,7 @@ def world_report(world_dir: Path, accounting: pd.DataFrame, captions: pd.DataFra
         rels = [json.loads(r) if isinstance(r, str) else None for r in kept["relation"]]
         truth_caps = kept["true_caption"].tolist()
         for label, col in (("alt_text", "original_caption"), ("final", "caption")):
-            report[f"caption_accuracy_{label}"] = recaption_mod.caption_accuracy(
+            report[f"caption_accuracy_{label}"] = caption_accuracy(
                 kept[col].tolist(), objs, truth_relations=rels, truth_captions=truth_caps)
     return report
 
@@ -410,6 +555,8 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
     created = not root.exists()
     ensure_writable(root)
     try:
+        for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
+            check_runner(spec, root)
         _check_inputs(config)
     except BaseException:
         if created:
@@ -454,6 +601,9 @@ def _check_inputs(config: CurateConfig) -> None:
             raise ValueError(f"world_host {config.source.world_host!r} is not loopback; the world server "
                              "only listens on loopback")
         with socket.socket() as s:
+            # as the world server does (allow_reuse_address): a port whose last connections are in
+            # TIME_WAIT is free for it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((config.source.world_host, config.source.world_port))
             except OSError as exc:
@@ -461,24 +611,39 @@ def _check_inputs(config: CurateConfig) -> None:
                               f"({exc.strerror}); pick another with source.world_port or 0 for any free port") from exc
 
 
+StageRunner = Callable[..., StageResult]
+
+
+def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
+               progress: Callable[[str, StageResult], None] | None = None) -> StageResult:
+    """The one order of the curate stages: (world, reference CLIP,) download, dedup, filter,
+    recaption, shard; registers the dataset's name and returns the shard stage's result.
+
+    ``run(stage, fn, *args)`` runs one stage: by default ``fn(*args)`` in this process; the curate
+    flow passes one that runs the stage's Prefect task instead (``flows/curate.py``)."""
+    call: StageRunner = run or (lambda stage, fn, *args: fn(*args))
+    note = progress or (lambda stage, res: None)
+
+    def step(stage: str, fn: Callable[..., StageResult], *args: Any) -> StageResult:
+        res = call(stage, fn, *args)
+        note(stage, res)
+        return res
+
+    world = clip = None
+    if config.source.kind == "world":
+        world = step("world", world_stage, root, config.source)
+        clip = step("reference_clip", reference_clip_stage, root, config.source, config.reference_clip)
+    dl = step("download", download_stage, root, config.source, world, config.download)
+    dd = step("dedup", dedup_stage, root, dl, config.dedup)
+    ff = step("filter", filter_stage, root, dl, dd, config.filter, clip)
+    rc = step("recaption", recaption_stage, root, dl, ff, config.recaption, clip)
+    ds = step("shard", shard_stage, root, config.name, config, dl, dd, ff, rc, world, clip)
+    register_name(root, config.name, ds.id)  # a stage served from a cache did not register it
+    return ds
+
+
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
     """Run the whole curate DAG without Prefect; returns the registered dataset."""
     check_preconditions(config, root)
-    note = progress or (lambda stage, res: None)
-    world = clip = None
-    if config.source.kind == "world":
-        world = world_stage(root, config.source)
-        note("world", world)
-        clip = reference_clip_stage(root, config.source, config.reference_clip)
-        note("reference_clip", clip)
-    dl = download_stage(root, config.source, world, config.download)
-    note("download", dl)
-    dd = dedup_stage(root, dl, config.dedup)
-    note("dedup", dd)
-    ff = filter_stage(root, dl, dd, config.filter, clip)
-    note("filter", ff)
-    rc = recaption_stage(root, dl, ff, config.recaption, clip)
-    note("recaption", rc)
-    ds = shard_stage(root, config.name, config, dl, dd, ff, rc, world, clip)
-    note("shard", ds)
+    ds = run_stages(config, root, progress=progress)
     return get_dataset(root, ds.id)

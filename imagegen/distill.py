@@ -35,11 +35,8 @@ from imagegen.paths import datasets_dir
 from imagegen.registry import get_dataset, register_name
 from imagegen.train.runs import RunError, TrainRequest, get_run, train_run
 from imagegen.train.trainer import TrainConfig, sample_conditioning, save_grid
+from models.teacher import METHODS, TEACHERS, Method, lacks_v_prediction  # noqa: F401 (re-exported)
 
-Method = Literal["progressive", "reflow", "consistency"]
-# teacher families each method accepts
-TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
-                                        "consistency": ("edm",)}
 
 
 class DistillRequest(BaseModel):
@@ -119,7 +116,7 @@ def teacher_run(root: Path, run_id: str, method: str) -> tuple[Any, TrainConfig]
                "reflow": "a flow-matching run (an ODE sampler on the linear path)",
                "consistency": "an EDM run (sigma parameterisation with Heun ODE steps)"}[method]
         raise RunError(f"{method} distillation needs {why}; teacher run {ref.id} is family {fam!r}")
-    if method == "progressive" and fam == "ddpm" and cfg.model.get("prediction") != "v":
+    if lacks_v_prediction(method, fam, cfg.model):
         raise RunError(f"progressive distillation needs a v-prediction teacher; run {ref.id} predicts "
                        f"{cfg.model.get('prediction')!r} (train the teacher with model.prediction=v)")
     return ref, cfg
@@ -165,7 +162,7 @@ def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, 
     teacher's labels (from caption keywords or fields) and a text teacher's prompts carry over.
     The dataset id hashes the teacher run, the settings and this code: rerunning reuses it."""
     from models.reflow import NOISE_KEY, pair_noise
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
     ref = get_run(root, teacher_id)
     ds = get_dataset(root, ref.card["dataset_id"])
@@ -182,7 +179,7 @@ def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, 
     picks = rng.integers(0, len(manifest), size=n)
     captions = manifest["caption"].astype(str).to_numpy()[picks].tolist()
     seeds = rng.integers(0, 2**62, size=n).tolist()
-    teacher = checkpoint_family(ref.checkpoint)
+    teacher = load_family(ref.checkpoint)
     c = teacher_cfg.model
     shape = (int(c.get("channels", 3)), int(c["image_size"]), int(c["image_size"]))
     conditioning = c.get("conditioning", "none")
@@ -344,7 +341,7 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
         rounds.append({"steps": n, "run_id": summary["run_id"], "checkpoint": summary["checkpoint"],
                        "reused": summary["reused"], "last_losses": summary["last_losses"]})
         teacher_id = summary["run_id"]
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
     student = rounds[-1]
     # the report is an artifact like any other: named by what it depends on, computed once
@@ -357,8 +354,8 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     if not reused:
         with stage_output(report_dir) as (tmp, card):
             t_g, s_g = request.guidance(tcfg.model.get("conditioning", "none") != "none", tcfg.sample_guidance)
-            models = [("teacher", checkpoint_family(ref.checkpoint), t_g)]
-            models += [(f"student_{r['steps']}", checkpoint_family(r["checkpoint"]), s_g) for r in rounds[-1:]]
+            models = [("teacher", load_family(ref.checkpoint), t_g)]
+            models += [(f"student_{r['steps']}", load_family(r["checkpoint"]), s_g) for r in rounds[-1:]]
             nfe_report(models, tmp, tcfg, request.report_nfe, request.report_count, request.seed,
                        REPORT_TEACHER_STEPS)
             card.update(inputs)

@@ -57,9 +57,9 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
     """Encode ``dataset`` with the autoencoder of a finished run into a registered latent dataset; its id."""
     from imagegen.loader import make_dataset
     from imagegen.stages.shard import ShardConfig, write_shards
-    from imagegen.train.checkpoint import read_checkpoint
+    from models.checkpoint import read_checkpoint
     from imagegen.train.runs import get_run
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
     root = Path(root)
     ds = get_dataset(root, dataset)
@@ -69,7 +69,7 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
     if run.card.get("status") != "finished" or run.checkpoint is None:
         raise LatentError(f"autoencoder run {run.id} is {run.card.get('status')!r}, not finished")
     _, meta = read_checkpoint(run.checkpoint)
-    ae = checkpoint_family(run.checkpoint, device=device)
+    ae = load_family(run.checkpoint, device=device)
     tokens = hasattr(ae, "encode_tokens") and hasattr(ae, "decode_tokens")
     if not tokens and not (hasattr(ae, "encode") and hasattr(ae, "decode")):
         raise LatentError(f"run {run.id} is family {ae.name!r}, which has no encode/decode (train a vae, "

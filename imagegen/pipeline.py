@@ -1,4 +1,4 @@
-"""The end-to-end pipeline as plain functions: its request and presets, the stage order, the report.
+"""The end-to-end pipeline as plain functions: its request and presets, the stage order.
 
 curate -> train -> distill -> evaluate (teacher and student).  Every stage is content-addressed
 by its own module (curate stage folders, run folders, reflow pair datasets, eval folders), so
@@ -8,19 +8,13 @@ shards, another evaluation setting reuses the trained runs.
 ``run_pipeline(request, root, stages)`` is the one ordering of the stages; ``stages`` holds the
 callables that run them: :func:`plain_stages` (the library functions, ``imagegen pipeline
 --no-prefect``) or the Prefect subflows (``flows/pipeline.py``).  Only ids and paths pass between
-stages.  The report (``write_report``) lands in ``<data root>/reports/<id>/`` where the id hashes
-the stage ids (dataset, runs, evaluations): ``report.md`` (images by relative path),
-``report.html`` (images embedded), ``images/`` and ``card.json`` (the pipeline summary).
+stages.  The report (:func:`imagegen.report.write_report`) lands in ``<data root>/reports/<id>/``.
 """
 
 from __future__ import annotations
 
-import base64
 import copy
-import html
 import json
-import re
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,21 +23,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imagegen.artifacts import read_card, stage_output
-from imagegen.evaluate.images import image_grid
-from imagegen.hashing import stable_hash
+from imagegen.artifacts import read_card
+from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.presets import base_data, deep_merge, parse_overrides
-
-REPORTS = "reports"
-GRID_IMAGES = 16  # evaluated images shown per model
-
-Metric = Literal["fid", "kid", "clipscore", "geneval"]
-Method = Literal["progressive", "reflow", "consistency"]
-# teacher families each distillation method accepts (imagegen.distill.TEACHERS; repeated here so the
-# request can be checked without importing torch)
-_TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
-                                         "consistency": ("edm",)}
-
+from imagegen.report import progress_line, report_dir, report_id, write_report
+from models.teacher import METHODS, TEACHERS, Method, lacks_v_prediction, methods_for
 
 # ------------------------------------------------------------------------------------------ request
 
@@ -140,7 +124,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"preset": "smoke", "steps": 200},
         "distill": {"method": "reflow", "steps": 150,
                     "overrides": {"pairs": 256, "pair_steps": 8, "pair_sampler": "heun", "report_count": 8}},
-        "evaluate": {"n_samples": 200, "teacher_steps": 20, "metrics": ["fid", "kid", "clipscore", "geneval"],
+        "evaluate": {"n_samples": 200, "teacher_steps": 20, "metrics": list(ALL_METRICS),
                      "overrides": {"kid_subsets": 50}},
     },
     # tens of minutes on CPU: the demo dataset, a text-conditioned flow U-Net, reflow, GenEval included
@@ -149,7 +133,7 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"preset": "demo"},
         "distill": {"method": "reflow", "steps": 1000,
                     "overrides": {"pairs": 2000, "pair_steps": 25, "pair_sampler": "heun"}},
-        "evaluate": {"n_samples": 1000, "metrics": ["fid", "kid", "clipscore", "geneval"],
+        "evaluate": {"n_samples": 1000, "metrics": list(ALL_METRICS),
                      "overrides": {"geneval_per_prompt": 1}},
     },
     # one or more GPUs: the gpu training preset (DiT-B/2, bf16) on the demo dataset, a reflow student,
@@ -159,10 +143,27 @@ PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
         "train": {"preset": "gpu"},
         "distill": {"method": "reflow", "steps": 20_000,
                     "overrides": {"pairs": 50_000, "pair_steps": 50, "pair_sampler": "heun"}},
-        "evaluate": {"n_samples": 10_000, "metrics": ["fid", "kid", "clipscore", "geneval"],
+        "evaluate": {"n_samples": 10_000, "metrics": list(ALL_METRICS),
                      "overrides": {"geneval_per_prompt": 4, "batch_size": 256}},
     },
 }
+
+
+def stage_presets(stage: str, knobs: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Each pipeline preset's ``stage`` section as a partial request of that stage's own command
+    (its ``overrides`` plus the ``knobs`` it sets): the presets of ``imagegen distill`` and
+    ``imagegen evaluate``, so a stage run alone and inside the pipeline share their settings."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, preset in PIPELINE_PRESETS.items():
+        section = preset.get(stage, {})
+        out[name] = {**copy.deepcopy(section.get("overrides", {})),
+                     **{k: copy.deepcopy(section[k]) for k in knobs if section.get(k) is not None}}
+    return out
+
+
+# distillation and evaluation settings per preset (teacher, method and run come from the command)
+DISTILL_PRESETS = stage_presets("distill", ("steps",))
+EVAL_PRESETS = stage_presets("evaluate", ("n_samples", "metrics"))
 
 
 def build_request(preset: str | None = "smoke", request: PipelineRequest | None = None,
@@ -242,7 +243,7 @@ def train_request(request: PipelineRequest, dataset: str) -> Any:
     """The train stage's TrainRequest on ``dataset`` (the curated dataset's id), built as the train
     flow builds one: preset, overrides, then the named family/steps/nproc (switching family keeps
     only the model fields the new family knows)."""
-    from flows.train import build_request as build_train_request
+    from imagegen.requests import build_train_request
 
     t = request.train
     _refuse_owned("train", t.overrides)
@@ -261,12 +262,12 @@ def check_method_fits(request: PipelineRequest, train_cfg: Any) -> None:
     if method is None:
         return
     family = train_cfg.family
-    if family not in _TEACHERS[method]:
-        fits = [m for m, fams in _TEACHERS.items() if family in fams]
-        raise ValueError(f"distill.method={method} needs a {' or '.join(_TEACHERS[method])} teacher; the train "
+    if family not in TEACHERS[method]:
+        fits = methods_for(family, METHODS)
+        raise ValueError(f"distill.method={method} needs a {' or '.join(TEACHERS[method])} teacher; the train "
                          f"stage trains family {family!r} (set distill.method="
                          f"{fits[0] if fits else 'null'}{' or null to skip distillation' if fits else ''})")
-    if method == "progressive" and train_cfg.model.get("prediction") != "v":
+    if lacks_v_prediction(method, family, train_cfg.model):
         raise ValueError("distill.method=progressive needs a v-prediction DDPM teacher; set "
                          "train.model.prediction=v (or distill.method=null)")
 
@@ -356,18 +357,16 @@ def plain_stages(note: Callable[[str], None] | None = None) -> Stages:
 
     def train(req: Any, root: Path) -> dict[str, Any]:
         from imagegen.train.runs import train_run
-        from tasks.train import progress_line
 
         return train_run(req, root, progress=lambda info: say(f"[train] {progress_line(info)}"))
 
     def distill(req: Any, root: Path) -> dict[str, Any]:
         from imagegen.distill import distill as run_distill
-        from tasks.train import progress_line
 
         return run_distill(req, root, progress=lambda info: say(f"[distill] {progress_line(info)}"))
 
     def evaluate(req: Any, root: Path, role: str) -> dict[str, Any]:
-        from tasks.evaluate import run_evaluation
+        from imagegen.evaluate.run import run_evaluation
 
         say(f"[evaluate] {role} run {req.run}")
         return run_evaluation(req, root)
@@ -482,222 +481,3 @@ def _eval_part(s: dict[str, Any], req: Any) -> dict[str, Any]:
     keys = ("eval_id", "path", "metrics", "skipped", "run_id", "family", "sampler", "steps", "nfe", "guidance",
             "n_samples", "seconds", "metrics_file")
     return {**{k: s.get(k) for k in keys}, "reference": req.reference}
-
-
-# ------------------------------------------------------------------------------------------ report
-
-
-def report_id(summary: dict[str, Any]) -> str:
-    """Hash of the stage ids: the dataset, the runs, the evaluations."""
-    return stable_hash({"dataset": summary["dataset"]["id"], "teacher": summary["teacher"]["run_id"],
-                        "student": (summary["distill"] or {}).get("student_run"),
-                        "evals": {r: e["eval_id"] for r, e in summary["evaluations"].items()}})
-
-
-def report_dir(root: Path | str, summary: dict[str, Any]) -> Path:
-    return Path(root) / REPORTS / (summary.get("report_id") or report_id(summary))
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def metrics_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the metrics table: one row per metric (and the sampling settings), one
-    column per evaluated model; a skipped metric says so."""
-    evals = summary["evaluations"]
-    roles = list(evals)
-    names: list[str] = []
-    for e in evals.values():
-        names += [m for m in e["metrics"] if m not in names]
-    skipped: list[str] = []
-    for e in evals.values():
-        skipped += [m for m in e["skipped"] if m not in skipped]
-    rows = [["run"] + [f"`{evals[r]['run_id']}` ({evals[r]['family']})" for r in roles],
-            ["sampler, steps"] + [f"{evals[r]['sampler']}, {evals[r]['steps']}" for r in roles],
-            ["NFE"] + [_fmt(evals[r]["nfe"]) for r in roles],
-            ["guidance"] + [_fmt(evals[r]["guidance"]) for r in roles],
-            ["images"] + [_fmt(evals[r]["n_samples"]) for r in roles]]
-    rows += [[m] + [_fmt(evals[r]["metrics"].get(m)) for r in roles] for m in names]
-    rows += [[m] + ["skipped" if m in evals[r]["skipped"] else "-" for r in roles] for m in skipped]
-    return ["metric"] + roles, rows
-
-
-def _blocks(summary: dict[str, Any], out: Path) -> list[tuple]:
-    """The report as blocks (heading, paragraph, table, image, list); images are written to
-    ``out/images/`` and referenced by their path relative to ``out``."""
-    img_dir = out / "images"
-    img_dir.mkdir(parents=True, exist_ok=True)
-
-    def image(src: str | Path | None, name: str, alt: str) -> list[tuple]:
-        if not src or not Path(src).is_file():
-            return []
-        dst = img_dir / name
-        if Path(src).resolve() != dst.resolve():
-            shutil.copyfile(src, dst)
-        return [("img", f"images/{name}", alt)]
-
-    ds, tr, di, ev = summary["dataset"], summary["teacher"], summary["distill"], summary["evaluations"]
-    req = summary["request"]
-    b: list[tuple] = [("h", 1, f"Pipeline report `{summary['report_id']}`"),
-                      ("p", f"Data root `{summary['data_root']}`. Curate preset {req['curate']['preset']}, "
-                            f"train preset {req['train']['preset']}, distillation "
-                            f"{req['distill']['method'] or 'skipped'}.")]
-    def secs(stage: str) -> list[str]:
-        return [_fmt(summary["seconds"].get(stage)), _fmt(summary.get("cpu_seconds", {}).get(stage))]
-
-    stage_rows = [["curate", f"dataset `{ds['id']}`", *secs("curate")],
-                  ["train", f"run `{tr['run_id']}`{' (reused)' if tr.get('reused') else ''}", *secs("train")]]
-    if di:
-        reused = all(r.get("reused") for r in di["rounds"])
-        stage_rows.append(["distill", f"run `{di['student_run']}`{' (reused)' if reused else ''}", *secs("distill")])
-    stage_rows += [[f"evaluate {role}", f"evaluation `{e['eval_id']}`", *secs(f"evaluate_{role}")]
-                   for role, e in ev.items()]
-    b += [("h", 2, "Stages"), ("table", ["stage", "output", "wall s", "CPU s"], stage_rows)]
-
-    b += [("h", 2, f"Dataset `{ds['name']}` (`{ds['id']}`)"),
-          ("table", ["", ""], [["samples", _fmt(ds["samples"])], ["shards", _fmt(ds["shards"])],
-                               ["input rows", _fmt(ds["input_rows"])], ["path", f"`{ds['path']}`"]])]
-    if ds["accounting"]:
-        b += [("p", "Every input row's outcome (they add up to the input rows):"),
-              ("table", ["outcome", "rows"], [[k, str(v)] for k, v in sorted(ds["accounting"].items())])]
-    acc = ds.get("caption_accuracy") or {}
-    if acc:
-        keys = sorted({k for v in acc.values() for k in v if isinstance(v.get(k), (int, float))})
-        b += [("p", "Caption accuracy against the world's ground truth (kept rows):"),
-              ("table", ["captions"] + keys, [[label] + [_fmt(v.get(k)) for k in keys] for label, v in acc.items()])]
-    clip = (ds.get("reference_clip") or {}).get("retrieval") or {}
-    if "top1_distinct" in clip:
-        b += [("p", f"Reference CLIP `{ds['stage_ids'].get('reference_clip')}` (the extractor of FD-CLIP and the "
-                    f"model of CLIPScore): held-out image->caption top-1 {clip['top1_distinct']:.3f} among "
-                    f"{clip.get('n_distinct_captions')} distinct captions (chance "
-                    f"{clip.get('top1_distinct_chance', 0):.3f}).")]
-    b += image(ds.get("grid"), "dataset_samples.png", "dataset samples and captions")
-
-    losses = ", ".join(f"{k} {_fmt(v)}" for k, v in (tr["last_losses"] or {}).items()) or "-"
-    b += [("h", 2, f"Teacher: training run `{tr['run_id']}` ({tr['family']})"),
-          ("table", ["", ""], [["steps", _fmt(tr["step"])], ["final losses", losses],
-                               ["speed", f"{_fmt(tr.get('steps_per_s'))} steps/s"], ["folder", f"`{tr['run_dir']}`"]])]
-    curve = image(tr.get("loss_curve"), "loss_curve.png", "training loss curve")
-    if curve:
-        b += [("h", 3, "Training loss"), *curve]
-    samples = tr.get("samples") or []
-    grid = image(samples[-1] if samples else None, "teacher_train_samples.png",
-                 "teacher samples at the end of training")
-    if grid:
-        b += [("h", 3, "Teacher samples at the end of training"), *grid]
-
-    if di:
-        rows = di["report"]["rows"]
-        ref = rows[0]
-        b += [("h", 2, f"Distillation: {di['method']} student `{di['student_run']}`"),
-              ("p", f"Teacher and student sampled from the same noise; MSE to the teacher at {ref['steps']} steps "
-                    f"(NFE {ref['nfe']}). Student trained on `{di['dataset_id']}`."),
-              ("table", ["model", "steps", "NFE", "MSE to the reference"],
-               [[r["model"], str(r["steps"]), str(r["nfe"]), f"{float(r['mse_to_reference']):.3g}"] for r in rows])]
-        b += image(di["report"].get("plot"), "nfe_mse.png", "MSE to the teacher against NFE")
-        b += [("h", 3, "Sample grids (same noise, same conditions)")]
-        for i, r in enumerate(rows):
-            title = (f"{r['model']}, NFE {r['nfe']} ({r['steps']} step{'' if r['steps'] == 1 else 's'}"
-                     f"{', reference' if i == 0 else ''})")
-            b += [("p", title), *image(r.get("grid"), f"distill_{r['model']}_steps{r['steps']}.png", title)]
-
-    header, rows = metrics_table(summary)
-    b += [("h", 2, "Metrics"), ("table", header, rows)]
-    refs = {role: e.get("reference") for role, e in ev.items()}
-    b += [("p", "FID/FD and KID against " + "; ".join(f"{role}: `{ref or ds['id']}`" for role, ref in refs.items())
-          + ". Evaluation folders: " + "; ".join(f"{role} `{e['path']}`" for role, e in ev.items()) + ".")]
-    reasons = [f"{role}: {m} skipped ({why})" for role, e in ev.items() for m, why in e["skipped"].items()]
-    if reasons:
-        b += [("list", reasons)]
-    for role, e in ev.items():
-        files = sorted((Path(e["path"]) / "samples").glob("*.png"))[:GRID_IMAGES]
-        if files:
-            img_dir.mkdir(parents=True, exist_ok=True)
-            (img_dir / f"evaluated_{role}.png").write_bytes(image_grid(files))
-            b += [("h", 3, f"The first {len(files)} evaluated images of the {role}"),
-                  ("img", f"images/evaluated_{role}.png", f"evaluated images of the {role}")]
-    return b
-
-
-def _md_cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def _render_md(blocks: list[tuple]) -> str:
-    out: list[str] = []
-    for blk in blocks:
-        kind = blk[0]
-        if kind == "h":
-            out += ["#" * blk[1] + " " + blk[2], ""]
-        elif kind == "p":
-            out += [blk[1], ""]
-        elif kind == "table":
-            header, rows = blk[1], blk[2]
-            out.append("| " + " | ".join(_md_cell(h) for h in header) + " |")
-            out.append("|" + "|".join("---" for _ in header) + "|")
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
-            out.append("")
-        elif kind == "img":
-            out += [f"![{blk[2]}]({blk[1]})", ""]
-        elif kind == "list":
-            out += [f"- {item}" for item in blk[1]] + [""]
-    return "\n".join(out)
-
-
-def _inline_html(text: str) -> str:
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(str(text), quote=False))
-
-
-def data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
-
-
-def _render_html(blocks: list[tuple], base: Path, title: str) -> str:
-    out = ["<!DOCTYPE html>", "<html><head><meta charset=\"utf-8\">", f"<title>{html.escape(title)}</title>",
-           "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.2em .6em;"
-           "text-align:left}img{image-rendering:pixelated;max-width:100%}code{background:#f4f4f4}</style>",
-           "</head><body>"]
-    for blk in blocks:
-        kind = blk[0]
-        if kind == "h":
-            out.append(f"<h{blk[1]}>{_inline_html(blk[2])}</h{blk[1]}>")
-        elif kind == "p":
-            out.append(f"<p>{_inline_html(blk[1])}</p>")
-        elif kind == "table":
-            out.append("<table><tr>" + "".join(f"<th>{_inline_html(h)}</th>" for h in blk[1]) + "</tr>")
-            out += ["<tr>" + "".join(f"<td>{_inline_html(c)}</td>" for c in row) + "</tr>" for row in blk[2]]
-            out.append("</table>")
-        elif kind == "img":
-            out.append(f"<p><img alt=\"{html.escape(blk[2])}\" src=\"{data_uri(base / blk[1])}\"></p>")
-        elif kind == "list":
-            out.append("<ul>" + "".join(f"<li>{_inline_html(i)}</li>" for i in blk[1]) + "</ul>")
-    out.append("</body></html>")
-    return "\n".join(out) + "\n"
-
-
-def write_report(summary: dict[str, Any], out_dir: Path | str) -> tuple[Path, Path]:
-    """Write ``report.md`` (images by relative path under ``images/``), ``report.html`` (images
-    embedded) and ``card.json`` (the summary) into ``out_dir``, atomically; returns (md, html)."""
-    out_dir = Path(out_dir)
-    with stage_output(out_dir) as (tmp, card):
-        blocks = _blocks(summary, tmp)
-        (tmp / "report.md").write_text(_render_md(blocks))
-        (tmp / "report.html").write_text(_render_html(blocks, tmp, f"Pipeline report {summary.get('report_id')}"))
-        card.update(kind="pipeline_report", id=summary.get("report_id"), summary=summary)
-    return out_dir / "report.md", out_dir / "report.html"
-
-
-def embedded_markdown(md_path: Path | str) -> str:
-    """``report.md`` with every ``images/...png`` reference replaced by the image as a data URI
-    (for a Prefect markdown artifact, which cannot reach files)."""
-    md_path = Path(md_path)
-    return re.sub(r"\]\((images/[^)]+\.png)\)", lambda m: f"]({data_uri(md_path.parent / m.group(1))})",
-                  md_path.read_text())

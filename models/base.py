@@ -410,14 +410,21 @@ class Family(nn.Module):
             res.sample = self.decode_latents(res.sample)
         return res
 
-    def decode_latents(self, z: Tensor) -> Tensor:
-        """Scaled latents -> images in [-1, 1] through the (frozen, lazily loaded) autoencoder."""
-        ae = self.__dict__.get("_autoencoder")
-        if ae is None:
-            from models.teacher import checkpoint_family
+    def attach_autoencoder(self, autoencoder: Any) -> None:
+        """Hand in the (frozen) autoencoder whose decoder turns this family's latents into images;
+        it is not a submodule: no optimizer, EMA or checkpoint sees it."""
+        object.__setattr__(self, "_autoencoder", autoencoder)
 
-            ae = checkpoint_family(str(self.cfg.autoencoder), device=self.device)
-            object.__setattr__(self, "_autoencoder", ae)  # not a submodule: no optimizer, EMA or checkpoint
+    def decode_latents(self, z: Tensor, autoencoder: Any = None) -> Tensor:
+        """Scaled latents -> images in [-1, 1] through ``autoencoder``, else the attached one
+        (:meth:`attach_autoencoder`), else the one ``cfg.autoencoder`` names, loaded once through
+        ``models.checkpoint.load_family``."""
+        ae = autoencoder if autoencoder is not None else self.__dict__.get("_autoencoder")
+        if ae is None:
+            from models.checkpoint import load_family
+
+            ae = load_family(str(self.cfg.autoencoder), device=self.device)
+            self.attach_autoencoder(ae)
         with torch.no_grad():
             if hasattr(ae, "decode_tokens"):  # a tokenizer: z holds token ids
                 return ae.decode_tokens(z.to(ae.device).round().long()).clamp(-1, 1).to(z.device)
@@ -463,14 +470,37 @@ def check_optimizers_spec(family: Family) -> dict[str, list[nn.Parameter]]:
     return spec
 
 
-def train_step(family: Family, optimizers: Mapping[str, torch.optim.Optimizer], batch: Mapping[str, Any],
-               generator: torch.Generator | None = None) -> LossOut:
-    """The reference step of the generic trainer: every loss is backpropagated into its own
-    optimizer's parameters only (``backward(inputs=...)``), then every optimizer steps.
+def check_losses(family: Family, out: LossOut, names: Sequence[str]) -> None:
+    """``family.loss`` returned one scalar per optimizer name (``names``)."""
+    if set(out.losses) != set(names):
+        raise ValueError(f"{type(family).__name__}.loss returned losses {sorted(out.losses)}, "
+                         f"optimizers_spec() names {list(names)}")
+    bad_shape = [n for n in names if out.losses[n].ndim != 0]
+    if bad_shape:
+        raise ValueError(f"{type(family).__name__}.loss: loss(es) {bad_shape} are not scalars")
+
+
+def backward_losses(out: LossOut, spec: Mapping[str, list[nn.Parameter]], active: Sequence[str],
+                    divisor: float = 1) -> None:
+    """Backpropagate each ``active`` loss (divided by ``divisor``, e.g. the micro-batches
+    accumulated) into its own optimizer's parameters only (``backward(inputs=...)``); with a
+    single optimizer a plain ``backward()`` (so DDP's gradient hooks fire).
 
     Backward-all-then-step-all keeps each graph valid (a GAN's generator loss reads the
-    discriminator's weights; stepping the discriminator first would modify them in place).
-    """
+    discriminator's weights; stepping the discriminator first would modify them in place)."""
+    names = list(spec)
+    if len(names) == 1:
+        (out.losses[names[0]] / divisor).backward()
+        return
+    for i, n in enumerate(active):
+        (out.losses[n] / divisor).backward(inputs=spec[n], retain_graph=i + 1 < len(active))
+
+
+def train_step(family: Family, optimizers: Mapping[str, torch.optim.Optimizer], batch: Mapping[str, Any],
+               generator: torch.Generator | None = None) -> LossOut:
+    """One step of the generic trainer's contract without its machinery (no accumulation, DDP,
+    clipping or skipped steps): every loss backpropagated into its own optimizer's parameters
+    (:func:`backward_losses`, as the trainer does), then every optimizer steps."""
     out = family.loss(batch, generator)
     spec = check_optimizers_spec(family)
     if set(out.losses) != set(spec) or set(optimizers) != set(spec):
@@ -479,11 +509,11 @@ def train_step(family: Family, optimizers: Mapping[str, torch.optim.Optimizer], 
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     names = list(spec)
-    for i, name in enumerate(names):
+    for name in names:
         loss = out.losses[name]
         if loss.ndim != 0 or not torch.isfinite(loss):
             raise FloatingPointError(f"train_step: loss {name!r} is not a finite scalar: {loss}")
-        loss.backward(inputs=spec[name], retain_graph=i + 1 < len(names))
+    backward_losses(out, spec, names)
     for name in names:
         optimizers[name].step()
     return out

@@ -109,7 +109,7 @@ class ConsistencyDistillation(ConsistencyFunction, TeacherMixin, EDM):
         if c.teacher_guidance != 1.0 and c.conditioning == "none":
             raise TeacherError("teacher_guidance needs a conditional teacher (conditioning='none' here)")
         self.default_steps = c.sample_steps
-        self.init_teacher(("edm",), lambda t: same_fields(c, t.cfg, _SAME, "consistency distillation"))
+        self.init_teacher(None, lambda t: same_fields(c, t.cfg, _SAME, "consistency distillation"))
         self.target_net = frozen_copy(self.net)  # a submodule: in the state_dict, out of the optimizer
 
     def optimizers_spec(self) -> dict[str, list[torch.nn.Parameter]]:

@@ -72,7 +72,7 @@ class DMD(TeacherMixin, FlowMatching):
         c = self.cfg
         if c.real_guidance != 1.0 and c.conditioning == "none":
             raise TeacherError("real_guidance needs a conditional teacher (conditioning='none' here)")
-        self.init_teacher(("flow", "reflow"), lambda t: same_fields(c, t.cfg, _SAME, "DMD"))
+        self.init_teacher(None, lambda t: same_fields(c, t.cfg, _SAME, "DMD"))
         self.fake_net = copy.deepcopy(self.net)  # the fake score starts as the teacher too
 
     def optimizers_spec(self) -> dict[str, list[nn.Parameter]]:

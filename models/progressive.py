@@ -75,7 +75,7 @@ class ProgressiveDistillation(TeacherMixin, DDPM):
                 raise TeacherError(f"the teacher is a {teacher.cfg.student_steps}-step student; this round needs a "
                                    f"{2 * c.student_steps}-step teacher (halve one round at a time)")
 
-        self.init_teacher(("ddpm", "progressive"), check)
+        self.init_teacher(None, check)
 
     def _teacher_step(self, z: Tensor, t: Tensor, ab_t: Tensor, ab_next: Tensor, cond: dict[str, Tensor]) -> Tensor:
         clip = 1.0 if self.cfg.data == "pixels" else None

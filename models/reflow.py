@@ -57,7 +57,7 @@ class Reflow(TeacherMixin, FlowMatching):
     def __init__(self, cfg: ReflowConfig | Mapping[str, Any]) -> None:
         super().__init__(cfg)
         self.default_steps = self.cfg.default_steps
-        self.init_teacher(("flow", "reflow"), lambda t: same_fields(self.cfg, t.cfg, _SAME, "reflow"))
+        self.init_teacher(None, lambda t: same_fields(self.cfg, t.cfg, _SAME, "reflow"))
 
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         x1 = self.check_images(batch)

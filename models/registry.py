@@ -123,3 +123,43 @@ from models.ict import ConsistencyTraining  # noqa: E402
 
 register_family(ConsistencyTraining)
 register_family(DMD)
+from models.controlnet import ControlNet  # noqa: E402
+
+register_family(ControlNet)
+from models.inpainting import Inpainting  # noqa: E402
+
+register_family(Inpainting)
+
+
+def describe_families() -> list[dict[str, object]]:
+    """One record per registered family (built-ins and user families registered so far): name,
+    module, a one-line summary, samplers, default sampler and steps, conditioning, and the teacher
+    families a distillation family accepts."""
+    import re
+    import sys
+
+    from models.teacher import TEACHERS
+
+    out: list[dict[str, object]] = []
+    for name, cls in FAMILIES.items():
+        if name != cls.name:
+            continue  # a "package.module:Class" alias of a family listed under its own name
+        doc = cls.__doc__ or getattr(sys.modules.get(cls.__module__), "__doc__", None) or ""
+        first = doc.strip().splitlines()[0] if doc.strip() else ""
+        summary = re.split(r" \(|: ", first, maxsplit=1)[0].rstrip(".")
+        out.append({"name": name, "module": cls.__module__, "summary": summary, "samplers": list(cls.samplers),
+                    "default_sampler": cls.default_sampler, "default_steps": cls.default_steps,
+                    "conditioning": sorted(cls.conditioning), "teachers": list(TEACHERS.get(name, ()))})
+    return out
+
+
+def family_lines() -> list[str]:
+    """``describe_families`` as one line per family (``imagegen families``, ``imagegen train --help``)."""
+    lines = []
+    for f in describe_families():
+        teacher = f"; teacher {' or '.join(f['teachers'])}" if f["teachers"] else ""  # type: ignore[arg-type]
+        steps = int(f["default_steps"])  # type: ignore[call-overload]
+        lines.append(f"{f['name']:15} {f['summary']} - samplers {', '.join(f['samplers'])} "  # type: ignore[arg-type]
+                     f"(default {f['default_sampler']}, {steps} step{'' if steps == 1 else 's'}); "
+                     f"conditioning {'/'.join(f['conditioning'])}{teacher}")  # type: ignore[arg-type]
+    return lines

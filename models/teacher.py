@@ -15,11 +15,33 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers without it
+    from torch import nn
+
+# THE teacher table: the teacher families each distillation family accepts (a distillation method
+# of imagegen.distill is the family of the same name).
+TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
+                                        "consistency": ("edm",), "dmd": ("flow", "reflow")}
+# the methods ``imagegen distill`` runs (DMD is trained as a family of its own)
+Method = Literal["progressive", "reflow", "consistency"]
+METHODS: tuple[str, ...] = get_args(Method)
+
+
+def lacks_v_prediction(method: str, family: str, model: Mapping[str, Any]) -> bool:
+    """Progressive distillation halves the DDIM steps of a v-prediction DDPM: True for a ``ddpm``
+    teacher (model config ``model``) that predicts anything else."""
+    return method == "progressive" and family == "ddpm" and model.get("prediction") != "v"
+
+
+def methods_for(family: str, methods: tuple[str, ...] | None = None) -> list[str]:
+    """The distillation families (restricted to ``methods`` when given) that accept a ``family``
+    teacher, in table order."""
+    return [m for m, fams in TEACHERS.items() if family in fams and (methods is None or m in methods)]
+
 
 _INFERENCE_ONLY: ContextVar[bool] = ContextVar("imagegen_inference_only", default=False)
 
@@ -42,43 +64,15 @@ def loading_for_inference() -> bool:
     return _INFERENCE_ONLY.get()
 
 
-def checkpoint_family(path: str | Path, *, use_ema: bool = True, device: str | torch.device = "cpu") -> Any:
-    """The family a training checkpoint holds, weights loaded (EMA when present and ``use_ema``),
-    in eval mode.  Distillation families inside it are built for inference only."""
-    from imagegen.train.checkpoint import read_checkpoint
-    from models.registry import build_family
-
-    path = Path(path)
-    tensors, meta = read_checkpoint(path)
-    cfg = meta.get("config", {})
-    if "family" not in cfg or "model" not in cfg:
-        raise TeacherError(f"checkpoint {path} has no family/model config in its state.json")
-    with inference_only():
-        fam = build_family(cfg["family"], cfg["model"])
-    prefix = "ema/" if use_ema and meta.get("has_ema") else "model/"
-    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    full = fam.state_dict()
-    # EMA shadows hold the floating-point entries; anything else comes from the raw weights
-    for k in full:
-        if k not in sd and f"model/{k}" in tensors:
-            sd[k] = tensors[f"model/{k}"]
-    missing = sorted(set(full) - set(sd))
-    if missing:
-        raise TeacherError(f"checkpoint {path} lacks weights {missing[:5]} of family {cfg['family']!r}")
-    fam.load_state_dict(sd, strict=True)
-    fam.to(device).eval().requires_grad_(False)
-    fam.checkpoint_path = str(path)
-    fam.checkpoint_step = int(meta.get("step", 0))
-    return fam
-
-
 class TeacherMixin:
     """For a Family subclass: ``self.teacher`` (frozen, outside the module tree), loaded from
     ``cfg.teacher`` unless building for inference; moved along with the student."""
 
-    def init_teacher(self, expected: tuple[str, ...], check: Any = None) -> Any:
-        """Load the teacher (a family whose name is in ``expected``), run ``check(teacher)``,
-        copy its network weights into the student's ``net``.  Returns it (None for inference)."""
+    def init_teacher(self, expected: tuple[str, ...] | None = None, check: Any = None) -> Any:
+        """Load the teacher (a family whose name is in ``expected``, by default the teacher table's
+        row of this family), run ``check(teacher)``, copy its network weights into the student's
+        ``net``.  Returns it (None for inference)."""
+        expected = TEACHERS[self.name] if expected is None else expected  # type: ignore[attr-defined]
         object.__setattr__(self, "_teacher", None)
         if loading_for_inference():
             return None
@@ -87,7 +81,9 @@ class TeacherMixin:
             raise TeacherError(f"{type(self).__name__}: config field teacher (a checkpoint folder) is empty")
         if not Path(ref).is_dir():
             raise TeacherError(f"{type(self).__name__}: teacher checkpoint {ref} does not exist")
-        teacher = checkpoint_family(ref)
+        from models.checkpoint import load_family
+
+        teacher = load_family(ref)
         if teacher.name not in expected:
             raise TeacherError(f"{type(self).__name__} distils a {' or '.join(expected)} teacher; {ref} holds a "
                                f"{teacher.name!r} model")

@@ -69,9 +69,9 @@ class VAR(Family):
         if not c.autoencoder:
             raise VARError("VAR needs its multi-scale tokenizer: model.autoencoder (an msvq checkpoint; training on "
                            "a token dataset of an msvq run fills it in)")
-        from models.teacher import checkpoint_family
+        from models.checkpoint import load_family
 
-        tok = checkpoint_family(str(c.autoencoder))
+        tok = load_family(str(c.autoencoder))
         if tok.name != "msvq":
             raise VARError(f"VAR predicts the scales of an 'msvq' tokenizer; {c.autoencoder} holds a {tok.name!r} model")
         self.scales: tuple[int, ...] = tuple(tok.scales)

@@ -15,7 +15,8 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imagegen import distill as D
-from tasks.train import ProgressArtifact, progress_line
+from imagegen.report import progress_line
+from tasks.train import ProgressArtifact
 
 PROGRESS_KEY = "distill-progress"
 

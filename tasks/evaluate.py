@@ -1,4 +1,4 @@
-"""Prefect task for evaluation: a thin wrapper around :func:`run_evaluation`
+"""Prefect task for evaluation: a thin wrapper around :func:`imagegen.evaluate.run.run_evaluation`
 (:func:`imagegen.evaluate.run.evaluate`, plus the NFE when the summary lacks it).
 
 No Prefect result caching: the evaluation folder ``<root>/evals/<id>`` is the cache (its id
@@ -14,43 +14,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from imagegen.evaluate.run import EvalRequest, evaluate as evaluate_request
-
-
-def measured_nfe(root: Path, run_id: str, sampler: str | None, steps: int | None) -> int:
-    """The network evaluations the run's sampler makes at ``steps``: one image sampled from zero
-    noise (the NFE does not depend on the noise, the condition or the guidance scale)."""
-    import torch
-
-    from imagegen.train.runs import get_run
-    from models.teacher import checkpoint_family
-
-    ref = get_run(root, run_id)
-    if ref.checkpoint is None:
-        raise LookupError(f"run {run_id} has no checkpoint to count the NFE of")
-    fam = checkpoint_family(ref.checkpoint)
-    x_T = torch.zeros((1, fam.cfg.channels, fam.cfg.image_size, fam.cfg.image_size))
-    res = fam.sample_result(1, sampler=sampler, steps=steps, x_T=x_T, generator=torch.Generator().manual_seed(0))
-    return int(res.nfe)
-
-
-def run_evaluation(request: EvalRequest, root: Path) -> dict[str, Any]:
-    """:func:`imagegen.evaluate.run.evaluate`, with ``nfe`` filled in when it comes back empty.
-
-    ``evaluate`` reports the NFE of the sampling it does; an evaluation that reuses its
-    generated set, or computes GenEval only, returns ``nfe=None``.  The leaderboard plots
-    metrics against NFE, so it is counted here from one sample."""
-    summary = evaluate_request(request, root)
-    if summary.get("nfe") is None and summary.get("run_id"):
-        summary = {**summary, "nfe": measured_nfe(root, summary["run_id"], summary.get("sampler"),
-                                                  summary.get("steps"))}
-    return summary
-
-
-def metric_lines(summary: dict[str, Any]) -> list[str]:
-    """``name: value`` for every metric of an evaluation summary (what ``imagegen evaluate`` prints)."""
-    return [f"{name}: {value:.6g}" if isinstance(value, (int, float)) else f"{name}: {value}"
-            for name, value in summary["metrics"].items()]
+from imagegen.evaluate.run import EvalRequest, run_evaluation
+from imagegen.report import metric_lines
 
 
 def task_run_name() -> str:

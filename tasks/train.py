@@ -9,7 +9,6 @@ artifact (key ``train-progress``) and to the task's log.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -18,24 +17,13 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from imagegen.report import progress_line
 from imagegen.train import runs
 
 PROGRESS_KEY = "train-progress"
 # train_run enforces timeout_s itself (with a timeout it trains in torchrun child processes and kills
 # the group), marking the run's card failed; the Prefect task timeout only backs it up, after this grace.
 TIMEOUT_GRACE_S = 120.0
-
-
-def progress_line(info: dict[str, Any]) -> str:
-    """One log line from a trainer progress dict."""
-    losses = " ".join(f"{k}={v:.4g}" for k, v in (info.get("losses") or {}).items())
-    rate, eta = info.get("steps_per_s"), info.get("eta_s")
-    text = f"step {info['step']}/{info['steps']} ({100.0 * info['fraction']:.0f}%) {losses}"
-    if rate:
-        text += f", {rate:.2f} steps/s"
-    if eta is not None and math.isfinite(eta):
-        text += f", eta {eta:.0f} s"
-    return text
 
 
 class ProgressArtifact:

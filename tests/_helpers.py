@@ -111,15 +111,14 @@ def eval_world_root(root, n: int = 48, per_shard: int = 16) -> str:
 
 def tiny_text_run(root, family: str = "flow", steps: int = 4, seed: int = 0) -> str:
     """A finished text-conditioned run (tiny U-Net, 16 px, the world CLIP as text encoder) of ``steps``
-    steps on ``world-tiny`` (see eval_world_root), trained on one torch thread; returns its id."""
-
+    steps on ``world-tiny`` (see eval_world_root); returns its id."""
     from imagegen.train.runs import train_run
 
     req = {"dataset": "world-tiny", "train": {
         "family": family, "model": {**TINY_UNET, "conditioning": "text", "text_encoder": "world"}, "steps": steps,
         "batch_size": 8, "lr": 2e-3, "warmup_steps": 0, "ema_decay": 0.9, "ckpt_every": steps,
         "epoch_batches": 2, "shuffle_buffer": 16, "sample_count": 2, "sample_steps": 2, "seed": seed}}
-    return one_thread(lambda: train_run(req, root)["run_id"])
+    return train_run(req, root)["run_id"]
 
 
 def world_scene_shards(out, n: int = 96, per_shard: int = 24, image_format: str = "PNG") -> list:
@@ -141,18 +140,6 @@ def world_scene_shards(out, n: int = 96, per_shard: int = 24, image_format: str 
     return sorted(Path(out).glob("*.tar"))
 
 
-def one_thread(fn):
-    """Run ``fn`` on one torch thread (module fixtures run before the function-scoped fixture)."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return fn()
-    finally:
-        torch.set_num_threads(old)
-
-
 def flow_artifacts(flow_run_id=None, key: str | None = None) -> list:
     """Artifacts on the test's Prefect server, filtered by flow run and/or key."""
     from prefect.client.orchestration import get_client
@@ -166,3 +153,42 @@ def flow_artifacts(flow_run_id=None, key: str | None = None) -> list:
 
 def artifact_data(artifact):
     return json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+
+
+def build_tiny_blip(path: str | Path, *, seed: int = 0, image_size: int = 64) -> Path:
+    """Write a tiny randomly initialised BLIP captioner (model + processor) to ``path``.
+
+    It exercises the real loading and generation code path in seconds and without a network;
+    its captions are gibberish drawn from a small word list.  Saved as safetensors.
+    """
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                              BlipImageProcessor, BlipProcessor)
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+    words = ("a an the photo of picture image and with on left right above below two three four "
+             "red orange yellow green blue purple pink brown black white circle square triangle star "
+             "cross circles squares triangles stars crosses").split()
+    vocab_file = path / "vocab.txt"
+    vocab_file.write_text("\n".join(special + words) + "\n")
+    vocab = {tok: i for i, tok in enumerate(vocab_file.read_text().split("\n")) if tok}
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=64)
+    ids = {t: vocab[t] for t in special}
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64, projection_dim=32,
+                         bos_token_id=ids["[DEC]"], eos_token_id=ids["[SEP]"], sep_token_id=ids["[SEP]"],
+                         pad_token_id=ids["[PAD]"], initializer_range=0.3),
+        # a visible init range so that different images give different captions
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=image_size, patch_size=16, projection_dim=32, initializer_range=0.5),
+        projection_dim=32, image_text_hidden_size=32, initializer_range=0.3)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(cfg).eval()
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": image_size, "width": image_size}),
+                              tokenizer=tokenizer)
+    model.save_pretrained(path, safe_serialization=True)
+    processor.save_pretrained(path)
+    return path

@@ -32,9 +32,12 @@ def prefect_server():
         yield
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """torch on one thread for the test (two cores are shared by pytest, servers and subprocesses)."""
+    """torch on one thread for the whole session, set before any module fixture trains or samples
+    (two cores are shared by pytest, servers and subprocesses: intra-op threads only contend, and
+    small tensor ops were measured 10-40x slower with two).  The one place that sets it: test
+    files request it by name at most."""
     import torch
 
     old = torch.get_num_threads()

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from _helpers import register_world_dataset, tiny_random_clip
 from imagegen.evaluate.run import evaluate
@@ -14,7 +13,7 @@ from imagegen.latents import encode_dataset
 from imagegen.leaderboard import leaderboard, write_leaderboard
 from imagegen.train.runs import train_run
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 10 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 UNET = {"net": "unet", "net_size": "tiny", "image_size": 16,
         "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -23,7 +22,6 @@ COMMON = {"steps": 12, "batch_size": 8, "lr": 1e-3, "ckpt_every": 12, "epoch_bat
 
 
 def test_every_family_is_evaluated_and_on_the_leaderboard(tmp_path):
-    torch.set_num_threads(1)
     root = tmp_path / "root"
     clip_dir = root / "models" / "reference_clip" / "testclip"
     tiny_random_clip(clip_dir)

@@ -15,9 +15,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from _helpers import TINY_UNET, eval_world_root, tiny_text_run, one_thread, flow_artifacts, artifact_data
+from _helpers import TINY_UNET, eval_world_root, tiny_text_run, flow_artifacts, artifact_data
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 40 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 SETTINGS = {"n_samples": 32, "kid_subsets": 10, "kid_subset_size": 16, "geneval_max_prompts": 6,
             "geneval_per_prompt": 1, "batch_size": 32}
@@ -34,18 +34,18 @@ def world(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("benchmark-flow")
     eval_world_root(root)
     teacher = tiny_text_run(root, "edm", steps=4)
-    student = one_thread(lambda: distill({"teacher": teacher, "method": "consistency", "steps": 3, "batch_size": 4,
-                                          "levels": 4, "report_count": 2, "report_nfe": [1, 2]}, root))
-    stopped = one_thread(lambda: train_run({"dataset": "world-tiny", "train": {
-        "family": "flow", "model": TINY_UNET, "steps": 3, "batch_size": 4, "ckpt_every": 1}}, root, stop_after=1))
+    student = distill({"teacher": teacher, "method": "consistency", "steps": 3, "batch_size": 4,
+                                          "levels": 4, "report_count": 2, "report_nfe": [1, 2]}, root)
+    stopped = train_run({"dataset": "world-tiny", "train": {
+        "family": "flow", "model": TINY_UNET, "steps": 3, "batch_size": 4, "ckpt_every": 1}}, root, stop_after=1)
     return {"root": root, "teacher": teacher, "student": student["student_run"], "stopped": stopped["run_id"]}
 
 
 def _flow(world):
     from flows.benchmark import benchmark_flow
 
-    state = one_thread(lambda: benchmark_flow(families=["edm", "consistency"], settings=SETTINGS, nfe_sweep=SWEEP,
-                                              data_root=str(world["root"]), return_state=True))
+    state = benchmark_flow(families=["edm", "consistency"], settings=SETTINGS, nfe_sweep=SWEEP,
+                                              data_root=str(world["root"]), return_state=True)
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
 
@@ -222,8 +222,8 @@ def test_a_failed_evaluation_keeps_the_others(prefect_server, world):
     missing.write_bytes(b"these bytes are not a safetensors file")
     settings = {**SETTINGS, "n_samples": 20, "steps": 1, "metrics": ["fid", "clipscore"],
                 "clip_model": f"ViT-B-32:{missing}"}
-    state = one_thread(lambda: benchmark_flow(runs=[world["teacher"], world["stopped"]], settings=settings,
-                                              data_root=str(world["root"]), return_state=True))
+    state = benchmark_flow(runs=[world["teacher"], world["stopped"]], settings=settings,
+                                              data_root=str(world["root"]), return_state=True)
     assert state.is_failed(), state
     exc = state.result(raise_on_failure=False)
     assert "1 of 2 evaluations failed" in str(exc) and world["teacher"] in str(exc)

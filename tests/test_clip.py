@@ -287,6 +287,7 @@ print(json.dumps({"path": str(path), "trained": R.TRAIN_RUNS}))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_share_one_training(tmp_path: Path) -> None:
     cfg = TINY_CLIP.model_copy(update={"steps": 8, "warmup_steps": 2, "n_train": 64, "n_heldout": 20})
     cmd = [sys.executable, "-c", _CHILD, TINY_WORLD.model_dump_json(), cfg.model_dump_json(),

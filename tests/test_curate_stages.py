@@ -41,6 +41,7 @@ def tiny_runs(tmp_path_factory):
     return root, (first, first_log), (again, again_log), (changed, list(log))
 
 
+@pytest.mark.slow
 def test_first_run_computes_every_stage(tiny_runs):
     _, (ref, log), *_ = tiny_runs
     assert [s for s, _ in log] == ["world", "reference_clip", "download", "dedup", "filter", "recaption", "shard"]
@@ -48,12 +49,14 @@ def test_first_run_computes_every_stage(tiny_runs):
     assert ref.shards and all(p.stat().st_size > 0 for p in ref.shards)
 
 
+@pytest.mark.slow
 def test_rerun_is_free_and_returns_the_same_dataset(tiny_runs):
     _, (first, _), (again, log), _ = tiny_runs
     assert again.id == first.id and again.path == first.path
     assert all(cached for _, cached in log), log
 
 
+@pytest.mark.slow
 def test_changing_one_stage_recomputes_it_and_later_ones_only(tiny_runs):
     root, (first, _), _, (changed, log) = tiny_runs
     cached = dict(log)
@@ -68,6 +71,7 @@ def test_changing_one_stage_recomputes_it_and_later_ones_only(tiny_runs):
         get_dataset(root, "nope")
 
 
+@pytest.mark.slow
 def test_stage_folders_are_complete_and_carry_cards(tiny_runs):
     root = tiny_runs[0]
     for stage in ("world", "download", "dedup", "filter", "recaption"):
@@ -76,6 +80,7 @@ def test_stage_folders_are_complete_and_carry_cards(tiny_runs):
         assert not [f for f in folders if ".tmp-" in f.name]
 
 
+@pytest.mark.slow
 def test_accounting_adds_up(tiny_runs):
     ref = tiny_runs[1][0]
     acc = pd.read_parquet(ref.path / "accounting.parquet")
@@ -121,6 +126,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_clearly(tmp_path):
     r = _cli("curate", "--no-prefect", "--set", "download.timeout=-1", "--data-root", str(tmp_path), cwd=tmp_path)
     assert r.returncode == 2 and "download.timeout" in r.stderr
@@ -136,6 +142,7 @@ def test_cli_reports_bad_input_clearly(tmp_path):
     assert r.returncode == 2 and "no dataset 'nope'" in r.stderr
 
 
+@pytest.mark.slow
 def test_model_filters_run_through_open_clip(tiny_runs, tmp_path):
     """CLIP top-fraction and zero-shot filters on the tiny world, with its reference CLIP."""
     from imagegen.stages.filter import ClipScoreFilterConfig, FilterConfig, run_filter

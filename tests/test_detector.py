@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imagegen.stages.recaption import caption_accuracy, parse_world_caption
+from imagegen.world.captions import caption_accuracy, parse_world_caption
 from imagegen.world import detector as det
 from imagegen.world.scene import COLORS, SHAPES, WorldConfig, geneval_relations, render_scene
 

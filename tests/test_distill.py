@@ -14,9 +14,9 @@ from imagegen.distill import DistillRequest, distill
 from imagegen.train.runs import RunError, train_run
 from models.reflow import straightness
 from models.samplers import flow_euler, flow_timesteps
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 352 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -30,7 +30,6 @@ def root(tmp_path_factory) -> Path:
 
 
 def teacher(root: Path, family: str, steps: int = 300, **model: Any) -> str:
-    torch.set_num_threads(1)
     req = {"dataset": "world-tiny", "train": {
         "family": family, "model": {**NET, **model}, "steps": steps, "batch_size": 16, "lr": 2e-3,
         "warmup_steps": min(20, steps), "schedule": "cosine", "ema_decay": 0.95, "ckpt_every": steps, "log_every": 10,
@@ -51,8 +50,8 @@ def test_progressive_student_beats_the_teacher_at_half_the_steps(root):
     out = distill({"teacher": tid, "method": "progressive", "start_steps": 8, "target_steps": 4, "steps": 150,
                    "lr": 5e-4, "ema_decay": 0.0, "report_count": 4, "report_nfe": [1, 4]}, root)
     assert [r["steps"] for r in out["rounds"]] == [4]
-    t = checkpoint_family(get_checkpoint(root, tid))
-    s = checkpoint_family(out["student_checkpoint"])
+    t = load_family(get_checkpoint(root, tid))
+    s = load_family(out["student_checkpoint"])
     assert s.name == "progressive" and s.default_steps == 4
     x = noise()
     ref = t.sample(8, steps=8, x_T=x)
@@ -66,7 +65,7 @@ def test_reflow_straightens_and_its_one_step_is_closer(root):
     tid = teacher(root, "flow", t_sampling="uniform")
     out = distill({"teacher": tid, "method": "reflow", "pairs": 128, "pair_steps": 16, "pair_sampler": "euler",
                    "steps": 200, "lr": 1e-3, "ema_decay": 0.0, "report_count": 4, "report_nfe": [1, 2]}, root)
-    t, s = checkpoint_family(get_checkpoint(root, tid)), checkpoint_family(out["student_checkpoint"])
+    t, s = load_family(get_checkpoint(root, tid)), load_family(out["student_checkpoint"])
     assert s.name == "reflow" and s.default_steps == 1
     x = noise()
     ts = flow_timesteps(16)
@@ -94,7 +93,7 @@ def test_consistency_one_step_is_closer_than_the_teachers(root):
     out = distill({"teacher": tid, "method": "consistency", "levels": 6, "steps": 200, "lr": 5e-4,
                    "ema_decay": 0.0, "target_ema": 0.9, "distance": "l2", "report_count": 4,
                    "report_nfe": [1, 2]}, root)
-    t, s = checkpoint_family(get_checkpoint(root, tid)), checkpoint_family(out["student_checkpoint"])
+    t, s = load_family(get_checkpoint(root, tid)), load_family(out["student_checkpoint"])
     x = noise()
     ref = t.sample(8, steps=18, x_T=x)
     one_teacher = t.sample(8, sampler="euler", steps=1, x_T=x)

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import register_world_dataset, one_thread, flow_artifacts, artifact_data
+from _helpers import register_world_dataset, flow_artifacts, artifact_data
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -39,22 +38,22 @@ def teacher(root) -> str:
         "family": "edm", "model": NET, "steps": 4, "batch_size": 8, "lr": 2e-3, "warmup_steps": 0,
         "ckpt_every": 4, "log_every": 1, "epoch_batches": 2, "shuffle_buffer": 16, "sample_count": 2,
         "sample_steps": 2, "seed": 2}}
-    return one_thread(lambda: train_run(req, root))["run_id"]
+    return train_run(req, root)["run_id"]
 
 
 @pytest.fixture(scope="module")
 def flow_run(prefect_server, root, teacher):
     from flows.distill import distill_flow
 
-    state = one_thread(lambda: distill_flow(teacher=teacher, method="consistency", overrides=TINY_CD,
-                                            data_root=str(root), return_state=True))
+    state = distill_flow(teacher=teacher, method="consistency", overrides=TINY_CD,
+                                            data_root=str(root), return_state=True)
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
 
 
 def test_flow_distils_a_student(flow_run, root, teacher):
     from imagegen.train.runs import get_run
-    from models.teacher import checkpoint_family
+    from models.checkpoint import load_family
 
     _, s = flow_run
     json.dumps(s)  # the flow's result is JSON-able
@@ -65,7 +64,7 @@ def test_flow_distils_a_student(flow_run, root, teacher):
     run = get_run(root, s["student_run"])
     assert run.card["status"] == "finished" and run.card["summary"]["step"] == 3
     assert run.card["config"]["family"] == "consistency" and run.card["config"]["model"]["teacher"] == f"run:{teacher}"
-    student = checkpoint_family(s["student_checkpoint"])
+    student = load_family(s["student_checkpoint"])
     assert student.name == "consistency" and student.default_steps == 1
     x = student.sample(2, x_T=torch.randn((2, 3, 16, 16), generator=torch.Generator().manual_seed(0)))
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()
@@ -155,8 +154,8 @@ def test_cli_refuses_bad_input(case, root, teacher, capsys):
 
 
 def test_build_request_applies_named_parameters_last():
-    from flows.distill import build_request
     from imagegen.distill import DistillRequest
+    from imagegen.requests import build_distill_request as build_request
 
     req = build_request(overrides=["teacher=other", "method=reflow", "steps=7", "report_nfe=[1,4]"],
                         teacher="123", method="consistency")

@@ -22,6 +22,8 @@ from imagegen.train.checkpoint import list_checkpoints, read_checkpoint
 from imagegen.train.launch import LaunchError, launch
 from imagegen.train.trainer import train
 
+pytestmark = pytest.mark.slow  # 138 s on the shared 2 cores: outside the fast tier (README, "Tests")
+
 MODEL = {"net": "unet", "net_size": "tiny", "image_size": 16,
          "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
 ROOT = Path(__file__).resolve().parents[1]

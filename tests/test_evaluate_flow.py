@@ -19,9 +19,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from _helpers import eval_world_root, tiny_text_run, one_thread, flow_artifacts, artifact_data
+from _helpers import eval_world_root, tiny_text_run, flow_artifacts, artifact_data
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # 32 images at 4 Euler steps, KID on 10 subsets of 16, GenEval on the first 6 world prompts x 1 image
 SMALL = ["n_samples=32", "steps=4", "kid_subsets=10", "kid_subset_size=16", "geneval_max_prompts=6",
@@ -50,8 +49,8 @@ def flow_run(prefect_server, root, run_id):
     from flows.evaluate import evaluate_flow
 
     # a unique id prefix names the run
-    state = one_thread(lambda: evaluate_flow(run=run_id[:8], overrides=SMALL, data_root=str(root),
-                                              return_state=True))
+    state = evaluate_flow(run=run_id[:8], overrides=SMALL, data_root=str(root),
+                                              return_state=True)
     assert state.is_completed(), state
     return state.state_details.flow_run_id, state.result()
 
@@ -107,9 +106,11 @@ def test_flow_publishes_artifacts(flow_run):
 
 def test_markdown_lists_skipped_metrics(root):
     """An unconditional run: CLIPScore and GenEval are skipped, each with its reason, in the summary."""
-    from flows.evaluate import build_request, evaluate_markdown, metrics_rows
+    from imagegen.evaluate.run import run_evaluation
+    from imagegen.report import eval_metrics_rows as metrics_rows
+    from imagegen.report import evaluate_markdown
+    from imagegen.requests import build_eval_request as build_request
     from imagegen.train.runs import train_run
-    from tasks.evaluate import run_evaluation
 
     from _helpers import TINY_UNET
 
@@ -243,8 +244,8 @@ def test_cli_wants_exactly_one_source(root, capsys):
 
 
 def test_build_request_applies_named_parameters_last():
-    from flows.evaluate import build_request
     from imagegen.evaluate.run import EvalRequest
+    from imagegen.requests import build_eval_request as build_request
 
     req = build_request(run="123", overrides=["steps=8", "run=other", 'metrics=["fid"]'])
     assert req.run == "123" and req.steps == 8 and req.metrics == ("fid",)

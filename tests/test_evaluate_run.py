@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from _helpers import register_world_dataset, tiny_random_clip
@@ -16,7 +15,7 @@ from imagegen.evaluate.images import ImageFolderError
 from imagegen.evaluate.run import EvalError, EvalRequest, evaluate
 from imagegen.train.runs import train_run
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 101 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 NET = {"net": "unet", "net_size": "tiny", "image_size": 16,
        "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
@@ -33,7 +32,6 @@ def root(tmp_path_factory) -> Path:
 
 
 def run(root: Path, steps: int, seed: int = 0) -> str:
-    torch.set_num_threads(1)
     req = {"dataset": "world-tiny", "train": {
         "family": "flow", "model": {**NET, "conditioning": "text", "text_encoder": "world"}, "steps": steps,
         "batch_size": 16, "lr": 2e-3, "warmup_steps": min(10, steps), "ema_decay": 0.9, "ckpt_every": steps,

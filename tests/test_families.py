@@ -23,15 +23,6 @@ from models.text import get_text_encoder
 from _helpers import tiny_random_clip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Many small tensor ops: intra-op threads only contend on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def clip_spec(tmp_path_factory) -> str:
     """A tiny random open_clip CLIP saved as a local-dir (config + safetensors); never downloads."""
@@ -42,6 +33,11 @@ SIZE = 16
 SMALL_UNET = dict(model_channels=16, norm_groups=8, head_channels=16)
 NETS = {"ddpm": ("unet", SMALL_UNET), "edm": ("unet", SMALL_UNET), "flow": ("dit", {})}
 COMBOS = [(f, c) for f in ("ddpm", "edm", "flow") for c in ("none", "class", "text")]
+# training ddpm/edm models (the `trained` fixture) takes ~8 s each on 2 shared cores: the tests that
+# need one are outside the fast tier; flow keeps every trained check in it
+SLOW_TRAINED = ("ddpm", "edm")
+TRAINED_COMBOS = [pytest.param(f, c, marks=pytest.mark.slow) if f in SLOW_TRAINED else (f, c) for f, c in COMBOS]
+TRAINED_FAMILIES = [pytest.param(f, marks=pytest.mark.slow) if f in SLOW_TRAINED else f for f in ("ddpm", "edm", "flow")]
 CAPTIONS = ["a red square", "a blue square"]
 
 
@@ -110,14 +106,14 @@ def test_loss_is_finite_scalar_with_grads_everywhere(family: str, cond: str, cli
     assert all(torch.isfinite(p.grad).all() for p in trainable)
 
 
-@pytest.mark.parametrize("family,cond", COMBOS)
+@pytest.mark.parametrize("family,cond", TRAINED_COMBOS)
 def test_training_lowers_the_loss(family: str, cond: str, trained) -> None:
     _, losses = trained(family, cond)
     first, last = statistics.mean(losses[:5]), statistics.mean(losses[-5:])
     assert last < 0.9 * first, f"{family}/{cond}: loss {first:.3f} -> {last:.3f}"
 
 
-@pytest.mark.parametrize("family,cond", COMBOS)
+@pytest.mark.parametrize("family,cond", TRAINED_COMBOS)
 def test_every_sampler_gives_images_in_range(family: str, cond: str, trained) -> None:
     model, _ = trained(family, cond)
     conditioning = {"none": None, "class": [0, 1, 1], "text": [CAPTIONS[0], CAPTIONS[1], "x"]}[cond]
@@ -134,7 +130,7 @@ def test_every_sampler_gives_images_in_range(family: str, cond: str, trained) ->
     assert model.training  # sampling restores train mode
 
 
-@pytest.mark.parametrize("family", ["ddpm", "edm", "flow"])
+@pytest.mark.parametrize("family", TRAINED_FAMILIES)
 def test_class_guidance_changes_samples(family: str, trained) -> None:
     model, _ = trained(family, "class")
     x_T = randn((4, 3, SIZE, SIZE), _gen(3), "cpu")
@@ -163,6 +159,7 @@ def test_text_guidance_and_negative_prompt(trained) -> None:
     torch.testing.assert_close(same, guided)
 
 
+@pytest.mark.slow  # trains a ddpm/edm model (SLOW_TRAINED)
 def test_samples_are_reproducible_from_the_generator(trained) -> None:
     model, _ = trained("ddpm", "none")
     a = model.sample(2, sampler="ddpm", steps=5, generator=_gen(5))
@@ -188,6 +185,7 @@ def test_family_options_are_used(clip_spec: str) -> None:
     assert flow.cfg.net == "dit" and isinstance(flow, FlowMatching)
 
 
+@pytest.mark.slow  # trains a ddpm/edm model (SLOW_TRAINED)
 def test_edm_loss_is_lambda_weighted_denoiser_error_and_churn_is_used(trained) -> None:
     from models.diffusion import edm_denoiser, edm_loss_weight, sample_sigma_lognormal
 
@@ -252,6 +250,7 @@ def test_text_encoder_matches_open_clip(clip_spec: str) -> None:
 # ----------------------------------------------------------------------------- errors
 
 
+@pytest.mark.slow  # trains a ddpm/edm model (SLOW_TRAINED)
 def test_sampling_errors(trained) -> None:
     model, _ = trained("edm", "none")
     with pytest.raises(ValueError, match=r"unknown sampler 'ddim'.*\['heun', 'euler', 'dpmpp_2m'\]"):
@@ -280,6 +279,7 @@ def test_sampling_errors(trained) -> None:
         txt.sample(2, ["only one"])
 
 
+@pytest.mark.slow  # trains a ddpm/edm model (SLOW_TRAINED)
 def test_bad_batches_are_refused(trained) -> None:
     model, _ = trained("ddpm", "class")
     data = _data()

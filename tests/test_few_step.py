@@ -21,9 +21,10 @@ from imagegen.train.runs import TrainRequest, get_run, prepare, train_run
 from imagegen.train.trainer import TrainConfig, train
 from models.ict import discretisation, pair_probabilities
 from models.registry import build_family, get_family
-from models.teacher import TeacherError, checkpoint_family
+from models.checkpoint import load_family
+from models.teacher import TeacherError
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 24 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 COMMON = dict(batch_size=8, lr=1e-3, warmup_steps=1, epoch_batches=4, shuffle_buffer=16, sample_count=2, seed=3)
 
@@ -62,7 +63,7 @@ def test_ict_trains_through_the_trainer_resumes_exactly_and_samples(tmp_path):
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
     # K' = floor(6 / (log2(4) + 1)) = 2: N = 3, 3, 5, 5, 9, 9 over the six steps (the curriculum resumed too)
     assert losses(tmp_path / "part", "log/levels") == [3, 3, 5, 5, 9, 9]
-    fam = checkpoint_family(sorted((tmp_path / "full" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted((tmp_path / "full" / "checkpoints").iterdir())[-1])
     assert int(fam.steps_done) == 6
     for steps in (1, 2):
         res = fam.sample_result(3, steps=steps, generator=torch.Generator().manual_seed(0))
@@ -74,7 +75,6 @@ def test_ict_trains_through_the_trainer_resumes_exactly_and_samples(tmp_path):
 
 @pytest.fixture(scope="module")
 def dmd_setup(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dmd-root")
     register_world_dataset(root, n=32, per_shard=16)
     teacher = train_run({"dataset": "world-tiny", "train": dict(
@@ -115,7 +115,7 @@ def test_dm_gradient_vanishes_while_the_fake_score_is_the_real_one(dmd_setup):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in fam.net.parameters())
     # the one-step generator starts as the teacher's one Euler step
     z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
-    torch.testing.assert_close(fam.sample(2, x_T=z), checkpoint_family(teacher["checkpoint"]).sample(2, steps=1, x_T=z))
+    torch.testing.assert_close(fam.sample(2, x_T=z), load_family(teacher["checkpoint"]).sample(2, steps=1, x_T=z))
 
 
 def test_dmd_trains_both_optimizers_resumes_exactly_and_samples_in_one_step(dmd_setup, tmp_path):
@@ -132,7 +132,7 @@ def test_dmd_trains_both_optimizers_resumes_exactly_and_samples_in_one_step(dmd_
     ckpt = sorted((tmp_path / "full" / "checkpoints").iterdir())[-1]
     tensors, _ = read_checkpoint(ckpt)
     assert any(k.startswith("model/fake_net.") for k in tensors) and not any("teacher" in k for k in tensors)
-    fam = checkpoint_family(ckpt)
+    fam = load_family(ckpt)
     res = fam.sample_result(3, generator=torch.Generator().manual_seed(0))
     assert res.sample.shape == (3, 3, 16, 16) and res.nfe == 1
     with pytest.raises(ValueError, match="exactly one step"):

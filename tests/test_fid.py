@@ -104,6 +104,7 @@ def test_gaussian_stats_warns_below_the_feature_dimension():
 # ---------------------------------------------------------------------------------------- KID
 
 
+@pytest.mark.slow
 def test_kid_zero_on_identical_sets_positive_when_shifted():
     rng = np.random.default_rng(6)
     f, g = rng.normal(size=(400, 16)), rng.normal(size=(400, 16))

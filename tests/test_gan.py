@@ -14,9 +14,8 @@ from _helpers import world_scene_shards
 from imagegen.train.checkpoint import read_checkpoint
 from imagegen.train.trainer import train
 from imagegen.world.scene import SHAPES
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = {"image_size": 16, "latent_dim": 32, "width": 16, "levels": 2}
 
@@ -33,6 +32,7 @@ def cfg(**kw):
     return base
 
 
+@pytest.mark.slow
 def test_nonsaturating_gan_trains_and_samples(shards, tmp_path):
     train(cfg(model={**MODEL, "r1_gamma": 1.0, "r1_every": 2}), shards, tmp_path / "ns")
     m = pd.read_parquet(tmp_path / "ns" / "metrics.parquet")
@@ -40,7 +40,7 @@ def test_nonsaturating_gan_trains_and_samples(shards, tmp_path):
     assert last["log/d_real"].mean() - last["log/d_fake"].mean() > 0, "D tells real from fake"
     assert m["log/r1"].notna().any() and (m["log/diversity"] > 0).all()
     assert len(first) == 10
-    fam = checkpoint_family(sorted((tmp_path / "ns" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted((tmp_path / "ns" / "checkpoints").iterdir())[-1])
     # the generator moved towards the data: its mean image is closer to the real mean than at init
     from imagegen.loader import make_loader
     from models.registry import build_family
@@ -76,7 +76,7 @@ def test_wgan_gp_conditional_projection_with_spectral_norm(shards, tmp_path):
           shards, tmp_path / "wgan")
     m = pd.read_parquet(tmp_path / "wgan" / "metrics.parquet")
     assert m["log/gp"].notna().all() and not m["skipped"].any()
-    fam = checkpoint_family(sorted((tmp_path / "wgan" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted((tmp_path / "wgan" / "checkpoints").iterdir())[-1])
     assert fam.sample(5, conditioning=[0, 1, 2, 3, 4]).shape == (5, 3, 16, 16)
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from imagegen.evaluate import geneval as G
+from imagegen.world import geneval as WG
 from imagegen.evaluate.geneval import Det
 from imagegen.world.scene import WorldConfig, geneval_relations
 
@@ -82,9 +83,9 @@ def test_malformed_prompt_line_names_the_line(tmp_path, bad_line, message):
 
 def test_world_prompts_cover_the_six_tasks_deterministically(tmp_path):
     cfg = WorldConfig()
-    prompts = G.world_prompts(cfg)
-    assert prompts == G.world_prompts(cfg)
-    assert prompts != G.world_prompts(cfg, seed=1)
+    prompts = WG.world_prompts(cfg)
+    assert prompts == WG.world_prompts(cfg)
+    assert prompts != WG.world_prompts(cfg, seed=1)
     assert {p["tag"] for p in prompts} == set(G.TASKS)
     texts = {p["prompt"] for p in prompts}
     by_tag = {t: [p for p in prompts if p["tag"] == t] for t in G.TASKS}
@@ -227,7 +228,7 @@ def test_clip_color_classifier_runs_on_world_detections(tmp_path, one_torch_thre
     spec = tiny_random_clip(tmp_path / "clip")
     color_fn = G.clip_color_classifier(spec)
     _, image = render_scene(WorldConfig(seed=1), 0)
-    dets = G.WorldDetector()(image)
+    dets = WG.WorldDetector()(image)
     assert dets and all(det.mask is not None for det in dets)
     colors = [color_fn(image, det) for det in dets]
     assert all(c in G.GENEVAL_COLORS for c in colors)
@@ -244,6 +245,7 @@ def test_torchvision_detector_missing_weights(tmp_path):
     assert str(tmp_path / "maskrcnn.pth") in msg and "maskrcnn_resnet50_fpn_coco" in msg and "copy" in msg
 
 
+@pytest.mark.slow
 def test_torchvision_detector_code_path_with_random_weights(tmp_path, one_torch_thread):
     import torchvision.models.detection as tvd
     from safetensors.torch import save_file
@@ -266,19 +268,20 @@ def test_torchvision_detector_code_path_with_random_weights(tmp_path, one_torch_
 # ------------------------------------------------------------------ the world, end to end
 
 
+@pytest.mark.slow
 def test_world_images_score_high_and_shuffled_prompts_low(tmp_path):
     import pandas as pd
 
     cfg = WorldConfig()
-    prompts = G.world_prompts(cfg)
+    prompts = WG.world_prompts(cfg)
     layout = tmp_path / "geneval"
-    info = G.generate_layout(layout, prompts, 1, G.world_prompt_images(cfg))
+    info = G.generate_layout(layout, prompts, 1, WG.world_prompt_images(cfg))
     assert info == {"prompts": len(prompts), "written": len(prompts), "skipped": 0, "images": len(prompts)}
     assert json.loads((layout / "00007" / "metadata.jsonl").read_text()) == prompts[7]
     assert (layout / "00007" / "samples" / "0000.png").is_file()
-    assert G.generate_layout(layout, prompts, 1, G.world_prompt_images(cfg))["skipped"] == len(prompts)
+    assert G.generate_layout(layout, prompts, 1, WG.world_prompt_images(cfg))["skipped"] == len(prompts)
 
-    rows = G.score_folder(layout, G.WorldDetector(), G.detector_color, outfile=tmp_path / "results.jsonl")
+    rows = G.score_folder(layout, WG.WorldDetector(), G.detector_color, outfile=tmp_path / "results.jsonl")
     summary = G.summarize(rows)
     # measured: 1.0 on every task (241 prompts, 1 and 2 images each)
     assert summary["complete"] and summary["overall"] >= 0.9, summary
@@ -293,21 +296,21 @@ def test_world_images_score_high_and_shuffled_prompts_low(tmp_path):
     order = np.random.default_rng(0).permutation(len(folders))
     for folder, j in zip(folders, order):
         (folder / "metadata.jsonl").write_text(json.dumps(prompts[j]) + "\n")
-    low = G.summarize(G.score_folder(shuffled, G.WorldDetector(), G.detector_color))
+    low = G.summarize(G.score_folder(shuffled, WG.WorldDetector(), G.detector_color))
     # measured: 0.06 overall (single_object 0.2, the other tasks <= 0.1)
     assert low["overall"] <= 0.3, low
 
 
 def test_layout_errors(tmp_path):
     with pytest.raises(ValueError, match="has no prompt folders"):
-        G.score_folder(tmp_path, G.WorldDetector())
+        G.score_folder(tmp_path, WG.WorldDetector())
     cfg = WorldConfig()
-    prompts = G.world_prompts(cfg, n_per_task=1)
-    G.generate_layout(tmp_path, prompts[:2], 1, G.world_prompt_images(cfg))
+    prompts = WG.world_prompts(cfg, n_per_task=1)
+    G.generate_layout(tmp_path, prompts[:2], 1, WG.world_prompt_images(cfg))
     with pytest.raises(ValueError, match="holds another prompt than prompt 0"):
-        G.generate_layout(tmp_path, prompts[1:3], 1, G.world_prompt_images(cfg))
+        G.generate_layout(tmp_path, prompts[1:3], 1, WG.world_prompt_images(cfg))
     with pytest.raises(ValueError, match="returned 1 images for prompt 0, expected 2"):
         G.generate_layout(tmp_path / "other", prompts[:1], 2, lambda m, n, i: [Image.new("RGB", (8, 8))])
     (tmp_path / "00001" / "samples" / "0000.png").unlink()
     with pytest.raises(ValueError, match=r"00001/samples holds no images"):
-        G.score_folder(tmp_path, G.WorldDetector(), G.detector_color)
+        G.score_folder(tmp_path, WG.WorldDetector(), G.detector_color)

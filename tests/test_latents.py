@@ -16,9 +16,9 @@ from _helpers import register_world_dataset
 from imagegen.latents import LatentError, encode_dataset
 from imagegen.registry import get_dataset
 from imagegen.train.runs import RunError, get_run, train_run
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 15 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 AE = {"image_size": 16, "latent_channels": 4, "levels": 1, "width": 16}
 
@@ -27,7 +27,6 @@ AE = {"image_size": 16, "latent_channels": 4, "levels": 1, "width": 16}
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent-root")
     register_world_dataset(root, n=64, per_shard=16)
-    torch.set_num_threads(1)
     ae = train_run({"dataset": "world-tiny", "train": {
         "family": "kl_autoencoder", "model": AE, "steps": 200, "batch_size": 16, "lr": 2e-3, "warmup_steps": 10,
         "ckpt_every": 200, "epoch_batches": 4, "shuffle_buffer": 64, "sample_count": 2}}, root)["run_id"]
@@ -61,7 +60,7 @@ def test_latent_dataset_is_unit_variance_and_reconstructs(world):
     assert card["recon_mse"] < 0.05 and card["recon_mse"] < 0.5 * baseline
     assert encode_dataset(root, "world-tiny", ae) == lid, "encoded once, then reused"
     # decode(stored latent / scale) is the autoencoder's reconstruction of that image
-    fam = checkpoint_family(get_run(root, ae).checkpoint)
+    fam = load_family(get_run(root, ae).checkpoint)
     x = fam.decode(torch.from_numpy(z[:4]) / card["latent_scale"])
     assert x.shape == (4, 3, 16, 16)
 
@@ -74,7 +73,7 @@ def test_a_flow_trains_on_latents_and_samples_decode(world):
                                     "net_overrides": {"patch_size": 2}},
         "steps": 30, "batch_size": 16, "lr": 1e-3, "ckpt_every": 30, "epoch_batches": 4, "shuffle_buffer": 64,
         "sample_count": 3, "sample_steps": 4}}, root)
-    fam = checkpoint_family(res["checkpoint"])
+    fam = load_family(res["checkpoint"])
     assert fam.cfg.data == "latents" and fam.noise_shape == (4, 8, 8)
     x = fam.sample(3, steps=4, generator=torch.Generator().manual_seed(0))
     assert x.shape == (3, 3, 16, 16) and x.abs().max() <= 1, "latent samples come back as decoded images"

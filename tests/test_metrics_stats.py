@@ -215,6 +215,7 @@ def test_bootstrap_mean_interval_covers_the_true_mean_at_about_the_stated_rate()
     assert 0.84 <= rate <= 0.95, rate
 
 
+@pytest.mark.slow
 def test_bootstrap_ci_of_a_two_set_metric_covers_at_about_the_stated_rate():
     """Unbiased MMD^2 between two sets (resampling both) around its population value."""
     rng = np.random.default_rng(1)

@@ -59,6 +59,7 @@ def assert_valid(res: mih.NearPairs, hashes: np.ndarray, radius: int) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kind", ["random", "planted", "skewed"])
+@pytest.mark.slow
 def test_index_equals_brute_force(seed: int, kind: str) -> None:
     rng = np.random.default_rng(seed)
     for radius in range(0, 7):

@@ -15,9 +15,8 @@ from _helpers import tiny_random_clip, world_scene_shards
 from imagegen.train.trainer import train
 from models.nets import MMDiTConfig, build_net
 from models.registry import build_family
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TXT, L = 16, 6
 
@@ -87,6 +86,7 @@ def text_setup(tmp_path_factory):
     return world_scene_shards(d / "shards", n=32, per_shard=16), tiny_random_clip(d / "clip")
 
 
+@pytest.mark.slow
 def test_flow_trains_on_caption_token_sequences_with_mmdit(text_setup, tmp_path):
     shards, clip = text_setup
     model = {"net": "mmdit", "net_size": "tiny", "image_size": 16, "conditioning": "text", "text_encoder": clip,
@@ -102,7 +102,7 @@ def test_flow_trains_on_caption_token_sequences_with_mmdit(text_setup, tmp_path)
     train(c, shards, tmp_path / "part")
     a = pd.read_parquet(tmp_path / "full" / "metrics.parquet")["loss/model"].tolist()
     assert a == pd.read_parquet(tmp_path / "part" / "metrics.parquet")["loss/model"].tolist()
-    fam = checkpoint_family(sorted(Path(tmp_path / "full" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted(Path(tmp_path / "full" / "checkpoints").iterdir())[-1])
     x = fam.sample(2, conditioning=["a red circle", "a green square"], steps=2, guidance=2.0,
                    generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all()

@@ -20,16 +20,6 @@ CONFIGS = {"unet": UNetConfig, "dit": DiTConfig, "mmdit": MMDiTConfig}
 SMALL = {"unet": dict(image_size=16, attention_resolutions=(8,)), "dit": dict(image_size=16), "mmdit": dict(image_size=16)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small convs on 2 shared cores: two OpenMP threads fighting other processes were measured
-    ~15x slower than one thread, so this module runs single-threaded (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(kind: str, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     return build_net(kind, CONFIGS[kind].preset("tiny", **{**SMALL[kind], **overrides}))

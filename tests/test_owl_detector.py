@@ -10,6 +10,7 @@ from _eval_models import tiny_owlv2
 from PIL import Image
 
 from imagegen.evaluate import geneval as G
+from imagegen.world import geneval as WG
 from imagegen.evaluate import owl_detector as O
 
 
@@ -67,7 +68,7 @@ def test_owl_detector_on_a_tiny_random_owlv2(owl_dir, one_torch_thread):
     flags = O.result_flags(det)
     assert flags["comparable_with_published"] is False and "not comparable" in flags["note"]
     assert flags["detector_identity"]["weights"]
-    assert O.result_flags(G.WorldDetector())["comparable_with_published"] is False
+    assert O.result_flags(WG.WorldDetector())["comparable_with_published"] is False
 
 
 def test_owl_detector_scores_a_geneval_layout(owl_dir, tmp_path, one_torch_thread):

@@ -14,9 +14,8 @@ from _helpers import world_scene_shards
 from imagegen.perceptual import LPIPS, LPIPSError, convert, load_lpips, save_lpips
 from imagegen.train.checkpoint import read_checkpoint
 from imagegen.train.trainer import train
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_lpips(seed: int = 0) -> LPIPS:
@@ -108,6 +107,7 @@ def test_files_round_trip_and_bad_files_are_refused(tmp_path):
         convert("tiny", tmp_path / "nolin.pth", tmp_path / "tiny.pth", tmp_path / "x.safetensors")
 
 
+@pytest.mark.slow
 def test_kl_autoencoder_trains_with_the_perceptual_term(tmp_path):
     shards = world_scene_shards(tmp_path / "shards")
     weights = save_lpips(tiny_lpips(), tmp_path / "lpips-tiny.safetensors")
@@ -124,7 +124,7 @@ def test_kl_autoencoder_trains_with_the_perceptual_term(tmp_path):
     assert not any("lins" in k or "perceptual" in k for k in tensors), "the frozen LPIPS is not checkpointed"
 
     weights.unlink()  # sampling and encoding need no perceptual weights
-    ae = checkpoint_family(ckpt)
+    ae = load_family(ckpt)
     assert ae.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     from models.registry import build_family
 

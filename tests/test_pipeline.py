@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import one_thread
 
 from imagegen import pipeline as P
+from imagegen import report as R
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 81 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 TINY = [
     # curate: 70 base images, a tiny reference CLIP (keep every CLIP score: it is barely trained)
@@ -47,8 +47,8 @@ def _run(root: Path, overrides: list[str]):
     from flows.pipeline import pipeline_flow
 
     t0 = time.perf_counter()
-    state = one_thread(lambda: pipeline_flow(preset="smoke", overrides=overrides, data_root=str(root),
-                                              return_state=True))
+    state = pipeline_flow(preset="smoke", overrides=overrides, data_root=str(root),
+                                              return_state=True)
     wall = time.perf_counter() - t0
     assert state.is_completed(), state
     result = state.result()
@@ -88,7 +88,7 @@ def test_report_holds_the_metrics_table(first):
     fd = next(m for m in res["metrics"]["teacher"] if m.startswith("FD-CLIP-"))
     assert set(res["metrics"]["student"]) == set(res["metrics"]["teacher"])
     for name, value in res["metrics"]["teacher"].items():
-        row = next(line for line in text.splitlines() if line.startswith(f"| {P._md_cell(name)} |"))
+        row = next(line for line in text.splitlines() if line.startswith(f"| {R._md_cell(name)} |"))
         assert f"{value:.4g}" in row and f"{res['metrics']['student'][name]:.4g}" in row
     assert fd.startswith("FD-CLIP-") and "| NFE | 20 | 1 |" in text  # teacher_steps=20 (euler) vs 1-step reflow
     assert "| guidance | 2 | 1 |" in text  # the teacher at the guidance its pairs were drawn with
@@ -179,7 +179,7 @@ def test_rerunning_the_same_request_recomputes_nothing(first, root):
     _, a = first
     req = P.build_request("smoke", overrides=TINY)
     lines: list[str] = []
-    s = one_thread(lambda: P.run_pipeline(req, root, P.plain_stages(lines.append)))
+    s = P.run_pipeline(req, root, P.plain_stages(lines.append))
     assert s["dataset"]["id"] == a["dataset_id"] and s["report"]["id"] == a["report"]["id"]
     assert s["teacher"]["run_id"] == a["teacher_run"] and s["teacher"]["reused"]
     assert all(r["reused"] for r in s["distill"]["rounds"])

@@ -21,18 +21,16 @@ from imagegen.stages.recaption import (
     CAPTIONERS,
     RecaptionConfig,
     build_captioner,
-    build_tiny_blip,
-    caption_accuracy,
     choose_caption,
     mix_coin,
-    parse_world_caption,
     register_captioner,
     run_recaption,
 )
+from imagegen.world.captions import caption_accuracy, parse_world_caption
 from imagegen.world.detector import enumerate_world_captions
 from imagegen.world.scene import WorldConfig, caption_for, render_scene
 
-from _helpers import tiny_random_clip
+from _helpers import build_tiny_blip, tiny_random_clip
 
 WORLD = WorldConfig(seed=21)
 PART_SCHEMA = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),

@@ -18,9 +18,8 @@ from imagegen.train.runs import TrainRequest, prepare
 from imagegen.train.trainer import train
 from models.registry import build_family, get_family
 from models.repa import RepaError, VisionFeatures, get_vision_encoder
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +77,7 @@ def test_the_frozen_encoder_is_outside_the_module_tree(clip):
     assert -1.0 <= out.logs["repa_cos"] <= 1.0
 
 
+@pytest.mark.slow
 def test_flow_with_repa_trains_resumes_exactly_and_samples_without_the_encoder(clip, tmp_path):
     shards = world_scene_shards(tmp_path / "shards", n=32, per_shard=16)
     c = dict(family="flow", model=model(clip), steps=4, batch_size=8, lr=2e-3, warmup_steps=1, ckpt_every=2,
@@ -96,7 +96,7 @@ def test_flow_with_repa_trains_resumes_exactly_and_samples_without_the_encoder(c
     moved = clip_dir.with_name("gone")
     clip_dir.rename(moved)  # sampling needs no encoder
     try:
-        fam = checkpoint_family(ckpt)
+        fam = load_family(ckpt)
         assert fam.sample(2, steps=2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     finally:
         moved.rename(clip_dir)

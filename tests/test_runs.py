@@ -28,7 +28,6 @@ def root(tmp_path_factory) -> Path:
     return r
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def request(**train: Any) -> dict[str, Any]:
@@ -109,6 +108,7 @@ def test_presets_are_valid_requests(preset):
         build_config(TrainRequest, TRAIN_PRESETS, preset, [f"train.family={family}"])
 
 
+@pytest.mark.slow
 def test_a_timeout_stops_the_run_and_marks_it_failed(root):
     from imagegen.train.launch import LaunchError
 

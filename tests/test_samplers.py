@@ -15,16 +15,6 @@ F64 = torch.float64
 T = 1000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Thousands of small tensor ops: on a shared 2-core box, intra-op threads contend with other
-    processes and slow these loops 10-40x; one thread keeps them at a few seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -312,6 +302,7 @@ def test_ddim_invert_then_ddim_reconstructs_x0():
 
 
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
+@pytest.mark.slow
 def test_ddpm_ancestral_reaches_data_distribution(variance):
     ab = ab_table("linear")
     model = oracle_discrete(ab, "eps")

@@ -20,11 +20,10 @@ from imagegen.train.trainer import train
 from models.msvq import down
 from models.nets.tokens import filter_logits
 from models.registry import build_family, get_family
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 from models.var import VARError, block_causal_mask
 from imagegen.world.scene import SHAPES
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TOK = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 32, "code_dim": 4}
 COMMON = dict(batch_size=8, lr=2e-3, warmup_steps=1, epoch_batches=4, shuffle_buffer=16, sample_count=2, seed=1)
@@ -32,7 +31,6 @@ COMMON = dict(batch_size=8, lr=2e-3, warmup_steps=1, epoch_batches=4, shuffle_bu
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> dict:
-    torch.set_num_threads(1)
     r = tmp_path_factory.mktemp("token-root")
     register_world_dataset(r, n=32, per_shard=16)
     vq = train_run({"dataset": "world-tiny", "train": dict(family="vq", model=TOK, steps=10, ckpt_every=10,
@@ -70,10 +68,11 @@ def perturbed(fam: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 # ----------------------------------------------------------------------------- AR
 
 
+@pytest.mark.slow
 def test_ar_trains_on_the_maskgit_token_dataset_and_kv_cache_sampling_equals_uncached(root, tmp_path):
     req = request(root["vq_tokens"], "ar", {"conditioning": "class", "hidden": 32, "depth": 2, "heads": 2})
     ckpt = resume_is_exact(req, root["root"], tmp_path)
-    fam = perturbed(checkpoint_family(ckpt))
+    fam = perturbed(load_family(ckpt))
     assert fam.cfg.vocab_size == 32 and fam.default_steps == 16
     for opts in ({}, {"top_k": 5, "temperature": 0.8}, {"top_p": 0.7}):
         g = [torch.Generator().manual_seed(4) for _ in range(2)]
@@ -112,7 +111,7 @@ def test_top_k_and_top_p_filters():
 
 
 def test_msvq_scales_reconstruct_the_residual_sum(root):
-    tok = checkpoint_family(root["msvq"]["checkpoint"])
+    tok = load_family(root["msvq"]["checkpoint"])
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     z = tok.encode_latent(x)
     f_hat, flat = tok.quantize(z)
@@ -135,7 +134,7 @@ def test_msvq_scales_reconstruct_the_residual_sum(root):
 def test_msvq_trains_through_the_trainer_and_resumes_exactly(root, tmp_path):
     req = TrainRequest(dataset="world-tiny", train=dict(family="msvq", model={**TOK, "scales": [1, 2, 4]}, steps=5,
                                                        ckpt_every=2, **COMMON))
-    tok = checkpoint_family(resume_is_exact(req, root["root"], tmp_path))
+    tok = load_family(resume_is_exact(req, root["root"], tmp_path))
     assert tok.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     assert tok.noise_shape == (3, 4, 4)
 
@@ -158,7 +157,7 @@ def test_var_mask_is_block_causal(root):
 def test_var_trains_resumes_exactly_and_kv_cache_sampling_equals_uncached(root, tmp_path):
     req = request(root["ms_tokens"], "var", {"conditioning": "class", "hidden": 32, "depth": 2, "heads": 2})
     ckpt = resume_is_exact(req, root["root"], tmp_path)
-    fam = perturbed(checkpoint_family(ckpt))
+    fam = perturbed(load_family(ckpt))
     assert fam.default_steps == 3 and fam.cfg.channels == 3
     from imagegen.train.checkpoint import read_checkpoint
 

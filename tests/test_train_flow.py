@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from _helpers import gradient_png, flow_artifacts, artifact_data
 
@@ -28,14 +27,6 @@ TINY = ["train.model.image_size=16",
         "train.batch_size=8", "train.warmup_steps=0", "train.ckpt_every=3", "train.log_every=1",
         "train.epoch_batches=4", "train.shuffle_buffer=16", "train.sample_count=4", "train.sample_steps=2",
         f"train.label_keywords={json.dumps(list(SHAPES))}"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():  # module scope: set before the module-scoped flow runs (2 threads on a busy box crawl)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def build_dataset(root: Path, name: str = DATASET, dataset_id: str = DATASET_ID, n: int = 32,
@@ -155,6 +146,7 @@ def cli_env(prefect_server) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "OMP_NUM_THREADS": "1"}
 
 
+@pytest.mark.slow
 def test_cli_train_prints_the_run_id(data_root, cli_env):
     plain = _imagegen([*_train_args(data_root, 4), "--no-prefect"], cli_env)
     assert plain.returncode == 0, plain.stderr[-4000:]
@@ -181,6 +173,7 @@ def test_cli_train_prints_the_run_id(data_root, cli_env):
     assert shown["id"] == run_id and Path(shown["checkpoint"]).parent == run_dir / "checkpoints"
 
 
+@pytest.mark.slow
 def test_cli_train_through_prefect(flow_runs, cli_env):
     root, (_, first), _, _ = flow_runs
     proc = _imagegen(_train_args(root, 6), cli_env)
@@ -222,13 +215,14 @@ def test_cli_refuses_bad_input(case, data_root, capsys):
     assert runs_after == runs_before
 
 
+@pytest.mark.slow
 def test_cli_refusal_in_a_subprocess(data_root, cli_env):
     proc = _imagegen([*_train_args(data_root, 6), "--dataset", "no-such-dataset", "--no-prefect"], cli_env)
     assert proc.returncode == 2 and "no dataset 'no-such-dataset'" in proc.stderr and proc.stdout == ""
 
 
 def test_build_request_applies_named_parameters_last():
-    from flows.train import build_request
+    from imagegen.requests import build_train_request as build_request
 
     req = build_request("smoke", overrides=["train.steps=50", "train.warmup_steps=0", "dataset=other"], dataset="123", steps=7,
                         nproc=2, family="ddpm")

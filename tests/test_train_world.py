@@ -23,7 +23,7 @@ def world_shards(tmp_path_factory) -> list[Path]:
     return world_scene_shards(tmp_path_factory.mktemp("world-shards"), image_format="JPEG")
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 52 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 
 def run(family: str, model: dict[str, Any], shards: list[Path], run_dir: Path, **kw: Any) -> list[float]:

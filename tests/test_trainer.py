@@ -49,7 +49,6 @@ class NanDDPM(DDPM):
 register_family(NanDDPM)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +60,7 @@ def losses(run_dir: Path) -> list[float]:
     return pd.read_parquet(run_dir / "metrics.parquet")["loss/model"].tolist()
 
 
+@pytest.mark.slow
 def test_tiny_ddpm_loss_falls(shards, tmp_path):
     res = train(base_cfg(steps=40, batch_size=16, lr=3e-3, warmup_steps=5, ckpt_every=40, epoch_batches=10),
                 shards, tmp_path)
@@ -76,6 +76,7 @@ def test_tiny_ddpm_loss_falls(shards, tmp_path):
     print(f"\ntiny ddpm: {res['steps_per_s']:.1f} steps/s, loss {first:.3f} -> {last:.3f}")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_trajectory_exactly(shards, tmp_path):
     straight = tmp_path / "straight"
     train(base_cfg(ema_decay=0.9), shards, straight)
@@ -140,6 +141,7 @@ def test_swap_in_restores_live_weights_on_error():
         EMA(fam, 1.0)
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_abort(shards, tmp_path):
     NanDDPM.nan_calls = {2, 4}
     res = train(base_cfg(family="test_nan_ddpm", steps=8, max_bad_steps=2), shards, tmp_path / "ok")
@@ -154,6 +156,7 @@ def test_nan_steps_are_skipped_then_abort(shards, tmp_path):
     NanDDPM.nan_calls = set()
 
 
+@pytest.mark.slow
 def test_corrupt_or_mismatched_checkpoint_is_refused_before_training(shards, tmp_path):
     run = tmp_path / "run"
     train(base_cfg(steps=5), shards, run)

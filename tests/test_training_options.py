@@ -10,7 +10,6 @@ from models.ddpm import min_snr_weight
 from models.diffusion import x0_eps_from_pred
 from models.registry import build_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 UNET = {"net": "unet", "net_size": "tiny", "image_size": 16,
         "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}

@@ -11,10 +11,10 @@ import torch
 
 from _helpers import world_scene_shards
 from imagegen.train.trainer import train
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 from models.vae import active_dimensions
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.slow  # 32 s on the shared 2 cores: outside the fast tier (README, "Tests")
 
 MODEL = {"image_size": 16, "latent_channels": 8, "levels": 2, "width": 8}
 
@@ -44,8 +44,8 @@ def test_beta_controls_active_dimensions_and_sampling_works(shards, tmp_path):
     assert low["log/recon"].iloc[-10:].mean() < low["log/recon"].iloc[:10].mean(), "reconstruction improves"
     assert {"log/kl", "log/active_dims", "log/mse"} <= set(low.columns)
     x = batch_of(shards)
-    v1 = checkpoint_family(sorted((tmp_path / "b1" / "checkpoints").iterdir())[-1])
-    v30 = checkpoint_family(sorted((tmp_path / "b30" / "checkpoints").iterdir())[-1])
+    v1 = load_family(sorted((tmp_path / "b1" / "checkpoints").iterdir())[-1])
+    v30 = load_family(sorted((tmp_path / "b30" / "checkpoints").iterdir())[-1])
     a1, a30 = active_dimensions(v1, x), active_dimensions(v30, x)
     print(f"active latent dimensions of {v1.latent_shape}: beta=1 {a1}, beta=30 {a30}")
     assert a30 < a1

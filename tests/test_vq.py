@@ -11,9 +11,8 @@ import torch
 
 from _helpers import world_scene_shards
 from imagegen.train.trainer import train
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MODEL = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 64, "code_dim": 4}
 
@@ -30,6 +29,7 @@ def cfg(**kw):
     return base
 
 
+@pytest.mark.slow
 def test_dead_code_restarts_raise_usage(shards, tmp_path):
     train(cfg(model={**MODEL, "dead_threshold": 0.5}), shards, tmp_path / "restart")
     train(cfg(model={**MODEL, "dead_threshold": 0.0}), shards, tmp_path / "plain")
@@ -40,7 +40,7 @@ def test_dead_code_restarts_raise_usage(shards, tmp_path):
           f"{a['log/perplexity'].iloc[-10:].mean():.1f} vs {b['log/perplexity'].iloc[-10:].mean():.1f}")
     assert usage_a > usage_b
     assert a["log/mse"].iloc[-10:].mean() < a["log/mse"].iloc[:10].mean()
-    fam = checkpoint_family(sorted((tmp_path / "restart" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted((tmp_path / "restart" / "checkpoints").iterdir())[-1])
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     t = fam.encode_tokens(x)
     assert t.shape == (2, 4, 4) and int(t.max()) < 64
@@ -53,7 +53,7 @@ def test_fsq_trains_and_round_trips_its_codes(shards, tmp_path):
           tmp_path / "fsq")
     m = pd.read_parquet(tmp_path / "fsq" / "metrics.parquet")
     assert m["log/mse"].iloc[-8:].mean() < m["log/mse"].iloc[:8].mean()
-    fam = checkpoint_family(sorted((tmp_path / "fsq" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted((tmp_path / "fsq" / "checkpoints").iterdir())[-1])
     assert fam.vocab_size == 60
     tokens = torch.arange(60).view(1, 6, 10) % 60
     z = fam.codes_to_latent(tokens)
@@ -71,6 +71,7 @@ def test_vq_resume_gives_the_same_next_losses(shards, tmp_path):
     assert a == b
 
 
+@pytest.mark.slow
 def test_maskgit_on_token_shards_from_a_vq_run(tmp_path):
     """Tokens encoded once by a frozen VQ run into a registered dataset; a class-conditional
     MaskGIT trains on them (masked-token accuracy rises) and samples decode to images."""
@@ -94,6 +95,6 @@ def test_maskgit_on_token_shards_from_a_vq_run(tmp_path):
         "sample_guidance": 2.0}}, root)
     m = pd.read_parquet(Path(res["metrics"]))
     assert m["log/masked_accuracy"].iloc[-10:].mean() > m["log/masked_accuracy"].iloc[:10].mean()
-    fam = checkpoint_family(res["checkpoint"])
+    fam = load_family(res["checkpoint"])
     x = fam.sample(5, conditioning=[0, 1, 2, 3, 4], steps=4, guidance=2.0, generator=torch.Generator().manual_seed(0))
     assert x.shape == (5, 3, 16, 16) and x.abs().max() <= 1

@@ -18,9 +18,8 @@ from imagegen.perceptual import LPIPS, save_lpips
 from imagegen.train.checkpoint import read_checkpoint
 from imagegen.train.trainer import train
 from models.registry import build_family
-from models.teacher import checkpoint_family
+from models.checkpoint import load_family
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 VQ = {"image_size": 16, "levels": 2, "width": 8, "codebook_size": 32, "code_dim": 4}
 KL = {"image_size": 16, "levels": 2, "width": 8, "latent_channels": 4}
@@ -81,7 +80,7 @@ def test_discriminator_sits_out_then_trains_and_resume_is_exact(family, model, s
     assert any(not torch.equal(at3[k], at6[k]) for k in at3)
     tensors, _ = read_checkpoint(ckpts[-1])
     assert not any("lins" in k or "perceptual" in k for k in tensors), "the frozen LPIPS is not checkpointed"
-    fam = checkpoint_family(ckpts[-1])
+    fam = load_family(ckpts[-1])
     assert fam.sample(2, generator=torch.Generator().manual_seed(0)).shape == (2, 3, 16, 16)
     if family == "vqgan":
         t = fam.encode_tokens(torch.rand(2, 3, 16, 16) * 2 - 1)
@@ -129,7 +128,7 @@ def test_lfq_trains_and_resumes_exactly(shards, tmp_path):
     train(c, shards, tmp_path / "part", stop_after=3)
     train(c, shards, tmp_path / "part")
     assert metrics(tmp_path / "full")["loss/model"].tolist() == metrics(tmp_path / "part")["loss/model"].tolist()
-    fam = checkpoint_family(sorted((tmp_path / "full" / "checkpoints").iterdir())[-1])
+    fam = load_family(sorted((tmp_path / "full" / "checkpoints").iterdir())[-1])
     assert fam.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 3, 16, 16)
 
 

@@ -23,6 +23,7 @@ import re
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,9 +32,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen.hashing import bytes_sha256
+from imagegen.executors import runner_spec
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,6 @@ LEDGER_COLUMNS = [
     "original_width", "original_height", "original_mode", "original_format", "exif_transposed",
     "width", "height", "source_sha256", "sha256",
 ]
-IMAGE_PART_ROWS = 10_000
 
 
 class DownloadConfig(BaseModel):
@@ -79,6 +80,14 @@ class DownloadConfig(BaseModel):
         "(img2dataset does not hand the Retry-After header over; the world sends Retry-After: 1)")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
+    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
+                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
+                               "config's runner); an execution knob, never part of the stage id")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_spec(cls, v: str | None) -> str | None:
+        return runner_spec(v)
 
 
 # ---------------------------------------------------------------------------- input validation
@@ -298,8 +307,13 @@ def is_transient(reason: str) -> bool:
 
 # ---------------------------------------------------------------------------- img2dataset passes
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> pd.DataFrame:
-    """One img2dataset run over ``rows`` (row_id, url, caption); returns its per-row parquet rows."""
+def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
+    """One img2dataset run over ``rows`` (row_id, url, caption).
+
+    img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
+    ``number_sample_per_shard`` input rows, in input order) and streams to disk; this returns only
+    the compact columns of every row (row_id, status, error_message, part) and the part files.
+    """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -320,16 +334,20 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> pd
         compute_hash="sha256", extract_exif=False, enable_wandb=False,
     )
     parts = sorted(out.glob("*.parquet"))
-    frames = [pd.read_parquet(p, columns=["row_id", "status", "error_message", "jpg"]) for p in parts]
+    frames = []
+    for i, p in enumerate(parts):  # compact columns only: the image bytes stay in the part files
+        f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
+        f["part"] = i
+        frames.append(f)
     got = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["row_id", "status", "error_message", "jpg"])
+        {"row_id": pd.Series([], dtype="int64"), "status": [], "error_message": [], "part": []})
     missing = set(rows["row_id"]) - set(got["row_id"])
     if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
         extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
                               "error_message": "img2dataset returned no record for this row (subjob failed)",
-                              "jpg": None})
+                              "part": -1})
         got = pd.concat([got, extra], ignore_index=True)
-    return got
+    return got, parts
 
 
 def _normalize_chunk(args: tuple[list[bytes], DownloadConfig]) -> list[dict[str, Any]]:
@@ -365,17 +383,92 @@ def is_private_host(url: str) -> bool:
     except ValueError:
         return False
     return not ip.is_global or ip.is_multicast
+IMAGE_SCHEMA = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
+                          ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
+                          ("height", pa.int32()), ("caption", pa.string())])
+_RESULT_FIELDS = ("original_width", "original_height", "original_mode", "original_format", "exif_transposed",
+                  "width", "height", "sha256", "source_sha256")
+
+
+@dataclass
+class PartJob:
+    """One download part to decode: the rows img2dataset fetched for it, in every pass."""
+    index: int
+    sources: list[tuple[str, list[int]]]   # (img2dataset part file, row_ids fetched there)
+    captions: dict[int, str]
+    cfg: DownloadConfig
+    out_path: str
+    inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
+
+
+def decode_part(job: PartJob) -> pd.DataFrame:
+    """The map step of the download stage: decode one part's fetched bytes (never more than one
+    part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) atomically and
+    return the compact results (no image bytes) of its rows for the ledger."""
+    ids: list[int] = []
+    blobs: list[bytes] = []
+    for path, want in job.sources:
+        t = pq.read_table(path, columns=["row_id", "jpg"])
+        wanted = set(want)
+        for rid, blob in zip(t.column("row_id").to_pylist(), t.column("jpg").to_pylist()):
+            if rid in wanted:
+                ids.append(int(rid))
+                blobs.append(blob)
+        del t
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    ids = [ids[i] for i in order]
+    blobs = [blobs[i] for i in order]
+    results = _normalize_all(blobs, job.cfg) if job.inner_pool else _normalize_chunk((blobs, job.cfg))
+    del blobs
+    cols: dict[str, list[Any]] = {n: [] for n in IMAGE_SCHEMA.names}
+    compact: dict[str, list[Any]] = {n: [] for n in ("row_id", "ok", "reason", "error", *_RESULT_FIELDS)}
+    for rid, res in zip(ids, results):
+        compact["row_id"].append(rid)
+        compact["ok"].append(bool(res["ok"]))
+        if res["ok"]:
+            cols["key"].append(f"{rid:09d}")
+            cols["row_id"].append(rid)
+            cols["image"].append(res.pop("image"))
+            cols["ext"].append(job.cfg.encode_format)
+            cols["sha256"].append(res["sha256"])
+            cols["width"].append(res["width"])
+            cols["height"].append(res["height"])
+            cols["caption"].append(job.captions[rid])
+            compact["reason"].append(None)
+            compact["error"].append(None)
+            for k in _RESULT_FIELDS:
+                compact[k].append(res[k])
+        else:
+            compact["reason"].append(res["reason"])
+            compact["error"].append(res["error"])
+            for k in _RESULT_FIELDS:
+                compact[k].append(None)
+    del results
+    out = Path(job.out_path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(pa.table(cols, schema=IMAGE_SCHEMA), tmp, row_group_size=1000)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return pd.DataFrame(compact, dtype=object)
 
 
 def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, runner: str | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
     Writes ``out_dir/ledger.parquet`` (one row per input row, ``url`` from ``record_url`` where
     the table has one) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
-    caption).  Returns the counts for the stage card.
+    caption), one image part per img2dataset part of the first pass (rows recovered by a retry
+    pass go back to the part of their input row, so parts stay in key order).  Passes keep only
+    compact columns in memory; decoding is a map step over parts on ``runner`` (see
+    :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
+    Returns the counts for the stage card.
     """
+    from imagegen.executors import executor
+
     # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
     # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
     recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
@@ -398,33 +491,29 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     ledger.loc[skip.index, "reason"] = skip.to_numpy()
 
     pending = url_list[url_list["skip_reason"].isna()]
-    images: dict[int, bytes] = {}
     passes = []
     work = out_dir / "_img2dataset"
+    part_files: list[list[Path]] = []          # per pass, img2dataset's part files
+    fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
+    home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
     for attempt in range(1 + cfg.retry_passes):
         if pending.empty:
             break
-        got = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
-        ok = got["status"] == "success"
+        got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
+        part_files.append(files)
+        if attempt == 0:
+            home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
+        ok = (got["status"] == "success").to_numpy()
         ids = got["row_id"].to_numpy()
         ledger.loc[ids, "attempts"] = ledger.loc[ids, "attempts"].to_numpy() + 1
-        results = _normalize_all([b for b in got.loc[ok, "jpg"]], cfg)
-        retry_ids = []
-        for rid, res in zip(got.loc[ok, "row_id"], results):
-            if res["ok"]:
-                images[int(rid)] = res.pop("image")
-                res.pop("ok")
-                for k, v in res.items():
-                    ledger.at[rid, k] = v
-                ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = "success", None, None
-            else:
-                ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = (
-                    "failed", res["reason"], res["error"])
-        for rid, msg in zip(got.loc[~ok, "row_id"], got.loc[~ok, "error_message"]):
-            reason = classify_error(msg)
-            ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = "failed", reason, msg
-            if is_transient(reason):
-                retry_ids.append(int(rid))
+        fetched.append(got.loc[ok, ["row_id", "part"]])
+        bad_ids = got.loc[~ok, "row_id"].to_numpy()
+        msgs = got.loc[~ok, "error_message"].tolist()
+        reasons = [classify_error(m) for m in msgs]
+        ledger.loc[bad_ids, "status"] = "failed"
+        ledger.loc[bad_ids, "reason"] = np.asarray(reasons, dtype=object)
+        ledger.loc[bad_ids, "error"] = np.asarray(msgs, dtype=object)
+        retry_ids = [int(r) for r, why in zip(bad_ids, reasons) if is_transient(why)]
         passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
                        "transient_failures": len(retry_ids)})
         if progress:
@@ -433,6 +522,47 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
         pending = pending[pending["row_id"].isin(retry_ids)]
         if not pending.empty and cfg.retry_wait and (ledger.loc[retry_ids, "reason"] == "http_429").any():
             time.sleep(cfg.retry_wait)  # rate limited: wait before asking again
+
+    # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    n_parts = max(1, len(part_files[0]) if part_files else 0)
+    captions = ledger["caption"]
+    jobs = []
+    for k in range(n_parts):
+        sources: list[tuple[str, list[int]]] = []
+        rows: list[int] = []
+        for p, got in enumerate(fetched):
+            if got.empty:
+                continue
+            mine = got[home.reindex(got["row_id"]).to_numpy() == k]
+            for part, g in mine.groupby("part"):
+                ids = g["row_id"].astype("int64").tolist()
+                sources.append((str(part_files[p][int(part)]), ids))
+                rows.extend(ids)
+        jobs.append(PartJob(k, sources, {r: str(captions.at[r]) for r in rows}, cfg,
+                            str(images_dir / f"part-{k:05d}.parquet")))
+    spec = runner or "local"
+    if len(jobs) == 1 or spec == "local:1":
+        for j in jobs:
+            j.inner_pool = True
+        results = [decode_part(j) for j in jobs]
+    else:
+        with executor(spec, root=out_dir, workers=cfg.processes_count) as ex:
+            if ex.in_process:
+                for j in jobs:
+                    j.inner_pool = True
+            results = ex.map(decode_part, jobs)
+    del jobs
+    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=["row_id", "ok"])
+    del results
+    if len(res):
+        ids = res["row_id"].astype("int64").to_numpy()
+        ok = res["ok"].astype(bool).to_numpy()
+        ledger.loc[ids[ok], list(_RESULT_FIELDS)] = res.loc[ok, list(_RESULT_FIELDS)].to_numpy()
+        ledger.loc[ids, "status"] = np.where(ok, "success", "failed")
+        ledger.loc[ids, "reason"] = res["reason"].to_numpy()
+        ledger.loc[ids, "error"] = res["error"].to_numpy()
     shutil.rmtree(work, ignore_errors=True)
 
     succ = ledger["status"] == "success"
@@ -442,28 +572,11 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
         ledger[col] = ledger[col].astype("Int64")
     ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
     ledger.to_parquet(out_dir / "ledger.parquet", index=False)
-    _write_image_parts(ledger[succ.to_numpy()], images, cfg, out_dir / "images")
 
     counts = summarize_ledger(ledger)
     counts["passes"] = passes
+    counts["parts"] = n_parts
     return counts
-
-
-def _write_image_parts(rows: pd.DataFrame, images: dict[int, bytes], cfg: DownloadConfig, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
-                        ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("caption", pa.string())])
-    rows = rows.sort_values("row_id")
-    for part, start in enumerate(range(0, max(len(rows), 1), IMAGE_PART_ROWS)):
-        chunk = rows.iloc[start:start + IMAGE_PART_ROWS]
-        table = pa.table({
-            "key": chunk["key"].tolist(), "row_id": chunk["row_id"].astype("int64").tolist(),
-            "image": [images[int(r)] for r in chunk["row_id"]], "ext": [cfg.encode_format] * len(chunk),
-            "sha256": chunk["sha256"].tolist(), "width": chunk["width"].astype("int32").tolist(),
-            "height": chunk["height"].astype("int32").tolist(), "caption": chunk["caption"].tolist(),
-        }, schema=schema)
-        pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=1000)
 
 
 def summarize_ledger(ledger: pd.DataFrame) -> dict[str, Any]:

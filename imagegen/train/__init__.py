@@ -1,11 +1,31 @@
-"""The generic trainer (one loop for every model family), its EMA and its checkpoints."""
+"""The generic trainer (one loop for every model family), its EMA and its checkpoints.
+
+Imports are lazy (module ``__getattr__``): ``import imagegen.train.runs`` or
+``imagegen.train.checkpoint`` does not pull in the trainer, the family registry and the
+distillation families.
+"""
 
 from __future__ import annotations
 
-from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint,
-                                       read_checkpoint, save_checkpoint)
-from imagegen.train.ema import EMA
-from imagegen.train.trainer import TrainConfig, TrainingDiverged, lr_factor, sample_images, train
+import importlib
+from typing import Any
 
-__all__ = ["EMA", "CheckpointError", "TrainConfig", "TrainingDiverged", "latest_checkpoint", "list_checkpoints",
-           "load_checkpoint", "lr_factor", "read_checkpoint", "sample_images", "save_checkpoint", "train"]
+_EXPORTS = {
+    "CheckpointError": "imagegen.train.checkpoint", "latest_checkpoint": "imagegen.train.checkpoint",
+    "list_checkpoints": "imagegen.train.checkpoint", "load_checkpoint": "imagegen.train.checkpoint",
+    "read_checkpoint": "imagegen.train.checkpoint", "save_checkpoint": "imagegen.train.checkpoint",
+    "EMA": "imagegen.train.ema",
+    "TrainConfig": "imagegen.train.trainer", "TrainingDiverged": "imagegen.train.trainer",
+    "lr_factor": "imagegen.train.trainer", "sample_images": "imagegen.train.trainer", "train": "imagegen.train.trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'imagegen.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -27,22 +27,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from imagegen.hashing import file_sha256
 from imagegen.train.ema import EMA
+# the format and its reader live with the models (models/checkpoint.py: load_family); re-exported here
+from models.checkpoint import (FORMAT, STATE, TENSORS, CheckpointError, read_checkpoint,  # noqa: F401
+                               verify_checkpoint)
 
-FORMAT = 1
-TENSORS = "tensors.safetensors"
-STATE = "state.json"
 log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: damaged, or made by a different run setup."""
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -61,31 +56,6 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
-
-
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check a checkpoint without loading its tensors: state readable, tensors' sha256 as
-    recorded, safetensors header readable.  Returns the state; raises :class:`CheckpointError`."""
-    path = Path(path)
-    st, tf = path / STATE, path / TENSORS
-    if not st.is_file() or not tf.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: needs {STATE} and {TENSORS}")
-    try:
-        meta = json.loads(st.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format (this code reads format {FORMAT})")
-    digest = file_sha256(tf)
-    if digest != meta.get("tensors_sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TENSORS} has sha256 {digest[:16]}..., "
-                              f"{STATE} records {str(meta.get('tensors_sha256'))[:16]}...")
-    try:
-        with safe_open(str(tf), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
-    return meta
 
 
 def latest_valid_checkpoint(run_dir: Path) -> Path | None:
@@ -207,30 +177,6 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
 
 
 # ------------------------------------------------------------------------------------------ load
-
-
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint folder, with its integrity checked."""
-    path = Path(path)
-    st, tf = path / STATE, path / TENSORS
-    if not st.is_file() or not tf.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: needs {STATE} and {TENSORS}")
-    try:
-        meta = json.loads(st.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"checkpoint {path}: {STATE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}"
-                              f" (this code reads format {FORMAT})")
-    digest = file_sha256(tf)
-    if digest != meta.get("tensors_sha256"):
-        raise CheckpointError(f"checkpoint {path} is corrupt: {TENSORS} has sha256 {digest[:16]}..., "
-                              f"{STATE} records {str(meta.get('tensors_sha256'))[:16]}...")
-    try:
-        tensors = load_file(str(tf))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
-    return tensors, meta
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], may_differ: Iterable[str] = ()) -> list[str]:

@@ -258,7 +258,7 @@ def parent_dataset(ds: DatasetRef) -> str | None:
 
 
 def _resolve(cfg: TrainConfig, ds: DatasetRef, root: Path) -> TrainConfig:
-    for field in ("teacher", "autoencoder"):  # 'run:<id>' -> that finished run's checkpoint folder
+    for field in ("teacher", "autoencoder", "base"):  # 'run:<id>' -> that finished run's checkpoint folder
         ref_str = cfg.model.get(field)
         if isinstance(ref_str, str) and ref_str.startswith("run:"):
             ref = get_run(root, ref_str[4:])

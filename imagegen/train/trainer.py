@@ -44,7 +44,7 @@ from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, lates
                                        save_checkpoint)
 from imagegen.train.distributed import DistEnv
 from imagegen.train.ema import EMA
-from models.base import Family, check_optimizers_spec
+from models.base import Family, backward_losses, check_losses, check_optimizers_spec
 from models.registry import build_family, get_family
 
 log = logging.getLogger(__name__)
@@ -539,19 +539,10 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
             with sync:
                 with autocast:
                     out = model(batch, generators[s])
-                if set(out.losses) != set(names):
-                    raise ValueError(f"{type(family).__name__}.loss returned losses {sorted(out.losses)}, "
-                                     f"optimizers_spec() names {names}")
-                bad_shape = [n for n in names if out.losses[n].ndim != 0]
-                if bad_shape:
-                    raise ValueError(f"{type(family).__name__}.loss: loss(es) {bad_shape} are not scalars")
+                check_losses(family, out, names)
                 # Non-finite losses are backpropagated too (NaN gradients): every rank then sees a
                 # non-finite norm after the all-reduce and skips the step together.
-                if len(names) == 1:
-                    (out.losses[names[0]] / k).backward()
-                else:
-                    for i, n in enumerate(active):
-                        (out.losses[n] / k).backward(inputs=spec[n], retain_graph=i + 1 < len(active))
+                backward_losses(out, spec, active, k)
             loss_sum += torch.stack([out.losses[n].detach().float() for n in names])
             for key, v in out.logs.items():
                 log_sums[key] = log_sums.get(key, 0.0) + float(v) / k

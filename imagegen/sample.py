@@ -1,0 +1,413 @@
+"""``imagegen sample``: images from a trained run, each PNG carrying its full generation parameters.
+
+``sample(request, root)`` loads a finished (or checkpointed) run's latest checkpoint (EMA
+weights), generates ``n`` images per prompt and writes ``<out>/<prompt>-<k>.png`` plus
+``grid.png`` and ``samples.jsonl``.  Every PNG has an iTXt chunk ``parameters`` holding JSON: the
+model identity (run id, family, checkpoint step and tensors sha256, dataset), prompt, negative
+prompt, seed, the image's own noise seed, sampler, steps, NFE, guidance, LoRAs, output size and
+watermark, so an image alone says how to make it again.  Image k of prompt p starts from noise
+seeded by ``(seed, p, k)``, so the same request gives the same images whatever the batch size.
+
+Prompts are captions for text-conditioned runs and class names for class-conditioned ones; an
+unconditional run takes no prompt.  ``watermark=TEXT`` embeds TEXT invisibly with the
+``invisible-watermark`` package's ``dwtDct`` method (as Stable Diffusion's reference scripts do);
+:func:`check_watermark` reads it back.  That method needs images of at least 256 x 256 pixels:
+``output_size`` resizes the samples (bicubic) before saving, and the resize is recorded.
+
+The model slot takes ``run=RUN`` or ``model="run:RUN"``; other model specs (``diffusers:...``) are
+refused with a message until a family for them exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from imagegen.artifacts import write_json_atomic
+from imagegen.hashing import stable_hash
+
+PARAMS_KEY = "parameters"
+DEFAULT_WATERMARK = "imagegen"
+WATERMARK_METHOD = "dwtDct"
+WATERMARK_MIN_PIXELS = 256 * 256  # imwatermark refuses smaller images
+WATERMARK_MATCH = 0.9  # fraction of payload bits that must agree (chance: ~0.5)
+
+
+class SampleError(ValueError):
+    pass
+
+
+class SampleRequest(BaseModel):
+    """Parameters of ``imagegen sample`` and of the Prefect deployment ``sample``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str | None = Field(None, description="Training or distillation run id (or unique prefix)")
+    model: str | None = Field(None, description="Or a model spec: 'run:RUN' (diffusers:... not supported yet)")
+    prompts: list[str] = Field(default_factory=list, description="Captions (text models) or class names (class models)")
+    prompts_file: str | None = Field(None, description="More prompts: one per line (or .jsonl with 'prompt')")
+    negative: str | None = Field(None, description="Negative prompt / class replacing CFG's null branch")
+    guidance: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance scale (1 = none)")
+    sampler: str | None = Field(None, description="Sampler (None = the family's default)")
+    steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
+    seed: int = Field(0, ge=0, le=2**62, description="Seeds every image's noise")
+    n: int = Field(4, ge=1, le=1024, description="Images per prompt (unconditional runs: images in all)")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE] (not supported yet)")
+    out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
+    output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
+                                    "(bicubic) before saving; None keeps the model's size")
+    watermark: str | None = Field(None, min_length=1, max_length=64,
+                                  description="Embed this text as an invisible dwtDct watermark (None: no watermark)")
+    grid: bool = Field(True, description="Also write grid.png")
+    batch_size: int = Field(16, ge=1, le=1024, description="Images per sampler call")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where sampling runs")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SampleRequest":
+        if (self.run is None) == (self.model is None):
+            raise ValueError("give exactly one of run (a run id) or model (a model spec such as 'run:RUN')")
+        if self.model is not None:
+            if self.model.startswith("diffusers:"):
+                raise ValueError(f"model spec {self.model!r}: diffusers pipelines are not supported by "
+                                 "`imagegen sample` yet; sample a run of this project with run=RUN")
+            if not self.model.startswith("run:") or len(self.model) <= 4:
+                raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID'")
+        if self.loras:
+            raise ValueError("LoRA adapters are not supported by `imagegen sample` yet (they need a diffusers model)")
+        return self
+
+    @property
+    def run_id(self) -> str:
+        return self.run if self.run is not None else str(self.model)[4:]
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise SampleError(f"prompts file {p} does not exist")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                rec = json.loads(line)
+            except ValueError as exc:
+                raise SampleError(f"{p}, line {n}: not JSON ({exc})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise SampleError(f"{p}, line {n}: expected an object with a 'prompt' string")
+            out.append(rec["prompt"])
+        else:
+            out.append(line.strip())
+    if not out:
+        raise SampleError(f"prompts file {p} has no prompt")
+    return out
+
+
+class Prepared:
+    """A request resolved against the registry: run, checkpoint identity, prompts and their conditions."""
+
+    def __init__(self, req: SampleRequest, root: Path) -> None:
+        from models.checkpoint import read_checkpoint
+        from imagegen.train.runs import get_run
+        from imagegen.train.trainer import TrainConfig
+        from models.registry import get_family
+
+        self.req, self.root = req, root
+        self.run = get_run(root, req.run_id)
+        if self.run.checkpoint is None:
+            raise SampleError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
+        _, meta = read_checkpoint(self.run.checkpoint)
+        self.train_cfg = TrainConfig(**self.run.card["config"])
+        self.family_name = self.train_cfg.family
+        fam_cls = get_family(self.family_name)
+        self.cond_kind = self.train_cfg.model.get("conditioning", "none")
+        if req.sampler is not None and req.sampler not in fam_cls.samplers:
+            raise SampleError(f"unknown sampler {req.sampler!r} for family {self.family_name!r}; it has "
+                              f"{list(fam_cls.samplers)}")
+        prompts = list(req.prompts) + (read_prompts_file(req.prompts_file) if req.prompts_file else [])
+        if self.cond_kind == "none":
+            if prompts or req.negative is not None:
+                raise SampleError(f"run {self.run.id} is unconditional: it takes no prompt or negative")
+            if req.guidance != 1.0:
+                raise SampleError(f"guidance={req.guidance} needs a conditional model; run {self.run.id} is unconditional")
+            prompts = [""]
+        elif not prompts:
+            what = "captions" if self.cond_kind == "text" else "class names"
+            raise SampleError(f"run {self.run.id} is {self.cond_kind}-conditioned: give prompts ({what})")
+        self.prompts = prompts
+        self.conditions = [self._condition(p, "prompt") for p in prompts]
+        self.negative = self._condition(req.negative, "negative") if req.negative is not None else None
+        self.identity = {"run": self.run.id, "family": self.family_name, "checkpoint_step": int(meta["step"]),
+                         "tensors_sha256": meta["tensors_sha256"], "dataset": self.run.card.get("dataset_id"),
+                         "dataset_name": self.run.card.get("dataset_name")}
+
+    def _condition(self, prompt: str, what: str) -> Any:
+        if self.cond_kind == "text":
+            return prompt
+        if self.cond_kind == "class":
+            from imagegen.train.trainer import LabelError, Labeler
+
+            lab = Labeler(self.train_cfg)
+            if prompt in lab.index:
+                return lab.index[prompt]
+            if lab.pattern is not None:
+                try:
+                    return lab.label(prompt, None, what)
+                except LabelError:
+                    pass
+            raise SampleError(f"{what} {prompt!r} names none of the {len(lab.names)} classes of run {self.run.id}: "
+                              f"{list(lab.names)[:20]}")
+        return None
+
+
+def _device(req: SampleRequest) -> str:
+    if req.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if req.device == "cuda" and not torch.cuda.is_available():
+        raise SampleError("device='cuda' but no CUDA device is available")
+    return req.device
+
+
+def image_seed(seed: int, prompt_index: int, k: int) -> int:
+    from imagegen.loader import derive_seed
+
+    return derive_seed("sample-image", seed, prompt_index, k) % 2**62
+
+
+def _slug(text: str, n: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:n] or "sample"
+
+
+# ------------------------------------------------------------------------------------------ watermark
+
+
+def _bits(text: str) -> list[int]:
+    return [int(b) for byte in text.encode("utf-8") for b in f"{byte:08b}"]
+
+
+def apply_watermark(image: Image.Image, text: str = DEFAULT_WATERMARK) -> Image.Image:
+    """``image`` with ``text`` embedded by imwatermark's dwtDct (RGB in, RGB out)."""
+    from imwatermark import WatermarkEncoder
+
+    w, h = image.size
+    if w * h < WATERMARK_MIN_PIXELS:
+        raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; these are {w} x {h} "
+                          "(set output_size=256 or more)")
+    enc = WatermarkEncoder()
+    enc.set_watermark("bits", _bits(text))
+    bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+    out = enc.encode(bgr, WATERMARK_METHOD)
+    return Image.fromarray(np.ascontiguousarray(out[:, :, ::-1]))
+
+
+def check_watermark(path: str | Path, text: str = DEFAULT_WATERMARK) -> dict[str, Any]:
+    """Whether the image at ``path`` carries ``text`` as a dwtDct watermark: the fraction of its
+    payload bits read back, detected when at least 90% agree (an unmarked image agrees on ~50%)."""
+    from imwatermark import WatermarkDecoder
+
+    p = Path(path)
+    if not p.is_file():
+        raise SampleError(f"image {p} does not exist")
+    image = Image.open(p).convert("RGB")
+    w, h = image.size
+    if w * h < WATERMARK_MIN_PIXELS:
+        raise SampleError(f"{p} is {w} x {h}: a dwtDct watermark needs at least 256 x 256 pixels")
+    want = _bits(text)
+    dec = WatermarkDecoder("bits", len(want))
+    got = dec.decode(np.ascontiguousarray(np.asarray(image)[:, :, ::-1]), WATERMARK_METHOD)
+    match = float(np.mean([int(a) == int(b) for a, b in zip(got, want)]))
+    recorded = None
+    params = read_parameters(p)
+    if params is not None:
+        recorded = params.get("watermark")
+    return {"file": str(p), "watermark": text, "method": WATERMARK_METHOD, "bits": len(want), "bit_match": match,
+            "detected": match >= WATERMARK_MATCH, "recorded_in_png": recorded}
+
+
+def read_parameters(path: str | Path) -> dict[str, Any] | None:
+    """The generation parameters a PNG written by :func:`sample` carries (None if it has none)."""
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}).get(PARAMS_KEY) if hasattr(im, "text") else None
+    return json.loads(text) if text else None
+
+
+# ------------------------------------------------------------------------------------------ sample
+
+
+def sample(request: SampleRequest | dict[str, Any], root: Path | str,
+           progress: Any = None) -> dict[str, Any]:
+    """Generate the request's images into its output folder; returns a summary (paths, parameters)."""
+    from imagegen import __version__
+    from models.reflow import pair_noise
+    from models.checkpoint import load_family
+
+    req = request if isinstance(request, SampleRequest) else SampleRequest(**request)
+    root = Path(root)
+    prep = Prepared(req, root)
+    if req.watermark is not None:
+        try:
+            import imwatermark  # noqa: F401  (installed? fail before generating)
+        except ImportError as exc:
+            raise SampleError(f"watermarks need the invisible-watermark package ({exc}); setup.sh installs it "
+                              "(pip install --no-deps invisible-watermark: its opencv-python requirement would "
+                              "replace opencv-python-headless)") from None
+
+        side = req.output_size
+        if side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
+            side = int(prep.train_cfg.model.get("image_size", 0))
+        # (a latent run's decoded size is known once the first image is decoded: apply_watermark checks it
+        # before anything is saved)
+        if side is not None and side * side < WATERMARK_MIN_PIXELS:
+            raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; run {prep.run.id} makes "
+                              f"about {side} x {side} (set output_size=256 or more)")
+    device = _device(req)
+    note = progress or (lambda msg: None)
+    settings = req.model_dump(mode="json", exclude={"out", "batch_size", "device", "run", "model", "prompts_file",
+                                                    "prompts"})
+    sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings})
+    out = Path(req.out) if req.out else root / "samples" / sample_id
+    out.mkdir(parents=True, exist_ok=True)
+    fam = load_family(prep.run.checkpoint, device=device)
+    sampler = req.sampler or fam.default_sampler
+    steps = int(req.steps or fam.default_steps)
+    t0 = time.time()
+    records: list[dict[str, Any]] = []
+    images: list[Image.Image] = []
+    for p, (prompt, cond) in enumerate(zip(prep.prompts, prep.conditions)):
+        for start in range(0, req.n, req.batch_size):
+            ks = list(range(start, min(req.n, start + req.batch_size)))
+            seeds = [image_seed(req.seed, p, k) for k in ks]
+            c = None
+            if prep.cond_kind == "text":
+                c = [cond] * len(ks)
+            elif prep.cond_kind == "class":
+                c = torch.tensor([cond] * len(ks))
+            neg = None
+            if prep.negative is not None:
+                neg = [prep.negative] * len(ks) if prep.cond_kind == "text" else torch.tensor([prep.negative] * len(ks))
+            res = fam.sample_result(len(ks), conditioning=c, sampler=sampler, steps=steps,
+                                    guidance=req.guidance if c is not None else 1.0, negative=neg,
+                                    x_T=pair_noise(seeds, fam.noise_shape).to(device),
+                                    generator=torch.Generator(device=device).manual_seed(seeds[0]))
+            u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            for j, k in enumerate(ks):
+                im = Image.fromarray(u8[j])
+                model_size = im.size
+                if req.output_size is not None and im.size != (req.output_size, req.output_size):
+                    im = im.resize((req.output_size, req.output_size), Image.Resampling.BICUBIC)
+                if req.watermark is not None:
+                    im = apply_watermark(im, req.watermark)
+                name = f"{p:03d}-{_slug(prompt) if prompt else 'uncond'}-{k:03d}.png"
+                params = {"model": prep.identity, "prompt": prompt if prep.cond_kind != "none" else None,
+                          "negative": req.negative, "seed": req.seed, "image_seed": seeds[j], "prompt_index": p,
+                          "index": k, "sampler": sampler, "steps": steps, "nfe": int(res.nfe),
+                          "guidance": req.guidance if c is not None else 1.0, "loras": list(req.loras),
+                          "model_size": list(model_size), "output_size": list(im.size),
+                          "watermark": ({"text": req.watermark, "method": WATERMARK_METHOD}
+                                        if req.watermark is not None else None),
+                          "generator": f"imagegen {__version__} sample"}
+                info = PngInfo()
+                info.add_itxt(PARAMS_KEY, json.dumps(params, sort_keys=True))
+                im.save(out / name, pnginfo=info)
+                records.append({"file": name, **params})
+                images.append(im)
+        note(f"[sample] prompt {p + 1}/{len(prep.prompts)}: {req.n} image(s)")
+    (out / "samples.jsonl").write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    grid_path = None
+    if req.grid:
+        grid_path = out / "grid.png"
+        _grid(images, req.n).save(grid_path)
+    summary = {"sample_id": sample_id, "out": str(out), "files": [str(out / r["file"]) for r in records],
+               "grid": str(grid_path) if grid_path else None, "run_id": prep.run.id, "family": prep.family_name,
+               "sampler": sampler, "steps": steps, "guidance": req.guidance, "prompts": prep.prompts,
+               "n_images": len(records), "seconds": round(time.time() - t0, 3),
+               "watermark": req.watermark}
+    write_json_atomic(out / "sample.json", {**summary, "request": req.model_dump(mode="json")})
+    return summary
+
+
+def _grid(images: list[Image.Image], cols: int) -> Image.Image:
+    cols = max(1, min(cols, 8, len(images)))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im.convert("RGB"), ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def add_sample_parser(sub: Any) -> None:
+    sp = sub.add_parser("sample", help="generate images from a run (PNG + grid, parameters in every PNG), or "
+                        "check a PNG for the invisible watermark")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a training or distillation run id (or unique prefix)")
+    src.add_argument("--model", help="a model spec: run:RUN (diffusers:... is not supported yet)")
+    src.add_argument("--check-watermark", metavar="FILE", help="report whether FILE carries the watermark")
+    sp.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
+                    help="a prompt (repeatable)")
+    sp.add_argument("--prompts", dest="prompts_file", metavar="FILE", help="a file of prompts, one per line (or .jsonl 'prompt')")
+    sp.add_argument("--negative", help="negative prompt")
+    sp.add_argument("--guidance", type=float, help="CFG scale (default 1: none)")
+    sp.add_argument("--sampler", help="sampler (default: the family's)")
+    sp.add_argument("--steps", type=int, help="sampler steps (default: the family's)")
+    sp.add_argument("--seed", type=int, help="seed (default 0)")
+    sp.add_argument("--n", type=int, help="images per prompt (default 4)")
+    sp.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
+                    help="LoRA adapter (not supported yet)")
+    sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
+    sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
+    sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
+                    help=f"embed an invisible dwtDct watermark (default text {DEFAULT_WATERMARK!r}); "
+                    "with --check-watermark: the text to look for")
+    sp.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to sample (default auto)")
+    sp.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
+    sp.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    sp.add_argument("--no-prefect", action="store_true", help="run the plain function without Prefect")
+
+
+def request_from_args(args: argparse.Namespace) -> SampleRequest:
+    data: dict[str, Any] = {}
+    for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
+                  "output_size", "watermark", "device"):
+        v = getattr(args, field, None)
+        if v is not None:
+            data[field] = str(Path(v).resolve()) if field in ("prompts_file", "out") else v
+    data["prompts"] = list(args.prompts)
+    data["loras"] = list(args.loras)
+    return SampleRequest(**data)
+
+
+def cmd_sample(args: argparse.Namespace, via_prefect: Any = None) -> dict[str, Any]:
+    """The command; ``via_prefect(request, root)`` runs the flow (given by the Prefect-facing cli)."""
+    import sys
+
+    from imagegen.paths import data_root
+
+    if args.check_watermark:
+        res = check_watermark(args.check_watermark, args.watermark or DEFAULT_WATERMARK)
+        verdict = "carries" if res["detected"] else "does not carry"
+        return {**res, "message": f"{res['file']} {verdict} the {res['method']} watermark {res['watermark']!r} "
+                                  f"({res['bit_match']:.0%} of {res['bits']} bits match)"}
+    req = request_from_args(args)
+    root = data_root(args.data_root)
+    Prepared(req, root)  # unknown run, class names, prompts file: refused before any work
+    if args.no_prefect or via_prefect is None:
+        res = sample(req, root, progress=lambda m: print(m, file=sys.stderr))
+    else:
+        res = via_prefect(req, root)
+    return {**res, "message": f"{res['n_images']} image(s) in {res['out']}" + (f", grid {res['grid']}" if res["grid"] else "")}

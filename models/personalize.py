@@ -1,0 +1,204 @@
+"""Personalisation of the project's own families: textual inversion and DreamBooth-style fine-tuning.
+
+* **Textual inversion** (Gal et al. 2023): one new token embedding for the frozen open_clip text
+  tower (models/text.py).  The placeholder must be a single token of the tokenizer (e.g. "sks");
+  wherever it occurs its row of the token-embedding table is replaced by a trainable vector, and
+  only that vector trains: the text tower and the family's network stay frozen.  The learned
+  vector is saved as diffusers' ``learned_embeds.safetensors`` ({placeholder: vector}).
+  ``TextualInversion.active(family)`` routes the family's caption encoding (training and
+  sampling) through it for the duration.
+* **DreamBooth** (Ruiz et al. 2023): fine-tune on a few images of a new subject under a prompt
+  (or label) that names it, optionally with the prior-preservation loss: the same loss on images
+  the frozen model generated for the subject's class, weighted by ``prior_weight``, so the class
+  is not forgotten.  Full fine-tuning or LoRA (``lora_rank``, models/lora.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from models.text import TextEmbeddings, get_text_encoder
+
+LEARNED_EMBEDS = "learned_embeds.safetensors"
+
+
+class TextualInversion(nn.Module):
+    """A trainable embedding for ``placeholder`` in the frozen text tower ``spec``."""
+
+    def __init__(self, spec: str, placeholder: str = "sks", init_word: str | None = None,
+                 device: str | torch.device = "cpu") -> None:
+        super().__init__()
+        self.spec, self.placeholder = spec, placeholder
+        enc = get_text_encoder(spec, device)
+        self.token_id = self._single_token(enc, placeholder, "placeholder")
+        table = enc.clip.model.token_embedding.weight
+        src = self.token_id if init_word is None else self._single_token(enc, init_word, "init_word")
+        self.embedding = nn.Parameter(table[src].detach().clone().float())
+
+    @staticmethod
+    def _single_token(enc: Any, word: str, what: str) -> int:
+        ids = enc.clip.tokenizer([word])[0].tolist()
+        body = [i for i in ids[1:] if i != 0][:-1]  # drop start, end and padding
+        if len(body) != 1:
+            raise ValueError(f"TextualInversion: {what} {word!r} is {len(body)} tokens of {enc.spec!r}'s tokenizer "
+                             f"({body}); choose a word that is one token (e.g. 'sks')")
+        return int(body[0])
+
+    def encode(self, texts: Sequence[str]) -> TextEmbeddings:
+        """TextEncoder's features (models/text.py) with the placeholder's row replaced, differentiably."""
+        enc = get_text_encoder(self.spec, self.embedding.device)
+        m = enc.clip.model
+        ids = enc.clip.tokenizer(list(texts)).to(self.embedding.device)
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(ids).to(cast)
+        x = torch.where((ids == self.token_id)[..., None], self.embedding.to(cast), x) + m.positional_embedding.to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+        proj = m.text_projection
+        if proj is not None:
+            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+        if getattr(m, "text_pool_type", "argmax") != "argmax":
+            raise ValueError(f"TextualInversion: {self.spec!r} pools with {m.text_pool_type!r}; only argmax is supported")
+        end = ids.argmax(dim=-1)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        pooled = x[torch.arange(ids.shape[0], device=ids.device), end]
+        return TextEmbeddings(x.float(), pos <= end[:, None], pooled.float())
+
+    @contextmanager
+    def active(self, family: Any) -> Iterator[None]:
+        """The family encodes captions through this embedding meanwhile (training and sampling)."""
+        if family.cfg.conditioning != "text" or str(family.cfg.text_encoder) != self.spec:
+            raise ValueError(f"TextualInversion for {self.spec!r} needs a family conditioned on that text encoder; "
+                             f"{type(family).__name__} has conditioning={family.cfg.conditioning!r} "
+                             f"text_encoder={family.cfg.text_encoder!r}")
+
+        def text(captions: Any, n: int, where: str, device: torch.device) -> dict[str, Tensor]:
+            if isinstance(captions, str):
+                captions = [captions] * n
+            if not isinstance(captions, (list, tuple)) or len(captions) != n:
+                raise ValueError(f"{where}: captions must be a list of {n} strings")
+            emb = self.encode(captions)
+            cond = {"pooled": emb.pooled.to(device)}
+            if family.cfg.text_tokens:
+                cond["tokens"], cond["token_mask"] = emb.tokens.to(device), emb.mask.to(device)
+            return cond
+
+        family.__dict__["_text"] = text
+        try:
+            yield
+        finally:
+            family.__dict__.pop("_text", None)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({self.placeholder: self.embedding.detach().cpu().contiguous()}, str(folder / LEARNED_EMBEDS),
+                  metadata={"text_encoder": self.spec})
+        return folder / LEARNED_EMBEDS
+
+    @classmethod
+    def load(cls, path: str | Path, spec: str, device: str | torch.device = "cpu") -> "TextualInversion":
+        path = Path(path)
+        path = path / LEARNED_EMBEDS if path.is_dir() else path
+        tensors = load_file(str(path))
+        if len(tensors) != 1:
+            raise ValueError(f"TextualInversion.load: {path} holds {len(tensors)} embeddings, expected one")
+        (word, vec), = tensors.items()
+        ti = cls(spec, word, device=device)
+        if vec.shape != ti.embedding.shape:
+            raise ValueError(f"TextualInversion.load: {path}'s embedding has width {vec.shape[-1]}, {spec!r} "
+                             f"takes {ti.embedding.shape[-1]}")
+        with torch.no_grad():
+            ti.embedding.copy_(vec)
+        return ti
+
+
+def _batch(family: Any, images: Tensor, conditioning: Any, idx: Tensor) -> dict[str, Any]:
+    key = {"class": "label", "text": "caption"}.get(family.cfg.conditioning)
+    batch: dict[str, Any] = {"image": images[idx]}
+    if key == "label":
+        y = torch.as_tensor(conditioning).reshape(-1)
+        batch["label"] = (y.expand(images.shape[0]) if y.numel() == 1 else y)[idx].to(images.device)
+    elif key == "caption":
+        caps = [conditioning] * images.shape[0] if isinstance(conditioning, str) else list(conditioning)
+        batch["caption"] = [caps[int(i)] for i in idx]
+    return batch
+
+
+def train_textual_inversion(family: Any, ti: TextualInversion, images: Tensor, caption: str, steps: int = 100,
+                            lr: float = 5e-3, batch_size: int = 4, seed: int = 0) -> list[float]:
+    """Optimise only ``ti.embedding`` on the family's own loss for ``images`` under ``caption``
+    (which must contain the placeholder).  Returns the losses."""
+    if ti.placeholder not in caption.split():
+        raise ValueError(f"train_textual_inversion: the caption {caption!r} does not contain {ti.placeholder!r}")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([ti.embedding], lr=lr, weight_decay=0.0)
+    losses = []
+    with ti.active(family):
+        for _ in range(steps):
+            idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+            loss = family.loss(_batch(family, images, caption, idx), g).losses["model"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward(inputs=[ti.embedding])
+            opt.step()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def prior_images(family: Any, conditioning: Any, n: int, steps: int | None = None, seed: int = 0,
+                 guidance: float = 1.0) -> Tensor:
+    """DreamBooth's class images: ``n`` samples of the (frozen, not yet tuned) model."""
+    return family.sample(n, conditioning, steps=steps, guidance=guidance, generator=torch.Generator().manual_seed(seed))
+
+
+def dreambooth(family: Any, images: Tensor, conditioning: Any, steps: int = 100, lr: float = 1e-4,
+               batch_size: int = 4, prior: tuple[Tensor, Any] | None = None, prior_weight: float = 1.0,
+               lora_rank: int | None = None, lora_targets: Any = None, seed: int = 0) -> list[float]:
+    """Fine-tune ``family`` on the subject ``images`` under ``conditioning`` (labels or a caption);
+    with ``prior=(class_images, class_conditioning)`` each step adds ``prior_weight`` times the loss
+    on a batch of them.  ``lora_rank``: train a LoRA adapter instead of every weight (on
+    ``lora_targets``, models/lora.py's default or "all")."""
+    if prior_weight < 0:
+        raise ValueError(f"dreambooth: prior_weight must be >= 0, got {prior_weight}")
+    if lora_rank is not None:
+        from models.lora import add_lora
+
+        params = add_lora(family, lora_rank, targets=lora_targets)
+    else:
+        params = [p for p in family.net.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    family.train()
+    for _ in range(steps):
+        idx = torch.randint(0, images.shape[0], (batch_size,), generator=g)
+        loss = family.loss(_batch(family, images, conditioning, idx), g).losses["model"]
+        if prior is not None and prior_weight > 0:
+            p_img, p_cond = prior
+            pidx = torch.randint(0, p_img.shape[0], (batch_size,), generator=g)
+            loss = loss + prior_weight * family.loss(_batch(family, p_img, p_cond, pidx), g).losses["model"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        opt.step()
+        losses.append(float(loss.detach()))
+    family.eval()
+    return losses
+
+
+def denoising_loss(family: Any, images: Tensor, conditioning: Any, repeats: int = 8, seed: int = 123) -> float:
+    """The family's mean training loss on ``images`` with fixed noise draws (lower = better fit)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(images.shape[0])
+    was = family.training
+    family.eval()
+    with torch.no_grad():
+        vals = [float(family.loss(_batch(family, images, conditioning, idx), g).losses["model"]) for _ in range(repeats)]
+    family.train(was)
+    return sum(vals) / len(vals)

@@ -1,0 +1,141 @@
+"""The import layers (docs/DESIGN.md, "Layers"): models/ and imagegen/ never import flows/, tasks/ or
+prefect, except the Prefect-facing modules; models/ does not reach back into imagegen.train; the
+``--no-prefect`` paths run without Prefect.  Checked in fresh interpreters (a test process has
+imported everything already)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+WRAPPERS = ("flows", "tasks", "prefect")
+# Prefect-facing modules of the library: `imagegen serve` drives a Prefect server and worker
+PREFECT_FACING = {"imagegen/serve.py"}
+# the CLI dispatches to a flow only on its Prefect branch, inside the command functions
+LAZY_FLOW_DISPATCH = {"imagegen/cli.py"}
+
+
+def _library_files() -> list[Path]:
+    return sorted(p for top in ("imagegen", "models") for p in (REPO / top).rglob("*.py"))
+
+
+def _imports(tree: ast.AST) -> list[tuple[str, bool]]:
+    """(imported module, at module level) for every import statement."""
+    out: list[tuple[str, bool]] = []
+
+    def visit(node: ast.AST, top: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((a.name, top) for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                out.append((child.module, top))
+            visit(child, inner)
+
+    visit(tree, True)
+    return out
+
+
+def test_library_source_never_imports_the_wrapper_layer():
+    bad = []
+    for path in _library_files():
+        rel = path.relative_to(REPO).as_posix()
+        if rel in PREFECT_FACING:
+            continue
+        for module, top in _imports(ast.parse(path.read_text(), rel)):
+            if module.split(".")[0] not in WRAPPERS:
+                continue
+            if rel in LAZY_FLOW_DISPATCH and not top and module.startswith("flows.") and module.count(".") == 1:
+                continue  # `from flows.x import x_flow` on the CLI's Prefect branch
+            bad.append(f"{rel}: import {module}")
+    assert not bad, "the library imports the wrapper layer:\n" + "\n".join(bad)
+
+
+def _fresh(code: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+_BLOCK_WRAPPERS = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('prefect', 'flows', 'tasks'):
+            raise ImportError(f'the --no-prefect path imported {name}')
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+@pytest.fixture(scope="module")
+def no_wrappers(tmp_path_factory) -> dict:
+    """One fresh interpreter with prefect, flows and tasks unimportable: it imports every library
+    module, then runs the parameter checks of every command that runs work (refused, exit 2)."""
+    names = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _library_files()]
+    names = [n.removesuffix(".__init__") for n in names if n != "imagegen.serve" and not n.endswith("__main__")]
+    root = str(tmp_path_factory.mktemp("no-wrappers"))
+    return _fresh(_BLOCK_WRAPPERS + f"""
+import importlib
+import models.registry, models.checkpoint, models.teacher, models.base
+first = sorted(m for m in sys.modules if m.startswith('imagegen.train'))
+import imagegen.train
+lazy = sorted(m for m in sys.modules if m.startswith('imagegen.train'))
+from imagegen.train import EMA
+layers = {{"models": first, "package": lazy, "ema": EMA.__module__}}
+from imagegen.cli import main
+failed = {{}}
+for name in {names!r}:
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        failed[name] = str(exc)
+root = {root!r}
+codes = [main(['curate', '--no-prefect', '--set', 'download.timeout=-1', '--data-root', root]),
+         main(['train', '--no-prefect', '--dataset', 'no-such', '--data-root', root]),
+         main(['distill', '--no-prefect', '--teacher', 'no-such', '--method', 'reflow', '--data-root', root]),
+         main(['evaluate', '--no-prefect', '--run', 'no-such', '--data-root', root]),
+         main(['benchmark', '--no-prefect', '--runs', 'no-such', '--data-root', root])]
+print(json.dumps({{"failed": failed, "codes": codes, "layers": layers,
+                  "wrappers": sorted(m for m in sys.modules if m.split('.')[0] in {WRAPPERS!r})}}))
+""")
+
+
+def test_importing_every_library_module_imports_no_wrapper(no_wrappers):
+    assert no_wrappers["failed"] == {} and no_wrappers["wrappers"] == []
+
+
+def test_models_do_not_import_the_trainer_package(no_wrappers):
+    """models/ reads checkpoints itself (models.checkpoint.load_family); importing the models and
+    their registry pulls in neither the trainer nor the run layer, and ``imagegen.train`` imports
+    its submodules lazily.  (The fixture's interpreter checks this before importing anything else.)"""
+    assert no_wrappers["layers"] == {"models": [], "package": ["imagegen.train"], "ema": "imagegen.train.ema"}
+
+
+def test_refused_commands_need_no_prefect(no_wrappers):
+    """Parameter checks of every command that runs work happen before (and without) Prefect."""
+    assert no_wrappers["codes"] == [2, 2, 2, 2, 2]
+
+
+@pytest.mark.slow
+def test_curate_no_prefect_never_imports_prefect(tmp_path):
+    """A whole (small) ``imagegen curate --no-prefect`` with prefect, flows and tasks unimportable."""
+    out = _fresh(_BLOCK_WRAPPERS + f"""
+from imagegen.cli import main
+code = main(['curate', '--no-prefect', '--json', '--data-root', {str(tmp_path)!r},
+             '--set', 'source.publish.n_images=40', '--set', 'reference_clip.n_train=64',
+             '--set', 'reference_clip.n_heldout=20', '--set', 'reference_clip.steps=2',
+             '--set', 'reference_clip.warmup_steps=0', '--set', 'download.processes_count=1',
+             '--set', 'download.thread_count=4', '--set', 'filter.clip_score=null'])
+print(json.dumps({{"code": code, "prefect": [m for m in sys.modules if m.split('.')[0] == 'prefect']}}))
+""")
+    assert out == {"code": 0, "prefect": []}
