@@ -276,12 +276,16 @@ def _per_metric(summary: dict[str, Any], column: str) -> dict[str, Any]:
 
 def eval_metrics_rows(summary: "EvalSummary") -> list[dict[str, Any]]:
     """The ``evaluate-metrics`` table: one row per metric with the sampling settings it was computed under;
-    ``n`` is the number of images behind the value (the generated set, or GenEval's images)."""
+    ``n`` is the number of images behind the value (the generated set, or GenEval's images); the
+    interval (``ci_low``, ``ci_high``) and the sample-count flags of the row."""
     n_by_metric = _per_metric(summary, "n_generated")
     return [{"metric": name, "value": float(value), "run": summary.get("run_id"), "family": summary.get("family"),
              "sampler": summary.get("sampler"), "steps": summary.get("steps"), "NFE": summary.get("nfe"),
              "guidance": summary.get("guidance"),
-             "n": int(n_by_metric[name]) if n_by_metric.get(name) is not None else summary.get("n_samples")}
+             "n": int(n_by_metric[name]) if n_by_metric.get(name) is not None else summary.get("n_samples"),
+             "ci_low": (summary.get("intervals") or {}).get(name, [None, None])[0],
+             "ci_high": (summary.get("intervals") or {}).get(name, [None, None])[1],
+             "flags": "; ".join((summary.get("flags") or {}).get(name, []))}
             for name, value in summary["metrics"].items()]
 
 
@@ -377,7 +381,8 @@ def benchmark_pages(board: dict[str, Any], failed: list[dict[str, Any]]) -> list
 def sample_markdown(summary: dict[str, Any]) -> str:
     lines = [f"# Samples of run `{summary['run_id']}` ({summary['family']})", "",
              f"{summary['n_images']} image(s) in `{summary['out']}`: {summary['sampler']}, {summary['steps']} steps, "
-             f"guidance {summary['guidance']:g}" + (f", watermark {summary['watermark']!r}" if summary["watermark"] else ""),
+             f"guidance {summary['guidance']:g}" + (f", watermark {summary['watermark']!r}" if summary["watermark"] else "")
+             + (f", edit: {summary['edit']}" if summary.get("edit", "sample") != "sample" else ""),
              "", "Prompts: " + "; ".join(f"`{p}`" for p in summary["prompts"] if p) or "(unconditional)"]
     grid = png_data_uri(summary.get("grid"))
     if grid:

@@ -14,6 +14,10 @@ unconditional run takes no prompt.  ``watermark=TEXT`` embeds TEXT invisibly wit
 :func:`check_watermark` reads it back.  That method needs images of at least 256 x 256 pixels:
 ``output_size`` resizes the samples (bicubic) before saving, and the resize is recorded.
 
+Editing and control (SDEdit, inpainting / outpainting, the inversion edit, ControlNet, a LoRA
+adapter, a textual-inversion embedding) are request fields too; imagegen/sample_edit.py checks
+their files before any work and makes each batch's call.
+
 The model slot takes ``run=RUN`` or ``model="run:RUN"``; other model specs (``diffusers:...``) are
 refused with a message until a family for them exists.
 """
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imagegen.artifacts import write_json_atomic
 from imagegen.hashing import stable_hash
@@ -45,6 +49,13 @@ WATERMARK_MATCH = 0.9  # fraction of payload bits that must agree (chance: ~0.5)
 
 class SampleError(ValueError):
     pass
+
+
+def _unit_interval(schema: dict[str, Any]) -> None:
+    """The form's bounds for strength (the number branch of its anyOf); the validator says why."""
+    for branch in schema.get("anyOf", []):
+        if branch.get("type") == "number":
+            branch.update(minimum=0.0, maximum=1.0)
 
 
 class SampleRequest(BaseModel):
@@ -62,7 +73,8 @@ class SampleRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds every image's noise")
     n: int = Field(4, ge=1, le=1024, description="Images per prompt (unconditional runs: images in all)")
-    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE] (not supported yet)")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapter PATH[:SCALE]: a peft adapter folder "
+                             "made by models/lora.save_lora on this run's net (one at a time)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
     output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
                                     "(bicubic) before saving; None keeps the model's size")
@@ -71,6 +83,42 @@ class SampleRequest(BaseModel):
     grid: bool = Field(True, description="Also write grid.png")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per sampler call")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where sampling runs")
+    # editing and control (imagegen/sample_edit.py)
+    init_image: str | None = Field(None, description="Image to edit (the model's size): SDEdit, or with mask / "
+                                   "outpaint inpainting, or with invert the inversion edit")
+    strength: float | None = Field(None, json_schema_extra=_unit_interval,
+                                   description="Edit strength in [0, 1]: 0 returns the init image, 1 is plain "
+                                   "sampling (None: 0.8 for SDEdit, 1 for inpainting)")
+    mask: str | None = Field(None, description="Inpainting mask image, the init image's size: white = generate, "
+                             "black = keep")
+    outpaint: list[int] | None = Field(None, min_length=4, max_length=4, description="Outpainting margins "
+                                       "[left, top, right, bottom] in pixels: the init image plus them = the model's size")
+    resample: int = Field(1, ge=1, le=50, description="Inpainting: RePaint resampling passes per step (1 = none)")
+    invert: bool = Field(False, description="DDIM/Euler-inversion edit of init_image (under source_prompt) to the prompts")
+    source_prompt: str | None = Field(None, description="Invert: the prompt / class the init image is inverted "
+                                      "under (None: unconditional)")
+    control: str | None = Field(None, description="Control image (the model's size); its map is computed by the "
+                                "ControlNet's own signal (Canny, boxes, segmentation)")
+    control_scale: float | None = Field(None, ge=0.0, le=10.0, description="Weight of the control residuals "
+                                        "(None: the ControlNet's default)")
+    control_is_map: bool = Field(False, description="control is the map itself (grayscale image for Canny, "
+                                 ".npy [C, H, W] for any signal)")
+    controlnet: str | None = Field(None, description="A ControlNet run trained on run (or give the ControlNet run as run)")
+    embedding: str | None = Field(None, description="Textual-inversion embedding (learned_embeds.safetensors)")
+
+    @field_validator("strength")
+    @classmethod
+    def _strength(cls, v: float | None) -> float | None:
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"strength must lie in [0, 1] (0 = the init image, 1 = plain sampling), got {v}")
+        return v
+
+    @field_validator("outpaint")
+    @classmethod
+    def _margins(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(m < 0 for m in v):
+            raise ValueError(f"outpaint margins [left, top, right, bottom] must be >= 0, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "SampleRequest":
@@ -82,8 +130,21 @@ class SampleRequest(BaseModel):
                                  "`imagegen sample` yet; sample a run of this project with run=RUN")
             if not self.model.startswith("run:") or len(self.model) <= 4:
                 raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID'")
-        if self.loras:
-            raise ValueError("LoRA adapters are not supported by `imagegen sample` yet (they need a diffusers model)")
+        needs_image = [f for f in ("strength", "mask", "outpaint") if getattr(self, f) is not None]
+        if self.invert:
+            needs_image.append("invert")
+        if needs_image and self.init_image is None:
+            raise ValueError(f"{', '.join(needs_image)} need init_image (the image to edit)")
+        if self.mask is not None and self.outpaint is not None:
+            raise ValueError("give mask (inpainting) or outpaint (margins), not both")
+        if self.invert and (self.mask is not None or self.outpaint is not None or self.strength is not None):
+            raise ValueError("invert is the inversion edit of the whole image: it takes no mask, outpaint or strength")
+        if self.source_prompt is not None and not self.invert:
+            raise ValueError("source_prompt applies to invert")
+        if self.resample != 1 and self.mask is None and self.outpaint is None:
+            raise ValueError("resample applies to inpainting (mask or outpaint)")
+        if self.control is None and (self.control_scale is not None or self.control_is_map):
+            raise ValueError("control_scale / control_is_map need control (the control image)")
         return self
 
     @property
@@ -151,6 +212,12 @@ class Prepared:
         self.identity = {"run": self.run.id, "family": self.family_name, "checkpoint_step": int(meta["step"]),
                          "tensors_sha256": meta["tensors_sha256"], "dataset": self.run.card.get("dataset_id"),
                          "dataset_name": self.run.card.get("dataset_name")}
+        from imagegen.sample_edit import EditInputError, EditPlan
+
+        try:
+            self.edit = EditPlan(req, self)  # editing / control inputs: read and checked before any work
+        except EditInputError as exc:
+            raise SampleError(str(exc)) from None
 
     def _condition(self, prompt: str, what: str) -> Any:
         if self.cond_kind == "text":
@@ -274,13 +341,22 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                               f"about {side} x {side} (set output_size=256 or more)")
     device = _device(req)
     note = progress or (lambda msg: None)
-    settings = req.model_dump(mode="json", exclude={"out", "batch_size", "device", "run", "model", "prompts_file",
-                                                    "prompts"})
-    sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings})
+    # batch_size stays in: a stochastic sampler's generator is seeded per batch, so the batch
+    # layout can change its images (the initial noise is per image either way)
+    settings = req.model_dump(mode="json", exclude={"out", "device", "run", "model", "prompts_file", "prompts"})
+    plan = prep.edit
+    sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings,
+                             "inputs": plan.inputs, "loras": [lo.get("sha256") for lo in plan.loras]})
     out = Path(req.out) if req.out else root / "samples" / sample_id
     out.mkdir(parents=True, exist_ok=True)
-    fam = load_family(prep.run.checkpoint, device=device)
+    fam = plan.load(prep, device)  # the run's family (or its ControlNet), LoRA merged, control map made
+    if plan.trivial:
+        note(f"[sample] {plan.trivial}")
     sampler = req.sampler or fam.default_sampler
+    if plan.mode == "invert":
+        sampler = "ddim" if "ddim" in fam.samplers else "euler"
+    request_record = req.model_dump(mode="json", exclude={"out"})
+    edit_record = plan.record()
     steps = int(req.steps or fam.default_steps)
     t0 = time.time()
     records: list[dict[str, Any]] = []
@@ -297,11 +373,12 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
             neg = None
             if prep.negative is not None:
                 neg = [prep.negative] * len(ks) if prep.cond_kind == "text" else torch.tensor([prep.negative] * len(ks))
-            res = fam.sample_result(len(ks), conditioning=c, sampler=sampler, steps=steps,
-                                    guidance=req.guidance if c is not None else 1.0, negative=neg,
-                                    x_T=pair_noise(seeds, fam.noise_shape).to(device),
-                                    generator=torch.Generator(device=device).manual_seed(seeds[0]))
-            u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            with plan.context(fam):
+                x, nfe = plan.generate(fam, len(ks), c, neg, sampler, steps,
+                                       req.guidance if c is not None else 1.0,
+                                       pair_noise(seeds, fam.noise_shape).to(device),
+                                       torch.Generator(device=device).manual_seed(seeds[0]))
+            u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for j, k in enumerate(ks):
                 im = Image.fromarray(u8[j])
                 model_size = im.size
@@ -312,8 +389,10 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                 name = f"{p:03d}-{_slug(prompt) if prompt else 'uncond'}-{k:03d}.png"
                 params = {"model": prep.identity, "prompt": prompt if prep.cond_kind != "none" else None,
                           "negative": req.negative, "seed": req.seed, "image_seed": seeds[j], "prompt_index": p,
-                          "index": k, "sampler": sampler, "steps": steps, "nfe": int(res.nfe),
-                          "guidance": req.guidance if c is not None else 1.0, "loras": list(req.loras),
+                          "index": k, "sampler": sampler, "steps": steps, "nfe": nfe,
+                          "guidance": req.guidance if c is not None else 1.0,
+                          "loras": [{k: v for k, v in lo.items() if k != "path"} for lo in plan.loras],
+                          **edit_record, "request": request_record,
                           "model_size": list(model_size), "output_size": list(im.size),
                           "watermark": ({"text": req.watermark, "method": WATERMARK_METHOD}
                                         if req.watermark is not None else None),
@@ -333,7 +412,7 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                "grid": str(grid_path) if grid_path else None, "run_id": prep.run.id, "family": prep.family_name,
                "sampler": sampler, "steps": steps, "guidance": req.guidance, "prompts": prep.prompts,
                "n_images": len(records), "seconds": round(time.time() - t0, 3),
-               "watermark": req.watermark}
+               "watermark": req.watermark, "edit": plan.mode, "trivial": plan.trivial}
     write_json_atomic(out / "sample.json", {**summary, "request": req.model_dump(mode="json")})
     return summary
 
@@ -368,7 +447,7 @@ def add_sample_parser(sub: Any) -> None:
     sp.add_argument("--seed", type=int, help="seed (default 0)")
     sp.add_argument("--n", type=int, help="images per prompt (default 4)")
     sp.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA adapter (not supported yet)")
+                    help="LoRA adapter: a peft adapter folder made by models/lora.save_lora on the run's net")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
     sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
@@ -378,17 +457,56 @@ def add_sample_parser(sub: Any) -> None:
     sp.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
     sp.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
     sp.add_argument("--no-prefect", action="store_true", help="run the plain function without Prefect")
+    ed = sp.add_argument_group("editing and control")
+    ed.add_argument("--init-image", metavar="FILE", help="image to edit (SDEdit; with --mask/--outpaint inpainting; "
+                    "with --invert the inversion edit)")
+    ed.add_argument("--strength", type=float, help="edit strength in [0, 1] (default 0.8 SDEdit, 1 inpainting)")
+    ed.add_argument("--mask", metavar="FILE", help="inpainting mask, the init image's size: white = generate")
+    ed.add_argument("--outpaint", metavar="L,T,R,B", type=_margins,
+                    help="outpainting margins in pixels around --init-image (image + margins = the model's size)")
+    ed.add_argument("--resample", type=int, help="inpainting: RePaint resampling passes per step (default 1)")
+    ed.add_argument("--invert", action="store_true", help="DDIM/Euler-inversion edit of --init-image to --prompt")
+    ed.add_argument("--source-prompt", metavar="TEXT", help="--invert: the prompt the init image is inverted under")
+    ed.add_argument("--control", metavar="IMAGE", help="control image; the ControlNet computes its map from it")
+    ed.add_argument("--control-scale", type=float, help="weight of the control (default: the ControlNet's)")
+    ed.add_argument("--control-is-map", action="store_true",
+                    help="--control is the map itself (grayscale image for Canny, .npy [C, H, W] for any signal)")
+    ed.add_argument("--controlnet", metavar="RUN", help="a ControlNet run trained on --run")
+    ed.add_argument("--embedding", metavar="FILE", help="textual-inversion embedding (learned_embeds.safetensors)")
+
+
+def _margins(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 4:
+        raise argparse.ArgumentTypeError(f"--outpaint takes four integers L,T,R,B, got {text!r}")
+    return vals
+
+
+_PATH_FIELDS = ("prompts_file", "out", "init_image", "mask", "control", "embedding")
 
 
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     data: dict[str, Any] = {}
     for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
-                  "output_size", "watermark", "device"):
+                  "output_size", "watermark", "device", "init_image", "strength", "mask", "outpaint", "resample",
+                  "source_prompt", "control", "control_scale", "controlnet", "embedding"):
         v = getattr(args, field, None)
         if v is not None:
-            data[field] = str(Path(v).resolve()) if field in ("prompts_file", "out") else v
+            data[field] = str(Path(v).resolve()) if field in _PATH_FIELDS else v
+    for flag in ("invert", "control_is_map"):
+        if getattr(args, flag, False):
+            data[flag] = True
     data["prompts"] = list(args.prompts)
-    data["loras"] = list(args.loras)
+    from imagegen.sample_edit import parse_lora
+
+    loras = []
+    for spec in args.loras:
+        path, scale = parse_lora(spec)
+        loras.append(f"{path.resolve()}:{scale:g}" if spec != str(path) else str(path.resolve()))
+    data["loras"] = loras
     return SampleRequest(**data)
 
 

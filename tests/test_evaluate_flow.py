@@ -86,6 +86,8 @@ def test_flow_publishes_artifacts(flow_run):
     for r in got:
         assert (r["run"], r["family"], r["sampler"], r["steps"], r["NFE"], r["guidance"]) == \
             (s["run_id"], "flow", "euler", 4, 4, 1.0)
+    assert {r["metric"] for r in got if r["ci_low"] is not None} == set(s["intervals"])  # each row's interval
+    assert all(r["ci_low"] <= r["ci_high"] for r in got if r["ci_low"] is not None)
     n = {r["metric"]: r["n"] for r in got}
     assert n[_fd(s["metrics"])] == n[HESSEL] == 32 and n["GenEval overall"] == 6  # 6 prompts x 1 image
     (md,) = flow_artifacts(flow_run_id, "evaluate-summary")

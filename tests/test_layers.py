@@ -58,6 +58,21 @@ def test_library_source_never_imports_the_wrapper_layer():
     assert not bad, "the library imports the wrapper layer:\n" + "\n".join(bad)
 
 
+# the library modules models/ may import: leaf utilities that import nothing above them
+MODELS_MAY_IMPORT = {"imagegen.hashing", "imagegen.clip", "imagegen.perceptual", "imagegen.world.scene",
+                     "imagegen.world.detector"}
+
+
+def test_models_import_only_the_library_leaf_utilities():
+    bad = []
+    for path in sorted((REPO / "models").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        for module, _ in _imports(ast.parse(path.read_text(), rel)):
+            if module.split(".")[0] == "imagegen" and module not in MODELS_MAY_IMPORT:
+                bad.append(f"{rel}: import {module}")
+    assert not bad, "models/ reaches above the library's leaf utilities:\n" + "\n".join(bad)
+
+
 def _fresh(code: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

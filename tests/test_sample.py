@@ -99,8 +99,8 @@ def test_refusals(text_root, tmp_path):
         SampleRequest(model="diffusers:runwayml/stable-diffusion-v1-5", prompts=["x"])
     with pytest.raises(ValueError, match="unknown model spec"):
         SampleRequest(model="hf:thing", prompts=["x"])
-    with pytest.raises(ValueError, match="LoRA"):
-        SampleRequest(run=run, prompts=["x"], loras=["a.safetensors:0.5"])
+    with pytest.raises(SampleError, match="LoRA adapter a.safetensors does not exist"):
+        sample(SampleRequest(run=run, prompts=["x"], loras=["a.safetensors:0.5"]), root)
     with pytest.raises(LookupError):
         sample(SampleRequest(run="nosuchrun", prompts=["x"]), root)
     with pytest.raises(SampleError, match="give prompts"):

@@ -804,8 +804,8 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
 def eval_identity(req: EvalRequest, src: Source) -> dict[str, Any]:
     """What the evaluation id hashes: the source, the settings (not where or in what batches it runs)
     and the code of the requested metrics."""
-    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
-                                                                                      "batch_size"}),
+    # batch_size is hashed: stochastic samplers seed their generator per batch (see generate_set)
+    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device"}),
              "code": code_version(*M.modules(req.metrics), M, _self())}
     if req.reference_stats is not None:  # a name can be given to another file: the file's hash decides
         ident["reference_stats_sha256"] = _stats_card(req, src)["file_sha256"]

@@ -1,0 +1,454 @@
+"""Editing and control for ``imagegen sample``: the request's input files checked before any work,
+and the one generation call per batch (models/editing.py, models/controlnet.py, models/lora.py,
+models/personalize.py do the work).
+
+Modes, from the request's fields (imagegen/sample.py's SampleRequest):
+
+* plain sampling (no ``init_image``);
+* **SDEdit** (``init_image`` [+ ``strength``, default 0.8]);
+* **inpainting** (``init_image`` + ``mask``: white = generate, black = keep, the SD-inpainting
+  convention; ``strength`` default 1, ``resample`` = RePaint's r) and **outpainting**
+  (``init_image`` + ``outpaint`` = [left, top, right, bottom] margins: the image on a canvas of
+  the model's size, the margins generated; or give an already extended canvas and its mask);
+  a trained inpainting run (family ``inpainting``) takes the same two and samples with its mask
+  channels instead;
+* **inversion edit** (``init_image`` + ``invert``: DDIM / Euler inversion under
+  ``source_prompt``, then sampling under the request's prompt);
+* **ControlNet** (``control`` = an image whose map the ControlNet computes with its own signal,
+  or the map itself with ``control_is_map``: a grayscale image for Canny, a ``.npy`` [C, H, W]
+  for any signal), with a ControlNet run as ``run`` or ``controlnet`` over ``run`` (its base);
+  combines with every mode above except the trained inpainting family;
+* **LoRA** (``loras`` = ["PATH[:SCALE]"]: peft adapter folders written by models/lora.save_lora
+  on the project's nets) and a **textual-inversion** embedding (``embedding`` =
+  learned_embeds.safetensors of models/personalize.py).
+
+Every input file is identified by its sha256 in the sample id and the PNG parameters chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from imagegen.hashing import file_sha256
+
+SDEDIT_STRENGTH = 0.8  # diffusers' img2img default
+LORA_CONFIG, LORA_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+class EditInputError(ValueError):
+    """An editing / control input that cannot be used (says which file and why)."""
+
+
+def parse_lora(text: str) -> tuple[Path, float]:
+    """``PATH[:SCALE]`` -> (path, scale); a path that exists as written keeps any colon in it."""
+    path, scale = text, 1.0
+    m = re.fullmatch(r"(.+):([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", text)
+    if m and not Path(text).exists():
+        path, scale = m.group(1), float(m.group(2))
+    return Path(path).expanduser(), scale
+
+
+def _state_config(ckpt: str | Path) -> dict[str, Any]:
+    p = Path(ckpt) / "state.json"
+    if not p.is_file():
+        raise EditInputError(f"checkpoint {ckpt} has no state.json")
+    return json.loads(p.read_text()).get("config", {})
+
+
+def pixel_size(family: str, model: dict[str, Any]) -> int:
+    """The image side a run makes (its autoencoder's for latent runs; the base's for a ControlNet)."""
+    if family == "controlnet" and model.get("base") and model.get("data") == "latents":
+        base = _state_config(model["base"])
+        return pixel_size(base.get("family", ""), base.get("model", {}))
+    if model.get("data", "pixels") == "latents":
+        ae = model.get("autoencoder")
+        if not ae:
+            raise EditInputError("a latent run without an autoencoder cannot edit images")
+        return int(_state_config(ae).get("model", {}).get("image_size", 0))
+    return int(model.get("image_size", 0))
+
+
+def _open_image(path: str, what: str) -> Image.Image:
+    p = Path(path)
+    if not p.is_file():
+        raise EditInputError(f"{what} {p} does not exist")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            return im.copy()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise EditInputError(f"{what} {p} is not an image PIL can read ({exc})") from None
+
+
+def _to_tensor(im: Image.Image) -> torch.Tensor:
+    a = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return (torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1)[None]
+
+
+def _file_id(path: str) -> dict[str, Any]:
+    return {"file": Path(path).name, "sha256": file_sha256(Path(path))}
+
+
+def _edit_kind(family_cls: Any) -> tuple[bool, bool]:
+    """(can SDEdit / inpaint, can invert) for a family class."""
+    from models.consistency import ConsistencyFunction
+    from models.ddpm import DDPM
+    from models.dmd import DMD
+    from models.edm import EDM
+    from models.flow import FlowMatching
+
+    if issubclass(family_cls, DMD):
+        return False, False
+    editable = issubclass(family_cls, (DDPM, EDM, FlowMatching, ConsistencyFunction))
+    return editable, editable and not issubclass(family_cls, ConsistencyFunction)
+
+
+class EditPlan:
+    """The request's editing / control inputs, read and checked against the run (no model loaded)."""
+
+    def __init__(self, req: Any, prep: Any) -> None:
+        from imagegen.train.runs import get_run
+        from models.registry import get_family
+
+        self.req = req
+        run_id = prep.run.id
+        # the checkpoint's own config: the run card may hold references as given ('run:<id>', 'world')
+        fam_name, model = prep.family_name, _state_config(prep.run.checkpoint).get("model", prep.train_cfg.model)
+        self.controlnet_run = None
+        self.is_controlnet = fam_name == "controlnet"
+        self.trained_inpainting = fam_name == "inpainting"
+        base_family = fam_name
+        if req.controlnet is not None:
+            if self.is_controlnet:
+                raise EditInputError(f"run {run_id} is itself a ControlNet; give its base as run or drop controlnet")
+            cn = get_run(prep.root, req.controlnet)
+            cn_family = cn.card.get("config", {}).get("family")
+            if cn_family != "controlnet":
+                raise EditInputError(f"controlnet={req.controlnet!r}: run {cn.id} is a {cn_family!r} run, not a ControlNet")
+            if cn.checkpoint is None:
+                raise EditInputError(f"ControlNet run {cn.id} has no checkpoint yet")
+            self._check_base(cn, prep)
+            self.controlnet_run = cn
+            self.cn_model = _state_config(cn.checkpoint).get("model", {})
+        elif self.is_controlnet:
+            self.cn_model = model
+            base_family = _state_config(model["base"]).get("family", "")
+        if req.control is not None and not (self.is_controlnet or self.controlnet_run is not None):
+            raise EditInputError(f"control= needs a ControlNet: run {run_id} is a {fam_name!r} run; give "
+                                 "controlnet=RUN (a ControlNet trained on it) or a ControlNet run as run")
+        if self.controlnet_run is not None and req.control is None:
+            raise EditInputError(f"controlnet={req.controlnet!r} without control= (the control image) does nothing")
+        side = pixel_size(fam_name, model)
+        self.side = side
+        where = f"run {run_id} makes {side}x{side} images"
+
+        # the init image, mask, outpainting canvas
+        self.mode = "sample"
+        self.image = self.mask = None
+        self.inputs: dict[str, Any] = {}
+        self.trivial: str | None = None
+        self.strength: float | None = None
+        if req.init_image is not None:
+            im = _open_image(req.init_image, "init image")
+            self.inputs["init_image"] = _file_id(req.init_image)
+            w, h = im.size
+            if req.outpaint is not None:
+                left, top, right, bottom = req.outpaint
+                W, H = w + left + right, h + top + bottom
+                if (W, H) != (side, side):
+                    raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"but {where}")
+                canvas = torch.zeros((1, 3, side, side))
+                canvas[:, :, top:top + h, left:left + w] = _to_tensor(im)
+                mask = torch.ones((1, 1, side, side))
+                mask[:, :, top:top + h, left:left + w] = 0
+                self.image, self.mask, self.mode = canvas, mask, "outpaint"
+            else:
+                if (w, h) != (side, side):
+                    raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where} "
+                                         "(resize it, or outpaint with margins)")
+                self.image = _to_tensor(im)
+                self.mode = "invert" if req.invert else "sdedit"
+                if req.mask is not None:
+                    mi = _open_image(req.mask, "mask")
+                    self.inputs["mask"] = _file_id(req.mask)
+                    if mi.size != (w, h):
+                        raise EditInputError(f"the mask {req.mask} is {mi.size[0]}x{mi.size[1]}, the init image "
+                                             f"{req.init_image} is {w}x{h}")
+                    self.mask = torch.from_numpy((np.asarray(mi.convert("L")) > 127).astype(np.float32))[None, None]
+                    self.mode = "inpaint"
+            if self.mask is not None:
+                frac = float(self.mask.mean())
+                if frac == 0.0:
+                    self.trivial = "the mask is all zeros (black): nothing to generate, the init image is returned"
+                elif frac == 1.0:
+                    self.trivial = "the mask is all ones (white): everything is generated (SDEdit at this strength)"
+                self.inputs["mask_generate_fraction"] = round(frac, 6)
+            self.strength = (req.strength if req.strength is not None else
+                             SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0) if self.mode != "invert" else None
+        # which family does the work, and can it
+        fam_cls = get_family(base_family) if base_family else None
+        if self.trained_inpainting:
+            if self.mode not in ("sample", "inpaint", "outpaint") or req.control is not None:
+                raise EditInputError(f"run {run_id} is a trained inpainting model: it takes init_image with mask or "
+                                     "outpaint (or nothing); SDEdit and inversion need a DDPM / EDM / flow run")
+            if req.strength not in (None, 1.0) or req.resample != 1:
+                raise EditInputError(f"run {run_id} is a trained inpainting model: strength and resample apply to "
+                                     "sampler-based inpainting of a DDPM / EDM / flow run")
+        elif self.mode != "sample" and fam_cls is not None:
+            editable, invertible = _edit_kind(fam_cls)
+            if not editable:
+                raise EditInputError(f"run {run_id} is a {base_family!r} run: editing needs a DDPM, EDM, consistency "
+                                     "or flow family with intermediate noise levels")
+            if self.mode == "invert" and not invertible:
+                raise EditInputError(f"run {run_id} is a {base_family!r} run: inversion needs a deterministic "
+                                     "DDIM / Euler sampler (DDPM, EDM, flow)")
+        if self.mode == "invert" and req.sampler is not None:
+            raise EditInputError("invert: the inversion edit uses the family's deterministic sampler (DDIM for DDPM, "
+                                 "Euler for EDM and flow); leave sampler unset")
+        if self.mode == "invert" and prep.cond_kind != "none":
+            self.source = prep._condition(req.source_prompt, "source_prompt") if req.source_prompt is not None else None
+        else:
+            self.source = None
+
+        # the control map
+        self.control = None
+        if req.control is not None:
+            self.control = self._control(req, side, where)
+            self.inputs["control"] = _file_id(req.control)
+
+        # LoRA adapters and the embedding
+        self.loras: list[dict[str, Any]] = []
+        for spec in req.loras:
+            path, scale = parse_lora(spec)
+            if path.is_file():
+                raise EditInputError(f"LoRA {path}: a single-file adapter (diffusers / kohya safetensors) applies to "
+                                     "diffusers models; a run of this project takes a peft adapter folder "
+                                     f"({LORA_CONFIG} + {LORA_WEIGHTS}) written by models/lora.save_lora")
+            if not path.is_dir():
+                raise EditInputError(f"LoRA adapter {path} does not exist")
+            if not (path / LORA_CONFIG).is_file() or not (path / LORA_WEIGHTS).is_file():
+                raise EditInputError(f"LoRA adapter {path} is not a peft adapter folder (needs {LORA_CONFIG} and "
+                                     f"{LORA_WEIGHTS})")
+            if not -10.0 <= scale <= 10.0:
+                raise EditInputError(f"LoRA {spec!r}: scale {scale} is outside [-10, 10]")
+            self.loras.append({"spec": spec, "path": str(path.resolve()), "scale": scale,
+                               "sha256": file_sha256(path / LORA_WEIGHTS)})
+        if len(self.loras) > 1:
+            raise EditInputError(f"{len(self.loras)} LoRA adapters: a run of this project takes one adapter at a time "
+                                 "(merge them into one, or into a run)")
+        self.embedding = None
+        if req.embedding is not None:
+            self.embedding = self._embedding(req, prep)
+            self.inputs["embedding"] = {**_file_id(self.embedding["path"]), "token": self.embedding["token"]}
+
+    # ------------------------------------------------------------------ checks
+
+    @staticmethod
+    def _check_base(cn: Any, prep: Any) -> None:
+        base = Path(str(_state_config(cn.checkpoint).get("model", {}).get("base", "")))
+        mine = Path(prep.run.checkpoint)
+        if base.resolve() == mine.resolve():
+            return
+        sha = None
+        if (base / "state.json").is_file():
+            sha = json.loads((base / "state.json").read_text()).get("tensors_sha256")
+        if sha is not None and sha == prep.identity["tensors_sha256"]:
+            return
+        raise EditInputError(f"ControlNet run {cn.id} was trained on the base checkpoint {base}, not on run "
+                             f"{prep.run.id}'s checkpoint {mine} (another base run or another step); give its own "
+                             f"base as run")
+
+    def _control(self, req: Any, side: int, where: str) -> torch.Tensor:
+        from models.controlnet import signal_channels
+
+        signal = self.cn_model.get("signal", "canny")
+        ch = signal_channels(signal)
+        p = Path(req.control)
+        if req.control_is_map and p.suffix == ".npy":
+            if not p.is_file():
+                raise EditInputError(f"control map {p} does not exist")
+            a = np.load(p, allow_pickle=False)
+            if a.ndim == 2:
+                a = a[None]
+            if a.ndim != 3 or a.shape[0] != ch or a.shape[1:] != (side, side):
+                raise EditInputError(f"control map {p} has shape {a.shape}; this ControlNet ({signal}) takes "
+                                     f"[{ch}, {side}, {side}] ({where})")
+            a = a.astype(np.float32)
+            if a.min() >= 0 and a.max() <= 1:
+                a = a * 2 - 1  # {0, 1} maps -> the [-1, 1] the ControlNet trained on
+            return torch.from_numpy(a)[None]
+        im = _open_image(req.control, "control image")
+        if im.size != (side, side):
+            raise EditInputError(f"the control image {p} is {im.size[0]}x{im.size[1]}, but {where}")
+        if not req.control_is_map:
+            return _to_tensor(im)  # the ControlNet computes its map from it once loaded
+        if ch != 1:
+            raise EditInputError(f"control map {p}: this ControlNet's {signal} maps have {ch} channels; give them "
+                                 f"as a .npy array [{ch}, {side}, {side}] (an image holds one channel)")
+        return torch.from_numpy(np.where(np.asarray(im.convert("L")) > 127, 1.0, -1.0).astype(np.float32))[None, None]
+
+    def _embedding(self, req: Any, prep: Any) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        p = Path(req.embedding)
+        p = p / "learned_embeds.safetensors" if p.is_dir() else p
+        if not p.is_file():
+            raise EditInputError(f"embedding {p} does not exist")
+        if p.suffix != ".safetensors":
+            raise EditInputError(f"embedding {p}: only safetensors embeddings are read (learned_embeds.safetensors)")
+        if prep.cond_kind != "text":
+            raise EditInputError(f"embedding {p}: a textual-inversion embedding needs a text-conditioned run; "
+                                 f"run {prep.run.id} is {prep.cond_kind}-conditioned")
+        with safe_open(str(p), framework="pt") as f:
+            keys, meta = list(f.keys()), f.metadata() or {}
+        if len(keys) != 1:
+            raise EditInputError(f"embedding {p} holds {len(keys)} tensors; expected one (token -> vector)")
+        # the checkpoint's own config names the resolved encoder (the run card may hold an alias such as 'world')
+        spec = str(_state_config(prep.run.checkpoint).get("model", {}).get("text_encoder"))
+        theirs = meta.get("text_encoder")
+        if theirs is not None and theirs != spec:
+            raise EditInputError(f"embedding {p} was learned for the text encoder {theirs!r}; run {prep.run.id} "
+                                 f"uses {spec!r}")
+        return {"path": str(p.resolve()), "token": keys[0], "spec": spec}
+
+    # ------------------------------------------------------------------ records
+
+    def record(self) -> dict[str, Any]:
+        """What the PNG parameters chunk says about editing and control."""
+        req = self.req
+        edit = None
+        if self.mode != "sample":
+            edit = {"mode": self.mode, "init_image": self.inputs.get("init_image"), "strength": self.strength,
+                    "mask": self.inputs.get("mask"), "mask_generate_fraction": self.inputs.get("mask_generate_fraction"),
+                    "outpaint": list(req.outpaint) if req.outpaint is not None else None,
+                    "resample": req.resample if self.mask is not None else None,
+                    "source_prompt": req.source_prompt if self.mode == "invert" else None,
+                    "trained_inpainting": self.trained_inpainting, "trivial": self.trivial}
+        control = None
+        if self.control is not None:
+            control = {"image": self.inputs["control"], "is_map": req.control_is_map,
+                       "scale": req.control_scale if req.control_scale is not None
+                       else float(self.cn_model.get("control_scale", 1.0)),
+                       "signal": self.cn_model.get("signal", "canny")}
+            if self.controlnet_run is not None:
+                control["controlnet"] = self.cn_identity
+        return {"edit": edit, "control": control, "embedding": self.inputs.get("embedding")}
+
+    # ------------------------------------------------------------------ the model
+
+    def load(self, prep: Any, device: str) -> Any:
+        """The family to sample, with the ControlNet, LoRA and control map in place."""
+        from models.checkpoint import load_family, read_checkpoint
+
+        if self.controlnet_run is not None:
+            ck = self.controlnet_run.checkpoint
+            fam = load_family(ck, device=device)
+            _, meta = read_checkpoint(ck)
+            self.cn_identity = {"run": self.controlnet_run.id, "checkpoint_step": int(meta["step"]),
+                                "tensors_sha256": meta["tensors_sha256"]}
+        else:
+            fam = load_family(prep.run.checkpoint, device=device)
+        if self.loras:
+            from models.lora import load_lora, lora_layers, merge_lora
+
+            target = fam.base if hasattr(fam, "controlled") else fam
+            spec = self.loras[0]
+            load_lora(target, spec["path"])
+            for layer in lora_layers(target.net):
+                for name in layer.active_adapters:
+                    layer.set_scale(name, spec["scale"])
+            merge_lora(target)
+            target.to(device).eval().requires_grad_(False)
+        if self.control is not None:
+            c = self.control.to(fam.device)
+            self.control_map = c if self.req.control_is_map else fam.control_map(c)
+        return fam
+
+    def text_family(self, fam: Any) -> Any:
+        """The family that encodes the captions (a ControlNet's base, an inpainting model's inner)."""
+        if hasattr(fam, "controlled"):
+            return fam.base
+        return getattr(fam, "inner", fam)
+
+    def context(self, fam: Any) -> ExitStack:
+        stack = ExitStack()
+        if self.embedding is not None:
+            from models.personalize import TextualInversion
+
+            ti = TextualInversion.load(self.embedding["path"], self.embedding["spec"], device=fam.device)
+            stack.enter_context(ti.active(self.text_family(fam)))
+        return stack
+
+    # ------------------------------------------------------------------ one batch
+
+    def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
+                 x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        """n images in [-1, 1] for one batch, and the network evaluations it took."""
+        from models import editing
+
+        ctl: dict[str, Any] = {}
+        if self.control is not None:
+            ctl = {"control": self.control_map, "control_scale": self.req.control_scale}
+        if self.mode == "sample":
+            res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
+                                    negative=negative, x_T=x_T, generator=generator, **ctl)
+            return res.sample, int(res.nfe)
+        dev = fam.device
+        images = self.image.to(dev).expand(n, -1, -1, -1)
+        calls = [0]
+        hook = fam.net.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        try:
+            if self.trained_inpainting:
+                res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
+                                        negative=negative, x_T=x_T, generator=generator, image=images,
+                                        mask=self.mask.to(dev))
+                return res.sample, int(res.nfe)
+            common = {"sampler": sampler, "steps": steps, "guidance": guidance, "negative": negative,
+                      "generator": generator, "noise": x_T, **ctl}
+            if self.mode == "sdedit":
+                out = editing.sdedit(fam, images, self.strength, cond, **common)
+            elif self.mode in ("inpaint", "outpaint"):
+                out = editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
+                                      resample=self.req.resample, **common).sample
+            else:
+                src = self.source
+                if src is not None:
+                    src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
+                out = editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
+                                          control=ctl.get("control"), control_scale=ctl.get("control_scale"))
+        finally:
+            hook.remove()
+        return out, calls[0]
+
+
+class PlainPlan:
+    """No editing or control: the plan of a model that takes none (e.g. a diffusers pipeline, whose
+    loader applies its own LoRAs); ``generate`` is the model's plain ``sample_result``."""
+
+    mode, trivial, control = "sample", None, None
+
+    def __init__(self, loras: list[str] | None = None) -> None:
+        self.inputs: dict[str, Any] = {}
+        self.loras = [{"spec": s} for s in loras or []]
+
+    def record(self) -> dict[str, Any]:
+        return {"edit": None, "control": None, "embedding": None}
+
+    def context(self, fam: Any) -> ExitStack:
+        return ExitStack()
+
+    def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
+                 x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
+                                negative=negative, x_T=x_T, generator=generator)
+        return res.sample, int(res.nfe)
