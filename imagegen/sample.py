@@ -14,8 +14,11 @@ unconditional run takes no prompt.  ``watermark=TEXT`` embeds TEXT invisibly wit
 :func:`check_watermark` reads it back.  That method needs images of at least 256 x 256 pixels:
 ``output_size`` resizes the samples (bicubic) before saving, and the resize is recorded.
 
-The model slot takes ``run=RUN`` or ``model="run:RUN"``; other model specs (``diffusers:...``) are
-refused with a message until a family for them exists.
+The model slot takes ``run=RUN``, ``model="run:RUN"`` or ``model="diffusers:PATH_OR_REPO_ID[@REVISION]"``:
+any diffusers text-to-image pipeline (models/hf_diffusers.py: local folders and the user's Hugging
+Face cache, safetensors only), sampled with its own scheduler (``sampler="pipeline"`` or
+``"pipeline:<SchedulerClass>"``) or the project's samplers, at ``resolution``, with LoRA adapters
+``loras=["PATH[:SCALE]"]``.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     run: str | None = Field(None, description="Training or distillation run id (or unique prefix)")
-    model: str | None = Field(None, description="Or a model spec: 'run:RUN' (diffusers:... not supported yet)")
+    model: str | None = Field(None, description="Or a model spec: 'run:RUN' or 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     prompts: list[str] = Field(default_factory=list, description="Captions (text models) or class names (class models)")
     prompts_file: str | None = Field(None, description="More prompts: one per line (or .jsonl with 'prompt')")
     negative: str | None = Field(None, description="Negative prompt / class replacing CFG's null branch")
@@ -62,7 +65,9 @@ class SampleRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds every image's noise")
     n: int = Field(4, ge=1, le=1024, description="Images per prompt (unconditional runs: images in all)")
-    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE] (not supported yet)")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE] (diffusers models)")
+    resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = the "
+                                   "pipeline's default)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
     output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
                                     "(bicubic) before saving; None keeps the model's size")
@@ -78,13 +83,24 @@ class SampleRequest(BaseModel):
             raise ValueError("give exactly one of run (a run id) or model (a model spec such as 'run:RUN')")
         if self.model is not None:
             if self.model.startswith("diffusers:"):
-                raise ValueError(f"model spec {self.model!r}: diffusers pipelines are not supported by "
-                                 "`imagegen sample` yet; sample a run of this project with run=RUN")
-            if not self.model.startswith("run:") or len(self.model) <= 4:
-                raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID'")
-        if self.loras:
-            raise ValueError("LoRA adapters are not supported by `imagegen sample` yet (they need a diffusers model)")
+                from models.hf_diffusers import parse_spec
+
+                parse_spec(self.model)
+            elif not self.model.startswith("run:") or len(self.model) <= 4:
+                raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID' or "
+                                 "'diffusers:PATH_OR_REPO_ID[@REVISION]'")
+        if not self.is_diffusers:
+            if self.loras:
+                raise ValueError("LoRA adapters (loras=) apply to diffusers models (model='diffusers:...'); "
+                                 "for a run of this project, merge the adapter into a run first")
+            if self.resolution is not None:
+                raise ValueError("resolution= applies to diffusers models; a run samples at its own size "
+                                 "(resize with output_size=)")
         return self
+
+    @property
+    def is_diffusers(self) -> bool:
+        return self.model is not None and self.model.startswith("diffusers:")
 
     @property
     def run_id(self) -> str:
@@ -124,6 +140,9 @@ class Prepared:
         from models.registry import get_family
 
         self.req, self.root = req, root
+        if req.is_diffusers:
+            self._diffusers(req)
+            return
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
             raise SampleError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
@@ -151,6 +170,35 @@ class Prepared:
         self.identity = {"run": self.run.id, "family": self.family_name, "checkpoint_step": int(meta["step"]),
                          "tensors_sha256": meta["tensors_sha256"], "dataset": self.run.card.get("dataset_id"),
                          "dataset_name": self.run.card.get("dataset_name")}
+
+    def _diffusers(self, req: SampleRequest) -> None:
+        from models.hf_diffusers import DiffusersModel, lora_file, parse_lora, resolve_spec
+
+        _, self.identity = resolve_spec(str(req.model))  # not a pipeline / pickled weights: refused here
+        for text in req.loras:
+            lora_file(parse_lora(text)[0])
+        self.run, self.train_cfg, self.family_name, self.cond_kind = None, None, "diffusers", "text"
+        s = req.sampler
+        if s is not None and s not in DiffusersModel.samplers and not s.startswith("pipeline:"):
+            raise SampleError(f"unknown sampler {s!r} for a diffusers model; it has {list(DiffusersModel.samplers)} "
+                              "or 'pipeline:<diffusers scheduler class>'")
+        prompts = list(req.prompts) + (read_prompts_file(req.prompts_file) if req.prompts_file else [])
+        if not prompts:
+            raise SampleError(f"{req.model} is a text-to-image pipeline: give prompts")
+        self.prompts = prompts
+        self.conditions = prompts
+        self.negative = req.negative
+
+    def load(self, device: str) -> Any:
+        """The model to sample: a diffusers pipeline, or the run's family (EMA weights)."""
+        if self.req.is_diffusers:
+            from models.hf_diffusers import DiffusersModel
+
+            return DiffusersModel(str(self.req.model), device=device, resolution=self.req.resolution,
+                                  loras=self.req.loras)
+        from models.checkpoint import load_family
+
+        return load_family(self.run.checkpoint, device=device)
 
     def _condition(self, prompt: str, what: str) -> Any:
         if self.cond_kind == "text":
@@ -251,8 +299,6 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     """Generate the request's images into its output folder; returns a summary (paths, parameters)."""
     from imagegen import __version__
     from models.reflow import pair_noise
-    from models.checkpoint import load_family
-
     req = request if isinstance(request, SampleRequest) else SampleRequest(**request)
     root = Path(root)
     prep = Prepared(req, root)
@@ -260,12 +306,14 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
         import imwatermark  # noqa: F401  (installed? fail before generating)
 
         side = req.output_size
-        if side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
+        if side is None and req.is_diffusers:
+            side = req.resolution
+        elif side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
             side = int(prep.train_cfg.model.get("image_size", 0))
         # (a latent run's decoded size is known once the first image is decoded: apply_watermark checks it
         # before anything is saved)
         if side is not None and side * side < WATERMARK_MIN_PIXELS:
-            raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; run {prep.run.id} makes "
+            raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; {req.run or req.model} makes "
                               f"about {side} x {side} (set output_size=256 or more)")
     device = _device(req)
     note = progress or (lambda msg: None)
@@ -274,7 +322,9 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings})
     out = Path(req.out) if req.out else root / "samples" / sample_id
     out.mkdir(parents=True, exist_ok=True)
-    fam = load_family(prep.run.checkpoint, device=device)
+    fam = prep.load(device)
+    if req.is_diffusers:
+        prep.identity = fam.identity  # with the LoRAs' hashes
     sampler = req.sampler or fam.default_sampler
     steps = int(req.steps or fam.default_steps)
     t0 = time.time()
@@ -325,7 +375,8 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
         grid_path = out / "grid.png"
         _grid(images, req.n).save(grid_path)
     summary = {"sample_id": sample_id, "out": str(out), "files": [str(out / r["file"]) for r in records],
-               "grid": str(grid_path) if grid_path else None, "run_id": prep.run.id, "family": prep.family_name,
+               "grid": str(grid_path) if grid_path else None, "run_id": prep.run.id if prep.run else None,
+               "model": req.model, "family": prep.family_name,
                "sampler": sampler, "steps": steps, "guidance": req.guidance, "prompts": prep.prompts,
                "n_images": len(records), "seconds": round(time.time() - t0, 3),
                "watermark": req.watermark}
@@ -351,7 +402,7 @@ def add_sample_parser(sub: Any) -> None:
                         "check a PNG for the invisible watermark")
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training or distillation run id (or unique prefix)")
-    src.add_argument("--model", help="a model spec: run:RUN (diffusers:... is not supported yet)")
+    src.add_argument("--model", help="a model spec: run:RUN or diffusers:PATH_OR_REPO_ID[@REVISION]")
     src.add_argument("--check-watermark", metavar="FILE", help="report whether FILE carries the watermark")
     sp.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
                     help="a prompt (repeatable)")
@@ -363,7 +414,8 @@ def add_sample_parser(sub: Any) -> None:
     sp.add_argument("--seed", type=int, help="seed (default 0)")
     sp.add_argument("--n", type=int, help="images per prompt (default 4)")
     sp.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA adapter (not supported yet)")
+                    help="LoRA adapter, safetensors (diffusers models; repeatable)")
+    sp.add_argument("--resolution", type=int, help="diffusers models: image side (default: the pipeline's)")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
     sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
@@ -378,7 +430,7 @@ def add_sample_parser(sub: Any) -> None:
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     data: dict[str, Any] = {}
     for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
-                  "output_size", "watermark", "device"):
+                  "output_size", "watermark", "device", "resolution"):
         v = getattr(args, field, None)
         if v is not None:
             data[field] = str(Path(v).resolve()) if field in ("prompts_file", "out") else v
