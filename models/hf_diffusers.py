@@ -146,6 +146,20 @@ def resolve_spec(spec: str) -> tuple[Path, dict[str, Any]]:
     return path, identity
 
 
+def default_resolution(path: Path) -> int:
+    """The image side a pipeline folder generates by default (net sample_size x VAE factor), from its configs."""
+    cfg = {}
+    for name in ("unet", "transformer"):
+        f = path / name / "config.json"
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            break
+    vae = path / "vae" / "config.json"
+    factor = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0, 0, 0, 0])) - 1) if vae.is_file() else 8
+    size = cfg.get("sample_size", 64)
+    return int(size[0] if isinstance(size, list) else size) * factor
+
+
 def parse_lora(text: str) -> tuple[Path, float]:
     """``PATH[:SCALE]`` -> (path, scale)."""
     path, scale = text, 1.0

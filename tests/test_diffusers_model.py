@@ -134,3 +134,33 @@ def test_tiny_pipeline_samples_like_a_run(tiny_sd, tmp_path):
     res2 = sample(req.model_copy(update={"sampler": "dpmpp_2m", "resolution": 32, "n": 1, "out": str(tmp_path / "c")}),
                   tmp_path / "root")
     assert Image.open(res2["files"][0]).size == (32, 32)
+
+
+@pytest.mark.slow
+def test_evaluate_and_leaderboard_a_diffusers_model(tiny_sd, tmp_path):
+    from _helpers import eval_world_root
+
+    from imagegen.evaluate.run import EvalError, EvalRequest, evaluate
+    from imagegen.leaderboard import leaderboard
+
+    root = tmp_path / "root"
+    eval_world_root(root, n=16)
+    spec = f"diffusers:{tiny_sd}"
+    with pytest.raises(EvalError, match="needs reference="):
+        evaluate(EvalRequest(model=spec, metrics=("fid",), n_samples=4), root)
+    with pytest.raises(ValueError, match="exactly one of"):
+        EvalRequest(model=spec, run="abc")
+    req = EvalRequest(model=spec, reference="world-tiny", n_samples=6, steps=2, guidance=2.0, negative="blur",
+                      kid_subset_size=3, kid_subsets=2, geneval_max_prompts=2, geneval_per_prompt=1, batch_size=4)
+    s = evaluate(req, root)
+    assert s["family"] == "diffusers" and s["nfe"] == 2 and s["n_samples"] == 6 and not s["skipped"], s["skipped"]
+    assert any(k.startswith("FD-") for k in s["metrics"]) and "GenEval overall" in s["metrics"]
+    assert any(k.startswith("CLIPScore") for k in s["metrics"]) and any(k.startswith(("KID", "KD-")) for k in s["metrics"])
+    gen = sorted((Path(s["path"]) / "samples").glob("*.png"))
+    assert len(gen) == 6 and Image.open(gen[0]).size == (16, 16)
+    assert s["model"]["spec"] == spec and s["model"]["pipeline"] == "StableDiffusionPipeline"
+    assert len(s["model"]["files_sha256"]) == 16  # stable_hash of the per-file sha256 map
+    assert evaluate(req, root)["reused"] is True
+    board = leaderboard(root, [s])
+    row = board.iloc[0]
+    assert row["model"] == spec and row["model_files_sha256"] == s["model"]["files_sha256"] and row["family"] == "diffusers"
