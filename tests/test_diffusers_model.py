@@ -161,6 +161,20 @@ def test_evaluate_and_leaderboard_a_diffusers_model(tiny_sd, tmp_path):
     assert s["model"]["spec"] == spec and s["model"]["pipeline"] == "StableDiffusionPipeline"
     assert len(s["model"]["files_sha256"]) == 16  # stable_hash of the per-file sha256 map
     assert evaluate(req, root)["reused"] is True
-    board = leaderboard(root, [s])
-    row = board.iloc[0]
-    assert row["model"] == spec and row["model_files_sha256"] == s["model"]["files_sha256"] and row["family"] == "diffusers"
+    # the benchmark flow's plan takes diffusers specs among its runs: same settings, an NFE sweep
+    from imagegen.benchmark import check_plan, plan, run_plan
+
+    settings = req.model_dump(exclude={"model", "run", "folder"}, exclude_defaults=True)
+    jobs = plan(root, [spec], settings=settings, nfe_sweep=[1])
+    check_plan(jobs, root)
+    assert [(j.model, j.steps) for j in jobs] == [(spec, 2), (spec, 1)]
+    summaries = run_plan(jobs, root)
+    assert summaries[0]["reused"] is True and summaries[1]["nfe"] == 1
+    board = leaderboard(root, summaries)
+    assert len(board) == 2 and set(board["model"]) == {spec} and set(board["family"]) == {"diffusers"}
+    assert set(board["model_files_sha256"]) == {s["model"]["files_sha256"]}
+    # the command line: imagegen evaluate --model diffusers:... (the same evaluation, reused)
+    from imagegen.cli import main
+
+    sets = [x for k, v in settings.items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["evaluate", "--model", spec, *sets, "--data-root", str(root), "--no-prefect", "--json"]) == 0
