@@ -266,8 +266,14 @@ class DiffusersModel:
         except (RuntimeError, ValueError, KeyError) as exc:
             msg = str(exc)
             if "size mismatch" in msg or "shape" in msg:
-                raise DiffusersError(f"LoRA adapter {f} does not fit {self.spec}: shape mismatch ({msg[:400]}); it was "
-                                     "trained for another base model") from None
+                first = re.search(r"size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\)) "
+                                  r"from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", msg)
+                what = (f"{first.group(1)} is {first.group(2)} in the adapter but {first.group(3)} in the model"
+                        if first else msg[:300])
+                n = msg.count("size mismatch")
+                raise DiffusersError(f"LoRA adapter {f} does not fit {self.spec}: shape mismatch: {what}"
+                                     f"{f' (and {n - 1} more)' if n > 1 else ''}; it was trained for another base "
+                                     "model") from None
             raise DiffusersError(f"LoRA adapter {f} cannot be loaded into {self.spec} ({msg[:400]})") from None
         self.loras.append({"file": str(f), "scale": scale, "sha256": file_sha256(f), "adapter": name})
         self.pipe.set_adapters([d["adapter"] for d in self.loras], adapter_weights=[d["scale"] for d in self.loras])

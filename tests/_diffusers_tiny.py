@@ -79,3 +79,24 @@ def tiny_sd_pipeline(folder: Path, seed: int = 0, prediction_type: str = "epsilo
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def random_unet_lora(pipe_folder: Path, out: Path, rank: int = 4, seed: int = 1, scale: float = 0.5) -> Path:
+    """A LoRA adapter on the pipeline's UNet attention projections with random (nonzero) B, saved by
+    diffusers' save_lora_weights (the diffusers/peft format load_lora_weights reads); the file."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(pipe_folder, subfolder="unet", use_safetensors=True)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return Path(out) / "pytorch_lora_weights.safetensors"
