@@ -397,3 +397,88 @@ class DiffusersModel:
 
 def load_diffusers_model(spec: str, **kw: Any) -> DiffusersModel:
     return DiffusersModel(spec, **kw)
+
+
+# ------------------------------------------------------------------------------------------ pretrained VAE
+
+
+class _VAEConfig:
+    def __init__(self, image_size: int) -> None:
+        self.image_size = image_size
+
+
+class DiffusersVAE:
+    """A diffusers ``AutoencoderKL`` with the project's autoencoder interface: ``encode(x) -> (mu,
+    logvar)`` with the model's ``shift_factor`` already subtracted, ``decode(z)`` adding it back, so
+    latents scaled by the model's ``scaling_factor`` (``latent_scale``) decode as
+    ``decode(z / latent_scale)`` like the project's own autoencoders' (SD: 0.18215, no shift; SD3 /
+    FLUX: scale and shift, 16 channels).
+
+    ``source``: ``diffusers:PATH_OR_REPO_ID[@REVISION]`` naming a pipeline (its ``vae`` folder) or an
+    AutoencoderKL folder, or a loaded ``AutoencoderKL``."""
+
+    name = "diffusers_vae"
+
+    def __init__(self, source: Any, *, device: str = "cpu", image_size: int | None = None) -> None:
+        from diffusers import AutoencoderKL
+
+        if isinstance(source, AutoencoderKL):
+            self.vae, self.identity = source, {"model": "AutoencoderKL (in memory)",
+                                               "tensors_sha256": _state_sha256(source)}
+        else:
+            self.vae, self.identity = _load_vae(str(source))
+        self.vae.to(device).eval().requires_grad_(False)
+        c = self.vae.config
+        self.scaling_factor = float(c.scaling_factor)
+        self.shift_factor = float(getattr(c, "shift_factor", None) or 0.0)
+        self.latent_channels = int(c.latent_channels)
+        self.factor = 2 ** (len(c.block_out_channels) - 1)
+        self.cfg = _VAEConfig(int(image_size or c.sample_size))
+        self.identity = {**self.identity, "scaling_factor": self.scaling_factor, "shift_factor": self.shift_factor}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        dist = self.vae.encode(x.to(self.device, self.vae.dtype)).latent_dist
+        return dist.mean.float() - self.shift_factor, dist.logvar.float()
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.vae.decode((z + self.shift_factor).to(self.device, self.vae.dtype)).sample.float()
+
+
+def _state_sha256(module: Any) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_vae(spec: str) -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKL
+
+    source, rev = parse_spec(spec)
+    local = Path(source).expanduser()
+    if local.is_dir() and not (local / "model_index.json").is_file():  # an AutoencoderKL folder of its own
+        cfg = local / "config.json"
+        if not cfg.is_file():
+            raise DiffusersError(f"{local} is neither a diffusers pipeline (model_index.json) nor a model folder "
+                                 "(config.json)")
+        name = json.loads(cfg.read_text()).get("_class_name")
+        if name != "AutoencoderKL":
+            raise DiffusersError(f"{local} holds a {name}, not an AutoencoderKL")
+        files = check_weights_folder(local, f"VAE {local}")
+        folder, sub = local, None
+        identity = {"model": spec, "files": {str(p.relative_to(local)): _sha256(p) for p in [cfg, *files]}}
+    else:
+        path, pid = resolve_spec(spec)
+        if not (path / "vae").is_dir():
+            raise DiffusersError(f"pipeline {path} has no vae component")
+        folder, sub = path, "vae"
+        identity = {**pid, "files": {k: v for k, v in pid["files"].items() if k.startswith("vae/")}}
+    vae = AutoencoderKL.from_pretrained(str(folder), subfolder=sub, use_safetensors=True, local_files_only=True)
+    return vae, identity

@@ -222,3 +222,54 @@ def test_lora_adapters_in_diffusers_format(tiny_sd, tmp_path):
     (tmp_path / "bad.bin").write_bytes(b"\x80\x04")
     with pytest.raises(DiffusersError, match="pickled"):
         sample(SampleRequest(model=spec, prompts=["a"], loras=[str(tmp_path / "bad.bin")]), tmp_path / "root")
+
+
+@pytest.mark.slow
+def test_pretrained_vae_latents_train_a_flow(tiny_sd, tmp_path):
+    """encode_dataset with a diffusers AutoencoderKL (its own scaling factor), then a flow family
+    trains on those latents and its samples decode through the same VAE."""
+    import io
+    import tarfile
+
+    from _helpers import register_world_dataset
+    from diffusers import AutoencoderKL
+
+    from imagegen.latents import encode_dataset
+    from imagegen.registry import get_dataset
+    from imagegen.train.runs import train_run
+    from models.checkpoint import load_family
+
+    root = tmp_path / "root"
+    register_world_dataset(root, n=16, per_shard=8)
+    spec = f"diffusers:{tiny_sd}"
+    lid = encode_dataset(root, "world-tiny", spec, image_size=16)
+    card = get_dataset(root, lid).card
+    vae = AutoencoderKL.from_pretrained(tiny_sd, subfolder="vae", use_safetensors=True)
+    assert card["latent_scale"] == vae.config.scaling_factor == 0.18215 and card["latent_shape"] == [4, 8, 8]
+    assert card["source"]["autoencoder"] == spec and "vae/diffusion_pytorch_model.safetensors" in \
+        card["source"]["autoencoder_identity"]["files"]
+    # the stored latent is the posterior mean times the model's scaling factor
+    shard = get_dataset(root, lid).shards[0]
+    with tarfile.open(shard) as tar:
+        m = next(m for m in tar.getmembers() if m.name.endswith(".npy"))
+        key, z = m.name[:-4], np.load(io.BytesIO(tar.extractfile(m).read()), allow_pickle=False)
+    from imagegen.loader import make_dataset
+
+    img = next(s["image"] for s in make_dataset(get_dataset(root, "world-tiny").shards, image_size=16, shuffle_buffer=0)
+               if s["key"] == key)
+    with torch.no_grad():
+        mu = vae.encode(img[None]).latent_dist.mean[0].numpy()
+    assert np.allclose(z, mu * 0.18215, atol=1e-5)
+    # the same VAE object in memory: the same latents (the identity hashes its tensors, not files)
+    lid2 = encode_dataset(root, "world-tiny", vae, image_size=16, name="latents-mem")
+    assert lid2 != lid and np.allclose(get_dataset(root, lid2).card["latent_std_before_scaling"],
+                                       card["latent_std_before_scaling"], atol=1e-6)
+    res = train_run({"dataset": lid, "train": {
+        "family": "flow", "model": {"data": "latents", "net": "dit", "net_size": "tiny",
+                                    "net_overrides": {"patch_size": 2}},
+        "steps": 4, "batch_size": 8, "lr": 1e-3, "ckpt_every": 4, "epoch_batches": 2, "shuffle_buffer": 16,
+        "sample_count": 2, "sample_steps": 2}}, root)
+    fam = load_family(res["checkpoint"])
+    assert fam.cfg.autoencoder == spec and fam.noise_shape == (4, 8, 8)
+    x = fam.sample(2, steps=2, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (2, 3, 16, 16) and x.abs().max() <= 1
