@@ -16,7 +16,10 @@ interface the project's runs have (``noise_shape``, ``sample_result``/``sample``
   D(x; sigma) convention (Karras et al. 2022), built on ``models.diffusion.ddpm_to_edm``: the input
   scaled by 1/sqrt(1 + sigma^2), the timestep interpolated in log-sigma from the scheduler's
   ``alphas_cumprod``, and the eps / v / x0 output turned into x0 (the idea of k-diffusion's
-  ``external.py`` DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser; written here from those formulas).
+  ``external.py`` DiscreteEpsDDPMDenoiser / DiscreteVDDPMDenoiser; written here from those formulas);
+  an SD3 flow transformer's velocity goes through ``models.diffusion.flow_to_edm`` the same way.
+  Components a pipeline was saved without (``[null, null]`` in model_index.json, e.g. SD3's T5)
+  are passed as None.
 
 Images come back in [-1, 1] like every family's samples.  One network call on a CFG-doubled
 batch counts as one NFE (the project's convention).  LoRA adapters (diffusers/peft format,
@@ -225,9 +228,12 @@ class DiffusersModel:
         self.path, self.identity = resolve_spec(spec)
         self.device = torch.device(device)
         dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        mi = json.loads((self.path / "model_index.json").read_text())
+        # components saved as absent ([null, null], e.g. SD3 without its T5) are passed as None
+        absent = {k: None for k, v in mi.items() if not k.startswith("_") and v == [None, None]}
         try:
             pipe = DiffusionPipeline.from_pretrained(str(self.path), use_safetensors=True, local_files_only=True,
-                                                     dtype=dtype)
+                                                     dtype=dtype, **absent)
         except (OSError, ValueError, EnvironmentError) as exc:
             raise DiffusersError(f"model spec {spec!r}: diffusers cannot load {self.path} ({exc})") from None
         pipe.set_progress_bar_config(disable=True)
@@ -292,12 +298,20 @@ class DiffusersModel:
         if not ok:
             raise DiffusersError(f"unknown sampler {sampler!r} for a diffusers model; use 'pipeline' (its own scheduler), "
                                  f"'pipeline:<diffusers scheduler class>', or one of {list(PROJECT_SAMPLERS)}")
-        if sampler in PROJECT_SAMPLERS and (getattr(self.pipe, "unet", None) is None
-                                           or not hasattr(self.pipe.scheduler, "alphas_cumprod")):
-            raise DiffusersError(f"sampler {sampler!r} needs a discrete-time UNet pipeline (eps/v prediction); "
-                                 f"{type(self.pipe).__name__} samples with sampler='pipeline'")
+        if sampler in PROJECT_SAMPLERS and not (self.is_discrete_unet or self.is_sd3_flow):
+            raise DiffusersError(f"sampler {sampler!r} needs a discrete-time UNet pipeline (eps/v prediction) or an "
+                                 f"SD3-style flow transformer; {type(self.pipe).__name__} samples with sampler='pipeline'")
         steps = int(steps or self.default_steps)
         return sampler, steps
+
+    @property
+    def is_discrete_unet(self) -> bool:
+        return getattr(self.pipe, "unet", None) is not None and hasattr(self.pipe.scheduler, "alphas_cumprod")
+
+    @property
+    def is_sd3_flow(self) -> bool:
+        return (getattr(self.pipe, "transformer", None) is not None and type(self.pipe).__name__.startswith("StableDiffusion3")
+                and type(self.pipe.scheduler).__name__.startswith("FlowMatch"))
 
     def scheduler_for(self, sampler: str) -> Any:
         if not sampler.startswith("pipeline:"):
@@ -382,13 +396,40 @@ class DiffusersModel:
         return unet_denoiser(self.pipe.unet, self.pipe.scheduler.alphas_cumprod, sc.prediction_type, pe, ne,
                              guidance if ne is not None else 1.0)
 
+    def flow_denoiser(self, prompts: list[str], neg: list[str] | None, guidance: float) -> Any:
+        """D(x; sigma) of an SD3 flow transformer: its velocity (eps - x0 on x_t = (1 - t) x0 + t eps, the
+        project's flow convention) at t = sigma / (1 + sigma) through models.diffusion.flow_to_edm."""
+        from models.diffusion import flow_to_edm
+
+        cfg = guidance != 1.0 or neg is not None
+        pe, ne, pp, npool = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+                                                    do_classifier_free_guidance=cfg, negative_prompt=neg)
+        tr = self.pipe.transformer
+        dt = tr.dtype
+
+        def velocity(x_t: Tensor, t: Tensor) -> Tensor:
+            ts = (t.float() * 1000).to(x_t.device)
+            if not cfg:
+                return tr(hidden_states=x_t.to(dt), timestep=ts, encoder_hidden_states=pe,
+                          pooled_projections=pp).sample.float()
+            out = tr(hidden_states=torch.cat([x_t, x_t]).to(dt), timestep=torch.cat([ts, ts]),
+                     encoder_hidden_states=torch.cat([ne, pe]), pooled_projections=torch.cat([npool, pp])).sample.float()
+            u, c = out.chunk(2)
+            return u + guidance * (c - u)
+
+        return flow_to_edm(velocity)
+
     def _project_sample(self, prompts: list[str], neg: list[str] | None, sampler: str, steps: int, guidance: float,
                         x_T: Tensor, generator: torch.Generator | None) -> Tensor:
         from models import samplers as S
         from models.diffusion import karras_sigmas
 
-        D = self.denoiser(prompts, neg, guidance)
-        smin, smax = self.sigma_range()
+        if self.is_sd3_flow:  # t in (0, 1): sigma = t / (1 - t), from t = 1 - 1e-3 (pure noise has no finite sigma)
+            D = self.flow_denoiser(prompts, neg, guidance)
+            smin, smax = 1e-3, (1 - 1e-3) / 1e-3
+        else:
+            D = self.denoiser(prompts, neg, guidance)
+            smin, smax = self.sigma_range()
         sigmas = karras_sigmas(steps, smin, smax)
         x = x_T.to(self.device, torch.float32) * smax
         res = getattr(S, sampler)(D, x, sigmas)

@@ -100,3 +100,41 @@ def random_unet_lora(pipe_folder: Path, out: Path, rank: int = 4, seed: int = 1,
     StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
                                               safe_serialization=True)
     return Path(out) / "pytorch_lora_weights.safetensors"
+
+
+def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A toy StableDiffusion3Pipeline (SD3Transformer2DModel, two CLIP text encoders with projection,
+    no T5, flow-matching scheduler, a 4-channel AutoencoderKL with a shift factor), saved in ``folder``."""
+    import tempfile
+
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp)))
+
+    def clip() -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, projection_dim=32, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    index = Path(folder) / "model_index.json"  # the absent T5, recorded as diffusers records a None component
+    mi = json.loads(index.read_text())
+    mi.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    index.write_text(json.dumps(mi, indent=2))
+    return Path(folder)

@@ -333,3 +333,37 @@ def test_lora_finetuning_run_on_a_diffusers_unet(tiny_sd, tmp_path):
     via_sample = DiffusersModel(spec, loras=[str(f)]).sample(2, ["a red circle", "a cat"], steps=3, x_T=x)
     assert torch.allclose(ours, via_sample, atol=1e-4)
     assert float((ours - DiffusersModel(spec).sample(2, ["a red circle", "a cat"], steps=3, x_T=x)).abs().max()) > 0
+
+
+@pytest.mark.slow
+def test_a_toy_sd3_transformer_pipeline(tmp_path):
+    """A transformer pipeline (SD3: MMDiT, two CLIPs, no T5, flow matching, VAE with a shift factor)
+    through the same loading path: its own scheduler equals diffusers called directly, and the
+    project's samplers through the flow -> D(x; sigma) adapter solve the same ODE."""
+    from _diffusers_tiny import tiny_sd3_pipeline
+    from diffusers import StableDiffusion3Pipeline
+
+    from imagegen.sample import SampleRequest, read_parameters, sample
+    from models.hf_diffusers import DiffusersModel
+
+    folder = tiny_sd3_pipeline(tmp_path / "sd3")
+    spec = f"diffusers:{folder}"
+    m = DiffusersModel(spec)
+    assert m.identity["pipeline"] == "StableDiffusion3Pipeline" and m.noise_shape == (4, 8, 8)
+    assert "transformer/diffusion_pytorch_model.safetensors" in m.identity["files"]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    P = ["a cat", "the dog"]
+    ours = m.sample_result(2, P, steps=4, guidance=2.0, x_T=x)
+    assert ours.nfe == 4
+    direct = StableDiffusion3Pipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True,
+                                                      text_encoder_3=None, tokenizer_3=None)
+    direct.set_progress_bar_config(disable=True)
+    ref = direct(P, num_inference_steps=4, guidance_scale=2.0, latents=x.clone(), output_type="pt").images * 2 - 1
+    assert torch.allclose(ours.sample, ref.clamp(-1, 1), atol=1e-5)
+    a = m.sample(2, P, steps=30, x_T=x)
+    close = float((m.sample(2, P, sampler="edm_heun", steps=30, x_T=x) - a).pow(2).mean())
+    far = float((m.sample(2, P, steps=3, x_T=x) - a).pow(2).mean())
+    assert close < far / 10, (close, far)
+    res = sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=2, sampler="dpmpp_2m", guidance=2.0,
+                               out=str(tmp_path / "s")), tmp_path / "root")
+    assert read_parameters(res["files"][0])["model"]["pipeline"] == "StableDiffusion3Pipeline"
