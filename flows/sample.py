@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -16,14 +15,15 @@ SUMMARY_KEY = "sample-grid"
 
 
 def sample_markdown(summary: dict[str, Any]) -> str:
-    from flows.evaluate import png_uri
+    from imagegen.report import png_data_uri
 
     lines = [f"# Samples of run `{summary['run_id']}` ({summary['family']})", "",
              f"{summary['n_images']} image(s) in `{summary['out']}`: {summary['sampler']}, {summary['steps']} steps, "
              f"guidance {summary['guidance']:g}" + (f", watermark {summary['watermark']!r}" if summary["watermark"] else ""),
              "", "Prompts: " + "; ".join(f"`{p}`" for p in summary["prompts"] if p) or "(unconditional)"]
-    if summary.get("grid") and Path(summary["grid"]).is_file():
-        lines += ["", f"![grid]({png_uri(Path(summary['grid']).read_bytes())})"]
+    uri = png_data_uri(summary.get("grid"))
+    if uri:
+        lines += ["", f"![grid]({uri})"]
     return "\n".join(lines)
 
 

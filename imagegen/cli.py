@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--name", help="registry name of the dataset")
     cur.add_argument("--url-col", help="URL column name (default url)")
     cur.add_argument("--caption-col", help="caption column name (default caption)")
+    cur.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
 
     ds = sub.add_parser("datasets", help="list or show datasets in the registry")
     ds.add_argument("action", choices=["list", "show"])
@@ -153,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("pipeline", help="curate -> train -> distill -> evaluate teacher and student, and a report")
     _common(pl, sorted(PIPELINE_PRESETS), "smoke")  # --set STAGE.KEY=VALUE, e.g. train.family=ddpm
+    pl.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
 
     from imagegen.importers.cli import add_import_parser
     from imagegen.sample import add_sample_parser
@@ -184,6 +186,8 @@ def _curate_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"download.url_col={args.url_col}")
     if args.caption_col:
         extra.append(f"download.caption_col={args.caption_col}")
+    if getattr(args, "runner", None):
+        extra.append(f"runner={args.runner}")
     return extra + list(args.overrides)
 
 
@@ -362,7 +366,8 @@ def cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen import pipeline as P
     from imagegen.paths import data_root
 
-    request = P.build_request(args.preset, None, list(args.overrides))  # every stage validated before any work
+    overrides = ([f"curate.runner={args.runner}"] if getattr(args, "runner", None) else []) + list(args.overrides)
+    request = P.build_request(args.preset, None, overrides)  # every stage validated before any work
     root = data_root(args.data_root)
     if args.no_prefect:
         def note(line: str) -> None:
@@ -421,6 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
     except (ValueError, LookupError, OSError) as exc:
+        print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from imagegen.train.checkpoint import CheckpointError
+
+        if not isinstance(exc, CheckpointError):
+            raise
         print(f"imagegen {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "json", False):

@@ -25,6 +25,7 @@ import functools
 import os
 import re
 from dataclasses import dataclass, field
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -34,6 +35,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.hashing import file_sha256
 
 WORLD_ALIAS = "world"
@@ -422,12 +424,17 @@ def _normalise(x: torch.Tensor) -> np.ndarray:
     return x.cpu().numpy().astype(np.float32, copy=False)
 
 
-def encode_images(clip: ClipModel, images: Sequence[Image.Image], batch_size: int = 256) -> np.ndarray:
-    """L2-normalised image embeddings, shape (N, D) float32, in input order."""
+def encode_images(clip: ClipModel, images: Sequence[Image.Image], batch_size: int = 256,
+                 threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """L2-normalised image embeddings, shape (N, D) float32, in input order.
+
+    On CPU the forward runs on exactly ``threads`` torch threads, whatever the machine: the bits
+    depend on the thread count (``imagegen.determinism``), and scores decide which rows stay."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out: list[np.ndarray] = []
-    with torch.inference_mode():
+    pin = torch_threads(threads) if str(clip.device).startswith("cpu") else nullcontext()
+    with pin, torch.inference_mode():
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
             for i, im in enumerate(chunk):
@@ -441,14 +448,17 @@ def encode_images(clip: ClipModel, images: Sequence[Image.Image], batch_size: in
     return np.concatenate(out)
 
 
-def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 1024) -> np.ndarray:
-    """L2-normalised text embeddings, shape (N, D) float32, in input order."""
+def encode_texts(clip: ClipModel, texts: Sequence[str], batch_size: int = 1024,
+                 threads: int = DEFAULT_THREADS) -> np.ndarray:
+    """L2-normalised text embeddings, shape (N, D) float32, in input order (``threads``: as
+    :func:`encode_images`)."""
     if isinstance(texts, str):
         raise TypeError("encode_texts takes a list of strings, not a single string")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out: list[np.ndarray] = []
-    with torch.inference_mode():
+    pin = torch_threads(threads) if str(clip.device).startswith("cpu") else nullcontext()
+    with pin, torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start:start + batch_size])
             for i, t in enumerate(chunk):

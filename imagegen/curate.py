@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import imagegen.stages.dedup as dedup_mod
 import imagegen.stages.download as download_mod
@@ -25,6 +25,7 @@ import imagegen.stages.filter as filter_mod
 import imagegen.stages.recaption as recaption_mod
 import imagegen.stages.shard as shard_mod
 from imagegen.artifacts import is_complete, read_card, stage_output
+from imagegen.executors import check_runner, runner_spec
 from imagegen.hashing import code_version, file_sha256, stable_hash
 from imagegen.paths import datasets_dir, ensure_writable, models_dir, stage_dir
 from imagegen.registry import DatasetRef, get_dataset, register_name
@@ -77,10 +78,12 @@ def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
 
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
-    "download": {"processes_count", "thread_count", "distributor"},
-    "dedup": {"processes", "batch_rows"},
+    "download": {"processes_count", "thread_count", "distributor", "runner"},
+    "dedup": {"processes", "batch_rows", "runner"},
+    "filter": {"runner"},
     "recaption": {"batch_size", "device"},
 }
+RUNNER_STAGES = ("download", "dedup", "filter")  # stages with per-part map steps on the runner
 
 
 class SourceConfig(BaseModel):
@@ -114,6 +117,22 @@ class CurateConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    runner: str = Field("local", description="Where the per-part map steps run: local (a process pool sized "
+                        "to the machine), local:N, dask (a LocalCluster), dask:N, dask://HOST:PORT, ray, ray:N, "
+                        "ray://HOST:PORT; a stage's own runner field overrides it. Never part of an id")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_spec(cls, v: str) -> str:
+        return runner_spec(v)
+
+    @model_validator(mode="after")
+    def _stage_runners(self) -> "CurateConfig":
+        for stage in RUNNER_STAGES:
+            sub = getattr(self, stage)
+            if sub.runner is None:
+                object.__setattr__(self, stage, sub.model_copy(update={"runner": self.runner}))
+        return self
 
 
 class StageResult(BaseModel):
@@ -131,7 +150,10 @@ class StageResult(BaseModel):
 
 def _params(stage: str, cfg: BaseModel) -> dict[str, Any]:
     d = cfg.model_dump(mode="json")
-    for k in EXECUTION_FIELDS.get(stage, ()):
+    fields = EXECUTION_FIELDS.get(stage, ())
+    if stage == "recaption" and d.get("backend") != "world_detector":
+        fields = ()  # a model's output depends on its device and batch (padding, kernels): hashed
+    for k in fields:
         d.pop(k, None)
     return d
 
@@ -193,7 +215,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
         if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
             table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
                                                cfg.on_duplicate_urls)
-            return download_mod.run_download(table, cfg, tmp)
+            return download_mod.run_download(table, cfg, tmp, runner=cfg.runner)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
 
@@ -201,7 +223,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
             base = srv.base_url if hasattr(srv, "base_url") else str(srv)
             urls = url_table(Path(world.path), base)
             urls["skip_reason"] = None
-            counts = download_mod.run_download(urls, cfg, tmp)
+            counts = download_mod.run_download(urls, cfg, tmp, runner=cfg.runner)
             if hasattr(srv, "stats"):
                 card["server_requests"] = srv.stats()
         return counts
@@ -212,7 +234,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
 def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageResult:
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet")
+        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet", runner=cfg.runner)
 
     return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg), stage_code("dedup"), body)
 
@@ -234,16 +256,31 @@ def _clip_inputs(clip: StageResult | None, *specs: str | None) -> dict[str, Any]
     return {"reference_clip": clip.id} if clip is not None and "world" in specs else {}
 
 
+def filter_identity(download: StageResult, dedup: StageResult, cfg: FilterConfig,
+                    clip: StageResult | None) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """(inputs, params, code) the filter stage id hashes: the filter package's code and every
+    configured model/list file (sha256, :func:`imagegen.filters.stage_identity`) are in ``code``."""
+    from imagegen import filters as filters_pkg
+
+    inputs = {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *filter_mod.model_specs(cfg))}
+    code = stable_hash({"stage": stage_code("filter", cfg), "filters": filters_pkg.stage_identity(cfg)})
+    return inputs, _params("filter", cfg), code
+
+
 def filter_stage(root: Path, download: StageResult, dedup: StageResult, cfg: FilterConfig,
                  clip: StageResult | None) -> StageResult:
-    specs = [getattr(cfg, k).model for k in ("clip_score", "nsfw", "watermark", "text") if getattr(cfg, k)]
+    inputs, params, code = filter_identity(download, dedup, cfg, clip)
+    # per-part scores, content-addressed by (download part, filter params, code): a rerun of a
+    # crashed stage rescores only the parts that were missing
+    part_ns = stable_hash({"inputs": inputs, "params": params, "code": code})[:16]
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return filter_mod.run_filter(Path(download.path), Path(dedup.path) / "dedup.parquet", cfg,
-                                     tmp / "filter.parquet", resolve_model=model_resolver(clip))
+                                     tmp / "filter.parquet", resolve_model=model_resolver(clip), runner=cfg.runner,
+                                     part_cache=stage_dir(root, "filter-parts", part_ns),
+                                     part_key=lambda name: name.removesuffix(".parquet"))
 
-    return _run_stage(root, "filter", {"download": download.id, "dedup": dedup.id, **_clip_inputs(clip, *specs)},
-                      _params("filter", cfg), stage_code("filter", cfg), body)
+    return _run_stage(root, "filter", inputs, params, code, body)
 
 
 def recaption_stage(root: Path, download: StageResult, filtered: StageResult, cfg: RecaptionConfig,
@@ -285,13 +322,12 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
     kept = ff.loc[ff["keep"], "key"].tolist()
 
-    images: dict[str, tuple[bytes, str]] = {}
-    keep_set = set(kept)
-    for batch in download_mod.iter_images(ddir / "images", ["key", "image", "ext"]):
-        for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
-                               batch.column("ext").to_pylist()):
-            if k in keep_set:
-                images[k] = (img, ext)
+    plan = shard_mod.plan_shards(kept, config.shard)
+    # one pass over the image parts routes each kept image to its planned shard's spill file, so
+    # writing a shard holds only that shard's images, never the dataset's
+    grid_keys = kept[:16]
+    grid: dict[str, tuple[bytes, str]] = {}
+    spill = _spill_by_shard(ddir / "images", plan, out / "_spill", grid_keys, grid)
     led = ledger.set_index("key", drop=False)
     ddi, ffi, cci = dd.set_index("key"), ff.set_index("key"), cc.set_index("key")
     score_cols = [c for c in ff.columns if c.endswith("_score")]
@@ -309,17 +345,31 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
 
     metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
+    if not kept:
+        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
+
+    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    loaded: dict[str, Any] = {"shard": None, "images": {}}
 
     def get_sample(key: str) -> dict[str, Any]:
-        img, ext = images[key]
+        s = shard_of[key]
+        if loaded["shard"] != s:  # plan order: each shard's spill is read once
+            loaded["shard"], loaded["images"] = s, spill.load(s)
+        img, ext = loaded["images"][key]
         return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": metas[key]}
 
-    plan = shard_mod.plan_shards(kept, config.shard)
     infos = shard_mod.write_shards_from_plan(plan, get_sample, out / "shards", config.shard)
-    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    loaded.clear()
+    spill.remove()
 
     manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **metas[k],
                               "caption": cci.loc[k, "caption"]} for k in kept])
+    # the filters' extra columns (OCR text, NudeNet detections, blocklist matches): manifest only,
+    # so the shards' bytes do not depend on which detectors ran
+    extra = [c for c in ff.columns if c not in {"key", "row_id", "duplicate", "keep", "reason"}
+             and not c.endswith(("_score", "_pass"))]
+    for c in extra:
+        manifest[c] = ffi.loc[kept, c].to_numpy() if kept else []
     manifest.to_parquet(out / "manifest.parquet", index=False)
     accounting = account_rows(ledger, dd, ff)
     accounting.to_parquet(out / "accounting.parquet", index=False)
@@ -345,8 +395,91 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     })
     if world is not None:
         card["world_report"] = world_report(Path(world.path), accounting, cc)
-    _write_grid(out, kept[:16], images, cci)
+    _write_grid(out, grid_keys, grid, cci)
     return counts
+
+
+def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> None:
+    """No row survived: keep the accounting and the ledger where the user can read them, then refuse.
+
+    They go to ``<data root>/failed/<dataset id>/`` (the dataset folder itself never appears: an
+    empty dataset is not a dataset)."""
+    sid = out.name.split(".tmp-", 1)[0]
+    where = out.parent.parent / "failed" / sid
+    where.mkdir(parents=True, exist_ok=True)
+    accounting.to_parquet(where / "accounting.parquet", index=False)
+    ledger.to_parquet(where / "ledger.parquet", index=False)
+    outcomes = accounting["outcome"].value_counts().to_dict()
+    raise ValueError(f"no sample to shard: none of the {len(accounting)} input rows survived "
+                     f"(outcomes: {outcomes}); every row's outcome is in {where / 'accounting.parquet'} "
+                     f"and the download ledger in {where / 'ledger.parquet'}")
+class _Spill:
+    """Per-shard spill files of (key, image, ext) rows, written in one pass over the image parts."""
+
+    def __init__(self, folder: Path, n: int, flush_bytes: int = 64 << 20) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.folder, self.n, self.flush_bytes = folder, n, flush_bytes
+        folder.mkdir(parents=True, exist_ok=True)
+        self.schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("ext", pa.string())])
+        self.writers: dict[int, Any] = {}
+        self.buf: dict[int, list[tuple[str, bytes, str]]] = {}
+        self.buffered = 0
+        self._pa, self._pq = pa, pq
+
+    def path(self, s: int) -> Path:
+        return self.folder / f"{s:05d}.parquet"
+
+    def add(self, s: int, key: str, image: bytes, ext: str) -> None:
+        self.buf.setdefault(s, []).append((key, image, ext))
+        self.buffered += len(image)
+        if self.buffered > self.flush_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        for s, rows in self.buf.items():
+            if s not in self.writers:
+                self.writers[s] = self._pq.ParquetWriter(self.path(s), self.schema)
+            self.writers[s].write_table(self._pa.table(
+                {"key": [r[0] for r in rows], "image": [r[1] for r in rows], "ext": [r[2] for r in rows]},
+                schema=self.schema))
+        self.buf.clear()
+        self.buffered = 0
+
+    def close(self) -> None:
+        self.flush()
+        for w in self.writers.values():
+            w.close()
+        self.writers.clear()
+
+    def load(self, s: int) -> dict[str, tuple[bytes, str]]:
+        t = self._pq.read_table(self.path(s))
+        return {k: (img, ext) for k, img, ext in zip(t.column("key").to_pylist(), t.column("image").to_pylist(),
+                                                     t.column("ext").to_pylist())}
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _spill_by_shard(images_dir: Path, plan: list[list[str]], folder: Path, grid_keys: list[str],
+                    grid: dict[str, tuple[bytes, str]], flush_bytes: int = 64 << 20) -> _Spill:
+    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    want_grid = set(grid_keys)
+    spill = _Spill(folder, len(plan), flush_bytes)
+    for batch in download_mod.iter_images(images_dir, ["key", "image", "ext"]):
+        for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
+                               batch.column("ext").to_pylist()):
+            s = shard_of.get(k)
+            if s is None:
+                continue
+            spill.add(s, k, img, ext)
+            if k in want_grid:
+                grid[k] = (img, ext)
+    spill.close()
+    return spill
 
 
 def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFrame) -> pd.DataFrame:
@@ -417,11 +550,50 @@ def _write_grid(out: Path, keys: list[str], images: dict[str, tuple[bytes, str]]
 # ---------------------------------------------------------------------------- the whole DAG
 
 def check_preconditions(config: CurateConfig, root: Path) -> None:
-    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port."""
+    """Refuse bad input before any work: unwritable root, unreadable URL list, taken port.
+    A refused request leaves no data root behind that it created itself."""
+    created = not root.exists()
     ensure_writable(root)
-    if config.source.kind == "url_list":
-        download_mod.read_url_list(config.source.url_list, config.download.url_col, config.download.caption_col,
-                                   config.download.on_duplicate_urls)
+    try:
+        for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
+            check_runner(spec, root)
+        _check_inputs(config)
+    except BaseException:
+        if created:
+            try:
+                root.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
+
+
+def _world_models(obj: Any, where: str) -> list[str]:
+    """Dotted paths of every ``model: 'world'`` setting under ``obj`` (a dumped config)."""
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in
+                ([f"{where}.{k}"] if k == "model" and v == "world" else _world_models(v, f"{where}.{k}"))]
+    if isinstance(obj, list):
+        return [p for i, v in enumerate(obj) for p in _world_models(v, f"{where}[{i}]")]
+    return []
+
+
+def _check_inputs(config: CurateConfig) -> None:
+    if config.source.kind == "url_list":  # every problem at once, not one per attempt
+        problems = []
+        used = _world_models(config.filter.model_dump(mode="json"), "filter") + \
+            _world_models(config.recaption.model_dump(mode="json"), "recaption")
+        if used:
+            problems.append(f"{', '.join(used)} use the embedded world's models, which only exist for "
+                            "source.kind='world'; for a URL list set them to real models (e.g. --set "
+                            "filter.clip_score.model=ViT-B-32:laion2b_s34b_b79k) or turn them off")
+        try:
+            download_mod.read_url_list(config.source.url_list, config.download.url_col,
+                                       config.download.caption_col, config.download.on_duplicate_urls)
+        except download_mod.InputError as exc:
+            problems.insert(0, str(exc))
+        if problems:
+            raise download_mod.InputError("\n".join(problems) if len(problems) == 1 else
+                                          f"{len(problems)} problems:\n" + "\n".join(f"- {m}" for m in problems))
     elif config.source.world_port:
         import socket
 
@@ -429,6 +601,9 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
             raise ValueError(f"world_host {config.source.world_host!r} is not loopback; the world server "
                              "only listens on loopback")
         with socket.socket() as s:
+            # as the world server does (allow_reuse_address): a port whose last connections are in
+            # TIME_WAIT is free for it
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind((config.source.world_host, config.source.world_port))
             except OSError as exc:

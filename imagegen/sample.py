@@ -303,7 +303,12 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     root = Path(root)
     prep = Prepared(req, root)
     if req.watermark is not None:
-        import imwatermark  # noqa: F401  (installed? fail before generating)
+        try:
+            import imwatermark  # noqa: F401  (installed? fail before generating)
+        except ImportError as exc:
+            raise SampleError(f"watermarks need the invisible-watermark package ({exc}); setup.sh installs it "
+                              "(pip install --no-deps invisible-watermark: its opencv-python requirement would "
+                              "replace opencv-python-headless)") from None
 
         side = req.output_size
         if side is None and req.is_diffusers:

@@ -77,9 +77,23 @@ def prefect_exe() -> str:
     return str(exe)
 
 
+SERVER_AUTH = "PREFECT_SERVER_API_AUTH_STRING"  # the server's basic-auth "user:password" (Prefect's setting)
+CLIENT_AUTH = "PREFECT_API_AUTH_STRING"  # what clients, the worker and flow runs send
+
+
+def auth_string() -> str | None:
+    """The credentials this process sends: ``$PREFECT_API_AUTH_STRING``, else the server's own
+    ``$PREFECT_SERVER_API_AUTH_STRING`` (``imagegen serve`` is the operator of the server it starts)."""
+    return os.environ.get(CLIENT_AUTH) or os.environ.get(SERVER_AUTH) or None
+
+
 def client_env(api_url: str, home: Path | str | None = None, **extra: str) -> dict[str, str]:
-    """This process's environment aimed at ``api_url``: for ``prefect deploy``, the worker and its flow runs."""
+    """This process's environment aimed at ``api_url``: for ``prefect deploy``, the worker and its flow runs
+    (with the basic-auth credentials when the server wants them)."""
     env = {**os.environ, "PREFECT_API_URL": api_url, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop(SERVER_AUTH, None)  # a client holds the credentials it sends, never the server's setting
+    if auth_string():
+        env[CLIENT_AUTH] = auth_string()
     if home is not None:
         env["PREFECT_HOME"] = str(home)
     env.update(extra)
@@ -148,7 +162,7 @@ def start_server(home: Path | str, host: str = "127.0.0.1", port: int = 4200, lo
             raise ServeError(f"cannot serve on {host}:{port} ({exc.strerror or exc}); pick another --port, or "
                              f"use the server already there with --api-url {api_url_for(host, port)}") from None
     api_url = api_url_for(host, port)
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", CLIENT_AUTH)}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_API_URL=api_url)
     return _spawn("server", [prefect_exe(), "server", "start", "--host", host, "--port", str(port)], env,
                   log if log is not None else home / "server.log")
@@ -182,7 +196,7 @@ def client(api_url: str) -> Iterator[Any]:
     """A synchronous Prefect client of the server at ``api_url`` (whatever this process's settings say)."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    with SyncPrefectClient(api_url) as c:
+    with SyncPrefectClient(api_url, auth_string=auth_string()) as c:
         yield c
 
 
@@ -375,6 +389,9 @@ def serve(data_root: str | None = None, host: str = "127.0.0.1", port: int = 420
         served = bring_up(data_root, host, port, home, worker, api_url, note=say)
         print(f"Prefect UI: {served.ui_url}  (API {served.api_url}); deployments: {', '.join(served.deployments)}",
               flush=True)
+        if api_url is None and not os.environ.get(SERVER_AUTH):
+            say(f"the API is open to every local user; set {SERVER_AUTH}=user:password before `imagegen serve` "
+                f"to require basic auth (clients then need {CLIENT_AUTH}=user:password)")
         if not worker:
             say(f"no worker started: run `PREFECT_API_URL={served.api_url} prefect worker start --pool {POOL}`")
         children = [p for p in (served.server, served.worker) if p is not None]

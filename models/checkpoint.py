@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -28,9 +28,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: damaged, or made by a different run setup."""
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """(tensors, state) of a checkpoint folder, with its integrity checked."""
-    path = Path(path)
+def _checked_state(path: Path) -> dict[str, Any]:
+    """The state of a checkpoint folder after its integrity checks (files present, state JSON of
+    this format, tensors' sha256 as recorded); raises :class:`CheckpointError`."""
     st, tf = path / STATE, path / TENSORS
     if not st.is_file() or not tf.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: needs {STATE} and {TENSORS}")
@@ -45,8 +45,28 @@ def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if digest != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupt: {TENSORS} has sha256 {digest[:16]}..., "
                               f"{STATE} records {str(meta.get('tensors_sha256'))[:16]}...")
+    return meta
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check a checkpoint without loading its tensors (integrity as :func:`read_checkpoint`, and a
+    readable safetensors header).  Returns the state; raises :class:`CheckpointError`."""
+    path = Path(path)
+    meta = _checked_state(path)
     try:
-        tensors = load_file(str(tf))
+        with safe_open(str(path / TENSORS), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
+    return meta
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensors, state) of a checkpoint folder, with its integrity checked."""
+    path = Path(path)
+    meta = _checked_state(path)
+    try:
+        tensors = load_file(str(path / TENSORS))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
     return tensors, meta

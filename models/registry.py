@@ -66,7 +66,10 @@ def _import_family(ref: str) -> type[Family]:
     cls = getattr(module, attr, None)
     if cls is None:
         raise UnknownFamilyError(f"family {ref!r}: module {module_name!r} has no attribute {attr!r}")
-    register_family(cls)  # checks it is a proper Family subclass; no-op if the module registered it
+    if not (isinstance(cls, type) and issubclass(cls, Family)):
+        raise UnknownFamilyError(f"family {ref!r}: {module_name}.{attr} is {type(cls).__name__} {cls!r}, "
+                                 "not a subclass of models.base.Family")
+    register_family(cls)  # checks its class attributes; no-op if the module registered it
     FAMILIES[ref] = cls
     return cls
 

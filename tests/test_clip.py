@@ -163,8 +163,8 @@ def test_ensure_is_cached(tiny_dir: Path, models_root: Path) -> None:
     assert again == tiny_dir
     assert R.TRAIN_RUNS == runs
     assert (tiny_dir / C.SAFE_WEIGHTS_NAME).stat().st_mtime_ns == mtime
-    # threads is not part of the identity; anything else is.
-    assert R.reference_clip_id(TINY_WORLD, TINY_CLIP.model_copy(update={"threads": 1})) == tiny_dir.name
+    # every field is part of the identity, the thread count too (it changes the weights' bits)
+    assert R.reference_clip_id(TINY_WORLD, TINY_CLIP.model_copy(update={"threads": 2})) != tiny_dir.name
     assert R.reference_clip_id(TINY_WORLD, TINY_CLIP.model_copy(update={"steps": 61})) != tiny_dir.name
     assert R.reference_clip_id(TINY_WORLD.model_copy(update={"seed": 4}), TINY_CLIP) != tiny_dir.name
     assert R.world_clip_spec(TINY_WORLD, TINY_CLIP, models_root) == f"local-dir:{tiny_dir.resolve()}"

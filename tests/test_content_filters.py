@@ -363,6 +363,11 @@ def test_reasons_land_in_the_filter_table_and_accounting(world, tmp_path):
     assert counts["dropped"] == {"hash_blocklist": 4, "nsfw_nudenet": 4, "text_ocr": 4}
     for name in ("nsfw_nudenet", "text_ocr", "hash_blocklist"):
         assert f"{name}_score" in ff and f"{name}_pass" in ff
+    # the filters' extra columns reach the filter table (and from there the manifest)
+    text = ff.set_index("key").loc[truth.loc[truth["planted"] == "text", "key"], "text_ocr_text"]
+    assert (text.str.len() > 0).all() and (ff.set_index("key").loc[truth.loc[truth["planted"] == "clean", "key"],
+                                                                    "text_ocr_text"] == "").all()
+    assert (ff["hash_blocklist_match"] != "").sum() == 4 and "nsfw_nudenet_detections" in ff
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -404,6 +409,21 @@ def test_curate_drops_planted_content_end_to_end(tmp_path):
     for name in ("nsfw_nudenet", "text_ocr", "hash_blocklist"):
         assert f"{name}_score" in manifest
     assert (manifest["text_ocr_score"] == 0).all() and manifest["hash_blocklist_score"].isna().all()
+    assert (manifest["text_ocr_text"] == "").all() and "nsfw_nudenet_detections" in manifest
+
+
+def test_filter_stage_id_hashes_lists_and_filter_code(tmp_path):
+    from imagegen.curate import StageResult, filter_identity
+
+    dl, dd = StageResult("download", "d" * 16, "/x"), StageResult("dedup", "e" * 16, "/y")
+    lst = tmp_path / "l.txt"
+    lst.write_text("phash:8f373714acfcf4d0\n")
+    cfg = FilterConfig(clip_score=None, hash_blocklist={"path": str(lst)})
+    a = filter_identity(dl, dd, cfg, None)
+    lst.write_text("phash:8f373714acfcf4d1\n")  # same path, other content: another filter stage id
+    b = filter_identity(dl, dd, cfg, None)
+    assert a[0] == b[0] and a[1] == b[1] and a[2] != b[2]
+    assert filter_identity(dl, dd, cfg.model_copy(update={"runner": "dask:2"}), None) == b  # runners are not identity
 
 
 def test_stage_identity_follows_lists_and_weights(tmp_path):

@@ -136,3 +136,53 @@ def test_bad_url_lists(tmp_path):
     assert skipped["skip_reason"].tolist() == [None, None, "duplicate_url_of_row_0"]
     with pytest.raises(InputError, match="does not exist"):
         read_url_list(tmp_path / "missing.parquet")
+
+
+def _png_bomb(side: int) -> bytes:
+    """A valid RGB PNG of side x side black pixels: a few hundred KB that decode to side² x 3 bytes."""
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (1 + 3 * side)
+    body = b"".join(comp.compress(row) for _ in range(side)) + comp.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    """Finding 5: 13300 x 13300 is under twice PIL's limit, so PIL decodes it (~860 MB); the pixel
+    limit refuses it from the header, as image_too_large, in a process that stays small."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_bomb(13300))
+    code = (
+        "import sys\n"
+        "from imagegen.stages.download import DownloadConfig, normalize_image\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "r = normalize_image(data, DownloadConfig())\n"
+        # VmHWM: this process image's own peak (ru_maxrss would carry the forking pytest's size over exec)
+        "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0].split()[1]\n"
+        "print(r['reason'], len(data), int(hwm) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(bomb)], capture_output=True, text=True, check=True)
+    reason, size, rss_mb = out.stdout.split()
+    assert reason == "image_too_large" and int(size) < 1_000_000
+    assert int(rss_mb) < 400, f"{rss_mb} MB peak RSS: the bomb was decoded"
+    assert "DecompressionBombWarning" not in out.stderr
+    small = _png_bomb(300)
+    assert normalize_image(small, DownloadConfig(max_pixels=300 * 300))["ok"]
+    r = normalize_image(small, DownloadConfig(max_pixels=300 * 300 - 1))
+    assert r["reason"] == "image_too_large" and "download.max_pixels" in r["error"]
+
+
+def test_gzip_body_is_not_inflated():
+    import gzip
+
+    r = normalize_image(gzip.compress(b"\x00" * 10_000_000), DownloadConfig())
+    assert r["reason"] == "compressed_body" and not r["ok"]

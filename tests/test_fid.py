@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
 from PIL import Image
 
 from imagegen.evaluate import fid as FD
@@ -289,3 +290,51 @@ def test_reference_stats_cached_as_npz_and_json(world_folder, tiny_clip_spec, tm
     js.write_text(json.dumps({**json.loads(js.read_text()), "stats_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="do not match the hash"):
         FD.reference_stats(folder, None, "clean", None, cache, dataset_id="world-test", model=ext)
+
+
+class _TinyTorchscriptInception(torch.nn.Module):
+    """clean-fid's TorchScript interface (``layers`` -> 2048-d pool), small and built here."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(8), torch.nn.Flatten(),
+                                          torch.nn.Linear(192, 2048))
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_torchscript_inception_is_loaded_only_with_the_expected_sha256(tmp_path, monkeypatch):
+    """Finding 8: the TorchScript file runs code when loaded, so it is checked against an expected
+    sha256 first, refused on mismatch or when none is known, and may live under the data root."""
+    from PIL import Image
+
+    from imagegen.hashing import file_sha256
+
+    monkeypatch.setenv("IMAGEGEN_DATA_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv(FD.SHA256_ENV, raising=False)
+    weights = FD.data_root_inception_dir() / FD.INCEPTION_TORCHSCRIPT_NAME
+    weights.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(_TinyTorchscriptInception().eval()), str(weights))
+    assert FD.inception_weights("clean")[0] == weights  # the data root's copy comes first
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(images / f"{i}.png")
+
+    with pytest.raises(FD.InceptionWeightsUntrustedError, match="no expected sha256 is known"):
+        FD.clean_fid_features(images, mode="clean", num_workers=0, download=False)
+    monkeypatch.setenv(FD.SHA256_ENV, "0" * 64)
+    with pytest.raises(FD.InceptionWeightsUntrustedError, match="expected 0000"):
+        FD.clean_fid_features(images, mode="clean", num_workers=0, download=False)
+    monkeypatch.delenv(FD.SHA256_ENV)
+    weights.with_name(weights.name + ".sha256").write_text(file_sha256(weights) + "\n")
+    feats = FD.clean_fid_features(images, mode="clean", num_workers=0, download=False)
+    assert feats.shape == (4, 2048)
+    # replaced after pinning: refused
+    torch.manual_seed(1)
+    torch.jit.save(torch.jit.script(_TinyTorchscriptInception().eval()), str(weights))
+    with pytest.raises(FD.InceptionWeightsUntrustedError, match="replaced or damaged"):
+        FD.check_inception_weights("clean", download=False)

@@ -254,6 +254,10 @@ def test_webdataset_by_url_pattern_and_bad_tars(tmp_path, photo_folder):
     notatar.write_bytes(os.urandom(3000))
     with pytest.raises(ImportError_, match="is not a tar archive"):
         import_dataset(ImportConfig(kind="webdataset", source=str(notatar)), root)
+    with pytest.raises(ImportError_, match="'pipe:' sources run a shell command"):
+        import_dataset(ImportConfig(kind="webdataset", source="pipe:curl -s http://127.0.0.1/a.tar"), root)
+    with pytest.raises(ImportError_, match=r"only http\(s\):// and file:// URLs"):
+        import_dataset(ImportConfig(kind="webdataset", source="s3://bucket/shard-{0..3}.tar"), root)
     with pytest.raises(ImportError_, match="matches no file"):
         import_dataset(ImportConfig(kind="webdataset", source=str(tmp_path / "none-*.tar")), root)
     # a sample without an image inside a good shard is a recorded skip, not an error

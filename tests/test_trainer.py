@@ -194,6 +194,29 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_before_training(shards, tmp
     assert meta["step"] == 5
 
 
+def test_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(shards, tmp_path, caplog):
+    """Finding 6: a corrupt step_*/tensors.safetensors is skipped with a warning naming it; the
+    run resumes from the step before and ends bit-identical to an undisturbed run."""
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(base_cfg(steps=15), shards, straight)
+    train(base_cfg(steps=15), shards, run, stop_after=10)
+    newest = list_checkpoints(run)[-1]
+    assert newest.name == "step_00000010"
+    data = bytearray((newest / TENSORS).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / TENSORS).write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        res = train(base_cfg(steps=15), shards, run)
+    assert res["start_step"] == 5 and res["step"] == 15
+    assert any("step_00000010" in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    ta, _ = read_checkpoint(list_checkpoints(straight)[-1])
+    tb, _ = read_checkpoint(list_checkpoints(run)[-1])
+    assert all(torch.equal(ta[k], tb[k]) for k in ta if k.startswith(("model/", "ema/", "optim/")))
+    assert losses(straight) == losses(run)
+    # the damaged folder was re-made by the resumed run (same step), nothing damaged is left under a step name
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000005", "step_00000010", "step_00000015"]
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValidationError, match="unknown model family 'nope'"):
         TrainConfig(**base_cfg(family="nope"))

@@ -384,8 +384,10 @@ def test_urls_match_truth(published):
     assert list(urls.columns) == ["path", "caption"]
     assert list(urls.path) == list(truth.path) and list(urls.caption) == list(truth.alt_text)
     table = url_table(out, "http://127.0.0.1:9/")
-    assert list(table.columns) == ["url", "caption", "row_id"]
+    assert list(table.columns) == ["url", "caption", "row_id", "record_url"]
     assert table.url[3] == "http://127.0.0.1:9" + truth.path[3] and list(table.row_id) == list(range(len(truth)))
+    assert table.record_url[3] == "http://world.invalid" + truth.path[3]  # no port: same bytes on any run
+    assert (url_table(out, "http://127.0.0.1:4711").record_url == table.record_url).all()
     with pytest.raises(FileNotFoundError, match="published world"):
         url_table(out / "nope", "http://x")
 

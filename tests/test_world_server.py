@@ -181,3 +181,75 @@ def test_many_parallel_clients(world):
             bodies = list(pool.map(lambda p: requests.get(srv.base_url + p, timeout=10).content, paths))
         assert srv.stats()["per_status"] == {200: len(paths)}
     assert bodies == [_file(out, p) for p in paths]
+
+
+# ------------------------------------------------------------------ hostile servers, end to end
+
+def _hostile_world(base: Path, image: bytes, bomb: bytes) -> Path:
+    out = base / "hostile"
+    (out / "files").mkdir(parents=True)
+    (out / "files" / "a.jpg").write_bytes(image)
+    (out / "files" / "bomb.png").write_bytes(bomb)
+    jpg = {"file": "a.jpg", "content_type": "image/jpeg"}
+    routes = {
+        "/slow.jpg": {"behaviour": "slowloris", "interval": 0.25, "seconds": 2.0, **jpg},
+        "/reset.jpg": {"behaviour": "reset", **jpg},
+        "/short.jpg": {"behaviour": "truncated", **jpg},
+        "/gzip.png": {"behaviour": "gzip_bomb", "inflated_bytes": 64 << 20},
+        "/loop.jpg": {"behaviour": "redirect_loop"},
+        "/busy.jpg": {"behaviour": "rate_limited", "limited": 1, "retry_after": 1, **jpg},
+        "/huge.png": {"behaviour": "ok", "file": "bomb.png", "content_type": "image/png"},
+        "/fine.jpg": {"behaviour": "ok", **jpg},
+    }
+    (out / "routes.json").write_text(json.dumps(routes))
+    return out
+
+
+@pytest.mark.slow
+def test_hostile_http_faults_end_in_the_ledger_with_their_reason(world, tmp_path):
+    """Slowloris, reset mid-body, Content-Length > body, gzip bomb, redirect loop, 429 with
+    Retry-After, a decompression-bomb PNG: each row ends in the ledger with its reason, nothing is
+    inflated or decoded in full, and the 429 row is fetched on the retry pass after the wait."""
+    import time
+
+    from imagegen.stages.download import DownloadConfig, run_download
+    from test_download import _png_bomb
+
+    out, truth = world
+    image = _file(out, _paths(truth, "clean")[0])
+    pub = _hostile_world(tmp_path, image, _png_bomb(13300))
+    cfg = DownloadConfig(timeout=1.5, processes_count=1, thread_count=8, retry_passes=1, retry_wait=1.0,
+                         allow_private_addresses=True)
+    with serve_world(pub) as srv:
+        names = sorted(json.loads((pub / "routes.json").read_text()))
+        urls = pd.DataFrame({"row_id": range(len(names)), "url": [srv.base_url + n for n in names],
+                             "caption": names, "skip_reason": None})
+        t0 = time.monotonic()
+        counts = run_download(urls, cfg, tmp_path / "dl")
+        took = time.monotonic() - t0
+        stats = srv.stats()
+    led = pd.read_parquet(tmp_path / "dl" / "ledger.parquet").set_index("caption")
+    assert counts["input_rows"] == len(names)
+    assert led.loc["/fine.jpg", "status"] == "success"
+    assert led.loc["/slow.jpg", "status"] == "success"  # bounded here; see the README on slowloris
+    assert led.loc["/reset.jpg", "reason"] in ("connection_error", "truncated")
+    assert led.loc["/short.jpg", "reason"] == "truncated"
+    assert led.loc["/gzip.png", "reason"] == "compressed_body"
+    assert led.loc["/loop.jpg", "reason"] == "redirect_loop"
+    assert led.loc["/huge.png", "reason"] == "image_too_large"
+    busy = led.loc["/busy.jpg"]
+    assert busy["status"] == "success" and busy["attempts"] == 2
+    assert stats["per_status"].get(429) == 1 and took >= 1.0
+
+
+def test_private_addresses_are_refused_unless_allowed(tmp_path):
+    from imagegen.stages.download import DownloadConfig, is_private_host, run_download
+
+    assert is_private_host("http://169.254.169.254/latest/meta-data") and is_private_host("http://10.1.2.3/a.jpg")
+    assert is_private_host("http://localhost:8080/a") and is_private_host("http://[::1]/a")
+    assert not is_private_host("https://example.com/a.jpg") and not is_private_host("http://8.8.8.8/a")
+    urls = pd.DataFrame({"row_id": [0, 1], "url": ["http://169.254.169.254/x", "http://192.168.1.5/y.jpg"],
+                         "caption": ["a", "b"], "skip_reason": None})
+    counts = run_download(urls, DownloadConfig(processes_count=1), tmp_path)
+    led = pd.read_parquet(tmp_path / "ledger.parquet")
+    assert (led["reason"] == "private_address").all() and counts["skipped"] == 2

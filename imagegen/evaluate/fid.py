@@ -18,6 +18,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import platform
 import tempfile
 import time
@@ -207,9 +208,30 @@ def metric_name(extractor_id: str) -> str:
 # ------------------------------------------------------------------------- Inception weights
 
 
+SHA256_ENV = "IMAGEGEN_INCEPTION_SHA256"
+
+
+class InceptionWeightsUntrustedError(PermissionError):
+    """The Inception file is not safetensors (loading it runs code) and its sha256 is not the
+    expected one, or no expected sha256 is known for it."""
+
+
+def data_root_inception_dir() -> Path:
+    """``<data root>/models/inception/``: where this project keeps (and first looks for) the
+    Inception TorchScript, instead of clean-fid's world-writable ``/tmp``."""
+    from imagegen.paths import data_root
+
+    return data_root() / "models" / "inception"
+
+
 def inception_weights(mode: str) -> tuple[Path, str]:
-    """``(path, url)`` of the file clean-fid loads for ``mode`` (where it looks, not a choice)."""
+    """``(path, url)`` of the Inception file for ``mode``: for the TorchScript modes the copy
+    under the data root (:func:`data_root_inception_dir`) when there is one, else clean-fid's own
+    place (``/tmp``); for legacy_pytorch torch.hub's checkpoints folder."""
     if mode in ("clean", "legacy_tensorflow"):
+        mine = data_root_inception_dir() / INCEPTION_TORCHSCRIPT_NAME
+        if mine.is_file():
+            return mine, INCEPTION_TORCHSCRIPT_URL
         folder = Path("./" if platform.system() == "Windows" else "/tmp")
         return folder / INCEPTION_TORCHSCRIPT_NAME, INCEPTION_TORCHSCRIPT_URL
     if mode == "legacy_pytorch":
@@ -254,17 +276,57 @@ def check_inception_weights(mode: str, *, download: bool = True, timeout: float 
         if size < _MIN_WEIGHTS_BYTES:
             raise InceptionWeightsMissingError(
                 f"Inception weights {path} are only {size} bytes (a broken download?). {how}")
+        verify_inception_weights(path)
         return path
     reason = ("download=False" if not download else "HF_HUB_OFFLINE is set") if (not download or _offline()) else None
     if reason is None:
         try:
+            if mode != "legacy_pytorch":  # downloaded under the data root, never into /tmp
+                path = data_root_inception_dir() / INCEPTION_TORCHSCRIPT_NAME
             _download(url, path, timeout)
+            if mode != "legacy_pytorch":  # pin what came over HTTPS from the official URL
+                path.with_name(path.name + ".sha256").write_text(file_sha256(path) + "\n")
+            verify_inception_weights(path)
             return path
         except Exception as exc:  # network down, proxy, disk full...
             reason = f"downloading it failed: {type(exc).__name__}: {exc}"
     raise InceptionWeightsMissingError(
         f"Inception weights for clean-fid mode {mode!r} are missing: {path} does not exist "
         f"({reason}). {how}.")
+
+
+def expected_inception_sha256(path: Path) -> str | None:
+    """The sha256 ``path`` must have: ``$IMAGEGEN_INCEPTION_SHA256``, else the pin file
+    ``<file>.sha256`` written next to a copy this project downloaded under the data root, else
+    for pytorch-fid's file the sha256 prefix in its published name (torch.hub's convention,
+    ``...-6726825d.pth``, checked as a prefix).  None: nothing is known to check against."""
+    env = os.environ.get(SHA256_ENV, "").strip().lower()
+    if env:
+        return env
+    pin = path.with_name(path.name + ".sha256")
+    if path.parent == data_root_inception_dir() and pin.is_file():
+        return pin.read_text().strip().lower()
+    m = re.search(r"-([0-9a-f]{8,})\.pth$", path.name)
+    return m.group(1) if m else None
+
+
+def verify_inception_weights(path: Path) -> str:
+    """Refuse a pickle/TorchScript Inception file (loading one runs code) unless its sha256 is
+    the expected one (:func:`expected_inception_sha256`); returns the sha256."""
+    digest = file_sha256(path)
+    want = expected_inception_sha256(path)
+    pin_how = (f"check the file against a trusted copy (sha256sum {path}) and pin it with "
+               f"{SHA256_ENV}=<sha256>, or put the file you trust at "
+               f"{data_root_inception_dir() / path.name} with its sha256 in {path.name}.sha256 next to it")
+    if want is None:
+        raise InceptionWeightsUntrustedError(
+            f"Inception weights {path} are TorchScript/pickle (loading runs code) and no expected sha256 "
+            f"is known for them (its sha256 is {digest}); {pin_how}")
+    if not digest.startswith(want) or len(want) < 8:
+        raise InceptionWeightsUntrustedError(
+            f"Inception weights {path} have sha256 {digest}, expected {want}: refusing to load them "
+            f"(a replaced or damaged file); {pin_how}")
+    return digest
 
 
 # ------------------------------------------------------------------------- feature extraction
@@ -337,7 +399,15 @@ def clean_fid_features(
         if not files:
             raise ValueError("clean_fid_features: the list of image files is empty")
     if model is None:
-        model = build_feature_extractor(mode, device=dev, use_dataparallel=False)
+        weights = check_inception_weights(mode, download=download)  # verified just before loading
+        if mode == "legacy_pytorch":
+            model = build_feature_extractor(mode, device=dev, use_dataparallel=False)
+        else:  # clean-fid's own extractor, loaded from the verified file wherever it is
+            from cleanfid.inception_torchscript import InceptionV3W
+
+            net = InceptionV3W(str(weights.parent), download=False,
+                               resize_inside=mode == "legacy_tensorflow").to(dev).eval()
+            model = net.__call__
     fn_resize = ShortestSideCrop(int(input_size)) if input_size is not None else None
     feats = cfid.get_files_features(
         [str(f) for f in files], model, num_workers=_auto_workers() if num_workers is None else num_workers,

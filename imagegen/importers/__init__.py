@@ -50,6 +50,7 @@ from imagegen.stages.shard import ShardConfig
 log = logging.getLogger(__name__)
 
 PNG_MODES = {"1", "L", "LA", "P", "RGB", "RGBA", "I;16"}
+IMPORT_PART_ROWS = 10_000  # rows per image part of the download-layout folder --curate writes
 
 
 def _default_filter() -> FilterConfig:
@@ -224,15 +225,13 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from imagegen.stages.download import IMAGE_PART_ROWS, summarize_ledger
+    from imagegen.stages.download import IMAGE_SCHEMA as schema
+    from imagegen.stages.download import summarize_ledger
 
-    schema = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
-                        ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("caption", pa.string())])
     (out / "images").mkdir(parents=True)
     ok = [(row, r) for row, r in zip(rows, recs) if r["status"] == "success"]
-    for part, start in enumerate(range(0, max(len(ok), 1), IMAGE_PART_ROWS)):
-        chunk = ok[start:start + IMAGE_PART_ROWS]
+    for part, start in enumerate(range(0, max(len(ok), 1), IMPORT_PART_ROWS)):
+        chunk = ok[start:start + IMPORT_PART_ROWS]
         cols: dict[str, list[Any]] = {n: [] for n in schema.names}
         for row, r in chunk:
             data = stored_bytes(src.read(row), r)

@@ -152,6 +152,9 @@ def expand_pattern(pattern: str) -> list[str]:
     out: list[str] = []
     for part in [p.strip() for p in pattern.split(",") if p.strip()]:
         for item in braceexpand(part):
+            if item.startswith("pipe:"):
+                raise ImportError_(f"{item!r}: webdataset 'pipe:' sources run a shell command, which an import does "
+                                   "not do; give the shard's http(s) URL or a local path")
             if re.match(r"^[a-z][a-z0-9+.-]*://", item):
                 out.append(item)
             elif Path(item).is_dir():

@@ -35,9 +35,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen import mih
+from imagegen.executors import runner_spec
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,14 @@ class DedupConfig(BaseModel):
         "largest_original_area", description="Representative of a cluster: largest original_width*original_height "
         "in the ledger, then smallest key")
     batch_rows: int = Field(1000, ge=1, le=100_000, description="Rows per parquet read batch")
+    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
+                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
+                               "config's runner); an execution knob, never part of the stage id")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_spec(cls, v: str | None) -> str | None:
+        return runner_spec(v)
 
 
 # ---------------------------------------------------------------------------- hashing
@@ -207,16 +216,52 @@ def _image_parts(images_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------- the stage
 
-def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: Path) -> dict[str, Any]:
+def hash_part(job: tuple[str, str, int]) -> pa.Table:
+    """The map step of the dedup stage: (key, row_id, sha256, hash) of one image part."""
+    part, hash_type, batch_rows = job
+    keys: list[str] = []
+    row_ids: list[int] = []
+    shas: list[str] = []
+    hashes = []
+    pf = pq.ParquetFile(part)
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=IMAGE_COLUMNS):
+        cols = batch.to_pydict()
+        for j, img in enumerate(cols["image"]):
+            if img is None or cols["key"][j] is None or cols["sha256"][j] is None:
+                raise ValueError(f"image part {part}: row {cols['row_id'][j]} (key {cols['key'][j]!r}) "
+                                 "has a null key, image or sha256")
+        hashes.append(_hash_chunk((cols["image"], hash_type, HASH_SIZE, len(keys))))
+        keys.extend(cols["key"])
+        row_ids.extend(cols["row_id"])
+        shas.extend(cols["sha256"])
+    h = np.concatenate(hashes) if hashes else np.empty(0, np.uint64)
+    return pa.table({"key": pa.array(keys, pa.string()), "row_id": pa.array(row_ids, pa.int64()),
+                     "sha256": pa.array(shas, pa.string()), "hash": pa.array(h, pa.uint64())})
+
+
+def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: Path,
+              runner: str | None = None) -> dict[str, Any]:
     """Hash every image, group exact and near duplicates, write one marked row per image to ``out_path``.
 
-    Returns counts for the stage card.
+    With more than one image part and a runner other than ``local:1``, hashing is a map step over
+    the parts on the runner (:mod:`imagegen.executors`; ``local`` uses ``cfg.processes`` workers);
+    the grouping works on the compact columns only (the 64-bit hashes).  Returns counts for the
+    stage card.
     """
     area_by_key = _read_ledger(Path(ledger_path), cfg.batch_rows)
     parts = _image_parts(Path(images_dir))
     keys: list[str] = []
     row_ids: list[int] = []
     shas: list[str] = []
+    spec = runner or "local"
+    if len(parts) > 1 and spec != "local:1":
+        from imagegen.executors import executor
+
+        with executor(spec, root=Path(out_path).parent, workers=cfg.processes) as ex:
+            tables = ex.map(hash_part, [(str(p), cfg.hash_type, cfg.batch_rows) for p in parts])
+        t = pa.concat_tables(tables)
+        return _finish(t.column("key").to_pylist(), t.column("row_id").to_pylist(), t.column("sha256").to_pylist(),
+                       t.column("hash").to_numpy().astype(np.uint64), area_by_key, cfg, out_path)
 
     def stream() -> Iterator[bytes]:
         # Runs in this process (compute_hashes consumes it lazily): side columns fill as we go.
@@ -234,6 +279,11 @@ def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: P
                 yield from cols["image"]
 
     hashes = compute_hashes(stream(), cfg.hash_type, HASH_SIZE, cfg.processes)
+    return _finish(keys, row_ids, shas, hashes, area_by_key, cfg, out_path)
+
+
+def _finish(keys: list[str], row_ids: list[int], shas: list[str], hashes: np.ndarray, area_by_key: pd.Series,
+            cfg: DedupConfig, out_path: Path) -> dict[str, Any]:
     table, counts = mark_duplicates(keys, row_ids, shas, hashes, area_by_key, cfg.radius)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,9 @@ import multiprocessing
 import os
 import re
 import shutil
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,9 +32,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen.hashing import bytes_sha256
+from imagegen.executors import runner_spec
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,6 @@ LEDGER_COLUMNS = [
     "original_width", "original_height", "original_mode", "original_format", "exif_transposed",
     "width", "height", "source_sha256", "sha256",
 ]
-IMAGE_PART_ROWS = 10_000
 
 
 class DownloadConfig(BaseModel):
@@ -65,8 +67,27 @@ class DownloadConfig(BaseModel):
     user_agent_token: str | None = Field(None, description="Identifies your crawler to site owners")
     url_col: str = "url"
     caption_col: str = "caption"
+    max_pixels: int = Field(
+        50_000_000, ge=1, le=2_000_000_000, description="refuse images with more pixels (width x height "
+        "from the header, before decoding) as image_too_large: a 20 KB PNG can claim 13300 x 13300 "
+        "and cost ~860 MB to decode")
+    allow_private_addresses: bool = Field(
+        False, description="fetch URLs whose host is a loopback, private, link-local or reserved IP "
+        "literal or localhost (refused by default as skipped:private_address; the embedded world's own "
+        "loopback server is always allowed)")
+    retry_wait: float = Field(
+        1.0, ge=0, le=600, description="seconds to wait before a retry pass that retries HTTP 429s "
+        "(img2dataset does not hand the Retry-After header over; the world sends Retry-After: 1)")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
+    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
+                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
+                               "config's runner); an execution knob, never part of the stage id")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_spec(cls, v: str | None) -> str | None:
+        return runner_spec(v)
 
 
 # ---------------------------------------------------------------------------- input validation
@@ -100,7 +121,8 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "ca
     except InputError:
         raise
     except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        raise InputError(f"URL list {path} could not be read as {suffix}: {exc}") from exc
+        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
+        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
     missing = [c for c in (url_col, caption_col) if c not in df.columns]
     if missing:
         hint = ""
@@ -126,9 +148,27 @@ def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "ca
                              zip(out.loc[dup, "row_id"][:5], out.loc[dup, "url"][:5]))
         if on_duplicate_urls == "error":
             raise InputError(f"URL list {path} has {int(dup.sum())} duplicate URL(s) ({examples}); "
-                             "deduplicate it or pass on_duplicate_urls='skip'")
+                             "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
+                             "with --set download.on_duplicate_urls=skip")
         out.loc[dup, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in out.loc[dup, "url"]]
     return out
+
+
+def _bad_jsonl_line(path: Path) -> str | None:
+    """``", line N (text...)"`` for the first line of a JSONL file that is not a JSON object."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                return f", line {n} ({line.strip()[:80]!r} is not a JSON object)"
+    return None
 
 
 _ALIASES = {"url": ("image_url", "img_url", "link", "src", "uri"),
@@ -176,17 +216,28 @@ _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"B
 def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     """Decode raw bytes into the dataset's uniform encoding.
 
-    Returns {"ok": True, "image": bytes, ...original properties} or
-    {"ok": False, "reason": "not_an_image" | "corrupt_image", "error": message}.
+    Returns {"ok": True, "image": bytes, ...original properties} or {"ok": False, "reason":
+    "empty_body" | "compressed_body" | "not_an_image" | "image_too_large" | "corrupt_image",
+    "error": message}.  Sizes are checked on the header, before any pixel is decoded.
     """
     if not data:
         return {"ok": False, "reason": "empty_body", "error": "zero bytes received"}
+    if data[:2] == b"\x1f\x8b":  # a gzip stream (Content-Encoding: gzip): never inflated here
+        return {"ok": False, "reason": "compressed_body",
+                "error": f"body is a gzip stream ({len(data)} bytes), not an image; it was not inflated"}
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
         return {"ok": False, "reason": "not_an_image", "error": "body is HTML/XML, not an image"}
     try:
-        with Image.open(io.BytesIO(data)) as src:
+        with warnings.catch_warnings():  # a size over PIL's bomb warning is reported, not printed
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            src = Image.open(io.BytesIO(data))
+        with src:
             fmt, mode = src.format, src.mode
+            if src.width * src.height > cfg.max_pixels:
+                return {"ok": False, "reason": "image_too_large",
+                        "error": f"{src.width}x{src.height} = {src.width * src.height:,} pixels > "
+                                 f"download.max_pixels={cfg.max_pixels:,} (not decoded)"}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 src.load()
@@ -197,7 +248,9 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
         # an image signature that does not decode is a corrupt image, anything else is not an image
         reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_an_image"
         return {"ok": False, "reason": reason, "error": str(exc)}
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own limit, hit at open for > 2x MAX_IMAGE_PIXELS
+        return {"ok": False, "reason": "image_too_large", "error": str(exc)}
+    except (OSError, ValueError, SyntaxError) as exc:
         return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
     # original size is reported upright (after EXIF), as a viewer shows it
     uw, uh = rgb.size
@@ -228,6 +281,8 @@ def classify_error(message: str | None) -> str:
     m = (message or "").lower()
     if not m:
         return "unknown_error"
+    if "infinite loop" in m or "redirect loop" in m or "too many redirects" in m:
+        return "redirect_loop"
     if mo := re.search(r"http error (\d{3})", m):
         code = int(mo.group(1))
         if code == 429:
@@ -252,8 +307,13 @@ def is_transient(reason: str) -> bool:
 
 # ---------------------------------------------------------------------------- img2dataset passes
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> pd.DataFrame:
-    """One img2dataset run over ``rows`` (row_id, url, caption); returns its per-row parquet rows."""
+def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
+    """One img2dataset run over ``rows`` (row_id, url, caption).
+
+    img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
+    ``number_sample_per_shard`` input rows, in input order) and streams to disk; this returns only
+    the compact columns of every row (row_id, status, error_message, part) and the part files.
+    """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -274,16 +334,20 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> pd
         compute_hash="sha256", extract_exif=False, enable_wandb=False,
     )
     parts = sorted(out.glob("*.parquet"))
-    frames = [pd.read_parquet(p, columns=["row_id", "status", "error_message", "jpg"]) for p in parts]
+    frames = []
+    for i, p in enumerate(parts):  # compact columns only: the image bytes stay in the part files
+        f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
+        f["part"] = i
+        frames.append(f)
     got = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        columns=["row_id", "status", "error_message", "jpg"])
+        {"row_id": pd.Series([], dtype="int64"), "status": [], "error_message": [], "part": []})
     missing = set(rows["row_id"]) - set(got["row_id"])
     if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
         extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
                               "error_message": "img2dataset returned no record for this row (subjob failed)",
-                              "jpg": None})
+                              "part": -1})
         got = pd.concat([got, extra], ignore_index=True)
-    return got
+    return got, parts
 
 
 def _normalize_chunk(args: tuple[list[bytes], DownloadConfig]) -> list[dict[str, Any]]:
@@ -301,58 +365,204 @@ def _normalize_all(blobs: list[bytes], cfg: DownloadConfig) -> list[dict[str, An
         return [r for part in pool.map(_normalize_chunk, chunks) for r in part]
 
 
+def is_private_host(url: str) -> bool:
+    """True for URLs whose host is localhost or an IP literal that is not public (loopback,
+    RFC 1918 private, link-local incl. cloud metadata 169.254.169.254, reserved, multicast).
+    Host names are not resolved: a public name pointing at a private address is not caught."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    try:
+        host = (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not ip.is_global or ip.is_multicast
+IMAGE_SCHEMA = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
+                          ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
+                          ("height", pa.int32()), ("caption", pa.string())])
+_RESULT_FIELDS = ("original_width", "original_height", "original_mode", "original_format", "exif_transposed",
+                  "width", "height", "sha256", "source_sha256")
+
+
+@dataclass
+class PartJob:
+    """One download part to decode: the rows img2dataset fetched for it, in every pass."""
+    index: int
+    sources: list[tuple[str, list[int]]]   # (img2dataset part file, row_ids fetched there)
+    captions: dict[int, str]
+    cfg: DownloadConfig
+    out_path: str
+    inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
+
+
+def decode_part(job: PartJob) -> pd.DataFrame:
+    """The map step of the download stage: decode one part's fetched bytes (never more than one
+    part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) atomically and
+    return the compact results (no image bytes) of its rows for the ledger."""
+    ids: list[int] = []
+    blobs: list[bytes] = []
+    for path, want in job.sources:
+        t = pq.read_table(path, columns=["row_id", "jpg"])
+        wanted = set(want)
+        for rid, blob in zip(t.column("row_id").to_pylist(), t.column("jpg").to_pylist()):
+            if rid in wanted:
+                ids.append(int(rid))
+                blobs.append(blob)
+        del t
+    order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+    ids = [ids[i] for i in order]
+    blobs = [blobs[i] for i in order]
+    results = _normalize_all(blobs, job.cfg) if job.inner_pool else _normalize_chunk((blobs, job.cfg))
+    del blobs
+    cols: dict[str, list[Any]] = {n: [] for n in IMAGE_SCHEMA.names}
+    compact: dict[str, list[Any]] = {n: [] for n in ("row_id", "ok", "reason", "error", *_RESULT_FIELDS)}
+    for rid, res in zip(ids, results):
+        compact["row_id"].append(rid)
+        compact["ok"].append(bool(res["ok"]))
+        if res["ok"]:
+            cols["key"].append(f"{rid:09d}")
+            cols["row_id"].append(rid)
+            cols["image"].append(res.pop("image"))
+            cols["ext"].append(job.cfg.encode_format)
+            cols["sha256"].append(res["sha256"])
+            cols["width"].append(res["width"])
+            cols["height"].append(res["height"])
+            cols["caption"].append(job.captions[rid])
+            compact["reason"].append(None)
+            compact["error"].append(None)
+            for k in _RESULT_FIELDS:
+                compact[k].append(res[k])
+        else:
+            compact["reason"].append(res["reason"])
+            compact["error"].append(res["error"])
+            for k in _RESULT_FIELDS:
+                compact[k].append(None)
+    del results
+    out = Path(job.out_path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(pa.table(cols, schema=IMAGE_SCHEMA), tmp, row_group_size=1000)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return pd.DataFrame(compact, dtype=object)
+
+
 def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, runner: str | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
-    Writes ``out_dir/ledger.parquet`` (one row per input row) and
+    Writes ``out_dir/ledger.parquet`` (one row per input row, ``url`` from ``record_url`` where
+    the table has one) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
-    caption).  Returns the counts for the stage card.
+    caption), one image part per img2dataset part of the first pass (rows recovered by a retry
+    pass go back to the part of their input row, so parts stay in key order).  Passes keep only
+    compact columns in memory; decoding is a map step over parts on ``runner`` (see
+    :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
+    Returns the counts for the stage card.
     """
-    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": url_list["url"].to_numpy(),
+    from imagegen.executors import executor
+
+    # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
+    # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
+    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
+    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": recorded.to_numpy(),
                            "caption": url_list["caption"].to_numpy()})
     for col in LEDGER_COLUMNS[3:]:
         ledger[col] = None
     ledger["attempts"] = 0
     ledger = ledger.set_index("row_id", drop=False)
+    if not cfg.allow_private_addresses and "record_url" not in url_list.columns:
+        # a user's list (the world's table carries record_url and is served by our own loopback server)
+        private = url_list["skip_reason"].isna() & url_list["url"].map(is_private_host)
+        if private.any():
+            url_list = url_list.copy()
+            url_list.loc[private, "skip_reason"] = "private_address"
+            log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
+                        "download.allow_private_addresses=true to fetch them)", int(private.sum()))
     skip = url_list.set_index("row_id")["skip_reason"].dropna()
     ledger.loc[skip.index, "status"] = "skipped"
     ledger.loc[skip.index, "reason"] = skip.to_numpy()
 
     pending = url_list[url_list["skip_reason"].isna()]
-    images: dict[int, bytes] = {}
     passes = []
     work = out_dir / "_img2dataset"
+    part_files: list[list[Path]] = []          # per pass, img2dataset's part files
+    fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
+    home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
     for attempt in range(1 + cfg.retry_passes):
         if pending.empty:
             break
-        got = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
-        ok = got["status"] == "success"
+        got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
+        part_files.append(files)
+        if attempt == 0:
+            home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
+        ok = (got["status"] == "success").to_numpy()
         ids = got["row_id"].to_numpy()
         ledger.loc[ids, "attempts"] = ledger.loc[ids, "attempts"].to_numpy() + 1
-        results = _normalize_all([b for b in got.loc[ok, "jpg"]], cfg)
-        retry_ids = []
-        for rid, res in zip(got.loc[ok, "row_id"], results):
-            if res["ok"]:
-                images[int(rid)] = res.pop("image")
-                res.pop("ok")
-                for k, v in res.items():
-                    ledger.at[rid, k] = v
-                ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = "success", None, None
-            else:
-                ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = (
-                    "failed", res["reason"], res["error"])
-        for rid, msg in zip(got.loc[~ok, "row_id"], got.loc[~ok, "error_message"]):
-            reason = classify_error(msg)
-            ledger.at[rid, "status"], ledger.at[rid, "reason"], ledger.at[rid, "error"] = "failed", reason, msg
-            if is_transient(reason):
-                retry_ids.append(int(rid))
+        fetched.append(got.loc[ok, ["row_id", "part"]])
+        bad_ids = got.loc[~ok, "row_id"].to_numpy()
+        msgs = got.loc[~ok, "error_message"].tolist()
+        reasons = [classify_error(m) for m in msgs]
+        ledger.loc[bad_ids, "status"] = "failed"
+        ledger.loc[bad_ids, "reason"] = np.asarray(reasons, dtype=object)
+        ledger.loc[bad_ids, "error"] = np.asarray(msgs, dtype=object)
+        retry_ids = [int(r) for r, why in zip(bad_ids, reasons) if is_transient(why)]
         passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
                        "transient_failures": len(retry_ids)})
         if progress:
             log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
                      len(retry_ids))
         pending = pending[pending["row_id"].isin(retry_ids)]
+        if not pending.empty and cfg.retry_wait and (ledger.loc[retry_ids, "reason"] == "http_429").any():
+            time.sleep(cfg.retry_wait)  # rate limited: wait before asking again
+
+    # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
+    images_dir = out_dir / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    n_parts = max(1, len(part_files[0]) if part_files else 0)
+    captions = ledger["caption"]
+    jobs = []
+    for k in range(n_parts):
+        sources: list[tuple[str, list[int]]] = []
+        rows: list[int] = []
+        for p, got in enumerate(fetched):
+            if got.empty:
+                continue
+            mine = got[home.reindex(got["row_id"]).to_numpy() == k]
+            for part, g in mine.groupby("part"):
+                ids = g["row_id"].astype("int64").tolist()
+                sources.append((str(part_files[p][int(part)]), ids))
+                rows.extend(ids)
+        jobs.append(PartJob(k, sources, {r: str(captions.at[r]) for r in rows}, cfg,
+                            str(images_dir / f"part-{k:05d}.parquet")))
+    spec = runner or "local"
+    if len(jobs) == 1 or spec == "local:1":
+        for j in jobs:
+            j.inner_pool = True
+        results = [decode_part(j) for j in jobs]
+    else:
+        with executor(spec, root=out_dir, workers=cfg.processes_count) as ex:
+            if ex.in_process:
+                for j in jobs:
+                    j.inner_pool = True
+            results = ex.map(decode_part, jobs)
+    del jobs
+    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=["row_id", "ok"])
+    del results
+    if len(res):
+        ids = res["row_id"].astype("int64").to_numpy()
+        ok = res["ok"].astype(bool).to_numpy()
+        ledger.loc[ids[ok], list(_RESULT_FIELDS)] = res.loc[ok, list(_RESULT_FIELDS)].to_numpy()
+        ledger.loc[ids, "status"] = np.where(ok, "success", "failed")
+        ledger.loc[ids, "reason"] = res["reason"].to_numpy()
+        ledger.loc[ids, "error"] = res["error"].to_numpy()
     shutil.rmtree(work, ignore_errors=True)
 
     succ = ledger["status"] == "success"
@@ -362,28 +572,11 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
         ledger[col] = ledger[col].astype("Int64")
     ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
     ledger.to_parquet(out_dir / "ledger.parquet", index=False)
-    _write_image_parts(ledger[succ.to_numpy()], images, cfg, out_dir / "images")
 
     counts = summarize_ledger(ledger)
     counts["passes"] = passes
+    counts["parts"] = n_parts
     return counts
-
-
-def _write_image_parts(rows: pd.DataFrame, images: dict[int, bytes], cfg: DownloadConfig, folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    schema = pa.schema([("key", pa.string()), ("row_id", pa.int64()), ("image", pa.binary()),
-                        ("ext", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-                        ("height", pa.int32()), ("caption", pa.string())])
-    rows = rows.sort_values("row_id")
-    for part, start in enumerate(range(0, max(len(rows), 1), IMAGE_PART_ROWS)):
-        chunk = rows.iloc[start:start + IMAGE_PART_ROWS]
-        table = pa.table({
-            "key": chunk["key"].tolist(), "row_id": chunk["row_id"].astype("int64").tolist(),
-            "image": [images[int(r)] for r in chunk["row_id"]], "ext": [cfg.encode_format] * len(chunk),
-            "sha256": chunk["sha256"].tolist(), "width": chunk["width"].astype("int32").tolist(),
-            "height": chunk["height"].astype("int32").tolist(), "caption": chunk["caption"].tolist(),
-        }, schema=schema)
-        pq.write_table(table, folder / f"part-{part:05d}.parquet", row_group_size=1000)
 
 
 def summarize_ledger(ledger: pd.DataFrame) -> dict[str, Any]:

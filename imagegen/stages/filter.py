@@ -15,21 +15,23 @@ from __future__ import annotations
 import importlib
 import io
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imagegen.filters.aesthetic import AestheticConfig
 from imagegen.filters.blocklist import HashBlocklistConfig
 from imagegen.filters.nsfw import NudeNetConfig
 from imagegen.filters.ocr import OcrConfig
 from imagegen.filters.watermark import WatermarkConfig
-from imagegen.stages.download import iter_images
+from imagegen.executors import runner_spec
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,14 @@ class FilterConfig(BaseModel):
     aesthetic: AestheticConfig | None = Field(None, description="LAION aesthetic predictor by path "
                                               "(reason 'aesthetic')")
     custom: list[str] = Field(default_factory=list, description="'package.module:factory' filters, run last")
+    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
+                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
+                               "config's runner); an execution knob, never part of the stage id")
+
+    @field_validator("runner")
+    @classmethod
+    def _runner_spec(cls, v: str | None) -> str | None:
+        return runner_spec(v)
 
     @model_validator(mode="after")
     def _check_custom(self) -> "FilterConfig":
@@ -147,14 +157,20 @@ class ThresholdFilter:
     minimum: float | None = None
     maximum: float | None = None
 
-    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        s = np.asarray(self.scorer(data), dtype=np.float64)
+    def score(self, data: FilterInput) -> np.ndarray:
+        return np.asarray(self.scorer(data), dtype=np.float64)
+
+    def decide(self, s: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         ok = np.ones(len(s), dtype=bool)
         if self.minimum is not None:
             ok &= s >= self.minimum
         if self.maximum is not None:
             ok &= s <= self.maximum
-        return s, ok
+        return ok
+
+    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = self.score(data)
+        return s, self.decide(s, candidates)
 
 
 def _min_side(d: FilterInput) -> np.ndarray:
@@ -189,14 +205,21 @@ class ClipScoreFilter:
     resolve: Callable[[str], str]
     name: str = "clip_score"
 
-    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score(self, data: FilterInput) -> np.ndarray:
         from imagegen.clip import cosine, encode_texts
 
         clip, img = data.clip_images(self.resolve(self.cfg.model), self.cfg.batch_size)
         txt = encode_texts(clip, data.table["caption"].fillna("").tolist())
-        score = cosine(img, txt)
+        return cosine(img, txt)
+
+    def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score = self.score(data)
+        return score, self.decide(score, candidates)
+
+    def decide(self, score: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Threshold, or the top fraction of the candidates (a global rule over the score column)."""
         if self.cfg.mode == "threshold":
-            return score, score >= self.cfg.threshold
+            return score >= self.cfg.threshold
         ok = np.zeros(len(score), dtype=bool)
         idx = np.flatnonzero(candidates)
         n_keep = int(round(self.cfg.top_fraction * len(idx)))
@@ -204,7 +227,7 @@ class ClipScoreFilter:
             # stable ranking: ties broken by row order, so the decision is deterministic
             order = idx[np.argsort(-score[idx], kind="stable")][:n_keep]
             ok[order] = True
-        return score, ok
+        return ok
 
 
 @dataclass
@@ -214,6 +237,13 @@ class ZeroShotFilter:
     name: str = "zero_shot"
 
     def __call__(self, data: FilterInput, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p = self.score(data)
+        return p, self.decide(p, candidates)
+
+    def decide(self, p_reject: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        return p_reject < self.cfg.threshold
+
+    def score(self, data: FilterInput) -> np.ndarray:
         from imagegen.clip import encode_texts
 
         clip, img = data.clip_images(self.resolve(self.cfg.model), self.cfg.batch_size)
@@ -223,8 +253,7 @@ class ZeroShotFilter:
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         p /= p.sum(axis=1, keepdims=True)
-        p_reject = p[:, : len(self.cfg.reject_prompts)].sum(axis=1)
-        return p_reject, p_reject < self.cfg.threshold
+        return p[:, : len(self.cfg.reject_prompts)].sum(axis=1)
 
 
 _REGISTRY: dict[str, Callable[[], Filter]] = {}
@@ -291,38 +320,160 @@ def build_filters(cfg: FilterConfig, resolve_model: Callable[[str], str] = lambd
 
 # ---------------------------------------------------------------------------- the stage
 
+def model_specs(cfg: FilterConfig) -> list[str]:
+    """The open_clip specs the configured CLIP-based filters name (resolved by the caller)."""
+    specs = [getattr(cfg, k).model for k in ("clip_score", "nsfw", "watermark", "text") if getattr(cfg, k)]
+    if cfg.aesthetic is not None and getattr(cfg.aesthetic, "model", None):
+        specs.append(cfg.aesthetic.model)
+    return sorted(set(specs))
+
+
+@dataclass
+class ScoreJob:
+    """One image part to score: its path, its rows' ledger columns, the filters' config."""
+    part: str
+    meta: pd.DataFrame                     # key, row_id, original_width, original_height
+    cfg: FilterConfig
+    models: dict[str, str]                 # open_clip spec -> resolved spec ('world' -> local-dir:...)
+    out_path: str | None = None            # where the part's scores go (atomic); None: return only
+
+
+def _decided_by_score(f: Any) -> bool:
+    return callable(getattr(f, "score", None)) and callable(getattr(f, "decide", None))
+
+
+def score_part(job: ScoreJob) -> pd.DataFrame:
+    """The map step of the filter stage: every filter's score (and extra columns) on one part.
+
+    Depends only on the part's rows.  Filters without a separate ``score``/``decide`` (custom
+    ones following the older ``f(data, candidates)`` protocol) decide here, per row, and their
+    decision is kept as ``<name>_pass``."""
+    import multiprocessing
+
+    if multiprocessing.parent_process() is not None or _in_cluster_worker():
+        _single_thread_torch()  # parallelism comes from the parts; one intra-op thread per worker
+    models = dict(job.models)
+    filters = build_filters(job.cfg, lambda spec: models.get(spec, spec))
+    imgs = pq.read_table(job.part, columns=["key", "image", "caption"]).to_pandas()
+    table = imgs[["key", "caption"]].merge(job.meta, on="key", how="left", validate="one_to_one")
+    missing = table["row_id"].isna()
+    if missing.any():
+        raise ValueError(f"image part {job.part}: {int(missing.sum())} image(s) have no 'success' row in the "
+                         f"ledger (e.g. keys {table.loc[missing, 'key'].head(5).tolist()})")
+    data = FilterInput(table=table, image_bytes=imgs["image"].tolist())
+    del imgs
+    out = table[["key", "row_id"]].copy()
+    ones = np.ones(len(table), dtype=bool)
+    for f in filters:
+        if _decided_by_score(f):
+            out[f"{f.name}_score"] = np.asarray(f.score(data), dtype=np.float64)
+        else:
+            score, ok = f(data, ones.copy())
+            out[f"{f.name}_score"] = np.asarray(score, dtype=np.float64)
+            out[f"{f.name}_pass"] = np.asarray(ok, dtype=bool)
+        extra = getattr(f, "extra_columns", None)
+        if extra is not None:
+            for col, values in extra(data).items():
+                out[col] = list(values)
+    if job.out_path is not None:
+        dest = Path(job.out_path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        try:
+            out.to_parquet(tmp, index=False)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def _in_cluster_worker() -> bool:
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return True
+    except Exception:  # not installed, or not inside a Dask worker
+        return False
+
+
+def _single_thread_torch() -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
 def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, out_path: Path,
-               resolve_model: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
-    """Score every downloaded image with every filter and decide.
+               resolve_model: Callable[[str], str] = lambda s: s, runner: str | None = None,
+               part_cache: Path | None = None, part_key: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """Score every downloaded image with every filter (per part), then decide (globally).
 
     Writes ``out_path`` (parquet): key, row_id, ``<filter>_score`` and ``<filter>_pass`` per
-    filter, ``keep`` and ``reason`` (None when kept; "duplicate" or the first failing filter).
+    filter, the filters' extra columns (``text_ocr_text``, ...), ``keep`` and ``reason`` (None when
+    kept; "<kind>_duplicate" or the first failing filter).  Scoring is a map step over the image
+    parts on ``runner`` (:mod:`imagegen.executors`); with ``part_cache`` and ``part_key(part name)``
+    each part's scores are kept under ``part_cache/<key>.parquet`` and reused by a rerun.  The
+    decision sees only the compact score columns, sorted by key.
     """
-    ledger = pd.read_parquet(download_dir / "ledger.parquet")
-    meta = ledger[ledger["status"] == "success"][["key", "row_id", "original_width", "original_height"]]
-    parts = [b.to_pandas() for b in iter_images(download_dir / "images", ["key", "image", "caption"])]
-    imgs = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["key", "image", "caption"])
-    table = imgs[["key", "caption"]].merge(meta, on="key", how="left", validate="one_to_one")
-    data = FilterInput(table=table, image_bytes=imgs["image"].tolist())
+    from imagegen.executors import executor
 
-    out = table[["key", "row_id"]].copy()
-    keep = np.ones(len(table), dtype=bool)
-    reason = np.full(len(table), None, dtype=object)
+    ledger = pq.read_table(download_dir / "ledger.parquet",
+                           columns=["key", "row_id", "status", "original_width", "original_height"]).to_pandas()
+    meta = ledger[ledger["status"] == "success"][["key", "row_id", "original_width", "original_height"]]
+    del ledger
+    parts = sorted((download_dir / "images").glob("part-*.parquet"))
+    models = {spec: resolve_model(spec) for spec in model_specs(cfg)}
+    jobs, cached = [], {}
+    for part in parts:
+        keys = pq.read_table(part, columns=["key"]).column("key").to_pylist()
+        dest = str(part_cache / f"{part_key(part.name)}.parquet") if part_cache is not None and part_key else None
+        if dest is not None and Path(dest).is_file():
+            cached[part.name] = dest
+            continue
+        jobs.append(ScoreJob(str(part), meta[meta["key"].isin(keys)], cfg, models, dest))
+    spec = runner or "local"
+    if len(jobs) <= 1 or spec == "local:1":
+        frames = [score_part(j) for j in jobs]
+    else:
+        with executor(spec, root=Path(out_path).parent) as ex:
+            frames = ex.map(score_part, jobs)
+    frames += [pd.read_parquet(p) for p in cached.values()]
+    build = build_filters(cfg, lambda spec_: models.get(spec_, spec_))
+    cols = ["key", "row_id"] + [f"{f.name}_score" for f in build]
+    scores = (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols))
+    scores = scores.sort_values("key", kind="stable").reset_index(drop=True)
+    if part_cache is not None:
+        log.info("filter: %d part(s) scored, %d reused", len(jobs), len(cached))
+
+    out = scores[["key", "row_id"]].copy()
+    n = len(out)
+    keep = np.ones(n, dtype=bool)
+    reason = np.full(n, None, dtype=object)
     if cfg.drop_duplicates and dedup_path is not None:
         dd = pd.read_parquet(dedup_path, columns=["key", "is_representative", "dup_kind"]).set_index("key")
-        rep = dd.loc[table["key"], "is_representative"].to_numpy(bool)
-        kind = dd.loc[table["key"], "dup_kind"].to_numpy(object)
+        rep = dd.loc[out["key"], "is_representative"].to_numpy(bool)
+        kind = dd.loc[out["key"], "dup_kind"].to_numpy(object)
         out["duplicate"] = ~rep
         reason[~rep] = [f"{k}_duplicate" for k in kind[~rep]]
         keep &= rep
-    for f in build_filters(cfg, resolve_model):
-        score, ok = f(data, keep.copy())
+    extra_cols = [c for c in scores.columns if c not in out.columns and not c.endswith(("_score", "_pass"))]
+    for f in build:
+        score = scores[f"{f.name}_score"].to_numpy(np.float64)
+        if _decided_by_score(f):
+            ok = np.asarray(f.decide(score, keep.copy()), dtype=bool)
+        else:
+            ok = scores[f"{f.name}_pass"].to_numpy(bool)
         out[f"{f.name}_score"] = score
         out[f"{f.name}_pass"] = ok
         newly = keep & ~ok
         reason[newly] = f.name
         keep &= ok
         log.info("filter %s: rejected %d", f.name, int(newly.sum()))
+    for c in extra_cols:
+        out[c] = scores[c].to_numpy()
     out["keep"] = keep
     out["reason"] = reason
     out.to_parquet(out_path, index=False)

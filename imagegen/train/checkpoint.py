@@ -16,6 +16,7 @@ position, bad-step count).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -32,8 +33,10 @@ from torch import Tensor, nn
 from imagegen.hashing import file_sha256
 from imagegen.train.ema import EMA
 # the format and its reader live with the models (models/checkpoint.py: load_family); re-exported here
-from models.checkpoint import FORMAT, STATE, TENSORS, CheckpointError, read_checkpoint  # noqa: F401
+from models.checkpoint import (FORMAT, STATE, TENSORS, CheckpointError, read_checkpoint,  # noqa: F401
+                               verify_checkpoint)
 
+log = logging.getLogger(__name__)
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 
@@ -53,6 +56,24 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def latest_valid_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify_checkpoint`; each damaged newer one is
+    named in a warning (and left in place: it is renamed aside by the next save).  When every
+    checkpoint is damaged it raises instead of silently starting over."""
+    errors = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            errors.append(str(exc))
+            log.warning("skipping damaged checkpoint %s (%s); falling back to the next older one", path, exc)
+    if errors:
+        raise CheckpointError("; ".join(errors) + f" — no usable checkpoint is left in {checkpoints_dir(run_dir)}: "
+                              "remove the damaged folders to train this run from step 0")
+    return None
 
 
 # ------------------------------------------------------------------------------------------ RNG
@@ -144,6 +165,12 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for later in list_checkpoints(run_dir):
+        # newer than the one just saved: this run resumed from before it, so it was damaged
+        if int(_STEP_DIR.match(later.name).group(1)) > step:
+            aside = later.with_name(f"{later.name}.damaged-{os.getpid()}")
+            os.replace(later, aside)
+            log.warning("moved the damaged checkpoint %s aside to %s", later, aside)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -32,7 +32,7 @@ from imagegen.artifacts import read_card, write_json_atomic
 from imagegen.hashing import code_version, stable_hash
 from imagegen.paths import models_dir
 from imagegen.registry import DatasetRef, get_dataset
-from imagegen.train.checkpoint import latest_checkpoint, read_checkpoint
+from imagegen.train.checkpoint import latest_checkpoint, latest_valid_checkpoint, read_checkpoint, verify_checkpoint
 from imagegen.train.trainer import RESUMABLE_CHANGES, TrainConfig
 from models.registry import get_family
 
@@ -333,10 +333,10 @@ def _exclusive(run_dir: Path) -> Iterator[None]:
 
 
 def _finished_step(run_dir: Path) -> int | None:
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_valid_checkpoint(run_dir)  # a damaged final checkpoint means: train again from the last good one
     if ckpt is None:
         return None
-    return int(read_checkpoint(ckpt)[1]["step"])
+    return int(verify_checkpoint(ckpt)["step"])
 
 
 def train_run(request: TrainRequest | dict[str, Any], root: Path | str, *,

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from imagegen.artifacts import write_json_atomic
 from imagegen.loader import derive_seed, make_loader
 from imagegen.train import distributed
-from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint,
+from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, latest_valid_checkpoint, load_checkpoint, read_checkpoint,
                                        save_checkpoint)
 from imagegen.train.distributed import DistEnv
 from imagegen.train.ema import EMA
@@ -467,7 +467,7 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     cfg_json = cfg.model_dump(mode="json")
 
     step, epoch, skip, bad_steps = 0, 0, 0, 0
-    ckpt = latest_checkpoint(run_dir)
+    ckpt = latest_valid_checkpoint(run_dir)  # a damaged newest one is skipped with a warning
     if ckpt is not None:
         may_differ = RESUMABLE_CHANGES + (("steps",) if cfg.schedule == "constant" else ())
         meta = load_checkpoint(ckpt, family=family, optimizers=optimizers, schedulers=schedulers, ema=ema,

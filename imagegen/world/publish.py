@@ -683,8 +683,15 @@ def read_guarantees(published_dir: Path) -> dict[str, Any]:
     return json.loads(meta[b"guarantees"])
 
 
+# The origin recorded for world URLs in ledgers, manifests and shards.  The live server listens on
+# whatever port was free, which must not reach the dataset's bytes (same request, same shards);
+# ``.invalid`` is reserved (RFC 2606), so a recorded URL never resolves to anybody's host.
+WORLD_ORIGIN = "http://world.invalid"
+
+
 def url_table(published_dir: Path, base_url: str) -> pd.DataFrame:
-    """The downloader's input: absolute ``url``, ``caption`` (alt text as published), ``row_id``."""
+    """The downloader's input: absolute ``url``, ``caption`` (alt text as published), ``row_id``,
+    and ``record_url``: the same URL on :data:`WORLD_ORIGIN`, which is what the ledger keeps."""
     path = Path(published_dir) / "urls.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {published_dir} is not a published world folder")
@@ -693,5 +700,6 @@ def url_table(published_dir: Path, base_url: str) -> pd.DataFrame:
     urls = pd.read_parquet(path)
     base = base_url.rstrip("/")
     return pd.DataFrame(
-        {"url": base + urls["path"], "caption": urls["caption"], "row_id": np.arange(len(urls), dtype=np.int64)}
+        {"url": base + urls["path"], "caption": urls["caption"], "row_id": np.arange(len(urls), dtype=np.int64),
+         "record_url": WORLD_ORIGIN + urls["path"]}
     )

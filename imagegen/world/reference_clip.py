@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
 from imagegen.artifacts import is_complete, read_card, stage_output
+from imagegen.determinism import torch_threads
 from imagegen.clip import CONFIG_NAME, SAFE_WEIGHTS_NAME
 from imagegen.hashing import code_version, file_sha256, stable_hash
 from imagegen.world import scene as scene_mod
@@ -106,9 +107,9 @@ class ReferenceClipConfig(BaseModel):
         True, description="also train on the equivalent caption with the two objects swapped"
     )
     eval_candidates: int = Field(100, ge=2, le=10_000, description="captions per candidate set")
-    threads: int | None = Field(
-        None, ge=1, le=256, description="torch threads (None: the CPUs the 1-minute load "
-        "average leaves free, see auto_threads); not part of the model id"
+    threads: int = Field(
+        1, ge=1, le=256, description="torch threads; part of the model id, because CPU float "
+        "reductions round differently at each thread count (imagegen.determinism)"
     )
 
     @model_validator(mode="after")
@@ -134,7 +135,7 @@ class ReferenceClipConfig(BaseModel):
         return cls(**{**base, **overrides})
 
     def id_fields(self) -> dict[str, Any]:
-        return self.model_dump(exclude={"threads"})
+        return self.model_dump()  # every field, threads included: each one can change the weights
 
 
 # ------------------------------------------------------------------------------- identities
@@ -317,29 +318,10 @@ def _lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def auto_threads() -> int:
-    """CPUs this process may use, minus those other processes keep busy (1-minute load).
-
-    On a shared machine an oversubscribed OpenMP pool spin-waits: measured on 2 busy cores, 2
-    threads ran a training step 7x slower (3.95 s) than 1 thread (0.59 s).
-    """
-    cpus = len(os.sched_getaffinity(0))
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cpus, int(cpus - busy + 1.5)))
-
-
 @contextmanager
-def _threads(n: int | None) -> Iterator[int]:
-    prev = torch.get_num_threads()
-    want = n or auto_threads()
-    torch.set_num_threads(want)
-    try:
-        yield want
-    finally:
-        torch.set_num_threads(prev)
+def _threads(n: int) -> Iterator[int]:
+    with torch_threads(n) as got:
+        yield got
 
 
 # ---------------------------------------------------------------------------------- metrics

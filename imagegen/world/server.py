@@ -4,7 +4,11 @@
 (``"http://127.0.0.1:PORT"``) and ``stats()``. Behaviours: ``ok`` (200 + bytes), ``not_found``
 (404), ``flaky`` (500 on a path's first request, 200 after), ``timeout`` (stall, then answer),
 ``truncated`` (claim the full Content-Length, send part, close), ``html`` (200 text/html),
-``redirect`` (302 to ``target``). Unknown paths get 404. Each request runs in its own daemon
+``redirect`` (302 to ``target``); hostile: ``slowloris`` (headers, then the body a few bytes
+every ``interval`` seconds for ``seconds``, then the rest), ``reset`` (part of the body, then a TCP
+reset), ``gzip_bomb`` (200 with ``Content-Encoding: gzip``: ``inflated_bytes`` of zeros
+compressed), ``redirect_loop`` (302 to itself), ``rate_limited`` (429 with ``Retry-After:
+retry_after`` for the first ``limited`` requests, then the file). Unknown paths get 404. Each request runs in its own daemon
 thread, so a stalled request blocks nobody, and shutdown wakes stalled requests instead of
 waiting for them.
 """
@@ -12,10 +16,13 @@ waiting for them.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import socket
+import struct
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,7 +30,24 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit
 
-BEHAVIOURS = ("ok", "not_found", "flaky", "timeout", "truncated", "html", "redirect")
+BEHAVIOURS = ("ok", "not_found", "flaky", "timeout", "truncated", "html", "redirect",
+              # hostile ones (routes written by hand or by tests; default worlds never plant them)
+              "slowloris", "reset", "gzip_bomb", "redirect_loop", "rate_limited")
+
+
+@functools.lru_cache(maxsize=4)
+def _gzip_zeros(n: int) -> bytes:
+    """A gzip stream that inflates to ``n`` zero bytes (about n / 1000 bytes on the wire)."""
+    import gzip
+    import io
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0) as f:
+        block = bytes(1 << 20)
+        for _ in range(n >> 20):
+            f.write(block)
+        f.write(bytes(n & ((1 << 20) - 1)))
+    return buf.getvalue()
 
 
 class PortInUseError(OSError):
@@ -53,7 +77,7 @@ def load_routes(published_dir: Path) -> dict[str, dict[str, Any]]:
         if beh == "redirect":
             if r.get("target") not in routes:
                 raise ValueError(f"{path}: redirect {p} points to {r.get('target')!r}, which has no route")
-        elif beh != "not_found":
+        elif beh not in ("not_found", "gzip_bomb", "redirect_loop"):
             if not r.get("file") or not (files / r["file"]).is_file():
                 raise ValueError(f"{path}: route {p} ({beh}) needs a file, {r.get('file')!r} is missing from {files}")
     return routes
@@ -144,6 +168,46 @@ class _Handler(BaseHTTPRequestHandler):
             elif behaviour == "redirect":
                 location = world.base_url + route["target"]
                 self._send(302, b"", "text/plain; charset=utf-8", head, {"Location": location})
+            elif behaviour == "redirect_loop":
+                self._send(302, b"", "text/plain; charset=utf-8", head, {"Location": world.base_url + path})
+            elif behaviour == "rate_limited" and before < int(route.get("limited", 1)):
+                self._send(429, b"too many requests\n", "text/plain; charset=utf-8", head,
+                           {"Retry-After": str(route.get("retry_after", 1))})
+            elif behaviour == "gzip_bomb":
+                body = _gzip_zeros(int(route.get("inflated_bytes", 1 << 28)))
+                self._send(200, body, route.get("content_type", "image/png"), head, {"Content-Encoding": "gzip"})
+            elif behaviour == "reset":
+                body = world.read_file(route["file"])
+                world._status(200)
+                self.send_response(200)
+                self.send_header("Content-Type", route["content_type"])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body[:len(body) // 3])
+                    self.wfile.flush()
+                # SO_LINGER 0: close() sends RST instead of FIN, the client sees "connection reset"
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                self.connection.close()
+            elif behaviour == "slowloris":
+                body = world.read_file(route["file"])
+                world._status(200)
+                self.send_response(200)
+                self.send_header("Content-Type", route["content_type"])
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                if not head:
+                    interval, until = float(route.get("interval", 0.2)), float(route.get("seconds", 3.0))
+                    sent, t_end = 0, time.monotonic() + until
+                    while time.monotonic() < t_end and sent < len(body) - 1:
+                        self.wfile.write(body[sent:sent + 2])
+                        self.wfile.flush()
+                        sent += 2
+                        if world.stopping.wait(interval):
+                            self.close_connection = True
+                            return
+                    self.wfile.write(body[sent:])
             elif behaviour == "flaky" and before == 0:
                 self._send(500, b"internal server error\n", "text/plain; charset=utf-8", head)
             elif behaviour == "truncated":

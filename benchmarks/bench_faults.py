@@ -1,0 +1,145 @@
+"""Fault drills with figures: faults injected and survived, rows lost, bytes differing after
+recovery, time to recover against a clean run of the same request (all in this run).
+
+    nice -n 10 .venv/bin/python benchmarks/bench_faults.py [--workdir DIR] [--seed 12]
+
+1. A clean tiny curate (``imagegen.faultinject.TINY_CURATE``) in its own data root: the reference
+   bytes and the clean wall time.  The world plants its HTTP and image faults (404, flaky 500,
+   stall past the timeout, truncated body, HTML page, corrupt/CMYK/16-bit/... images, duplicates):
+   each must end in ``accounting.parquet`` with an outcome.
+2. For each curate stage after the world: a fresh data root holding copies of the finished stages
+   before it (what an earlier run would have left), a run killed with SIGKILL to its process group
+   a random moment into that stage, then a rerun; compared byte for byte with the reference.
+3. ``imagegen train`` killed at a random step and rerun, against an uninterrupted run: the last
+   checkpoint's tensors.
+4. Two concurrent runs of the same request on one data root.
+
+Prints a markdown table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from imagegen import faultinject as F  # noqa: E402
+
+# where each stage keeps its output under a data root
+STAGE_DIRS = {"world": "stages/world", "reference_clip": "models/reference_clip", "download": "stages/download",
+              "dedup": "stages/dedup", "filter": "stages/filter", "recaption": "stages/recaption"}
+
+
+def _ok(o: F.Outcome) -> dict:
+    if o.returncode != 0 or o.result is None:
+        raise RuntimeError(f"exit {o.returncode}:\n{o.stderr[-3000:]}")
+    return o.result
+
+
+def rows_lost(reference: dict, result: dict) -> int:
+    a = pd.read_parquet(Path(reference["path"]) / "accounting.parquet")
+    b = pd.read_parquet(Path(result["path"]) / "accounting.parquet")
+    return int(len(set(a["row_id"]) - set(b["row_id"])))
+
+
+def bytes_differing(ref_digests: dict[str, str], path: str) -> int:
+    got = F.dataset_digests(path)
+    return sum(1 for k in set(ref_digests) | set(got) if ref_digests.get(k) != got.get(k))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--seed", type=int, default=12)
+    args = ap.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-faults-"))
+    rng = random.Random(args.seed)
+    rows: list[dict] = []
+
+    clean_root = work / "clean"
+    t0 = time.perf_counter()
+    clean = F.run(F.curate_cmd(clean_root))
+    ref = _ok(clean)
+    clean_s = time.perf_counter() - t0
+    ref_digests = F.dataset_digests(ref["path"])
+    world_dir = next((clean_root / "stages" / "world").iterdir())
+    truth = pd.read_parquet(world_dir / "truth.parquet")
+    acc = pd.read_parquet(Path(ref["path"]) / "accounting.parquet")
+    planted = truth[truth["planted"] != "clean"]
+    outcomes = acc.set_index("row_id")["outcome"]
+    rows.append({"fault": "world HTTP/image faults (planted rows)", "injected": len(planted),
+                 "survived": int(planted["row_id"].isin(outcomes.index).sum()), "rows_lost": rows_lost(ref, ref),
+                 "bytes_differing": 0, "recover_s": None, "clean_s": round(clean_s, 1)})
+
+    for before, stage in zip(F.CURATE_STAGES, F.CURATE_STAGES[1:]):
+        root = work / f"kill-{stage}"
+        for done in F.CURATE_STAGES[:F.CURATE_STAGES.index(stage)]:
+            shutil.copytree(clean_root / STAGE_DIRS[done], root / STAGE_DIRS[done], dirs_exist_ok=True)
+        delay = F.random_delay(rng, 2.0 if stage in ("reference_clip", "download") else 0.3)
+        killed = F.run(F.curate_cmd(root), kill_after_line=f"[{before}]", delay=delay)
+        t1 = time.perf_counter()
+        res = _ok(F.run(F.curate_cmd(root)))
+        rows.append({"fault": f"kill -9 curate in {stage} (+{delay:.2f} s)", "injected": 1,
+                     "survived": int(killed.killed and res["dataset_id"] == ref["dataset_id"]),
+                     "rows_lost": rows_lost(ref, res), "bytes_differing": bytes_differing(ref_digests, res["path"]),
+                     "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(clean_s, 1),
+                     "leftovers": len(F.leftovers(root))})
+
+    t1 = time.perf_counter()
+    straight = _ok(F.run(F.train_cmd(clean_root, ref["dataset_id"], "train.seed=1")))
+    train_s = time.perf_counter() - t1
+    troot = work / "train"
+    shutil.copytree(clean_root, troot, ignore=shutil.ignore_patterns("runs"))
+    k = rng.randint(5, 18)
+    killed = F.run(F.train_cmd(troot, ref["dataset_id"], "train.seed=1"), kill_after_line=f"[train] step {k}/")
+    t1 = time.perf_counter()
+    resumed = _ok(F.run(F.train_cmd(troot, ref["dataset_id"], "train.seed=1")))
+    a, b = F.checkpoint_tensors(straight["run_dir"]), F.checkpoint_tensors(resumed["run_dir"])
+    rows.append({"fault": f"kill -9 train after step {k}", "injected": 1, "survived": int(killed.killed),
+                 "rows_lost": 0, "bytes_differing": sum(a.get(x) != b.get(x) for x in set(a) | set(b)),
+                 "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(train_s, 1),
+                 "leftovers": len(F.leftovers(troot / "runs"))})
+
+    croot = work / "concurrent"
+    outs: list[F.Outcome] = []
+    t1 = time.perf_counter()
+    threads = [threading.Thread(target=lambda: outs.append(F.run(F.curate_cmd(croot)))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    res = [_ok(o) for o in outs]
+    rows.append({"fault": "two concurrent curates, one data root", "injected": 1,
+                 "survived": int(len({r["path"] for r in res}) == 1),
+                 "rows_lost": rows_lost(ref, res[0]),
+                 "bytes_differing": max(bytes_differing(ref_digests, r["path"]) for r in res),
+                 "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(clean_s, 1),
+                 "leftovers": len(F.leftovers(croot))})
+
+    print(f"\nload average {os.getloadavg()[0]:.1f}, clean tiny curate {clean_s:.1f} s, dataset {ref['dataset_id']}\n")
+    print("| fault | injected | survived | rows lost | bytes differing (files) | leftovers | recover s | clean s | × clean |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ratio = f"{r['recover_s'] / r['clean_s']:.2f}" if r["recover_s"] is not None else "–"
+        print(f"| {r['fault']} | {r['injected']} | {r['survived']} | {r['rows_lost']} | {r['bytes_differing']} | "
+              f"{r.get('leftovers', 0)} | {r['recover_s'] if r['recover_s'] is not None else '–'} | {r['clean_s']} | "
+              f"{ratio} |")
+    total = {"injected": sum(r["injected"] for r in rows), "survived": sum(r["survived"] for r in rows),
+             "rows_lost": sum(r["rows_lost"] for r in rows), "bytes_differing": sum(r["bytes_differing"] for r in rows)}
+    print(json.dumps({"bench": "faults", "rows": rows, "total": total, "workdir": str(work)}))
+    return 0 if total["rows_lost"] == 0 and total["bytes_differing"] == 0 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

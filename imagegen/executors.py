@@ -1,0 +1,300 @@
+"""Where the map steps of curation run: a local process pool, a Dask cluster or a Ray cluster.
+
+A *runner spec* names the engine, and nothing else about the work (it is an execution knob, left
+out of every content id: the same parts give the same bytes on any runner):
+
+- ``local`` (a process pool sized to the machine), ``local:N`` (N processes; ``local:1`` runs in
+  this process)
+- ``dask`` / ``dask:N``: a ``distributed.LocalCluster`` with N worker processes (default: the CPU
+  count), started here and closed afterwards; ``dask://HOST:PORT`` (or ``tcp://HOST:PORT``): an
+  existing Dask scheduler
+- ``ray`` / ``ray:N``: Ray started locally with N CPUs; ``ray://HOST:PORT``: an existing Ray
+  cluster through Ray Client
+
+Map steps are plain module-level functions over one part each (picklable arguments, results
+small: counts and paths), so any of the engines can ship them.  A part whose worker dies is run
+again (Dask reschedules it, Ray retries it, the local pool is rebuilt and the unfinished parts
+resubmitted); parts write their outputs atomically, so a rerun gives the same bytes.
+
+:func:`check_runner` refuses a runner before any work: an engine package that is not installed,
+an address that does not answer, a data root a worker cannot write.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import multiprocessing
+import os
+import re
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+_SPEC = re.compile(r"^(?P<kind>local|dask|ray)(?::(?P<n>\d+))?$|^(?P<scheme>dask|tcp|ray)://(?P<host>[^:/\s]+):(?P<port>\d+)$")
+PART_RETRIES = 2  # a part is tried up to 1 + PART_RETRIES times when its worker dies
+
+
+class RunnerError(ValueError):
+    """The runner cannot be used; the message names the runner, address or path and why."""
+
+
+@dataclass(frozen=True)
+class Runner:
+    kind: str                      # local | dask | ray
+    workers: int | None = None     # None: the engine's default (CPU count)
+    address: str | None = None     # an existing cluster's address (host:port)
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        if self.address is None:
+            return None
+        host, _, port = self.address.rpartition(":")
+        return host, int(port)
+
+    def __str__(self) -> str:
+        if self.address:
+            return f"{'ray' if self.kind == 'ray' else 'dask'}://{self.address}"
+        return self.kind + (f":{self.workers}" if self.workers else "")
+
+
+def parse_runner(spec: str) -> Runner:
+    """``local``, ``local:N``, ``dask``, ``dask:N``, ``dask://HOST:PORT``, ``ray``, ``ray:N``, ``ray://HOST:PORT``."""
+    m = _SPEC.match(str(spec).strip())
+    if not m:
+        raise RunnerError(f"runner {spec!r} is not one of local, local:N, dask, dask:N, dask://HOST:PORT, "
+                          "ray, ray:N, ray://HOST:PORT")
+    if m.group("kind"):
+        n = int(m.group("n")) if m.group("n") else None
+        if n is not None and not 1 <= n <= 4096:
+            raise RunnerError(f"runner {spec!r}: the worker count must be in 1..4096")
+        return Runner(m.group("kind"), n)
+    port = int(m.group("port"))
+    if not 0 < port < 65536:
+        raise RunnerError(f"runner {spec!r}: port {port} is out of range")
+    kind = "ray" if m.group("scheme") == "ray" else "dask"
+    return Runner(kind, None, f"{m.group('host')}:{port}")
+
+
+def runner_spec(v: str | None) -> str | None:
+    """Pydantic validator body: a well-formed runner spec (normalised) or None."""
+    if v is None:
+        return None
+    return str(parse_runner(v))
+
+
+_PACKAGES = {"dask": ("distributed", "dask[distributed]"), "ray": ("ray", "ray")}
+
+
+def _require_package(r: Runner) -> None:
+    if r.kind not in _PACKAGES:
+        return
+    module, pip_name = _PACKAGES[r.kind]
+    try:
+        __import__(module)
+    except ImportError as exc:
+        raise RunnerError(f"runner {str(r)!r} needs the {pip_name!r} package, which is not installed here "
+                          f"({exc}); install it (pip install '{pip_name}') or use --runner local") from None
+
+
+def _reachable(r: Runner, timeout: float = 3.0) -> None:
+    hp = r.host_port
+    if hp is None:
+        return
+    try:
+        with socket.create_connection(hp, timeout=timeout):
+            pass
+    except OSError as exc:
+        raise RunnerError(f"runner {str(r)!r}: cannot reach the {r.kind} cluster at {r.address} "
+                          f"({exc.strerror or exc}); is its scheduler/head running and the port open?") from None
+
+
+def check_runner(spec: str, root: Path | None = None) -> Runner:
+    """Everything that can be checked before work: the spec, the engine package, the address.
+
+    The data root's writability from the workers is checked by :func:`probe_root` once the
+    executor is up (the local check is :func:`imagegen.paths.ensure_writable`)."""
+    r = parse_runner(spec)
+    _require_package(r)
+    _reachable(r)
+    return r
+
+
+def default_workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------- probing workers
+
+def _probe(path: str) -> str:
+    """Runs on a worker: write and remove a file under ``path``; returns '' or the error."""
+    p = Path(path) / f".probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"ok")
+        p.unlink()
+        return ""
+    except OSError as exc:
+        return f"{socket.gethostname()} (pid {os.getpid()}): {exc.strerror or exc}"
+
+
+# ---------------------------------------------------------------------------- executors
+
+class Executor:
+    """``map(fn, items)`` returns ``[fn(x) for x in items]`` in order, wherever it runs."""
+
+    runner: Runner
+    workers: int = 1
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    @property
+    def in_process(self) -> bool:
+        """True when ``map`` runs in this process (a step may then use its own pool inside)."""
+        return False
+
+    def probe_root(self, root: Path) -> None:
+        """Every worker can write under ``root`` (a shared filesystem on a cluster), or a clear error."""
+        errors = [e for e in self.map(_probe, [str(root)] * max(1, self.workers)) if e]
+        if errors:
+            raise RunnerError(f"runner {str(self.runner)!r}: the data root {root} is not writable from every "
+                              f"worker ({'; '.join(sorted(set(errors)))}); workers read and write only under "
+                              "the data root, so it must be a filesystem they all mount at the same path")
+
+    def close(self) -> None:
+        pass
+
+
+class InProcess(Executor):
+    def __init__(self, runner: Runner | None = None) -> None:
+        self.runner = runner or Runner("local", 1)
+        self.workers = 1
+
+    @property
+    def in_process(self) -> bool:
+        return True
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        return [fn(x) for x in items]
+
+
+class LocalPool(Executor):
+    """A process pool (fork where available); a dead worker's parts are resubmitted to a new pool."""
+
+    def __init__(self, runner: Runner, workers: int) -> None:
+        self.runner, self.workers = runner, workers
+        methods = multiprocessing.get_all_start_methods()
+        self._ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        items = list(items)
+        results: dict[int, Any] = {}
+        todo = list(range(len(items)))
+        for attempt in range(1 + PART_RETRIES):
+            if not todo:
+                break
+            broken = False
+            with cf.ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=self._ctx) as pool:
+                futs = {pool.submit(fn, items[i]): i for i in todo}
+                for fut in cf.as_completed(futs):
+                    try:
+                        results[futs[fut]] = fut.result()
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+            todo = [i for i in todo if i not in results]
+            if todo and broken:
+                log.warning("a worker process died; resubmitting %d part(s) (attempt %d)", len(todo), attempt + 2)
+        if todo:
+            raise RuntimeError(f"{len(todo)} part(s) failed {1 + PART_RETRIES} times because their worker "
+                               "process died (out of memory? killed?)")
+        return [results[i] for i in range(len(items))]
+
+
+class DaskExecutor(Executor):
+    def __init__(self, runner: Runner) -> None:
+        import dask
+        from distributed import Client, LocalCluster
+
+        self.runner = runner
+        self._cluster = None
+        if runner.address:
+            self.client = Client(f"tcp://{runner.address}", timeout=10)
+        else:
+            n = runner.workers or default_workers()
+            # non-daemonic workers: a step may start processes of its own (img2dataset does)
+            with dask.config.set({"distributed.worker.daemon": False}):
+                self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
+                                             dashboard_address=None, host="127.0.0.1")
+            self.client = Client(self._cluster)
+        self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        if not items:
+            return []
+        futs = self.client.map(fn, list(items), pure=False, retries=PART_RETRIES)
+        return self.client.gather(futs)
+
+    def close(self) -> None:
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
+
+
+class RayExecutor(Executor):
+    def __init__(self, runner: Runner) -> None:
+        import ray
+
+        self.runner = runner
+        self._started = False
+        if not ray.is_initialized():
+            if runner.address:
+                ray.init(address=f"ray://{runner.address}", log_to_driver=False)
+            else:
+                ray.init(num_cpus=runner.workers or default_workers(), include_dashboard=False,
+                         log_to_driver=False, configure_logging=False)
+            self._started = True
+        self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        import ray
+
+        if not items:
+            return []
+        remote = ray.remote(max_retries=PART_RETRIES, num_cpus=1)(fn)
+        return ray.get([remote.remote(x) for x in items])
+
+    def close(self) -> None:
+        import ray
+
+        if self._started:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def executor(spec: str | None = "local", root: Path | None = None, workers: int | None = None) -> Iterator[Executor]:
+    """The executor for ``spec`` (see the module doc); ``workers`` caps ``local`` (default: CPU count).
+
+    With ``root``, every worker of a cluster runner must be able to write under it."""
+    r = check_runner(spec or "local")
+    if r.kind == "local":
+        n = r.workers or workers or default_workers()
+        ex: Executor = InProcess(r) if n <= 1 else LocalPool(r, n)
+    elif r.kind == "dask":
+        ex = DaskExecutor(r)
+    else:
+        ex = RayExecutor(r)
+    try:
+        if root is not None and r.kind != "local":
+            ex.probe_root(Path(root))
+        yield ex
+    finally:
+        ex.close()
