@@ -367,3 +367,26 @@ def test_a_toy_sd3_transformer_pipeline(tmp_path):
     res = sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=2, sampler="dpmpp_2m", guidance=2.0,
                                out=str(tmp_path / "s")), tmp_path / "root")
     assert read_parameters(res["files"][0])["model"]["pipeline"] == "StableDiffusion3Pipeline"
+
+
+@pytest.mark.slow
+def test_lora_family_options_prior_preservation_and_text_encoder(tiny_sd):
+    from models.base import train_step
+    from models.registry import build_family
+
+    fam = build_family("diffusers_lora", {"pipeline": f"diffusers:{tiny_sd}", "image_size": 16, "rank": 2,
+                                          "alpha": 4.0, "targets": ["to_q", "to_v"], "text_encoder_lora": True,
+                                          "prior_prompt": "a cat", "prior_images": 2, "prior_steps": 2})
+    names = fam.trainable_names()
+    assert names and all("lora_" in n for n in names)
+    assert any(n.startswith("text_model.") for n in names) and not any(".to_k." in n for n in names)
+    opt = {"model": torch.optim.AdamW([p for p in fam.parameters() if p.requires_grad], lr=1e-2)}
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a sks cat", "a sks cat"]}
+    out = train_step(fam, opt, batch, torch.Generator().manual_seed(0))
+    assert set(out.logs) == {"instance", "prior"} and fam._prior is not None and len(fam._prior) == 2
+    from models.diffusers_lora import adapter_state
+
+    state = adapter_state(fam)
+    assert state["text_encoder"] and all("lora" in k for k in state["text_encoder"])
+    with pytest.raises(ValueError, match="conditioning is 'text' through the pipeline"):
+        build_family("diffusers_lora", {"pipeline": f"diffusers:{tiny_sd}", "text_encoder": "ViT-B-32:openai"})
