@@ -288,8 +288,10 @@ def test_lora_finetuning_run_on_a_diffusers_unet(tiny_sd, tmp_path):
     from models.diffusers_lora import export_adapter
     from models.hf_diffusers import DiffusersModel
 
+    from _helpers import eval_world_root
+
     root = tmp_path / "root"
-    register_world_dataset(root, n=16, per_shard=8)
+    eval_world_root(root, n=16, per_shard=8)
     spec = f"diffusers:{tiny_sd}"
     model = {"pipeline": spec, "image_size": 16, "rank": 4, "text_encoder_lora": False}
     train = {"family": "diffusers_lora", "model": model, "steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_steps": 0,
@@ -333,6 +335,12 @@ def test_lora_finetuning_run_on_a_diffusers_unet(tiny_sd, tmp_path):
     via_sample = DiffusersModel(spec, loras=[str(f)]).sample(2, ["a red circle", "a cat"], steps=3, x_T=x)
     assert torch.allclose(ours, via_sample, atol=1e-4)
     assert float((ours - DiffusersModel(spec).sample(2, ["a red circle", "a cat"], steps=3, x_T=x)).abs().max()) > 0
+    # the LoRA run is evaluated like any run (captions of its dataset, the family's samplers)
+    from imagegen.evaluate.run import EvalRequest, evaluate
+
+    ev = evaluate(EvalRequest(run=res["run_id"], metrics=("fid", "clipscore"), n_samples=4, steps=2,
+                              kid_subset_size=2), root)
+    assert ev["family"] == "diffusers_lora" and ev["nfe"] == 2 and any(k.startswith("CLIPScore") for k in ev["metrics"])
 
 
 @pytest.mark.slow
