@@ -243,3 +243,22 @@ def export_adapter(checkpoint: str | Path, out: str | Path, *, use_ema: bool = T
                                               weight_name=ADAPTER_FILE, safe_serialization=True)
     return out / ADAPTER_FILE
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.diffusers_lora export CHECKPOINT OUT_DIR [--raw]``: the adapter alone."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m models.diffusers_lora")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a diffusers_lora checkpoint's adapter in diffusers' LoRA format")
+    ex.add_argument("checkpoint", help="a checkpoint folder (runs/<id>/checkpoints/step_*)")
+    ex.add_argument("out", help="output folder (gets pytorch_lora_weights.safetensors)")
+    ex.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+    a = ap.parse_args(argv)
+    print(export_adapter(a.checkpoint, a.out, use_ema=not a.raw))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
