@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only-personalise", action="store_true", help="train the base, then only the personalisation rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -147,48 +148,49 @@ def main() -> None:
         res["base_cpu_s"] = train(base, x, y, args.base_steps, args.batch, 2e-3, 0)
         ck = save_checkpoint(Path(tmp) / "base", args.base_steps, family=base, optimizers={}, schedulers={}, ema=None,
                              config={"family": "flow", "model": MODEL}, generator_states={}, trainer_state={}, keep=1)
-        cn = build_family("controlnet", {**MODEL, "base": str(ck), "signal": "boxes"})
-        t0 = time.process_time()
-        hints = control_map(x, "boxes")  # computed once here: the same maps loss() computes per batch
-        res["control_map_cpu_s"] = time.process_time() - t0
-        opt = {"model": torch.optim.AdamW(cn.optimizers_spec()["model"], lr=1e-3)}
-        g = torch.Generator().manual_seed(1)
-        cn.train()
-        t0 = time.process_time()
-        for _ in range(args.control_steps):
-            idx = torch.randint(0, x.shape[0], (args.batch,), generator=g)
-            opt["model"].zero_grad(set_to_none=True)
-            with cn.controlling(hints[idx], 1.0):
-                out = cn.base.loss({"image": x[idx], "label": y[idx]}, g)
-            out.losses["model"].backward(inputs=opt["model"].param_groups[0]["params"])
-            opt["model"].step()
-        cn.eval()
-        res["control_cpu_s"] = time.process_time() - t0
-        z = torch.randn(xe.shape, generator=torch.Generator().manual_seed(7))
-        hint_e = control_map(xe, "boxes")
-        plain = cn.sample(len(xe), ye, steps=args.sample_steps, guidance=2.0, x_T=z)
-        ctrl = cn.sample(len(xe), ye, steps=args.sample_steps, guidance=2.0, x_T=z, control=hint_e)
-        res["base"], res["controlnet"] = layout_scores(plain, xe, me), layout_scores(ctrl, xe, me)
+        if not args.only_personalise:
+            cn = build_family("controlnet", {**MODEL, "base": str(ck), "signal": "boxes"})
+            t0 = time.process_time()
+            hints = control_map(x, "boxes")  # computed once here: the same maps loss() computes per batch
+            res["control_map_cpu_s"] = time.process_time() - t0
+            opt = {"model": torch.optim.AdamW(cn.optimizers_spec()["model"], lr=1e-3)}
+            g = torch.Generator().manual_seed(1)
+            cn.train()
+            t0 = time.process_time()
+            for _ in range(args.control_steps):
+                idx = torch.randint(0, x.shape[0], (args.batch,), generator=g)
+                opt["model"].zero_grad(set_to_none=True)
+                with cn.controlling(hints[idx], 1.0):
+                    out = cn.base.loss({"image": x[idx], "label": y[idx]}, g)
+                out.losses["model"].backward(inputs=opt["model"].param_groups[0]["params"])
+                opt["model"].step()
+            cn.eval()
+            res["control_cpu_s"] = time.process_time() - t0
+            z = torch.randn(xe.shape, generator=torch.Generator().manual_seed(7))
+            hint_e = control_map(xe, "boxes")
+            plain = cn.sample(len(xe), ye, steps=args.sample_steps, guidance=2.0, x_T=z)
+            ctrl = cn.sample(len(xe), ye, steps=args.sample_steps, guidance=2.0, x_T=z, control=hint_e)
+            res["base"], res["controlnet"] = layout_scores(plain, xe, me), layout_scores(ctrl, xe, me)
 
-        # inpainting: regenerate the right half under the scene's label
-        mask = torch.zeros(1, 1, 32, 32)
-        mask[..., 16:] = 1
-        inp = inpaint(base, xe, mask, ye, steps=args.sample_steps, guidance=2.0, noise=z).sample
-        keep = mask[0, 0] == 0
-        found = [any(d.box[0] >= 14 for d in detect(a, with_masks=False)) for a in uint8(inp)]
-        truth = [any(o["box"][0] >= 14 for o in sc.objects) for sc in me]
-        res["inpaint"] = {"max_abs_err_unmasked": float((inp[:, :, keep] - xe[:, :, keep]).abs().max()),
-                          "object_in_right_half": float(np.mean(found)), "truth_rate": float(np.mean(truth))}
+            # inpainting: regenerate the right half under the scene's label
+            mask = torch.zeros(1, 1, 32, 32)
+            mask[..., 16:] = 1
+            inp = inpaint(base, xe, mask, ye, steps=args.sample_steps, guidance=2.0, noise=z).sample
+            keep = mask[0, 0] == 0
+            found = [any(d.box[0] >= 14 for d in detect(a, with_masks=False)) for a in uint8(inp)]
+            truth = [any(o["box"][0] >= 14 for o in sc.objects) for sc in me]
+            res["inpaint"] = {"max_abs_err_unmasked": float((inp[:, :, keep] - xe[:, :, keep]).abs().max()),
+                              "object_in_right_half": float(np.mean(found)), "truth_rate": float(np.mean(truth))}
 
-        # SDEdit strength sweep: towards another label
-        target = (ye + 1) % len(SHAPES)
-        curve = []
-        for s in (0.0, 0.25, 0.5, 0.75, 1.0):
-            out = sdedit(base, xe, s, target, steps=args.sample_steps, guidance=2.0, noise=z)
-            hits = [bool(d) and d[0].class_name == SHAPES[int(t)]
-                    for d, t in zip((detect(a, with_masks=False) for a in uint8(out)), target)]
-            curve.append({"strength": s, "mse_to_input": float(((out - xe) ** 2).mean()), "target_shape": float(np.mean(hits))})
-        res["sdedit"] = curve
+            # SDEdit strength sweep: towards another label
+            target = (ye + 1) % len(SHAPES)
+            curve = []
+            for s in (0.0, 0.25, 0.5, 0.75, 1.0):
+                out = sdedit(base, xe, s, target, steps=args.sample_steps, guidance=2.0, noise=z)
+                hits = [bool(d) and d[0].class_name == SHAPES[int(t)]
+                        for d, t in zip((detect(a, with_masks=False) for a in uint8(out)), target)]
+                curve.append({"strength": s, "mse_to_input": float(((out - xe) ** 2).mean()), "target_shape": float(np.mean(hits))})
+            res["sdedit"] = curve
 
         # personalisation: DreamBooth full vs LoRA-4 on the ring under the circle label
         from models.lora import trainable_fraction
@@ -201,33 +203,37 @@ def main() -> None:
         other_y = ye[ye != circle][:32]
         b_subj, b_other = denoising_loss(base, held, circle), denoising_loss(base, others, other_y)
         rows = {}
-        for name, kw in [("full", {"lr": 5e-4}), ("lora4", {"lora_rank": 4, "lr": 5e-3})]:
+        for name, kw in [("full", {"lr": 5e-4}), ("lora4", {"lora_rank": 4, "lr": 5e-3}),
+                         ("lora4_all", {"lora_rank": 4, "lora_targets": "all", "lr": 5e-3})]:
             fam = load_family(ck)
             fam.requires_grad_(True)
             t0 = time.process_time()
             dreambooth(fam, subj, circle, steps=args.tune_steps, batch_size=8, **kw)
             rows[name] = {"gain": b_subj - denoising_loss(fam, held, circle),
                           "drift_other": denoising_loss(fam, others, other_y) - b_other,
-                          "trainable": trainable_fraction(fam) if name == "lora4" else 1.0,
+                          "trainable": trainable_fraction(fam) if name != "full" else 1.0,
                           "cpu_s": time.process_time() - t0}
-        rows["lora4"]["share_of_full_gain"] = rows["lora4"]["gain"] / rows["full"]["gain"] if rows["full"]["gain"] > 0 else float("nan")
+        for name in ("lora4", "lora4_all"):
+            rows[name]["share_of_full_gain"] = rows[name]["gain"] / rows["full"]["gain"] if rows["full"]["gain"] > 0 else float("nan")
         res["personalise"] = rows
 
-    b, c = res["base"], res["controlnet"]
-    print(f"base {args.base_steps} steps ({res['base_cpu_s']:.0f} CPU-s), ControlNet(boxes) {args.control_steps} steps "
-          f"({res['control_cpu_s']:.0f} CPU-s), {args.eval_scenes} held-out scenes, {args.sample_steps} Euler steps, CFG 2")
-    print(f"{'':24s}{'mean IoU':>10s}{'IoU>=0.5':>10s}{'position':>10s}{'counting':>10s}")
-    for name, r in (("base (no control)", b), ("ControlNet boxes", c)):
-        print(f"{name:24s}{r['mean_iou']:10.3f}{r['iou50']:10.3f}{r['position_acc']:10.3f}{r['counting_acc']:10.3f}")
-    i = res["inpaint"]
-    print(f"inpainting: max |err| unmasked {i['max_abs_err_unmasked']:.3g}; object detected in the regenerated half "
-          f"{i['object_in_right_half']:.2f} (scenes with one there: {i['truth_rate']:.2f})")
-    print("SDEdit strength: " + "  ".join(f"{p['strength']:.2f}: mse {p['mse_to_input']:.3f} target {p['target_shape']:.2f}"
-                                         for p in res["sdedit"]))
+    if "controlnet" in res:
+        b, c = res["base"], res["controlnet"]
+        print(f"base {args.base_steps} steps ({res['base_cpu_s']:.0f} CPU-s), ControlNet(boxes) {args.control_steps} steps "
+              f"({res['control_cpu_s']:.0f} CPU-s), {args.eval_scenes} held-out scenes, {args.sample_steps} Euler steps, CFG 2")
+        print(f"{'':24s}{'mean IoU':>10s}{'IoU>=0.5':>10s}{'position':>10s}{'counting':>10s}")
+        for name, r in (("base (no control)", b), ("ControlNet boxes", c)):
+            print(f"{name:24s}{r['mean_iou']:10.3f}{r['iou50']:10.3f}{r['position_acc']:10.3f}{r['counting_acc']:10.3f}")
+        i = res["inpaint"]
+        print(f"inpainting: max |err| unmasked {i['max_abs_err_unmasked']:.3g}; object detected in the regenerated half "
+              f"{i['object_in_right_half']:.2f} (scenes with one there: {i['truth_rate']:.2f})")
+        print("SDEdit strength: " + "  ".join(f"{p['strength']:.2f}: mse {p['mse_to_input']:.3f} target {p['target_shape']:.2f}"
+                                             for p in res["sdedit"]))
     p = res["personalise"]
-    print(f"personalise (ring): full gain {p['full']['gain']:.4f} drift {p['full']['drift_other']:+.4f}; LoRA-4 gain "
-          f"{p['lora4']['gain']:.4f} ({p['lora4']['share_of_full_gain']:.0%} of full) drift {p['lora4']['drift_other']:+.4f} "
-          f"with {p['lora4']['trainable']:.1%} of the parameters")
+    print(f"personalise (ring): full gain {p['full']['gain']:.4f} drift {p['full']['drift_other']:+.4f}")
+    for name in ("lora4", "lora4_all"):
+        print(f"  {name}: gain {p[name]['gain']:.4f} ({p[name]['share_of_full_gain']:.0%} of full) drift "
+              f"{p[name]['drift_other']:+.4f} with {p[name]['trainable']:.1%} of the parameters")
     print(json.dumps(res, default=float))
 
 

@@ -13,6 +13,7 @@ from imagegen.report import benchmark_pages
 from tasks import benchmark as TB
 from tasks import evaluate as TE
 
+
 @flow(name="benchmark", log_prints=True)
 def benchmark_flow(runs: list[str] | None = None, families: list[str] | None = None, dataset: str | None = None,
                    settings: dict[str, Any] | None = None, nfe_sweep: list[int] | None = None,

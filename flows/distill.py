@@ -10,7 +10,7 @@ from flows.publish import publish_pages
 from imagegen.distill import DistillRequest, Method
 from imagegen.paths import data_root as resolve_root
 from imagegen.report import distill_pages
-from imagegen.requests import build_distill_request, check_distill_request
+from imagegen.requests import build_distill_request, check_distill_request, natural_method
 from tasks import distill as T
 
 
@@ -20,13 +20,16 @@ def distill_flow(request: DistillRequest | None = None, teacher: str | None = No
     """Distil a finished training run (``teacher``, run id or unique prefix) into a few-step student.
 
     ``method``: progressive (DDPM v-prediction teacher), reflow (flow teacher) or consistency
-    (EDM teacher); both are required, named or inside ``request``.  ``overrides`` such as
+    (EDM teacher); named or inside ``request``, else the one the teacher's family fits (flow ->
+    reflow, ddpm -> progressive, edm -> consistency).  ``overrides`` such as
     ``["steps=2000", "target_steps=2", "report_nfe=[1,2,4]"]`` set any other field of the
     request.  The same request again reuses the finished student runs.
     """
     logger = get_run_logger()
-    req = build_distill_request(request, teacher, method, overrides)  # validated before any work
     root = resolve_root(data_root)
+    if request is None and method is None and teacher is not None:
+        method = natural_method(root, teacher)
+    req = build_distill_request(request, teacher, method, overrides)  # validated before any work
     check_distill_request(req, root)
     summary = T.distill(req, str(root))
     publish_pages(distill_pages(summary, req))

@@ -66,7 +66,7 @@ def _common(p: argparse.ArgumentParser, presets: list[str], default: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from imagegen.evaluate.metrics import ALL_METRICS
+    from imagegen.evaluate.metrics import ALL_METRICS, KNOWN_METRICS
     from imagegen.pipeline import DISTILL_PRESETS, EVAL_PRESETS
     from imagegen.presets import CURATE_PRESETS
     from imagegen.train.runs import TRAIN_PRESETS
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="a training or distillation run id (or unique prefix): its latest checkpoint")
     src.add_argument("--folder", help="a folder of images, evaluated as they are (FID/KID need --set reference=D)")
     src.add_argument("--model", help="a diffusers pipeline, diffusers:PATH_OR_REPO_ID[@REVISION] (needs --set reference=D)")
-    ev.add_argument("--metrics", help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
+    ev.add_argument("--metrics", help=f"comma-separated subset of {','.join(KNOWN_METRICS)} "
+                    f"(default: {','.join(ALL_METRICS)})")
     ev.add_argument("--preset", choices=sorted(EVAL_PRESETS), default=None,
                     help="the evaluation settings of a pipeline preset (default: EvalRequest's defaults)")
     ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -161,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_import_parser(sub)
     add_sample_parser(sub)
+    from imagegen.compare import add_compare_parser
+
+    add_compare_parser(sub)
 
     sv = sub.add_parser("serve", help="a local Prefect server (UI), the work pool, every deployment and a worker")
     sv.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1: loopback only)")
@@ -407,6 +411,17 @@ def _cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     return cmd_sample(args, via_prefect)
 
 
+def _cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
+    from imagegen.compare import cmd_compare
+
+    def publish(report: dict[str, Any]) -> None:
+        from flows.compare import compare_report_flow
+
+        compare_report_flow(report=report)
+
+    return cmd_compare(args, None if args.no_prefect else publish)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     # Prefect's telemetry heartbeat writes to the temporary server's SQLite database while the
@@ -421,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {"curate": cmd_curate, "datasets": cmd_datasets, "train": cmd_train,
                   "families": cmd_families, "runs": cmd_runs, "distill": cmd_distill, "evaluate": cmd_evaluate,
                   "benchmark": cmd_benchmark, "pipeline": cmd_pipeline, "import": _cmd_import,
-                  "sample": _cmd_sample}[args.command](args)
+                  "sample": _cmd_sample, "compare": _cmd_compare}[args.command](args)
     except ValidationError as exc:
         print(f"imagegen {args.command}: invalid parameters:\n{exc}", file=sys.stderr)
         return 2
@@ -457,9 +472,10 @@ def main(argv: list[str] | None = None) -> int:
 
         from imagegen.leaderboard import leaderboard_markdown
 
-        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}"))
+        print(leaderboard_markdown(pd.DataFrame(result["rows"]), title=f"Leaderboard {result['leaderboard_id']}",
+                                  protocol=result.get("protocol")))
         print(result["path"])
-    elif args.command in ("import", "sample"):
+    elif args.command in ("import", "sample", "compare"):
         print(result["message"])
     elif args.command == "pipeline":
         for role, metrics in result["metrics"].items():

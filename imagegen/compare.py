@@ -383,3 +383,120 @@ def read_votes(root: Path | str, comparison_id: str) -> pd.DataFrame:
     if not path.is_file():
         raise LookupError(f"no votes for comparison {comparison_id!r} ({path} does not exist)")
     return pd.read_parquet(path)
+
+
+# ------------------------------------------------------------------------------------ runs -> pairs, the CLI
+
+
+def generated_set(root: Path | str, run: str, *, n: int, seed: int, sampler: str | None = None,
+                  steps: int | None = None, guidance: float = 1.0, batch_size: int = 64,
+                  device: str = "auto") -> Path:
+    """The evaluation set of ``run`` (``n`` images, image i from noise seeded by (seed, i), captions
+    drawn with ``seed`` from the run's dataset) as :func:`imagegen.evaluate.run.generate_set` writes
+    it, under ``<root>/evals/<id>/samples`` with a card naming the run and the seed; reused when
+    complete.  Two runs on one dataset with the same seed get the same prompts and noise."""
+    from imagegen.evaluate.run import EvalRequest, Source, _device, evals_dir, generate_set
+    from imagegen.hashing import code_version
+    import imagegen.evaluate.run as R
+
+    req = EvalRequest(run=run, metrics=("clipscore",), n_samples=n, seed=seed, sampler=sampler, steps=steps,
+                      guidance=guidance, batch_size=batch_size, device=device)  # type: ignore[arg-type]
+    src = Source(req, Path(root))
+    if src.train_cfg.model.get("conditioning", "none") == "none" and guidance != 1.0:
+        raise CompareError(f"guidance={guidance} needs a conditional model; run {src.run.id} is unconditional")
+    ident = {"compare-set": src.identity, "n": n, "seed": seed, "sampler": sampler, "steps": steps,
+             "guidance": guidance, "code": code_version(R)}
+    out = evals_dir(Path(root)) / f"set-{stable_hash(ident)}"
+    info = generate_set(src, req, out / "samples", _device(req))
+    write_json_atomic(out / "card.json", {"kind": "compare-set", "run_id": src.run.id, "identity": ident,
+                                          "request": req.model_dump(mode="json"), "nfe": info.get("nfe")})
+    return out
+
+
+def compare_pages(report: dict[str, Any]) -> list[Any]:
+    """The win rate as artifact pages (flows/publish.py publishes them)."""
+    from imagegen.report import Page
+
+    w = report["win_rate"] if "win_rate" in report else report
+    lo, hi = w["interval"]
+    rate = "-" if w["win_rate_a"] is None else f"{w['win_rate_a']:.3f}"
+    row = {"comparison_id": report.get("comparison_id"), "eval_a": report.get("eval_a"),
+           "eval_b": report.get("eval_b"), "wins_a": w["wins_a"], "wins_b": w["wins_b"], "skips": w["skips"],
+           "win_rate_a": w["win_rate_a"], "ci_low": lo, "ci_high": hi, "confidence": w["confidence"],
+           "significant": w["significant"]}
+    md = (f"# A/B comparison {report.get('comparison_id')}\n\nA = `{report.get('eval_a')}`, B = "
+          f"`{report.get('eval_b')}`: A preferred in {w['wins_a']} of {w['decided']} decided pairs "
+          f"({w['skips']} skipped), win rate {rate}, {w['confidence']:.0%} {w['interval_method']} interval "
+          f"[{lo:.3f}, {hi:.3f}]" + (" (different from 0.5)" if w["significant"] else
+                                     " (0.5 inside: no preference shown)") + ".\n")
+    return [Page("compare-win-rate", "table", [row], f"A/B win rate of {report.get('eval_a')} over "
+                 f"{report.get('eval_b')}"),
+            Page("compare-summary", "markdown", md, "A/B comparison summary")]
+
+
+def compare_runs(root: Path | str, run_a: str, run_b: str, *, n: int = 20, seed: int = 0, steps: int | None = None,
+                 sampler: str | None = None, guidance: float = 1.0, port: int = 0, voter: str = "anonymous",
+                 order_seed: int = 0, on_ready: Any = None, poll_s: float = 0.2,
+                 timeout_s: float | None = None) -> dict[str, Any]:
+    """``imagegen compare``: generate both runs' sets (same prompts, same seeds), serve the A/B page
+    on loopback, wait until every pair is voted (or Ctrl-C, or ``timeout_s``), return the report.
+    ``on_ready(server)`` is called once the page is up (the CLI prints the URL)."""
+    set_a = generated_set(root, run_a, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
+    set_b = generated_set(root, run_b, n=n, seed=seed, sampler=sampler, steps=steps, guidance=guidance)
+    server = serve_compare(root, set_a, set_b, port=port, seed=order_seed, voter=voter)
+    t0 = time.time()
+    try:
+        if on_ready is not None:
+            on_ready(server)
+        while not server.session.done and (timeout_s is None or time.time() - t0 < timeout_s):
+            time.sleep(poll_s)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return {**server.session.report(), "url": server.url, "run_a": run_a, "run_b": run_b}
+
+
+def add_compare_parser(sub: Any) -> None:
+    cp = sub.add_parser("compare", help="a human A/B page (loopback) for two runs: pairs from the same prompt and "
+                        "seed, the win rate with its binomial (Wilson) interval")
+    cp.add_argument("run_a", help="run id (or unique prefix): side A")
+    cp.add_argument("run_b", help="run id (or unique prefix): side B")
+    cp.add_argument("--n", type=int, default=50, help="pairs (images generated per run, default 50)")
+    cp.add_argument("--seed", type=int, default=0, help="seeds the prompts and the noise of both sets")
+    cp.add_argument("--steps", type=int, default=None, help="sampler steps (default: each family's)")
+    cp.add_argument("--sampler", default=None, help="sampler (default: each family's)")
+    cp.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    cp.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    cp.add_argument("--voter", default="anonymous", help="recorded with each vote")
+    cp.add_argument("--data-root", default=None, help="data root (default $IMAGEGEN_DATA_ROOT or ./imagegen-data)")
+    cp.add_argument("--json", action="store_true", help="print a one-line JSON summary as the last stdout line")
+    cp.add_argument("--no-prefect", action="store_true", help="do not publish the win rate as a Prefect artifact")
+
+
+def cmd_compare(args: Any, publish: Any = None) -> dict[str, Any]:
+    """The CLI: serves until every pair is judged or Ctrl-C; ``publish(report)`` (the CLI passes
+    flows/compare.py's flow unless --no-prefect) publishes the win rate as artifacts."""
+    import sys
+
+    from imagegen.paths import data_root
+
+    if args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    root = data_root(args.data_root)
+
+    def ready(server: CompareServer) -> None:
+        print(f"A/B page: {server.url}  ({len(server.session.pairs)} pairs; keys 1/2 or arrows, s skip, u undo; "
+              f"Ctrl-C to stop)", file=sys.stderr, flush=True)
+
+    report = compare_runs(root, args.run_a, args.run_b, n=args.n, seed=args.seed, steps=args.steps,
+                          sampler=args.sampler, guidance=args.guidance, port=args.port, voter=args.voter,
+                          on_ready=ready)
+    if publish is not None:
+        publish(report)
+    lo, hi = report["interval"]
+    rate = "-" if report["win_rate_a"] is None else f"{report['win_rate_a']:.3f}"
+    report["message"] = (f"A ({args.run_a}) preferred in {report['wins_a']} of {report['decided']} pairs "
+                         f"({report['skips']} skipped): win rate {rate}, 95% Wilson interval [{lo:.3f}, {hi:.3f}]; "
+                         f"votes: {report['votes_file']}")
+    return report

@@ -118,8 +118,33 @@ def main_metric(columns: list[str]) -> str | None:
     return None
 
 
+CI_LOW, CI_HIGH = " ci_low", " ci_high"  # suffixes of a metric's interval columns
+WITHIN = "within_ci_of_above"  # the main metric's difference to the row ranked above is within the intervals
+
+
 def metric_columns(df: pd.DataFrame) -> list[str]:
-    return [c for c in df.columns if c not in ID_COLUMNS]
+    return [c for c in df.columns if c not in ID_COLUMNS and c != WITHIN and not c.endswith((CI_LOW, CI_HIGH))]
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return not (a[1] < b[0] or b[1] < a[0])
+
+
+def mark_within_intervals(df: pd.DataFrame, metric: str) -> pd.Series:
+    """True where the row's ``metric`` interval overlaps the interval of the row ranked just above
+    it (the difference is within the uncertainty: the order of the two is not established); None
+    where either row has no interval."""
+    lo, hi = df.get(metric + CI_LOW), df.get(metric + CI_HIGH)
+    out: list[Any] = [None] * len(df)
+    if lo is None or hi is None:
+        return pd.Series(out, index=df.index, dtype=object)
+    for i in range(1, len(df)):
+        a = (lo.iloc[i - 1], hi.iloc[i - 1])
+        b = (lo.iloc[i], hi.iloc[i])
+        if any(pd.isna(v) for v in (*a, *b)):
+            continue
+        out[i] = _overlap((float(a[0]), float(a[1])), (float(b[0]), float(b[1])))
+    return pd.Series(out, index=df.index, dtype=object)
 
 
 def leaderboard(root: Path | str, eval_summaries: list[EvalSummary]) -> pd.DataFrame:
@@ -150,21 +175,28 @@ def leaderboard(root: Path | str, eval_summaries: list[EvalSummary]) -> pd.DataF
                      "dataset": card.get("dataset_name"), "dataset_id": card.get("dataset_id"),
                      "trained_steps": (card.get("summary") or {}).get("step"), "sampler": s.get("sampler"),
                      "steps": s.get("steps"), "nfe": s.get("nfe"), "guidance": s.get("guidance"),
-                     "n_samples": s.get("n_samples"), "eval_id": s.get("eval_id"), **s.get("metrics", {})})
+                     "n_samples": s.get("n_samples"), "eval_id": s.get("eval_id"), **s.get("metrics", {}),
+                     **{f"{m}{CI_LOW}": iv[0] for m, iv in (s.get("intervals") or {}).items()},
+                     **{f"{m}{CI_HIGH}": iv[1] for m, iv in (s.get("intervals") or {}).items()}})
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(ID_COLUMNS + [k for r in rows for k in r])))
     for col in INT_COLUMNS:
         df[col] = pd.array([None if v is None or (isinstance(v, float) and math.isnan(v)) else int(v)
                             for v in df[col]], dtype="Int64")
     metrics = metric_columns(df)
-    for col in metrics:
+    cis = [c for c in df.columns if c.endswith((CI_LOW, CI_HIGH))]
+    for col in metrics + cis:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     main = main_metric(metrics)
     order = [main] if main else []
-    df = df[ID_COLUMNS + order + [c for c in metrics if c != main]]
+    ordered = order + [c for c in metrics if c != main]
+    ci_cols = [c + suffix for c in ordered for suffix in (CI_LOW, CI_HIGH) if c + suffix in df.columns]
+    df = df[ID_COLUMNS + ordered + ci_cols]
     by = order + ["run_id", "nfe"]
     ascending = [lower_is_better(main)] if main else []
-    return df.sort_values(by, ascending=ascending + [True, True], na_position="last", kind="stable") \
-             .reset_index(drop=True)
+    df = df.sort_values(by, ascending=ascending + [True, True], na_position="last", kind="stable") \
+           .reset_index(drop=True)
+    df[WITHIN] = mark_within_intervals(df, main) if main else pd.Series([None] * len(df), dtype=object)
+    return df
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -178,21 +210,61 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def leaderboard_markdown(df: pd.DataFrame, images: dict[str, str] | None = None, title: str = "Leaderboard") -> str:
-    """A markdown page: what ranks the rows, the table, and the plots (``images``: plot name -> link
-    or data URI, e.g. ``{"family_plot": "metric_per_family.png"}``)."""
+def _metric_cell(row: Any, col: str, df: pd.DataFrame) -> str:
+    """``value [low, high]`` when the column has an interval."""
+    text = _cell(row[col])
+    lo, hi = col + CI_LOW, col + CI_HIGH
+    if lo in df.columns and hi in df.columns and not (pd.isna(row[lo]) or pd.isna(row[hi])):
+        text += f" [{row[lo]:.4g}, {row[hi]:.4g}]"
+    return text
+
+
+def protocol_lines(protocol: dict[str, Any] | None) -> list[str]:
+    """The protocol card as markdown lines (what every row shares; what is mixed)."""
+    if not protocol:
+        return []
+    lines = ["## Protocol", "", f"- samples per evaluation: {protocol.get('n_samples')}; seeds: "
+             f"{protocol.get('seeds')} ({protocol.get('n_seeds')} per evaluation); reference: "
+             f"{protocol.get('reference')}; clean-fid resize mode: {protocol.get('fid_mode')}; intervals: "
+             f"{protocol.get('confidence')} with {protocol.get('n_resamples')} bootstrap resamples"]
+    for m, fields in (protocol.get("metrics") or {}).items():
+        keep = {k: v for k, v in fields.items() if k in ("extractor", "extractor_weights_sha256", "mode",
+                                                         "reference_stats_sha256", "clip_sha256", "model_sha256",
+                                                         "detector", "prompt_set")}
+        if keep:
+            lines.append(f"- {m}: " + ", ".join(f"{k} `{str(v)[:16]}`" for k, v in keep.items()))
+    if protocol.get("mixed"):
+        lines.append("- **not one protocol**: " + "; ".join(protocol["mixed"]))
+    return lines + [""]
+
+
+def leaderboard_markdown(df: pd.DataFrame, images: dict[str, str] | None = None, title: str = "Leaderboard",
+                         protocol: dict[str, Any] | None = None) -> str:
+    """A markdown page: what ranks the rows, the protocol card, the table (metric cells with their
+    interval; ``≈`` marks a main-metric difference to the row above that is within the intervals),
+    and the plots (``images``: plot name -> link or data URI, e.g. ``{"family_plot": "metric_per_family.png"}``)."""
     main = main_metric(metric_columns(df))
-    shown = [c for c in df.columns if c not in ("lineage", "dataset_id")]
+    shown = [c for c in df.columns if c not in ("lineage", "dataset_id", WITHIN) and not c.endswith((CI_LOW, CI_HIGH))]
     runs = df["run_id"].dropna().nunique()
     lines = [f"# {title}", "",
              f"{len(df)} evaluation{'s' if len(df) != 1 else ''} of {runs} run{'s' if runs != 1 else ''}"
              + (f", best first by **{main}** ({'lower' if lower_is_better(main) else 'higher'} is better)."
                 if main else "; no metric to rank by."), "",
+             *(["≈: the difference in the main metric to the row above is within the intervals (they overlap).", ""]
+               if WITHIN in df.columns and df[WITHIN].eq(True).any() else []),
+             *protocol_lines(protocol),
              "| " + " | ".join(c.replace("|", "\\|") for c in shown) + " |",
              "|" + "|".join("---:" if c in INT_COLUMNS or c in ("guidance",) or c in metric_columns(df) else "---"
                             for c in shown) + "|"]
+    metric_set = set(metric_columns(df))
     for _, row in df.iterrows():
-        lines.append("| " + " | ".join(_cell(row[c]) for c in shown) + " |")
+        cells = []
+        for c in shown:
+            text = _metric_cell(row, c, df) if c in metric_set else _cell(row[c])
+            if c == main and WITHIN in df.columns and row[WITHIN] is True:
+                text = "≈ " + text
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
     captions = {"family_plot": f"{main} per family (best evaluation of each)",
                 "nfe_plot": f"{main} against NFE: one panel per teacher, with its students"}
     for name, link in (images or {}).items():
@@ -284,7 +356,7 @@ def _save(fig: Any, png: Path) -> None:
     os.replace(tmp, png)
 
 
-def write_leaderboard(df: pd.DataFrame, out_dir: Path | str) -> dict[str, str]:
+def write_leaderboard(df: pd.DataFrame, out_dir: Path | str, protocol: dict[str, Any] | None = None) -> dict[str, str]:
     """``leaderboard.parquet``, ``leaderboard.md`` (linking the plots) and the two PNG plots in
     ``out_dir``, each written atomically; their paths by kind (keys of ``FILES``)."""
     out = Path(out_dir)
@@ -295,7 +367,8 @@ def write_leaderboard(df: pd.DataFrame, out_dir: Path | str) -> dict[str, str]:
     os.replace(tmp, paths["parquet"])
     plot_family(df, paths["family_plot"])
     plot_nfe(df, paths["nfe_plot"])
-    md = leaderboard_markdown(df, {"family_plot": FILES["family_plot"], "nfe_plot": FILES["nfe_plot"]})
+    md = leaderboard_markdown(df, {"family_plot": FILES["family_plot"], "nfe_plot": FILES["nfe_plot"]},
+                              protocol=protocol)
     tmp = out / f".{FILES['markdown']}.tmp-{os.getpid()}"
     tmp.write_text(md)
     os.replace(tmp, paths["markdown"])
@@ -320,15 +393,30 @@ def build_leaderboard(root: Path | str, eval_summaries: list[EvalSummary],
         raise ValueError("a leaderboard needs at least one evaluation")
     import sys
 
+    from imagegen.evaluate import protocol as P
+
     df = leaderboard(root, eval_summaries)
     lid = stable_hash({"evals": sorted(str(s["eval_id"]) for s in eval_summaries),
-                       "code": code_version(sys.modules[__name__])})
+                       "code": code_version(sys.modules[__name__], P)})
     out = leaderboards_dir(root) / lid
-    paths = write_leaderboard(df, out)
+    protocol = P.leaderboard_protocol([s.get("protocol") or {} for s in eval_summaries])
+    paths = write_leaderboard(df, out, protocol)
     main = main_metric(metric_columns(df))
     summary = {"leaderboard_id": lid, "path": str(out), "files": paths, "main_metric": main,
                "lower_is_better": lower_is_better(main) if main else None,
                "runs": list(dict.fromkeys(df["run_id"].dropna().tolist())),
-               "eval_ids": [s["eval_id"] for s in eval_summaries], "rows": records(df)}
+               "eval_ids": [s["eval_id"] for s in eval_summaries], "rows": records(df), "protocol": protocol}
     write_json_atomic(out / "card.json", {**summary, **(card or {}), "created_unix": round(time.time(), 3)})
     return summary
+
+
+def comparable(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Why leaderboards ``a`` and ``b`` (their summaries or ``card.json``) cannot be compared, from
+    their protocol cards; an empty list means they can (same extractors, weights, resize mode,
+    reference statistics, sample count, seeds per evaluation and interval settings)."""
+    from imagegen.evaluate.protocol import comparability
+
+    for name, lb in (("A", a), ("B", b)):
+        if not lb.get("protocol"):
+            return [f"leaderboard {name} ({lb.get('leaderboard_id')}) has no protocol card (built before cards existed)"]
+    return comparability(a["protocol"], b["protocol"])

@@ -4,7 +4,7 @@
   :func:`steps_text`, the trainer's :func:`progress_line`, an evaluation's :func:`metric_lines`;
 * the artifact pages each flow publishes (:class:`Page`: a table or a markdown page under a
   stable key): :func:`curate_pages`, :func:`train_pages`, :func:`distill_pages`,
-  :func:`evaluate_pages`, :func:`benchmark_pages`, :func:`pipeline_pages`.  ``flows/publish.py``
+  :func:`evaluate_pages`, :func:`benchmark_pages`, :func:`sample_pages`, :func:`pipeline_pages`.  ``flows/publish.py``
   turns pages into Prefect artifacts; nothing else in the library knows about Prefect;
 * the pipeline report (``write_report``): ``<data root>/reports/<id>/`` where the id hashes the
   stage ids (dataset, runs, evaluations): ``report.md`` (images by relative path),
@@ -354,7 +354,8 @@ def benchmark_markdown(board: dict[str, Any], failed: list[dict[str, Any]]) -> s
 
     df = pd.DataFrame(board["rows"])
     images = {k: uri for k in ("family_plot", "nfe_plot") if (uri := png_data_uri(board["files"][k]))}
-    text = leaderboard_markdown(df, images, title=f"Leaderboard `{board['leaderboard_id']}`")
+    text = leaderboard_markdown(df, images, title=f"Leaderboard `{board['leaderboard_id']}`",
+                                protocol=board.get("protocol"))
     text += f"\nFolder: `{board['path']}` (leaderboard.parquet, leaderboard.md, plots, card.json)\n"
     if failed:
         text += "\n## Failed evaluations\n\n" + "\n".join(
@@ -368,6 +369,25 @@ def benchmark_pages(board: dict[str, Any], failed: list[dict[str, Any]]) -> list
                  f"Leaderboard {board['leaderboard_id']}: {len(board['runs'])} runs, ranked by {board['main_metric']}"),
             Page("leaderboard-report", "markdown", benchmark_markdown(board, failed),
                  f"Leaderboard {board['leaderboard_id']}: table, metric per family, metric against NFE")]
+
+
+# sample ----------------------------------------------------------------------------------------
+
+
+def sample_markdown(summary: dict[str, Any]) -> str:
+    lines = [f"# Samples of run `{summary['run_id']}` ({summary['family']})", "",
+             f"{summary['n_images']} image(s) in `{summary['out']}`: {summary['sampler']}, {summary['steps']} steps, "
+             f"guidance {summary['guidance']:g}" + (f", watermark {summary['watermark']!r}" if summary["watermark"] else ""),
+             "", "Prompts: " + "; ".join(f"`{p}`" for p in summary["prompts"] if p) or "(unconditional)"]
+    grid = png_data_uri(summary.get("grid"))
+    if grid:
+        lines += ["", f"![grid]({grid})"]
+    return "\n".join(lines)
+
+
+def sample_pages(summary: dict[str, Any]) -> list[Page]:
+    return [Page("sample-grid", "markdown", sample_markdown(summary),
+                 f"Samples {summary['sample_id']} of run {summary['run_id']}")]
 
 
 # pipeline --------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from models.base import Family, FamilyConfig, LossOut
+from models import ddpm, edm, flow  # noqa: F401  (their loss/samplers run here: in the run id's code closure)
 from models.samplers import SampleResult
 from models.checkpoint import load_family
 from models.teacher import TeacherError, same_fields

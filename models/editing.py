@@ -247,7 +247,7 @@ def autoencoder(family: Any) -> Any:
         from models.checkpoint import load_family
 
         ae = load_family(str(family.cfg.autoencoder), device=family.device)
-        object.__setattr__(family, "_autoencoder", ae)
+        family.attach_autoencoder(ae)
     if hasattr(ae, "decode_tokens"):
         raise EditError(f"{type(family).__name__}: its latents are token ids of {ae.name!r}; editing needs a "
                         "continuous autoencoder")

@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from models.base import Family, FamilyConfig, LossOut, rand
+from models import ddpm, edm, flow  # noqa: F401  (their loss/samplers run here: in the run id's code closure)
 from models.nets import build_net
 from models.samplers import SampleResult
 from models.checkpoint import load_family

@@ -11,8 +11,9 @@ keys are ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (what
 ``unmerge_lora`` subtracts it again.
 
 Default targets: every attention projection (qkv / q / kv / proj) and MLP linear of the U-Net and
-DiT, plus the DiT's AdaLN modulation linears; ``targets`` takes peft's ``target_modules`` (a
-list of module-name suffixes or a regex) for anything else, convolutions included.
+DiT, the DiT's AdaLN modulation linears and the U-Net's timestep projections (``emb_proj``);
+``targets="all"`` adds the U-Net's convolutions (far more capacity, far more parameters on a
+narrow net); any other value is peft's ``target_modules`` (module-name suffixes or a regex).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import nn
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-DEFAULT_TARGETS = ("qkv", "q", "kv", "proj", "fc1", "fc2", "adaLN.1")
+DEFAULT_TARGETS = ("qkv", "q", "kv", "proj", "fc1", "fc2", "adaLN.1", "emb_proj")
+CONV_TARGETS = ("conv1", "conv2", "conv_in", "conv_out")  # added by targets="all" (U-Net convolutions)
 
 
 class LoraError(ValueError):
@@ -62,8 +64,11 @@ def add_lora(family: Any, rank: int = 4, alpha: float | None = None, targets: Se
         raise LoraError(f"{type(family).__name__}: its net already has LoRA layers")
     tm: Any = list(targets) if targets is not None and not isinstance(targets, str) else targets
     if tm is None:
-        names = {n for n, m in net.named_modules() if isinstance(m, nn.Linear)}
-        tm = sorted({t for t in DEFAULT_TARGETS if any(n == t or n.endswith("." + t) for n in names)})
+        tm = "default"
+    if tm in ("default", "all"):
+        wanted = DEFAULT_TARGETS + (CONV_TARGETS if tm == "all" else ())
+        names = {n for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+        tm = sorted({t for t in wanted if any(n == t or n.endswith("." + t) for n in names)})
     cfg = LoraConfig(r=rank, lora_alpha=float(rank if alpha is None else alpha), target_modules=tm,
                      lora_dropout=dropout, bias="none")
     family.requires_grad_(False)

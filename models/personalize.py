@@ -158,16 +158,17 @@ def prior_images(family: Any, conditioning: Any, n: int, steps: int | None = Non
 
 def dreambooth(family: Any, images: Tensor, conditioning: Any, steps: int = 100, lr: float = 1e-4,
                batch_size: int = 4, prior: tuple[Tensor, Any] | None = None, prior_weight: float = 1.0,
-               lora_rank: int | None = None, seed: int = 0) -> list[float]:
+               lora_rank: int | None = None, lora_targets: Any = None, seed: int = 0) -> list[float]:
     """Fine-tune ``family`` on the subject ``images`` under ``conditioning`` (labels or a caption);
     with ``prior=(class_images, class_conditioning)`` each step adds ``prior_weight`` times the loss
-    on a batch of them.  ``lora_rank``: train a LoRA adapter instead of every weight."""
+    on a batch of them.  ``lora_rank``: train a LoRA adapter instead of every weight (on
+    ``lora_targets``, models/lora.py's default or "all")."""
     if prior_weight < 0:
         raise ValueError(f"dreambooth: prior_weight must be >= 0, got {prior_weight}")
     if lora_rank is not None:
         from models.lora import add_lora
 
-        params = add_lora(family, lora_rank)
+        params = add_lora(family, lora_rank, targets=lora_targets)
     else:
         params = [p for p in family.net.parameters()]
         for p in params:

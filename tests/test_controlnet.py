@@ -198,3 +198,22 @@ def test_trained_controlnet_beats_the_base_on_held_out_scenes(tmp_path):
     # measured: MSE 0.171 -> 0.163, edge F1 0.084 -> 0.328 (250 + 250 steps, 16 px)
     assert mse_ctrl < mse_base
     assert f_ctrl > 2 * f_base
+
+
+@pytest.mark.parametrize("net", [UNET, DIT])
+def test_text_conditioned_base_with_segmentation_control(tmp_path, net):
+    from _helpers import tiny_random_clip
+
+    spec = tiny_random_clip(tmp_path / "clip")
+    ck, cfg = base_checkpoint(tmp_path / "base", "flow", net, conditioning="text", text_encoder=spec)
+    cn = build_family("controlnet", {**cfg, "base": ck, "signal": "segmentation"})
+    x = world_images(2)
+    hint = cn.control_map(x)
+    assert hint.shape == (2, 5, 16, 16) and (hint > 0).any()
+    caps = ["a red circle", "two blue squares"]
+    z = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cn.sample(2, caps, steps=2, guidance=3.0, x_T=z, control=hint),
+                       cn.base.sample(2, caps, steps=2, guidance=3.0, x_T=z))
+    opt = {"model": torch.optim.AdamW(cn.optimizers_spec()["model"], lr=1e-3)}
+    out = train_step(cn, opt, {"image": x, "caption": caps}, torch.Generator().manual_seed(0))
+    assert out.losses["model"].isfinite()

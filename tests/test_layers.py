@@ -66,35 +66,6 @@ def _fresh(code: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_importing_every_library_module_imports_no_wrapper():
-    names = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _library_files()]
-    names = [n.removesuffix(".__init__") for n in names
-             if n != "imagegen.serve" and not n.endswith("__main__")]
-    out = _fresh(f"""
-import importlib, json, sys
-for name in {names!r}:
-    importlib.import_module(name)
-print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {WRAPPERS!r})))
-""")
-    assert out == []
-
-
-def test_models_do_not_import_the_trainer_package():
-    """models/ reads checkpoints itself (models.checkpoint.load_family); importing the models and
-    their registry pulls in neither the trainer nor the run layer, and ``imagegen.train`` imports
-    its submodules lazily."""
-    out = _fresh("""
-import json, sys
-import models.registry, models.checkpoint, models.teacher, models.base
-first = sorted(m for m in sys.modules if m.startswith('imagegen.train'))
-import imagegen.train
-lazy = sorted(m for m in sys.modules if m.startswith('imagegen.train'))
-from imagegen.train import EMA
-print(json.dumps({"models": first, "package": lazy, "ema": EMA.__module__}))
-""")
-    assert out == {"models": [], "package": ["imagegen.train"], "ema": "imagegen.train.ema"}
-
-
 _BLOCK_WRAPPERS = """
 import importlib.abc, json, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -103,28 +74,63 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f'the --no-prefect path imported {name}')
         return None
 sys.meta_path.insert(0, Block())
-from imagegen.cli import main
 """
 
 
-def test_refused_commands_need_no_prefect(tmp_path):
-    """Parameter checks of every command that runs work happen before (and without) Prefect."""
-    out = _fresh(_BLOCK_WRAPPERS + f"""
-root = {str(tmp_path)!r}
+@pytest.fixture(scope="module")
+def no_wrappers(tmp_path_factory) -> dict:
+    """One fresh interpreter with prefect, flows and tasks unimportable: it imports every library
+    module, then runs the parameter checks of every command that runs work (refused, exit 2)."""
+    names = [".".join(p.relative_to(REPO).with_suffix("").parts) for p in _library_files()]
+    names = [n.removesuffix(".__init__") for n in names if n != "imagegen.serve" and not n.endswith("__main__")]
+    root = str(tmp_path_factory.mktemp("no-wrappers"))
+    return _fresh(_BLOCK_WRAPPERS + f"""
+import importlib
+import models.registry, models.checkpoint, models.teacher, models.base
+first = sorted(m for m in sys.modules if m.startswith('imagegen.train'))
+import imagegen.train
+lazy = sorted(m for m in sys.modules if m.startswith('imagegen.train'))
+from imagegen.train import EMA
+layers = {{"models": first, "package": lazy, "ema": EMA.__module__}}
+from imagegen.cli import main
+failed = {{}}
+for name in {names!r}:
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        failed[name] = str(exc)
+root = {root!r}
 codes = [main(['curate', '--no-prefect', '--set', 'download.timeout=-1', '--data-root', root]),
          main(['train', '--no-prefect', '--dataset', 'no-such', '--data-root', root]),
          main(['distill', '--no-prefect', '--teacher', 'no-such', '--method', 'reflow', '--data-root', root]),
          main(['evaluate', '--no-prefect', '--run', 'no-such', '--data-root', root]),
          main(['benchmark', '--no-prefect', '--runs', 'no-such', '--data-root', root])]
-print(json.dumps({{"codes": codes, "prefect": [m for m in sys.modules if m.split('.')[0] == 'prefect']}}))
+print(json.dumps({{"failed": failed, "codes": codes, "layers": layers,
+                  "wrappers": sorted(m for m in sys.modules if m.split('.')[0] in {WRAPPERS!r})}}))
 """)
-    assert out == {"codes": [2, 2, 2, 2, 2], "prefect": []}
+
+
+def test_importing_every_library_module_imports_no_wrapper(no_wrappers):
+    assert no_wrappers["failed"] == {} and no_wrappers["wrappers"] == []
+
+
+def test_models_do_not_import_the_trainer_package(no_wrappers):
+    """models/ reads checkpoints itself (models.checkpoint.load_family); importing the models and
+    their registry pulls in neither the trainer nor the run layer, and ``imagegen.train`` imports
+    its submodules lazily.  (The fixture's interpreter checks this before importing anything else.)"""
+    assert no_wrappers["layers"] == {"models": [], "package": ["imagegen.train"], "ema": "imagegen.train.ema"}
+
+
+def test_refused_commands_need_no_prefect(no_wrappers):
+    """Parameter checks of every command that runs work happen before (and without) Prefect."""
+    assert no_wrappers["codes"] == [2, 2, 2, 2, 2]
 
 
 @pytest.mark.slow
 def test_curate_no_prefect_never_imports_prefect(tmp_path):
     """A whole (small) ``imagegen curate --no-prefect`` with prefect, flows and tasks unimportable."""
     out = _fresh(_BLOCK_WRAPPERS + f"""
+from imagegen.cli import main
 code = main(['curate', '--no-prefect', '--json', '--data-root', {str(tmp_path)!r},
              '--set', 'source.publish.n_images=40', '--set', 'reference_clip.n_train=64',
              '--set', 'reference_clip.n_heldout=20', '--set', 'reference_clip.steps=2',

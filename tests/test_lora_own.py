@@ -80,6 +80,9 @@ def test_lora_trains_only_the_adapter_with_the_generic_step():
     fam = family("ddpm", UNET, cond_dropout=0.0)
     add_lora(fam, rank=4)
     assert trainable_fraction(fam) < 0.05
+    wide = family("ddpm", UNET)
+    add_lora(wide, rank=4, targets="all")  # + the U-Net's convolutions
+    assert any("conv1.lora_A" in k for k in wide.state_dict()) and trainable_fraction(wide) > trainable_fraction(fam)
     frozen = {k: v.clone() for k, v in fam.state_dict().items() if "lora_" not in k}
     opt = {"model": torch.optim.AdamW(fam.optimizers_spec()["model"], lr=1e-2)}
     x, _ = inputs(4)
@@ -154,6 +157,7 @@ def _subject_images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
+@pytest.mark.slow
 def test_dreambooth_fits_the_subject_and_prior_preservation_limits_drift():
     from models.personalize import denoising_loss, dreambooth, prior_images
 

@@ -208,3 +208,19 @@ def test_imagereward_converter_and_score(images, tmp_path):
         R.convert_imagereward_checkpoint(tmp_path / "broken.pt", tmp_path / "med_config.json", tok_dir,
                                          tmp_path / "broken", vit_width=V, vit_layers=L, vit_heads=H,
                                          image_size=IMG, patch_size=PATCH)
+
+
+def test_one_aesthetic_head_module_serves_filter_and_evaluation(tmp_path):
+    """The curation filter's predictor and the evaluation's reward head are one class: a head saved
+    by one loads strictly into the other and gives the same score."""
+    from imagegen.filters.aesthetic import build_predictor
+    from imagegen.filters.aesthetic_mlp import AestheticMLP
+
+    assert R.RewardMLP is AestheticMLP
+    torch.manual_seed(3)
+    filt = build_predictor("mlp", 16).eval()
+    head = R.RewardMLP(16).eval()
+    head.load_state_dict(filt.state_dict(), strict=True)
+    x = torch.randn(5, 16)
+    assert torch.equal(filt(x), head(x))
+    assert head.input_size == 16

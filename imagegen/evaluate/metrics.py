@@ -34,20 +34,39 @@ class MetricSpec:
 
 
 _RUN = "imagegen.evaluate.run"
-_FD_MODULES = ("imagegen.evaluate.fid", "imagegen.clip", "imagegen.loader", "imagegen.evaluate.images")
+_P1 = "imagegen.evaluate.phase1_rows"
+_U = "imagegen.evaluate.uncertainty"  # intervals and sample-count flags of every row
+_FD_MODULES = ("imagegen.evaluate.fid", "imagegen.clip", "imagegen.loader", "imagegen.evaluate.images",
+               "imagegen.evaluate.bootstrap", _U)
 
 METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("fid", f"{_RUN}:fid_kid_rows", True, False, ("FID", "FD-"), _FD_MODULES),
     MetricSpec("kid", f"{_RUN}:fid_kid_rows", True, False, ("KID", "KD-"), _FD_MODULES),
     MetricSpec("clipscore", f"{_RUN}:clipscore_rows", True, True, ("CLIPScore",),
-               ("imagegen.evaluate.clipscore", "imagegen.clip")),
+               ("imagegen.evaluate.clipscore", "imagegen.clip", "imagegen.evaluate.bootstrap", _U)),
     MetricSpec("geneval", f"{_RUN}:geneval_rows", False, True, ("GenEval",),
                ("imagegen.evaluate.geneval", "imagegen.world.geneval", "imagegen.world.detector",
-                "imagegen.world.scene")),
+                "imagegen.world.scene", "imagegen.evaluate.owl_detector", _U)),
+    MetricSpec("fd_dinov2", f"{_P1}:fd_dinov2_rows", True, False, ("FD-DINOv2",),
+               ("imagegen.evaluate.dinov2", "imagegen.evaluate.hf_models", *_FD_MODULES, _P1, _U)),
+    MetricSpec("cmmd", f"{_P1}:cmmd_rows", True, False, ("CMMD",),
+               ("imagegen.evaluate.cmmd", "imagegen.clip", "imagegen.evaluate.images", _P1, _U)),
+    MetricSpec("prdc", f"{_P1}:prdc_rows", True, True, ("Precision", "Recall", "Density", "Coverage"),
+               ("imagegen.evaluate.prdc", "imagegen.evaluate.dinov2", "imagegen.evaluate.hf_models", *_FD_MODULES,
+                _P1, _U)),
+    MetricSpec("inception_score", f"{_P1}:inception_score_rows", True, True, ("IS",),
+               ("imagegen.evaluate.inception_score", "imagegen.evaluate.fid", _P1, _U)),
+    MetricSpec("reward", f"{_P1}:reward_rows", True, True, ("Reward ",),
+               ("imagegen.evaluate.rewards", "imagegen.filters.aesthetic_mlp", "imagegen.clip", _P1, _U)),
+    MetricSpec("dpg", f"{_P1}:dpg_rows", False, True, ("DPG-Bench",),
+               ("imagegen.evaluate.vqa", "imagegen.evaluate.hf_models", _P1, _U)),
 )}
 
 Metric = Literal[tuple(METRICS)]  # type: ignore[valid-type]
-ALL_METRICS: tuple[str, ...] = tuple(METRICS)
+KNOWN_METRICS: tuple[str, ...] = tuple(METRICS)
+# what an evaluation computes when it names no metrics (and what the pipeline presets ask for): the
+# metrics that need no extra model weights beyond the extractor; the others are asked for by name
+ALL_METRICS: tuple[str, ...] = ("fid", "kid", "clipscore", "geneval")
 
 
 def specs(names: Iterable[str]) -> list[MetricSpec]:
@@ -75,11 +94,14 @@ def modules(names: Iterable[str]) -> list[ModuleType]:
 
 
 def spec_of_column(column: str) -> MetricSpec | None:
-    """The metric that writes result name ``column`` (``FD-CLIP-...`` -> fid), None if none does."""
+    """The metric that writes result name ``column`` (``FD-CLIP-...`` -> fid, ``FD-DINOv2-...`` ->
+    fd_dinov2: the longest matching prefix decides), None if none does."""
+    best, length = None, -1
     for m in METRICS.values():
-        if column.startswith(m.columns):
-            return m
-    return None
+        for prefix in m.columns:
+            if column.startswith(prefix) and len(prefix) > length:
+                best, length = m, len(prefix)
+    return best
 
 
 def higher_is_better(column: str) -> bool:

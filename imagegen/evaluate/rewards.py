@@ -13,7 +13,8 @@ tensors only (``torch.load(weights_only=True)``, run once on a machine you trust
 The heads of ImageReward and the aesthetic predictor are the same module (``Linear(D,1024),
 Dropout(0.2), Linear(1024,128), Dropout(0.2), Linear(128,64), Dropout(0.1), Linear(64,16),
 Linear(16,1)``: the ReLUs are commented out in both published definitions, so the head is affine;
-state-dict keys ``layers.{0,2,4,6,7}``): :class:`RewardMLP`.
+state-dict keys ``layers.{0,2,4,6,7}``): :class:`RewardMLP`, which is the curation filter's
+:class:`imagegen.filters.aesthetic_mlp.AestheticMLP` (one module serves both).
 
 Every score row names the model (its identity: architecture, weights files and sha256) and the
 prompt set the images were generated from (:func:`reward_scores`).  Scores are per image, so
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from imagegen.filters.aesthetic_mlp import AestheticMLP
 from imagegen.hashing import file_sha256, stable_hash
 
 IMAGEREWARD_MEAN = 0.16717362830052426
@@ -52,19 +54,9 @@ class Scorer(Protocol):
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> np.ndarray: ...
 
 
-class RewardMLP(torch.nn.Module):
-    """The linear head shared by ImageReward and the LAION aesthetic predictor (keys ``layers.N``)."""
-
-    def __init__(self, input_size: int) -> None:
-        super().__init__()
-        self.input_size = int(input_size)
-        self.layers = torch.nn.Sequential(
-            torch.nn.Linear(self.input_size, 1024), torch.nn.Dropout(0.2), torch.nn.Linear(1024, 128),
-            torch.nn.Dropout(0.2), torch.nn.Linear(128, 64), torch.nn.Dropout(0.1), torch.nn.Linear(64, 16),
-            torch.nn.Linear(16, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+RewardMLP = AestheticMLP
+"""The linear head shared by ImageReward and the LAION aesthetic predictor (keys ``layers.N``): the
+curation filter's module, :class:`imagegen.filters.aesthetic_mlp.AestheticMLP`, one definition."""
 
 
 # ------------------------------------------------------------------------------ loading helpers

@@ -33,8 +33,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Literal, TypedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal, NotRequired, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -54,6 +54,19 @@ EVALS = "evals"
 
 class EvalError(ValueError):
     """An evaluation that cannot run as asked (says what and where)."""
+
+
+class RewardModel(BaseModel):
+    """One reward / aesthetic model of ``EvalRequest.reward_models`` (weights by path, safetensors)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["aesthetic", "hpsv2", "pickscore", "imagereward"]
+    path: str = Field(description="aesthetic: the head .safetensors; hpsv2: unused ('' ) - the CLIP is `clip`; "
+                      "pickscore: the CLIPModel folder; imagereward: the converted folder")
+    clip: str | None = Field(None, description="aesthetic / hpsv2: the open_clip spec (published: ViT-L-14:openai / "
+                             "ViT-H-14 fine-tuned local-dir)")
+    processor: str | None = Field(None, description="pickscore: the processor folder (None = the model's)")
 
 
 class EvalRequest(BaseModel):
@@ -84,7 +97,27 @@ class EvalRequest(BaseModel):
     geneval_prompts: str = Field("world", description="'world' or a GenEval metadata .jsonl file")
     geneval_per_prompt: int = Field(4, ge=1, le=64, description="Images per GenEval prompt (official: 4)")
     geneval_max_prompts: int | None = Field(None, ge=1, description="Use only the first N prompts (None = all)")
-    detector: str = Field("world", description="'world' or 'torchvision:/path/to/maskrcnn_weights'")
+    detector: str = Field("world", description="'world', 'torchvision:/path/to/maskrcnn_weights' or "
+                          "'owlv2:<hub name or save_pretrained folder>' (open-vocabulary, transformers)")
+    dinov2_model: str = Field("facebook/dinov2-large", description="fd_dinov2 / prdc: DINOv2 hub name or local "
+                              "save_pretrained folder (ViT-L/14 is what Stein et al. 2023 recommend)")
+    prdc_features: str = Field("dinov2", description="prdc on these features: 'dinov2' (dinov2_model) or 'fd' "
+                               "(the FID/FD extractor of `extractor`)")
+    prdc_k: int = Field(3, ge=1, le=100, description="k of the k-NN radii (Kynkäänniemi et al. 2019: 3)")
+    cmmd_clip: str = Field("auto", description="CMMD's CLIP: 'auto' (world -> the reference CLIP, else "
+                           "ViT-L-14-336:openai as the paper), 'world', or an open_clip spec")
+    is_splits: int = Field(10, ge=1, le=1000, description="Inception Score splits")
+    reward_models: tuple[RewardModel, ...] = Field((), description="reward / aesthetic models of the 'reward' metric")
+    vqa_model: str | None = Field(None, description="dpg: a transformers image-text-to-text model (name or folder)")
+    vqa_mode: Literal["generate", "yes_no"] = Field("generate", description="dpg: how the VQA model answers")
+    dpg_questions: str | None = Field(None, description="dpg: the DPG-Bench question csv (dpg_bench.csv format)")
+    dpg_per_prompt: int = Field(1, ge=1, le=16, description="dpg: images generated per prompt")
+    dpg_max_prompts: int | None = Field(None, ge=1, description="dpg: use only the first N prompts")
+    n_resamples: int = Field(100, ge=0, le=100_000, description="Bootstrap resamples of every metric's interval "
+                             "(0 = no intervals)")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence of the intervals")
+    n_seeds: int = Field(1, ge=1, le=64, description="Generate the set n_seeds times with independent seeds "
+                         "(seed, seed+1, ...) and report mean +- std over them (runs only)")
     batch_size: int = Field(64, ge=1, le=4096, description="Generation and feature batch size")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where generation and features run")
 
@@ -100,6 +133,15 @@ class EvalRequest(BaseModel):
             raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
+        if self.n_seeds > 1 and self.folder is not None:
+            raise ValueError("n_seeds > 1 regenerates the set with other seeds: it needs run=, not folder=")
+        if "reward" in self.metrics and not self.reward_models:
+            raise ValueError("metric 'reward' needs reward_models (kind + weights path of each)")
+        if "dpg" in self.metrics and (self.vqa_model is None or self.dpg_questions is None):
+            raise ValueError("metric 'dpg' needs vqa_model (a transformers image-text-to-text model) and "
+                             "dpg_questions (a DPG-Bench csv)")
+        if self.prdc_features not in ("dinov2", "fd"):
+            raise ValueError(f"prdc_features must be 'dinov2' or 'fd', got {self.prdc_features!r}")
         return self
 
 
@@ -122,6 +164,10 @@ class EvalSummary(TypedDict):
     seconds: float
     metrics_file: str | None
     reused: bool
+    intervals: NotRequired[dict[str, list[float]]]  # result name -> [low, high] (bootstrap, or t over seeds)
+    flags: NotRequired[dict[str, list[str]]]        # result name -> why its sample count is too small
+    protocol: NotRequired[dict[str, Any]]           # what makes two evaluations comparable (protocol card)
+    n_seeds: NotRequired[int]
 
 
 def evals_dir(root: Path) -> Path:
@@ -285,7 +331,23 @@ def _check_before_work(req: EvalRequest, src: Source) -> None:
         read_prompts(req.geneval_prompts)  # line-numbered errors
     if "geneval" in req.metrics:
         _detector(req)  # a missing detector weights file is named now, not after generation
+    if {"fd_dinov2", "prdc"} & set(req.metrics) and (req.prdc_features == "dinov2" or "fd_dinov2" in req.metrics):
+        from imagegen.evaluate.hf_models import check_available
+
+        check_available(req.dinov2_model, "DINOv2 weights")
+    for spec in req.reward_models if "reward" in req.metrics else ():
+        for what, path in (("weights", spec.path if spec.kind != "hpsv2" else None), ("processor", spec.processor)):
+            if path and not Path(path).expanduser().exists():
+                raise EvalError(f"reward model {spec.kind}: {what} {path} does not exist")
+    if "dpg" in req.metrics:
+        from imagegen.evaluate.hf_models import check_available
+        from imagegen.evaluate.vqa import read_dpg_questions
+
+        read_dpg_questions(str(req.dpg_questions))  # row-numbered errors before any generation
+        check_available(str(req.vqa_model), "VQA model weights")
     specs = []
+    if "cmmd" in req.metrics and req.cmmd_clip not in ("auto", "world"):
+        specs.append(req.cmmd_clip)
     if "clipscore" in req.metrics:
         specs.append(_resolve_clip(req.clip_model, src))
     if {"fid", "kid"} & set(req.metrics) and _extractor_name(req, src) != "inception":
@@ -359,19 +421,42 @@ def conditions(src: Source, n: int, seed: int) -> tuple[list[str] | None, Any]:
     return None, None
 
 
+def rank_batches(n: int, batch_size: int, rank: int, world: int) -> list[int]:
+    """The batch starts rank ``rank`` of ``world`` generates: a contiguous, disjoint range of the
+    global batches (so of image indices, and of the seeds derived from them).  Batches are the same
+    as in one process, which makes every image byte-identical to a one-process run (stochastic
+    samplers draw from a generator seeded by the batch start)."""
+    starts = list(range(0, n, batch_size))
+    return starts[rank * len(starts) // world:(rank + 1) * len(starts) // world]
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[str, Any]:
-    """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete)."""
+    """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete).
+
+    Under torchrun (a process group initialised) each rank generates its range of batches
+    (:func:`rank_batches`) into the shared folder, then one gather tells rank 0 what each rank
+    did; rank 0 checks every batch was made and writes captions.jsonl last."""
     done = out / "captions.jsonl"
     info_path = out / "generate.json"
     if done.is_file() and len(done.read_text().splitlines()) == req.n_samples and info_path.is_file():
         return {**json.loads(info_path.read_text()), "generated": 0, "reused": True}
+    rank, world = _dist_rank_world()
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
     shape = fam.noise_shape
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     nfe = None
-    for start in range(0, req.n_samples, req.batch_size):
+    mine = rank_batches(req.n_samples, req.batch_size, rank, world)
+    for start in mine:
         idx = list(range(start, min(req.n_samples, start + req.batch_size)))
         c = None if cond is None else (cond[start:idx[-1] + 1] if isinstance(cond, list) else cond)
         if isinstance(c, list) and c and isinstance(c[0], int):
@@ -385,11 +470,23 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
         u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for j, i in enumerate(idx):
             Image.fromarray(u8[j]).save(out / f"{i:05d}.png")
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, {"rank": rank, "starts": mine, "nfe": nfe, "seconds": round(time.time() - t0, 3)})
+        made = sorted(s for p in parts for s in p["starts"])
+        if made != list(range(0, req.n_samples, req.batch_size)):
+            raise EvalError(f"distributed generation: the ranks made batches {made}, not every batch once")
+        nfe = next((p["nfe"] for p in parts if p["nfe"] is not None), None)
+        if rank != 0:
+            return {"nfe": nfe, "generated": sum(len(range(s, min(req.n_samples, s + req.batch_size))) for s in mine),
+                    "reused": False, "rank": rank, "world": world}
     lines = [json.dumps({"file": f"{i:05d}.png", "caption": captions[i] if captions else None})
              for i in range(req.n_samples)]
     tmp = out / ".captions.jsonl.tmp"
     tmp.write_text("\n".join(lines) + "\n")
-    info = {"nfe": nfe, "seconds": round(time.time() - t0, 3)}
+    info = {"nfe": nfe, "seconds": round(time.time() - t0, 3), "world_size": world}
     write_json_atomic(info_path, info)
     tmp.replace(done)  # written last: marks the set complete
     return {**info, "generated": req.n_samples, "reused": False}
@@ -473,15 +570,25 @@ def fid_kid(src: Source, req: EvalRequest, gen_files: list[Path], device: str, b
             "extractor_weights": json.dumps(weights, default=str), "n_generated": len(gen_files),
             "n_reference": len(ref_files), "reference_dataset": src.dataset.id, "reference_size": size,
             "reference_stats_sha256": stats_hash(mu, sigma)}
+    from imagegen.evaluate.uncertainty import KID_RESAMPLE_SUBSETS, flag_columns, interval_columns
+
     rows = []
     if "fid" in req.metrics:
-        rows.append({**prov, "metric": metric_name(ext_id), "value": fd_from_features(gen, ref)})
+        value = fd_from_features(gen, ref)
+        rows.append({**prov, "metric": metric_name(ext_id), "value": value,
+                     **interval_columns(gen, ref, req, kind="fd", value=value),
+                     **flag_columns("fd", len(gen), len(ref), dim=int(gen.shape[1]))})
     if "kid" in req.metrics:
         size_k = min(req.kid_subset_size, len(gen), len(ref))
         mean, std = kid(gen, ref, subsets=req.kid_subsets, subset_size=size_k, seed=req.seed)
         kid_name = "KID" if ext_id == INCEPTION_ID else f"KD-{ext_id}"
+        sub = min(req.kid_subsets, KID_RESAMPLE_SUBSETS)
         rows.append({**prov, "metric": kid_name, "value": float(mean), "std": float(std),
-                     "kid_subsets": req.kid_subsets, "kid_subset_size": size_k})
+                     "kid_subsets": req.kid_subsets, "kid_subset_size": size_k,
+                     **interval_columns(gen, ref, req, kind="metric", value=float(mean),
+                                        metric=lambda g, r: kid(g, r, subsets=sub, subset_size=size_k, seed=req.seed)[0],
+                                        method=f"percentile bootstrap (KID of {sub} subsets per resample)"),
+                     **flag_columns("kid", len(gen), len(ref), subset_size=req.kid_subset_size)})
     return rows
 
 
@@ -502,14 +609,28 @@ def _fid_against_stats(req: EvalRequest, src: Source, extractor: Any, ext_id: st
             "n_reference": card.get("n_feats"), "reference_dataset": None, "reference_stats": card["id"],
             "reference_stats_name": card["name"], "reference_stats_file_sha256": card["file_sha256"],
             "reference_stats_protocol": card.get("protocol"), "reference_stats_sha256": card["stats_sha256"]}
+    from imagegen.evaluate.uncertainty import KID_RESAMPLE_SUBSETS, flag_columns, interval_columns
+
+    def fd_to_stats(g: np.ndarray, _: Any) -> float:
+        return frechet_distance(*gaussian_stats(g, name="resampled generated features"), mu, sigma)
+
     rows = []
     if "fid" in req.metrics:
-        rows.append({**prov, "metric": metric_name(ext_id), "value": frechet_distance(g_mu, g_sigma, mu, sigma)})
+        value = frechet_distance(g_mu, g_sigma, mu, sigma)
+        rows.append({**prov, "metric": metric_name(ext_id), "value": value,
+                     **interval_columns(gen, None, req, kind="metric", metric=fd_to_stats, value=value,
+                                        method="percentile bootstrap over the generated set (imported statistics fixed)"),
+                     **flag_columns("fd", len(gen), card.get("n_feats"), dim=int(gen.shape[1]))})
     if "kid" in req.metrics and feats is not None:
         size_k = min(req.kid_subset_size, len(gen), len(feats))
         mean, std = kid(gen, feats, subsets=req.kid_subsets, subset_size=size_k, seed=req.seed)
+        sub = min(req.kid_subsets, KID_RESAMPLE_SUBSETS)
         rows.append({**prov, "metric": "KID" if ext_id == INCEPTION_ID else f"KD-{ext_id}", "value": float(mean),
-                     "std": float(std), "kid_subsets": req.kid_subsets, "kid_subset_size": size_k})
+                     "std": float(std), "kid_subsets": req.kid_subsets, "kid_subset_size": size_k,
+                     **interval_columns(gen, feats, req, kind="metric", value=float(mean),
+                                        metric=lambda g, r: kid(g, r, subsets=sub, subset_size=size_k, seed=req.seed)[0],
+                                        method=f"percentile bootstrap (KID of {sub} subsets per resample)"),
+                     **flag_columns("kid", len(gen), len(feats), subset_size=req.kid_subset_size)})
     return rows
 
 
@@ -522,8 +643,16 @@ def clipscore(src: Source, req: EvalRequest, files: list[Path], captions: list[s
     out = clip_score_images(spec, files, captions, batch_size=req.batch_size, device=device)
     prov = {**base, "implementation": "open_clip cosine of L2-normalised embeddings", "clip": json.dumps(out["clip"]),
             "n_generated": len(files)}
-    return [{**prov, "metric": "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))", "value": out["clipscore_hessel2021"]},
-            {**prov, "metric": "CLIPScore (torchmetrics: max(mean 100*cos, 0))", "value": out["clipscore_torchmetrics"]}]
+    from imagegen.evaluate.clipscore import HESSEL_W
+    from imagegen.evaluate.uncertainty import interval_columns
+
+    cos = np.asarray(out["cosine"], dtype=np.float64)
+    tm_ci = interval_columns(100.0 * cos, None, req, kind="mean")  # max(mean, 0) is monotone in the mean
+    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") else v) for k, v in tm_ci.items()}
+    return [{**prov, "metric": "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))", "value": out["clipscore_hessel2021"],
+             **interval_columns(HESSEL_W * np.maximum(cos, 0.0), None, req, kind="mean")},
+            {**prov, "metric": "CLIPScore (torchmetrics: max(mean 100*cos, 0))", "value": out["clipscore_torchmetrics"],
+             **tm_ci}]
 
 
 def _detector(req: EvalRequest) -> tuple[Any, Any]:
@@ -535,7 +664,12 @@ def _detector(req: EvalRequest) -> tuple[Any, Any]:
         return WorldDetector(), G.detector_color
     if req.detector.startswith("torchvision:"):
         return G.TorchvisionDetector(req.detector.split(":", 1)[1]), None
-    raise EvalError(f"unknown detector {req.detector!r}; use 'world' or 'torchvision:/path/to/weights'")
+    if req.detector.startswith("owlv2:"):
+        from imagegen.evaluate.owl_detector import OwlDetector
+
+        return OwlDetector(req.detector.split(":", 1)[1]), None
+    raise EvalError(f"unknown detector {req.detector!r}; use 'world', 'torchvision:/path/to/weights' or "
+                    f"'owlv2:<model name or folder>'")
 
 
 def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[str, Any]) -> list[dict]:
@@ -574,12 +708,23 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     rows = G.score_folder(layout, detector, color, outfile=out / "geneval_results.jsonl")
     summary = G.summarize(rows)
     write_json_atomic(out / "geneval_summary.json", summary)
+    from imagegen.evaluate.owl_detector import result_flags
+
+    det = result_flags(detector)
     prov = {**base, "implementation": "imagegen GenEval rules (Ghosh et al. 2023)", "detector": req.detector,
+            "detector_identity": json.dumps(det["detector_identity"], default=str),
+            "comparable_with_published": det["comparable_with_published"], "note": det["note"],
             "prompts": req.geneval_prompts, "n_prompts": summary["prompts"], "n_generated": summary["images"],
             "per_prompt": req.geneval_per_prompt}
+    from imagegen.evaluate.uncertainty import interval_columns, rows_bootstrap
+
+    overall_ci = rows_bootstrap(rows, lambda rs: G.summarize(rs)["overall"], req, summary["overall"])
     out_rows = [{**prov, "metric": "GenEval overall", "value": summary["overall"],
-                 "complete": summary["complete"]}]
-    out_rows += [{**prov, "metric": f"GenEval {t}", "value": v["accuracy"]} for t, v in summary["tasks"].items()]
+                 "complete": summary["complete"], **overall_ci}]
+    for t, v in summary["tasks"].items():
+        correct = [float(bool(r["correct"])) for r in rows if str(r["tag"]) == t]
+        out_rows.append({**prov, "metric": f"GenEval {t}", "value": v["accuracy"],
+                         **interval_columns(correct, None, req, kind="mean")})
     return out_rows
 
 
@@ -595,6 +740,7 @@ class MetricContext:
     base: dict[str, Any]             # provenance columns shared by every row
     files: list[Path]                # the generated set (or the folder's images); empty when not needed
     captions: list[str | None]
+    cache: dict[str, Any] = field(default_factory=dict)  # features shared by rows (fd_dinov2 and prdc)
 
 
 Computed = tuple[list[dict[str, Any]], dict[str, str]]  # (metric rows, skipped metric -> reason)
@@ -634,14 +780,12 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
         request = EvalRequest(**request)
     root = Path(root)
     req = request
+    if req.n_seeds > 1:
+        return _evaluate_seeds(req, root)
     src = Source(req, root)
     _check_before_work(req, src)
     device = _device(req)
-    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
-                                                                                      "batch_size"}),
-             "code": code_version(*M.modules(req.metrics), M, _self())}
-    if req.reference_stats is not None:  # a name can be given to another file: the file's hash decides
-        ident["reference_stats_sha256"] = _stats_card(req, src)["file_sha256"]
+    ident = eval_identity(req, src)
     eval_id = stable_hash(ident)
     out = evals_dir(root) / eval_id
     if (out / "card.json").is_file():
@@ -685,6 +829,8 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
     df = pd.DataFrame(rows)
     if not df.empty:
         df.to_parquet(out / "metrics.parquet", index=False)
+    from imagegen.evaluate.protocol import eval_protocol
+
     summary: EvalSummary = {"eval_id": eval_id, "path": str(out), "metrics": {r["metric"]: r["value"] for r in rows},
                "skipped": skipped, "run_id": base["run_id"], "family": base["family"],
                "model": ({"spec": src.diffusers, "source": src.identity["source"], "revision": src.identity["revision"],
@@ -692,7 +838,67 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
                          if src.diffusers else None),
                "sampler": base["sampler"], "steps": base["steps"], "nfe": base.get("nfe"),
                "guidance": req.guidance, "n_samples": len(files), "seconds": round(time.time() - t0, 3),
-               "metrics_file": str(out / "metrics.parquet") if rows else None, "reused": False}
+               "metrics_file": str(out / "metrics.parquet") if rows else None, "reused": False,
+               **_row_summaries(rows), "n_seeds": 1,
+               "protocol": eval_protocol(rows, req.model_dump(mode="json"), [req.seed], len(files))}
+    write_json_atomic(out / "card.json", {**summary, "request": req.model_dump(mode="json"), "identity": ident})
+    return summary
+
+
+def eval_identity(req: EvalRequest, src: Source) -> dict[str, Any]:
+    """What the evaluation id hashes: the source, the settings (not where or in what batches it runs)
+    and the code of the requested metrics."""
+    ident = {"source": src.identity, "settings": req.model_dump(mode="json", exclude={"run", "folder", "device",
+                                                                                      "batch_size"}),
+             "code": code_version(*M.modules(req.metrics), M, _self())}
+    if req.reference_stats is not None:  # a name can be given to another file: the file's hash decides
+        ident["reference_stats_sha256"] = _stats_card(req, src)["file_sha256"]
+    return ident
+
+
+def _row_summaries(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``intervals`` (result -> [low, high]) and ``flags`` (result -> sample-count flags) of the rows."""
+    intervals = {r["metric"]: [float(r["ci_low"]), float(r["ci_high"])] for r in rows
+                 if r.get("ci_low") is not None and r.get("ci_high") is not None}
+    flags = {r["metric"]: json.loads(r["flags"]) for r in rows if r.get("flagged")}
+    return {"intervals": intervals, "flags": flags}
+
+
+def _evaluate_seeds(req: EvalRequest, root: Path) -> EvalSummary:
+    """``n_seeds`` evaluations with seeds ``seed, seed+1, ...`` (independent noise, captions and
+    bootstrap draws), each its own evaluation folder (reused when present), combined into one:
+    every result present in all of them becomes mean +- std over seeds with a Student-t interval."""
+    from imagegen.evaluate.protocol import eval_protocol
+    from imagegen.evaluate.uncertainty import over_seeds
+
+    seeds = [req.seed + k for k in range(req.n_seeds)]
+    parts = [evaluate(req.model_copy(update={"seed": s, "n_seeds": 1}), root) for s in seeds]
+    ident = {"seeds": seeds, "parts": [p["eval_id"] for p in parts], "code": code_version(_self())}
+    eval_id = stable_hash(ident)
+    out = evals_dir(root) / eval_id
+    out.mkdir(parents=True, exist_ok=True)
+    frames = [pd.read_parquet(p["metrics_file"]) for p in parts if p.get("metrics_file")]
+    names = [m for m in parts[0]["metrics"] if all(m in p["metrics"] for p in parts)]
+    rows = []
+    for m in names:
+        first = frames[0][frames[0]["metric"] == m].iloc[0].to_dict()
+        per = [float(p["metrics"][m]) for p in parts]
+        flagged = [f for p in parts for f in p.get("flags", {}).get(m, [])]
+        rows.append({**{k: v for k, v in first.items() if not k.startswith("ci_")}, "eval_id": eval_id,
+                     "seed": seeds[0], "seeds": json.dumps(seeds), "part_eval_ids": json.dumps(ident["parts"]),
+                     **over_seeds(per, req.confidence), "flags": json.dumps(sorted(set(flagged))),
+                     "flagged": bool(flagged)})
+    pd.DataFrame(rows).to_parquet(out / "metrics.parquet", index=False)
+    skipped = {k: v for p in parts for k, v in p["skipped"].items()}
+    p0 = parts[0]
+    summary: EvalSummary = {"eval_id": eval_id, "path": str(out), "metrics": {r["metric"]: r["value"] for r in rows},
+                            "skipped": skipped, "run_id": p0["run_id"], "family": p0["family"],
+                            "sampler": p0["sampler"], "steps": p0["steps"], "nfe": p0["nfe"],
+                            "guidance": req.guidance, "n_samples": p0["n_samples"],
+                            "seconds": round(sum(p["seconds"] for p in parts), 3),
+                            "metrics_file": str(out / "metrics.parquet"), "reused": all(p["reused"] for p in parts),
+                            **_row_summaries(rows), "n_seeds": req.n_seeds,
+                            "protocol": eval_protocol(rows, req.model_dump(mode="json"), seeds, p0["n_samples"])}
     write_json_atomic(out / "card.json", {**summary, "request": req.model_dump(mode="json"), "identity": ident})
     return summary
 
