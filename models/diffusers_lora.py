@@ -78,7 +78,7 @@ class DiffusersLora(Family):
     def __init__(self, cfg: DiffusersLoraConfig | Mapping[str, Any]) -> None:
         nn.Module.__init__(self)  # not Family.__init__: the text tower is the pipeline's, not open_clip
         if isinstance(cfg, Mapping):
-            cfg = DiffusersLoraConfig(**cfg)
+            cfg = self.Config(**cfg)
         self.cfg = cfg
         self.text_dim = 0
         from models.hf_diffusers import DiffusersModel
@@ -157,12 +157,12 @@ class DiffusersLora(Family):
             drop = rand(len(captions), generator, self.device) < self.cfg.cond_dropout
             captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
         loss = self._denoise_loss(x, captions, generator)
-        logs = {"instance": float(loss)}
+        logs = {"instance": float(loss.detach())}
         if self.cfg.prior_prompt is not None and self.cfg.prior_weight > 0:
             prior = self.prior_images(x.shape[0], generator)
             lp = self._denoise_loss(prior, [self.cfg.prior_prompt] * prior.shape[0], generator)
             loss = loss + self.cfg.prior_weight * lp
-            logs["prior"] = float(lp)
+            logs["prior"] = float(lp.detach())
         return LossOut({"model": loss}, logs)
 
     def prior_images(self, n: int, generator: torch.Generator | None) -> Tensor:
@@ -242,3 +242,23 @@ def export_adapter(checkpoint: str | Path, out: str | Path, *, use_ema: bool = T
                                               text_encoder_lora_layers=state.get("text_encoder"),
                                               weight_name=ADAPTER_FILE, safe_serialization=True)
     return out / ADAPTER_FILE
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.diffusers_lora export CHECKPOINT OUT_DIR [--raw]``: the adapter alone."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m models.diffusers_lora")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a diffusers_lora checkpoint's adapter in diffusers' LoRA format")
+    ex.add_argument("checkpoint", help="a checkpoint folder (runs/<id>/checkpoints/step_*)")
+    ex.add_argument("out", help="output folder (gets pytorch_lora_weights.safetensors)")
+    ex.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+    a = ap.parse_args(argv)
+    print(export_adapter(a.checkpoint, a.out, use_ema=not a.raw))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

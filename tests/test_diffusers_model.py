@@ -289,8 +289,10 @@ def test_lora_finetuning_run_on_a_diffusers_unet(tiny_sd, tmp_path):
     from models.diffusers_lora import export_adapter
     from models.hf_diffusers import DiffusersModel
 
+    from _helpers import eval_world_root
+
     root = tmp_path / "root"
-    register_world_dataset(root, n=16, per_shard=8)
+    eval_world_root(root, n=16, per_shard=8)
     spec = f"diffusers:{tiny_sd}"
     model = {"pipeline": spec, "image_size": 16, "rank": 4, "text_encoder_lora": False}
     train = {"family": "diffusers_lora", "model": model, "steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_steps": 0,
@@ -334,6 +336,12 @@ def test_lora_finetuning_run_on_a_diffusers_unet(tiny_sd, tmp_path):
     via_sample = DiffusersModel(spec, loras=[str(f)]).sample(2, ["a red circle", "a cat"], steps=3, x_T=x)
     assert torch.allclose(ours, via_sample, atol=1e-4)
     assert float((ours - DiffusersModel(spec).sample(2, ["a red circle", "a cat"], steps=3, x_T=x)).abs().max()) > 0
+    # the LoRA run is evaluated like any run (captions of its dataset, the family's samplers)
+    from imagegen.evaluate.run import EvalRequest, evaluate
+
+    ev = evaluate(EvalRequest(run=res["run_id"], metrics=("fid", "clipscore"), n_samples=4, steps=2,
+                              kid_subset_size=2), root)
+    assert ev["family"] == "diffusers_lora" and ev["nfe"] == 2 and any(k.startswith("CLIPScore") for k in ev["metrics"])
 
 
 @pytest.mark.slow
@@ -368,3 +376,26 @@ def test_a_toy_sd3_transformer_pipeline(tmp_path):
     res = sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=2, sampler="dpmpp_2m", guidance=2.0,
                                out=str(tmp_path / "s")), tmp_path / "root")
     assert read_parameters(res["files"][0])["model"]["pipeline"] == "StableDiffusion3Pipeline"
+
+
+@pytest.mark.slow
+def test_lora_family_options_prior_preservation_and_text_encoder(tiny_sd):
+    from models.base import train_step
+    from models.registry import build_family
+
+    fam = build_family("diffusers_lora", {"pipeline": f"diffusers:{tiny_sd}", "image_size": 16, "rank": 2,
+                                          "alpha": 4.0, "targets": ["to_q", "to_v"], "text_encoder_lora": True,
+                                          "prior_prompt": "a cat", "prior_images": 2, "prior_steps": 2})
+    names = fam.trainable_names()
+    assert names and all("lora_" in n for n in names)
+    assert any(n.startswith("text_model.") for n in names) and not any(".to_k." in n for n in names)
+    opt = {"model": torch.optim.AdamW([p for p in fam.parameters() if p.requires_grad], lr=1e-2)}
+    batch = {"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a sks cat", "a sks cat"]}
+    out = train_step(fam, opt, batch, torch.Generator().manual_seed(0))
+    assert set(out.logs) == {"instance", "prior"} and fam._prior is not None and len(fam._prior) == 2
+    from models.diffusers_lora import adapter_state
+
+    state = adapter_state(fam)
+    assert state["text_encoder"] and all("lora" in k for k in state["text_encoder"])
+    with pytest.raises(ValueError, match="conditioning is 'text' through the pipeline"):
+        build_family("diffusers_lora", {"pipeline": f"diffusers:{tiny_sd}", "text_encoder": "ViT-B-32:openai"})
