@@ -49,6 +49,7 @@ def curate_flow(preset: Literal["smoke", "demo"] | None = "smoke", config: C.Cur
     cfg = config if config is not None else build_config(C.CurateConfig, CURATE_PRESETS, preset, overrides)
     root = resolve_root(data_root)
     C.check_preconditions(cfg, root)
+    cfg = C.resolve_parent(cfg, root)  # a parent version by its immutable id
     ds = C.run_stages(cfg, root, run=_task_runner(str(root)))
     publish_pages(curate_pages(ds.path))
     summary = curate_summary(Path(ds.path))

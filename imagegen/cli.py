@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     cur.add_argument("--name", help="registry name of the dataset")
     cur.add_argument("--url-col", help="URL column name (default url)")
     cur.add_argument("--caption-col", help="caption column name (default caption)")
+    cur.add_argument("--parent", help="make a new version NAME@<next> of this dataset (NAME, NAME@N or id): reuse "
+                     "its parts, fetch again only the rows that failed for a transient reason (= --set parent=...)")
+    cur.add_argument("--append-list", help="with --parent: a URL list whose rows are added to the new version")
     cur.add_argument("--runner", help="where the per-part map steps of curation run: local (default), local:N, dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (= --set runner=... / curate.runner=...)")
 
     ds = sub.add_parser("datasets", help="list or show datasets in the registry")
@@ -192,6 +195,10 @@ def _curate_overrides(args: argparse.Namespace) -> list[str]:
         extra.append(f"download.caption_col={args.caption_col}")
     if getattr(args, "runner", None):
         extra.append(f"runner={args.runner}")
+    if getattr(args, "parent", None):
+        extra.append(f"parent={args.parent}")
+    if getattr(args, "append_list", None):
+        extra.append(f"download.append_list={Path(args.append_list).resolve()}")
     return extra + list(args.overrides)
 
 

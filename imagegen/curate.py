@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -79,7 +80,7 @@ def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
     "download": {"processes_count", "thread_count", "distributor", "runner"},
-    "dedup": {"processes", "batch_rows", "runner"},
+    "dedup": {"processes", "batch_rows", "runner", "semantic_batch_size"},
     "filter": {"runner"},
     "recaption": {"batch_size", "device"},
 }
@@ -117,6 +118,9 @@ class CurateConfig(BaseModel):
     filter: FilterConfig = Field(default_factory=FilterConfig)
     recaption: RecaptionConfig = Field(default_factory=RecaptionConfig)
     shard: ShardConfig = Field(default_factory=ShardConfig)
+    parent: str | None = Field(None, description="Make a new version of this registered dataset (NAME, NAME@N "
+                               "or id): reuse its parts, fetch again only the rows that failed for a transient "
+                               "reason, plus download.append_list; registered as NAME@<next>")
     runner: str = Field("local", description="Where the per-part map steps run: local (a process pool sized "
                         "to the machine), local:N, dask (a LocalCluster), dask:N, dask://HOST:PORT, ray, ray:N, "
                         "ray://HOST:PORT; a stage's own runner field overrides it. Never part of an id")
@@ -125,6 +129,14 @@ class CurateConfig(BaseModel):
     @classmethod
     def _runner_spec(cls, v: str) -> str:
         return runner_spec(v)
+
+    @model_validator(mode="after")
+    def _parent(self) -> "CurateConfig":
+        if self.parent and not self.download.parent:
+            object.__setattr__(self, "download", self.download.model_copy(update={"parent": self.parent}))
+        if self.download.append_list and not self.download.parent:
+            raise ValueError("download.append_list needs a parent dataset (parent=NAME) to append to")
+        return self
 
     @model_validator(mode="after")
     def _stage_runners(self) -> "CurateConfig":
@@ -207,11 +219,36 @@ def source_id(source: SourceConfig, world: StageResult | None) -> str:
     return f"file-{file_sha256(source.url_list)[:16]}"
 
 
+def parent_download(root: Path, parent: str) -> tuple[DatasetRef, Path]:
+    """The parent dataset of an incremental version and its download stage folder."""
+    ref = get_dataset(root, parent)
+    dl_id = ref.card.get("stage_ids", {}).get("download")
+    path = stage_dir(root, "download", dl_id) if dl_id else None
+    if path is None or not is_complete(path):
+        raise FileNotFoundError(f"parent dataset {parent!r} ({ref.id}): its download stage {dl_id} is not in "
+                                f"{stage_dir(root, 'download', '')}; an incremental version needs it")
+    return ref, path
+
+
 def download_stage(root: Path, source: SourceConfig, world: StageResult | None, cfg: DownloadConfig) -> StageResult:
-    """Fetch every URL with img2dataset; for the world, serve it on loopback for the duration."""
-    sid_inputs = {"source": source_id(source, world)}
+    """Fetch every URL with img2dataset; for the world, serve it on loopback for the duration.
+
+    With ``cfg.parent`` (a dataset id, see :func:`resolve_parent`): a new version that reuses the
+    parent's parts (:mod:`imagegen.stages.incremental`)."""
+    sid_inputs: dict[str, Any] = {"source": source_id(source, world)}
+    params = _params("download", cfg)
+    for k in ("parent", "append_list"):
+        params.pop(k, None)
+    parent_dir = None
+    if cfg.parent:
+        pref, parent_dir = parent_download(root, cfg.parent)
+        sid_inputs["parent_download"] = parent_dir.name
+        if cfg.append_list:
+            sid_inputs["append"] = f"file-{file_sha256(cfg.append_list)[:16]}"
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        if parent_dir is not None:
+            return incremental_body(tmp, card)
         if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
             table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
                                                cfg.on_duplicate_urls)
@@ -228,15 +265,62 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
                 card["server_requests"] = srv.stats()
         return counts
 
-    return _run_stage(root, "download", sid_inputs, _params("download", cfg), stage_code("download"), body)
+    def incremental_body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        from imagegen.stages import incremental
+
+        append = None
+        if cfg.append_list:
+            append = download_mod.read_url_list(cfg.append_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
+        card["parent"] = {"dataset": cfg.parent, "download": parent_dir.name}
+        if source.kind == "url_list":
+            urls = pd.read_parquet(parent_dir / "ledger.parquet", columns=["row_id", "url", "caption"])
+            return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
+        from imagegen.world.publish import url_table
+        from imagegen.world.server import serve_world
+
+        with serve_world(Path(world.path), host=source.world_host, port=source.world_port) as srv:
+            urls = url_table(Path(world.path), srv.base_url)  # the parent's URLs named another port
+            return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
+
+    from imagegen.stages import incremental as incremental_mod
+    code = stage_code("download") if parent_dir is None else stable_hash(
+        {"download": stage_code("download"), "incremental": code_version(incremental_mod)})
+    return _run_stage(root, "download", sid_inputs, params, code, body)
 
 
-def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig) -> StageResult:
+def resolve_parent(config: "CurateConfig", root: Path) -> "CurateConfig":
+    """``parent`` (NAME, NAME@N or id) -> the parent dataset's id, so the ids (and Prefect's cache
+    keys) name an immutable parent, whatever the registry's names point at later."""
+    spec = config.download.parent
+    if not spec:
+        return config
+    ref = get_dataset(root, spec)
+    if ref.id == spec:
+        return config
+    return config.model_copy(update={"download": config.download.model_copy(update={"parent": ref.id})})
+
+
+def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: StageResult | None = None) -> StageResult:
+    """Exact and perceptual duplicates; with ``cfg.semantic``, SemDeDup over CLIP embeddings too
+    (``clip``: the world's reference CLIP, for ``semantic_model='world'``)."""
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        return dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet", runner=cfg.runner)
+        counts = dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet",
+                                     runner=cfg.runner, resolve_model=model_resolver(clip))
+        shutil.rmtree(tmp / "_embeddings", ignore_errors=True)
+        return counts
 
-    return _run_stage(root, "dedup", {"download": download.id}, _params("dedup", cfg), stage_code("dedup"), body)
+    from imagegen import semdedup
+    inputs = {"download": download.id}
+    code = stage_code("dedup")
+    if cfg.semantic is not None:  # ids of phash-only configs stay as they were
+        inputs.update(_clip_inputs(clip, cfg.semantic_model))
+        code = stable_hash({"dedup": code, "semdedup": code_version(semdedup)})
+    params = _params("dedup", cfg)
+    if cfg.semantic is None:
+        for k in ("semantic", "semantic_model", "semantic_batch_size"):
+            params.pop(k, None)
+    return _run_stage(root, "dedup", inputs, params, code, body)
 
 
 def model_resolver(clip: StageResult | None) -> Callable[[str], str]:
@@ -270,15 +354,15 @@ def filter_identity(download: StageResult, dedup: StageResult, cfg: FilterConfig
 def filter_stage(root: Path, download: StageResult, dedup: StageResult, cfg: FilterConfig,
                  clip: StageResult | None) -> StageResult:
     inputs, params, code = filter_identity(download, dedup, cfg, clip)
-    # per-part scores, content-addressed by (download part, filter params, code): a rerun of a
-    # crashed stage rescores only the parts that were missing
-    part_ns = stable_hash({"inputs": inputs, "params": params, "code": code})[:16]
+    # per-part scores, content-addressed by (the part file's sha256, filter params, code, models): a
+    # rerun of a crashed stage rescores only the missing parts, a new version only its new parts
+    part_ns = stable_hash({"clip": inputs.get("reference_clip"), "params": params, "code": code})[:16]
 
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         return filter_mod.run_filter(Path(download.path), Path(dedup.path) / "dedup.parquet", cfg,
                                      tmp / "filter.parquet", resolve_model=model_resolver(clip), runner=cfg.runner,
-                                     part_cache=stage_dir(root, "filter-parts", part_ns),
-                                     part_key=lambda name: name.removesuffix(".parquet"))
+                                     part_cache=root / "parts" / "filter" / part_ns,
+                                     part_key=lambda part: file_sha256(part)[:32])
 
     return _run_stage(root, "filter", inputs, params, code, body)
 
@@ -392,6 +476,7 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
                           for r in (world, download, dedup, filtered, captions) if r is not None},
         "shards": [{"name": i.name, "count": i.count, "bytes": i.bytes, "sha256": i.sha256} for i in infos],
         "reference_clip": clip.counts if clip else None,
+        "parent": _parent_card(root_of(download), read_card(Path(download.path)).get("parent")),
     })
     if world is not None:
         card["world_report"] = world_report(Path(world.path), accounting, cc)
@@ -482,6 +567,24 @@ def _spill_by_shard(images_dir: Path, plan: list[list[str]], folder: Path, grid_
     return spill
 
 
+def root_of(res: StageResult) -> Path:
+    return Path(res.path).parents[2]  # <root>/stages/<stage>/<id>
+
+
+def _parent_card(root: Path, parent: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The parent version of an incremental dataset: its id, name and version number."""
+    if not parent:
+        return None
+    from imagegen.registry import versions_of
+
+    ref = get_dataset(root, parent["dataset"])
+    out = {"id": ref.id, "download": parent["download"], "name": ref.card.get("name")}
+    vs = versions_of(root, ref.card.get("name", ""))
+    if ref.id in vs:
+        out["version"] = vs.index(ref.id) + 1
+    return out
+
+
 def account_rows(ledger: pd.DataFrame, dedup: pd.DataFrame, filtered: pd.DataFrame) -> pd.DataFrame:
     """One row per input row with its final outcome: kept, or the stage and reason that dropped it."""
     acc = ledger[["row_id", "url", "key", "status", "reason"]].copy()
@@ -557,6 +660,11 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
     try:
         for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
             check_runner(spec, root)
+        if config.download.parent:
+            parent_download(root, config.download.parent)  # a known dataset whose download is still here
+            if config.download.append_list:
+                download_mod.read_url_list(config.download.append_list, config.download.url_col,
+                                           config.download.caption_col, config.download.on_duplicate_urls)
         _check_inputs(config)
     except BaseException:
         if created:
@@ -634,7 +742,7 @@ def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
         world = step("world", world_stage, root, config.source)
         clip = step("reference_clip", reference_clip_stage, root, config.source, config.reference_clip)
     dl = step("download", download_stage, root, config.source, world, config.download)
-    dd = step("dedup", dedup_stage, root, dl, config.dedup)
+    dd = step("dedup", dedup_stage, root, dl, config.dedup, clip)
     ff = step("filter", filter_stage, root, dl, dd, config.filter, clip)
     rc = step("recaption", recaption_stage, root, dl, ff, config.recaption, clip)
     ds = step("shard", shard_stage, root, config.name, config, dl, dd, ff, rc, world, clip)
@@ -645,5 +753,6 @@ def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
     """Run the whole curate DAG without Prefect; returns the registered dataset."""
     check_preconditions(config, root)
+    config = resolve_parent(config, root)
     ds = run_stages(config, root, progress=progress)
     return get_dataset(root, ds.id)

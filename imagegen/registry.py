@@ -52,14 +52,36 @@ def _names(root: Path) -> dict[str, str]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+VERSIONS = "versions.json"
+
+
+def _versions(root: Path) -> dict[str, list[str]]:
+    path = datasets_dir(root) / VERSIONS
+    vs = json.loads(path.read_text()) if path.is_file() else {}
+    for n, i in _names(root).items():  # registries from before versions: the named id is version 1
+        vs.setdefault(n, [i])
+    return vs
+
+
+def versions_of(root: Path, name: str) -> list[str]:
+    """Every dataset id registered under ``name``, oldest first (``name@1`` is the first)."""
+    return list(_versions(root).get(name, []))
+
+
 def register_name(root: Path, name: str, dataset_id: str) -> None:
-    """Point ``name`` at ``dataset_id`` (a name always means the dataset it was last given to).
+    """Point ``name`` at ``dataset_id`` (a name always means the dataset it was last given to), and
+    record it as the next version ``name@N`` when it differs from the latest.
 
     Content-identical datasets share one folder whatever they are called, so names live apart
     from the folders."""
+    vs = _versions(root)
     names = _names(root)
     names.pop(name, None)
     names[name] = dataset_id  # re-inserted last: dict order = assignment order
+    history = vs.setdefault(name, [])
+    if dataset_id not in history:  # the same content again is the version it already is (numbers never move)
+        history.append(dataset_id)
+    write_json_atomic(datasets_dir(root) / VERSIONS, vs)
     write_json_atomic(datasets_dir(root) / NAMES, names)
 
 
@@ -80,6 +102,16 @@ def get_dataset(root: Path, name_or_id: str) -> DatasetRef:
     exact = [r for r in refs if r.id == name_or_id]
     if exact:
         return exact[0]
+    if "@" in name_or_id:
+        name, _, n = name_or_id.rpartition("@")
+        vs = versions_of(root, name)
+        if not n.isdigit() or not 1 <= int(n) <= len(vs):
+            raise RegistryError(f"dataset {name!r} has versions @1..@{len(vs)}, not @{n}" if vs else
+                                f"no dataset named {name!r} in the registry at {datasets_dir(root)}")
+        name_or_id = vs[int(n) - 1]
+        exact = [r for r in refs if r.id == name_or_id]
+        if exact:
+            return exact[0]
     by_name = _names(root).get(name_or_id)
     named = [r for r in refs if r.id == by_name]
     if named:

@@ -57,8 +57,8 @@ def download(root: str, source: C.SourceConfig, world: dict | None, cfg: C.Downl
 
 
 @task(name="dedup", **_opts)
-def dedup(root: str, dl: dict, cfg: C.DedupConfig) -> dict[str, Any]:
-    return C.dedup_stage(Path(root), _res(dl), cfg).model_dump()
+def dedup(root: str, dl: dict, cfg: C.DedupConfig, clip: dict | None = None) -> dict[str, Any]:
+    return C.dedup_stage(Path(root), _res(dl), cfg, _res(clip)).model_dump()
 
 
 @task(name="filter", **_opts)

@@ -38,6 +38,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from imagegen import mih
+from imagegen.semdedup import SemDedupConfig
 from imagegen.executors import runner_spec
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ class DedupConfig(BaseModel):
         "largest_original_area", description="Representative of a cluster: largest original_width*original_height "
         "in the ledger, then smallest key")
     batch_rows: int = Field(1000, ge=1, le=100_000, description="Rows per parquet read batch")
+    semantic: SemDedupConfig | None = Field(None, description="SemDeDup over CLIP image embeddings of the "
+                                            "perceptual representatives (off by default); marks dup_kind "
+                                            "'semantic' (filter reason 'semantic_duplicate')")
+    semantic_model: str = Field("world", description="open_clip spec of the embeddings for semantic dedup "
+                                "('world': the embedded world's reference CLIP)")
+    semantic_batch_size: int = Field(256, ge=1, le=65536, description="Images per CLIP batch (semantic)")
     runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
                                "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
                                "config's runner); an execution knob, never part of the stage id")
@@ -216,6 +223,12 @@ def _image_parts(images_dir: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------- the stage
 
+def pc_sum(col: Any) -> int:
+    import pyarrow.compute as pc
+
+    return int(pc.sum(pc.cast(col, pa.int64())).as_py() or 0)
+
+
 def hash_part(job: tuple[str, str, int]) -> pa.Table:
     """The map step of the dedup stage: (key, row_id, sha256, hash) of one image part."""
     part, hash_type, batch_rows = job
@@ -240,7 +253,7 @@ def hash_part(job: tuple[str, str, int]) -> pa.Table:
 
 
 def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: Path,
-              runner: str | None = None) -> dict[str, Any]:
+              runner: str | None = None, resolve_model: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
     """Hash every image, group exact and near duplicates, write one marked row per image to ``out_path``.
 
     With more than one image part and a runner other than ``local:1``, hashing is a map step over
@@ -261,7 +274,8 @@ def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: P
             tables = ex.map(hash_part, [(str(p), cfg.hash_type, cfg.batch_rows) for p in parts])
         t = pa.concat_tables(tables)
         return _finish(t.column("key").to_pylist(), t.column("row_id").to_pylist(), t.column("sha256").to_pylist(),
-                       t.column("hash").to_numpy().astype(np.uint64), area_by_key, cfg, out_path)
+                       t.column("hash").to_numpy().astype(np.uint64), area_by_key, cfg, out_path,
+                       parts, spec, resolve_model)
 
     def stream() -> Iterator[bytes]:
         # Runs in this process (compute_hashes consumes it lazily): side columns fill as we go.
@@ -279,12 +293,79 @@ def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: P
                 yield from cols["image"]
 
     hashes = compute_hashes(stream(), cfg.hash_type, HASH_SIZE, cfg.processes)
-    return _finish(keys, row_ids, shas, hashes, area_by_key, cfg, out_path)
+    return _finish(keys, row_ids, shas, hashes, area_by_key, cfg, out_path, parts, spec, resolve_model)
+
+
+def embed_part(job: tuple[str, list[str], str, int, str]) -> tuple[str, str]:
+    """The semantic map step: CLIP image embeddings of the listed keys of one image part, written
+    as a SemDeDup embedding part (``.npy`` + keys); returns its two paths."""
+    import multiprocessing
+
+    from imagegen.clip import encode_images, load_clip
+    from imagegen.semdedup import write_embedding_part
+
+    part, keys, spec, batch_size, out_dir = job
+    if multiprocessing.parent_process() is not None:
+        import torch
+
+        torch.set_num_threads(1)
+    want = set(keys)
+    t = pq.read_table(part, columns=["key", "image"])
+    sel = [(k, b) for k, b in zip(t.column("key").to_pylist(), t.column("image").to_pylist()) if k in want]
+    del t
+    clip = load_clip(spec)
+    imgs = [Image.open(io.BytesIO(b)).convert("RGB") for _, b in sel]
+    emb = encode_images(clip, imgs, batch_size=batch_size) if imgs else np.zeros((0, 1), np.float32)
+    ep = write_embedding_part(out_dir, Path(part).stem, [k for k, _ in sel], emb, dtype="float32")
+    return str(ep.embeddings), str(ep.keys)
+
+
+def _semantic(table: pa.Table, parts: list[Path], cfg: DedupConfig, area_by_key: pd.Series, work: Path,
+              runner: str, resolve_model: Callable[[str], str]) -> tuple[pa.Table, dict[str, Any]]:
+    """SemDeDup over the perceptual representatives; their semantic duplicates become dup_kind 'semantic'."""
+    from imagegen.executors import executor
+    from imagegen.semdedup import EmbeddingPart, semdedup_parts
+
+    assert cfg.semantic is not None
+    df = table.to_pandas()
+    reps = set(df.loc[df["is_representative"], "key"])
+    spec = resolve_model(cfg.semantic_model)
+    jobs = []
+    for p in parts:
+        keys = [k for k in pq.read_table(p, columns=["key"]).column("key").to_pylist() if k in reps]
+        if keys:
+            jobs.append((str(p), keys, spec, cfg.semantic_batch_size, str(work)))
+    if len(jobs) <= 1 or runner == "local:1":
+        paths = [embed_part(j) for j in jobs]
+    else:
+        with executor(runner, root=work, workers=cfg.processes) as ex:
+            paths = ex.map(embed_part, jobs)
+    eparts = [EmbeddingPart(Path(e), Path(k)) for e, k in paths]
+    sem, sem_counts = semdedup_parts(eparts, cfg.semantic, priority=lambda ks: area_by_key.loc[ks].to_numpy())
+    sd = sem.to_pandas().set_index("key")
+    sem_dup = df["key"].map(lambda k: k in sd.index and not bool(sd.at[k, "is_representative"])).to_numpy(bool)
+    dup_of = df["key"].map(lambda k: sd.at[k, "duplicate_of"] if k in sd.index else None)
+    df.loc[sem_dup, "is_representative"] = False
+    df.loc[sem_dup, "dup_kind"] = "semantic"
+    df.loc[sem_dup, "duplicate_of"] = dup_of[sem_dup]
+    df["sem_cluster"] = df["key"].map(lambda k: int(sd.at[k, "sem_cluster"]) if k in sd.index else -1).astype("int32")
+    df["sem_group"] = df["key"].map(lambda k: sd.at[k, "sem_group"] if k in sd.index else None)
+    df["sim_to_rep"] = df["key"].map(lambda k: float(sd.at[k, "sim_to_rep"]) if k in sd.index else float("nan"))
+    out = pa.Table.from_pandas(df, preserve_index=False)
+    counts = {"semantic_duplicates": int(sem_dup.sum()), "semantic": sem_counts, "semantic_model": cfg.semantic_model}
+    return out, counts
 
 
 def _finish(keys: list[str], row_ids: list[int], shas: list[str], hashes: np.ndarray, area_by_key: pd.Series,
-            cfg: DedupConfig, out_path: Path) -> dict[str, Any]:
+            cfg: DedupConfig, out_path: Path, parts: list[Path] | None = None, runner: str = "local",
+            resolve_model: Callable[[str], str] = lambda s: s) -> dict[str, Any]:
     table, counts = mark_duplicates(keys, row_ids, shas, hashes, area_by_key, cfg.radius)
+    if cfg.semantic is not None and parts:
+        table, sem_counts = _semantic(table, parts, cfg, area_by_key, Path(out_path).parent / "_embeddings",
+                                      runner, resolve_model)
+        counts.update(sem_counts)
+        counts["representatives"] = int(pc_sum(table.column("is_representative")))
+        counts["marked_duplicates"] = counts["images"] - counts["representatives"]
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")

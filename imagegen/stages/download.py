@@ -80,6 +80,11 @@ class DownloadConfig(BaseModel):
         "(img2dataset does not hand the Retry-After header over; the world sends Retry-After: 1)")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
+    parent: str | None = Field(None, description="A new version of this registered dataset (NAME, NAME@N or id): "
+                               "reuse its download, fetch only its rows that failed for a transient reason and "
+                               "the rows of append_list")
+    append_list: str | None = Field(None, description="With parent: a URL list whose rows are added (row ids "
+                                    "continue after the parent's)")
     runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
                                "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
                                "config's runner); an execution knob, never part of the stage id")

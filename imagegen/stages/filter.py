@@ -408,13 +408,13 @@ def _single_thread_torch() -> None:
 
 def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, out_path: Path,
                resolve_model: Callable[[str], str] = lambda s: s, runner: str | None = None,
-               part_cache: Path | None = None, part_key: Callable[[str], str] | None = None) -> dict[str, Any]:
+               part_cache: Path | None = None, part_key: Callable[[Path], str] | None = None) -> dict[str, Any]:
     """Score every downloaded image with every filter (per part), then decide (globally).
 
     Writes ``out_path`` (parquet): key, row_id, ``<filter>_score`` and ``<filter>_pass`` per
     filter, the filters' extra columns (``text_ocr_text``, ...), ``keep`` and ``reason`` (None when
     kept; "<kind>_duplicate" or the first failing filter).  Scoring is a map step over the image
-    parts on ``runner`` (:mod:`imagegen.executors`); with ``part_cache`` and ``part_key(part name)``
+    parts on ``runner`` (:mod:`imagegen.executors`); with ``part_cache`` and ``part_key(part path)``
     each part's scores are kept under ``part_cache/<key>.parquet`` and reused by a rerun.  The
     decision sees only the compact score columns, sorted by key.
     """
@@ -429,7 +429,7 @@ def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, o
     jobs, cached = [], {}
     for part in parts:
         keys = pq.read_table(part, columns=["key"]).column("key").to_pylist()
-        dest = str(part_cache / f"{part_key(part.name)}.parquet") if part_cache is not None and part_key else None
+        dest = str(part_cache / f"{part_key(part)}.parquet") if part_cache is not None and part_key else None
         if dest is not None and Path(dest).is_file():
             cached[part.name] = dest
             continue
@@ -478,5 +478,8 @@ def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, o
     out["reason"] = reason
     out.to_parquet(out_path, index=False)
     dropped = pd.Series(reason[~keep]).value_counts().to_dict()
-    return {"images": int(len(out)), "kept": int(keep.sum()),
-            "dropped": {str(k): int(v) for k, v in sorted(dropped.items())}}
+    counts = {"images": int(len(out)), "kept": int(keep.sum()),
+              "dropped": {str(k): int(v) for k, v in sorted(dropped.items())}}
+    if part_cache is not None:
+        counts["parts"] = {"scored": len(jobs), "reused": len(cached)}
+    return counts
