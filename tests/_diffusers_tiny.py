@@ -10,18 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2/CLIP's reversible byte -> printable-character table (the published definition)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+from _eval_models import _bytes_to_unicode
 
 
 MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>")]
