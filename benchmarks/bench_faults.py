@@ -62,7 +62,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--seed", type=int, default=12)
+    ap.add_argument("--stages", default=",".join(F.CURATE_STAGES[1:]),
+                    help="curate stages to kill in (comma-separated; default: every stage after the world)")
+    ap.add_argument("--no-train", action="store_true", help="skip the training drill")
+    ap.add_argument("--no-concurrent", action="store_true", help="skip the two concurrent runs")
     args = ap.parse_args()
+    wanted = set(args.stages.split(",")) if args.stages else set()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-faults-"))
     rng = random.Random(args.seed)
     rows: list[dict] = []
@@ -83,6 +88,8 @@ def main() -> int:
                  "bytes_differing": 0, "recover_s": None, "clean_s": round(clean_s, 1)})
 
     for before, stage in zip(F.CURATE_STAGES, F.CURATE_STAGES[1:]):
+        if stage not in wanted:
+            continue
         root = work / f"kill-{stage}"
         for done in F.CURATE_STAGES[:F.CURATE_STAGES.index(stage)]:
             shutil.copytree(clean_root / STAGE_DIRS[done], root / STAGE_DIRS[done], dirs_exist_ok=True)
@@ -96,6 +103,18 @@ def main() -> int:
                      "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(clean_s, 1),
                      "leftovers": len(F.leftovers(root))})
 
+    if not args.no_train:
+        train_drill(rows, rng, ref, clean_root, work)
+    if not args.no_concurrent:
+        concurrent_drill(rows, ref, ref_digests, clean_s, work)
+    print_table(rows, clean_s, ref)
+    total = {"injected": sum(r["injected"] for r in rows), "survived": sum(r["survived"] for r in rows),
+             "rows_lost": sum(r["rows_lost"] for r in rows), "bytes_differing": sum(r["bytes_differing"] for r in rows)}
+    print(json.dumps({"bench": "faults", "rows": rows, "total": total, "workdir": str(work)}))
+    return 0 if total["rows_lost"] == 0 and total["bytes_differing"] == 0 else 1
+
+
+def train_drill(rows: list[dict], rng: random.Random, ref: dict, clean_root: Path, work: Path) -> None:
     t1 = time.perf_counter()
     straight = _ok(F.run(F.train_cmd(clean_root, ref["dataset_id"], "train.seed=1")))
     train_s = time.perf_counter() - t1
@@ -111,6 +130,8 @@ def main() -> int:
                  "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(train_s, 1),
                  "leftovers": len(F.leftovers(troot / "runs"))})
 
+
+def concurrent_drill(rows: list[dict], ref: dict, ref_digests: dict, clean_s: float, work: Path) -> None:
     croot = work / "concurrent"
     outs: list[F.Outcome] = []
     t1 = time.perf_counter()
@@ -127,6 +148,8 @@ def main() -> int:
                  "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(clean_s, 1),
                  "leftovers": len(F.leftovers(croot))})
 
+
+def print_table(rows: list[dict], clean_s: float, ref: dict) -> None:
     print(f"\nload average {os.getloadavg()[0]:.1f}, clean tiny curate {clean_s:.1f} s, dataset {ref['dataset_id']}\n")
     print("| fault | injected | survived | rows lost | bytes differing (files) | leftovers | recover s | clean s | × clean |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -135,10 +158,6 @@ def main() -> int:
         print(f"| {r['fault']} | {r['injected']} | {r['survived']} | {r['rows_lost']} | {r['bytes_differing']} | "
               f"{r.get('leftovers', 0)} | {r['recover_s'] if r['recover_s'] is not None else '–'} | {r['clean_s']} | "
               f"{ratio} |")
-    total = {"injected": sum(r["injected"] for r in rows), "survived": sum(r["survived"] for r in rows),
-             "rows_lost": sum(r["rows_lost"] for r in rows), "bytes_differing": sum(r["bytes_differing"] for r in rows)}
-    print(json.dumps({"bench": "faults", "rows": rows, "total": total, "workdir": str(work)}))
-    return 0 if total["rows_lost"] == 0 and total["bytes_differing"] == 0 else 1
 
 
 if __name__ == "__main__":

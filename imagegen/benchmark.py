@@ -36,7 +36,9 @@ def plan(root: Path, runs: list[str] | None = None, families: list[str] | None =
     family's default) and at each step count of ``nfe_sweep``.  Unless ``settings`` names a
     ``reference``, each run is compared with the dataset its first teacher was trained on (its own
     dataset for a run that is no student), so a reflow student, trained on its teacher's pairs,
-    is measured against the same images as its teacher."""
+    is measured against the same images as its teacher.  ``runs`` may also hold diffusers model specs
+    (``diffusers:PATH_OR_REPO_ID[@REVISION]``), evaluated like runs with the same settings (which
+    then must name the ``reference`` dataset)."""
     from imagegen.train.runs import get_run, list_runs
 
     if runs and (families or dataset):
@@ -50,7 +52,11 @@ def plan(root: Path, runs: list[str] | None = None, families: list[str] | None =
     bad = [s for s in sweep if not isinstance(s, int) or isinstance(s, bool) or s < 1]
     if bad:
         raise ValueError(f"nfe_sweep holds step counts (integers >= 1); got {bad}")
-    if runs:
+    specs = [r for r in runs or [] if r.startswith("diffusers:")]
+    runs = [r for r in runs or [] if not r.startswith("diffusers:")]
+    if specs and not runs and not (families or dataset):
+        ids: list[str] = []
+    elif runs:
         ids = list(dict.fromkeys(get_run(root, r).id for r in runs))
     else:
         ids = L.select_runs(root, families=families, dataset=dataset)
@@ -67,13 +73,20 @@ def plan(root: Path, runs: list[str] | None = None, families: list[str] | None =
         req = EvalRequest.model_validate(base)
         jobs.append(req)
         jobs += [EvalRequest.model_validate({**base, "steps": s}) for s in sweep if s != req.steps]
+    for spec in dict.fromkeys(specs):
+        base = {**settings, "model": spec}
+        req = EvalRequest.model_validate(base)
+        jobs.append(req)
+        jobs += [EvalRequest.model_validate({**base, "steps": s}) for s in sweep if s != req.steps]
     return jobs
 
 
 def already_done(req: EvalRequest, summaries: list[EvalSummary]) -> bool:
     """Whether an evaluation of the same run at the same steps is among ``summaries``: a sweep value
     equal to the family's default step count (known once the run's first evaluation resolved it)."""
-    return req.steps is not None and any(s.get("run_id") == req.run and s.get("steps") == req.steps
+    spec = req.model
+    return req.steps is not None and any(s.get("run_id") == req.run and (s.get("model") or {}).get("spec") == spec
+                                         and s.get("steps") == req.steps
                                          and s.get("sampler") == (req.sampler or s.get("sampler"))
                                          for s in summaries)
 
@@ -82,8 +95,8 @@ def check_plan(jobs: list[EvalRequest], root: Path) -> None:
     """The evaluate checks before work, once per run (its jobs differ in steps only)."""
     seen: set[str | None] = set()
     for req in jobs:
-        if req.run not in seen:
-            seen.add(req.run)
+        if (req.run or req.model) not in seen:
+            seen.add(req.run or req.model)
             check_eval_request(req, root)
 
 
@@ -104,6 +117,6 @@ def run_plan(jobs: list[EvalRequest], root: Path, note: Callable[[str], None] | 
         if already_done(req, summaries):
             continue
         if note is not None:
-            note(f"[benchmark] {i + 1}/{len(jobs)}: run {req.run} at {req.steps or 'default'} steps")
+            note(f"[benchmark] {i + 1}/{len(jobs)}: {'run ' + str(req.run) if req.run else req.model} at {req.steps or 'default'} steps")
         summaries.append(run_evaluation(req, root))
     return summaries

@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = ev.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training or distillation run id (or unique prefix): its latest checkpoint")
     src.add_argument("--folder", help="a folder of images, evaluated as they are (FID/KID need --set reference=D)")
+    src.add_argument("--model", help="a diffusers pipeline, diffusers:PATH_OR_REPO_ID[@REVISION] (needs --set reference=D)")
     ev.add_argument("--metrics", help=f"comma-separated subset of {','.join(KNOWN_METRICS)} "
                     f"(default: {','.join(ALL_METRICS)})")
     ev.add_argument("--preset", choices=sorted(EVAL_PRESETS), default=None,
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-prefect", action="store_true", help="run the plain functions without Prefect")
 
     bm = sub.add_parser("benchmark", help="evaluate a set of runs with the same settings and write a leaderboard")
-    bm.add_argument("--runs", help="comma-separated run ids or unique prefixes (else: a registry query)")
+    bm.add_argument("--runs", help="comma-separated run ids or unique prefixes, or diffusers:... model specs "
+                    "(else: a registry query)")
     bm.add_argument("--families", help="comma-separated families: every finished run of them (default: any)")
     bm.add_argument("--dataset", help="only runs trained on this dataset (name or id), students through "
                     "their teacher")
@@ -328,6 +330,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     named = [f"metrics={json.dumps(_csv(args.metrics))}"] if args.metrics is not None else []
     folder = str(Path(args.folder).resolve()) if args.folder else None
+    if getattr(args, "model", None):
+        named.append(f"model={args.model}")
     request = build_request(None, args.run, folder, [*args.overrides, *named], preset=args.preset)
     root = data_root(args.data_root)
     check_request(request, root)  # an unknown run, a bad folder or prompt file fails here, before any work

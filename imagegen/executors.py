@@ -32,7 +32,9 @@ import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Annotated, Any, Callable, Iterator, Sequence
+
+from pydantic import AfterValidator, Field
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,13 @@ def runner_spec(v: str | None) -> str | None:
     if v is None:
         return None
     return str(parse_runner(v))
+
+
+# A stage config's ``runner`` field: where its per-part map steps run (None: the curate config's)
+StageRunner = Annotated[str | None, AfterValidator(runner_spec), Field(
+    description="Where this stage's per-part map steps run: local, local:N, dask, dask:N, dask://HOST:PORT, "
+                "ray, ray:N, ray://HOST:PORT (default: the curate config's runner); an execution knob, never "
+                "part of the stage id")]
 
 
 _PACKAGES = {"dask": ("distributed", "dask[distributed]"), "ray": ("ray", "ray")}

@@ -11,6 +11,12 @@ a registered dataset of ``.npy`` latents (float32, never pickled) with the origi
 code), so every latent model reuses it; its card records the scale, the latent shape and the
 reconstruction error measured while encoding.  Any diffusion/flow family then trains on it with
 ``model.data = "latents"`` (the run layer fills channels, size, scale and the decoder in).
+
+A pretrained diffusers ``AutoencoderKL`` works too: ``autoencoder_run="diffusers:PATH_OR_REPO_ID"``
+(a pipeline's ``vae`` or an AutoencoderKL folder, safetensors only; models/hf_diffusers.py) or the
+loaded model itself.  Its latents are stored as ``(mu - shift_factor) * scaling_factor`` with the
+model's own factors (SD's 0.18215; SD3/FLUX's scale and shift), not a measured scale, so the
+published decoder convention holds; the card records the measured std too.
 """
 
 from __future__ import annotations
@@ -52,11 +58,59 @@ def _metas(shards: list[Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batch_size: int = 64,
-                   device: str = "cpu", name: str | None = None) -> str:
-    """Encode ``dataset`` with the autoencoder of a finished run into a registered latent dataset; its id."""
+def _encode_all(ds: Any, image_size: int, batch_size: int, device: str,
+                encode: Any) -> tuple[list[str], list[str], np.ndarray, float]:
+    """(keys, captions, latents, reconstruction MSE) of every readable sample of ``ds``, in shard
+    order, through ``encode(x) -> (latent, reconstruction)`` in batches."""
     from imagegen.loader import make_dataset
+
+    keys: list[str] = []
+    captions: list[str] = []
+    latents: list[np.ndarray] = []
+    sq_err = n_px = 0.0
+    batch: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        nonlocal sq_err, n_px
+        x = torch.stack([b["image"] for b in batch]).to(device)
+        with torch.no_grad():
+            mu, x_hat = encode(x)
+        sq_err += float(((x_hat.clamp(-1, 1) - x) ** 2).sum())
+        n_px += x.numel()
+        latents.extend(mu.float().cpu().numpy())
+        keys.extend(b["key"] for b in batch)
+        captions.extend(b["caption"] for b in batch)
+        batch.clear()
+
+    for sample in make_dataset(ds.shards, image_size=image_size, shuffle_buffer=0):
+        batch.append(sample)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    if not latents:
+        raise LatentError(f"dataset {ds.id} yielded no readable samples")
+    return keys, captions, np.stack(latents), sq_err / n_px
+
+
+def _write_latents(final: Path, ds: Any, keys: list[str], captions: list[str], stack: np.ndarray, scale: float,
+                   card_fields: dict[str, Any]) -> None:
+    """The latent dataset folder: npy shards of ``stack * scale``, the parent's manifest rows, the card."""
     from imagegen.stages.shard import ShardConfig, write_shards
+
+    metas = _metas(ds.shards)
+    with stage_output(final) as (tmp, card):
+        write_shards([{"key": k, "image": _npy(z * scale), "ext": "npy", "caption": c, "meta": metas.get(k, {})}
+                      for k, z, c in zip(keys, stack, captions)], tmp / "shards", ShardConfig(target_shard_size=1000))
+        manifest = pd.read_parquet(ds.path / "manifest.parquet")
+        manifest = manifest[manifest["key"].isin(set(keys))]
+        manifest.to_parquet(tmp / "manifest.parquet", index=False)
+        card.update(card_fields)
+
+
+def encode_dataset(root: Path | str, dataset: str, autoencoder_run: Any, *, batch_size: int = 64,
+                   device: str = "cpu", name: str | None = None, image_size: int | None = None) -> str:
+    """Encode ``dataset`` with the autoencoder of a finished run into a registered latent dataset; its id."""
     from models.checkpoint import read_checkpoint
     from imagegen.train.runs import get_run
     from models.checkpoint import load_family
@@ -65,6 +119,9 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
     ds = get_dataset(root, dataset)
     if ds.card.get("kind") == "latents":
         raise LatentError(f"dataset {ds.id} already holds latents")
+    if not isinstance(autoencoder_run, str) or autoencoder_run.startswith("diffusers:"):
+        return _encode_with_diffusers_vae(root, ds, autoencoder_run, batch_size=batch_size, device=device, name=name,
+                                          image_size=image_size)
     run = get_run(root, autoencoder_run)
     if run.card.get("status") != "finished" or run.checkpoint is None:
         raise LatentError(f"autoencoder run {run.id} is {run.card.get('status')!r}, not finished")
@@ -83,53 +140,59 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: str, *, batc
         register_name(root, label, dataset_id)
         return dataset_id
     t0 = time.time()
-    keys: list[str] = []
-    captions: list[str] = []
-    latents: list[np.ndarray] = []
-    sq_err = n_px = 0.0
-    batch: list[dict[str, Any]] = []
 
-    def flush() -> None:
-        nonlocal sq_err, n_px
-        x = torch.stack([b["image"] for b in batch]).to(device)
-        with torch.no_grad():
-            if tokens:  # a tokenizer: integer token grids, stored as exact float32 [1, h, w] (or [K, h, w])
-                t = ae.encode_tokens(x)
-                x_hat = ae.decode_tokens(t).clamp(-1, 1)
-                mu = (t[:, None] if t.ndim == 3 else t).float()
-            else:
-                mu, _ = ae.encode(x)
-                x_hat = ae.decode(mu).clamp(-1, 1)
-        sq_err += float(((x_hat - x) ** 2).sum())
-        n_px += x.numel()
-        latents.extend(mu.float().cpu().numpy())
-        keys.extend(b["key"] for b in batch)
-        captions.extend(b["caption"] for b in batch)
-        batch.clear()
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens:  # a tokenizer: integer token grids, stored as exact float32 [1, h, w] (or [K, h, w])
+            t = ae.encode_tokens(x)
+            return (t[:, None] if t.ndim == 3 else t).float(), ae.decode_tokens(t)
+        mu, _ = ae.encode(x)
+        return mu, ae.decode(mu)
 
-    for sample in make_dataset(ds.shards, image_size=ae.cfg.image_size, shuffle_buffer=0):
-        batch.append(sample)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    if not latents:
-        raise LatentError(f"dataset {ds.id} yielded no readable samples")
-    stack = np.stack(latents)
+    keys, captions, stack, recon_mse = _encode_all(ds, ae.cfg.image_size, batch_size, device, encode)
     std = float(stack.std())
     scale = 1.0 if tokens else (1.0 / std if std > 0 else 1.0)  # token ids are never scaled
-    metas = _metas(ds.shards)
-    with stage_output(final) as (tmp, card):
-        write_shards([{"key": k, "image": _npy(z * scale), "ext": "npy", "caption": c, "meta": metas.get(k, {})}
-                      for k, z, c in zip(keys, stack, captions)], tmp / "shards", ShardConfig(target_shard_size=1000))
-        manifest = pd.read_parquet(ds.path / "manifest.parquet")
-        manifest = manifest[manifest["key"].isin(set(keys))]
-        manifest.to_parquet(tmp / "manifest.parquet", index=False)
-        card.update(id=dataset_id, name=label, kind="latents", inputs=ident, stage_ids={},
-                    source={"kind": "latents", "parent_dataset": ds.id, "autoencoder_run": run.id},
-                    latent_shape=list(stack.shape[1:]), latent_scale=scale, latent_std_before_scaling=std,
-                    recon_mse=sq_err / n_px, counts={"shard": {"samples": len(keys)}},
-                    tokens=bool(tokens), vocab_size=int(ae.vocab_size) if tokens else None,
-                    image_size=ae.cfg.image_size, seconds=round(time.time() - t0, 3))
+    _write_latents(final, ds, keys, captions, stack, scale, dict(
+        id=dataset_id, name=label, kind="latents", inputs=ident, stage_ids={},
+        source={"kind": "latents", "parent_dataset": ds.id, "autoencoder_run": run.id},
+        latent_shape=list(stack.shape[1:]), latent_scale=scale, latent_std_before_scaling=std,
+        recon_mse=recon_mse, counts={"shard": {"samples": len(keys)}},
+        tokens=bool(tokens), vocab_size=int(ae.vocab_size) if tokens else None,
+        image_size=ae.cfg.image_size, seconds=round(time.time() - t0, 3)))
+    register_name(root, label, dataset_id)
+    return dataset_id
+
+
+def _encode_with_diffusers_vae(root: Path, ds: Any, source: Any, *, batch_size: int, device: str, name: str | None,
+                               image_size: int | None) -> str:
+    """encode_dataset with a diffusers AutoencoderKL (its own scaling/shift factors)."""
+    from models.hf_diffusers import DiffusersVAE
+
+    ae = DiffusersVAE(source, device=device, image_size=image_size)
+    ident = {"dataset": ds.id, "autoencoder": ae.identity, "image_size": ae.cfg.image_size,
+             "code": code_version(__import__("imagegen.loader", fromlist=["x"]), __import__(__name__, fromlist=["x"]),
+                                  __import__("models.hf_diffusers", fromlist=["x"]))}
+    dataset_id = stable_hash(ident)
+    spec = source if isinstance(source, str) else None
+    label = name or f"latents-{ds.name or ds.id[:8]}-vae-{dataset_id[:8]}"
+    final = datasets_dir(root) / dataset_id
+    if is_complete(final):
+        register_name(root, label, dataset_id)
+        return dataset_id
+    t0 = time.time()
+
+    def encode(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, _ = ae.encode(x)
+        return mu, ae.decode(mu).to(x.device)
+
+    keys, captions, stack, recon_mse = _encode_all(ds, ae.cfg.image_size, batch_size, device, encode)
+    scale = ae.scaling_factor
+    _write_latents(final, ds, keys, captions, stack, scale, dict(
+        id=dataset_id, name=label, kind="latents", inputs=ident, stage_ids={},
+        source={"kind": "latents", "parent_dataset": ds.id, "autoencoder_run": None,
+                "autoencoder": spec, "autoencoder_identity": ae.identity},
+        latent_shape=list(stack.shape[1:]), latent_scale=scale, latent_shift=ae.shift_factor,
+        latent_std_before_scaling=float(stack.std()), latent_std=float((stack * scale).std()),
+        recon_mse=recon_mse, counts={"shard": {"samples": len(keys)}}, tokens=False,
+        vocab_size=None, image_size=ae.cfg.image_size, seconds=round(time.time() - t0, 3)))
     register_name(root, label, dataset_id)
     return dataset_id

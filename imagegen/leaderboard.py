@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the evaluation module imports torch
     from imagegen.evaluate.run import EvalSummary
 
 LEADERBOARDS = "leaderboards"
-ID_COLUMNS = ["run_id", "family", "teacher_run", "lineage", "dataset", "dataset_id", "trained_steps", "sampler",
+ID_COLUMNS = ["run_id", "model", "model_revision", "model_files_sha256", "family", "teacher_run", "lineage", "dataset", "dataset_id", "trained_steps", "sampler",
               "steps", "nfe", "guidance", "n_samples", "eval_id"]
 INT_COLUMNS = ("trained_steps", "steps", "nfe", "n_samples")
 FILES = {"parquet": "leaderboard.parquet", "markdown": "leaderboard.md", "family_plot": "metric_per_family.png",
@@ -151,7 +151,8 @@ def leaderboard(root: Path | str, eval_summaries: list[EvalSummary]) -> pd.DataF
     """One row per evaluation summary (as :func:`imagegen.evaluate.run.evaluate` returns them), best
     first by the main metric; the same (run, sampler, steps, guidance) twice keeps the first.
 
-    Columns: run_id, family, teacher_run (None unless a distilled student), lineage (the first
+    Columns: run_id, model / model_revision / model_files_sha256 (a diffusers model's spec, revision and
+    the hash of its files' sha256 list), family, teacher_run (None unless a distilled student), lineage (the first
     teacher of the chain, or the run itself: the NFE plot's panel), dataset (name), dataset_id,
     trained_steps, sampler, steps, nfe, guidance, n_samples, eval_id, then one column per metric."""
     from imagegen.train.runs import get_run, list_runs
@@ -162,11 +163,14 @@ def leaderboard(root: Path | str, eval_summaries: list[EvalSummary]) -> pd.DataF
     for s in eval_summaries:
         run_id = s.get("run_id")
         card = (cards.get(run_id) or get_run(root, run_id).card) if run_id else {}
+        model = s.get("model") or {}
         key = (run_id or s.get("path"), s.get("sampler"), s.get("steps"), s.get("guidance"))
         if key in seen:
             continue
         seen.add(key)
-        rows.append({"run_id": run_id, "family": s.get("family") or card.get("family") or "(folder)",
+        rows.append({"run_id": run_id, "model": model.get("spec"), "model_revision": model.get("revision"),
+                     "model_files_sha256": model.get("files_sha256"),
+                     "family": s.get("family") or card.get("family") or "(folder)",
                      "teacher_run": teacher_of(card), "lineage": lineage(run_id, cards)[-1] if run_id else None,
                      "dataset": card.get("dataset_name"), "dataset_id": card.get("dataset_id"),
                      "trained_steps": (card.get("summary") or {}).get("step"), "sampler": s.get("sampler"),

@@ -477,5 +477,9 @@ def make_loader(shards: Sequence[str | Path], *, batch_size: int, num_workers: i
         extra["persistent_workers"] = persistent_workers
         if prefetch_factor is not None:
             extra["prefetch_factor"] = prefetch_factor
+    # Its own generator: each new iterator draws a base seed, which would otherwise come from the
+    # global CPU generator (saved in checkpoints) a different number of times in a resumed process.
+    # Sample order never depends on it (worker seeds are fixed by the dataset).
     return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
-                      drop_last=drop_last, pin_memory=pin_memory, **extra)
+                      drop_last=drop_last, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
+                      **extra)

@@ -14,12 +14,16 @@ unconditional run takes no prompt.  ``watermark=TEXT`` embeds TEXT invisibly wit
 :func:`check_watermark` reads it back.  That method needs images of at least 256 x 256 pixels:
 ``output_size`` resizes the samples (bicubic) before saving, and the resize is recorded.
 
-Editing and control (SDEdit, inpainting / outpainting, the inversion edit, ControlNet, a LoRA
-adapter, a textual-inversion embedding) are request fields too; imagegen/sample_edit.py checks
-their files before any work and makes each batch's call.
+The model slot takes ``run=RUN``, ``model="run:RUN"`` or ``model="diffusers:PATH_OR_REPO_ID[@REVISION]"``:
+any diffusers text-to-image pipeline (models/hf_diffusers.py: local folders and the user's Hugging
+Face cache, safetensors only), sampled with its own scheduler (``sampler="pipeline"`` or
+``"pipeline:<SchedulerClass>"``) or the project's samplers, at ``resolution``, with LoRA adapters
+``loras=["PATH[:SCALE]"]``.
 
-The model slot takes ``run=RUN`` or ``model="run:RUN"``; other model specs (``diffusers:...``) are
-refused with a message until a family for them exists.
+Editing and control (SDEdit, inpainting / outpainting, the inversion edit, ControlNet, a LoRA
+adapter, a textual-inversion embedding) are request fields too, for runs of this project;
+imagegen/sample_edit.py checks their files before any work and makes each batch's call.
+
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     run: str | None = Field(None, description="Training or distillation run id (or unique prefix)")
-    model: str | None = Field(None, description="Or a model spec: 'run:RUN' (diffusers:... not supported yet)")
+    model: str | None = Field(None, description="Or a model spec: 'run:RUN' or 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     prompts: list[str] = Field(default_factory=list, description="Captions (text models) or class names (class models)")
     prompts_file: str | None = Field(None, description="More prompts: one per line (or .jsonl with 'prompt')")
     negative: str | None = Field(None, description="Negative prompt / class replacing CFG's null branch")
@@ -73,8 +77,11 @@ class SampleRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds every image's noise")
     n: int = Field(4, ge=1, le=1024, description="Images per prompt (unconditional runs: images in all)")
-    loras: list[str] = Field(default_factory=list, description="LoRA adapter PATH[:SCALE]: a peft adapter folder "
-                             "made by models/lora.save_lora on this run's net (one at a time)")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE]: safetensors for "
+                             "diffusers models (repeatable); for a run, one peft adapter folder made by "
+                             "models/lora.save_lora on its net")
+    resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = the "
+                                   "pipeline's default)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
     output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
                                     "(bicubic) before saving; None keeps the model's size")
@@ -126,10 +133,21 @@ class SampleRequest(BaseModel):
             raise ValueError("give exactly one of run (a run id) or model (a model spec such as 'run:RUN')")
         if self.model is not None:
             if self.model.startswith("diffusers:"):
-                raise ValueError(f"model spec {self.model!r}: diffusers pipelines are not supported by "
-                                 "`imagegen sample` yet; sample a run of this project with run=RUN")
-            if not self.model.startswith("run:") or len(self.model) <= 4:
-                raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID'")
+                from models.hf_diffusers import parse_spec
+
+                parse_spec(self.model)
+            elif not self.model.startswith("run:") or len(self.model) <= 4:
+                raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID' or "
+                                 "'diffusers:PATH_OR_REPO_ID[@REVISION]'")
+        if not self.is_diffusers and self.resolution is not None:
+            raise ValueError("resolution= applies to diffusers models; a run samples at its own size "
+                             "(resize with output_size=)")
+        edits = [f for f in ("init_image", "strength", "mask", "outpaint", "source_prompt", "control",
+                             "control_scale", "controlnet", "embedding") if getattr(self, f) is not None]
+        edits += [f for f in ("invert", "control_is_map") if getattr(self, f)] + (["resample"] if self.resample != 1 else [])
+        if self.is_diffusers and edits:
+            raise ValueError(f"{', '.join(edits)}: editing and control are not supported for diffusers models yet; "
+                             "they apply to runs of this project (run=RUN)")
         needs_image = [f for f in ("strength", "mask", "outpaint") if getattr(self, f) is not None]
         if self.invert:
             needs_image.append("invert")
@@ -146,6 +164,10 @@ class SampleRequest(BaseModel):
         if self.control is None and (self.control_scale is not None or self.control_is_map):
             raise ValueError("control_scale / control_is_map need control (the control image)")
         return self
+
+    @property
+    def is_diffusers(self) -> bool:
+        return self.model is not None and self.model.startswith("diffusers:")
 
     @property
     def run_id(self) -> str:
@@ -185,6 +207,12 @@ class Prepared:
         from models.registry import get_family
 
         self.req, self.root = req, root
+        if req.is_diffusers:
+            from imagegen.sample_edit import PlainPlan
+
+            self._diffusers(req)
+            self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs
+            return
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
             raise SampleError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
@@ -218,6 +246,35 @@ class Prepared:
             self.edit = EditPlan(req, self)  # editing / control inputs: read and checked before any work
         except EditInputError as exc:
             raise SampleError(str(exc)) from None
+
+    def _diffusers(self, req: SampleRequest) -> None:
+        from models.hf_diffusers import DiffusersModel, lora_file, parse_lora, resolve_spec
+
+        _, self.identity = resolve_spec(str(req.model))  # not a pipeline / pickled weights: refused here
+        for text in req.loras:
+            lora_file(parse_lora(text)[0])
+        self.run, self.train_cfg, self.family_name, self.cond_kind = None, None, "diffusers", "text"
+        s = req.sampler
+        if s is not None and s not in DiffusersModel.samplers and not s.startswith("pipeline:"):
+            raise SampleError(f"unknown sampler {s!r} for a diffusers model; it has {list(DiffusersModel.samplers)} "
+                              "or 'pipeline:<diffusers scheduler class>'")
+        prompts = list(req.prompts) + (read_prompts_file(req.prompts_file) if req.prompts_file else [])
+        if not prompts:
+            raise SampleError(f"{req.model} is a text-to-image pipeline: give prompts")
+        self.prompts = prompts
+        self.conditions = prompts
+        self.negative = req.negative
+
+    def load(self, device: str) -> Any:
+        """The model to sample: a diffusers pipeline, or the run's family (EMA weights)."""
+        if self.req.is_diffusers:
+            from models.hf_diffusers import DiffusersModel
+
+            return DiffusersModel(str(self.req.model), device=device, resolution=self.req.resolution,
+                                  loras=self.req.loras)
+        from models.checkpoint import load_family
+
+        return load_family(self.run.checkpoint, device=device)
 
     def _condition(self, prompt: str, what: str) -> Any:
         if self.cond_kind == "text":
@@ -318,8 +375,6 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     """Generate the request's images into its output folder; returns a summary (paths, parameters)."""
     from imagegen import __version__
     from models.reflow import pair_noise
-    from models.checkpoint import load_family
-
     req = request if isinstance(request, SampleRequest) else SampleRequest(**request)
     root = Path(root)
     prep = Prepared(req, root)
@@ -332,12 +387,14 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                               "replace opencv-python-headless)") from None
 
         side = req.output_size
-        if side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
+        if side is None and req.is_diffusers:
+            side = req.resolution
+        elif side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
             side = int(prep.train_cfg.model.get("image_size", 0))
         # (a latent run's decoded size is known once the first image is decoded: apply_watermark checks it
         # before anything is saved)
         if side is not None and side * side < WATERMARK_MIN_PIXELS:
-            raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; run {prep.run.id} makes "
+            raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; {req.run or req.model} makes "
                               f"about {side} x {side} (set output_size=256 or more)")
     device = _device(req)
     note = progress or (lambda msg: None)
@@ -349,7 +406,11 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                              "inputs": plan.inputs, "loras": [lo.get("sha256") for lo in plan.loras]})
     out = Path(req.out) if req.out else root / "samples" / sample_id
     out.mkdir(parents=True, exist_ok=True)
-    fam = plan.load(prep, device)  # the run's family (or its ControlNet), LoRA merged, control map made
+    if req.is_diffusers:
+        fam = prep.load(device)
+        prep.identity = fam.identity  # with the LoRAs' hashes
+    else:
+        fam = plan.load(prep, device)  # the run's family (or its ControlNet), LoRA merged, control map made
     if plan.trivial:
         note(f"[sample] {plan.trivial}")
     sampler = req.sampler or fam.default_sampler
@@ -391,7 +452,8 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
                           "negative": req.negative, "seed": req.seed, "image_seed": seeds[j], "prompt_index": p,
                           "index": k, "sampler": sampler, "steps": steps, "nfe": nfe,
                           "guidance": req.guidance if c is not None else 1.0,
-                          "loras": [{k: v for k, v in lo.items() if k != "path"} for lo in plan.loras],
+                          "loras": list(req.loras) if req.is_diffusers  # (their hashes: model.loras)
+                          else [{k: v for k, v in lo.items() if k != "path"} for lo in plan.loras],
                           **edit_record, "request": request_record,
                           "model_size": list(model_size), "output_size": list(im.size),
                           "watermark": ({"text": req.watermark, "method": WATERMARK_METHOD}
@@ -409,7 +471,8 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
         grid_path = out / "grid.png"
         _grid(images, req.n).save(grid_path)
     summary = {"sample_id": sample_id, "out": str(out), "files": [str(out / r["file"]) for r in records],
-               "grid": str(grid_path) if grid_path else None, "run_id": prep.run.id, "family": prep.family_name,
+               "grid": str(grid_path) if grid_path else None, "run_id": prep.run.id if prep.run else None,
+               "model": req.model, "family": prep.family_name,
                "sampler": sampler, "steps": steps, "guidance": req.guidance, "prompts": prep.prompts,
                "n_images": len(records), "seconds": round(time.time() - t0, 3),
                "watermark": req.watermark, "edit": plan.mode, "trivial": plan.trivial}
@@ -435,7 +498,7 @@ def add_sample_parser(sub: Any) -> None:
                         "check a PNG for the invisible watermark")
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a training or distillation run id (or unique prefix)")
-    src.add_argument("--model", help="a model spec: run:RUN (diffusers:... is not supported yet)")
+    src.add_argument("--model", help="a model spec: run:RUN or diffusers:PATH_OR_REPO_ID[@REVISION]")
     src.add_argument("--check-watermark", metavar="FILE", help="report whether FILE carries the watermark")
     sp.add_argument("--prompt", dest="prompts", action="append", default=[], metavar="TEXT",
                     help="a prompt (repeatable)")
@@ -447,7 +510,9 @@ def add_sample_parser(sub: Any) -> None:
     sp.add_argument("--seed", type=int, help="seed (default 0)")
     sp.add_argument("--n", type=int, help="images per prompt (default 4)")
     sp.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA adapter: a peft adapter folder made by models/lora.save_lora on the run's net")
+                    help="LoRA adapter: safetensors for diffusers models (repeatable); for a run, a peft "
+                    "adapter folder made by models/lora.save_lora on its net")
+    sp.add_argument("--resolution", type=int, help="diffusers models: image side (default: the pipeline's)")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
     sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
@@ -491,8 +556,8 @@ _PATH_FIELDS = ("prompts_file", "out", "init_image", "mask", "control", "embeddi
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     data: dict[str, Any] = {}
     for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
-                  "output_size", "watermark", "device", "init_image", "strength", "mask", "outpaint", "resample",
-                  "source_prompt", "control", "control_scale", "controlnet", "embedding"):
+                  "output_size", "watermark", "device", "resolution", "init_image", "strength", "mask", "outpaint",
+                  "resample", "source_prompt", "control", "control_scale", "controlnet", "embedding"):
         v = getattr(args, field, None)
         if v is not None:
             data[field] = str(Path(v).resolve()) if field in _PATH_FIELDS else v

@@ -28,7 +28,6 @@ Every input file is identified by its sha256 in the sample id and the PNG parame
 from __future__ import annotations
 
 import json
-import re
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -48,12 +47,10 @@ class EditInputError(ValueError):
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
-    """``PATH[:SCALE]`` -> (path, scale); a path that exists as written keeps any colon in it."""
-    path, scale = text, 1.0
-    m = re.fullmatch(r"(.+):([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)", text)
-    if m and not Path(text).exists():
-        path, scale = m.group(1), float(m.group(2))
-    return Path(path).expanduser(), scale
+    """``PATH[:SCALE]`` -> (path, scale): the one spec parser of diffusers and own-net adapters."""
+    from models.hf_diffusers import parse_lora as parse
+
+    return parse(text)
 
 
 def _state_config(ckpt: str | Path) -> dict[str, Any]:

@@ -420,6 +420,11 @@ class Family(nn.Module):
         (:meth:`attach_autoencoder`), else the one ``cfg.autoencoder`` names, loaded once through
         ``models.checkpoint.load_family``."""
         ae = autoencoder if autoencoder is not None else self.__dict__.get("_autoencoder")
+        if ae is None and str(self.cfg.autoencoder).startswith("diffusers:"):  # a pretrained diffusers VAE
+            from models.hf_diffusers import DiffusersVAE
+
+            ae = DiffusersVAE(str(self.cfg.autoencoder), device=str(self.device))
+            self.attach_autoencoder(ae)
         if ae is None:
             from models.checkpoint import load_family
 

@@ -163,3 +163,6 @@ def family_lines() -> list[str]:
                      f"(default {f['default_sampler']}, {steps} step{'' if steps == 1 else 's'}); "
                      f"conditioning {'/'.join(f['conditioning'])}{teacher}")  # type: ignore[arg-type]
     return lines
+from models.diffusers_lora import DiffusersLora  # noqa: E402
+
+register_family(DiffusersLora)

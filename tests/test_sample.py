@@ -95,8 +95,8 @@ def test_watermark_round_trip(text_root, tmp_path):
 
 def test_refusals(text_root, tmp_path):
     root, run = text_root
-    with pytest.raises(ValueError, match="diffusers pipelines are not supported"):
-        SampleRequest(model="diffusers:runwayml/stable-diffusion-v1-5", prompts=["x"])
+    with pytest.raises(ValueError, match="is not in the Hugging Face cache"):
+        sample(SampleRequest(model="diffusers:nobody-here/no-such-model", prompts=["x"]), root)
     with pytest.raises(ValueError, match="unknown model spec"):
         SampleRequest(model="hf:thing", prompts=["x"])
     with pytest.raises(SampleError, match="LoRA adapter a.safetensors does not exist"):
@@ -156,7 +156,7 @@ def test_cli_sample_and_check_watermark(text_root, tmp_path, capsys):
     assert main(["sample", "--check-watermark", out["files"][0], "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["detected"] is True
     assert main(["sample", "--model", "diffusers:x/y", "--prompt", "a", "--data-root", str(root)]) == 2
-    assert "not supported" in capsys.readouterr().err
+    assert "not in the Hugging Face cache" in capsys.readouterr().err
 
 
 @pytest.mark.slow

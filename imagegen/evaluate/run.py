@@ -7,7 +7,9 @@
    (``<root>/evals/<id>/samples/00000.png ...`` + ``captions.jsonl``), image i from its own
    noise seeded by (seed, i), so any subset or batch size gives the same images.  Conditions come
    from the reference dataset: captions (text models), the class named in them (class models),
-   none (unconditional).  A folder: its images as they are (``captions.jsonl`` next to them, one
+   none (unconditional).  A diffusers pipeline (``model="diffusers:PATH_OR_REPO_ID[@REVISION]"``,
+   models/hf_diffusers.py) is generated from like a text run, with captions of the reference
+   dataset, at ``resolution``, with ``negative``; its identity holds the files' sha256.  A folder: its images as they are (``captions.jsonl`` next to them, one
    ``{"file", "caption"}`` per line, enables CLIPScore; a GenEval layout enables GenEval).
 2. FID / FD-<extractor> and KID against the reference dataset's images, decoded and resized to
    the evaluated images' size exactly as the training loader does; reference features are cached
@@ -72,6 +74,9 @@ class EvalRequest(BaseModel):
 
     run: str | None = Field(None, description="Training or distillation run id (or unique prefix) to evaluate")
     folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
+    model: str | None = Field(None, description="Or: a diffusers pipeline, 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
+    resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = its default)")
+    negative: str | None = Field(None, description="diffusers models: negative prompt for every image")
     metrics: tuple[Metric, ...] = Field(ALL_METRICS, min_length=1,
                                         description="Metrics to compute")
     sampler: str | None = Field(None, description="Sampler (None = the family's default)")
@@ -118,8 +123,14 @@ class EvalRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "EvalRequest":
-        if (self.run is None) == (self.folder is None):
-            raise ValueError("give exactly one of run (a run id) or folder (a folder of images)")
+        if sum(x is not None for x in (self.run, self.folder, self.model)) != 1:
+            raise ValueError("give exactly one of run (a run id), model (diffusers:...) or folder (a folder of images)")
+        if self.model is not None:
+            from models.hf_diffusers import parse_spec
+
+            parse_spec(self.model)
+        elif self.resolution is not None or self.negative is not None:
+            raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         if self.n_seeds > 1 and self.folder is not None:
@@ -143,6 +154,7 @@ class EvalSummary(TypedDict):
     metrics: dict[str, float]       # result name (FID, FD-..., KID, CLIPScore (...), GenEval ...) -> value
     skipped: dict[str, str]         # requested metric -> why it was not computed
     run_id: str | None
+    model: dict[str, Any] | None    # a diffusers model's identity (spec, source, revision, pipeline, files_sha256)
     family: str | None
     sampler: str | None
     steps: int | None
@@ -191,7 +203,18 @@ class Source:
         self.family: Any = None
         self.train_cfg: Any = None
         self.run: Any = None
-        if req.run is not None:
+        self.diffusers: str | None = None
+        if req.model is not None:
+            from models.hf_diffusers import default_resolution, resolve_spec
+
+            path, self.identity = resolve_spec(req.model)  # not a pipeline / pickled weights: refused here
+            self.diffusers = req.model
+            self.size = int(req.resolution or default_resolution(path))
+            ds_name = req.reference
+            if ds_name is None and req.reference_stats is None and set(req.metrics) - {"geneval"}:
+                raise EvalError(f"evaluating {req.model} needs reference= (a dataset whose captions prompt it and whose "
+                                "images are the FID/KID reference)")
+        elif req.run is not None:
             from models.checkpoint import read_checkpoint
             from imagegen.train.runs import get_run
             from imagegen.train.trainer import TrainConfig
@@ -249,7 +272,16 @@ class Source:
             raise EvalError(f"the reference CLIP {clip_id} is missing from {path}; rerun `imagegen curate`")
         return f"local-dir:{path.resolve()}"
 
+    @property
+    def generates(self) -> bool:
+        """A model to generate from (a run or a diffusers pipeline), not a folder of images."""
+        return self.run is not None or self.diffusers is not None
+
     def load(self, device: str) -> Any:
+        if self.family is None and self.diffusers is not None:
+            from models.hf_diffusers import DiffusersModel
+
+            self.family = DiffusersModel(self.diffusers, device=device, resolution=self.req.resolution)
         if self.family is None and self.run is not None:
             from models.checkpoint import load_family
 
@@ -286,6 +318,13 @@ def _check_before_work(req: EvalRequest, src: Source) -> None:
         fam = get_family(src.train_cfg.family)
         if req.sampler is not None and req.sampler not in fam.samplers:
             raise EvalError(f"unknown sampler {req.sampler!r} for family {fam.name!r}; it has {list(fam.samplers)}")
+    if src.diffusers is not None:
+        from models.hf_diffusers import DiffusersModel
+
+        s = req.sampler
+        if s is not None and s not in DiffusersModel.samplers and not s.startswith("pipeline:"):
+            raise EvalError(f"unknown sampler {s!r} for a diffusers model; it has {list(DiffusersModel.samplers)} or "
+                            "'pipeline:<diffusers scheduler class>'")
     if "geneval" in req.metrics and req.geneval_prompts != "world":
         from imagegen.evaluate.geneval import read_prompts
 
@@ -359,7 +398,7 @@ def image_noise(seed: int, indices: list[int], shape: tuple[int, ...]) -> torch.
 
 def conditions(src: Source, n: int, seed: int) -> tuple[list[str] | None, Any]:
     """(captions, model conditioning) for n images, drawn (seeded) from the reference dataset."""
-    cond_kind = src.train_cfg.model.get("conditioning", "none")
+    cond_kind = "text" if src.diffusers else src.train_cfg.model.get("conditioning", "none")
     if src.dataset is None:
         raise EvalError("generating an evaluation set needs a reference dataset for its captions")
     manifest = pd.read_parquet(src.dataset.path / "manifest.parquet", columns=["key", "caption"]).sort_values("key")
@@ -422,8 +461,9 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
         c = None if cond is None else (cond[start:idx[-1] + 1] if isinstance(cond, list) else cond)
         if isinstance(c, list) and c and isinstance(c[0], int):
             c = torch.tensor(c)
+        extra = {"negative": [req.negative] * len(idx)} if req.negative is not None else {}
         res = fam.sample_result(len(idx), conditioning=c, sampler=req.sampler, steps=req.steps,
-                                guidance=req.guidance if c is not None else 1.0,
+                                guidance=req.guidance if c is not None else 1.0, **extra,
                                 x_T=image_noise(req.seed, idx, shape).to(device),
                                 generator=torch.Generator(device=device).manual_seed(req.seed + start))
         nfe = int(res.nfe)
@@ -646,7 +686,7 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
         prompts = prompts[:req.geneval_max_prompts]
     layout = out / "geneval"
     world_size = WorldConfig().image_size
-    if src.run is not None:
+    if src.generates:
         fam = src.load(device)
         shape = fam.noise_shape
 
@@ -716,17 +756,17 @@ def fid_kid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
 
 def clipscore_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
     if any(c is None for c in ctx.captions):
-        return [], {"clipscore": ("the model is unconditional (no captions)" if src.run is not None else
+        return [], {"clipscore": ("the model is unconditional (no captions)" if src.generates else
                                   "the folder has no captions.jsonl with a caption for every image")}
     return clipscore(src, req, ctx.files, [str(c) for c in ctx.captions], ctx.device, ctx.base), {}
 
 
 def geneval_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
-    is_layout = src.run is None and (Path(str(req.folder)) / "00000" / "metadata.jsonl").is_file()
+    is_layout = not src.generates and (Path(str(req.folder)) / "00000" / "metadata.jsonl").is_file()
     if src.run is not None and src.train_cfg.model.get("conditioning") != "text":
         return [], {"geneval": (f"GenEval prompts are text; run {src.run.id} is "
                                 f"{src.train_cfg.model.get('conditioning')}-conditioned")}
-    if src.run is None and not is_layout:
+    if not src.generates and not is_layout:
         return [], {"geneval": "the folder is not a GenEval layout (NNNNN/metadata.jsonl + NNNNN/samples/)"}
     return geneval(src, req, ctx.out, ctx.device, ctx.base), {}
 
@@ -756,9 +796,10 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = {"eval_id": eval_id, "source": json.dumps(src.identity), "run_id": src.run.id if src.run else None,
-            "family": src.train_cfg.family if src.train_cfg else None,
-            "sampler": req.sampler or (src.load(device).default_sampler if src.run else None),
-            "steps": req.steps or (int(src.load(device).default_steps) if src.run else None),
+            "family": src.train_cfg.family if src.train_cfg else ("diffusers" if src.diffusers else None),
+            "model": src.diffusers,
+            "sampler": req.sampler or (src.load(device).default_sampler if src.generates else None),
+            "steps": req.steps or (int(src.load(device).default_steps) if src.generates else None),
             "guidance": req.guidance, "seed": req.seed, "versions": json.dumps(_versions())}
     rows: list[dict[str, Any]] = []
     skipped: dict[str, str] = {}
@@ -766,7 +807,7 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
     files: list[Path] = []
     captions: list[str | None] = []
     if need_set:
-        if src.run is not None:
+        if src.generates:
             info = generate_set(src, req, out / "samples", device)
             base["nfe"] = info.get("nfe")
             recs = [json.loads(x) for x in (out / "samples" / "captions.jsonl").read_text().splitlines()]
@@ -792,6 +833,9 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
 
     summary: EvalSummary = {"eval_id": eval_id, "path": str(out), "metrics": {r["metric"]: r["value"] for r in rows},
                "skipped": skipped, "run_id": base["run_id"], "family": base["family"],
+               "model": ({"spec": src.diffusers, "source": src.identity["source"], "revision": src.identity["revision"],
+                          "pipeline": src.identity["pipeline"], "files_sha256": stable_hash(src.identity["files"])}
+                         if src.diffusers else None),
                "sampler": base["sampler"], "steps": base["steps"], "nfe": base.get("nfe"),
                "guidance": req.guidance, "n_samples": len(files), "seconds": round(time.time() - t0, 3),
                "metrics_file": str(out / "metrics.parquet") if rows else None, "reused": False,

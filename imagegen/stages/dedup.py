@@ -35,11 +35,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen import mih
 from imagegen.semdedup import SemDedupConfig
-from imagegen.executors import runner_spec
+from imagegen.executors import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +81,7 @@ class DedupConfig(BaseModel):
     semantic_model: str = Field("world", description="open_clip spec of the embeddings for semantic dedup "
                                 "('world': the embedded world's reference CLIP)")
     semantic_batch_size: int = Field(256, ge=1, le=65536, description="Images per CLIP batch (semantic)")
-    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
-                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
-                               "config's runner); an execution knob, never part of the stage id")
-
-    @field_validator("runner")
-    @classmethod
-    def _runner_spec(cls, v: str | None) -> str | None:
-        return runner_spec(v)
+    runner: StageRunner = None
 
 
 # ---------------------------------------------------------------------------- hashing

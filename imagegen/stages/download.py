@@ -32,10 +32,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.hashing import bytes_sha256
-from imagegen.executors import runner_spec
+from imagegen.executors import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +85,7 @@ class DownloadConfig(BaseModel):
                                "the rows of append_list")
     append_list: str | None = Field(None, description="With parent: a URL list whose rows are added (row ids "
                                     "continue after the parent's)")
-    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
-                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
-                               "config's runner); an execution knob, never part of the stage id")
-
-    @field_validator("runner")
-    @classmethod
-    def _runner_spec(cls, v: str | None) -> str | None:
-        return runner_spec(v)
+    runner: StageRunner = None
 
 
 # ---------------------------------------------------------------------------- input validation

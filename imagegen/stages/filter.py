@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.filters.aesthetic import AestheticConfig
 from imagegen.filters.blocklist import HashBlocklistConfig
 from imagegen.filters.nsfw import NudeNetConfig
 from imagegen.filters.ocr import OcrConfig
 from imagegen.filters.watermark import WatermarkConfig
-from imagegen.executors import runner_spec
+from imagegen.executors import StageRunner
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,7 @@ class FilterConfig(BaseModel):
     aesthetic: AestheticConfig | None = Field(None, description="LAION aesthetic predictor by path "
                                               "(reason 'aesthetic')")
     custom: list[str] = Field(default_factory=list, description="'package.module:factory' filters, run last")
-    runner: str | None = Field(None, description="Where this stage's per-part map steps run: local, local:N, "
-                               "dask, dask:N, dask://HOST:PORT, ray, ray:N, ray://HOST:PORT (default: the curate "
-                               "config's runner); an execution knob, never part of the stage id")
-
-    @field_validator("runner")
-    @classmethod
-    def _runner_spec(cls, v: str | None) -> str | None:
-        return runner_spec(v)
+    runner: StageRunner = None
 
     @model_validator(mode="after")
     def _check_custom(self) -> "FilterConfig":

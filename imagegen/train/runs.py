@@ -199,7 +199,7 @@ def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
     if latents:  # the latent grid and the decoder come from the dataset's card
         c, h, _ = ds.card["latent_shape"]
         data["model"] = {**data["model"], "channels": c, "image_size": h, "latent_scale": ds.card["latent_scale"],
-                         "autoencoder": f"run:{ds.card['source']['autoencoder_run']}"}
+                         "autoencoder": ds.card["source"].get("autoencoder") or f"run:{ds.card['source']['autoencoder_run']}"}
         if ds.card.get("tokens"):
             if "vocab_size" not in get_family(cfg.family).Config.model_fields:
                 raise RunError(f"dataset {ds.id} holds discrete tokens; family {cfg.family!r} models continuous "

@@ -1,0 +1,264 @@
+"""LoRA fine-tuning of a diffusers text-to-image pipeline's UNet, as a family of the generic trainer.
+
+``family="diffusers_lora"`` with ``model={"pipeline": "diffusers:PATH_OR_REPO_ID[@REVISION]",
+"image_size": 512, "rank": 4, ...}`` loads the pipeline (models/hf_diffusers.py: safetensors only,
+offline), freezes it, and injects peft LoRA layers (rank, alpha, target modules) into the UNet's
+attention projections, and optionally the CLIP text encoder's (``text_encoder_lora``).  The trainer
+then runs as for any family (EMA of the trainable weights only, resume, bf16 autocast,
+safetensors checkpoints, torchrun): the only trainable parameters are the adapters.
+
+Loss: the pipeline's own objective.  Images are encoded by the frozen VAE (posterior mean *
+``scaling_factor``), noised at a uniform training timestep with the scheduler's ``alphas_cumprod``,
+and the UNet's eps / v output regressed on its target (``prediction_type``); captions go through
+the frozen (or LoRA'd) text encoder, replaced by the empty prompt with probability
+``cond_dropout`` (CFG).  DreamBooth prior preservation (``prior_prompt`` + ``prior_weight``):
+each step also denoises images the frozen base generated once for the class prompt
+(``prior_images`` of them, seeded), so the adapter keeps the class (Ruiz et al. 2023, eq. 2).
+
+Sampling goes through ``DiffusersModel`` on the same modules (the pipeline's scheduler or the
+project's samplers).  :func:`export_adapter` writes the adapter alone, EMA weights, in the
+diffusers/peft LoRA format (``pytorch_lora_weights.safetensors``, keys ``unet.<module>.lora_A.weight``
+...) that ``load_lora_weights`` and ``imagegen sample --lora`` read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Mapping
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from models.base import Family, FamilyConfig, LossOut
+from models.samplers import SampleResult
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+
+
+class DiffusersLoraConfig(FamilyConfig):
+    builds_denoiser: ClassVar[bool] = False
+
+    pipeline: str = Field(..., description="The base: diffusers:PATH_OR_REPO_ID[@REVISION]")
+    conditioning: Any = Field("text", description="Always text (the pipeline's own text encoder)")
+    text_encoder: str | None = Field("pipeline", description="Always the pipeline's text encoder")
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank r")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha (scale alpha / r); None = rank")
+    targets: tuple[str, ...] = Field(UNET_TARGETS, min_length=1, description="UNet module-name suffixes")
+    text_encoder_lora: bool = Field(False, description="Also LoRA on the text encoder's attention projections")
+    text_targets: tuple[str, ...] = Field(TEXT_TARGETS, min_length=1, description="Text-encoder module suffixes")
+    prior_prompt: str | None = Field(None, description="DreamBooth prior preservation: the class prompt")
+    prior_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss")
+    prior_images: int = Field(8, ge=1, le=10_000, description="Class images the frozen base generates once")
+    prior_steps: int = Field(25, ge=1, le=1000, description="Sampler steps for the class images")
+
+    @model_validator(mode="after")
+    def _check_lora(self) -> "DiffusersLoraConfig":
+        from models.hf_diffusers import parse_spec
+
+        parse_spec(self.pipeline)
+        if self.conditioning != "text" or self.text_encoder != "pipeline":
+            raise ValueError("diffusers_lora: conditioning is 'text' through the pipeline's text encoder "
+                             "(leave conditioning and text_encoder unset)")
+        if self.data != "pixels" or self.channels != 3:
+            raise ValueError("diffusers_lora trains on RGB images (data='pixels', channels=3); the VAE encodes them")
+        return self
+
+
+class DiffusersLora(Family):
+    name = "diffusers_lora"
+    Config = DiffusersLoraConfig
+    samplers = ("pipeline", "edm_euler", "edm_heun", "dpmpp_2m")
+    default_sampler = "pipeline"
+    default_steps = 25
+    conditioning = frozenset({"text"})
+
+    def __init__(self, cfg: DiffusersLoraConfig | Mapping[str, Any]) -> None:
+        nn.Module.__init__(self)  # not Family.__init__: the text tower is the pipeline's, not open_clip
+        if isinstance(cfg, Mapping):
+            cfg = self.Config(**cfg)
+        self.cfg = cfg
+        self.text_dim = 0
+        from models.hf_diffusers import DiffusersModel
+
+        model = DiffusersModel(cfg.pipeline, device="cpu", dtype=torch.float32, resolution=cfg.image_size)
+        pipe = model.pipe
+        if getattr(pipe, "unet", None) is None or not hasattr(pipe.scheduler, "alphas_cumprod"):
+            raise ValueError(f"diffusers_lora: {cfg.pipeline} is a {type(pipe).__name__}; LoRA training here needs a "
+                             "UNet pipeline with a discrete-time scheduler (eps / v prediction)")
+        from peft import LoraConfig
+
+        pipe.unet.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        alpha = cfg.alpha or cfg.rank
+        pipe.unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=alpha, target_modules=list(cfg.targets),
+                                         init_lora_weights=True))
+        if cfg.text_encoder_lora:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(LoraConfig(r=cfg.rank, lora_alpha=alpha, target_modules=list(cfg.text_targets),
+                                               init_lora_weights=True), pipe.text_encoder)
+        self.net = pipe.unet
+        self.text_model = pipe.text_encoder
+        object.__setattr__(self, "model", model)  # not a submodule: the VAE stays out of checkpoints
+        self.register_buffer("alphas_cumprod", pipe.scheduler.alphas_cumprod.clone().float(), persistent=False)
+        self.prediction_type = pipe.scheduler.config.prediction_type
+        self._prior: list[Tensor] | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DiffusersLora":  # .to(device) moves the VAE too
+        super()._apply(fn, recurse)
+        self.model.pipe.vae._apply(fn)
+        self.model.device = self.device
+        return self
+
+    @property
+    def noise_shape(self) -> tuple[int, ...]:
+        return self.model.noise_shape
+
+    def trainable_names(self) -> list[str]:
+        return [n for n, p in self.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ training
+
+    def _embed(self, captions: list[str]) -> Tensor:
+        tok = self.model.pipe.tokenizer(list(captions), padding="max_length", truncation=True,
+                                        max_length=self.model.pipe.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_model(tok.input_ids.to(self.device))[0]
+
+    def _denoise_loss(self, x: Tensor, captions: list[str], generator: torch.Generator | None) -> Tensor:
+        from models.base import randn
+        from models.diffusion import pred_from_x0_eps, q_sample
+
+        vae = self.model.pipe.vae
+        with torch.no_grad():
+            z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+        n = z.shape[0]
+        T = self.alphas_cumprod.numel()
+        if generator is None:
+            t = torch.randint(0, T, (n,), device=self.device)
+        else:
+            t = torch.randint(0, T, (n,), generator=generator, device=generator.device).to(self.device)
+        eps = randn(z.shape, generator, self.device)
+        x_t = q_sample(z, t, eps, self.alphas_cumprod)
+        pred = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}[self.prediction_type]
+        target = pred_from_x0_eps(z, eps, self.alphas_cumprod.to(z.device)[t].view(-1, 1, 1, 1), pred)  # type: ignore[arg-type]
+        out = self.net(x_t, t, encoder_hidden_states=self._embed(captions)).sample.float()
+        return (out - target).pow(2).mean()
+
+    def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
+        x = self.check_images(batch)
+        captions = [str(c) for c in batch.get("caption", [""] * x.shape[0])]
+        if self.cfg.cond_dropout > 0:
+            from models.base import rand
+
+            drop = rand(len(captions), generator, self.device) < self.cfg.cond_dropout
+            captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+        loss = self._denoise_loss(x, captions, generator)
+        logs = {"instance": float(loss.detach())}
+        if self.cfg.prior_prompt is not None and self.cfg.prior_weight > 0:
+            prior = self.prior_images(x.shape[0], generator)
+            lp = self._denoise_loss(prior, [self.cfg.prior_prompt] * prior.shape[0], generator)
+            loss = loss + self.cfg.prior_weight * lp
+            logs["prior"] = float(lp.detach())
+        return LossOut({"model": loss}, logs)
+
+    def prior_images(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """n of the class images the frozen base (adapters off) generated once for prior_prompt."""
+        if self._prior is None:
+            with self.adapters_off():
+                imgs = []
+                for k in range(self.cfg.prior_images):
+                    g = torch.Generator().manual_seed(10_000 + k)
+                    imgs.append(self.model.sample(1, [str(self.cfg.prior_prompt)], steps=self.cfg.prior_steps,
+                                                  x_T=torch.randn((1, *self.noise_shape), generator=g))[0])
+            self._prior = imgs
+        if generator is None:
+            idx = torch.randint(0, len(self._prior), (n,))
+        else:
+            idx = torch.randint(0, len(self._prior), (n,), generator=generator, device=generator.device).cpu()
+        return torch.stack([self._prior[int(i)] for i in idx]).to(self.device)
+
+    def adapters_off(self) -> Any:
+        from contextlib import contextmanager
+
+        from peft.tuners.lora import LoraLayer
+
+        @contextmanager
+        def ctx() -> Any:
+            layers = [m for m in self.modules() if isinstance(m, LoraLayer)]
+            for m in layers:
+                m.enable_adapters(False)
+            try:
+                yield
+            finally:
+                for m in layers:
+                    m.enable_adapters(True)
+
+        return ctx()
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample_result(self, n: int, conditioning: Any = None, sampler: str | None = None, steps: int | None = None,
+                      guidance: float = 1.0, negative: Any = None, generator: torch.Generator | None = None,
+                      x_T: Tensor | None = None, **options: Any) -> SampleResult:
+        was = self.training
+        self.eval()
+        try:
+            return self.model.sample_result(n, conditioning, sampler, steps, guidance, negative, generator, x_T,
+                                            **options)
+        finally:
+            self.train(was)
+
+
+def adapter_state(family: DiffusersLora) -> dict[str, dict[str, Tensor]]:
+    """The family's LoRA weights in diffusers' layout: {"unet": {...}, "text_encoder": {...}}."""
+    from peft.utils import get_peft_model_state_dict
+
+    out = {"unet": {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(family.net).items()}}
+    if family.cfg.text_encoder_lora:
+        out["text_encoder"] = {k: v.detach().cpu().contiguous()
+                               for k, v in get_peft_model_state_dict(family.text_model).items()}
+    return out
+
+
+def export_adapter(checkpoint: str | Path, out: str | Path, *, use_ema: bool = True) -> Path:
+    """The adapter alone of a diffusers_lora checkpoint (EMA weights by default), as
+    ``<out>/pytorch_lora_weights.safetensors`` in the format ``load_lora_weights`` reads; the file."""
+    from diffusers import StableDiffusionPipeline
+
+    from models.checkpoint import load_family
+
+    fam = load_family(checkpoint, use_ema=use_ema)
+    if not isinstance(fam, DiffusersLora):
+        raise ValueError(f"checkpoint {checkpoint} holds family {getattr(fam, 'name', type(fam).__name__)!r}, "
+                         "not diffusers_lora")
+    state = adapter_state(fam)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=state["unet"],
+                                              text_encoder_lora_layers=state.get("text_encoder"),
+                                              weight_name=ADAPTER_FILE, safe_serialization=True)
+    return out / ADAPTER_FILE
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m models.diffusers_lora export CHECKPOINT OUT_DIR [--raw]``: the adapter alone."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m models.diffusers_lora")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write a diffusers_lora checkpoint's adapter in diffusers' LoRA format")
+    ex.add_argument("checkpoint", help="a checkpoint folder (runs/<id>/checkpoints/step_*)")
+    ex.add_argument("out", help="output folder (gets pytorch_lora_weights.safetensors)")
+    ex.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA ones")
+    a = ap.parse_args(argv)
+    print(export_adapter(a.checkpoint, a.out, use_ema=not a.raw))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

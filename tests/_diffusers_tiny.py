@@ -1,0 +1,129 @@
+"""Tiny diffusers pipelines with random weights, built from configs and saved with ``save_pretrained``
+(safetensors), so tests load them through exactly the path a user's real checkpoint takes.
+
+The CLIP tokenizer gets a hand-written byte-level vocabulary (every byte character, alone and as
+a word end ``</w>``, plus a few merges): nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from _eval_models import _bytes_to_unicode
+
+
+MERGES = [("t", "h"), ("th", "e</w>"), ("c", "a"), ("ca", "t</w>")]
+
+
+def write_clip_tokenizer(folder: Path, max_length: int = 16) -> Path:
+    """vocab.json + merges.txt + tokenizer_config.json for a byte-level CLIPTokenizer."""
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars] + ["".join(m) for m in MERGES] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in MERGES))
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def tiny_sd_components(seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 8,
+                       cross_dim: int = 32) -> dict:
+    """UNet2DConditionModel + CLIPTextModel + CLIPTokenizer + AutoencoderKL + DDIM scheduler, random weights."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=sample_size * 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp)))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=cross_dim, intermediate_size=37,
+                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                        pad_token_id=tok.pad_token_id))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tok, "scheduler": sched}
+
+
+def tiny_sd_pipeline(folder: Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """A tiny StableDiffusionPipeline saved in ``folder`` (model_index.json + safetensors); the folder."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(**tiny_sd_components(seed, prediction_type), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
+
+
+def random_unet_lora(pipe_folder: Path, out: Path, rank: int = 4, seed: int = 1, scale: float = 0.5) -> Path:
+    """A LoRA adapter on the pipeline's UNet attention projections with random (nonzero) B, saved by
+    diffusers' save_lora_weights (the diffusers/peft format load_lora_weights reads); the file."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_pretrained(pipe_folder, subfolder="unet", use_safetensors=True)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=get_peft_model_state_dict(unet),
+                                              safe_serialization=True)
+    return Path(out) / "pytorch_lora_weights.safetensors"
+
+
+def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+    """A toy StableDiffusion3Pipeline (SD3Transformer2DModel, two CLIP text encoders with projection,
+    no T5, flow-matching scheduler, a 4-channel AutoencoderKL with a shift factor), saved in ``folder``."""
+    import tempfile
+
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
+                                        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=16, shift_factor=0.06, scaling_factor=1.5,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp)))
+
+    def clip() -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=16, projection_dim=32, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=clip(), tokenizer=tok, text_encoder_2=clip(), tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    index = Path(folder) / "model_index.json"  # the absent T5, recorded as diffusers records a None component
+    mi = json.loads(index.read_text())
+    mi.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    index.write_text(json.dumps(mi, indent=2))
+    return Path(folder)
