@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the evaluation module imports torch
 LEADERBOARDS = "leaderboards"
 ID_COLUMNS = ["run_id", "model", "model_revision", "model_files_sha256", "family", "teacher_run", "lineage", "dataset", "dataset_id", "trained_steps", "sampler",
               "steps", "nfe", "guidance", "n_samples", "eval_id"]
+MODEL_COLUMNS = ("model", "model_revision", "model_files_sha256")
 INT_COLUMNS = ("trained_steps", "steps", "nfe", "n_samples")
 FILES = {"parquet": "leaderboard.parquet", "markdown": "leaderboard.md", "family_plot": "metric_per_family.png",
          "nfe_plot": "metric_vs_nfe.png"}
@@ -244,7 +245,8 @@ def leaderboard_markdown(df: pd.DataFrame, images: dict[str, str] | None = None,
     interval; ``≈`` marks a main-metric difference to the row above that is within the intervals),
     and the plots (``images``: plot name -> link or data URI, e.g. ``{"family_plot": "metric_per_family.png"}``)."""
     main = main_metric(metric_columns(df))
-    shown = [c for c in df.columns if c not in ("lineage", "dataset_id", WITHIN) and not c.endswith((CI_LOW, CI_HIGH))]
+    shown = [c for c in df.columns if c not in ("lineage", "dataset_id", WITHIN) and not c.endswith((CI_LOW, CI_HIGH))
+             and not (c in MODEL_COLUMNS and df[c].isna().all())]  # a diffusers model's identity, when any
     runs = df["run_id"].dropna().nunique()
     lines = [f"# {title}", "",
              f"{len(df)} evaluation{'s' if len(df) != 1 else ''} of {runs} run{'s' if runs != 1 else ''}"
