@@ -10,12 +10,8 @@ Train scenes are indices ``[0, n_train)`` of that world, held-out scenes
 ``[n_train, n_train + n_heldout)``.
 
 Image tower: open_clip's ModifiedResNet (the CLIP RN design, selected by a list of stage depths
-in the JSON config), not a ViT.  Measured on the default world with the smoke budget (2000
-scenes, 300-400 steps of 64): the ResNet (width 16) reached 0.62-0.68 top-1 over 252 distinct
-held-out captions; ViTs (patch 8, width 96-128, 3-4 layers; patch 4, width 64; 400-1200
-steps) stayed at 0.20-0.39 and never learned shape (zero-shot shape accuracy on single objects
-~0.3, chance 0.2, even on training images): they matched colour, count and layout only.
-``vision_arch="vit"`` keeps the ViT available.
+in the JSON config), not a ViT (the measurements that chose it are in docs/DESIGN.md, "The
+reference CLIP"). ``vision_arch="vit"`` keeps the ViT available.
 """
 
 from __future__ import annotations
@@ -58,12 +54,7 @@ TRAIN_RUNS = 0  # how many times this process trained a model (tests check the c
 
 
 class ReferenceClipConfig(BaseModel):
-    """Size and schedule of the reference CLIP.
-
-    Measured on 2 mostly idle CPU cores, 2 threads, default world: defaults 119 s (233 CPU-s),
-    top-1 0.882 over 364 distinct held-out captions, 0.974 among 100; ``smoke()`` 39 s, 0.677
-    over 252, 0.847 among 100.
-    """
+    """Size and schedule of the reference CLIP (its measured cost and accuracy: docs/DESIGN.md)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
