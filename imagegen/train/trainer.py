@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagegen.artifacts import write_json_atomic
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.loader import derive_seed, make_loader
 from imagegen.train import distributed
 from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, latest_valid_checkpoint, load_checkpoint, read_checkpoint,
@@ -102,6 +103,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers per micro-batch slot")
     epoch_batches: int = Field(1000, ge=1, description="Batches per slot per data epoch (the resampling unit)")
     shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer of the loader")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of every "
+                         "process of the run (part of the run id: CPU float reductions round differently at "
+                         "another count); never taken from the machine")
 
     @field_validator("betas")
     @classmethod
@@ -447,6 +451,12 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     """
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig(**cfg)
+    with torch_threads(cfg.threads):  # the run id hashes it (docs/DESIGN.md, "What goes into an id")
+        return _train(cfg, shards, run_dir, stop_after=stop_after, progress=progress)
+
+
+def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, *,
+           stop_after: int | None, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an int >= 0 or None, got {stop_after!r}")
     env = distributed.current()
