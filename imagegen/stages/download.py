@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.hashing import bytes_sha256
-from imagegen.executors import StageRunner
+from imagegen.executors import StageRunner, map_step
+from imagegen.hashing import bytes_sha256, file_sha256, stable_hash
 from imagegen.retry_after import rate_limited, wait_before_retry
 
 log = logging.getLogger(__name__)
@@ -403,6 +403,17 @@ class PartJob:
     inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
 
 
+_DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "runner", "timeout", "retries",
+                     "retry_passes", "retry_wait", "parent", "append_list"}  # not part of a decoded part
+
+
+def _decode_key(job: PartJob) -> dict[str, Any]:
+    cfg = {k: v for k, v in job.cfg.model_dump(mode="json").items() if k not in _DECODE_EXECUTION}
+    return {"index": job.index, "sources": [(file_sha256(p), sorted(ids)) for p, ids in job.sources],
+            "captions": stable_hash(sorted(job.captions.items()), 32), "cfg": cfg}
+
+
+@map_step("download-decode", key=_decode_key, outputs=lambda job: [job.out_path])
 def decode_part(job: PartJob) -> pd.DataFrame:
     """The map step of the download stage: decode one part's fetched bytes (never more than one
     part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) atomically and
