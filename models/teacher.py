@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers without it
     from torch import nn
@@ -67,6 +67,9 @@ def loading_for_inference() -> bool:
 class TeacherMixin:
     """For a Family subclass: ``self.teacher`` (frozen, outside the module tree), loaded from
     ``cfg.teacher`` unless building for inference; moved along with the student."""
+
+    # teacher pairs and targets are made at the teacher's square size
+    any_size: ClassVar[bool] = False
 
     def init_teacher(self, expected: tuple[str, ...] | None = None, check: Any = None) -> Any:
         """Load the teacher (a family whose name is in ``expected``, by default the teacher table's
