@@ -26,9 +26,18 @@ if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers wi
 # of imagegen.distill is the family of the same name).
 TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
                                         "consistency": ("edm",), "dmd": ("flow", "reflow")}
-# the methods ``imagegen distill`` runs (DMD is trained as a family of its own)
-Method = Literal["progressive", "reflow", "consistency"]
+# Methods whose run named as "teacher" is only the reference: consistency training (iCT) learns
+# without a teacher, on that run's dataset with its network config (from scratch), and the NFE
+# report compares the student with it.
+REFERENCE_ONLY: dict[str, tuple[str, ...]] = {"ict": ("edm",)}
+# the methods ``imagegen distill`` runs (each the family of the same name)
+Method = Literal["progressive", "reflow", "consistency", "dmd", "ict"]
 METHODS: tuple[str, ...] = get_args(Method)
+
+
+def teacher_families(method: str) -> tuple[str, ...]:
+    """The families whose run ``imagegen distill --method method`` accepts as its teacher."""
+    return TEACHERS.get(method) or REFERENCE_ONLY[method]
 
 
 def lacks_v_prediction(method: str, family: str, model: Mapping[str, Any]) -> bool:
