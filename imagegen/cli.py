@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     di = sub.add_parser("distill", help="distil a finished training run into a few-step student, with an NFE report")
     di.add_argument("--teacher", required=True, help="teacher: a finished training run id or unique prefix")
     di.add_argument("--method", choices=list(METHODS),
-                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher); "
+                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher), "
+                    "dmd (flow teacher), ict (consistency training; the EDM run is data, network and reference); "
                     "default: the one the teacher's family fits")
     di.add_argument("--preset", choices=sorted(DISTILL_PRESETS), default=None,
                     help="the distillation settings of a pipeline preset (default: DistillRequest's defaults)")

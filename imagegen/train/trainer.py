@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from imagegen.artifacts import write_json_atomic
 from imagegen.checks import AllProblems, Problems
 from imagegen.determinism import DEFAULT_THREADS, torch_threads
-from imagegen.loader import derive_seed, make_loader
+from imagegen.loader import aspect_buckets, derive_seed, make_loader
 from imagegen.train import distributed
 from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, latest_valid_checkpoint, load_checkpoint, read_checkpoint,
                                        save_checkpoint)
@@ -107,6 +107,11 @@ class TrainConfig(AllProblems):
     threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of every "
                          "process of the run (part of the run id: CPU float reductions round differently at "
                          "another count); never taken from the machine")
+    aspect_buckets: float = Field(0.0, ge=0.0, le=8.0, description="0: every image resized and center-cropped "
+                                  "to the square image_size; r >= 1: aspect-ratio buckets of about image_size^2 "
+                                  "pixels up to r:1 either way (imagegen.loader.aspect_buckets, sides multiples of "
+                                  "the denoiser's patch/downsampling), each batch from one bucket; needs a family "
+                                  "that trains at any size (flow, ddpm, edm, ict; not with REPA)")
 
     @field_validator("betas")
     @classmethod
@@ -177,6 +182,13 @@ class TrainConfig(AllProblems):
             n = len(self.classes or self.label_keywords)
             if n and self.model.get("num_classes") != n:
                 p.add(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+        if p.can("aspect_buckets", "model", "family") and self.aspect_buckets:
+            fam_cls = get_family(self.family)
+            if self.aspect_buckets < 1.0:
+                p.add(f"aspect_buckets must be 0 (square crops) or a max aspect ratio >= 1, got {self.aspect_buckets}")
+            if not fam_cls.any_size or self.model.get("repa"):
+                p.add(f"aspect_buckets needs a family that trains at any image size; {self.family!r}"
+                      f"{' with REPA' if self.model.get('repa') else ''} takes only its square image_size")
         samplers = get_family(self.family).samplers
         if p.can("sample_sampler") and self.sample_sampler is not None and self.sample_sampler not in samplers:
             p.add(f"unknown sampler {self.sample_sampler!r} for family {self.family!r}; it has {list(samplers)}")
@@ -213,12 +225,26 @@ def slot_seed(seed: int, slot: int) -> int:
     return seed if slot == 0 else derive_seed("train-slot", seed, slot) % 2**62
 
 
+def train_buckets(cfg: TrainConfig, family: Family) -> tuple[tuple[int, int], ...] | None:
+    """The run's aspect-ratio buckets (None: square crops at image_size)."""
+    if not cfg.aspect_buckets:
+        return None
+    multiple = family.size_multiple()
+    if multiple is None:
+        raise ValueError(f"aspect_buckets: {type(family).__name__} takes only its square image_size")
+    return aspect_buckets(family.cfg.image_size, multiple, cfg.aspect_buckets)
+
+
 def batch_stream(cfg: TrainConfig, shards: Sequence[str | Path], image_size: int, epoch: int, skip: int,
-                 slot: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
+                 slot: int = 0, buckets: Sequence[tuple[int, int]] | None = None
+                 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """(epoch, batches consumed in that epoch after this one, batch) of micro-batch slot ``slot``,
-    from data position (epoch, skip).  Slot s reads loader rank s of ``micro_batches``."""
+    from data position (epoch, skip).  Slot s reads loader rank s of ``micro_batches``.  With
+    ``buckets`` each batch is one aspect-ratio bucket (each worker's partial buckets are dropped at
+    the end of an epoch, so an epoch may hold fewer than ``epoch_batches`` batches)."""
+    sizing: dict[str, Any] = {"buckets": tuple(buckets)} if buckets else {"image_size": image_size}
     loader = make_loader(shards, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, drop_last=True,
-                         image_size=image_size, resampled=True,
+                         resampled=True, **sizing,
                          epoch_samples=cfg.epoch_batches * cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                          seed=cfg.seed % 2**62, rank=slot, world_size=cfg.micro_batches,
                          with_meta=bool(cfg.label_field) or get_family(cfg.family).needs_meta)
@@ -514,7 +540,8 @@ def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, 
     manual_sync = env.distributed and model is family
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    streams = [batch_stream(cfg, shards, family.cfg.image_size, epoch, skip, s) for s in slots]
+    buckets = train_buckets(cfg, family)
+    streams = [batch_stream(cfg, shards, family.cfg.image_size, epoch, skip, s, buckets) for s in slots]
     last_ckpt: Path | None = ckpt
     samples: list[str] = []
     last_losses: dict[str, float] = {}
