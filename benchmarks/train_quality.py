@@ -210,9 +210,9 @@ def _budget_label(budget: float) -> str:
     return f"{budget:g}"
 
 
-def _metric(metrics: dict, prefix: str) -> float | None:
+def _metric(metrics: dict, *prefixes: str) -> float | None:
     for name, value in metrics.items():
-        if name.startswith(prefix):
+        if name.startswith(prefixes):
             return value
     return None
 
@@ -249,7 +249,7 @@ def markdown_table(rows: list[dict], budgets: list[float]) -> str:
                 cells += ["–"] * 5
                 continue
             m = r["metrics"]
-            kid = _metric(m, "KID")
+            kid = _metric(m, "KID", "KD-")  # KID on Inception, KD-<extractor> on another
             cells += [str(r["steps"]), _cell(_metric(m, "FD"), ",.0f"), _cell(None if kid is None else kid * 1e3, ",.1f"),
                       _cell(_metric(m, "CLIPScore"), ".2f"), _cell(m.get("GenEval overall"), ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -383,8 +383,8 @@ def main() -> None:
         for family in families:
             if (family, budget) not in runs:
                 run_family(family, budget)
-    boards = {_budget_label(b): str(write_leaderboard(leaderboard(root, evals[b]), Path(root) / "leaderboards"
-                                                      / f"quality-{args.preset}-{_budget_label(b)}cpus"))
+    boards = {_budget_label(b): write_leaderboard(leaderboard(root, evals[b]), Path(root) / "leaderboards"
+                                                 / f"quality-{args.preset}-{_budget_label(b)}cpus")
               for b in budgets}
     table = markdown_table(rows, budgets)
     print(table)

@@ -23,7 +23,7 @@ TQ = _tq()
 
 
 def _row(family, budget, steps, fd, geneval=None, first=None):
-    m = {"FD-CLIP-abc": fd, "KID-CLIP-abc": fd / 1e4}
+    m = {"FD-CLIP-abc": fd, "KD-CLIP-abc": fd / 1e4}
     if geneval is not None:
         m.update({"CLIPScore": 0.4, "GenEval overall": geneval})
     return {"family": family, "budget_cpu_s": budget, "steps": steps, "metrics": m, "sampler": "euler", "nfe": 20,
