@@ -83,9 +83,8 @@ EXECUTION_FIELDS = {
     "dedup": {"processes", "batch_rows", "runner", "semantic_batch_size"},
     "filter": {"runner"},
     "recaption": {"batch_size", "device"},
-    "shard": {"runner"},
 }
-RUNNER_STAGES = ("download", "dedup", "filter", "shard")  # stages with per-part map steps on the runner
+RUNNER_STAGES = ("download", "dedup", "filter")  # stages with per-part map steps on the runner
 
 
 class SourceConfig(BaseModel):
@@ -406,8 +405,6 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     ff = pd.read_parquet(Path(filtered.path) / "filter.parquet")
     cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
     kept = ff.loc[ff["keep"], "key"].tolist()
-    if not kept:
-        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
 
     plan = shard_mod.plan_shards(kept, config.shard)
     # one pass over the image parts routes each kept image to its planned shard's spill file, so
@@ -415,36 +412,48 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     grid_keys = kept[:16]
     grid: dict[str, tuple[bytes, str]] = {}
     spill = _spill_by_shard(ddir / "images", plan, out / "_spill", grid_keys, grid)
-    rows, meta_columns = sample_rows(kept, ledger, dd, ff, cc)
-    cci = cc.set_index("key")
-    del ledger  # the accounting below reads it again
-    # each planned shard is a map step on the runner: its keys, its spill file, its rows' metadata
-    jobs = [shard_mod.ShardJob(s, keys, str(spill.path(s)), rows.loc[keys], meta_columns, config.shard,
-                               str(out / "_pieces" / f"{s:05d}")) for s, keys in enumerate(plan)]
-    pieces = shard_mod.write_shard_jobs(jobs, out / "shards", config.shard, runner=config.shard.runner)
-    del jobs
-    spill.remove()
-    shutil.rmtree(out / "_pieces", ignore_errors=True)
-    infos = [i for p in pieces for i in p]
+    led = ledger.set_index("key", drop=False)
+    ddi, ffi, cci = dd.set_index("key"), ff.set_index("key"), cc.set_index("key")
+    score_cols = [c for c in ff.columns if c.endswith("_score")]
 
-    # the shard of each key: a planned shard's tars hold its keys in plan order
-    shard_name: dict[str, str] = {}
-    for keys, tars in zip(plan, pieces):
-        at = 0
-        for info in tars:
-            for k in keys[at:at + info.count]:
-                shard_name[k] = info.name
-            at += info.count
-    manifest = manifest_frame(kept, rows, meta_columns, shard_name)
-    del shard_name, rows
+    def meta(key: str) -> dict[str, Any]:
+        lr, dr, cr = led.loc[key], ddi.loc[key], cci.loc[key]
+        m = {"row_id": int(lr["row_id"]), "url": lr["url"], "original_caption": cr["original_caption"],
+             "generated_caption": cr["generated_caption"], "caption_source": cr["caption_source"],
+             "captioner": cr["captioner"], "captioner_model": cr["captioner_model"],
+             "original_width": int(lr["original_width"]), "original_height": int(lr["original_height"]),
+             "sha256": lr["sha256"], "source_sha256": lr["source_sha256"], "phash": dr["phash"],
+             "near_cluster": dr["near_cluster"]}
+        for c in score_cols:
+            m[c] = float(ffi.loc[key, c])
+        return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
+
+    metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
+    if not kept:
+        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
+
+    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
+    loaded: dict[str, Any] = {"shard": None, "images": {}}
+
+    def get_sample(key: str) -> dict[str, Any]:
+        s = shard_of[key]
+        if loaded["shard"] != s:  # plan order: each shard's spill is read once
+            loaded["shard"], loaded["images"] = s, spill.load(s)
+        img, ext = loaded["images"][key]
+        return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": metas[key]}
+
+    infos = shard_mod.write_shards_from_plan(plan, get_sample, out / "shards", config.shard)
+    loaded.clear()
+    spill.remove()
+
+    manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **metas[k],
+                              "caption": cci.loc[k, "caption"]} for k in kept])
     # the filters' extra columns (OCR text, NudeNet detections, blocklist matches): manifest only,
     # so the shards' bytes do not depend on which detectors ran
-    ffi = ff.set_index("key")
     extra = [c for c in ff.columns if c not in {"key", "row_id", "duplicate", "keep", "reason"}
              and not c.endswith(("_score", "_pass"))]
     for c in extra:
         manifest[c] = ffi.loc[kept, c].to_numpy() if kept else []
-    ledger = pd.read_parquet(ddir / "ledger.parquet")
     manifest.to_parquet(out / "manifest.parquet", index=False)
     accounting = account_rows(ledger, dd, ff)
     accounting.to_parquet(out / "accounting.parquet", index=False)
@@ -473,39 +482,6 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
         card["world_report"] = world_report(Path(world.path), accounting, cc)
     _write_grid(out, grid_keys, grid, cci)
     return counts
-
-
-META_FIELDS: list[tuple[str, str, str]] = [  # (field, source frame, kind) of every sample's metadata, in order
-    ("row_id", "ledger", "int"), ("url", "ledger", "obj"), ("original_caption", "captions", "obj"),
-    ("generated_caption", "captions", "obj"), ("caption_source", "captions", "obj"),
-    ("captioner", "captions", "obj"), ("captioner_model", "captions", "obj"),
-    ("original_width", "ledger", "int"), ("original_height", "ledger", "int"), ("sha256", "ledger", "obj"),
-    ("source_sha256", "ledger", "obj"), ("phash", "dedup", "obj"), ("near_cluster", "dedup", "obj"),
-]
-
-
-def sample_rows(kept: list[str], ledger: pd.DataFrame, dd: pd.DataFrame, ff: pd.DataFrame,
-                cc: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """The kept rows' caption and metadata as columns (indexed by key), and (field, kind) of the
-    metadata: every stage's columns joined once, never one dict per row."""
-    frames = {"ledger": ledger[ledger["status"] == "success"].set_index("key"), "dedup": dd.set_index("key"),
-              "captions": cc.set_index("key"), "filter": ff.set_index("key")}
-    fields = [*META_FIELDS, *[(c, "filter", "float") for c in ff.columns if c.endswith("_score")]]
-    idx = pd.Index(kept, name="key")
-    cols = {f: frames[src][f].reindex(idx) for f, src, _ in fields}
-    cols["caption"] = frames["captions"]["caption"].reindex(idx)
-    return pd.DataFrame(cols, index=idx), [(f, kind) for f, _, kind in fields]
-
-
-def manifest_frame(kept: list[str], rows: pd.DataFrame, meta_columns: list[tuple[str, str]],
-                   shard_name: dict[str, str]) -> pd.DataFrame:
-    """key, shard, the metadata fields (as the tars' JSON has them: NaN as None), caption; built a
-    column at a time."""
-    cols: dict[str, list[Any]] = {"key": list(kept), "shard": [shard_name[k] for k in kept]}
-    for c, kind in meta_columns:
-        cols[c] = [shard_mod.meta_value(v, kind) for v in rows[c].tolist()]
-    cols["caption"] = rows["caption"].tolist()
-    return pd.DataFrame(cols)
 
 
 def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> None:

@@ -22,22 +22,18 @@ import logging
 import math
 import os
 import re
-import shutil
 import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.artifacts import write_json_atomic
-from imagegen.executors import StageRunner, map_step
 from imagegen.hashing import file_sha256
 
 log = logging.getLogger(__name__)
@@ -80,7 +76,6 @@ class ShardConfig(BaseModel):
     name_prefix: str = Field(
         "", max_length=64, pattern=r"^[A-Za-z0-9_-]*$",
         description="Prefix of shard file names; empty gives img2dataset's 00000.tar")
-    runner: StageRunner = None
 
 
 class ShardInfo(BaseModel):
@@ -390,130 +385,40 @@ def write_shards_from_plan(plan: list[list[str]], get_sample: Callable[[str], Sa
                 raise ValueError(f"key {key!r} appears twice in the plan (again in shard {s}, position {i})")
             seen.add(key)
     _prepare_out_dir(out_dir, cfg.name_prefix, overwrite)
-    infos: list[ShardInfo] = []
-    for s, chunk in enumerate(plan):
-        infos.extend(_write_planned(s, chunk, get_sample, out_dir, cfg, lambda j, n=len(infos): n + j))
-    return infos
 
-
-def _write_planned(s: int, chunk: list[str], get_sample: Callable[[str], Sample], out_dir: Path, cfg: ShardConfig,
-                   name_of: Callable[[int], int]) -> list[ShardInfo]:
-    """Write planned shard ``s``: one tar, or several where ``cfg.max_shard_bytes`` splits it; the
-    ``j``-th is named ``name_prefix + f"{name_of(j):05d}.tar"``.  A tar's bytes do not depend on its name."""
     infos: list[ShardInfo] = []
     writer: _ShardWriter | None = None
 
     def next_writer() -> _ShardWriter:
-        return _ShardWriter(out_dir, f"{cfg.name_prefix}{name_of(len(infos)):05d}.tar")
+        return _ShardWriter(out_dir, f"{cfg.name_prefix}{len(infos):05d}.tar")
 
     try:
-        writer = next_writer()
-        for i, key in enumerate(chunk):
-            where = f"plan shard {s}, position {i}"
-            image, ext, caption, meta = _check_sample(get_sample(key), key, cfg, where)
-            try:
-                flat = _flatten(meta)
-            except ValueError as exc:
-                raise ValueError(f"sample {key!r} ({where}): {exc}") from None
-            members = _members(key, image, ext, caption, meta)
-            nbytes = _member_bytes(members)
-            if cfg.max_shard_bytes is not None:
-                if writer.rows and _closed_size(writer.payload + nbytes) > cfg.max_shard_bytes:
-                    infos.append(writer.close())
-                    writer = next_writer()
-                if not writer.rows and _closed_size(nbytes) > cfg.max_shard_bytes:
-                    log.warning("sample %r (%s) alone makes a %d-byte tar, over max_shard_bytes=%d; "
-                                "it gets a shard of its own", key, where, _closed_size(nbytes), cfg.max_shard_bytes)
-            writer.add(key, caption, flat, members, nbytes)
-        infos.append(writer.close())
-        writer = None
+        for s, chunk in enumerate(plan):
+            writer = next_writer()
+            for i, key in enumerate(chunk):
+                where = f"plan shard {s}, position {i}"
+                image, ext, caption, meta = _check_sample(get_sample(key), key, cfg, where)
+                try:
+                    flat = _flatten(meta)
+                except ValueError as exc:
+                    raise ValueError(f"sample {key!r} ({where}): {exc}") from None
+                members = _members(key, image, ext, caption, meta)
+                nbytes = _member_bytes(members)
+                if cfg.max_shard_bytes is not None:
+                    if writer.rows and _closed_size(writer.payload + nbytes) > cfg.max_shard_bytes:
+                        infos.append(writer.close())
+                        writer = next_writer()
+                    if not writer.rows and _closed_size(nbytes) > cfg.max_shard_bytes:
+                        log.warning("sample %r (%s) alone makes a %d-byte tar, over max_shard_bytes=%d; "
+                                    "it gets a shard of its own", key, where, _closed_size(nbytes), cfg.max_shard_bytes)
+                writer.add(key, caption, flat, members, nbytes)
+            infos.append(writer.close())
+            writer = None
     except BaseException:
         if writer is not None:
             writer.abort()
         raise
     return infos
-
-
-# ---------------------------------------------------------------------------- part-parallel writing
-
-@dataclass
-class ShardJob:
-    """One planned shard to write on a runner: its keys in plan order, where their images wait
-    (a spill file of key, image, ext) and their caption + metadata rows (no images)."""
-    index: int
-    keys: list[str]
-    spill: str
-    rows: pd.DataFrame          # index: key; "caption" + the metadata columns
-    meta_columns: list[tuple[str, str]]  # (column, "int" | "float" | "obj"): how each becomes a JSON value
-    cfg: ShardConfig
-    out_dir: str                # this planned shard's own folder; tars named 00000.tar, 00001.tar, ...
-
-
-def meta_value(value: Any, kind: str) -> Any:
-    """A metadata value as JSON wants it: NaN and missing become None, numbers plain Python numbers."""
-    if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
-        return None
-    if kind == "int":
-        return int(value)
-    if kind == "float":
-        f = float(value)
-        return None if f != f else f
-    if isinstance(value, float) and value != value:
-        return None
-    return value.item() if isinstance(value, np.generic) else value
-
-
-@map_step("shard-write")
-def write_shard_job(job: ShardJob) -> list[ShardInfo]:
-    """The map step of the shard stage: write one planned shard's tar(s) into its own folder."""
-    t = pq.read_table(job.spill)
-    images = {k: (img, ext) for k, img, ext in zip(t.column("key").to_pylist(), t.column("image").to_pylist(),
-                                                   t.column("ext").to_pylist())}
-    del t
-    rows = job.rows
-
-    def get(key: str) -> Sample:
-        r = rows.loc[key]
-        img, ext = images[key]
-        meta = {c: meta_value(r[c], kind) for c, kind in job.meta_columns}
-        return {"key": key, "image": img, "ext": ext, "caption": r["caption"], "meta": meta}
-
-    out = Path(job.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return _write_planned(job.index, job.keys, get, out, job.cfg.model_copy(update={"name_prefix": ""}), lambda j: j)
-
-
-def write_shard_jobs(jobs: list[ShardJob], out_dir: str | Path, cfg: ShardConfig, runner: str | None = None,
-                     *, overwrite: bool = False) -> list[list[ShardInfo]]:
-    """Write planned shards in parallel on ``runner`` (:mod:`imagegen.executors`), each into its own
-    folder, then move the tars into ``out_dir`` numbered in plan order: the same files, names and
-    bytes as :func:`write_shards_from_plan` in one process (a ``max_shard_bytes`` split only shifts the
-    names of the shards after it).  Returns, per planned shard, the infos of its tars."""
-    from imagegen.executors import executor
-
-    out_dir = Path(out_dir)
-    _prepare_out_dir(out_dir, cfg.name_prefix, overwrite)
-    spec = runner or "local:1"
-    if len(jobs) <= 1 or spec == "local:1":
-        pieces = [write_shard_job(j) for j in jobs]
-    else:
-        with executor(spec, root=out_dir) as ex:
-            pieces = ex.map(write_shard_job, jobs)
-    done: list[list[ShardInfo]] = []
-    n = 0
-    for job, infos in zip(jobs, pieces):
-        mine = []
-        for info in infos:
-            name = f"{cfg.name_prefix}{n:05d}"
-            src = Path(job.out_dir) / info.name
-            stem = info.name[: -len(".tar")]
-            for suffix in (".parquet", "_stats.json", ".tar"):  # the tar last: its presence means complete
-                os.replace(src.with_name(stem + suffix), out_dir / (name + suffix))
-            mine.append(info.model_copy(update={"name": f"{name}.tar"}))
-            n += 1
-        shutil.rmtree(job.out_dir, ignore_errors=True)
-        done.append(mine)
-    return done
 
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, cfg: ShardConfig | None = None,
