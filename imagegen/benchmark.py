@@ -120,3 +120,54 @@ def run_plan(jobs: list[EvalRequest], root: Path, note: Callable[[str], None] | 
             note(f"[benchmark] {i + 1}/{len(jobs)}: {'run ' + str(req.run) if req.run else req.model} at {req.steps or 'default'} steps")
         summaries.append(run_evaluation(req, root))
     return summaries
+
+
+# ------------------------------------------------------------------------------------------ the control benchmark
+
+
+def base_run_of(card: dict[str, Any], root: Path) -> str | None:
+    """The run a ControlNet / inpainting / personalised run was built on (its ``model.base``, a
+    ``run:<id>`` or that run's checkpoint folder), None when it names none."""
+    from imagegen.train.runs import runs_dir
+
+    ref = ((card.get("config") or {}).get("model") or {}).get("base")
+    if not isinstance(ref, str) or not ref:
+        return None
+    if ref.startswith("run:"):
+        return ref[4:]
+    try:
+        rel = Path(ref).resolve().relative_to(runs_dir(Path(root)).resolve())
+    except ValueError:
+        return None
+    return rel.parts[0] if rel.parts else None
+
+
+def control_plan(root: Path, base: str, controls: list[str] | None = None,
+                 settings: dict[str, Any] | None = None) -> list[EvalRequest]:
+    """The control benchmark's evaluations, validated: the base run and its controls, each with the
+    metric ``control`` (imagegen/evaluate/control.py) and the same ``settings``.
+
+    ``controls``: run ids or prefixes of ControlNet / inpainting runs built on ``base`` (each is checked
+    to name it as its ``model.base``); None: every finished run that does."""
+    from imagegen.train.runs import get_run, list_runs
+
+    settings = dict(settings or {})
+    metrics = list(settings.get("metrics") or ["control"])
+    if "control" not in metrics:
+        raise ValueError(f"the control benchmark computes the metric 'control'; settings.metrics {metrics} "
+                         "leaves it out")
+    settings["metrics"] = metrics
+    base_ref = get_run(root, base)
+    refs = list_runs(root)
+    if controls is None:
+        ids = [r.id for r in refs if r.card.get("status") == "finished" and base_run_of(r.card, root) == base_ref.id]
+    else:
+        ids = []
+        for c in controls:
+            ref = get_run(root, c)
+            on = base_run_of(ref.card, root)
+            if on != base_ref.id:
+                raise ValueError(f"run {ref.id} ({ref.card.get('family')}) is not a control of base run {base_ref.id}: "
+                                 + (f"it was built on run {on}" if on else "its config names no base run"))
+            ids.append(ref.id)
+    return plan(root, runs=[base_ref.id, *dict.fromkeys(ids)], settings=settings)

@@ -330,9 +330,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     named = [f"metrics={json.dumps(_csv(args.metrics))}"] if args.metrics is not None else []
     folder = str(Path(args.folder).resolve()) if args.folder else None
-    if getattr(args, "model", None):
-        named.append(f"model={args.model}")
-    request = build_request(None, args.run, folder, [*args.overrides, *named], preset=args.preset)
+    request = build_request(None, args.run, folder, [*args.overrides, *named], preset=args.preset,
+                            model=getattr(args, "model", None) or None)
     root = data_root(args.data_root)
     check_request(request, root)  # an unknown run, a bad folder or prompt file fails here, before any work
     if args.no_prefect:

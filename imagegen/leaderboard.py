@@ -109,9 +109,11 @@ def lower_is_better(metric: str) -> bool:
 
 def main_metric(columns: list[str]) -> str | None:
     """The metric a leaderboard ranks by: FID, else FD-<extractor>, else GenEval overall, else
-    CLIPScore (Hessel), else KID / KD-<extractor>; None when there is none of them."""
+    CLIPScore (Hessel), else KID / KD-<extractor>, else the control benchmark's ControlNet mean IoU,
+    else its inpainting GenEval; None when there is none of them."""
     tests = (lambda c: c == "FID", lambda c: c.startswith("FD-"), lambda c: c == "GenEval overall",
-             lambda c: c.startswith("CLIPScore (Hessel"), lambda c: c == "KID" or c.startswith("KD-"))
+             lambda c: c.startswith("CLIPScore (Hessel"), lambda c: c == "KID" or c.startswith("KD-"),
+             lambda c: c == "Control mean IoU", lambda c: c == "Control inpaint GenEval")
     for test in tests:
         hits = [c for c in columns if test(c)]
         if hits:

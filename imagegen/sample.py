@@ -110,7 +110,8 @@ class SampleRequest(BaseModel):
                                         "(None: the ControlNet's default)")
     control_is_map: bool = Field(False, description="control is the map itself (grayscale image for Canny, "
                                  ".npy [C, H, W] for any signal)")
-    controlnet: str | None = Field(None, description="A ControlNet run trained on run (or give the ControlNet run as run)")
+    controlnet: str | None = Field(None, description="A ControlNet run trained on run (or give the ControlNet run "
+                                   "as run); for a diffusers model, a diffusers ControlNetModel folder")
     embedding: str | None = Field(None, description="Textual-inversion embedding (learned_embeds.safetensors)")
 
     @field_validator("strength")
@@ -145,9 +146,12 @@ class SampleRequest(BaseModel):
         edits = [f for f in ("init_image", "strength", "mask", "outpaint", "source_prompt", "control",
                              "control_scale", "controlnet", "embedding") if getattr(self, f) is not None]
         edits += [f for f in ("invert", "control_is_map") if getattr(self, f)] + (["resample"] if self.resample != 1 else [])
-        if self.is_diffusers and edits:
-            raise ValueError(f"{', '.join(edits)}: editing and control are not supported for diffusers models yet; "
-                             "they apply to runs of this project (run=RUN)")
+        unsupported = [f for f in edits if f not in ("init_image", "strength", "mask", "control", "control_scale",
+                                                     "controlnet")]
+        if self.is_diffusers and unsupported:
+            raise ValueError(f"{', '.join(unsupported)}: not supported for diffusers models (they take init_image, "
+                             "strength, mask, control, control_scale and controlnet: diffusers' img2img, inpainting "
+                             "and ControlNet pipelines); they apply to runs of this project (run=RUN)")
         needs_image = [f for f in ("strength", "mask", "outpaint") if getattr(self, f) is not None]
         if self.invert:
             needs_image.append("invert")
@@ -211,7 +215,15 @@ class Prepared:
             from imagegen.sample_edit import PlainPlan
 
             self._diffusers(req)
-            self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs
+            if req.init_image is None and req.control is None:
+                self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs
+                return
+            from imagegen.sample_edit import DiffusersEditPlan, EditInputError
+
+            try:
+                self.edit = DiffusersEditPlan(req)  # diffusers' img2img / inpainting / ControlNet pipelines
+            except (EditInputError, ValueError) as exc:
+                raise SampleError(str(exc)) from None
             return
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:

@@ -449,3 +449,97 @@ class PlainPlan:
         res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
                                 negative=negative, x_T=x_T, generator=generator)
         return res.sample, int(res.nfe)
+
+
+class DiffusersEditPlan:
+    """Editing and control of a diffusers pipeline (models/diffusers_edit.py): ``init_image``
+    [+ ``strength``] (img2img), + ``mask`` (inpainting), ``control`` + ``controlnet`` (a diffusers
+    ControlNetModel folder) with ``control_scale``; inputs read and checked before any work."""
+
+    trivial = None
+
+    def __init__(self, req: Any) -> None:
+        from models.diffusers_edit import check_controlnet_folder
+        from models.hf_diffusers import default_resolution, resolve_spec
+
+        self.req = req
+        path, _ = resolve_spec(str(req.model))
+        side = int(req.resolution or default_resolution(path))
+        where = f"{req.model} makes {side}x{side} images" + ("" if req.resolution else " (set resolution= for another size)")
+        self.inputs: dict[str, Any] = {}
+        self.loras = [{"spec": s} for s in req.loras]
+        self.image = self.mask = self.control = None
+        self.mode, self.strength = "sample", None
+        if req.init_image is not None:
+            self.image = _open_image(req.init_image, "init image").convert("RGB")
+            self.inputs["init_image"] = _file_id(req.init_image)
+            if self.image.size != (side, side):
+                raise EditInputError(f"the init image {req.init_image} is {self.image.size[0]}x{self.image.size[1]}, "
+                                     f"but {where}")
+            self.mode = "sdedit"
+            if req.mask is not None:
+                mi = _open_image(req.mask, "mask")
+                if mi.size != self.image.size:
+                    raise EditInputError(f"the mask {req.mask} is {mi.size[0]}x{mi.size[1]}, the init image "
+                                         f"{req.init_image} is {side}x{side}")
+                self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
+                self.inputs["mask"] = _file_id(req.mask)
+                frac = float((np.asarray(self.mask) > 0).mean())
+                self.inputs["mask_generate_fraction"] = round(frac, 6)
+                self.mode = "inpaint"
+            self.strength = req.strength if req.strength is not None else (SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
+        self.cn_path = None
+        if req.control is not None:
+            if req.controlnet is None:
+                raise EditInputError(f"control= for {req.model} needs controlnet= (a diffusers ControlNetModel folder)")
+            self.cn_path = check_controlnet_folder(req.controlnet)
+            self.control = _open_image(req.control, "control image").convert("RGB")
+            if self.control.size != (side, side):
+                raise EditInputError(f"the control image {req.control} is {self.control.size[0]}x{self.control.size[1]}, "
+                                     f"but {where}")
+            self.inputs["control"] = _file_id(req.control)
+            self.inputs["controlnet"] = {"folder": str(self.cn_path), "sha256": {
+                str(f.relative_to(self.cn_path)): file_sha256(f) for f in sorted(self.cn_path.rglob("*.safetensors"))}}
+        elif req.controlnet is not None:
+            raise EditInputError(f"controlnet={req.controlnet!r} without control= (the control image) does nothing")
+        self._pipe = None
+
+    def record(self) -> dict[str, Any]:
+        req = self.req
+        edit = None
+        if self.mode != "sample":
+            edit = {"mode": self.mode, "init_image": self.inputs.get("init_image"), "strength": self.strength,
+                    "mask": self.inputs.get("mask"), "mask_generate_fraction": self.inputs.get("mask_generate_fraction"),
+                    "pipeline": "diffusers"}
+        control = None
+        if self.control is not None:
+            cn = self.inputs["controlnet"]
+            control = {"image": self.inputs["control"], "is_map": False,
+                       "scale": req.control_scale if req.control_scale is not None else 1.0,
+                       "controlnet": {"folder": cn["folder"], "sha256": stable_sha(cn["sha256"])}}
+        return {"edit": edit, "control": control, "embedding": None}
+
+    def context(self, fam: Any) -> ExitStack:
+        return ExitStack()
+
+    def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
+                 x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
+        from models import diffusers_edit as E
+
+        if sampler != "pipeline":
+            raise EditInputError(f"diffusers editing and control run the pipeline's own scheduler; sampler "
+                                 f"{sampler!r} applies to plain sampling")
+        if self._pipe is None:
+            cn = E.load_controlnet(self.cn_path, fam) if self.cn_path is not None else None
+            self._pipe = E.edit_pipeline(fam, self.mode, cn)
+        return E.generate(fam, self._pipe, self.mode, list(cond), negative, steps, guidance, generator,
+                          image=self.image, mask=self.mask, strength=self.strength, control=self.control,
+                          control_scale=self.req.control_scale if self.req.control_scale is not None else 1.0,
+                          latents=x_T)
+
+
+def stable_sha(files: dict[str, str]) -> str:
+    """One sha256 for a folder's file -> sha256 table."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

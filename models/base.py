@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
+from imagegen.checks import AllProblems, Problems
 from models.diffusion import cfg_wrap
 from models.nets import NET_KINDS, build_net
 from models.nets.layers import Denoiser
@@ -41,7 +42,7 @@ _FAMILY_OWNED_NET_FIELDS = {
 _PLACEHOLDER_TEXT_DIM = 8  # only used to validate net_overrides before the encoder is loaded
 
 
-class FamilyConfig(BaseModel):
+class FamilyConfig(AllProblems):
     """Fields every family has; a family subclasses it to add its own (schedule, sampler knobs)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -80,26 +81,30 @@ class FamilyConfig(BaseModel):
     latent_scale: float = Field(1.0, gt=0.0, description="data='latents': the scale the latents were multiplied "
                                 "by (unit variance); samples are divided by it before decoding")
 
-    @model_validator(mode="after")
-    def _check_family(self) -> "FamilyConfig":
-        name = type(self).__name__
-        if self.conditioning == "class" and self.num_classes < 1:
-            raise ValueError(f"{name}: conditioning='class' needs num_classes >= 1")
-        if self.conditioning != "class" and self.num_classes:
-            raise ValueError(f"{name}: num_classes={self.num_classes} is only used with conditioning='class'")
-        if self.conditioning == "text" and not (self.text_encoder and self.text_encoder.strip()):
-            raise ValueError(f"{name}: conditioning='text' needs text_encoder (an open_clip spec string)")
-        if self.conditioning != "text" and self.text_encoder is not None:
-            raise ValueError(f"{name}: text_encoder is only used with conditioning='text'")
-        if self.autoencoder is not None and self.data != "latents":
-            raise ValueError(f"{name}: autoencoder is only used with data='latents'")
-        owned = sorted(set(self.net_overrides) & set(_FAMILY_OWNED_NET_FIELDS))
+    def problems(self, p: Problems) -> None:
+        """Every cross-field problem of the family fields, all reported at once (imagegen/checks.py)."""
+        super().problems(p)
+        if p.can("conditioning", "num_classes"):
+            if self.conditioning == "class" and self.num_classes < 1:
+                p.add("conditioning='class' needs num_classes >= 1")
+            if self.conditioning != "class" and self.num_classes:
+                p.add(f"num_classes={self.num_classes} is only used with conditioning='class'")
+        if p.can("conditioning", "text_encoder"):
+            if self.conditioning == "text" and not (self.text_encoder and self.text_encoder.strip()):
+                p.add("conditioning='text' needs text_encoder (an open_clip spec string)")
+            if self.conditioning != "text" and self.text_encoder is not None:
+                p.add("text_encoder is only used with conditioning='text'")
+        if p.can("autoencoder", "data") and self.autoencoder is not None and self.data != "latents":
+            p.add("autoencoder is only used with data='latents'")
+        owned = sorted(set(self.net_overrides) & set(_FAMILY_OWNED_NET_FIELDS)) if p.can("net_overrides") else []
         if owned:
             hint = ", ".join(f"{k} -> {_FAMILY_OWNED_NET_FIELDS[k]}" for k in owned)
-            raise ValueError(f"{name}: net_overrides may not set {owned}; use the family fields ({hint})")
-        if self.builds_denoiser:
-            self.net_config(_PLACEHOLDER_TEXT_DIM, 1.0)  # surface bad overrides now, not at build time
-        return self
+            p.add(f"net_overrides may not set {owned}; use the family fields ({hint})")
+        elif self.builds_denoiser and not p.bad:  # the net check reads most fields
+            try:
+                self.net_config(_PLACEHOLDER_TEXT_DIM, 1.0)  # surface bad overrides now, not at build time
+            except ValueError as exc:
+                p.add(str(exc).removeprefix(f"{type(self).__name__}: "))
 
     def net_config(self, text_dim: int, time_scale: float) -> Any:
         """The network config: preset ``net_size`` + family-owned fields + ``net_overrides``."""

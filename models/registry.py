@@ -129,6 +129,9 @@ register_family(ControlNet)
 from models.inpainting import Inpainting  # noqa: E402
 
 register_family(Inpainting)
+from models.personalize import Personalize  # noqa: E402
+
+register_family(Personalize)
 
 
 def describe_families() -> list[dict[str, object]]:

@@ -192,3 +192,17 @@ def build_tiny_blip(path: str | Path, *, seed: int = 0, image_size: int = 64) ->
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     return path
+
+
+def random_family(name: str, net: dict, seed: int = 0, **model):
+    """A family whose weights are small random numbers (a fresh net outputs exactly 0), in eval mode."""
+    import torch
+
+    from models.registry import build_family
+
+    torch.manual_seed(seed)
+    fam = build_family(name, {**net, **model})
+    with torch.no_grad():
+        for p in fam.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return fam.eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.editing import EditError, inpaint, invert, invert_edit, outpaint, sdedit
+from _helpers import random_family as family
 from models.registry import build_family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -18,15 +19,6 @@ DIT = {"net": "dit", "net_size": "tiny", "image_size": 16}
 CASES = [("ddpm", UNET, "ddim"), ("ddpm", UNET, "ddpm"), ("edm", UNET, "heun"), ("edm", UNET, "dpmpp_2m"),
          ("flow", DIT, "euler"), ("flow", UNET, "heun")]
 
-
-def family(name: str, net: dict, seed: int = 0, **model) -> torch.nn.Module:
-    """A family whose weights are small random numbers (a fresh net outputs exactly 0)."""
-    torch.manual_seed(seed)
-    fam = build_family(name, {**net, **model})
-    with torch.no_grad():
-        for p in fam.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return fam.eval()
 
 
 def images(n: int = 2, seed: int = 1) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from models.base import train_step
 from models.lora import LoraError, add_lora, load_lora, merge_lora, save_lora, trainable_fraction, unmerge_lora
-from models.registry import build_family
+from _helpers import random_family as family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -19,14 +19,6 @@ UNET = {"net": "unet", "net_size": "tiny", "image_size": 16,
         "net_overrides": {"model_channels": 16, "norm_groups": 8, "head_channels": 16}}
 DIT = {"net": "dit", "net_size": "tiny", "image_size": 16}
 
-
-def family(name: str, net: dict, seed: int = 0, **model) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    fam = build_family(name, {**net, **model})
-    with torch.no_grad():
-        for p in fam.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return fam.eval()
 
 
 def inputs(n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

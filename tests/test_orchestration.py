@@ -26,7 +26,7 @@ from imagegen import serve as S
 pytestmark = pytest.mark.slow
 
 ORDER = ["curate/curate", "train/train", "distill/distill", "evaluate/evaluate", "pipeline/pipeline",
-         "benchmark/benchmark", "sample/sample"]
+         "benchmark/benchmark", "control-benchmark/control-benchmark", "sample/sample"]
 DEPLOYMENTS = set(ORDER)
 # tiny evaluation settings for the benchmark run (the nightly defaults evaluate 1000 images at 4 NFEs)
 BENCH_SETTINGS = {"n_samples": 16, "kid_subsets": 5, "kid_subset_size": 8, "batch_size": 16,

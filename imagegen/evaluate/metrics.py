@@ -27,6 +27,7 @@ class MetricSpec:
     higher_is_better: bool
     columns: tuple[str, ...]     # prefixes of the result names it writes (metrics.parquet, leaderboard)
     modules: tuple[str, ...]     # the code its values depend on (hashed into the evaluation id)
+    lower_columns: tuple[str, ...] = ()  # prefixes of its result names where lower is better after all
 
     def function(self) -> Callable[..., Any]:
         module, _, attr = self.compute.partition(":")
@@ -60,6 +61,11 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
                ("imagegen.evaluate.rewards", "imagegen.filters.aesthetic_mlp", "imagegen.clip", _P1, _U)),
     MetricSpec("dpg", f"{_P1}:dpg_rows", False, True, ("DPG-Bench",),
                ("imagegen.evaluate.vqa", "imagegen.evaluate.hf_models", _P1, _U)),
+    # issue 16: ControlNet / inpainting / SDEdit scored against held-out world scenes (imagegen/evaluate/control.py)
+    MetricSpec("control", "imagegen.evaluate.control:control_rows", False, True, ("Control ",),
+               ("imagegen.evaluate.control", "imagegen.world.detector", "imagegen.world.scene", "models.editing",
+                "models.controlnet", _U),
+               lower_columns=("Control inpaint unmasked max error", "Control SDEdit distance", "Control drift")),
 )}
 
 Metric = Literal[tuple(METRICS)]  # type: ignore[valid-type]
@@ -108,4 +114,4 @@ def higher_is_better(column: str) -> bool:
     """Whether a larger value of result ``column`` is better (unknown columns: lower is better, as
     for distances)."""
     m = spec_of_column(column)
-    return bool(m and m.higher_is_better)
+    return bool(m and m.higher_is_better and not column.startswith(m.lower_columns))

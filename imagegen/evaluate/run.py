@@ -113,6 +113,8 @@ class EvalRequest(BaseModel):
     dpg_questions: str | None = Field(None, description="dpg: the DPG-Bench question csv (dpg_bench.csv format)")
     dpg_per_prompt: int = Field(1, ge=1, le=16, description="dpg: images generated per prompt")
     dpg_max_prompts: int | None = Field(None, ge=1, description="dpg: use only the first N prompts")
+    control_scenes: int = Field(64, ge=2, le=100_000, description="control: held-out world scenes the ControlNet / "
+                                "inpainting / SDEdit scores are measured on (imagegen/evaluate/control.py)")
     n_resamples: int = Field(100, ge=0, le=100_000, description="Bootstrap resamples of every metric's interval "
                              "(0 = no intervals)")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Confidence of the intervals")
@@ -331,6 +333,13 @@ def _check_before_work(req: EvalRequest, src: Source) -> None:
         read_prompts(req.geneval_prompts)  # line-numbered errors
     if "geneval" in req.metrics:
         _detector(req)  # a missing detector weights file is named now, not after generation
+    if "control" in req.metrics:
+        from imagegen.evaluate.control import check_request as check_control
+
+        try:
+            check_control(req, src)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     if {"fd_dinov2", "prdc"} & set(req.metrics) and (req.prdc_features == "dinov2" or "fd_dinov2" in req.metrics):
         from imagegen.evaluate.hf_models import check_available
 

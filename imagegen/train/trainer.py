@@ -33,11 +33,13 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagegen.artifacts import write_json_atomic
+from imagegen.checks import AllProblems, Problems
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.loader import derive_seed, make_loader
 from imagegen.train import distributed
 from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, latest_valid_checkpoint, load_checkpoint, read_checkpoint,
@@ -59,7 +61,7 @@ class TrainingDiverged(FloatingPointError):
     """Too many steps with a non-finite loss or gradient."""
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(AllProblems):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     family: str = Field(description="Registered model family name (models/registry.py)")
@@ -102,6 +104,9 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers per micro-batch slot")
     epoch_batches: int = Field(1000, ge=1, description="Batches per slot per data epoch (the resampling unit)")
     shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer of the loader")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of every "
+                         "process of the run (part of the run id: CPU float reductions round differently at "
+                         "another count); never taken from the machine")
 
     @field_validator("betas")
     @classmethod
@@ -110,16 +115,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"betas must each lie in [0, 1), got {v}")
         return v
 
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        get_family(v)  # UnknownFamilyError is a ValueError: reported by pydantic
+        return v
+
     @model_validator(mode="before")
     @classmethod
-    def _normalise_model(cls, data: Any) -> Any:
-        # the family config in canonical form, so checkpoints and run ids compare like with like
-        if isinstance(data, dict) and isinstance(data.get("family"), str):
-            fam = get_family(data["family"])  # UnknownFamilyError is a ValueError: reported by pydantic
-            model = data.get("model", {})
-            if not isinstance(model, dict):
-                raise ValueError(f"model must be a dict of {fam.Config.__name__} fields, got {type(model).__name__}")
-            model = dict(model)
+    def _class_count(cls, data: Any) -> Any:
+        # a class-conditioned model's num_classes comes from the class list when not given
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            model = dict(data["model"])
             classes = tuple(data.get("classes") or data.get("label_keywords") or ())
             if model.get("conditioning") == "class" and "num_classes" not in model:
                 if classes:
@@ -128,44 +135,56 @@ class TrainConfig(BaseModel):
                     # classes (and their number) come from the dataset manifest (train/runs.py);
                     # until then the family config needs a valid count
                     model["num_classes"] = 1
-            data = {**data, "model": fam.Config(**model).model_dump(mode="json")}
+            data = {**data, "model": model}
         return data
 
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
+    @field_validator("model")
+    @classmethod
+    def _normalise_model(cls, model: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # the family config in canonical form, so checkpoints and run ids compare like with like;
+        # its errors are reported under train.model next to every other field's
+        family = info.data.get("family")
+        if not isinstance(family, str):
+            return model  # the family is invalid: reported on its own
+        return get_family(family).Config(**model).model_dump(mode="json")
+
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("warmup_steps", "steps") and self.warmup_steps > self.steps:
+            p.add(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if p.can("batch_size", "micro_batches") and self.batch_size % self.micro_batches:
+            p.add(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
         conditioning = self.model.get("conditioning", "none")
-        if conditioning != "class":
+        labels = ("model", "label_field", "label_keywords", "classes")
+        if not p.can(*labels):
+            pass
+        elif conditioning != "class":
             if self.label_field or self.label_keywords or self.classes:
-                raise ValueError(f"label_field/label_keywords/classes are for class conditioning; the model has "
-                                 f"conditioning={conditioning!r}")
+                p.add(f"label_field/label_keywords/classes are for class conditioning; the model has "
+                      f"conditioning={conditioning!r}")
         else:
             if bool(self.label_field) == bool(self.label_keywords):
-                raise ValueError("conditioning='class' needs exactly one label source: label_field (a .json "
-                                 "field of the samples) or label_keywords (words looked up in the captions)")
+                p.add("conditioning='class' needs exactly one label source: label_field (a .json "
+                      "field of the samples) or label_keywords (words looked up in the captions)")
             if self.label_keywords:
                 words = [w.strip().lower() for w in self.label_keywords]
                 if any(not w for w in words) or len(set(words)) != len(words):
-                    raise ValueError(f"label_keywords must be distinct non-empty words, got {list(self.label_keywords)}")
+                    p.add(f"label_keywords must be distinct non-empty words, got {list(self.label_keywords)}")
                 if self.classes and tuple(self.classes) != tuple(self.label_keywords):
-                    raise ValueError("classes must be empty or equal label_keywords when classes come from keywords")
+                    p.add("classes must be empty or equal label_keywords when classes come from keywords")
             if len(set(self.classes)) != len(self.classes):
-                raise ValueError(f"classes has duplicates: {list(self.classes)}")
+                p.add(f"classes has duplicates: {list(self.classes)}")
             n = len(self.classes or self.label_keywords)
             if n and self.model.get("num_classes") != n:
-                raise ValueError(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+                p.add(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
         samplers = get_family(self.family).samplers
-        if self.sample_sampler is not None and self.sample_sampler not in samplers:
-            raise ValueError(f"unknown sampler {self.sample_sampler!r} for family {self.family!r}; it has {list(samplers)}")
-        if self.sample_prompts and conditioning != "text":
-            raise ValueError("sample_prompts are for text conditioning")
-        if self.sample_guidance != 1.0 and conditioning == "none":
-            raise ValueError(f"sample_guidance={self.sample_guidance} needs a conditional model "
-                             "(conditioning='none' samples without guidance: use 1.0)")
-        return self
+        if p.can("sample_sampler") and self.sample_sampler is not None and self.sample_sampler not in samplers:
+            p.add(f"unknown sampler {self.sample_sampler!r} for family {self.family!r}; it has {list(samplers)}")
+        if p.can("sample_prompts", "model") and self.sample_prompts and conditioning != "text":
+            p.add("sample_prompts are for text conditioning")
+        if p.can("sample_guidance", "model") and self.sample_guidance != 1.0 and conditioning == "none":
+            p.add(f"sample_guidance={self.sample_guidance} needs a conditional model "
+                  "(conditioning='none' samples without guidance: use 1.0)")
 
     @property
     def micro_batch_size(self) -> int:
@@ -447,6 +466,12 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     """
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig(**cfg)
+    with torch_threads(cfg.threads):  # the run id hashes it (docs/DESIGN.md, "What goes into an id")
+        return _train(cfg, shards, run_dir, stop_after=stop_after, progress=progress)
+
+
+def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, *,
+           stop_after: int | None, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an int >= 0 or None, got {stop_after!r}")
     env = distributed.current()

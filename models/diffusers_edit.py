@@ -1,0 +1,119 @@
+"""Editing and control for diffusers pipelines (the ``diffusers:SPEC`` model slot of
+models/hf_diffusers.py), through diffusers' own pipelines built on the loaded one's components
+(``AutoPipelineFor*.from_pipe``: the same UNet, VAE, text encoder and scheduler, no copy):
+
+* **img2img / SDEdit**: ``AutoPipelineForImage2Image`` (StableDiffusionImg2ImgPipeline, ...) at
+  ``strength`` (diffusers' rule: the last ``strength`` share of the steps runs);
+* **inpainting**: ``AutoPipelineForInpainting`` with the mask (white = generate); a text-to-image
+  UNet (4 latent channels) blends the known latents back at every step, an inpainting UNet (9
+  channels) takes the mask and masked image as input;
+* **ControlNet**: a diffusers ``ControlNetModel`` folder (``save_pretrained``, safetensors) passed
+  as ``controlnet``: the ControlNet variant of whichever of the three pipelines applies, with the
+  control image and ``controlnet_conditioning_scale``.
+
+Images go in as PIL images at the pipeline's resolution and come out in [-1, 1]; the NFE is the
+UNet calls the loaded model counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from models.hf_diffusers import DiffusersError, check_weights_folder
+
+MODES = ("sample", "sdedit", "inpaint")
+
+
+def check_controlnet_folder(path: str | Path) -> Path:
+    """A diffusers ControlNetModel folder (config.json naming ControlNetModel + safetensors weights)."""
+    p = Path(path).expanduser()
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise DiffusersError(f"controlnet {p}: not a diffusers ControlNetModel folder (no config.json)")
+    cls = json.loads(cfg.read_text()).get("_class_name")
+    if cls != "ControlNetModel":
+        raise DiffusersError(f"controlnet {p}: config.json names {cls!r}, not a ControlNetModel")
+    check_weights_folder(p, f"controlnet {p}")
+    return p.resolve()
+
+
+def load_controlnet(path: str | Path, model: Any) -> Any:
+    from diffusers import ControlNetModel
+
+    folder = check_controlnet_folder(path)
+    cn = ControlNetModel.from_pretrained(str(folder), use_safetensors=True, local_files_only=True,
+                                         torch_dtype=model.net.dtype).to(model.device)
+    cross = getattr(model.net.config, "cross_attention_dim", None)
+    if cross is not None and cn.config.cross_attention_dim != cross:
+        raise DiffusersError(f"controlnet {folder}: cross-attention width {cn.config.cross_attention_dim}, the "
+                             f"pipeline's UNet has {cross} (a ControlNet for another base model)")
+    return cn
+
+
+def edit_pipeline(model: Any, mode: str, controlnet: Any = None) -> Any:
+    """diffusers' pipeline for ``mode`` (sample / sdedit / inpaint), with ``controlnet`` when given,
+    sharing the loaded pipeline's components."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+
+    if mode not in MODES:
+        raise DiffusersError(f"diffusers editing: unknown mode {mode!r}; one of {list(MODES)}")
+    if mode == "sample" and controlnet is None:
+        return model.pipe
+    auto = {"sample": AutoPipelineForText2Image, "sdedit": AutoPipelineForImage2Image,
+            "inpaint": AutoPipelineForInpainting}[mode]
+    kw = {"controlnet": controlnet} if controlnet is not None else {}
+    try:
+        pipe = auto.from_pipe(model.pipe, **kw)
+    except (ValueError, KeyError) as exc:
+        raise DiffusersError(f"{type(model.pipe).__name__} has no diffusers {mode} pipeline"
+                             f"{' with a ControlNet' if controlnet is not None else ''} ({exc})") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def to_pil(x: Tensor) -> Image.Image:
+    """[1, 3, H, W] or [3, H, W] in [-1, 1] -> RGB image."""
+    x = x[0] if x.ndim == 4 else x
+    a = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a)
+
+
+def generate(model: Any, pipe: Any, mode: str, prompts: list[str], negative: list[str] | None, steps: int,
+             guidance: float, generator: torch.Generator | None, *, image: Image.Image | None = None,
+             mask: Image.Image | None = None, strength: float | None = None, control: Image.Image | None = None,
+             control_scale: float = 1.0, latents: Tensor | None = None) -> tuple[Tensor, int]:
+    """One batch from ``pipe`` (see :func:`edit_pipeline`): images in [-1, 1] and the UNet calls.
+
+    ``latents`` is the starting noise of plain (ControlNet) sampling; img2img and inpainting draw
+    theirs from ``generator``, as diffusers does."""
+    n = len(prompts)
+    kw: dict[str, Any] = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
+                              generator=generator, height=model.resolution, width=model.resolution)
+    if negative is not None:
+        kw["negative_prompt"] = negative
+    if mode == "sample":
+        if latents is not None:
+            kw["latents"] = latents.to(model.device, model.net.dtype)
+    else:
+        if image is None:
+            raise DiffusersError(f"diffusers {mode}: needs the init image")
+        kw["image"] = [image] * n
+        kw["strength"] = float(strength if strength is not None else 1.0)
+        if mode == "inpaint":
+            if mask is None:
+                raise DiffusersError("diffusers inpaint: needs the mask")
+            kw["mask_image"] = [mask] * n
+    if control is not None:
+        key = "image" if mode == "sample" else "control_image"
+        kw[key] = [control] * n
+        kw["controlnet_conditioning_scale"] = float(control_scale)
+    model._calls = 0
+    with torch.no_grad():
+        out = pipe(**kw).images
+    return (out.float() * 2 - 1).clamp(-1, 1).cpu(), int(model._calls)

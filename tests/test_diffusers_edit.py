@@ -1,0 +1,126 @@
+"""Editing and control for diffusers pipelines (models/diffusers_edit.py) on the tiny Stable
+Diffusion pipeline of tests/_diffusers_tiny.py: img2img, inpainting and ControlNet give exactly what
+diffusers' own pipelines give on the same inputs, the strength / scale endpoints behave, and
+``imagegen sample`` takes them for a ``diffusers:`` model (bad inputs named before any work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from _diffusers_tiny import tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """The pipeline, a ControlNet made from its UNet with random (nonzero) zero-convs, and 16 px inputs."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("diffusers-edit")
+    pipe = tiny_sd_pipeline(root / "sd")
+    unet = UNet2DConditionModel.from_pretrained(pipe, subfolder="unet", use_safetensors=True)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    cn.save_pretrained(root / "cn", safe_serialization=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "init.png")
+    m = np.zeros((16, 16), np.uint8)
+    m[:, 8:] = 255
+    Image.fromarray(m).save(root / "mask.png")
+    edges = np.zeros((16, 16, 3), np.uint8)
+    edges[4:12, 4] = edges[4:12, 11] = 255
+    Image.fromarray(edges).save(root / "control.png")
+    Image.new("RGB", (32, 32)).save(root / "big.png")
+    return {"root": root, "spec": f"diffusers:{pipe}", "pipe": pipe, "cn": root / "cn"}
+
+
+def _direct(cls, folder, **extra):
+    p = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, safety_checker=None,
+                            requires_safety_checker=False, **extra)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def test_editing_equals_diffusers_own_pipelines(tiny):
+    from diffusers import (ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionImg2ImgPipeline,
+                           StableDiffusionInpaintPipeline)
+
+    from models import diffusers_edit as E
+    from models.hf_diffusers import DiffusersModel
+
+    m = DiffusersModel(tiny["spec"])
+    init, mask, ctl = (Image.open(tiny["root"] / f).convert(mode) for f, mode in
+                       (("init.png", "RGB"), ("mask.png", "L"), ("control.png", "RGB")))
+    prompts = ["a cat", "the dog"]
+    common = dict(prompt=prompts, num_inference_steps=5, guidance_scale=2.0, output_type="pt", height=16, width=16)
+
+    def gen(seed=0):
+        return torch.Generator().manual_seed(seed)
+
+    x, nfe = E.generate(m, E.edit_pipeline(m, "sdedit"), "sdedit", prompts, None, 5, 2.0, gen(), image=init,
+                        strength=0.6)
+    assert nfe == 3 * 1  # the last 60% of 5 steps (diffusers' rule); CFG runs both halves in one UNet call
+    ref = _direct(StableDiffusionImg2ImgPipeline, tiny["pipe"])(image=[init] * 2, strength=0.6, generator=gen(),
+                                                                **common).images * 2 - 1
+    assert torch.allclose(x, ref.clamp(-1, 1), atol=1e-5)
+
+    y, _ = E.generate(m, E.edit_pipeline(m, "inpaint"), "inpaint", prompts, None, 5, 2.0, gen(), image=init,
+                      mask=mask, strength=1.0)
+    ref = _direct(StableDiffusionInpaintPipeline, tiny["pipe"])(image=[init] * 2, mask_image=[mask] * 2, strength=1.0,
+                                                                generator=gen(), **common).images * 2 - 1
+    assert torch.allclose(y, ref.clamp(-1, 1), atol=1e-5)
+
+    cn = E.load_controlnet(tiny["cn"], m)
+    z = torch.randn(2, 4, 8, 8, generator=gen(3))
+    c1, _ = E.generate(m, E.edit_pipeline(m, "sample", cn), "sample", prompts, None, 5, 2.0, gen(), control=ctl,
+                       control_scale=1.0, latents=z)
+    direct = _direct(StableDiffusionControlNetPipeline, tiny["pipe"],
+                     controlnet=ControlNetModel.from_pretrained(tiny["cn"], use_safetensors=True))
+    ref = direct(image=[ctl] * 2, controlnet_conditioning_scale=1.0, latents=z.clone(), generator=gen(),
+                 **common).images * 2 - 1
+    assert torch.allclose(c1, ref.clamp(-1, 1), atol=1e-5)
+    # scale 0: the base pipeline's images on the same noise; scale 1 changes them
+    c0, _ = E.generate(m, E.edit_pipeline(m, "sample", cn), "sample", prompts, None, 5, 2.0, gen(), control=ctl,
+                       control_scale=0.0, latents=z)
+    plain = m.sample(2, prompts, steps=5, guidance=2.0, x_T=z)
+    assert torch.allclose(c0, plain, atol=1e-5) and not torch.allclose(c1, plain, atol=1e-3)
+
+
+def test_imagegen_sample_edits_a_diffusers_model(tiny, tmp_path):
+    from imagegen.sample import SampleError, SampleRequest, read_parameters, sample
+
+    r = tiny["root"]
+    base = dict(model=tiny["spec"], prompts=["a cat"], n=2, steps=4, guidance=2.0)
+    a = sample(SampleRequest(**base, init_image=str(r / "init.png"), strength=0.5, out=str(tmp_path / "a")),
+               tmp_path / "root")
+    p = read_parameters(a["files"][0])
+    assert p["edit"]["mode"] == "sdedit" and p["edit"]["strength"] == 0.5 and p["nfe"] == 2
+    b = sample(SampleRequest(**base, init_image=str(r / "init.png"), mask=str(r / "mask.png"), out=str(tmp_path / "b")),
+               tmp_path / "root")
+    assert read_parameters(b["files"][0])["edit"]["mode"] == "inpaint"
+    c = sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(tiny["cn"]), control_scale=0.7,
+                             out=str(tmp_path / "c")), tmp_path / "root")
+    pc = read_parameters(c["files"][0])
+    assert pc["control"]["scale"] == 0.7 and len(pc["control"]["controlnet"]["sha256"]) == 64
+    again = sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(tiny["cn"]), control_scale=0.7,
+                                 out=str(tmp_path / "c2")), tmp_path / "root")
+    for f, g in zip(c["files"], again["files"]):
+        assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(g)))
+    with pytest.raises(SampleError, match="32x32.*16x16"):
+        sample(SampleRequest(**base, init_image=str(r / "big.png")), tmp_path / "root")
+    with pytest.raises(SampleError, match="controlnet"):
+        sample(SampleRequest(**base, control=str(r / "control.png")), tmp_path / "root")
+    with pytest.raises(SampleError, match="not a diffusers ControlNetModel"):
+        sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(r)), tmp_path / "root")
+    with pytest.raises(ValueError, match="invert.*diffusers"):
+        SampleRequest(**base, init_image=str(r / "init.png"), invert=True)
