@@ -419,3 +419,38 @@ def test_map_steps_run_as_prefect_tasks_on_dask_and_rerun_from_cache(prefect_ser
     assert (tmp_path / "b" / "dedup.parquet").read_bytes() == one
     again = [r for r in _task_runs("dedup-hash") if r.id not in seen]
     assert len(again) == N_PARTS and {r.state.name for r in again} == {"Cached"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_curate_flow_maps_parts_as_prefect_tasks_on_dask(prefect_server, one_process_run, tmp_path):
+    """The curate flow on --runner dask:2 (the curate-stages subflow on prefect-dask's DaskTaskRunner, a
+    real 2-worker LocalCluster): every part of download, dedup and filter is a Prefect task run, the
+    CLIP-backed filter parts carry the gpu tag (hashing does not), and the dataset id and shard bytes
+    equal the library's single-process run."""
+    import shutil
+
+    from flows.curate import curate_flow
+    from imagegen import curate as C
+    from imagegen.presets import CURATE_PRESETS, build_config
+
+    root1, port, ref1 = one_process_run
+    parts = ref1.card["counts"]["download"]["parts"]
+    assert parts >= 3
+    root = tmp_path / "root"
+    shutil.copytree(root1 / "models", root / "models")
+    shutil.copytree(root1 / "stages" / "world", root / "stages" / "world")
+    cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", [*_E2E, f"source.world_port={port}", "runner=dask:2"])
+    seen = {r.id for name in ("download-decode", "dedup-hash", "filter-score") for r in _task_runs(name)}
+    curate_flow(config=cfg, data_root=str(root))
+    from imagegen.registry import get_dataset
+
+    ref = get_dataset(root, "parts")
+    a, b = _fingerprint(ref1), _fingerprint(ref)
+    assert a["id"] == b["id"] and a["shards"] == b["shards"]
+    for what in ("accounting", "manifest"):
+        pd.testing.assert_frame_equal(a[what], b[what])
+    for name, gpu in (("download-decode", False), ("dedup-hash", False), ("filter-score", True)):
+        runs = [r for r in _task_runs(name) if r.id not in seen]
+        assert len(runs) == parts and all(r.state.is_completed() for r in runs), name
+        assert all(("gpu" in r.tags) == gpu for r in runs), name
