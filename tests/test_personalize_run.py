@@ -102,3 +102,4 @@ def test_bad_configs_refused_before_work(world):
         run(method="lora", prompt=3)
     with pytest.raises(ValueError, match="keep the teacher's settings"):
         run(method="lora", image_size=32)
+
