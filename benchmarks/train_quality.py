@@ -21,10 +21,17 @@ evaluated with the same settings (FD on the reference CLIP, KID, CLIPScore for c
 and a leaderboard is written.  The runs land in the run registry (``<data root>/runs/<id>``), so
 reruns reuse finished runs.
 
-    .venv/bin/python benchmarks/train_quality.py [--preset smoke] [--budget-cpu-s 180]
-        [--families ddpm,edm,flow,...] [--data-root DIR] [--curate]
+    .venv/bin/python benchmarks/train_quality.py [--preset smoke] [--budgets 100,600]
+        [--families ddpm,edm,flow,...] [--data-root DIR] [--curate] [--write-readme]
 
-Prints one row per family (steps, CPU-s, wall s, final losses, metrics) and one line of JSON.
+Several budgets (``--budgets``) give one column group each: every family trains once per budget
+(a latent or token row on its first stage's run at the same budget, DMD from the flow row at
+the same budget).  Text-conditioned rows are also scored with GenEval-world (``--geneval-per-prompt``
+images per prompt; every task in the JSON, overall in the table).
+
+Prints one row per (family, budget) (steps, CPU-s, wall s, final losses, metrics), the markdown
+table, and one line of JSON.  ``--write-readme`` replaces the block between ``README_BEGIN`` and
+``README_END`` in README.md with the table (the README's leaderboard is written only this way).
 """
 
 from __future__ import annotations
@@ -163,50 +170,183 @@ def cpu_per_step(data: dict, root: Path, probe_cpu_s: float) -> float:
     return (c1 - c0) / (s1 - s0)
 
 
+README_BEGIN = "<!-- train_quality:begin -->"
+README_END = "<!-- train_quality:end -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def parse_budgets(text: str) -> list[float]:
+    """``"100,600"`` -> [100.0, 600.0]: positive CPU-second budgets, each once, in the order given."""
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"--budgets: {part!r} is not a number of CPU-seconds (e.g. --budgets 100,600)") from None
+        if not value > 0:
+            raise ValueError(f"--budgets: {part} must be > 0 CPU-seconds")
+        if value not in out:
+            out.append(value)
+    if not out:
+        raise ValueError("--budgets names no budget (e.g. --budgets 100,600)")
+    return out
+
+
+def parse_steps_for(items: list[str]) -> dict[tuple[str, float | None], int]:
+    """``FAMILY=N`` (every budget) or ``FAMILY@BUDGET=N`` (that budget's column) -> steps."""
+    out: dict[tuple[str, float | None], int] = {}
+    for item in items:
+        key, sep, n = item.partition("=")
+        family, _, budget = key.partition("@")
+        if not sep or not family or not n.strip().isdigit() or int(n) < 1:
+            raise ValueError(f"--steps-for {item!r}: expected FAMILY=N or FAMILY@BUDGET=N with N >= 1")
+        out[(family.strip(), float(budget) if budget else None)] = int(n)
+    return out
+
+
+def _budget_label(budget: float) -> str:
+    return f"{budget:g}"
+
+
+def _metric(metrics: dict, *prefixes: str) -> float | None:
+    for name, value in metrics.items():
+        if name.startswith(prefixes):
+            return value
+    return None
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def markdown_table(rows: list[dict], budgets: list[float]) -> str:
+    """One line per family, one column group per budget (steps, FD, KID ×10³, CLIPScore, GenEval
+    overall), ordered by FD at the largest budget (rows without one last)."""
+    by: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        by.setdefault(r["family"], {})[r["budget_cpu_s"]] = r
+    last = budgets[-1]
+
+    def order(family: str) -> tuple[float, str]:
+        fd = _metric(by[family].get(last, {}).get("metrics", {}), "FD")
+        return (fd if fd is not None else float("inf"), family)
+
+    head = ["family", "sampler, NFE"]
+    for b in budgets:
+        label = _budget_label(b)
+        head += [f"steps @{label}", f"FD ↓ @{label}", f"KID ×10³ ↓ @{label}", f"CLIPScore @{label}",
+                 f"GenEval ↑ @{label}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (5 * len(budgets))) + "|"]
+    for family in sorted(by, key=order):
+        any_row = next(iter(by[family].values()))
+        cells = [family + (f" (on {any_row['first_stage_family']})" if any_row.get("first_stage_family") else ""),
+                 f"{any_row.get('sampler') or '–'}, {any_row.get('nfe') if any_row.get('nfe') is not None else '–'}"]
+        for b in budgets:
+            r = by[family].get(b)
+            if r is None:
+                cells += ["–"] * 5
+                continue
+            m = r["metrics"]
+            kid = _metric(m, "KID", "KD-")  # KID on Inception, KD-<extractor> on another
+            cells += [str(r["steps"]), _cell(_metric(m, "FD"), ",.0f"), _cell(None if kid is None else kid * 1e3, ",.1f"),
+                      _cell(_metric(m, "CLIPScore"), ".2f"), _cell(m.get("GenEval overall"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_block(table: str, meta: dict) -> str:
+    """The README's generated block: how the table was made, then the table."""
+    budgets = ", ".join(_budget_label(b) for b in meta["budgets"])
+    return (f"{README_BEGIN}\n"
+            f"Written by `benchmarks/train_quality.py --write-readme` (do not edit by hand): preset "
+            f"`{meta['preset']}`, budgets {budgets} training CPU-s per family ({meta['threads']} torch thread"
+            f"{'s' if meta['threads'] != 1 else ''}), {meta['n_eval']} images per row for FD/KID/CLIPScore "
+            f"(reference CLIP), GenEval-world at {meta['geneval_per_prompt']} image(s) per prompt for "
+            f"text-conditioned rows; {meta['date']}, {meta['cpus']} CPUs, load average "
+            f"{meta['load_average'][0]:.1f} at the end. Families: {', '.join(meta['families'])}.\n\n"
+            f"{table}\n{README_END}")
+
+
+def replace_readme_block(text: str, block: str) -> str:
+    """``text`` with everything from README_BEGIN to README_END (inclusive) replaced by ``block``;
+    a README without exactly one ordered pair of markers is refused."""
+    if text.count(README_BEGIN) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"README needs exactly one {README_BEGIN} ... {README_END} block "
+                         f"(found {text.count(README_BEGIN)} begin, {text.count(README_END)} end markers)")
+    start, end = text.index(README_BEGIN), text.index(README_END)
+    if end < start:
+        raise ValueError(f"README: {README_END} comes before {README_BEGIN}")
+    return text[:start] + block + text[end + len(README_END):]
+
+
+def write_readme(path: Path, block: str) -> None:
+    text = path.read_text()
+    new = replace_readme_block(text, block)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="smoke", choices=sorted(TRAIN_PRESETS))
-    ap.add_argument("--budget-cpu-s", type=float, default=180.0, help="training CPU-seconds per family")
+    ap.add_argument("--budgets", default=None, metavar="B1,B2",
+                    help="training CPU-seconds per family, one column group each (default: --budget-cpu-s)")
+    ap.add_argument("--budget-cpu-s", type=float, default=180.0, help="one budget (when --budgets is not given)")
     ap.add_argument("--probe-cpu-s", type=float, default=8.0, help="CPU-seconds of each family's speed probe")
-    ap.add_argument("--steps-for", action="append", default=[], metavar="FAMILY=N",
+    ap.add_argument("--steps-for", action="append", default=[], metavar="FAMILY[@BUDGET]=N",
                     help="train FAMILY for N steps instead of the budget's (to repeat a table)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     ap.add_argument("--families", default=DEFAULT_FAMILIES)
     ap.add_argument("--n-eval", type=int, default=500, help="images generated per family for the metrics")
+    ap.add_argument("--geneval-per-prompt", type=int, default=1, help="GenEval-world images per prompt "
+                    "(text-conditioned rows)")
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more request overrides")
     ap.add_argument("--curate", action="store_true", help="curate the preset's dataset if it is missing")
+    ap.add_argument("--write-readme", nargs="?", const=str(README), default=None, metavar="README",
+                    help=f"replace the {README_BEGIN} block of README.md (or this file) with the table")
     args = ap.parse_args()
+    try:
+        budgets = parse_budgets(args.budgets) if args.budgets else parse_budgets(str(args.budget_cpu_s))
+        fixed = parse_steps_for(args.steps_for)
+        if args.write_readme:
+            replace_readme_block(Path(args.write_readme).read_text(), "")  # refuse before any training
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"train_quality: {exc}") from None
     torch.set_num_threads(args.threads)
-    fixed = {k: int(v) for k, v in (x.split("=", 1) for x in args.steps_for)}
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
 
     root = data_root(args.data_root)
     base = build_config(TrainRequest, TRAIN_PRESETS, args.preset, list(args.set))
     ensure_dataset(root, base.dataset, args.curate)
     rows: list[dict] = []
-    evals: list[dict] = []
-    runs: dict[str, str] = {}  # family -> run id
-    latent_sets: dict[str, str] = {}
+    evals: dict[float, list[dict]] = {b: [] for b in budgets}
+    runs: dict[tuple[str, float], str] = {}  # (family, budget) -> run id
+    latent_sets: dict[tuple[str, float], str] = {}
 
-    def run_family(family: str) -> dict:
+    def run_family(family: str, budget: float) -> dict:
         dataset = teacher = None
         if family in FIRST_STAGE:
             first = FIRST_STAGE[family]
-            if first not in runs:
-                run_family(first)
-            if first not in latent_sets:
-                latent_sets[first] = encode_dataset(root, base.dataset, runs[first])
-            dataset = latent_sets[first]
+            if (first, budget) not in runs:
+                run_family(first, budget)
+            if (first, budget) not in latent_sets:
+                latent_sets[(first, budget)] = encode_dataset(root, base.dataset, runs[(first, budget)])
+            dataset = latent_sets[(first, budget)]
         if family in TEACHER:
-            if TEACHER[family] not in runs:
-                run_family(TEACHER[family])
-            teacher = runs[TEACHER[family]]
+            if (TEACHER[family], budget) not in runs:
+                run_family(TEACHER[family], budget)
+            teacher = runs[(TEACHER[family], budget)]
             tcfg = TrainConfig(**get_run(root, teacher).card["config"])
             guidance = tcfg.sample_guidance if tcfg.model.get("conditioning", "none") != "none" else 1.0
             dataset = reflow_pairs(root, teacher, tcfg, DMD_PAIRS, DMD_PAIR_STEPS, "euler", guidance, seed=0)
         data = family_request(base, family, dataset, teacher)
-        per_step = None if family in fixed else cpu_per_step(data, root, args.probe_cpu_s)
-        steps = fixed[family] if per_step is None else max(1, round(args.budget_cpu_s / per_step))
+        pinned = fixed.get((family, budget), fixed.get((family, None)))
+        per_step = None if pinned is not None else cpu_per_step(data, root, args.probe_cpu_s)
+        steps = pinned if per_step is None else max(1, round(budget / per_step))
         data["train"]["steps"] = steps
         if data["train"]["family"] == "ict":  # the discretisation curriculum spans the run
             data["train"]["model"]["curriculum_steps"] = steps
@@ -218,31 +358,47 @@ def main() -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         res = train_run(req, root)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs[family] = res["run_id"]
+        runs[(family, budget)] = res["run_id"]
         cond = req.train.model.get("conditioning", "none") if isinstance(req.train.model, dict) else "none"
-        ev = evaluate({"run": res["run_id"], "reference": base.dataset, "n_samples": args.n_eval,
-                       "metrics": ["fid", "kid", "clipscore"] if cond not in (None, "none") else ["fid", "kid"]}, root)
-        evals.append(ev)
-        row = {"family": family, "run_id": res["run_id"], "reused": res["reused"], "steps": res["step"],
-               "probe_cpu_s_per_step": round(per_step, 4) if per_step else None, "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
-               "first_stage": runs.get(FIRST_STAGE.get(family, ""), None), "teacher": teacher,
-               "final_losses": res["last_losses"],
+        metrics = ["fid", "kid", "clipscore", "geneval"] if cond == "text" else (
+            ["fid", "kid", "clipscore"] if cond not in (None, "none") else ["fid", "kid"])
+        ev = evaluate({"run": res["run_id"], "reference": base.dataset, "n_samples": args.n_eval, "metrics": metrics,
+                       "geneval_per_prompt": args.geneval_per_prompt}, root)
+        evals[budget].append(ev)
+        row = {"family": family, "budget_cpu_s": budget, "run_id": res["run_id"], "reused": res["reused"],
+               "steps": res["step"], "probe_cpu_s_per_step": round(per_step, 4) if per_step else None,
+               "train_cpu_s": round(cpu, 1), "train_wall_s": round(wall, 1),
+               "first_stage": runs.get((FIRST_STAGE.get(family, ""), budget)),
+               "first_stage_family": FIRST_STAGE.get(family), "teacher": teacher,
+               "sampler": ev.get("sampler"), "nfe": ev.get("nfe"), "final_losses": res["last_losses"],
                "grid": res["samples"][-1] if res.get("samples") else None, "checkpoint": res["checkpoint"],
                "metrics": ev["metrics"]}
         rows.append(row)
-        print(f"{family:14s} {row['steps']:6d} steps  {row['train_cpu_s']:7.1f} CPU-s {row['train_wall_s']:7.1f} s  "
-              f"run {row['run_id']}{' (reused)' if row['reused'] else ''}  {ev['metrics']}", flush=True)
+        print(f"{family:14s} @{_budget_label(budget):>5s} {row['steps']:6d} steps  {row['train_cpu_s']:7.1f} CPU-s "
+              f"{row['train_wall_s']:7.1f} s  run {row['run_id']}{' (reused)' if row['reused'] else ''}  "
+              f"{ev['metrics']}", flush=True)
         return row
 
-    for family in [f.strip() for f in args.families.split(",") if f.strip()]:
-        if family not in runs:
-            run_family(family)
-    board = write_leaderboard(leaderboard(root, evals), Path(root) / "leaderboards" / f"quality-{args.preset}")
-    print(f"leaderboard: {board}")
-    print(json.dumps({"preset": args.preset, "budget_cpu_s": args.budget_cpu_s, "threads": args.threads,
-                      "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                      "load_average": os.getloadavg(), "runs": rows, "leaderboard": board,
-                      "steps_for": [f"{r['family']}={r['steps']}" for r in rows]}, default=str))
+    for budget in budgets:
+        for family in families:
+            if (family, budget) not in runs:
+                run_family(family, budget)
+    boards = {_budget_label(b): write_leaderboard(leaderboard(root, evals[b]), Path(root) / "leaderboards"
+                                                 / f"quality-{args.preset}-{_budget_label(b)}cpus")
+              for b in budgets}
+    table = markdown_table(rows, budgets)
+    print(table)
+    meta = {"preset": args.preset, "budgets": budgets, "threads": args.threads, "n_eval": args.n_eval,
+            "geneval_per_prompt": args.geneval_per_prompt, "families": families,
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "load_average": os.getloadavg()}
+    if args.write_readme:
+        write_readme(Path(args.write_readme), readme_block(table, meta))
+        print(f"README block written: {args.write_readme}")
+    print(f"leaderboards: {boards}")
+    print(json.dumps({**meta, "runs": rows, "leaderboards": boards, "table": table,
+                      "steps_for": [f"{r['family']}@{_budget_label(r['budget_cpu_s'])}={r['steps']}" for r in rows]},
+                     default=str))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The curate flow: download -> dedup -> filter -> recaption -> shard, as one Prefect flow."""
+"""The curate flow: download -> dedup -> filter -> recaption -> shard, as one Prefect flow.
+
+The stages run in the subflow ``curate-stages``, whose task runner follows the config's ``runner``
+(``tasks.curate_map.task_runner_for``: Dask, Ray or a local process pool); each stage's per-part map
+step is a Prefect task per part on it (``tasks/curate_map.py``)."""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ from prefect import flow, get_run_logger
 
 from flows.publish import publish_pages
 from imagegen import curate as C
+from imagegen.executors import mapped_by
 from imagegen.paths import data_root as resolve_root
 from imagegen.presets import CURATE_PRESETS, build_config
 from imagegen.report import curate_pages, curate_summary
 from tasks import curate as T
+from tasks.curate_map import prefect_mapper, task_runner_for
 
 
 def _fresh(task: Any, *args: Any) -> dict[str, Any]:
@@ -37,6 +43,14 @@ def _task_runner(root: str) -> C.StageRunner:
     return run
 
 
+@flow(name="curate-stages", log_prints=True)
+def curate_stages(config: C.CurateConfig, data_root: str) -> dict[str, Any]:
+    """The stage tasks in order; map steps are Prefect tasks per part on this flow's task runner."""
+    with mapped_by(prefect_mapper(config.runner, Path(data_root))):
+        ds = C.run_stages(config, Path(data_root), run=_task_runner(data_root))
+    return ds.model_dump()
+
+
 @flow(name="curate", log_prints=True)
 def curate_flow(preset: Literal["smoke", "demo"] | None = "smoke", config: C.CurateConfig | None = None,
                 overrides: list[str] | None = None, data_root: str | None = None) -> dict[str, Any]:
@@ -50,7 +64,8 @@ def curate_flow(preset: Literal["smoke", "demo"] | None = "smoke", config: C.Cur
     root = resolve_root(data_root)
     C.check_preconditions(cfg, root)
     cfg = C.resolve_parent(cfg, root)  # a parent version by its immutable id
-    ds = C.run_stages(cfg, root, run=_task_runner(str(root)))
+    ds = C.StageResult.model_validate(
+        curate_stages.with_options(task_runner=task_runner_for(cfg.runner))(cfg, str(root)))
     publish_pages(curate_pages(ds.path))
     summary = curate_summary(Path(ds.path))
     logger.info("dataset %s (%s) at %s", cfg.name, ds.id, ds.path)

@@ -19,8 +19,9 @@ def distill_flow(request: DistillRequest | None = None, teacher: str | None = No
                  overrides: list[str] | None = None, data_root: str | None = None) -> dict[str, Any]:
     """Distil a finished training run (``teacher``, run id or unique prefix) into a few-step student.
 
-    ``method``: progressive (DDPM v-prediction teacher), reflow (flow teacher) or consistency
-    (EDM teacher); named or inside ``request``, else the one the teacher's family fits (flow ->
+    ``method``: progressive (DDPM v-prediction teacher), reflow or dmd (flow teacher), consistency
+    (EDM teacher) or ict (consistency training on an EDM run's data, the run as reference); named
+    or inside ``request``, else the one the teacher's family fits (flow ->
     reflow, ddpm -> progressive, edm -> consistency).  ``overrides`` such as
     ``["steps=2000", "target_steps=2", "report_nfe=[1,2,4]"]`` set any other field of the
     request.  The same request again reuses the finished student runs.

@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     di = sub.add_parser("distill", help="distil a finished training run into a few-step student, with an NFE report")
     di.add_argument("--teacher", required=True, help="teacher: a finished training run id or unique prefix")
     di.add_argument("--method", choices=list(METHODS),
-                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher); "
+                    help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher), "
+                    "dmd (flow teacher), ict (consistency training; the EDM run is data, network and reference); "
                     "default: the one the teacher's family fits")
     di.add_argument("--preset", choices=sorted(DISTILL_PRESETS), default=None,
                     help="the distillation settings of a pipeline preset (default: DistillRequest's defaults)")
@@ -330,9 +331,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     named = [f"metrics={json.dumps(_csv(args.metrics))}"] if args.metrics is not None else []
     folder = str(Path(args.folder).resolve()) if args.folder else None
-    if getattr(args, "model", None):
-        named.append(f"model={args.model}")
-    request = build_request(None, args.run, folder, [*args.overrides, *named], preset=args.preset)
+    request = build_request(None, args.run, folder, [*args.overrides, *named], preset=args.preset,
+                            model=getattr(args, "model", None) or None)
     root = data_root(args.data_root)
     check_request(request, root)  # an unknown run, a bad folder or prompt file fails here, before any work
     if args.no_prefect:

@@ -12,9 +12,15 @@ checkpoint like any other (its family knows its own default sampler and step cou
 * reflow: ``reflow_pairs`` draws (noise seed, teacher ODE sample) couplings into a registered
   dataset (content-addressed, so other students reuse it), then a reflow student trains on it.
 * consistency: one run with an EDM teacher.
+* dmd: distribution matching (models/dmd.py) of a flow teacher into a one-step generator, on the
+  same (content-addressed, shared) reflow pairs for its regression loss.
+* ict: consistency *training* (models/ict.py): no teacher; the EDM run named as teacher gives the
+  dataset and the network config (trained from scratch) and is the report's reference.
 
 Then ``nfe_report`` samples teacher and students from the same noise at NFE 1, 2, 4, 8 (teacher
-also at 50) and writes grids, the MSE of every row to the teacher at 50 steps and a plot.
+also at 50) and writes grids, the MSE of every row to the teacher at 50 steps and a plot; every
+student row carries the method's cost (``distill_cost``: teacher network evaluations, student
+optimizer steps, seconds).  ``nfe_table`` puts several distillations in one table.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from imagegen.paths import datasets_dir
 from imagegen.registry import get_dataset, register_name
 from imagegen.train.runs import RunError, TrainRequest, get_run, train_run
 from imagegen.train.trainer import TrainConfig, sample_conditioning, save_grid
-from models.teacher import METHODS, TEACHERS, Method, lacks_v_prediction  # noqa: F401 (re-exported)
+from models.teacher import METHODS, REFERENCE_ONLY, TEACHERS, Method, lacks_v_prediction, teacher_families  # noqa: F401
 
 
 
@@ -45,7 +51,8 @@ class DistillRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     teacher: str = Field(min_length=1, description="Teacher training run id (or unique prefix) in the run registry")
-    method: Method = Field(description="progressive (DDPM v-pred teacher), reflow (flow teacher), consistency (EDM)")
+    method: Method = Field(description="progressive (DDPM v-pred teacher), reflow (flow teacher), consistency (EDM), "
+                           "dmd (flow teacher), ict (consistency training; the EDM run is the reference)")
     steps: int = Field(1000, ge=1, le=10_000_000, description="Training steps per student (per round)")
     lr: float | None = Field(None, gt=0, le=1.0, description="Student LR (None = the teacher's)")
     batch_size: int | None = Field(None, ge=1, description="Global batch (None = the teacher's)")
@@ -59,12 +66,17 @@ class DistillRequest(BaseModel):
     pair_steps: int = Field(50, ge=1, le=10_000, description="reflow: teacher ODE steps per coupling")
     pair_sampler: Literal["euler", "heun"] = Field("heun", description="reflow: teacher ODE sampler")
     pair_guidance: float | None = Field(None, ge=0, le=50, description="reflow: teacher CFG (None = its sample_guidance)")
-    student_steps: int = Field(1, ge=1, le=1000, description="reflow/consistency: default sampling steps of the student")
+    student_steps: int = Field(1, ge=1, le=1000, description="reflow/consistency/ict: default sampling steps of the "
+                               "student (dmd: always 1)")
     # consistency
     levels: int = Field(18, ge=2, le=4096, description="consistency: Karras levels N")
     target_ema: float = Field(0.95, ge=0.0, lt=1.0, description="consistency: target-network EMA decay")
-    distance: Literal["l2", "pseudo_huber"] = Field("pseudo_huber", description="consistency: loss metric")
-    teacher_guidance: float = Field(1.0, ge=0, le=50, description="consistency: CFG scale distilled in (LCM)")
+    distance: Literal["l2", "pseudo_huber"] = Field("pseudo_huber", description="consistency/ict: loss metric")
+    teacher_guidance: float = Field(1.0, ge=0, le=50, description="consistency: CFG scale distilled in (LCM); dmd: "
+                                    "CFG scale of the teacher's (real) score")
+    # dmd
+    regression_weight: float = Field(0.25, ge=0.0, le=100.0, description="dmd: weight of the regression loss on "
+                                     "the teacher pairs (paper: 0.25)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds pairs and report noise")
     nproc: int = Field(1, ge=1, le=1024, description="Processes per student run (torchrun when > 1)")
     report_nfe: tuple[int, ...] = Field((1, 2, 4, 8), description="NFEs of the report grids")
@@ -87,11 +99,14 @@ class DistillRequest(BaseModel):
         if not conditional:
             return 1.0, 1.0
         learned = {"reflow": self.pair_guidance if self.pair_guidance is not None else teacher_sample_guidance,
-                   "consistency": self.teacher_guidance}.get(self.method, teacher_sample_guidance)
+                   "consistency": self.teacher_guidance, "dmd": self.teacher_guidance,
+                   "ict": 1.0}.get(self.method, teacher_sample_guidance)
         return float(learned), float(learned) if self.method == "progressive" else 1.0
 
     def rounds(self) -> list[int]:
         """Student step counts, one training run each."""
+        if self.method == "dmd":
+            return [1]
         if self.method != "progressive":
             return [self.student_steps]
         out, n = [], self.start_steps
@@ -111,10 +126,12 @@ def teacher_run(root: Path, run_id: str, method: str) -> tuple[Any, TrainConfig]
         raise RunError(f"teacher run {ref.id} is {ref.card.get('status')!r}, not finished: train it to the end first")
     cfg = TrainConfig(**ref.card["config"])
     fam = cfg.family
-    if fam not in TEACHERS[method]:
+    if fam not in teacher_families(method):
         why = {"progressive": "a DDPM family run in v-prediction (DDIM teacher)",
                "reflow": "a flow-matching run (an ODE sampler on the linear path)",
-               "consistency": "an EDM run (sigma parameterisation with Heun ODE steps)"}[method]
+               "consistency": "an EDM run (sigma parameterisation with Heun ODE steps)",
+               "dmd": "a flow-matching run (its velocity is the real score)",
+               "ict": "an EDM run (its dataset and network; iCT itself trains without a teacher)"}[method]
         raise RunError(f"{method} distillation needs {why}; teacher run {ref.id} is family {fam!r}")
     if lacks_v_prediction(method, fam, cfg.model):
         raise RunError(f"progressive distillation needs a v-prediction teacher; run {ref.id} predicts "
@@ -127,15 +144,18 @@ def student_request(request: DistillRequest, teacher_id: str, teacher_cfg: Train
     """The student's TrainRequest: the teacher's training config with the method's family, the
     teacher's network, and the request's optimisation settings."""
     data = teacher_cfg.model_dump(mode="json")
-    model = {k: v for k, v in data["model"].items() if k in _base_fields(request.method)}
-    model.update(model_extra, teacher=f"run:{teacher_id}")
+    fields = _base_fields(request.method)
+    model = {k: v for k, v in data["model"].items() if k in fields}
+    model.update(model_extra)
+    if "teacher" in fields:  # iCT has none: the run only lends its data and network config
+        model["teacher"] = f"run:{teacher_id}"
     data.update(family=request.method, model=model, steps=request.steps, warmup_steps=request.warmup_steps,
                 schedule="constant", ckpt_every=min(data.get("ckpt_every", 1000), request.steps),
                 sample_steps=None, sample_sampler=None)
     for k in ("lr", "batch_size", "ema_decay"):
         if getattr(request, k) is not None:
             data[k] = getattr(request, k)
-    if request.method == "reflow":  # the pairs dataset carries captions, not the teacher's labels field
+    if request.method in ("reflow", "dmd"):  # the pairs dataset carries captions, not the teacher's labels field
         data["sample_guidance"] = 1.0 if model.get("conditioning", "none") == "none" else data["sample_guidance"]
     try:
         cfg = TrainConfig(**data)
@@ -236,12 +256,54 @@ def _code_self() -> Any:
 REPORT_TEACHER_STEPS = 50  # the NFE report's reference: the teacher at this many steps
 
 
+COST_COLUMNS = ("teacher_calls", "student_steps", "train_seconds")
+
+
+def _pair_calls(request: DistillRequest, conditional: bool, guidance: float) -> int:
+    """Teacher network evaluations of the reflow pairs: Heun takes 2N - 1 (its last step is Euler),
+    Euler N; CFG evaluates both branches."""
+    per = 2 * request.pair_steps - 1 if request.pair_sampler == "heun" else request.pair_steps
+    return request.pairs * per * (2 if conditional and guidance != 1.0 else 1)
+
+
+def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list[dict[str, Any]],
+                 pairs_seconds: float = 0.0) -> dict[str, Any]:
+    """What a distillation cost: teacher network evaluations (one image through the teacher's net;
+    a CFG pair counts 2), student optimizer steps over all rounds, and the seconds of its runs
+    (wall clock of the student runs and of drawing the pairs, as recorded when they ran).
+
+    Per method: progressive 2 DDIM teacher steps per sample and step; reflow the pairs; consistency
+    one Heun step (2 evaluations, 3 with CFG as models/consistency.py computes it) per sample and
+    step; dmd the pairs plus one real-score evaluation (2 with CFG) per sample and step; ict none."""
+    batch = request.batch_size or teacher_cfg.batch_size
+    steps = request.steps * len(rounds)
+    conditional = teacher_cfg.model.get("conditioning", "none") != "none"
+    learned, _ = request.guidance(conditional, teacher_cfg.sample_guidance)
+    guided = conditional and learned != 1.0
+    m = request.method
+    if m == "progressive":
+        calls = 2 * batch * steps
+    elif m == "reflow":
+        calls = _pair_calls(request, conditional, learned)
+    elif m == "consistency":
+        calls = batch * steps * 2 * (3 if guided else 1)
+    elif m == "dmd":
+        pair_g = request.pair_guidance if request.pair_guidance is not None else teacher_cfg.sample_guidance
+        calls = _pair_calls(request, conditional, pair_g) + batch * steps * (2 if guided else 1)
+    else:
+        calls = 0
+    seconds = sum(float(r.get("seconds") or 0.0) for r in rounds) + float(pairs_seconds)
+    return {"teacher_calls": int(calls), "student_steps": int(steps), "train_seconds": round(seconds, 3)}
+
+
 def nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
-               count: int, seed: int, teacher_steps: int = REPORT_TEACHER_STEPS) -> dict[str, Any]:
+               count: int, seed: int, teacher_steps: int = REPORT_TEACHER_STEPS,
+               cost: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Sample every (label, family, CFG scale) at each NFE from the same noise and conditioning;
     the first model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes
-    one grid per row, ``report.parquet`` (label, steps, nfe, guidance, mse to the reference) and
-    ``nfe_mse.png``."""
+    one grid per row, ``report.parquet`` (label, steps, nfe, guidance, mse to the reference, and the
+    cost columns from ``cost[label]``, 0 where none is given) and ``nfe_mse.png``.  A one-step
+    generator (DMD) is sampled at NFE 1 only."""
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, teacher_g = models[0][1], models[0][2]
     shape = (count, *teacher.noise_shape)
@@ -253,23 +315,30 @@ def nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainCo
                                 x_T=x_T, generator=torch.Generator().manual_seed(seed + 1))
         return res.sample.float(), int(res.nfe)
 
+    cost = cost or {}
+
+    def costs(label: str) -> dict[str, Any]:
+        c = cost.get(label, {})
+        return {k: c.get(k, 0) for k in COST_COLUMNS}
+
     ref, ref_nfe = draw(teacher, teacher_steps, teacher_g)
     rows = [{"model": models[0][0], "steps": teacher_steps, "nfe": ref_nfe, "guidance": teacher_g,
-             "mse_to_reference": 0.0, "grid": str(out_dir / f"{models[0][0]}_steps{teacher_steps}.png")}]
+             "mse_to_reference": 0.0, "grid": str(out_dir / f"{models[0][0]}_steps{teacher_steps}.png"),
+             **costs(models[0][0])}]
     save_grid(ref, Path(rows[0]["grid"]))
     for label, fam, g in models:
         done: set[int] = set()
         for nfe in nfes:
             # the most steps whose NFE fits the budget: Heun costs 2N - 1 (its last step is Euler)
             steps = max(1, (nfe + 1) // 2) if fam.default_sampler == "heun" else nfe
-            if steps in done:
+            if steps in done or (fam.default_sampler == "onestep" and steps != 1):
                 continue
             done.add(steps)
             x, used = draw(fam, steps, g)
             path = out_dir / f"{label}_steps{steps}.png"
             save_grid(x, path)
             rows.append({"model": label, "steps": steps, "nfe": used, "guidance": g,
-                         "mse_to_reference": float(((x - ref) ** 2).mean()), "grid": str(path)})
+                         "mse_to_reference": float(((x - ref) ** 2).mean()), "grid": str(path), **costs(label)})
     df = pd.DataFrame(rows)
     df.to_parquet(out_dir / "report.parquet", index=False)
     _plot(df, out_dir / "nfe_mse.png", models[0][0], ref_nfe)
@@ -283,7 +352,40 @@ def read_nfe_report(out_dir: Path) -> dict[str, Any]:
         r["grid"] = str(out_dir / Path(r["grid"]).name)
         r["steps"], r["nfe"], r["mse_to_reference"] = int(r["steps"]), int(r["nfe"]), float(r["mse_to_reference"])
         r["guidance"] = float(r["guidance"])
+        for k in COST_COLUMNS:  # reports written before the cost columns read as 0
+            r[k] = float(r[k]) if k == "train_seconds" and k in r else int(r.get(k, 0) or 0)
     return {"rows": rows, "plot": str(out_dir / "nfe_mse.png"), "table": str(out_dir / "report.parquet")}
+
+
+def nfe_table(summaries: list[dict[str, Any]]) -> pd.DataFrame:
+    """One NFE table over several distillations (summaries of :func:`distill`, e.g. reflow, dmd,
+    consistency, ict, progressive from their teachers): per student sample row its method, teacher
+    run, steps, NFE, MSE to its teacher at 50 steps and the cost columns; each teacher's own
+    reference row once."""
+    rows, teachers = [], set()
+    for sm in summaries:
+        for r in sm["report"]["rows"]:
+            is_teacher = r["model"] == "teacher"
+            if is_teacher and (sm["teacher_run"], r["steps"]) in teachers:
+                continue
+            if is_teacher:
+                teachers.add((sm["teacher_run"], r["steps"]))
+            rows.append({"method": "teacher" if is_teacher else sm["method"], "teacher_run": sm["teacher_run"],
+                         "run_id": sm["teacher_run"] if is_teacher else sm["student_run"], "steps": int(r["steps"]),
+                         "nfe": int(r["nfe"]), "mse_to_teacher": float(r["mse_to_reference"]),
+                         **{k: r.get(k, 0) for k in COST_COLUMNS}})
+    return pd.DataFrame(rows)
+
+
+def nfe_table_markdown(df: pd.DataFrame) -> str:
+    """The NFE table as markdown (teacher calls: teacher network evaluations; seconds: wall clock of the student runs
+    and their pairs)."""
+    lines = ["| method | teacher run | NFE | MSE to teacher | teacher calls | train steps | seconds |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in df.to_dict("records"):
+        lines.append(f"| {r['method']} | `{r['teacher_run'][:10]}` | {r['nfe']} | {r['mse_to_teacher']:.5f} | "
+                     f"{r['teacher_calls']:,} | {r['student_steps']:,} | {float(r['train_seconds']):.1f} |")
+    return "\n".join(lines)
 
 
 def _plot(df: pd.DataFrame, png: Path, teacher: str, ref_nfe: int) -> None:
@@ -322,14 +424,25 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
                            "use a teacher with spacing='trailing'")
     t0 = time.time()
     rounds = []
+    pairs_seconds = 0.0
     teacher_id, dataset = ref.id, ref.card["dataset_id"]
     extra_for: Callable[[int], dict[str, Any]]
     if request.method == "progressive":
         extra_for = lambda n: {"student_steps": n}  # noqa: E731
-    elif request.method == "reflow":
+    elif request.method in ("reflow", "dmd"):
+        pair_g = request.pair_guidance if request.pair_guidance is not None else tcfg.sample_guidance
         dataset = reflow_pairs(root, ref.id, tcfg, request.pairs, request.pair_steps, request.pair_sampler,
-                               request.guidance(True, tcfg.sample_guidance)[0], request.seed)
-        extra_for = lambda n: {"default_steps": n, "t_sampling": "uniform"}  # noqa: E731
+                               float(pair_g), request.seed)
+        pairs_seconds = float(get_dataset(root, dataset).card.get("seconds") or 0.0)
+        if request.method == "reflow":
+            extra_for = lambda n: {"default_steps": n, "t_sampling": "uniform"}  # noqa: E731
+        else:
+            extra_for = lambda n: {"real_guidance": request.guidance(  # noqa: E731
+                tcfg.model.get("conditioning", "none") != "none", tcfg.sample_guidance)[0],
+                "regression_weight": request.regression_weight}
+    elif request.method == "ict":
+        extra_for = lambda n: {"curriculum_steps": request.steps, "distance": request.distance,  # noqa: E731
+                               "sample_steps": n}
     else:
         extra_for = lambda n: {"levels": request.levels, "target_ema": request.target_ema,  # noqa: E731
                                "distance": request.distance, "teacher_guidance": request.teacher_guidance,
@@ -339,12 +452,15 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
         treq = student_request(request, teacher_id, tcfg, dataset, extra_for(n), label)
         summary = train_run(treq, root, progress=progress)
         rounds.append({"steps": n, "run_id": summary["run_id"], "checkpoint": summary["checkpoint"],
-                       "reused": summary["reused"], "last_losses": summary["last_losses"]})
+                       "reused": summary["reused"], "last_losses": summary["last_losses"],
+                       "seconds": summary.get("seconds")})
         teacher_id = summary["run_id"]
     from models.checkpoint import load_family
 
     student = rounds[-1]
-    # the report is an artifact like any other: named by what it depends on, computed once
+    cost = distill_cost(request, tcfg, rounds, pairs_seconds)
+    # the report is an artifact like any other: named by what it depends on, computed once (the
+    # cost's seconds are a record of the runs, not an input)
     inputs = {"teacher_checkpoint": str(ref.checkpoint), "student_checkpoint": str(student["checkpoint"]),
               "nfe": list(request.report_nfe), "count": request.report_count, "seed": request.seed,
               "teacher_steps": REPORT_TEACHER_STEPS,
@@ -356,10 +472,13 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
             t_g, s_g = request.guidance(tcfg.model.get("conditioning", "none") != "none", tcfg.sample_guidance)
             models = [("teacher", load_family(ref.checkpoint), t_g)]
             models += [(f"student_{r['steps']}", load_family(r["checkpoint"]), s_g) for r in rounds[-1:]]
+            label = f"student_{rounds[-1]['steps']}"
+            teacher_cost = {"student_steps": int(tcfg.steps),
+                            "train_seconds": float((ref.card.get("summary") or {}).get("seconds") or 0.0)}
             nfe_report(models, tmp, tcfg, request.report_nfe, request.report_count, request.seed,
-                       REPORT_TEACHER_STEPS)
+                       REPORT_TEACHER_STEPS, cost={"teacher": teacher_cost, label: cost})
             card.update(inputs)
     report = {**read_nfe_report(report_dir), "reused": reused}
     return {"method": request.method, "teacher_run": ref.id, "dataset_id": dataset, "rounds": rounds,
             "student_run": student["run_id"], "student_checkpoint": student["checkpoint"], "report": report,
-            "seconds": round(time.time() - t0, 3)}
+            "cost": cost, "seconds": round(time.time() - t0, 3)}

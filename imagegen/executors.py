@@ -18,12 +18,19 @@ resubmitted); parts write their outputs atomically, so a rerun gives the same by
 
 :func:`check_runner` refuses a runner before any work: an engine package that is not installed,
 an address that does not answer, a data root a worker cannot write.
+
+An orchestrator may take the map steps over (:func:`mapped_by`): inside that context every
+:func:`executor` hands its ``map`` to the orchestrator's mapper instead of starting an engine;
+the curate flow uses it to run each part as a Prefect task on the flow's task runner
+(``tasks/curate_map.py``).  :func:`map_step` declares what such a mapper needs to know about a
+step: its name, a content key per part (for caching), the files it writes, whether it loads a model.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
+import contextvars
 import logging
 import multiprocessing
 import os
@@ -155,6 +162,50 @@ def _probe(path: str) -> str:
         return f"{socket.gethostname()} (pid {os.getpid()}): {exc.strerror or exc}"
 
 
+# ---------------------------------------------------------------------------- map step declarations
+
+@dataclass(frozen=True)
+class MapStepInfo:
+    """What an orchestrator needs to know about a map step (the library itself ignores it)."""
+    name: str                                           # e.g. "dedup-hash" (a Prefect task name)
+    key: Callable[[Any], Any] | None = None             # part -> JSON-able content identity; None: never cached
+    outputs: Callable[[Any], list[str]] | None = None   # part -> files the step writes (a cached result is
+                                                        # only used while they exist)
+    model: Callable[[Any], bool] | bool = False         # loads a model (GPU-backed): tagged for the gpu limit
+
+    def uses_model(self, item: Any) -> bool:
+        return bool(self.model(item)) if callable(self.model) else bool(self.model)
+
+
+def map_step(name: str, *, key: Callable[[Any], Any] | None = None, outputs: Callable[[Any], list[str]] | None = None,
+             model: Callable[[Any], bool] | bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Declare a module-level function as a map step (sets ``fn.map_step``; the function is unchanged)."""
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.map_step = MapStepInfo(name, key, outputs, model)  # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+def step_info(fn: Callable[..., Any]) -> MapStepInfo:
+    """The declaration of ``fn``, or a default one (its name, not cached, no model)."""
+    return getattr(fn, "map_step", None) or MapStepInfo(getattr(fn, "__name__", "map-step").replace("_", "-"))
+
+
+# A mapper: (runner spec, fn, items) -> [fn(x) for x in items], run wherever the orchestrator runs tasks
+Mapper = Callable[[str, Callable[[Any], Any], Sequence[Any]], list[Any]]
+_MAPPER: contextvars.ContextVar[Mapper | None] = contextvars.ContextVar("imagegen_mapper", default=None)
+
+
+@contextlib.contextmanager
+def mapped_by(mapper: Mapper) -> Iterator[None]:
+    """Inside this context, :func:`executor` delegates every map step to ``mapper``."""
+    token = _MAPPER.set(mapper)
+    try:
+        yield
+    finally:
+        _MAPPER.reset(token)
+
+
 # ---------------------------------------------------------------------------- executors
 
 class Executor:
@@ -181,6 +232,18 @@ class Executor:
 
     def close(self) -> None:
         pass
+
+
+class Delegated(Executor):
+    """The map steps of an orchestrator (see :func:`mapped_by`): no engine is started here."""
+
+    def __init__(self, runner: Runner, spec: str, mapper: Mapper) -> None:
+        self.runner, self.spec, self._mapper = runner, spec, mapper
+        self.workers = runner.workers or (default_workers() if runner.address is None else 2)
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+        items = list(items)
+        return self._mapper(self.spec, fn, items) if items else []
 
 
 class InProcess(Executor):
@@ -294,9 +357,16 @@ def executor(spec: str | None = "local", root: Path | None = None, workers: int 
 
     With ``root``, every worker of a cluster runner must be able to write under it."""
     r = check_runner(spec or "local")
+    mapper = _MAPPER.get()
+    if mapper is not None and not (r.kind == "local" and r.workers == 1):  # local:1 stays in this process
+        ex: Executor = Delegated(r, str(r), mapper)
+        if root is not None and r.kind != "local":
+            ex.probe_root(Path(root))
+        yield ex
+        return
     if r.kind == "local":
         n = r.workers or workers or default_workers()
-        ex: Executor = InProcess(r) if n <= 1 else LocalPool(r, n)
+        ex = InProcess(r) if n <= 1 else LocalPool(r, n)
     elif r.kind == "dask":
         ex = DaskExecutor(r)
     else:

@@ -135,9 +135,8 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: Any, *, batc
              "code": code_version(__import__("imagegen.loader", fromlist=["x"]), __import__(__name__, fromlist=["x"]))}
     dataset_id = stable_hash(ident)
     label = name or f"latents-{ds.name or ds.id[:8]}-{run.id[:8]}"
-    final = datasets_dir(root) / dataset_id
-    if is_complete(final):
-        register_name(root, label, dataset_id)
+    final = _reuse_or_target(root, dataset_id, label)
+    if final is None:
         return dataset_id
     t0 = time.time()
 
@@ -162,6 +161,16 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: Any, *, batc
     return dataset_id
 
 
+def _reuse_or_target(root: Path, dataset_id: str, label: str) -> Path | None:
+    """The folder a latent dataset is written to, or None when it is complete already (then its name
+    is registered again: an encode with a new name reuses the same bytes)."""
+    final = datasets_dir(root) / dataset_id
+    if is_complete(final):
+        register_name(root, label, dataset_id)
+        return None
+    return final
+
+
 def _encode_with_diffusers_vae(root: Path, ds: Any, source: Any, *, batch_size: int, device: str, name: str | None,
                                image_size: int | None) -> str:
     """encode_dataset with a diffusers AutoencoderKL (its own scaling/shift factors)."""
@@ -174,9 +183,8 @@ def _encode_with_diffusers_vae(root: Path, ds: Any, source: Any, *, batch_size: 
     dataset_id = stable_hash(ident)
     spec = source if isinstance(source, str) else None
     label = name or f"latents-{ds.name or ds.id[:8]}-vae-{dataset_id[:8]}"
-    final = datasets_dir(root) / dataset_id
-    if is_complete(final):
-        register_name(root, label, dataset_id)
+    final = _reuse_or_target(root, dataset_id, label)
+    if final is None:
         return dataset_id
     t0 = time.time()
 

@@ -17,6 +17,14 @@ A sample that cannot be used (image bytes PIL cannot decode, no caption, no imag
 its key and shard and skipped; webdataset's default handler would instead stop the whole run on
 the first bad file among millions.  Call ``dataset.set_epoch(e)`` before each epoch, as with
 ``DistributedSampler``, to get a new shard and sample order.
+
+Aspect-ratio buckets (``buckets=``, as kohya-ss / OneTrainer train SD): a fixed set of (height,
+width) sizes of about the same pixel count (:func:`aspect_buckets`); each image goes to the bucket
+nearest its aspect ratio (in log ratio), is resized to cover it and center-cropped, and each
+worker keeps one batch buffer per bucket, so every batch has one shape.  A bucket's partial batch
+is flushed when the worker's stream ends (dropped with ``drop_last``), so an exact epoch still
+reads every sample exactly once over ranks x workers, and the batches are a function of the seed.
+Latent samples are grouped by their stored shape (never resized).
 """
 
 from __future__ import annotations
@@ -119,11 +127,12 @@ def coverage_warning(n_shards: int, world_size: int, num_workers: int) -> str | 
 # decoding
 
 
-def decode_rgb(data: bytes, image_size: int | None = None) -> torch.Tensor:
+def decode_rgb(data: bytes, image_size: int | None = None, buckets: Sequence[Bucket] | None = None) -> torch.Tensor:
     """Image bytes -> uint8 HWC RGB tensor, optionally resized and center-cropped.
 
     Resize: the shorter side becomes ``image_size`` (bicubic, antialiased by PIL), then the
-    center square is kept.  EXIF orientation is applied when the file has one.
+    center square is kept; with ``buckets``, the image is fitted to the bucket nearest its aspect
+    ratio instead (:func:`fit_to_bucket`).  EXIF orientation is applied when the file has one.
     """
     img = Image.open(io.BytesIO(data))
     img.load()
@@ -131,7 +140,9 @@ def decode_rgb(data: bytes, image_size: int | None = None) -> torch.Tensor:
         img = ImageOps.exif_transpose(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    if image_size is not None and img.size != (image_size, image_size):
+    if buckets:
+        img = fit_to_bucket(img, nearest_bucket(img.size[0], img.size[1], buckets))
+    elif image_size is not None and img.size != (image_size, image_size):
         w, h = img.size
         scale = image_size / min(w, h)
         nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
@@ -141,6 +152,58 @@ def decode_rgb(data: bytes, image_size: int | None = None) -> torch.Tensor:
     # np.array, not np.asarray: torch wants a writable buffer (and a per-call warnings filter
     # costs more than this small copy)
     return torch.from_numpy(np.array(img, dtype=np.uint8))
+
+
+Bucket = tuple[int, int]  # (height, width)
+
+
+def aspect_buckets(base: int, multiple: int = 8, max_ratio: float = 2.0) -> tuple[Bucket, ...]:
+    """(height, width) buckets of about ``base`` x ``base`` pixels, sides multiples of ``multiple``,
+    aspect ratios up to ``max_ratio``:1 either way, ordered from the tallest to the widest.
+
+    As kohya-ss' bucket maker: for each width (a multiple), the largest multiple height whose area
+    does not exceed base^2; the square ``base`` x ``base`` is always one of them.
+    """
+    if not isinstance(base, int) or not isinstance(multiple, int) or multiple < 1 or base < multiple or base % multiple:
+        raise ValueError(f"aspect_buckets: base ({base!r}) must be a positive multiple of multiple ({multiple!r})")
+    if not (isinstance(max_ratio, (int, float)) and 1.0 <= max_ratio <= 8.0):
+        raise ValueError(f"aspect_buckets: max_ratio must lie in [1, 8], got {max_ratio!r}")
+    area = base * base
+    out = set()
+    for w in range(multiple, base * base // multiple + 1, multiple):
+        h = area // w // multiple * multiple
+        if h < multiple:
+            break
+        if max(h / w, w / h) <= max_ratio + 1e-9:
+            out.add((h, w))
+    out.add((base, base))
+    return tuple(sorted(out, key=lambda b: (b[1] / b[0], b)))
+
+
+def check_buckets(buckets: Sequence[Bucket]) -> tuple[Bucket, ...]:
+    out = tuple((int(h), int(w)) for h, w in buckets)
+    if not out or any(h < 1 or w < 1 for h, w in out) or len(set(out)) != len(out):
+        raise ValueError(f"buckets must be distinct (height, width) pairs of positive ints, got {list(buckets)}")
+    return out
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:
+    """The bucket whose aspect ratio is nearest ``width / height`` in log ratio (ties: the first)."""
+    r = math.log(width / height)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - r))
+
+
+def fit_to_bucket(img: Image.Image, bucket: Bucket) -> Image.Image:
+    """Resize ``img`` (bicubic) so it covers ``bucket`` = (height, width), then keep the centre."""
+    bh, bw = bucket
+    w, h = img.size
+    if (w, h) == (bw, bh):
+        return img
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - bw) // 2, (nh - bh) // 2
+    return img.crop((left, top, left + bw, top + bh))
 
 
 def to_unit_range(rgb: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -161,7 +224,8 @@ def decode_image(data: bytes, image_size: int | None = None) -> torch.Tensor:
 
 
 def _decode_samples(src: Iterator[dict[str, Any]], image_size: int | None, with_meta: bool,
-                    handler: Callable[[BaseException], bool]) -> Iterator[dict[str, Any]]:
+                    handler: Callable[[BaseException], bool],
+                    buckets: Sequence[Bucket] | None = None) -> Iterator[dict[str, Any]]:
     """Raw webdataset samples -> {"image" (uint8 HWC), "caption", "key"[, "meta"]}; bad ones go to ``handler``.
 
     Images stay uint8 here: converting to float per sample and then again copying into the
@@ -183,7 +247,7 @@ def _decode_samples(src: Iterator[dict[str, Any]], image_size: int | None, with_
             try:
                 # latents are used as stored: image_size is the pixel size, it does not resize them
                 image = decode_latent(raw[image_key]) if image_key == LATENT_KEY else \
-                    decode_rgb(raw[image_key], image_size)
+                    decode_rgb(raw[image_key], image_size, buckets)
             except Exception as exc:  # PIL raises many types for bad bytes
                 raise BadSample(f"sample {key!r} in shard {shard}: cannot decode .{image_key} "
                                 f"({type(exc).__name__}: {exc})") from None
@@ -234,7 +298,8 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     shapes = {tuple(im.permute(2, 0, 1).shape) if _is_rgb8(im) else tuple(im.shape) for im in images}
     if len(shapes) > 1:
         raise ValueError(f"images in one batch have different shapes {sorted(shapes)}; "
-                         "pass image_size= so every image is resized to the same square")
+                         "pass image_size= so every image is resized to the same square, or buckets= "
+                         "so each batch comes from one aspect-ratio bucket")
     out = _empty_batch((len(images), *shapes.pop()))
     for i, im in enumerate(images):
         if _is_rgb8(im):
@@ -262,6 +327,30 @@ def _batched(src: Iterator[dict[str, Any]], batch_size: int) -> Iterator[dict[st
             buf = []
     if buf:
         yield collate_samples(buf)
+
+
+def _shape_of(image: torch.Tensor) -> tuple[int, ...]:
+    return tuple(image.permute(2, 0, 1).shape) if _is_rgb8(image) else tuple(image.shape)
+
+
+def _bucketed(src: Iterator[dict[str, Any]], batch_size: int, drop_last: bool) -> Iterator[dict[str, Any]]:
+    """Batches of one image shape each: one buffer per shape, a batch as soon as one fills; at the
+    end of the stream the partial buffers in order of their first sample (or none: ``drop_last``)."""
+    bufs: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+    for sample in src:
+        buf = bufs.setdefault(_shape_of(sample["image"]), [])
+        buf.append(sample)
+        if len(buf) == batch_size:
+            yield collate_samples(buf)
+            buf.clear()
+    if not drop_last:
+        for buf in bufs.values():
+            if buf:
+                yield collate_samples(buf)
+
+
+def _identity(batch: Any) -> Any:
+    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,9 +391,12 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, shards: list[str], *, batch_size: int | None, image_size: int | None, resampled: bool,
                  epoch_samples: int | None, shuffle_buffer: int, seed: int, rank: int, world_size: int,
-                 with_meta: bool, as_tuple: bool, handler: Callable[[BaseException], bool]):
+                 with_meta: bool, as_tuple: bool, handler: Callable[[BaseException], bool],
+                 buckets: tuple[Bucket, ...] | None = None, drop_last: bool = False):
         super().__init__()
         self.shards = shards
+        self.buckets = buckets
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.image_size = image_size
         self.resampled = resampled
@@ -374,7 +466,8 @@ class ShardDataset(IterableDataset):
         if self.shuffle_buffer > 1:
             rng = random.Random(derive_seed("samples", self.seed, self.epoch, self.rank, worker))
             raw = raw.compose(wds.filters.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
-        pipe = raw.compose(lambda src: _decode_samples(src, self.image_size, self.with_meta, self.handler))
+        pipe = raw.compose(lambda src: _decode_samples(src, self.image_size, self.with_meta, self.handler,
+                                                       self.buckets))
         if self.resampled:
             # with_epoch counts per iterator, i.e. per worker: split the rank's quota over workers
             assert self.epoch_samples is not None
@@ -383,7 +476,9 @@ class ShardDataset(IterableDataset):
                 return iter(())
             pipe = pipe.with_epoch(share)
         out: Iterator[Any] = iter(pipe)
-        if self.batch_size is not None:
+        if self.batch_size is not None and self.buckets is not None:
+            out = _bucketed(out, self.batch_size, self.drop_last)
+        elif self.batch_size is not None:
             out = _batched(out, self.batch_size)
         elif not self.raw_images:
             out = map(_float_sample, out)
@@ -404,8 +499,13 @@ def _check_shards(shards: Sequence[str | Path]) -> list[str]:
 
 def _make(shards: Sequence[str | Path], *, batch_size: int | None, image_size: int | None, resampled: bool,
           epoch_samples: int | None, shuffle_buffer: int, seed: int, rank: int | None, world_size: int | None,
-          with_meta: bool, as_tuple: bool, handler: Callable[[BaseException], bool] | None) -> ShardDataset:
+          with_meta: bool, as_tuple: bool, handler: Callable[[BaseException], bool] | None,
+          buckets: Sequence[Bucket] | None = None, drop_last: bool = False) -> ShardDataset:
     paths = _check_shards(shards)
+    if buckets is not None:
+        buckets = check_buckets(buckets)
+        if image_size is not None:
+            raise ValueError("pass image_size= (square crops) or buckets= (aspect-ratio buckets), not both")
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
@@ -424,23 +524,27 @@ def _make(shards: Sequence[str | Path], *, batch_size: int | None, image_size: i
     return ShardDataset(paths, batch_size=batch_size, image_size=image_size, resampled=resampled,
                         epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank,
                         world_size=world_size, with_meta=with_meta, as_tuple=as_tuple,
-                        handler=handler or log_and_continue)
+                        handler=handler or log_and_continue, buckets=buckets, drop_last=drop_last)
 
 
 def make_dataset(shards: Sequence[str | Path], *, batch_size: int | None = None, image_size: int | None = None,
                  resampled: bool = False, epoch_samples: int | None = None, shuffle_buffer: int = 1000,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None, with_meta: bool = False,
-                 handler: Callable[[BaseException], bool] | None = None, as_tuple: bool = False) -> ShardDataset:
+                 handler: Callable[[BaseException], bool] | None = None, as_tuple: bool = False,
+                 buckets: Sequence[Bucket] | None = None, drop_last: bool = False) -> ShardDataset:
     """An IterableDataset over ``shards`` yielding ``{"image", "caption", "key"[, "meta"]}``.
 
     ``image`` is float32 [3, H, W] in [-1, 1].  With ``batch_size`` it yields collated batches
-    (see :func:`collate_samples`); with ``as_tuple`` tuples ``(image, caption, key[, meta])``.
+    (see :func:`collate_samples`); with ``buckets`` (instead of ``image_size``) each batch comes
+    from one aspect-ratio bucket and ``drop_last`` drops each bucket's partial batch at the end;
+    with ``as_tuple`` tuples ``(image, caption, key[, meta])``.
     ``handler(exc) -> bool`` sees unreadable shards and bad samples: True skips, False stops
     this worker's stream; the default logs a warning and skips.
     """
     ds = _make(shards, batch_size=batch_size, image_size=image_size, resampled=resampled,
                epoch_samples=epoch_samples, shuffle_buffer=shuffle_buffer, seed=seed, rank=rank,
-               world_size=world_size, with_meta=with_meta, as_tuple=as_tuple, handler=handler)
+               world_size=world_size, with_meta=with_meta, as_tuple=as_tuple, handler=handler, buckets=buckets,
+               drop_last=drop_last)
     if not resampled and (msg := coverage_warning(len(ds.shards), ds.world_size, 1)):
         warnings.warn(msg, stacklevel=2)
     return ds
@@ -453,7 +557,9 @@ def make_loader(shards: Sequence[str | Path], *, batch_size: int, num_workers: i
 
     Each worker batches its own stream, so the last batch of each worker may be short (unless
     ``drop_last``, which in exact-epoch mode drops samples).  ``dataset_kwargs`` go to
-    :func:`make_dataset`.  Call ``loader.dataset.set_epoch(e)`` before each epoch; with
+    :func:`make_dataset`; with ``buckets`` the dataset batches per bucket (one shape a batch;
+    ``drop_last`` drops each bucket's partial batch per worker).  Call
+    ``loader.dataset.set_epoch(e)`` before each epoch; with
     ``persistent_workers=True`` the workers keep the epoch they started with, so leave it off
     when the order should change between epochs.
     """
@@ -464,11 +570,14 @@ def make_loader(shards: Sequence[str | Path], *, batch_size: int, num_workers: i
     if dataset_kwargs.pop("as_tuple", False):
         raise ValueError("make_loader yields dict batches; as_tuple= only applies to make_dataset")
     defaults = dict(image_size=None, resampled=False, epoch_samples=None, shuffle_buffer=1000, seed=0, rank=None,
-                    world_size=None, with_meta=False, handler=None)
+                    world_size=None, with_meta=False, handler=None, buckets=None)
     unknown = set(dataset_kwargs) - set(defaults)
     if unknown:
         raise TypeError(f"make_loader got unknown argument(s) {sorted(unknown)}")
-    ds = _make(shards, batch_size=None, as_tuple=False, **{**defaults, **dataset_kwargs})
+    bucketed = dataset_kwargs.get("buckets") is not None
+    # buckets: each worker batches its own stream per bucket (the DataLoader only passes batches on)
+    ds = _make(shards, batch_size=batch_size if bucketed else None, as_tuple=False, drop_last=drop_last,
+               **{**defaults, **dataset_kwargs})
     ds.raw_images = True
     if not ds.resampled and (msg := coverage_warning(len(ds.shards), ds.world_size, num_workers)):
         warnings.warn(msg, stacklevel=2)
@@ -480,6 +589,9 @@ def make_loader(shards: Sequence[str | Path], *, batch_size: int, num_workers: i
     # Its own generator: each new iterator draws a base seed, which would otherwise come from the
     # global CPU generator (saved in checkpoints) a different number of times in a resumed process.
     # Sample order never depends on it (worker seeds are fixed by the dataset).
+    if bucketed:
+        return DataLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity, pin_memory=pin_memory,
+                          generator=torch.Generator().manual_seed(0), **extra)
     return DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_samples,
                       drop_last=drop_last, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0),
                       **extra)

@@ -27,7 +27,7 @@ from imagegen.artifacts import read_card
 from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.presets import base_data, deep_merge, parse_overrides
 from imagegen.report import progress_line, report_dir, report_id, write_report
-from models.teacher import METHODS, TEACHERS, Method, lacks_v_prediction, methods_for
+from models.teacher import METHODS, Method, lacks_v_prediction, methods_for, teacher_families
 
 # ------------------------------------------------------------------------------------------ request
 
@@ -262,9 +262,9 @@ def check_method_fits(request: PipelineRequest, train_cfg: Any) -> None:
     if method is None:
         return
     family = train_cfg.family
-    if family not in TEACHERS[method]:
+    if family not in teacher_families(method):
         fits = methods_for(family, METHODS)
-        raise ValueError(f"distill.method={method} needs a {' or '.join(TEACHERS[method])} teacher; the train "
+        raise ValueError(f"distill.method={method} needs a {' or '.join(teacher_families(method))} teacher; the train "
                          f"stage trains family {family!r} (set distill.method="
                          f"{fits[0] if fits else 'null'}{' or null to skip distillation' if fits else ''})")
     if lacks_v_prediction(method, family, train_cfg.model):

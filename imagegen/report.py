@@ -214,7 +214,9 @@ def distill_report_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
         return summary["teacher_run"] if model == "teacher" else summary["student_run"]
 
     return [{"model": r["model"], "run_id": run_of(r["model"]), "steps": int(r["steps"]), "nfe": int(r["nfe"]),
-             "mse_to_reference": float(r["mse_to_reference"])} for r in summary["report"]["rows"]]
+             "mse_to_reference": float(r["mse_to_reference"]), "teacher_calls": int(r.get("teacher_calls", 0)),
+             "train_steps": int(r.get("student_steps", 0)), "train_seconds": float(r.get("train_seconds", 0.0))}
+            for r in summary["report"]["rows"]]
 
 
 def distill_markdown(summary: dict[str, Any], request: Any) -> str:
@@ -236,8 +238,10 @@ def distill_markdown(summary: dict[str, Any], request: Any) -> str:
              f"{request.lr if request.lr is not None else 'as the teacher'} |",
              f"| time | {summary['seconds']:.1f} s |",
              "", f"## MSE to the teacher at {steps_text(ref['steps'])} (NFE {ref['nfe']})", "",
-             "| model | steps | NFE | MSE |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['mse_to_reference']:.5f} |" for r in rows]
+             "| model | steps | NFE | MSE | teacher calls | train steps | train s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['mse_to_reference']:.5f} | "
+              f"{int(r.get('teacher_calls', 0)):,} | {int(r.get('student_steps', 0)):,} | "
+              f"{float(r.get('train_seconds', 0.0)):.1f} |" for r in rows]
     plot = png_data_uri(summary["report"].get("plot"))
     if plot:
         lines += ["", f"![MSE to the teacher against NFE]({plot})"]

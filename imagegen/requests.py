@@ -107,15 +107,18 @@ def check_distill_request(request: Any, root: Path | str) -> None:
 
 
 def build_eval_request(request: Any = None, run: str | None = None, folder: str | None = None,
-                       overrides: list[str] | None = None, preset: str | None = None) -> Any:
+                       overrides: list[str] | None = None, preset: str | None = None,
+                       model: str | None = None) -> Any:
     """The validated :class:`~imagegen.evaluate.run.EvalRequest`: ``request`` (else ``preset``, the
     evaluation settings of that pipeline preset, else nothing), then ``overrides`` (``key=value``,
     the value JSON when it parses: ``metrics=["fid","kid"]``, ``steps=8``), then the named ``run`` /
-    ``folder``, taken as they are (a run id ``123`` stays a string)."""
+    ``folder`` / ``model``, taken as they are (a run id ``123`` stays a string, a model path may hold
+    ``=`` or look like JSON)."""
     from imagegen.evaluate.run import EvalRequest
     from imagegen.pipeline import EVAL_PRESETS
 
-    return _build(EvalRequest, EVAL_PRESETS, preset, request, overrides, {"run": run, "folder": folder})
+    named = {"run": run, "folder": folder, **({"model": model} if model is not None else {})}
+    return _build(EvalRequest, EVAL_PRESETS, preset, request, overrides, named)
 
 
 def check_eval_request(request: Any, root: Path | str) -> None:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
 
+from imagegen.checks import AllProblems, Problems
 from models.diffusion import cfg_wrap
 from models.nets import NET_KINDS, build_net
 from models.nets.layers import Denoiser
@@ -41,7 +42,7 @@ _FAMILY_OWNED_NET_FIELDS = {
 _PLACEHOLDER_TEXT_DIM = 8  # only used to validate net_overrides before the encoder is loaded
 
 
-class FamilyConfig(BaseModel):
+class FamilyConfig(AllProblems):
     """Fields every family has; a family subclasses it to add its own (schedule, sampler knobs)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -80,26 +81,30 @@ class FamilyConfig(BaseModel):
     latent_scale: float = Field(1.0, gt=0.0, description="data='latents': the scale the latents were multiplied "
                                 "by (unit variance); samples are divided by it before decoding")
 
-    @model_validator(mode="after")
-    def _check_family(self) -> "FamilyConfig":
-        name = type(self).__name__
-        if self.conditioning == "class" and self.num_classes < 1:
-            raise ValueError(f"{name}: conditioning='class' needs num_classes >= 1")
-        if self.conditioning != "class" and self.num_classes:
-            raise ValueError(f"{name}: num_classes={self.num_classes} is only used with conditioning='class'")
-        if self.conditioning == "text" and not (self.text_encoder and self.text_encoder.strip()):
-            raise ValueError(f"{name}: conditioning='text' needs text_encoder (an open_clip spec string)")
-        if self.conditioning != "text" and self.text_encoder is not None:
-            raise ValueError(f"{name}: text_encoder is only used with conditioning='text'")
-        if self.autoencoder is not None and self.data != "latents":
-            raise ValueError(f"{name}: autoencoder is only used with data='latents'")
-        owned = sorted(set(self.net_overrides) & set(_FAMILY_OWNED_NET_FIELDS))
+    def problems(self, p: Problems) -> None:
+        """Every cross-field problem of the family fields, all reported at once (imagegen/checks.py)."""
+        super().problems(p)
+        if p.can("conditioning", "num_classes"):
+            if self.conditioning == "class" and self.num_classes < 1:
+                p.add("conditioning='class' needs num_classes >= 1")
+            if self.conditioning != "class" and self.num_classes:
+                p.add(f"num_classes={self.num_classes} is only used with conditioning='class'")
+        if p.can("conditioning", "text_encoder"):
+            if self.conditioning == "text" and not (self.text_encoder and self.text_encoder.strip()):
+                p.add("conditioning='text' needs text_encoder (an open_clip spec string)")
+            if self.conditioning != "text" and self.text_encoder is not None:
+                p.add("text_encoder is only used with conditioning='text'")
+        if p.can("autoencoder", "data") and self.autoencoder is not None and self.data != "latents":
+            p.add("autoencoder is only used with data='latents'")
+        owned = sorted(set(self.net_overrides) & set(_FAMILY_OWNED_NET_FIELDS)) if p.can("net_overrides") else []
         if owned:
             hint = ", ".join(f"{k} -> {_FAMILY_OWNED_NET_FIELDS[k]}" for k in owned)
-            raise ValueError(f"{name}: net_overrides may not set {owned}; use the family fields ({hint})")
-        if self.builds_denoiser:
-            self.net_config(_PLACEHOLDER_TEXT_DIM, 1.0)  # surface bad overrides now, not at build time
-        return self
+            p.add(f"net_overrides may not set {owned}; use the family fields ({hint})")
+        elif self.builds_denoiser and not p.bad:  # the net check reads most fields
+            try:
+                self.net_config(_PLACEHOLDER_TEXT_DIM, 1.0)  # surface bad overrides now, not at build time
+            except ValueError as exc:
+                p.add(str(exc).removeprefix(f"{type(self).__name__}: "))
 
     def net_config(self, text_dim: int, time_scale: float) -> Any:
         """The network config: preset ``net_size`` + family-owned fields + ``net_overrides``."""
@@ -161,6 +166,9 @@ class Family(nn.Module):
     time_scale: ClassVar[float] = 1.0
     # True when loss() reads batch["meta"] (the samples' .json), e.g. reflow's noise seeds.
     needs_meta: ClassVar[bool] = False
+    # True when loss() and the samplers work on any H x W the denoiser accepts (multiples of its
+    # ``size_multiple``), so it trains on aspect-ratio buckets and samples at height=/width=.
+    any_size: ClassVar[bool] = False
 
     def __init__(self, cfg: FamilyConfig | Mapping[str, Any]) -> None:
         super().__init__()
@@ -197,6 +205,26 @@ class Family(nn.Module):
         """Shape of one sample's starting noise ``x_T`` (a latent for families that decode one)."""
         return (self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
 
+    def size_multiple(self) -> int | None:
+        """The sides an input other than the square ``image_size`` must be multiples of; None when
+        this family takes only its square (``any_size`` False, or no denoiser to ask)."""
+        net = getattr(self, "net", None)
+        if not self.any_size or net is None or not hasattr(net, "size_multiple"):
+            return None
+        return int(net.size_multiple)
+
+    def check_size(self, height: int, width: int, where: str) -> None:
+        """Refuse an H x W this family cannot train or sample at, naming the sizes it can."""
+        s, m = self.cfg.image_size, self.size_multiple()
+        if (height, width) == (s, s):
+            return
+        if m is None:
+            raise ValueError(f"{where}: {type(self).__name__} takes only {s}x{s} (its image_size); "
+                             f"got {height}x{width}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= m and v % m == 0 for v in (height, width)):
+            raise ValueError(f"{where}: height and width must be positive multiples of {m} (the denoiser's "
+                             f"patch / downsampling), got {height}x{width}")
+
     @property
     def device(self) -> torch.device:
         for t in self.parameters():
@@ -217,9 +245,14 @@ class Family(nn.Module):
             raise ValueError(f"{where}: batch must be a dict with an 'image' tensor, got keys {keys}")
         x = batch["image"]
         c, s = self.cfg.channels, self.cfg.image_size
-        if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim != 4 or x.shape[1:] != (c, s, s):
+        square = isinstance(x, Tensor) and x.ndim == 4 and x.shape[1:] == (c, s, s)
+        if not square and isinstance(x, Tensor) and x.ndim == 4 and x.shape[1] == c and self.size_multiple():
+            self.check_size(int(x.shape[2]), int(x.shape[3]), where)  # an aspect-ratio bucket
+        elif not isinstance(x, Tensor) or not x.is_floating_point() or not square:
             desc = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"{where}: batch['image'] must be a float tensor [B, {c}, {s}, {s}], got {desc}")
+        if not x.is_floating_point():
+            raise ValueError(f"{where}: batch['image'] must be a float tensor, got {x.dtype}")
         if x.shape[0] < 1:
             raise ValueError(f"{where}: batch['image'] is empty")
         if self.cfg.data == "pixels":
@@ -381,6 +414,8 @@ class Family(nn.Module):
         negative: Any = None,
         generator: torch.Generator | None = None,
         x_T: Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         **options: Any,
     ) -> SampleResult:
         """Like :meth:`sample` but returns the sampler's SampleResult (sample, nfe, trajectory)."""
@@ -389,9 +424,12 @@ class Family(nn.Module):
             raise ValueError(f"{name}.sample: n must be a positive int, got {n!r}")
         sampler, steps = self._check_sampling(sampler, steps, guidance, conditioning, negative, options)
         where = f"{name}.sample"
+        h = self.cfg.image_size if height is None else height
+        w = self.cfg.image_size if width is None else width
+        self.check_size(h, w, where)
         cond = self.null_condition(n) if conditioning is None else self.condition_from(conditioning, n, where)
         uncond = self.null_condition(n) if negative is None else self.condition_from(negative, n, where + " negative")
-        shape = (n, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)
+        shape = (n, self.cfg.channels, h, w)
         if x_T is None:
             x_T = randn(shape, generator, self.device)
         elif tuple(x_T.shape) != shape:
@@ -445,6 +483,8 @@ class Family(nn.Module):
         negative: Any = None,
         generator: torch.Generator | None = None,
         x_T: Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
         **options: Any,
     ) -> Tensor:
         """n samples [n, C, H, W] in [-1, 1] (pixels).
@@ -452,10 +492,14 @@ class Family(nn.Module):
         conditioning: labels (class) or captions (text; a single string is repeated), None = the
         null condition.  negative: labels/captions replacing the null branch of CFG.  guidance:
         CFG scale (1 = off).  x_T: the starting *unit* Gaussian noise (families scale it, e.g.
-        EDM by sigma_max).  options: sampler knobs listed in ``sampler_options``.
+        EDM by sigma_max).  height/width: the size of x (pixels, or latents for a latent model),
+        default ``image_size``; other sizes (an aspect-ratio bucket's) need an ``any_size`` family
+        and sides that are multiples of :meth:`size_multiple`.  options: sampler knobs listed in
+        ``sampler_options``.
         """
+        size = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
         return self.sample_result(n, conditioning, sampler, steps, guidance, negative, generator, x_T,
-                                  **options).sample
+                                  **size, **options).sample
 
 
 def check_optimizers_spec(family: Family) -> dict[str, list[nn.Parameter]]:

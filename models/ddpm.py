@@ -41,6 +41,7 @@ class DDPM(Family):
     default_steps: ClassVar[int] = 50
     sampler_options: ClassVar[dict[str, tuple[str, ...]]] = {"ddpm": (), "ddim": ("eta",)}
     time_scale: ClassVar[float] = 1.0  # the net sees the integer timestep 0..T-1, as in ADM
+    any_size: ClassVar[bool] = True  # trains on aspect-ratio buckets, samples at height=/width=
 
     cfg: DDPMConfig
 

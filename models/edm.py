@@ -44,6 +44,7 @@ class EDM(Family):
     sampler_options: ClassVar[dict[str, tuple[str, ...]]] = {"heun": _CHURN, "euler": _CHURN, "dpmpp_2m": ()}
     # c_noise = ln(sigma)/4 goes straight into the positional embedding, as in EDM's released code.
     time_scale: ClassVar[float] = 1.0
+    any_size: ClassVar[bool] = True  # trains on aspect-ratio buckets, samples at height=/width=
 
     cfg: EDMConfig
 

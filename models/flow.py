@@ -48,6 +48,7 @@ class FlowMatching(Family):
     default_steps: ClassVar[int] = 50
     sampler_options: ClassVar[dict[str, tuple[str, ...]]] = {"euler": ("shift",), "heun": ("shift",)}
     time_scale: ClassVar[float] = 1000.0  # t in [0, 1] -> the embedding sees 0..1000, as in SD3
+    any_size: ClassVar[bool] = True  # trains on aspect-ratio buckets, samples at height=/width=
 
     cfg: FlowConfig
 
@@ -58,6 +59,10 @@ class FlowMatching(Family):
             from models.teacher import loading_for_inference
 
             self.repa = REPA(self.cfg.repa, self.net, load_encoder=not loading_for_inference())
+
+    def size_multiple(self) -> int | None:
+        # REPA aligns to the encoder's square patch grid: the configured square size only
+        return None if self.cfg.repa is not None else super().size_multiple()
 
     def loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         x0 = self.check_images(batch)

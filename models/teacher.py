@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
 
 if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers without it
     from torch import nn
@@ -26,9 +26,18 @@ if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers wi
 # of imagegen.distill is the family of the same name).
 TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
                                         "consistency": ("edm",), "dmd": ("flow", "reflow")}
-# the methods ``imagegen distill`` runs (DMD is trained as a family of its own)
-Method = Literal["progressive", "reflow", "consistency"]
+# Methods whose run named as "teacher" is only the reference: consistency training (iCT) learns
+# without a teacher, on that run's dataset with its network config (from scratch), and the NFE
+# report compares the student with it.
+REFERENCE_ONLY: dict[str, tuple[str, ...]] = {"ict": ("edm",)}
+# the methods ``imagegen distill`` runs (each the family of the same name)
+Method = Literal["progressive", "reflow", "consistency", "dmd", "ict"]
 METHODS: tuple[str, ...] = get_args(Method)
+
+
+def teacher_families(method: str) -> tuple[str, ...]:
+    """The families whose run ``imagegen distill --method method`` accepts as its teacher."""
+    return TEACHERS.get(method) or REFERENCE_ONLY[method]
 
 
 def lacks_v_prediction(method: str, family: str, model: Mapping[str, Any]) -> bool:
@@ -67,6 +76,9 @@ def loading_for_inference() -> bool:
 class TeacherMixin:
     """For a Family subclass: ``self.teacher`` (frozen, outside the module tree), loaded from
     ``cfg.teacher`` unless building for inference; moved along with the student."""
+
+    # teacher pairs and targets are made at the teacher's square size
+    any_size: ClassVar[bool] = False
 
     def init_teacher(self, expected: tuple[str, ...] | None = None, check: Any = None) -> Any:
         """Load the teacher (a family whose name is in ``expected``, by default the teacher table's

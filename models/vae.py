@@ -20,9 +20,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut, randn
 from models.teacher import loading_for_inference
 from models.samplers import SampleResult
@@ -39,13 +40,12 @@ class VAEConfig(FamilyConfig):
     width: int = Field(32, ge=4, le=1024, description="Channels of the first level (doubling per level)")
     recon_scale: float = Field(0.1, gt=0.0, le=10.0, description="Decoder std s of the Gaussian likelihood")
 
-    @model_validator(mode="after")
-    def _check(self) -> "VAEConfig":
-        if self.image_size % (2 ** self.levels):
-            raise ValueError(f"VAEConfig: image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
-        if self.conditioning != "none":
-            raise ValueError("VAEConfig: the VAE is unconditional (conditioning='none')")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("image_size", "levels") and self.image_size % (2 ** self.levels):
+            p.add(f"image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
+        if p.can("conditioning") and self.conditioning != "none":
+            p.add("the VAE is unconditional (conditioning='none')")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:

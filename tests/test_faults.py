@@ -150,3 +150,21 @@ def test_bad_input_is_exit_2_with_a_message_and_leaves_no_data_root(tmp_path, ar
     assert "Traceback" not in p.stderr + p.stdout
     assert says in p.stderr, p.stderr[-2000:]
     assert not root.exists()
+
+
+def test_every_problem_of_a_training_request_is_named_in_one_refusal(tmp_path):
+    """Finding 10: a kl_autoencoder request with independent mistakes (a family field out of
+    range, two cross-field problems of the family config, a trainer field out of range, a
+    trainer cross-field problem) is refused once, exit 2, naming every one of them."""
+    sets = ["train.family=kl_autoencoder", "train.model.width=2", "train.model.image_size=30",
+            "train.model.conditioning=text", "train.lr=-1", "train.warmup_steps=500", "train.steps=10"]
+    root = tmp_path / "root"
+    p = subprocess.run([*IMAGEGEN, "train", "--preset", "smoke", *[a for s in sets for a in ("--set", s)],
+                        "--data-root", str(root), "--no-prefect"], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr + p.stdout
+    for says in ("train.model.width", "image_size 30 is not divisible by 2^levels",
+                 "the VAE is unconditional", "train.lr", "warmup_steps=500 exceeds steps=10"):
+        assert says in p.stderr, (says, p.stderr[-3000:])
+    assert not root.exists()

@@ -271,8 +271,10 @@ def test_build_net_from_dict():
 def test_bad_inputs_are_refused_clearly(kind):
     net = make(kind, num_classes=NC, text_dim=TXT)
     x, t = inputs(net)
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 3, 16, 16\] \(or \[B, 3, H, W\] with H, W multiples"):
+        net(torch.randn(B, 3, 17, 17), t)  # no side a multiple of the patch / downsampling
     with pytest.raises(ValueError, match=r"x must have shape \[B, 3, 16, 16\]"):
-        net(torch.randn(B, 3, 32, 32), t)
+        net(torch.randn(B, 4, 16, 16), t)
     with pytest.raises(ValueError, match="t must have shape"):
         net(x, t[:2])
     with pytest.raises(ValueError, match="unknown cond keys"):
@@ -338,3 +340,26 @@ def test_paper_sizes():
     # the paper's Gflops are multiply-adds (6.06 and 23.01); ours count 2 per multiply-add
     assert 11.5e9 < s2.flops_per_forward() < 12.7e9
     assert 45e9 < b2.flops_per_forward() < 47e9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_square_inputs_keep_their_shape_and_positions(kind):
+    """Aspect-ratio buckets: any H x W that are multiples of the net's stride run; a DiT's token at
+    (row, column) gets the same position on a 16x24 grid as on the square one, so the first rows of
+    a wide input are embedded exactly like the square input's first rows."""
+    net = perturb(make(kind, text_dim=TXT, cross_attention=True))
+    m = net.size_multiple
+    assert m == (2 if kind == "unet" else net.cfg.patch_size)
+    x, t = torch.randn(B, 3, 16, 24), torch.rand(B) * 10
+    with torch.no_grad():
+        out = net(x, t, text_cond())
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    if kind != "unet":
+        p = net.cfg.patch_size
+        pos, _ = net.grid_positions(16 // p, 24 // p, torch.device("cpu"))
+        square, _ = net.grid_positions(16 // p, 16 // p, torch.device("cpu"))
+        wide = pos[0].reshape(16 // p, 24 // p, -1)[:, : 16 // p].reshape(-1, pos.shape[-1])
+        torch.testing.assert_close(wide, square[0])
+        # the tall transpose is a different grid, not the wide one re-used
+        tall, _ = net.grid_positions(24 // p, 16 // p, torch.device("cpu"))
+        assert tall.shape == pos.shape and not torch.equal(tall, pos)

@@ -368,3 +368,54 @@ def test_semantic_dedup_in_the_dedup_stage(download_dir, tmp_path):
             == base.loc[~base["is_representative"], "key"].tolist())
     ff = _filter(download_dir, tmp_path / "local1" / "dedup.parquet", tmp_path / "fs", "local:1")
     assert set(ff.loc[ff["reason"] == "semantic_duplicate", "key"]) == want_dups
+
+
+# ------------------------------------------------------------------ map steps as Prefect tasks (tasks/curate_map.py)
+
+def _task_runs(name: str) -> list:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
+
+    async def go():
+        async with get_client() as client:
+            return await client.read_task_runs(task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_=name)))
+
+    return asyncio.run(go())
+
+
+@pytest.mark.slow
+def test_map_steps_run_as_prefect_tasks_on_dask_and_rerun_from_cache(prefect_server, download_dir, tmp_path):
+    """Under a flow with prefect-dask's DaskTaskRunner (a real 2-worker LocalCluster), dedup hashing and
+    filter scoring run as one Prefect task per part (never images: parameters are paths and ledger rows),
+    with the same bytes as one process; a rerun serves every part's hashes from Prefect's cache."""
+    from prefect import flow
+
+    from tasks.curate_map import prefect_mapper, task_runner_for
+
+    @flow(name="map-steps-test")
+    def steps(out: str, runner: str) -> None:
+        with E.mapped_by(prefect_mapper(runner, tmp_path / "root")):
+            _dedup(download_dir, Path(out), runner)
+            cfg = FilterConfig(clip_score=None, min_side=49)
+            run_filter(download_dir, Path(out) / "dedup.parquet", cfg, Path(out) / "filter.parquet",
+                       runner=runner, part_cache=tmp_path / "root" / "parts" / "filter" / "t",
+                       part_key=lambda p: Path(p).stem)
+
+    one = _dedup(download_dir, tmp_path / "one", "local:1")
+    f1 = _filter(download_dir, tmp_path / "one" / "dedup.parquet", tmp_path / "one", "local:1")
+    before = {r.id for r in _task_runs("dedup-hash")}
+    steps.with_options(task_runner=task_runner_for("dask:2"))(str(tmp_path / "a"), "dask:2")
+    assert (tmp_path / "a" / "dedup.parquet").read_bytes() == one
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "a" / "filter.parquet"), f1)
+    runs = [r for r in _task_runs("dedup-hash") if r.id not in before]
+    assert len(runs) == N_PARTS and all(r.state.is_completed() for r in runs)
+    assert len([r for r in _task_runs("filter-score")]) >= N_PARTS
+    assert all(r.state.name == "Completed" for r in runs)  # computed, not from a cache
+    # the rerun: every part's hashes come from the cache (content keys), the bytes are the same
+    seen = {r.id for r in _task_runs("dedup-hash")}
+    steps.with_options(task_runner=task_runner_for("dask:2"))(str(tmp_path / "b"), "dask:2")
+    assert (tmp_path / "b" / "dedup.parquet").read_bytes() == one
+    again = [r for r in _task_runs("dedup-hash") if r.id not in seen]
+    assert len(again) == N_PARTS and {r.state.name for r in again} == {"Cached"}

@@ -117,3 +117,19 @@ def test_a_timeout_stops_the_run_and_marks_it_failed(root):
         train_run(req, root)
     card = json.loads((prepare(TrainRequest(**req), root).run_dir / "card.json").read_text())
     assert card["status"] == "failed" and "timed out" in card["error"]
+
+
+def test_the_thread_count_is_part_of_the_run_id_and_is_what_training_uses(root):
+    """Issue 12: a run's floats depend on torch's intra-op thread count, so it is a config field
+    (default 1, never the machine's) hashed into the run id, and training runs on exactly it."""
+    import torch
+
+    one, again = prepare(TrainRequest(**request()), root), prepare(TrainRequest(**request(threads=1)), root)
+    two = prepare(TrainRequest(**request(threads=2)), root)
+    assert one.config.threads == 1 and one.run_id == again.run_id
+    assert two.run_id != one.run_id and two.identity["config"]["threads"] == 2
+    seen: list[int] = []
+    before = torch.get_num_threads()
+    out = train_run(request(threads=2, steps=2, ckpt_every=2), root, progress=lambda info: seen.append(torch.get_num_threads()))
+    assert out["finished"] and seen and set(seen) == {2}
+    assert torch.get_num_threads() == before  # restored after the run

@@ -190,3 +190,15 @@ def test_bad_token_model_configs_are_refused(root):
     with pytest.raises(RunError, match="holds discrete tokens"):  # a continuous family on token maps
         prepare(TrainRequest(dataset=root["ms_tokens"], train=dict(family="flow", model={"data": "latents"},
                                                                    steps=1, batch_size=4)), root["root"])
+
+
+def test_ar_kv_cache_sampling_equals_uncached_without_training():
+    """The fast-tier twin of the trained check above: an untrained (perturbed) AR transformer,
+    class-conditioned with CFG and top-k / top-p, draws the same tokens with and without its KV cache."""
+    fam = perturbed(build_family("ar", {"image_size": 4, "vocab_size": 16, "hidden": 16, "depth": 2, "heads": 2,
+                                        "conditioning": "class", "num_classes": 3}))
+    for opts in ({}, {"top_k": 4, "temperature": 0.9}, {"top_p": 0.8}):
+        g = [torch.Generator().manual_seed(3) for _ in range(2)]
+        a = fam.sample(4, conditioning=[0, 1, 2, 0], guidance=2.0, generator=g[0], **opts)
+        b = fam.sample(4, conditioning=[0, 1, 2, 0], guidance=2.0, generator=g[1], kv_cache=False, **opts)
+        assert a.shape == (4, 1, 4, 4) and torch.equal(a, b) and len(a.unique()) > 1, opts

@@ -253,3 +253,87 @@ def test_private_addresses_are_refused_unless_allowed(tmp_path):
     counts = run_download(urls, DownloadConfig(processes_count=1), tmp_path)
     led = pd.read_parquet(tmp_path / "ledger.parquet")
     assert (led["reason"] == "private_address").all() and counts["skipped"] == 2
+
+
+# ------------------------------------------------------------------ Retry-After (issue 12)
+
+def _rate_limited_world(base: Path, routes: dict) -> Path:
+    import io
+
+    from PIL import Image
+
+    out = base / "limited"
+    (out / "files").mkdir(parents=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(buf, format="JPEG")
+    (out / "files" / "a.jpg").write_bytes(buf.getvalue())
+    (out / "routes.json").write_text(json.dumps(routes))
+    return out
+
+
+def test_retry_after_is_parsed_as_seconds_or_http_date():
+    import email.utils
+    import time
+
+    from imagegen.retry_after import parse_retry_after
+
+    now = time.time()
+    assert parse_retry_after("3") == 3.0 and parse_retry_after(" 120 ") == 120.0
+    assert parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0  # in the past
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    assert parse_retry_after("-5") is None and parse_retry_after("1.5") is None  # not delta-seconds
+
+
+def test_the_wait_is_the_servers_retry_after_capped_and_else_retry_wait(tmp_path):
+    """The probe reads Retry-After from a real 429 (delta-seconds or HTTP-date), caps it, and
+    falls back to retry_wait when the server sends none."""
+    import email.utils
+    import time
+
+    from imagegen.retry_after import wait_before_retry
+
+    jpg = {"file": "a.jpg", "content_type": "image/jpeg"}
+    when = email.utils.formatdate(time.time() + 40, usegmt=True)
+    pub = _rate_limited_world(tmp_path, {
+        "/secs.jpg": {"behaviour": "rate_limited", "limited": 9, "retry_after": 7, **jpg},
+        "/date.jpg": {"behaviour": "rate_limited", "limited": 9, "retry_after": when, **jpg},
+        "/fine.jpg": {"behaviour": "ok", **jpg}})
+    with serve_world(pub) as srv:
+        u = srv.base_url
+        assert wait_before_retry([u + "/secs.jpg"], 0.5, 60, 5)["wait_s"] == 7.0
+        got = wait_before_retry([u + "/date.jpg"], 0.5, 60, 5)
+        assert got["source"] == "retry-after" and 37 <= got["wait_s"] <= 40
+        assert wait_before_retry([u + "/secs.jpg"], 0.5, 2.5, 5) == {
+            "wait_s": 2.5, "source": "retry-after", "probed": {u.split("//")[1]: 7.0}}
+        assert wait_before_retry([u + "/fine.jpg"], 0.5, 60, 5)["source"] == "retry_wait"
+    assert wait_before_retry([u + "/secs.jpg"], 0.25, 60, 1)["wait_s"] == 0.25  # server gone: retry_wait
+
+
+@pytest.mark.slow
+def test_a_download_retry_pass_waits_what_retry_after_asks(tmp_path):
+    """End to end through img2dataset: a 429 with Retry-After: 3 (retry_wait is 0.1) makes the
+    retry pass wait 3 s, recorded in the pass counts, and the row is fetched on that pass."""
+    import time
+
+    from imagegen.stages.download import DownloadConfig, run_download
+
+    jpg = {"file": "a.jpg", "content_type": "image/jpeg"}
+    # the first two requests get 429: img2dataset's fetch and the probe
+    pub = _rate_limited_world(tmp_path, {"/busy.jpg": {"behaviour": "rate_limited", "limited": 2,
+                                                       "retry_after": 3, **jpg},
+                                         "/fine.jpg": {"behaviour": "ok", **jpg}})
+    cfg = DownloadConfig(timeout=5, processes_count=1, thread_count=4, retry_passes=1, retry_wait=0.1,
+                         allow_private_addresses=True)
+    with serve_world(pub) as srv:
+        urls = pd.DataFrame({"row_id": [0, 1], "url": [srv.base_url + "/busy.jpg", srv.base_url + "/fine.jpg"],
+                             "caption": ["busy", "fine"], "skip_reason": None})
+        t0 = time.monotonic()
+        counts = run_download(urls, cfg, tmp_path / "dl")
+        took = time.monotonic() - t0
+        stats = srv.stats()
+    first = counts["passes"][0]
+    assert first["rate_limited"] == 1 and first["wait_s"] == 3.0 and first["wait_source"] == "retry-after"
+    led = pd.read_parquet(tmp_path / "dl" / "ledger.parquet").set_index("caption")
+    assert led.loc["busy", "status"] == "success" and led.loc["busy", "attempts"] == 2
+    assert stats["per_status"].get(429) == 2 and took >= 3.0

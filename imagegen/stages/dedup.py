@@ -39,7 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen import mih
 from imagegen.semdedup import SemDedupConfig
-from imagegen.executors import StageRunner
+from imagegen.executors import StageRunner, map_step
+from imagegen.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,12 @@ def pc_sum(col: Any) -> int:
     return int(pc.sum(pc.cast(col, pa.int64())).as_py() or 0)
 
 
+def _hash_key(job: tuple[str, str, int]) -> dict[str, Any]:
+    part, hash_type, _batch_rows = job  # the read batch size does not change the hashes
+    return {"part": file_sha256(part), "hash_type": hash_type}
+
+
+@map_step("dedup-hash", key=_hash_key)
 def hash_part(job: tuple[str, str, int]) -> pa.Table:
     """The map step of the dedup stage: (key, row_id, sha256, hash) of one image part."""
     part, hash_type, batch_rows = job
@@ -289,6 +296,17 @@ def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: P
     return _finish(keys, row_ids, shas, hashes, area_by_key, cfg, out_path, parts, spec, resolve_model)
 
 
+def _embed_key(job: tuple[str, list[str], str, int, str]) -> dict[str, Any]:
+    part, keys, spec, batch_size, _out = job
+    return {"part": file_sha256(part), "keys": stable_hash(keys, 32), "model": spec, "batch_size": batch_size}
+
+
+def _embed_outputs(job: tuple[str, list[str], str, int, str]) -> list[str]:
+    name, out = Path(job[0]).stem, Path(job[4])
+    return [str(out / f"{name}.npy"), str(out / f"{name}.keys.parquet")]
+
+
+@map_step("dedup-embed", key=_embed_key, outputs=_embed_outputs, model=True)
 def embed_part(job: tuple[str, list[str], str, int, str]) -> tuple[str, str]:
     """The semantic map step: CLIP image embeddings of the listed keys of one image part, written
     as a SemDeDup embedding part (``.npy`` + keys); returns its two paths."""

@@ -34,8 +34,9 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
-from imagegen.hashing import bytes_sha256
-from imagegen.executors import StageRunner
+from imagegen.executors import StageRunner, map_step
+from imagegen.hashing import bytes_sha256, file_sha256, stable_hash
+from imagegen.retry_after import rate_limited, wait_before_retry
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,11 @@ class DownloadConfig(BaseModel):
         "literal or localhost (refused by default as skipped:private_address; the embedded world's own "
         "loopback server is always allowed)")
     retry_wait: float = Field(
-        1.0, ge=0, le=600, description="seconds to wait before a retry pass that retries HTTP 429s "
-        "(img2dataset does not hand the Retry-After header over; the world sends Retry-After: 1)")
+        1.0, ge=0, le=600, description="seconds to wait before a retry pass that retries HTTP 429/503s "
+        "when no server sends a usable Retry-After (img2dataset does not hand headers over: the retry "
+        "pass probes one URL per host with HEAD, imagegen/retry_after.py)")
+    retry_after_max: float = Field(
+        60.0, ge=0, le=3600, description="cap on the wait a server's Retry-After asks for before a retry pass")
     on_duplicate_urls: Literal["error", "skip"] = Field(
         "error", description="error: refuse the list; skip: fetch the first, ledger the others as skipped")
     parent: str | None = Field(None, description="A new version of this registered dataset (NAME, NAME@N or id): "
@@ -399,6 +403,17 @@ class PartJob:
     inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
 
 
+_DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "runner", "timeout", "retries",
+                     "retry_passes", "retry_wait", "parent", "append_list"}  # not part of a decoded part
+
+
+def _decode_key(job: PartJob) -> dict[str, Any]:
+    cfg = {k: v for k, v in job.cfg.model_dump(mode="json").items() if k not in _DECODE_EXECUTION}
+    return {"index": job.index, "sources": [(file_sha256(p), sorted(ids)) for p, ids in job.sources],
+            "captions": stable_hash(sorted(job.captions.items()), 32), "cfg": cfg}
+
+
+@map_step("download-decode", key=_decode_key, outputs=lambda job: [job.out_path])
 def decode_part(job: PartJob) -> pd.DataFrame:
     """The map step of the download stage: decode one part's fetched bytes (never more than one
     part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) atomically and
@@ -518,8 +533,14 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
                      len(retry_ids))
         pending = pending[pending["row_id"].isin(retry_ids)]
-        if not pending.empty and cfg.retry_wait and (ledger.loc[retry_ids, "reason"] == "http_429").any():
-            time.sleep(cfg.retry_wait)  # rate limited: wait before asking again
+        limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
+        if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
+            live = pending.set_index("row_id").loc[limited, "url"].tolist()
+            wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
+            log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
+                     attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
+            passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
+            time.sleep(wait["wait_s"])
 
     # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
     images_dir = out_dir / "images"

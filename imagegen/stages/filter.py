@@ -31,7 +31,7 @@ from imagegen.filters.blocklist import HashBlocklistConfig
 from imagegen.filters.nsfw import NudeNetConfig
 from imagegen.filters.ocr import OcrConfig
 from imagegen.filters.watermark import WatermarkConfig
-from imagegen.executors import StageRunner
+from imagegen.executors import StageRunner, map_step
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +335,23 @@ def _decided_by_score(f: Any) -> bool:
     return callable(getattr(f, "score", None)) and callable(getattr(f, "decide", None))
 
 
+def _score_key(job: ScoreJob) -> dict[str, Any] | None:
+    """A part's scores are cached only under a part cache: its path names the filter parameters, the
+    filters' code and models (``imagegen.curate.filter_stage``); the part's bytes and ledger rows too."""
+    from imagegen.hashing import file_sha256, stable_hash
+
+    if job.out_path is None:
+        return None
+    meta = job.meta.sort_values("key").astype(str).to_dict("list")
+    return {"out": job.out_path, "part": file_sha256(job.part), "meta": stable_hash(meta, 32)}
+
+
+def _score_uses_model(job: ScoreJob) -> bool:
+    return bool(model_specs(job.cfg))  # CLIP-backed filters (clip_score, zero-shot, aesthetic)
+
+
+@map_step("filter-score", key=_score_key, outputs=lambda job: [job.out_path] if job.out_path else [],
+          model=_score_uses_model)
 def score_part(job: ScoreJob) -> pd.DataFrame:
     """The map step of the filter stage: every filter's score (and extra columns) on one part.
 

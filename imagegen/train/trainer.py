@@ -33,12 +33,14 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from imagegen.artifacts import write_json_atomic
-from imagegen.loader import derive_seed, make_loader
+from imagegen.checks import AllProblems, Problems
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
+from imagegen.loader import aspect_buckets, derive_seed, make_loader
 from imagegen.train import distributed
 from imagegen.train.checkpoint import (CheckpointError, latest_checkpoint, latest_valid_checkpoint, load_checkpoint, read_checkpoint,
                                        save_checkpoint)
@@ -59,7 +61,7 @@ class TrainingDiverged(FloatingPointError):
     """Too many steps with a non-finite loss or gradient."""
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(AllProblems):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     family: str = Field(description="Registered model family name (models/registry.py)")
@@ -102,6 +104,14 @@ class TrainConfig(BaseModel):
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader workers per micro-batch slot")
     epoch_batches: int = Field(1000, ge=1, description="Batches per slot per data epoch (the resampling unit)")
     shuffle_buffer: int = Field(1000, ge=0, description="Sample shuffle buffer of the loader")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of every "
+                         "process of the run (part of the run id: CPU float reductions round differently at "
+                         "another count); never taken from the machine")
+    aspect_buckets: float = Field(0.0, ge=0.0, le=8.0, description="0: every image resized and center-cropped "
+                                  "to the square image_size; r >= 1: aspect-ratio buckets of about image_size^2 "
+                                  "pixels up to r:1 either way (imagegen.loader.aspect_buckets, sides multiples of "
+                                  "the denoiser's patch/downsampling), each batch from one bucket; needs a family "
+                                  "that trains at any size (flow, ddpm, edm, ict; not with REPA)")
 
     @field_validator("betas")
     @classmethod
@@ -110,16 +120,18 @@ class TrainConfig(BaseModel):
             raise ValueError(f"betas must each lie in [0, 1), got {v}")
         return v
 
+    @field_validator("family")
+    @classmethod
+    def _family(cls, v: str) -> str:
+        get_family(v)  # UnknownFamilyError is a ValueError: reported by pydantic
+        return v
+
     @model_validator(mode="before")
     @classmethod
-    def _normalise_model(cls, data: Any) -> Any:
-        # the family config in canonical form, so checkpoints and run ids compare like with like
-        if isinstance(data, dict) and isinstance(data.get("family"), str):
-            fam = get_family(data["family"])  # UnknownFamilyError is a ValueError: reported by pydantic
-            model = data.get("model", {})
-            if not isinstance(model, dict):
-                raise ValueError(f"model must be a dict of {fam.Config.__name__} fields, got {type(model).__name__}")
-            model = dict(model)
+    def _class_count(cls, data: Any) -> Any:
+        # a class-conditioned model's num_classes comes from the class list when not given
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            model = dict(data["model"])
             classes = tuple(data.get("classes") or data.get("label_keywords") or ())
             if model.get("conditioning") == "class" and "num_classes" not in model:
                 if classes:
@@ -128,44 +140,63 @@ class TrainConfig(BaseModel):
                     # classes (and their number) come from the dataset manifest (train/runs.py);
                     # until then the family config needs a valid count
                     model["num_classes"] = 1
-            data = {**data, "model": fam.Config(**model).model_dump(mode="json")}
+            data = {**data, "model": model}
         return data
 
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
-        if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
+    @field_validator("model")
+    @classmethod
+    def _normalise_model(cls, model: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # the family config in canonical form, so checkpoints and run ids compare like with like;
+        # its errors are reported under train.model next to every other field's
+        family = info.data.get("family")
+        if not isinstance(family, str):
+            return model  # the family is invalid: reported on its own
+        return get_family(family).Config(**model).model_dump(mode="json")
+
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("warmup_steps", "steps") and self.warmup_steps > self.steps:
+            p.add(f"warmup_steps={self.warmup_steps} exceeds steps={self.steps}")
+        if p.can("batch_size", "micro_batches") and self.batch_size % self.micro_batches:
+            p.add(f"batch_size={self.batch_size} must be a multiple of micro_batches={self.micro_batches}")
         conditioning = self.model.get("conditioning", "none")
-        if conditioning != "class":
+        labels = ("model", "label_field", "label_keywords", "classes")
+        if not p.can(*labels):
+            pass
+        elif conditioning != "class":
             if self.label_field or self.label_keywords or self.classes:
-                raise ValueError(f"label_field/label_keywords/classes are for class conditioning; the model has "
-                                 f"conditioning={conditioning!r}")
+                p.add(f"label_field/label_keywords/classes are for class conditioning; the model has "
+                      f"conditioning={conditioning!r}")
         else:
             if bool(self.label_field) == bool(self.label_keywords):
-                raise ValueError("conditioning='class' needs exactly one label source: label_field (a .json "
-                                 "field of the samples) or label_keywords (words looked up in the captions)")
+                p.add("conditioning='class' needs exactly one label source: label_field (a .json "
+                      "field of the samples) or label_keywords (words looked up in the captions)")
             if self.label_keywords:
                 words = [w.strip().lower() for w in self.label_keywords]
                 if any(not w for w in words) or len(set(words)) != len(words):
-                    raise ValueError(f"label_keywords must be distinct non-empty words, got {list(self.label_keywords)}")
+                    p.add(f"label_keywords must be distinct non-empty words, got {list(self.label_keywords)}")
                 if self.classes and tuple(self.classes) != tuple(self.label_keywords):
-                    raise ValueError("classes must be empty or equal label_keywords when classes come from keywords")
+                    p.add("classes must be empty or equal label_keywords when classes come from keywords")
             if len(set(self.classes)) != len(self.classes):
-                raise ValueError(f"classes has duplicates: {list(self.classes)}")
+                p.add(f"classes has duplicates: {list(self.classes)}")
             n = len(self.classes or self.label_keywords)
             if n and self.model.get("num_classes") != n:
-                raise ValueError(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+                p.add(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+        if p.can("aspect_buckets", "model", "family") and self.aspect_buckets:
+            fam_cls = get_family(self.family)
+            if self.aspect_buckets < 1.0:
+                p.add(f"aspect_buckets must be 0 (square crops) or a max aspect ratio >= 1, got {self.aspect_buckets}")
+            if not fam_cls.any_size or self.model.get("repa"):
+                p.add(f"aspect_buckets needs a family that trains at any image size; {self.family!r}"
+                      f"{' with REPA' if self.model.get('repa') else ''} takes only its square image_size")
         samplers = get_family(self.family).samplers
-        if self.sample_sampler is not None and self.sample_sampler not in samplers:
-            raise ValueError(f"unknown sampler {self.sample_sampler!r} for family {self.family!r}; it has {list(samplers)}")
-        if self.sample_prompts and conditioning != "text":
-            raise ValueError("sample_prompts are for text conditioning")
-        if self.sample_guidance != 1.0 and conditioning == "none":
-            raise ValueError(f"sample_guidance={self.sample_guidance} needs a conditional model "
-                             "(conditioning='none' samples without guidance: use 1.0)")
-        return self
+        if p.can("sample_sampler") and self.sample_sampler is not None and self.sample_sampler not in samplers:
+            p.add(f"unknown sampler {self.sample_sampler!r} for family {self.family!r}; it has {list(samplers)}")
+        if p.can("sample_prompts", "model") and self.sample_prompts and conditioning != "text":
+            p.add("sample_prompts are for text conditioning")
+        if p.can("sample_guidance", "model") and self.sample_guidance != 1.0 and conditioning == "none":
+            p.add(f"sample_guidance={self.sample_guidance} needs a conditional model "
+                  "(conditioning='none' samples without guidance: use 1.0)")
 
     @property
     def micro_batch_size(self) -> int:
@@ -194,12 +225,26 @@ def slot_seed(seed: int, slot: int) -> int:
     return seed if slot == 0 else derive_seed("train-slot", seed, slot) % 2**62
 
 
+def train_buckets(cfg: TrainConfig, family: Family) -> tuple[tuple[int, int], ...] | None:
+    """The run's aspect-ratio buckets (None: square crops at image_size)."""
+    if not cfg.aspect_buckets:
+        return None
+    multiple = family.size_multiple()
+    if multiple is None:
+        raise ValueError(f"aspect_buckets: {type(family).__name__} takes only its square image_size")
+    return aspect_buckets(family.cfg.image_size, multiple, cfg.aspect_buckets)
+
+
 def batch_stream(cfg: TrainConfig, shards: Sequence[str | Path], image_size: int, epoch: int, skip: int,
-                 slot: int = 0) -> Iterator[tuple[int, int, dict[str, Any]]]:
+                 slot: int = 0, buckets: Sequence[tuple[int, int]] | None = None
+                 ) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """(epoch, batches consumed in that epoch after this one, batch) of micro-batch slot ``slot``,
-    from data position (epoch, skip).  Slot s reads loader rank s of ``micro_batches``."""
+    from data position (epoch, skip).  Slot s reads loader rank s of ``micro_batches``.  With
+    ``buckets`` each batch is one aspect-ratio bucket (each worker's partial buckets are dropped at
+    the end of an epoch, so an epoch may hold fewer than ``epoch_batches`` batches)."""
+    sizing: dict[str, Any] = {"buckets": tuple(buckets)} if buckets else {"image_size": image_size}
     loader = make_loader(shards, batch_size=cfg.micro_batch_size, num_workers=cfg.num_workers, drop_last=True,
-                         image_size=image_size, resampled=True,
+                         resampled=True, **sizing,
                          epoch_samples=cfg.epoch_batches * cfg.micro_batch_size, shuffle_buffer=cfg.shuffle_buffer,
                          seed=cfg.seed % 2**62, rank=slot, world_size=cfg.micro_batches,
                          with_meta=bool(cfg.label_field) or get_family(cfg.family).needs_meta)
@@ -447,6 +492,12 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     """
     if not isinstance(cfg, TrainConfig):
         cfg = TrainConfig(**cfg)
+    with torch_threads(cfg.threads):  # the run id hashes it (docs/DESIGN.md, "What goes into an id")
+        return _train(cfg, shards, run_dir, stop_after=stop_after, progress=progress)
+
+
+def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, *,
+           stop_after: int | None, progress: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
     if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 0):
         raise ValueError(f"stop_after must be an int >= 0 or None, got {stop_after!r}")
     env = distributed.current()
@@ -489,7 +540,8 @@ def train(cfg: TrainConfig | dict[str, Any], shards: Sequence[str | Path], run_d
     manual_sync = env.distributed and model is family
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    streams = [batch_stream(cfg, shards, family.cfg.image_size, epoch, skip, s) for s in slots]
+    buckets = train_buckets(cfg, family)
+    streams = [batch_stream(cfg, shards, family.cfg.image_size, epoch, skip, s, buckets) for s in slots]
     last_ckpt: Path | None = ckpt
     samples: list[str] = []
     last_losses: dict[str, float] = {}

@@ -265,7 +265,7 @@ def _content_image(kind: str, sc: Any, img: Image.Image, rng: np.random.Generato
 
 def _near_dup_variant(img: Image.Image, transform: str, strength: int, rng: np.random.Generator, pub: PublishConfig) -> tuple[Image.Image, int, str]:
     """A transformed copy at ``strength`` (3 strongest .. 0 mildest): (image, jpeg quality, label)."""
-    size = img.size[0]
+    size, height = img.size  # width x height (a non-square scene keeps its aspect ratio)
     q = pub.jpeg_quality
     if transform == "jpeg":
         quality = [35, 50, 65, 80][3 - strength]
@@ -273,7 +273,8 @@ def _near_dup_variant(img: Image.Image, transform: str, strength: int, rng: np.r
     if transform == "resize":
         dev = [0.02, 0.04, 0.07, 0.1][strength] * (1 if rng.random() < 0.5 else -1)
         new = max(8, round(size * (1 + dev)))
-        return img.resize((new, new), Image.Resampling.BICUBIC), q, f"resize_{new / size:.3f}"
+        new_h = new if height == size else max(8, round(height * new / size))
+        return img.resize((new, new_h), Image.Resampling.BICUBIC), q, f"resize_{new / size:.3f}"
     if transform == "shift":
         amount = 1 if strength < 2 else 2
         dx, dy = [int(v) * amount for v in rng.choice([-1, 1], size=2)]
@@ -281,13 +282,13 @@ def _near_dup_variant(img: Image.Image, transform: str, strength: int, rng: np.r
             dy = 0
         arr = np.asarray(img)
         pad = np.pad(arr, ((2, 2), (2, 2), (0, 0)), mode="edge")
-        out = pad[2 - dy : 2 - dy + size, 2 - dx : 2 - dx + size]
+        out = pad[2 - dy : 2 - dy + height, 2 - dx : 2 - dx + size]
         return Image.fromarray(np.ascontiguousarray(out)), q, f"shift_{dx}_{dy}"
     if transform == "crop":
         c = [1, 2, 3, 4][strength]
         lt = [int(v) for v in rng.integers(0, c + 1, size=4)]
         lt[int(rng.integers(4))] = c  # at least one side loses c pixels
-        box = (lt[0], lt[1], size - lt[2], size - lt[3])
+        box = (lt[0], lt[1], size - lt[2], height - lt[3])
         return img.crop(box), q, f"crop_{lt[0]}_{lt[1]}_{lt[2]}_{lt[3]}"
     raise ValueError(f"unknown near-duplicate transform {transform!r}")
 

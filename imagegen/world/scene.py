@@ -94,6 +94,21 @@ class WorldConfig(BaseModel):
     )
     min_object_frac: float = Field(0.2, ge=0.05, le=0.45, description="smallest object side / image side")
     max_object_frac: float = Field(0.38, ge=0.05, le=0.45, description="largest object side / image side")
+    aspect_ratios: tuple[float, ...] = Field(
+        (), description="width/height ratios of non-square scenes, one drawn per scene from (seed, index); a "
+        "canvas holds about image_size^2 pixels (see canvas_size) and objects keep the square world's sizes. "
+        "Empty: every scene is image_size x image_size"
+    )
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _ratios(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        bad = [r for r in v if not (math.isfinite(r) and 0.25 <= r <= 4.0)]
+        if bad:
+            raise ValueError(f"aspect_ratios must each lie in [0.25, 4] (width / height), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"aspect_ratios has duplicates: {list(v)}")
+        return v
 
     @field_validator("shapes")
     @classmethod
@@ -129,6 +144,14 @@ class WorldConfig(BaseModel):
                 f"objects would be under 3 px: min_object_frac {self.min_object_frac} x image_size "
                 f"{self.image_size}; raise min_object_frac or image_size"
             )
+        if self.aspect_ratios:
+            short = min(min(canvas_for_ratio(self.image_size, r)) for r in self.aspect_ratios)
+            if short < 2 * round(self.min_object_frac * self.image_size) + self.gap:
+                raise ValueError(
+                    f"aspect_ratios {list(self.aspect_ratios)}: the narrowest canvas side ({short} px) cannot stack "
+                    f"two objects of min_object_frac x image_size (one above the other); use ratios nearer 1 or a "
+                    f"lower min_object_frac"
+                )
         needs_two = [k for k in ("two_object", "position") if self.kind_weights.get(k, 0) > 0]
         if needs_two and len(self.shapes) < 2:
             raise ValueError(f"kinds {needs_two} need two different shapes but shapes is {list(self.shapes)}")
@@ -145,9 +168,24 @@ class WorldConfig(BaseModel):
         return max(2, round(2 * self.image_size / 64))
 
 
+def canvas_for_ratio(image_size: int, ratio: float) -> tuple[int, int]:
+    """(width, height) of about image_size^2 pixels with width / height ~= ratio (1: the square)."""
+    return max(8, round(image_size * math.sqrt(ratio))), max(8, round(image_size / math.sqrt(ratio)))
+
+
+def canvas_size(cfg: WorldConfig, index: int) -> tuple[int, int]:
+    """(width, height) of scene ``index``: the square, or a ratio of ``cfg.aspect_ratios`` drawn
+    from its own stream of (seed, index), so the square world's scenes are unchanged by the option."""
+    if not cfg.aspect_ratios:
+        return cfg.image_size, cfg.image_size
+    rng = np.random.default_rng([cfg.seed, index, 0xA5])
+    return canvas_for_ratio(cfg.image_size, cfg.aspect_ratios[int(rng.integers(len(cfg.aspect_ratios)))])
+
+
 @dataclass
 class Scene:
-    """Ground truth of one image. Boxes are ``[x0, y0, x1, y1]`` pixels, x1/y1 exclusive."""
+    """Ground truth of one image. Boxes are ``[x0, y0, x1, y1]`` pixels, x1/y1 exclusive;
+    ``width``/``height`` are set for a non-square canvas (None: image_size x image_size)."""
 
     index: int
     kind: str
@@ -156,9 +194,19 @@ class Scene:
     background: dict[str, Any]
     caption: str
     image_size: int = 64  # the size the boxes refer to; render() refuses a config of another size
+    width: int | None = None
+    height: int | None = None
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return (self.width or self.image_size, self.height or self.image_size)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.width is None and self.height is None:  # a square scene's record is as before the option
+            del out["width"], out["height"]
+        return out
 
 
 # ----------------------------------------------------------------------------------- captions
@@ -301,10 +349,13 @@ def _boxes_clear(box: list[int], placed: list[list[int]], gap: int) -> bool:
 
 
 def place_boxes(
-    rng: np.random.Generator, cfg: WorldConfig, n: int, relation: str | None
+    rng: np.random.Generator, cfg: WorldConfig, n: int, relation: str | None,
+    canvas: tuple[int, int] | None = None,
 ) -> list[list[int]]:
-    """Sample ``n`` non-overlapping square boxes (with the gap), shrinking sizes when crowded."""
+    """Sample ``n`` non-overlapping square boxes (with the gap), shrinking sizes when crowded.
+    Object sides scale with image_size; ``canvas`` = (width, height), default the square."""
     size = cfg.image_size
+    cw, ch = canvas if canvas is not None else (size, size)
     lo = max(3, round(cfg.min_object_frac * size))
     hi = max(lo, round(cfg.max_object_frac * size))
     gap = cfg.gap
@@ -316,8 +367,8 @@ def place_boxes(
         boxes: list[list[int]] = []
         for s in sides:
             for _ in range(40):
-                x0 = int(rng.integers(0, size - s + 1))
-                y0 = int(rng.integers(0, size - s + 1))
+                x0 = int(rng.integers(0, cw - s + 1))
+                y0 = int(rng.integers(0, ch - s + 1))
                 box = [x0, y0, x0 + s, y0 + s]
                 if not _boxes_clear(box, boxes, gap):
                     continue
@@ -330,7 +381,7 @@ def place_boxes(
         if len(boxes) == n:
             return boxes
     raise RuntimeError(
-        f"could not place {n} objects ({lo}-{hi} px, gap {gap}) in {size}x{size}"
+        f"could not place {n} objects ({lo}-{hi} px, gap {gap}) in {cw}x{ch}"
         f"{' for ' + relation if relation else ''}; lower max_object_frac"
     )
 
@@ -352,22 +403,23 @@ def make_scene(cfg: WorldConfig, index: int) -> Scene:
     if index < 0:
         raise ValueError(f"scene index must be >= 0, got {index}")
     rng = np.random.default_rng([cfg.seed, index])
+    canvas = canvas_size(cfg, index)
     kind = KINDS[int(rng.choice(len(KINDS), p=_kind_probs(cfg)))]
     relation: dict[str, Any] | None = None
     if kind == "single_object":
         classes, colors = _pick(rng, cfg.shapes), _pick(rng, cfg.colors)
-        boxes = place_boxes(rng, cfg, 1, None)
+        boxes = place_boxes(rng, cfg, 1, None, canvas)
     elif kind == "two_object":
         classes, colors = _pick(rng, cfg.shapes, 2, distinct=True), _pick(rng, cfg.colors, 2)
-        boxes = place_boxes(rng, cfg, 2, None)
+        boxes = place_boxes(rng, cfg, 2, None, canvas)
     elif kind == "counting":
         n = int(rng.integers(COUNT_RANGE[0], COUNT_RANGE[1] + 1))
         classes, colors = _pick(rng, cfg.shapes) * n, _pick(rng, cfg.colors) * n
-        boxes = place_boxes(rng, cfg, n, None)
+        boxes = place_boxes(rng, cfg, n, None, canvas)
     else:  # position: objects[0] <relation> objects[1]
         classes, colors = _pick(rng, cfg.shapes, 2, distinct=True), _pick(rng, cfg.colors, 2)
         rel = RELATIONS[int(rng.integers(len(RELATIONS)))]
-        boxes = place_boxes(rng, cfg, 2, rel)
+        boxes = place_boxes(rng, cfg, 2, rel, canvas)
         relation = {"relation": rel, "a": 0, "b": 1}
     objects = [{"class": c, "color": col, "box": b} for c, col, b in zip(classes, colors, boxes)]
     background = make_background(rng, cfg)
@@ -379,6 +431,7 @@ def make_scene(cfg: WorldConfig, index: int) -> Scene:
         background=background,
         caption=caption_for(objects, relation, kind),
         image_size=cfg.image_size,
+        **({} if not cfg.aspect_ratios else {"width": canvas[0], "height": canvas[1]}),
     )
 
 
@@ -397,23 +450,26 @@ def make_background(rng: np.random.Generator, cfg: WorldConfig) -> dict[str, Any
     return bg
 
 
-def background_array(bg: dict[str, Any], size: int) -> np.ndarray:
-    """Float HxWx3 background; textures stay within +-amplitude of the gray."""
+def background_array(bg: dict[str, Any], size: int, height: int | None = None) -> np.ndarray:
+    """Float HxWx3 background (width ``size``, height ``height``, default square); textures stay
+    within +-amplitude of the gray."""
+    w, h = size, size if height is None else height
     base = np.array([bg["gray"] + t for t in bg["tint"]], dtype=np.float32)
     if bg["type"] == "plain":
-        return np.full((size, size, 3), base, dtype=np.float32)
+        return np.full((h, w, 3), base, dtype=np.float32)
     amp = float(bg["amplitude"])
     trng = np.random.default_rng(bg["texture_seed"])
     if bg["texture"] == "gradient":
         theta = trng.uniform(0, 2 * np.pi)
-        t = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-        field_ = np.cos(theta) * t[None, :] + np.sin(theta) * t[:, None]
+        tx = np.linspace(-1.0, 1.0, w, dtype=np.float32)
+        ty = np.linspace(-1.0, 1.0, h, dtype=np.float32)
+        field_ = np.cos(theta) * tx[None, :] + np.sin(theta) * ty[:, None]
         field_ /= max(float(np.abs(field_).max()), 1e-6)
     else:  # smooth blotches: coarse noise upsampled bilinearly, plus a little grain
         coarse = trng.uniform(-1, 1, size=(6, 6)).astype(np.float32)
-        img = Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+        img = Image.fromarray(coarse, mode="F").resize((w, h), Image.Resampling.BILINEAR)
         field_ = np.asarray(img, dtype=np.float32) * 0.8
-        field_ += trng.uniform(-0.2, 0.2, size=(size, size)).astype(np.float32)
+        field_ += trng.uniform(-0.2, 0.2, size=(h, w)).astype(np.float32)
     return base + (amp * np.clip(field_, -1, 1))[..., None]
 
 
@@ -468,13 +524,14 @@ def render(scene: Scene, cfg: WorldConfig) -> Image.Image:
     size = cfg.image_size
     if scene.image_size != size:
         raise ValueError(f"scene {scene.index} was made for {scene.image_size}px, cfg says {size}px")
-    out = background_array(scene.background, size).copy()
+    cw, ch = scene.canvas
+    out = background_array(scene.background, cw, ch).copy()
     for o in scene.objects:
         if o["color"] not in COLORS:
             raise ValueError(f"scene {scene.index}: unknown colour {o['color']!r}")
         x0, y0, x1, y1 = o["box"]
-        if not (0 <= x0 < x1 <= size and 0 <= y0 < y1 <= size):
-            raise ValueError(f"scene {scene.index}: box {o['box']} is not inside the {size}px image")
+        if not (0 <= x0 < x1 <= cw and 0 <= y0 < y1 <= ch):
+            raise ValueError(f"scene {scene.index}: box {o['box']} is not inside the {cw}x{ch} image")
         a = coverage(o["class"], x1 - x0, y1 - y0)[..., None]
         region = out[y0:y1, x0:x1]
         out[y0:y1, x0:x1] = region * (1.0 - a) + np.asarray(COLORS[o["color"]], dtype=np.float32) * a
@@ -547,8 +604,8 @@ def overlay_word(img: Image.Image, scene: Scene, word: str) -> tuple[Image.Image
     """
     from PIL import ImageFont
 
-    size = img.size[0]
-    px = max(8, round(size / 4))
+    size, height = img.size
+    px = max(8, round(min(size, height) / 4))
     draw = ImageDraw.Draw(img)
     while True:
         font = ImageFont.load_default(size=px)
@@ -558,7 +615,7 @@ def overlay_word(img: Image.Image, scene: Scene, word: str) -> tuple[Image.Image
         px -= 1
     x = (size - (bb[2] - bb[0])) // 2 - bb[0]
     margin = max(1, size // 32)
-    for y in (size - bb[3] - 2 * margin, 2 * margin - bb[1]):
+    for y in (height - bb[3] - 2 * margin, 2 * margin - bb[1]):
         box = [x + bb[0] - margin, y + bb[1] - margin, x + bb[2] + margin, y + bb[3] + margin]
         if all(o["box"][3] <= box[1] or o["box"][1] >= box[3] for o in scene.objects):
             out = img.copy()

@@ -156,6 +156,17 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
+    def _begin_file_body(self, route: dict[str, Any]) -> bytes:
+        """Send a 200's headers for the route's whole file (the faults that misbehave mid-body) and
+        return the body, for the caller to send in part or slowly."""
+        body = self.server.world.read_file(route["file"])
+        self.server.world._status(200)
+        self.send_response(200)
+        self.send_header("Content-Type", route["content_type"])
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return body
+
     def _handle(self, head: bool) -> None:
         world = self.server.world
         path = urlsplit(self.path).path
@@ -177,12 +188,7 @@ class _Handler(BaseHTTPRequestHandler):
                 body = _gzip_zeros(int(route.get("inflated_bytes", 1 << 28)))
                 self._send(200, body, route.get("content_type", "image/png"), head, {"Content-Encoding": "gzip"})
             elif behaviour == "reset":
-                body = world.read_file(route["file"])
-                world._status(200)
-                self.send_response(200)
-                self.send_header("Content-Type", route["content_type"])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                body = self._begin_file_body(route)
                 if not head:
                     self.wfile.write(body[:len(body) // 3])
                     self.wfile.flush()
@@ -191,12 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 self.connection.close()
             elif behaviour == "slowloris":
-                body = world.read_file(route["file"])
-                world._status(200)
-                self.send_response(200)
-                self.send_header("Content-Type", route["content_type"])
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
+                body = self._begin_file_body(route)
                 if not head:
                     interval, until = float(route.get("interval", 0.2)), float(route.get("seconds", 3.0))
                     sent, t_end = 0, time.monotonic() + until

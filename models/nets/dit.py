@@ -191,24 +191,51 @@ class DiT(Denoiser):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
-    def unpatchify(self, x: Tensor) -> Tensor:
-        """[B, N, p*p*C] -> [B, C, H, W]."""
-        b, g, p, c = x.shape[0], self.cfg.grid, self.cfg.patch_size, self.cfg.out_channels
-        x = x.reshape(b, g, g, p, p, c)
-        return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
+    @property
+    def size_multiple(self) -> int:
+        return self.cfg.patch_size
+
+    def unpatchify(self, x: Tensor, grid: tuple[int, int] | None = None) -> Tensor:
+        """[B, N, p*p*C] -> [B, C, H, W] for a token grid of ``grid`` = (rows, columns) (default square)."""
+        gh, gw = grid if grid is not None else (self.cfg.grid, self.cfg.grid)
+        b, p, c = x.shape[0], self.cfg.patch_size, self.cfg.out_channels
+        x = x.reshape(b, gh, gw, p, p, c)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, gh * p, gw * p)
+
+    def grid_positions(self, gh: int, gw: int, device: torch.device
+                       ) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        """(sin-cos positions [1, gh*gw, d], RoPE tables or None) of a gh x gw token grid: the
+        configured square grid's buffers, else built for this grid (same row/column formula, so a
+        token at (row, column) has one position whatever the aspect ratio) and kept per device."""
+        if gh == gw == self.cfg.grid:
+            return self.pos_embed, ((self.rope_cos, self.rope_sin) if self.cfg.rope else None)
+        cache = self.__dict__.setdefault("_grid_cache", {})
+        key = (gh, gw, str(device))
+        if key not in cache:
+            d = self.cfg.hidden_size
+            pos = sincos_pos_embed_2d(d, gh, gw)[None].to(device)
+            rope = tuple(a.to(device) for a in rope_2d(gh, gw, d // self.cfg.num_heads)) if self.cfg.rope else None
+            cache[key] = (pos, rope)
+        return cache[key]
+
+    def embed_patches(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None, tuple[int, int]]:
+        """x [B, C, H, W] -> (tokens [B, N, d] with positions, RoPE tables or None, (rows, columns))."""
+        p = self.cfg.patch_size
+        grid = (x.shape[2] // p, x.shape[3] // p)
+        h = self.patch_embed(x).flatten(2).transpose(1, 2)
+        pos, rope = self.grid_positions(*grid, h.device)
+        return h + pos.to(h.dtype), rope, grid
 
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor | None] | None = None) -> Tensor:
         cond = self._check_inputs(x, t, cond)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)
-        h = h + self.pos_embed.to(h.dtype)
+        h, rope, grid = self.embed_patches(x)
         c = self.cond_embed(t, cond)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.rope else None
         tokens, mask = cond.get("tokens"), cond.get("token_mask")
         if tokens is not None:
             tokens = tokens.to(h.dtype)
         for block in self.blocks:
             h = block(h, c, rope, tokens, mask)
-        return self.unpatchify(self.final(h, c))
+        return self.unpatchify(self.final(h, c), grid)
 
     def flops_per_forward(self, batch: int = 1, context_len: int = 77) -> int:
         """Matmul/conv FLOPs (2 per multiply-add) of one forward; context_len counts if cross-attending."""

@@ -326,11 +326,18 @@ class Denoiser(nn.Module):
 
     cfg: DenoiserConfig
 
+    @property
+    def size_multiple(self) -> int:
+        """Inputs may be any H x W whose sides are multiples of this (the patch, or the total
+        downsampling): the square ``image_size`` is the configured size, not the only one."""
+        return 1
+
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor | None] | None) -> dict[str, Tensor]:
         name = type(self).__name__
-        c, s = self.cfg.in_channels, self.cfg.image_size
-        if x.ndim != 4 or x.shape[1:] != (c, s, s):
-            raise ValueError(f"{name}.forward: x must have shape [B, {c}, {s}, {s}], got {tuple(x.shape)}")
+        c, s, m = self.cfg.in_channels, self.cfg.image_size, self.size_multiple
+        if x.ndim != 4 or x.shape[1] != c or x.shape[2] % m or x.shape[3] % m or min(x.shape[2:]) < m:
+            raise ValueError(f"{name}.forward: x must have shape [B, {c}, {s}, {s}] (or [B, {c}, H, W] with H, W "
+                             f"multiples of {m}), got {tuple(x.shape)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"{name}.forward: t must have shape [{x.shape[0]}], got {tuple(t.shape)}")
         return check_cond(cond, x.shape[0], self.cfg, f"{name}.forward")

@@ -138,10 +138,8 @@ class MMDiT(DiT):
                       ) -> tuple[Tensor, Tensor | None, Tensor]:
         """(image tokens after the last block, text tokens after the last full block or None, c)."""
         cond = self._check_inputs(x, t, cond)
-        h = self.patch_embed(x).flatten(2).transpose(1, 2)
-        h = h + self.pos_embed.to(h.dtype)
+        h, rope, _ = self.embed_patches(x)
         c = self.cond_embed(t, cond)
-        rope = (self.rope_cos, self.rope_sin) if self.cfg.rope else None
         tokens, keep = cond.get("tokens"), cond.get("token_mask")
         ctx = self.context_embed(tokens.to(h.dtype)) if tokens is not None else None
         last_ctx = ctx
@@ -152,7 +150,8 @@ class MMDiT(DiT):
 
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor | None] | None = None) -> Tensor:
         h, _, c = self.joint_forward(x, t, cond)
-        return self.unpatchify(self.final(h, c))
+        p = self.cfg.patch_size
+        return self.unpatchify(self.final(h, c), (x.shape[2] // p, x.shape[3] // p))
 
     def flops_per_forward(self, batch: int = 1, context_len: int = 77) -> int:
         ctx = context_len if self.cfg.cross_attention else 0

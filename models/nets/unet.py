@@ -222,6 +222,10 @@ class UNet(Denoiser):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
+    @property
+    def size_multiple(self) -> int:
+        return 2 ** (len(self.cfg.channel_mult) - 1)
+
     def forward(self, x: Tensor, t: Tensor, cond: Mapping[str, Tensor | None] | None = None) -> Tensor:
         cond = self._check_inputs(x, t, cond)
         emb = self.cond_embed(t, cond)
