@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import random_family as family
 from models.base import train_step
 from models.lora import LoraError, add_lora, load_lora, merge_lora, save_lora, trainable_fraction, unmerge_lora
-from _helpers import random_family as family
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -32,6 +32,7 @@ same figures for models it trains in-process.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -432,6 +433,8 @@ def control_rows(src: Any, req: Any, ctx: Any) -> tuple[list[dict[str, Any]], di
                      _row(prov, f"{PREFIX}position{label}", sc.position, req),
                      _row(prov, f"{PREFIX}counting{label}", sc.counting, req)]
         return rows, {}
+    if getattr(fam, "name", None) == "personalize":
+        return personalize_rows(fam, prov, req, s)
     if not editable(fam):
         return [], {"control": f"family {getattr(fam, 'name', '?')!r} has no editing (diffusion / flow families do)"}
     inp = inpaint_scores(fam, images, scenes, s)
@@ -442,6 +445,28 @@ def control_rows(src: Any, req: Any, ctx: Any) -> tuple[list[dict[str, Any]], di
             rows += [_row(prov, f"{PREFIX}SDEdit distance s={pt['strength']:g}", pt["distance"], req),
                      _row(prov, f"{PREFIX}SDEdit target s={pt['strength']:g}", pt["target"], req)]
     return rows, {}
+
+
+def personalize_rows(fam: Any, prov: dict[str, Any], req: Any, s: Settings) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """A personalised run (family ``personalize``): its subject's detection rate in images prompted
+    with its ``prompt``, the same for its base, and the drift (the base's GenEval-world single-object
+    accuracy of the other shapes minus the run's)."""
+    from models.checkpoint import load_family
+
+    c = fam.cfg
+    if c.subject is None:
+        return [], {"control": "the personalised run names no subject (model.subject: the world shape it teaches)"}
+    n = int(req.control_scenes)
+    after = subject_scores(fam, c.subject, n, s, prompt=c.prompt)
+    base = load_family(c.base, device=fam.device)
+    before = subject_scores(base, c.subject, n, s, prompt=c.prompt)
+    prov = {**prov, "subject": c.subject, "method": c.method, "prompt": json.dumps(c.prompt)}
+    drift = float(np.mean(before["others"]) - np.mean(after["others"])) if after["others"] else float("nan")
+    return [_row(prov, f"{PREFIX}subject detection", after["detected"], req),
+            _row(prov, f"{PREFIX}subject detection (base)", before["detected"], req),
+            _row(prov, f"{PREFIX}other classes", after["others"], req),
+            _row(prov, f"{PREFIX}drift", drift, req),
+            _row(prov, f"{PREFIX}trainable fraction", float(fam.trainable_fraction), req)], {}
 
 
 def check_request(req: Any, src: Any) -> None:
@@ -455,7 +480,10 @@ def check_request(req: Any, src: Any) -> None:
     model = src.train_cfg.model or {}
     family = src.train_cfg.family
     cls = get_family(family)
-    if family != "controlnet":
+    if family == "personalize" and not model.get("subject"):
+        raise ValueError(f"metric 'control': personalised run {src.run.id} names no subject (model.subject: the "
+                         "world shape it teaches, which the detector looks for)")
+    if family not in ("controlnet", "personalize"):
         from models.consistency import ConsistencyFunction
         from models.ddpm import DDPM
         from models.dmd import DMD

@@ -65,7 +65,8 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("control", "imagegen.evaluate.control:control_rows", False, True, ("Control ",),
                ("imagegen.evaluate.control", "imagegen.world.detector", "imagegen.world.scene", "models.editing",
                 "models.controlnet", _U),
-               lower_columns=("Control inpaint unmasked max error", "Control SDEdit distance", "Control drift")),
+               lower_columns=("Control inpaint unmasked max error", "Control SDEdit distance", "Control drift",
+                              "Control trainable fraction")),
 )}
 
 Metric = Literal[tuple(METRICS)]  # type: ignore[valid-type]

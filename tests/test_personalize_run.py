@@ -1,0 +1,105 @@
+"""LoRA, textual inversion and DreamBooth as runs of the generic trainer (family ``personalize``,
+models/personalize.py): run ids and checkpoints through ``train_run``, only the chosen parameters
+change, the checkpoint samples (``imagegen sample``), prior preservation logs its loss, bad configs
+are refused before any step, and the control metric scores the subject by detection."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import TINY_UNET, eval_world_root, tiny_text_run
+
+
+TEXT = {**TINY_UNET, "conditioning": "text", "text_encoder": "world"}
+COMMON = {"batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "ckpt_every": 3, "epoch_batches": 2, "shuffle_buffer": 8,
+          "sample_count": 2, "sample_steps": 2, "steps": 3}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("personalize-run")
+    eval_world_root(root)
+    return {"root": root, "base": tiny_text_run(root, "flow", steps=4)}
+
+
+def _run(world, **model):
+    from imagegen.train.runs import get_run, train_run
+    from models.checkpoint import load_family
+
+    out = train_run({"dataset": "world-tiny", "train": {
+        "family": "personalize", "model": {**TEXT, "base": f"run:{world['base']}", **model}, **COMMON}}, world["root"])
+    ref = get_run(world["root"], out["run_id"])
+    return out["run_id"], ref, load_family(ref.checkpoint)
+
+
+def _base(world):
+    from imagegen.train.runs import get_run
+    from models.checkpoint import load_family
+
+    return load_family(get_run(world["root"], world["base"]).checkpoint)
+
+
+def test_lora_run_trains_only_the_adapter_and_samples(world, tmp_path):
+    from imagegen.sample import SampleRequest, sample
+
+    rid, ref, fam = _run(world, method="lora", lora_rank=2, prompt="a photo of a sks star", subject="star")
+    assert ref.card["family"] == "personalize" and ref.card["status"] == "finished"
+    base = _base(world).net.state_dict()
+    own = fam.net.state_dict()
+    lora = [k for k in own if "lora_" in k]
+    assert lora and any(own[k].abs().max() > 0 for k in lora if "lora_B" in k)  # the adapter trained
+    for k, v in own.items():
+        if "lora_" not in k:
+            assert torch.equal(v, base[k.replace(".base_layer", "")]), k  # the base weights did not
+    assert 0 < fam.trainable_fraction < 0.2
+    from imagegen.evaluate.run import EvalRequest, run_evaluation
+
+    summary = run_evaluation(EvalRequest(run=rid, metrics=["control"], control_scenes=4, steps=2, n_resamples=10),
+                             world["root"])
+    m = summary["metrics"]
+    assert 0 <= m["Control subject detection"] <= 1 and 0 <= m["Control subject detection (base)"] <= 1
+    assert m["Control trainable fraction"] == pytest.approx(fam.trainable_fraction) and "Control drift" in m
+    res = sample(SampleRequest(run=rid, prompts=["a photo of a sks star"], n=2, steps=2, out=str(tmp_path / "s")),
+                 world["root"])
+    assert res["n_images"] == 2
+
+
+def test_textual_inversion_run_changes_only_the_embedding(world):
+    _, _, fam = _run(world, method="textual_inversion", prompt="a photo of a sks star", init_word="star")
+    base = _base(world).state_dict()
+    own = {k: v for k, v in fam.state_dict().items() if not k.startswith("ti.")}
+    assert all(torch.equal(v, base[k[len("inner."):]]) for k, v in own.items())
+    from models.personalize import TextualInversion
+
+    start = TextualInversion(str(fam.inner.cfg.text_encoder), "sks", "star").embedding
+    assert (fam.ti.embedding - start).abs().max() > 1e-4
+
+
+def test_dreambooth_run_with_prior_preservation(world):
+    _, ref, fam = _run(world, method="dreambooth", prompt="a photo of a sks star",
+                       prior_prompt="a photo of a star", prior_count=4, prior_steps=2)
+    import pandas as pd
+
+    logs = pd.read_parquet(ref.path / "metrics.parquet")
+    assert {"log/loss_prior", "log/loss_subject"} <= set(logs.columns) and logs["log/loss_prior"].notna().all()
+    base = _base(world).net.state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in fam.net.state_dict().items())
+    assert fam.trainable_fraction == 1.0
+
+
+def test_bad_configs_refused_before_work(world):
+    from imagegen.train.runs import train_run
+
+    def run(**model):
+        return train_run({"dataset": "world-tiny", "train": {
+            "family": "personalize", "model": {**TEXT, "base": f"run:{world['base']}", **model}, **COMMON}},
+            world["root"])
+
+    with pytest.raises(ValueError, match="must contain it"):
+        run(method="textual_inversion", prompt="a photo of a star")
+    with pytest.raises(ValueError, match="must be a caption"):
+        run(method="lora", prompt=3)
+    with pytest.raises(ValueError, match="keep the teacher's settings"):
+        run(method="lora", image_size=32)
+
