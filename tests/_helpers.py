@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 
 def tiny_random_clip(folder: Path, context_length: int = 32, seed: int = 0) -> str:
@@ -206,3 +207,18 @@ def random_family(name: str, net: dict, seed: int = 0, **model):
         for p in fam.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return fam.eval()
+
+
+def stage_task_runs(client: Any, flow_run_id: Any) -> list[Any]:
+    """The task runs of a flow run and of its child flow runs (curate runs its stages in a
+    ``curate-stages`` subflow on the runner's task runner), without the tasks that only stand for a
+    child flow run in its parent."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, TaskRunFilter, \
+        TaskRunFilterFlowRunId
+
+    children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+        parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+    placeholders = {c.parent_task_run_id for c in children}
+    tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
+        flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id, *[c.id for c in children]])))
+    return [t for t in tasks if t.id not in placeholders]

@@ -151,7 +151,7 @@ def test_stages_are_subflows_with_their_artifacts(first):
 
 
 def test_second_run_with_another_family_reuses_the_curated_shards(first, second, root):
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+    from _helpers import stage_task_runs
     from imagegen.train.runs import get_run
 
     _, a = first
@@ -161,8 +161,7 @@ def test_second_run_with_another_family_reuses_the_curated_shards(first, second,
     assert b["student_run"] is None and set(b["eval_ids"]) == {"teacher"}
     assert set(b["flow_runs"]) == {"curate", "train", "evaluate_teacher"}
     with _client() as client:
-        tasks = client.read_task_runs(task_run_filter=TaskRunFilter(
-            flow_run_id=TaskRunFilterFlowRunId(any_=[b["flow_runs"]["curate"]])))
+        tasks = stage_task_runs(client, b["flow_runs"]["curate"])
     names = {t.name.rsplit("-", 1)[0] for t in tasks}
     assert {"publish-world", "reference-clip", "download", "dedup", "filter", "recaption", "shard"} <= names
     not_cached = [(t.name, t.state.name) for t in tasks if t.state.name != "Cached"]
