@@ -40,22 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from imagegen.evaluate.fid import clip_image_extractor, fd_from_features  # noqa: E402
 from imagegen.loader import make_dataset  # noqa: E402
 from imagegen.paths import data_root, models_dir  # noqa: E402
-from imagegen.registry import RegistryError, get_dataset  # noqa: E402
+from imagegen.registry import get_dataset  # noqa: E402
 from imagegen.train.runs import TrainRequest, get_run, train_run  # noqa: E402
 from models.checkpoint import load_family  # noqa: E402
-
-
-def ensure_dataset(root: Path, name: str, curate: bool) -> None:
-    try:
-        get_dataset(root, name)
-    except RegistryError:
-        if not curate:
-            raise SystemExit(f"dataset {name!r} is not in the registry at {root}; run `imagegen curate --preset "
-                             f"{name.removeprefix('world-')} --data-root {root}` first, or pass --curate")
-        from imagegen.curate import CurateConfig, curate
-        from imagegen.presets import CURATE_PRESETS, build_config
-
-        curate(build_config(CurateConfig, CURATE_PRESETS, name.removeprefix("world-")), root)
+from train_quality import ensure_dataset  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def world_clip(root: Path, dataset: str) -> str:
