@@ -42,6 +42,12 @@ SDEDIT_STRENGTH = 0.8  # diffusers' img2img default
 LORA_CONFIG, LORA_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
+def _edit_inputs(plan: Any) -> dict[str, Any]:
+    """The part of an edit's record every plan shares: its mode and the inputs it was given."""
+    return {"mode": plan.mode, "init_image": plan.inputs.get("init_image"), "strength": plan.strength,
+            "mask": plan.inputs.get("mask"), "mask_generate_fraction": plan.inputs.get("mask_generate_fraction")}
+
+
 class EditInputError(ValueError):
     """An editing / control input that cannot be used (says which file and why)."""
 
@@ -325,8 +331,7 @@ class EditPlan:
         req = self.req
         edit = None
         if self.mode != "sample":
-            edit = {"mode": self.mode, "init_image": self.inputs.get("init_image"), "strength": self.strength,
-                    "mask": self.inputs.get("mask"), "mask_generate_fraction": self.inputs.get("mask_generate_fraction"),
+            edit = {**_edit_inputs(self),
                     "outpaint": list(req.outpaint) if req.outpaint is not None else None,
                     "resample": req.resample if self.mask is not None else None,
                     "source_prompt": req.source_prompt if self.mode == "invert" else None,
@@ -508,9 +513,7 @@ class DiffusersEditPlan:
         req = self.req
         edit = None
         if self.mode != "sample":
-            edit = {"mode": self.mode, "init_image": self.inputs.get("init_image"), "strength": self.strength,
-                    "mask": self.inputs.get("mask"), "mask_generate_fraction": self.inputs.get("mask_generate_fraction"),
-                    "pipeline": "diffusers"}
+            edit = {**_edit_inputs(self), "pipeline": "diffusers"}
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
