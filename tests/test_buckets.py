@@ -156,14 +156,20 @@ def test_detector_reads_non_square_scenes_like_square_ones():
     assert right >= 11, right
 
 
-def test_shard_stage_keeps_the_original_size(tmp_path):
+def wide_samples(n: int) -> list[dict]:
+    """The first ``n`` scenes of the non-square world as PNG shard samples (canvas size in meta)."""
     samples = []
-    for i in range(6):
+    for i in range(n):
         scene, img = render_scene(WIDE_WORLD, i)
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "png", "caption": scene.caption,
                         "meta": {"canvas": list(scene.canvas)}})
+    return samples
+
+
+def test_shard_stage_keeps_the_original_size(tmp_path):
+    samples = wide_samples(6)
     write_shards(samples, tmp_path, ShardConfig(target_shard_size=6))
     (tar,) = tmp_path.glob("*.tar")
     with tarfile.open(tar) as tf:
@@ -175,13 +181,7 @@ def test_shard_stage_keeps_the_original_size(tmp_path):
 @pytest.fixture(scope="module")
 def world_shards(tmp_path_factory) -> list[Path]:
     out = tmp_path_factory.mktemp("wide-world")
-    samples = []
-    for i in range(48):
-        scene, img = render_scene(WIDE_WORLD, i)
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        samples.append({"key": f"{i:05d}", "image": buf.getvalue(), "ext": "png", "caption": scene.caption,
-                        "meta": {"canvas": list(scene.canvas)}})
+    samples = wide_samples(48)
     write_shards(samples, out, ShardConfig(target_shard_size=12))
     return sorted(out.glob("*.tar"))
 
