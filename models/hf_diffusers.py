@@ -29,8 +29,8 @@ safetensors) are attached with ``load_lora_weights`` at a scale each.
 from __future__ import annotations
 
 import json
-import warnings
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 

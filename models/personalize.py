@@ -296,6 +296,8 @@ class Personalize(Family):
 
     name: ClassVar[str] = "personalize"
     Config: ClassVar[type[FamilyConfig]] = PersonalizeConfig
+    base_fields: ClassVar[tuple[str, ...]] = ("net", "net_size", "net_overrides", "image_size", "channels", "data",
+                                              "conditioning", "num_classes", "text_encoder", "text_tokens")
     samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "heun", "euler", "dpmpp_2m", "consistency")
     default_sampler: ClassVar[str] = "ddim"
 
@@ -304,7 +306,6 @@ class Personalize(Family):
     def __init__(self, cfg: PersonalizeConfig | Mapping[str, Any]) -> None:
         super().__init__(cfg)
         from models.checkpoint import load_family
-        from models.controlnet import _SAME
         from models.teacher import TeacherError, same_fields
 
         c = self.cfg
@@ -313,7 +314,7 @@ class Personalize(Family):
         inner = load_family(c.base)
         if not isinstance(getattr(inner, "net", None), nn.Module):
             raise TeacherError(f"personalize: the base {c.base} is a {inner.name!r} model without a denoiser net")
-        same_fields(c, inner.cfg, _SAME, "personalize")
+        same_fields(c, inner.cfg, self.base_fields, "personalize")
         cond = inner.cfg.conditioning
         for field in ("prompt", "prior_prompt"):
             v = getattr(c, field)

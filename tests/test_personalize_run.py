@@ -138,3 +138,41 @@ def test_bad_configs_refused_before_work(world):
     with pytest.raises(ValueError, match="keep the teacher's settings"):
         run(method="lora", image_size=32)
 
+
+
+def test_personalize_through_the_cli(world, tmp_path, capsys):
+    """`imagegen train --family personalize` over the smoke preset: the base run's net, size and
+    conditioning replace the preset's (a class U-Net at 32 px) and its class settings are dropped;
+    then `imagegen sample --lora run:<id>` over the base."""
+    import json
+
+    from imagegen.cli import main
+
+    root = str(world["root"])
+    sets = {"train.model.base": f"run:{world['base']}", "train.model.method": "lora", "train.model.lora_rank": 2,
+            "train.model.prompt": "a photo of a sks star", "train.batch_size": 4, "train.warmup_steps": 0,
+            "train.epoch_batches": 2, "train.shuffle_buffer": 8, "train.sample_count": 2, "train.sample_steps": 2,
+            "train.ckpt_every": 2}
+    args = ["train", "--family", "personalize", "--dataset", "world-tiny", "--steps", "2", "--data-root", root,
+            "--no-prefect", "--json", *[x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]]
+    assert main(args) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from imagegen.train.runs import get_run
+
+    card = get_run(world["root"], out["run_id"]).card
+    base_cfg = get_run(world["root"], world["base"]).card["config"]
+    assert card["family"] == "personalize" and card["status"] == "finished"
+    for f in ("net", "image_size", "conditioning", "net_overrides"):
+        assert card["config"]["model"][f] == base_cfg["model"][f], f
+    assert card["config"]["label_keywords"] == [] and card["config"]["model"]["lora_rank"] == 2
+    assert main(["sample", "--run", world["base"], "--lora", f"run:{out['run_id']}:0.5", "--prompt", "a sks star",
+                 "--n", "1", "--steps", "2", "--out", str(tmp_path / "s"), "--data-root", root, "--no-prefect",
+                 "--json"]) == 0, capsys.readouterr().err
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from imagegen.sample import read_parameters
+
+    lo = read_parameters(res["files"][0])["loras"][0]
+    assert lo["run"] == out["run_id"] and lo["scale"] == 0.5 and lo["spec"] == f"run:{out['run_id']}:0.5"
+    # a setting given on the command line that the base fixes is still refused, naming it
+    assert main([*args, "--set", "train.model.image_size=32"]) == 2
+    assert "image_size: student 32 != teacher 16" in capsys.readouterr().err
