@@ -155,12 +155,17 @@ class SampleRequest(BaseModel):
         edits = [f for f in ("init_image", "strength", "mask", "outpaint", "source_prompt", "control",
                              "control_scale", "controlnet", "embedding") if getattr(self, f) is not None]
         edits += [f for f in ("invert", "control_is_map") if getattr(self, f)] + (["resample"] if self.resample != 1 else [])
-        unsupported = [f for f in edits if f not in ("init_image", "strength", "mask", "control", "control_scale",
-                                                     "controlnet")]
+        unsupported = [f for f in edits if f not in ("init_image", "strength", "mask", "outpaint", "invert",
+                                                     "source_prompt", "control", "control_scale", "controlnet",
+                                                     "embedding")]
         if self.is_diffusers and unsupported:
             raise ValueError(f"{', '.join(unsupported)}: not supported for diffusers models (they take init_image, "
-                             "strength, mask, control, control_scale and controlnet: diffusers' img2img, inpainting "
-                             "and ControlNet pipelines); they apply to runs of this project (run=RUN)")
+                             "strength, mask, outpaint, invert, source_prompt, control, control_scale, controlnet and "
+                             "embedding: diffusers' img2img, inpainting, DDIM-inversion, ControlNet pipelines and "
+                             "textual inversion); they apply to runs of this project (run=RUN)")
+        if self.is_diffusers and any(e.startswith("run:") for e in self.embedding or ()):
+            raise ValueError("embedding=run:<id> names a personalize run of this project (its embedding is for the "
+                             "run's own text encoder); a diffusers model takes learned_embeds.safetensors files")
         needs_image = [f for f in ("strength", "mask", "outpaint") if getattr(self, f) is not None]
         if self.invert:
             needs_image.append("invert")
@@ -225,14 +230,18 @@ class Prepared:
 
             self._diffusers(req)
             if req.init_image is None and req.control is None:
-                self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs
-                return
-            from imagegen.sample_edit import DiffusersEditPlan, EditInputError
+                self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs and embeddings
+            else:
+                from imagegen.sample_edit import DiffusersEditPlan, EditInputError
 
-            try:
-                self.edit = DiffusersEditPlan(req)  # diffusers' img2img / inpainting / ControlNet pipelines
-            except (EditInputError, ValueError) as exc:
-                raise SampleError(str(exc)) from None
+                try:
+                    self.edit = DiffusersEditPlan(req)  # diffusers' img2img / inpainting / ControlNet pipelines
+                except (EditInputError, ValueError) as exc:
+                    raise SampleError(str(exc)) from None
+            if req.embedding:
+                from imagegen.hashing import file_sha256
+
+                self.edit.inputs["embedding"] = [file_sha256(_embedding_file(e)) for e in req.embedding]
             return
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
@@ -274,6 +283,10 @@ class Prepared:
         _, self.identity = resolve_spec(str(req.model))  # not a pipeline / pickled weights: refused here
         for text in req.loras:
             lora_file(parse_lora(text)[0])
+        for e in req.embedding or ():
+            f = _embedding_file(e)
+            if not f.is_file() or f.suffix != ".safetensors":
+                raise SampleError(f"embedding {f} " + ("is not a .safetensors file" if f.is_file() else "does not exist"))
         self.run, self.train_cfg, self.family_name, self.cond_kind = None, None, "diffusers", "text"
         s = req.sampler
         if s is not None and s not in DiffusersModel.samplers and not s.startswith("pipeline:"):
@@ -292,7 +305,7 @@ class Prepared:
             from models.hf_diffusers import DiffusersModel
 
             return DiffusersModel(str(self.req.model), device=device, resolution=self.req.resolution,
-                                  loras=self.req.loras)
+                                  loras=self.req.loras, embeddings=self.req.embedding or ())
         from models.checkpoint import load_family
 
         return load_family(self.run.checkpoint, device=device)
@@ -314,6 +327,11 @@ class Prepared:
             raise SampleError(f"{what} {prompt!r} names none of the {len(lab.names)} classes of run {self.run.id}: "
                               f"{list(lab.names)[:20]}")
         return None
+
+
+def _embedding_file(path: str) -> Path:
+    f = Path(path).expanduser()
+    return f / "learned_embeds.safetensors" if f.is_dir() else f
 
 
 def _device(req: SampleRequest) -> str:
@@ -435,10 +453,13 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     if plan.trivial:
         note(f"[sample] {plan.trivial}")
     sampler = req.sampler or fam.default_sampler
-    if plan.mode == "invert":
+    if plan.mode == "invert" and not req.is_diffusers:
         sampler = "ddim" if "ddim" in fam.samplers else "euler"
     request_record = req.model_dump(mode="json", exclude={"out"})
     edit_record = plan.record()
+    if req.is_diffusers and getattr(fam, "embeddings", None):
+        edit_record["embedding"] = [{k: v for k, v in e.items() if k != "file"} | {"file": Path(e["file"]).name}
+                                    for e in fam.embeddings]
     steps = int(req.steps or fam.default_steps)
     t0 = time.time()
     records: list[dict[str, Any]] = []

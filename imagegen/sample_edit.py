@@ -599,10 +599,20 @@ class DiffusersEditPlan:
         if req.init_image is not None:
             self.image = _open_image(req.init_image, "init image").convert("RGB")
             self.inputs["init_image"] = _file_id(req.init_image)
-            if self.image.size != (side, side):
-                raise EditInputError(f"the init image {req.init_image} is {self.image.size[0]}x{self.image.size[1]}, "
-                                     f"but {where}")
-            self.mode = "sdedit"
+            w, h = self.image.size
+            if req.outpaint is not None:
+                from models.diffusers_edit import outpaint_canvas
+
+                left, top, right, bottom = req.outpaint
+                W, H = w + left + right, h + top + bottom
+                if (W, H) != (side, side):
+                    raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"but {where}")
+                self.image, self.mask = outpaint_canvas(self.image, list(req.outpaint))
+            elif self.image.size != (side, side):
+                raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where}")
+            self.mode = "outpaint" if req.outpaint is not None else "invert" if req.invert else "sdedit"
             if req.mask is not None:
                 mi = _open_image(req.mask, "mask")
                 if mi.size != self.image.size:
@@ -610,10 +620,12 @@ class DiffusersEditPlan:
                                          f"{req.init_image} is {side}x{side}")
                 self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
                 self.inputs["mask"] = _file_id(req.mask)
+                self.mode = "inpaint"
+            if self.mask is not None:
                 frac = float((np.asarray(self.mask) > 0).mean())
                 self.inputs["mask_generate_fraction"] = round(frac, 6)
-                self.mode = "inpaint"
-            self.strength = req.strength if req.strength is not None else (SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
+            self.strength = None if self.mode == "invert" else req.strength if req.strength is not None else (
+                SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
         self.cn_path = None
         if req.control is not None:
             if req.controlnet is None:
@@ -634,7 +646,9 @@ class DiffusersEditPlan:
         req = self.req
         edit = None
         if self.mode != "sample":
-            edit = {**_edit_inputs(self), "pipeline": "diffusers"}
+            edit = {**_edit_inputs(self), "pipeline": "diffusers",
+                    "outpaint": list(req.outpaint) if req.outpaint is not None else None,
+                    "source_prompt": req.source_prompt if self.mode == "invert" else None}
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
@@ -659,7 +673,7 @@ class DiffusersEditPlan:
         return E.generate(fam, self._pipe, self.mode, list(cond), negative, steps, guidance, generator,
                           image=self.image, mask=self.mask, strength=self.strength, control=self.control,
                           control_scale=self.req.control_scale if self.req.control_scale is not None else 1.0,
-                          latents=x_T)
+                          latents=x_T, source=self.req.source_prompt)
 
 
 def stable_sha(files: dict[str, str]) -> str:
