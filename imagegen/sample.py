@@ -82,6 +82,11 @@ class SampleRequest(BaseModel):
                              "models/lora.save_lora on its net or run:<id> of a personalize LoRA run of it")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = the "
                                    "pipeline's default)")
+    height: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families (DDPM, EDM, flow): "
+                               "the image height in pixels, e.g. an aspect bucket's (None = the run's size); a "
+                               "multiple of the net's patch / downsampling")
+    width: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families: the image width in "
+                              "pixels (None = the run's size)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
     output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
                                     "(bicubic) before saving; None keeps the model's size")
@@ -149,6 +154,11 @@ class SampleRequest(BaseModel):
             elif not self.model.startswith("run:") or len(self.model) <= 4:
                 raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID' or "
                                  "'diffusers:PATH_OR_REPO_ID[@REVISION]'")
+        if (self.height is not None or self.width is not None) and self.is_diffusers:
+            raise ValueError("height/width apply to runs of this project; a diffusers model takes resolution= "
+                             "(its square side)")
+        if (self.height is not None or self.width is not None) and self.output_size is not None:
+            raise ValueError("output_size resizes to a square; with height/width leave it unset")
         if not self.is_diffusers and self.resolution is not None:
             raise ValueError("resolution= applies to diffusers models; a run samples at its own size "
                              "(resize with output_size=)")
@@ -461,6 +471,9 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
         edit_record["embedding"] = [{k: v for k, v in e.items() if k != "file"} | {"file": Path(e["file"]).name}
                                     for e in fam.embeddings]
     steps = int(req.steps or fam.default_steps)
+    noise_shape = tuple(fam.noise_shape)
+    if getattr(plan, "latent_size", None):  # an aspect-bucket size of an any-size family
+        noise_shape = (noise_shape[0], *plan.latent_size)
     t0 = time.time()
     records: list[dict[str, Any]] = []
     images: list[Image.Image] = []
@@ -479,7 +492,7 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
             with plan.context(fam):
                 x, nfe = plan.generate(fam, len(ks), c, neg, sampler, steps,
                                        req.guidance if c is not None else 1.0,
-                                       pair_noise(seeds, fam.noise_shape).to(device),
+                                       pair_noise(seeds, noise_shape).to(device),
                                        torch.Generator(device=device).manual_seed(seeds[0]))
             u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for j, k in enumerate(ks):
@@ -556,6 +569,9 @@ def add_sample_parser(sub: Any) -> None:
                     "for a run, a peft adapter folder made by models/lora.save_lora on its net, or run:<id> of a "
                     "personalize LoRA run of it")
     sp.add_argument("--resolution", type=int, help="diffusers models: image side (default: the pipeline's)")
+    sp.add_argument("--height", type=int, help="any-size runs (DDPM, EDM, flow): image height in pixels, e.g. an "
+                    "aspect bucket's (default: the run's size)")
+    sp.add_argument("--width", type=int, help="any-size runs: image width in pixels (default: the run's size)")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
     sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
@@ -601,7 +617,7 @@ _PATH_FIELDS = ("prompts_file", "out", "init_image", "mask", "control")
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     data: dict[str, Any] = {}
     for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
-                  "output_size", "watermark", "device", "resolution", "init_image", "strength", "mask", "outpaint",
+                  "output_size", "watermark", "device", "resolution", "height", "width", "init_image", "strength", "mask", "outpaint",
                   "resample", "source_prompt", "control", "control_scale", "controlnet"):
         v = getattr(args, field, None)
         if v is not None:

@@ -148,6 +148,35 @@ def _edit_kind(family_cls: Any) -> tuple[bool, bool]:
     return editable, editable and not issubclass(family_cls, ConsistencyFunction)
 
 
+def bucket_size(width: int | None, height: int | None, run_id: str, fam_name: str, model: dict[str, Any],
+                side: int, controlnet: bool = False) -> tuple[int, int]:
+    """(h, w) a run's family samples at for an output of ``width`` x ``height`` pixels (None = the
+    run's ``side``), checked before any model loads: an any-size family (DDPM, EDM, flow, not
+    REPA), sides multiples of its net's patch / downsampling (times the autoencoder's factor for a
+    latent run).  Raises EditInputError naming the multiple."""
+    from models.registry import get_family
+
+    W, H = width or side, height or side
+    fam_cls = get_family(fam_name)
+    if fam_name == "controlnet" or controlnet:
+        raise EditInputError(f"height/width {W}x{H}: a ControlNet samples at its base's {side}x{side} only")
+    if not getattr(fam_cls, "any_size", False) or model.get("repa"):
+        what = f"a {fam_name!r} run" + (" with REPA" if model.get("repa") else "")
+        raise EditInputError(f"height/width {W}x{H}: run {run_id} is {what}, which samples only at {side}x{side}; "
+                             "other (aspect-bucket) sizes need a DDPM, EDM or flow run")
+    cfg = fam_cls.Config(**model)
+    net = cfg.net_config(8, 1.0)
+    multiple = int(getattr(net, "patch_size", 0) or 2 ** (len(net.channel_mult) - 1))
+    factor = side // int(cfg.image_size) if cfg.data == "latents" else 1
+    m = multiple * factor
+    if H % m or W % m:
+        why = f"the {cfg.net} {'patch' if cfg.net == 'dit' else 'downsampling'} {multiple}" + (
+            f" x the autoencoder's factor {factor}" if factor > 1 else "")
+        raise EditInputError(f"height/width {W}x{H} (width x height): run {run_id} samples sides that are "
+                             f"multiples of {m} ({why}); e.g. {max(m, W // m * m)}x{max(m, H // m * m)}")
+    return H // factor, W // factor
+
+
 class EditPlan:
     """The request's editing / control inputs, read and checked against the run (no model loaded)."""
 
@@ -185,7 +214,16 @@ class EditPlan:
             raise EditInputError(f"controlnet={req.controlnet!r} without control= (the control image) does nothing")
         side = pixel_size(fam_name, model)
         self.side = side
-        where = f"run {run_id} makes {side}x{side} images"
+        # the output size: the run's square, or an aspect-bucket size of an any-size family
+        self.width, self.height = req.width or side, req.height or side
+        self.latent_size: tuple[int, int] | None = None  # (h, w) the family samples at, None = its square
+        W0, H0 = self.width, self.height
+        if (W0, H0) != (side, side):
+            self.latent_size = bucket_size(req.width, req.height, run_id, fam_name, model, side,
+                                           controlnet=req.controlnet is not None)
+            where = f"run {run_id} samples {W0}x{H0} images here (width x height)"
+        else:
+            where = f"run {run_id} makes {side}x{side} images"
 
         # the init image, mask, outpainting canvas
         self.mode = "sample"
@@ -200,17 +238,18 @@ class EditPlan:
             if req.outpaint is not None:
                 left, top, right, bottom = req.outpaint
                 W, H = w + left + right, h + top + bottom
-                if (W, H) != (side, side):
+                if (W, H) != (W0, H0):
                     raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
                                          f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
-                                         f"but {where}")
-                canvas = torch.zeros((1, 3, side, side))
+                                         f"but {where}" + ("" if req.height or req.width else
+                                                           " (an any-size run extends to height=/width=)"))
+                canvas = torch.zeros((1, 3, H0, W0))
                 canvas[:, :, top:top + h, left:left + w] = _to_tensor(im)
-                mask = torch.ones((1, 1, side, side))
+                mask = torch.ones((1, 1, H0, W0))
                 mask[:, :, top:top + h, left:left + w] = 0
                 self.image, self.mask, self.mode = canvas, mask, "outpaint"
             else:
-                if (w, h) != (side, side):
+                if (w, h) != (W0, H0):
                     raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where} "
                                          "(resize it, or outpaint with margins)")
                 self.image = _to_tensor(im)
@@ -281,6 +320,7 @@ class EditPlan:
                 raise EditInputError(f"embeddings {req.embedding}: the token {dup[0]!r} is defined more than once")
 
     # ------------------------------------------------------------------ checks
+
 
     @staticmethod
     def _check_base(cn: Any, prep: Any) -> None:
@@ -523,8 +563,9 @@ class EditPlan:
         if self.control is not None:
             ctl = {"control": self.control_map, "control_scale": self.req.control_scale}
         if self.mode == "sample":
+            size = {"height": self.latent_size[0], "width": self.latent_size[1]} if self.latent_size else {}
             res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
-                                    negative=negative, x_T=x_T, generator=generator, **ctl)
+                                    negative=negative, x_T=x_T, generator=generator, **ctl, **size)
             return res.sample, int(res.nfe)
         dev = fam.device
         images = self.image.to(dev).expand(n, -1, -1, -1)
