@@ -355,7 +355,7 @@ def import_dataset(cfg: ImportConfig | dict[str, Any], root: Path | str,
     with stage_output(final) as (tmp, card):
         plan = shard_mod.plan_shards(kept, cfg.shard)
         infos = shard_mod.write_shards_from_plan(plan, get_sample, tmp / "shards", cfg.shard)
-        shard_of = {k: infos[i].name for i, keys in enumerate(plan) for k in keys}
+        shard_of = shard_mod.shard_of_keys(plan, infos)  # max_shard_bytes may split a planned shard
         manifest = pd.DataFrame([{"key": k, "shard": shard_of[k], **meta(k), "sha256": by_key[k][1]["sha256"],
                                   "caption": by_key[k][1]["caption"]} for k in kept])
         manifest.to_parquet(tmp / "manifest.parquet", index=False)

@@ -421,6 +421,20 @@ def write_shards_from_plan(plan: list[list[str]], get_sample: Callable[[str], Sa
     return infos
 
 
+def shard_of_keys(plan: list[list[str]], infos: list[ShardInfo]) -> dict[str, str]:
+    """Key -> the name of the tar that holds it, for shards written from ``plan``.
+
+    ``max_shard_bytes`` may split a planned shard into several tars (numbering continues), so the
+    planned index is not the tar's: the tars hold the plan's keys in plan order, ``count`` each."""
+    order = (k for chunk in plan for k in chunk)
+    out = {info.name: [next(order) for _ in range(info.count)] for info in infos}
+    rest = sum(1 for _ in order)
+    if rest or len(out) != len(infos):
+        raise ValueError(f"the shards ({sum(i.count for i in infos)} samples) do not match the plan "
+                         f"({sum(len(c) for c in plan)} keys)")
+    return {k: name for name, keys in out.items() for k in keys}
+
+
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, cfg: ShardConfig | None = None,
                  *, overwrite: bool = False) -> list[ShardInfo]:
     """Shuffle and shard ``samples`` in one call.
