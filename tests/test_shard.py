@@ -365,13 +365,13 @@ def stage_chain(tmp_path_factory):
     return root, dl, dd, ff, rc, n_rows
 
 
-def _shard(stage_chain, root: Path | None = None, **shard) -> "object":
+def _shard(stage_chain, root: Path | None = None, runner: str = "local:1", **shard) -> "object":
     from imagegen import curate as C
     from imagegen.registry import get_dataset
 
     root0, dl, dd, ff, rc, _ = stage_chain
     root = root or root0
-    cfg = C.CurateConfig(name="chain", shard=ShardConfig(**shard))
+    cfg = C.CurateConfig(name="chain", shard=ShardConfig(**shard), runner=runner)
     res = C.shard_stage(root, "chain", cfg, dl, dd, ff, rc, None, None)
     return get_dataset(root, res.id)
 
@@ -419,3 +419,43 @@ def test_every_row_dropped_is_refused_with_where_to_read_the_outcomes(stage_chai
     assert acc["outcome"].str.startswith(("filtered:", "download_failed:", "skipped:")).all()
     assert len(pd.read_parquet(led_path)) == n_rows
     assert not (root / "datasets" / acc_path.parent.name).exists(), "an empty dataset is not a dataset"
+
+
+def test_part_parallel_shards_equal_the_one_process_writer(stage_chain, tmp_path):
+    """Each planned shard written by its own map step on a 2-process pool: the same tars (names, bytes),
+    parquet and stats files, manifest and accounting as in one process, and as the one-process writer
+    (write_shards_from_plan) fed the same samples."""
+    import pandas as pd
+
+    from imagegen.stages.shard_parts import _meta_of
+
+    root, dl, *_ = stage_chain
+    cfg = dict(target_shard_size=6, max_shard_bytes=12_288, shuffle_seed=5, name_prefix="w-")
+    one = _shard(stage_chain, tmp_path / "one", "local:1", **cfg)
+    two = _shard(stage_chain, tmp_path / "two", "local:2", **cfg)
+    assert one.id == two.id and one.card["shards"] == two.card["shards"]
+    files = sorted(p.name for p in (one.path / "shards").iterdir())
+    assert files == sorted(p.name for p in (two.path / "shards").iterdir())
+    assert len(files) == 3 * len(one.card["shards"]) and not [f for f in files if f.startswith(".")]
+    for f in files:
+        assert (one.path / "shards" / f).read_bytes() == (two.path / "shards" / f).read_bytes(), f
+    for what in ("manifest", "accounting"):
+        pd.testing.assert_frame_equal(pd.read_parquet(one.path / f"{what}.parquet"),
+                                      pd.read_parquet(two.path / f"{what}.parquet"))
+    assert (one.path / "samples.png").read_bytes() == (two.path / "samples.png").read_bytes()
+    assert not (one.path / "_work").exists() and not (two.path / "_work").exists()
+    # the reference: the one-process writer over the same samples (images from the download parts)
+    man = pd.read_parquet(one.path / "manifest.parquet")
+    images = {r["key"]: (r["image"], r["ext"]) for part in sorted((Path(dl.path) / "images").glob("*.parquet"))
+              for r in pq.read_table(part, columns=["key", "image", "ext"]).to_pylist()}
+    rows = {r["key"]: r for r in man.to_dict("records")}
+    scores = [c for c in man.columns if c.endswith("_score")]
+
+    def get(key):
+        return {"key": key, "image": images[key][0], "ext": images[key][1], "caption": rows[key]["caption"],
+                "meta": _meta_of(rows[key], scores)}
+
+    scfg = ShardConfig(**cfg)
+    ref = write_shards_from_plan(plan_shards(man["key"], scfg), get, tmp_path / "ref", scfg)
+    assert [i.model_dump() for i in ref] == one.card["shards"]
+    assert dict(zip(man["key"], man["shard"])) == _tar_of_key(one.path / "shards")
