@@ -23,6 +23,7 @@ import imagegen.stages.dedup as dedup_mod
 import imagegen.stages.download as download_mod
 import imagegen.stages.filter as filter_mod
 import imagegen.stages.recaption as recaption_mod
+import imagegen.stages.ledger as ledger_mod
 import imagegen.stages.shard_parts as shard_parts
 from imagegen.artifacts import is_complete, read_card, stage_output
 from imagegen.executors import check_runner, runner_spec
@@ -32,6 +33,7 @@ from imagegen.registry import DatasetRef, get_dataset, register_name
 from imagegen.stages.dedup import DedupConfig
 from imagegen.stages.download import DownloadConfig
 from imagegen.stages.filter import FilterConfig
+from imagegen.stages.ledger import read_ledger
 from imagegen.stages.recaption import RecaptionConfig
 from imagegen.stages.shard import ShardConfig
 from imagegen.world.publish import PublishConfig
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 # order; user filters' and captioners' own modules are added by stage_code).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "world": ("imagegen.world.scene", "imagegen.world.publish"),
-    "download": ("imagegen.stages.download",),
+    "download": ("imagegen.stages.download", "imagegen.stages.ledger"),
     "dedup": ("imagegen.stages.dedup", "imagegen.mih"),
     "filter": ("imagegen.stages.filter",),
     "recaption": ("imagegen.stages.recaption", "imagegen.world.detector"),
@@ -272,7 +274,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
             append = download_mod.read_url_list(cfg.append_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
         card["parent"] = {"dataset": cfg.parent, "download": parent_dir.name}
         if source.kind == "url_list":
-            urls = pd.read_parquet(parent_dir / "ledger.parquet", columns=["row_id", "url", "caption"])
+            urls = read_ledger(parent_dir, ["row_id", "url", "caption"])
             return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
@@ -304,9 +306,12 @@ def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: Stage
     (``clip``: the world's reference CLIP, for ``semantic_model='world'``)."""
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        counts = dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet",
+        # run_dedup takes one ledger file: the columns it reads, streamed from the ledger's part files
+        led = ledger_mod.compact_copy(d, dedup_mod.LEDGER_COLUMNS, tmp / "_ledger" / "ledger.parquet")
+        counts = dedup_mod.run_dedup(d / "images", led, cfg, tmp / "dedup.parquet",
                                      runner=cfg.runner, resolve_model=model_resolver(clip))
         shutil.rmtree(tmp / "_embeddings", ignore_errors=True)
+        shutil.rmtree(tmp / "_ledger", ignore_errors=True)
         return counts
 
     from imagegen import semdedup
@@ -399,13 +404,15 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
                   dedup: StageResult, filtered: StageResult, captions: StageResult,
                   world: StageResult | None, clip: StageResult | None) -> dict[str, Any]:
     ddir = Path(download.path)
-    ledger = pd.read_parquet(ddir / "ledger.parquet")
+    # the columns the accounting and the samples' metadata use, concatenated lazily from the ledger's parts
+    ledger = read_ledger(ddir, ["row_id", "url", "key", "status", "reason", "original_width", "original_height",
+                                "sha256", "source_sha256"])
     dd = pd.read_parquet(Path(dedup.path) / "dedup.parquet")
     ff = pd.read_parquet(Path(filtered.path) / "filter.parquet")
     cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
     kept = ff.loc[ff["keep"], "key"].tolist()
     if not kept:  # before plan_shards, which refuses an empty key list without saying why
-        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
+        _refuse_empty(out, ddir, account_rows(ledger, dd, ff))
 
     # compact columns only: the metadata table (no image), then the shards part-parallel on the runner
     table, score_cols = shard_parts.metadata_table(ledger, dd, ff, cc, kept)
@@ -454,7 +461,7 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     return counts
 
 
-def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> None:
+def _refuse_empty(out: Path, download_dir: Path, accounting: pd.DataFrame) -> None:
     """No row survived: keep the accounting and the ledger where the user can read them, then refuse.
 
     They go to ``<data root>/failed/<dataset id>/`` (the dataset folder itself never appears: an
@@ -463,7 +470,8 @@ def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> 
     where = out.parent.parent / "failed" / sid
     where.mkdir(parents=True, exist_ok=True)
     accounting.to_parquet(where / "accounting.parquet", index=False)
-    ledger.to_parquet(where / "ledger.parquet", index=False)
+    ledger_mod.compact_copy(download_dir, ledger_mod.ledger_dataset(download_dir).schema.names,
+                            where / "ledger.parquet")  # every column, streamed from the ledger's parts
     outcomes = accounting["outcome"].value_counts().to_dict()
     raise ValueError(f"no sample to shard: none of the {len(accounting)} input rows survived "
                      f"(outcomes: {outcomes}); every row's outcome is in {where / 'accounting.parquet'} "

@@ -311,6 +311,7 @@ def _stage_chain_download(d: Path, n_parts: int = 3, per_part: int = 14) -> int:
 
     from imagegen.hashing import bytes_sha256
     from imagegen.stages.download import IMAGE_SCHEMA, LEDGER_COLUMNS
+    from imagegen.stages.ledger import write_ledger
 
     (d / "images").mkdir(parents=True)
     led = []
@@ -341,7 +342,7 @@ def _stage_chain_download(d: Path, n_parts: int = 3, per_part: int = 14) -> int:
     for col in ("attempts", "original_width", "original_height", "width", "height"):
         ledger[col] = ledger[col].astype("Int64")
     ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
-    ledger.to_parquet(d / "ledger.parquet", index=False)
+    write_ledger(d, ledger, rows_per_file=10)  # the ledger as part files, as the download stage writes it
     (d / "card.json").write_text(json.dumps({"stage": "download", "id": d.name, "counts": {}}))
     return len(ledger)
 

@@ -227,6 +227,7 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
 
     from imagegen.stages.download import IMAGE_SCHEMA as schema
     from imagegen.stages.download import summarize_ledger
+    from imagegen.stages.ledger import write_ledger
 
     (out / "images").mkdir(parents=True)
     ok = [(row, r) for row, r in zip(rows, recs) if r["status"] == "success"]
@@ -242,7 +243,7 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
                 cols[n].append(v)
         pq.write_table(pa.table(cols, schema=schema), out / "images" / f"part-{part:05d}.parquet", row_group_size=1000)
     led = _ledger(recs)
-    led.to_parquet(out / "ledger.parquet", index=False)
+    write_ledger(out, led, IMPORT_PART_ROWS)
     return summarize_ledger(led)
 
 
