@@ -3,8 +3,9 @@
 Builds a synthetic download folder (noise JPEGs in parts of ``--part-rows``), runs the real dedup,
 filter (no CLIP) and recaption stages once, then times ``imagegen.curate.shard_stage`` in a fresh
 subprocess per runner (so each peak RSS is that run's own), deleting the dataset between runs.
-Prints a table and one JSON line.  Peak RSS: the stage's process (``ru_maxrss``) and its largest
-child process (pool workers), both in MB.
+Prints a table and one JSON line.  Memory: the PSS (proportional set size, so pages forked workers share count once) of the stage's whole process tree (the process
+and its pool workers), sampled every 20 ms: its peak, the value just before the stage (imports
+done) and the growth between them, in MB.
 
     .venv/bin/python benchmarks/bench_shard.py --n 4000 --runners local:1,local:2 [--root DIR] [--json]
 
@@ -34,13 +35,33 @@ root, runner, size = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 chain = json.loads((root / "chain.json").read_text())
 res = {k: C.StageResult.model_validate(v) for k, v in chain.items()}
 cfg = C.CurateConfig(name="bench", shard=ShardConfig(target_shard_size=size), runner=runner)
+import threading, psutil
+me = psutil.Process()
+def tree_rss():
+    total = 0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            total += p.memory_full_info().pss  # PSS: forked workers share the parent's pages
+        except psutil.Error:
+            pass
+    return total / 2**20
+peak = {"tree": tree_rss()}
+base = peak["tree"]
+done = threading.Event()
+def sample():
+    while not done.wait(0.02):
+        peak["tree"] = max(peak["tree"], tree_rss())
+th = threading.Thread(target=sample, daemon=True)
+th.start()
+ch0 = resource.getrusage(resource.RUSAGE_CHILDREN)
 ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 ds = C.shard_stage(root, "bench", cfg, res["download"], res["dedup"], res["filter"], res["recaption"], None, None)
 wall = time.perf_counter() - t0
+done.set(); th.join()
 ru1, ch = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) + ch.ru_utime + ch.ru_stime
+cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime) + (ch.ru_utime - ch0.ru_utime) + (ch.ru_stime - ch0.ru_stime)
 card = json.loads((Path(ds.path) / "card.json").read_text())
-print(json.dumps({"wall_s": wall, "cpu_s": cpu, "rss_mb": ru1.ru_maxrss / 1024, "child_rss_mb": ch.ru_maxrss / 1024,
+print(json.dumps({"wall_s": wall, "cpu_s": cpu, "rss_mb": ru1.ru_maxrss / 1024, "base_mb": base, "tree_peak_mb": peak["tree"],
                   "shards": [s["sha256"] for s in card["shards"]], "samples": ds.counts["shard"]["samples"],
                   "cached": ds.cached}))
 shutil.rmtree(ds.path)
@@ -124,9 +145,10 @@ def main() -> None:
     import imagegen
     print(f"shard stage, {args.n} rows in parts of {args.part_rows}, shards of {args.shard_size}, "
           f"{args.side}px JPEG (setup {setup:.0f} s; load {load:.2f}; code {Path(imagegen.__file__).parent})")
-    print(f"{'runner':10} {'wall s':>8} {'CPU s':>8} {'RSS MB':>8} {'child RSS MB':>13}")
+    print(f"{'runner':10} {'wall s':>8} {'CPU s':>8} {'tree PSS peak':>13} {'before MB':>10} {'growth MB':>10}")
     for r in rows:
-        print(f"{r['runner']:10} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['rss_mb']:8.0f} {r['child_rss_mb']:13.0f}")
+        print(f"{r['runner']:10} {r['wall_s']:8.2f} {r['cpu_s']:8.2f} {r['tree_peak_mb']:13.0f} {r['base_mb']:10.0f} "
+              f"{r['tree_peak_mb'] - r['base_mb']:10.0f}")
     print(f"same shard sha256s across runners: {same}")
     if args.json:
         print(json.dumps({"n": args.n, "load": load, "same_shards": same,
