@@ -26,7 +26,7 @@ import imagegen.stages.recaption as recaption_mod
 import imagegen.stages.ledger as ledger_mod
 import imagegen.stages.shard_parts as shard_parts
 from imagegen.artifacts import is_complete, read_card, stage_output
-from imagegen.executors import check_runner, runner_spec
+from imagegen.executors import check_distributor, check_runner, runner_spec
 from imagegen.hashing import code_version, file_sha256, stable_hash
 from imagegen.paths import datasets_dir, ensure_writable, models_dir, stage_dir
 from imagegen.registry import DatasetRef, get_dataset, register_name
@@ -80,7 +80,7 @@ def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
 
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
-    "download": {"processes_count", "thread_count", "distributor", "runner"},
+    "download": {"processes_count", "thread_count", "distributor", "distributor_address", "runner"},
     "dedup": {"processes", "batch_rows", "runner", "semantic_batch_size"},
     "filter": {"runner"},
     "recaption": {"batch_size", "device"},
@@ -571,6 +571,7 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
     try:
         for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
             check_runner(spec, root)
+        check_distributor(config.download.distributor, config.download.distributor_address)
         if config.download.parent:
             parent_download(root, config.download.parent)  # a known dataset whose download is still here
             if config.download.append_list:
