@@ -138,8 +138,11 @@ def natural_method(root: Path | str, teacher: str) -> str:
     table's methods that accepts the run's family (flow -> reflow, ddpm -> progressive, edm ->
     consistency); LookupError for an unknown run, ValueError for a family no method distils."""
     from imagegen.train.runs import get_run
+    from models.hf_diffusers import is_diffusers_spec
     from models.teacher import METHODS, methods_for
 
+    if is_diffusers_spec(teacher):
+        return "lcm_lora"
     ref = get_run(Path(root), teacher)
     family = str((ref.card.get("config") or {}).get("family"))
     fits = methods_for(family, METHODS)
@@ -156,6 +159,10 @@ def check_distill_request(request: Any, root: Path | str) -> None:
     from imagegen.distill import teacher_run
 
     teacher_run(Path(root), request.teacher, request.method)
+    if request.method == "lcm_lora":  # the distillation data, named in the request
+        from imagegen.registry import get_dataset
+
+        get_dataset(Path(root), str(request.dataset))
 
 
 def build_eval_request(request: Any = None, run: str | None = None, folder: str | None = None,
