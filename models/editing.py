@@ -221,14 +221,12 @@ def _check_image(family: Any, images: Tensor, what: str = "init image") -> Tenso
     if tuple(images.shape[1:]) != (c, s, s):
         h, w = int(images.shape[2]), int(images.shape[3])
         f = s // family.cfg.image_size  # the autoencoder's factor (1 for pixel families)
-        if images.shape[1] == c and family.size_multiple() and h % f == 0 and w % f == 0:
-            try:  # an any-size family at an aspect-bucket size
-                family.check_size(h // f, w // f, f"{name}: the {what}")
-            except ValueError as exc:
-                raise EditError(str(exc)) from None
-        else:
+        m = family.size_multiple()
+        # an any-size family edits at any size it samples at (an aspect bucket's, an extended canvas)
+        if not (images.shape[1] == c and m and h % (m * f) == 0 and w % (m * f) == 0):
+            other = f", or sides that are multiples of {m * f}" if m else ""
             raise EditError(f"{name}: the {what} is {h}x{w} with {images.shape[1]} "
-                            f"channels, the model makes {s}x{s} images with {c} channels")
+                            f"channels, the model makes {s}x{s} images{other} with {c} channels")
     lo, hi = float(images.min()), float(images.max())
     if not (lo >= -1.001 and hi <= 1.001):
         raise EditError(f"{name}: the {what} must lie in [-1, 1], got min {lo:.4g} max {hi:.4g}")
