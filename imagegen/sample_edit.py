@@ -30,7 +30,7 @@ Every input file is identified by its sha256 in the sample id and the PNG parame
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,8 @@ class EditPlan:
             self.cn_model = _state_config(cn.checkpoint).get("model", {})
         elif self.is_controlnet:
             self.cn_model = model
+            base_family = _state_config(model["base"]).get("family", "")
+        if fam_name == "personalize":  # edited as its base's family (the tuned net, its embedding active)
             base_family = _state_config(model["base"]).get("family", "")
         if req.control is not None and not (self.is_controlnet or self.controlnet_run is not None):
             raise EditInputError(f"control= needs a ControlNet: run {run_id} is a {fam_name!r} run; give "
@@ -557,8 +559,6 @@ class EditPlan:
     def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
                  x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """n images in [-1, 1] for one batch, and the network evaluations it took."""
-        from models import editing
-
         ctl: dict[str, Any] = {}
         if self.control is not None:
             ctl = {"control": self.control_map, "control_scale": self.req.control_scale}
@@ -579,20 +579,30 @@ class EditPlan:
                 return res.sample, int(res.nfe)
             common = {"sampler": sampler, "steps": steps, "guidance": guidance, "negative": negative,
                       "generator": generator, "noise": x_T, **ctl}
-            if self.mode == "sdedit":
-                out = editing.sdedit(fam, images, self.strength, cond, **common)
-            elif self.mode in ("inpaint", "outpaint"):
-                out = editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
-                                      resample=self.req.resample, **common).sample
-            else:
-                src = self.source
-                if src is not None:
-                    src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
-                out = editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
-                                          control=ctl.get("control"), control_scale=ctl.get("control_scale"))
+            inner, active = fam, nullcontext()
+            if getattr(fam, "name", None) == "personalize":  # the tuned base family, under its embedding
+                inner, active = fam.inner, fam._active()
+            with active:
+                out = self._edit(inner, images, n, cond, common, ctl, steps, guidance, negative, dev)
         finally:
             hook.remove()
         return out, calls[0]
+
+    def _edit(self, fam: Any, images: torch.Tensor, n: int, cond: Any, common: dict[str, Any], ctl: dict[str, Any],
+              steps: int, guidance: float, negative: Any, dev: Any) -> torch.Tensor:
+        """SDEdit, inpainting / outpainting or the inversion edit of one batch on ``fam``."""
+        from models import editing
+
+        if self.mode == "sdedit":
+            return editing.sdedit(fam, images, self.strength, cond, **common)
+        if self.mode in ("inpaint", "outpaint"):
+            return editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
+                                   resample=self.req.resample, **common).sample
+        src = self.source
+        if src is not None:
+            src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
+        return editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
+                                   control=ctl.get("control"), control_scale=ctl.get("control_scale"))
 
 
 class PlainPlan:
