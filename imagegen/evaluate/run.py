@@ -76,6 +76,10 @@ class EvalRequest(BaseModel):
     folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
     model: str | None = Field(None, description="Or: a diffusers pipeline, 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = its default)")
+    height: int | None = Field(None, ge=8, le=8192, description="runs of any-size families (DDPM, EDM, flow): "
+                               "generate at this height in pixels, e.g. an aspect bucket's (None = the run's size)")
+    width: int | None = Field(None, ge=8, le=8192, description="runs of any-size families: generate at this width "
+                              "in pixels (None = the run's size)")
     negative: str | None = Field(None, description="diffusers models: negative prompt for every image")
     metrics: tuple[Metric, ...] = Field(ALL_METRICS, min_length=1,
                                         description="Metrics to compute")
@@ -133,6 +137,9 @@ class EvalRequest(BaseModel):
             parse_spec(self.model)
         elif self.resolution is not None or self.negative is not None:
             raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
+        if (self.height is not None or self.width is not None) and self.run is None:
+            raise ValueError("height/width apply to runs (run=RUN) of any-size families; a diffusers model takes "
+                             "resolution=, a folder is evaluated at its images' size")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         if self.n_seeds > 1 and self.folder is not None:
@@ -203,6 +210,7 @@ class Source:
     def __init__(self, req: EvalRequest, root: Path) -> None:
         self.req, self.root = req, root
         self.family: Any = None
+        self.latent_size: tuple[int, int] | None = None  # (h, w) a run samples at (height/width), None = square
         self.train_cfg: Any = None
         self.run: Any = None
         self.diffusers: str | None = None
@@ -228,6 +236,15 @@ class Source:
             self.train_cfg = TrainConfig(**self.run.card["config"])
             self.identity = {"run": self.run.id, "step": int(meta["step"]), "tensors": meta["tensors_sha256"]}
             ds_name = req.reference or self.run.card.get("dataset_id")
+            if req.height is not None or req.width is not None:  # an aspect-bucket size: checked before any work
+                from imagegen.sample_edit import EditInputError, bucket_size, pixel_size
+
+                model = meta.get("config", {}).get("model", self.train_cfg.model)
+                try:
+                    self.latent_size = bucket_size(req.width, req.height, self.run.id, self.train_cfg.family, model,
+                                                   pixel_size(self.train_cfg.family, model))
+                except EditInputError as exc:
+                    raise EvalError(str(exc)) from None
         else:
             from imagegen.evaluate.images import list_images
 
@@ -293,6 +310,14 @@ class Source:
     @property
     def image_size(self) -> int:
         return int(self.train_cfg.model["image_size"]) if self.train_cfg is not None else self.size
+
+    def sampling(self, fam: Any) -> tuple[tuple[int, ...], dict[str, int]]:
+        """(one image's noise shape, the height/width arguments) of generation from ``fam``."""
+        shape = tuple(fam.noise_shape)
+        if self.latent_size is None:
+            return shape, {}
+        h, w = self.latent_size
+        return (shape[0], h, w), {"height": h, "width": w}
 
 
 def _resolve_clip(spec: str, src: Source) -> str:
@@ -487,7 +512,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
     rank, world = _dist_rank_world()
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
-    shape = fam.noise_shape
+    shape, size = src.sampling(fam)
     out.mkdir(parents=True, exist_ok=True)
     (out / BATCHES).mkdir(exist_ok=True)
     if rank == 0:  # half-written images and records of a killed run
@@ -508,7 +533,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
             c = torch.tensor(c)
         extra = {"negative": [req.negative] * len(idx)} if req.negative is not None else {}
         res = fam.sample_result(len(idx), conditioning=c, sampler=req.sampler, steps=req.steps,
-                                guidance=req.guidance if c is not None else 1.0, **extra,
+                                guidance=req.guidance if c is not None else 1.0, **extra, **size,
                                 x_T=image_noise(req.seed, idx, shape).to(device),
                                 generator=torch.Generator(device=device).manual_seed(req.seed + start))
         nfe = int(res.nfe)
@@ -694,7 +719,7 @@ def clipscore(src: Source, req: EvalRequest, files: list[Path], captions: list[s
 
     cos = np.asarray(out["cosine"], dtype=np.float64)
     tm_ci = interval_columns(100.0 * cos, None, req, kind="mean")  # max(mean, 0) is monotone in the mean
-    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") else v) for k, v in tm_ci.items()}
+    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") and v is not None else v) for k, v in tm_ci.items()}
     return [{**prov, "metric": "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))", "value": out["clipscore_hessel2021"],
              **interval_columns(HESSEL_W * np.maximum(cos, 0.0), None, req, kind="mean")},
             {**prov, "metric": "CLIPScore (torchmetrics: max(mean 100*cos, 0))", "value": out["clipscore_torchmetrics"],
@@ -734,16 +759,18 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     world_size = WorldConfig().image_size
     if src.generates:
         fam = src.load(device)
-        shape = fam.noise_shape
+        shape, size = src.sampling(fam)
 
         def make_images(meta: dict[str, Any], n: int, i: int) -> list[Image.Image]:
             idx = [i * 1000 + k for k in range(n)]
             res = fam.sample(n, conditioning=[meta["prompt"]] * n, sampler=req.sampler, steps=req.steps,
-                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device),
+                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device), **size,
                              generator=torch.Generator(device=device).manual_seed(req.seed + i))
             u8 = ((res.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ims = [Image.fromarray(a) for a in u8]
-            if req.detector == "world" and ims[0].size[0] != world_size:  # the detector reads world-sized images
+            if req.detector == "world" and ims[0].size[0] != world_size and ims[0].size[0] == ims[0].size[1]:
+                # the detector reads world-sized images (a non-square bucket's as they are: its objects keep
+                # the square world's sizes)
                 ims = [im.resize((world_size, world_size), Image.Resampling.BICUBIC) for im in ims]
             return ims
 
