@@ -83,6 +83,7 @@ def test_sfid_features_are_mixed6_conv_7_channels_hwc(pinned_inception, tmp_path
         FD.inception_spatial_extractor("legacy_pytorch", download=False)
 
 
+@pytest.mark.slow
 def test_sfid_against_adm_style_reference_statistics(pinned_inception, tmp_path):
     """An ADM reference batch's mu/sigma (FID) and mu_s/sigma_s (sFID) imported from one .npz; evaluate
     computes both; a file without the spatial part gives FID and skips sFID with the reason."""
