@@ -261,8 +261,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen.requests import build_train_request
 
     # validated before anything starts; the dataset and model checks come first in train_run
-    request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
     root = data_root(args.data_root)
+    request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps,
+                                  args.nproc, root=root)
     if args.no_prefect:
         from imagegen.train import runs
 

@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.artifacts import is_complete, stage_output
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.hashing import code_version, stable_hash
 from imagegen.paths import datasets_dir
 from imagegen.registry import get_dataset, register_name
@@ -96,6 +97,9 @@ class DistillRequest(BaseModel):
                                    "pipeline's default)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds pairs and report noise")
     nproc: int = Field(1, ge=1, le=1024, description="Processes per student run (torchrun when > 1)")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of the reflow pairs "
+                         "and the NFE report (their floats depend on it: hashed into the pairs' and the report's "
+                         "ids; the student runs train on their own train.threads)")
     report_nfe: tuple[int, ...] = Field((1, 2, 4, 8), description="NFEs of the report grids")
     report_count: int = Field(8, ge=1, le=64, description="Images per report row")
 
@@ -228,19 +232,20 @@ def _base_fields(method: str) -> set[str]:
 
 def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, steps: int, sampler: str,
                  guidance: float, seed: int, name: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> str:
+                 progress: Callable[[int, int], None] | None = None, threads: int = DEFAULT_THREADS) -> str:
     """Draw ``n`` (noise seed, teacher ODE sample) couplings into a registered dataset; returns its id.
 
     Conditions are captions drawn (seeded) from the teacher's own training dataset, so a class
     teacher's labels (from caption keywords or fields) and a text teacher's prompts carry over.
-    The dataset id hashes the teacher run, the settings and this code: rerunning reuses it."""
+    The dataset id hashes the teacher run, the settings, the torch thread count the teacher samples
+    on (``threads``: CPU float reductions split by it) and this code: rerunning reuses it."""
     from models.reflow import NOISE_KEY, pair_noise
     from models.checkpoint import load_family
 
     ref = get_run(root, teacher_id)
     ds = get_dataset(root, ref.card["dataset_id"])
     ident = {"teacher": ref.id, "n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed,
-             "code": code_version(__import__("models.reflow", fromlist=["x"]), _code_self())}
+             "threads": threads, "code": code_version(__import__("models.reflow", fromlist=["x"]), _code_self())}
     dataset_id = stable_hash(ident)
     final = datasets_dir(root) / dataset_id
     label = name or f"reflow-{ref.id[:8]}"
@@ -262,7 +267,7 @@ def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, 
 
         labeler = Labeler(teacher_cfg)
     samples = []
-    with stage_output(final) as (tmp, card):
+    with stage_output(final) as (tmp, card), torch_threads(threads):
         t0 = time.time()
         for start in range(0, n, 64):
             idx = list(range(start, min(n, start + 64)))
@@ -354,12 +359,18 @@ def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list
 
 def nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
                count: int, seed: int, teacher_steps: int = REPORT_TEACHER_STEPS,
-               cost: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+               cost: dict[str, dict[str, Any]] | None = None, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """Sample every (label, family, CFG scale) at each NFE from the same noise and conditioning;
     the first model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes
     one grid per row, ``report.parquet`` (label, steps, nfe, guidance, mse to the reference, and the
     cost columns from ``cost[label]``, 0 where none is given) and ``nfe_mse.png``.  A one-step
-    generator (DMD) is sampled at NFE 1 only."""
+    generator (DMD) is sampled at NFE 1 only.  Everything samples on ``threads`` torch threads."""
+    with torch_threads(threads):
+        return _nfe_report(models, out_dir, cfg, nfes, count, seed, teacher_steps, cost)
+
+
+def _nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
+                count: int, seed: int, teacher_steps: int, cost: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, teacher_g = models[0][1], models[0][2]
     shape = (count, *teacher.noise_shape)
@@ -490,7 +501,7 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     elif request.method in ("reflow", "dmd"):
         pair_g = request.pair_guidance if request.pair_guidance is not None else tcfg.sample_guidance
         dataset = reflow_pairs(root, ref.id, tcfg, request.pairs, request.pair_steps, request.pair_sampler,
-                               float(pair_g), request.seed)
+                               float(pair_g), request.seed, threads=request.threads)
         pairs_seconds = float(get_dataset(root, dataset).card.get("seconds") or 0.0)
         if request.method == "reflow":
             extra_for = lambda n: {"default_steps": n, "t_sampling": "uniform"}  # noqa: E731
@@ -521,7 +532,7 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     # cost's seconds are a record of the runs, not an input)
     inputs = {"teacher_checkpoint": str(ref.checkpoint), "student_checkpoint": str(student["checkpoint"]),
               "nfe": list(request.report_nfe), "count": request.report_count, "seed": request.seed,
-              "teacher_steps": REPORT_TEACHER_STEPS,
+              "teacher_steps": REPORT_TEACHER_STEPS, "threads": request.threads,
               "code": code_version(_code_self(), __import__("models.samplers", fromlist=["x"]))}
     report_dir = Path(get_run(root, student["run_id"]).path) / "distill_report" / stable_hash(inputs)
     reused = is_complete(report_dir)
@@ -534,7 +545,7 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
             teacher_cost = {"student_steps": int(tcfg.steps),
                             "train_seconds": float((ref.card.get("summary") or {}).get("seconds") or 0.0)}
             nfe_report(models, tmp, tcfg, request.report_nfe, request.report_count, request.seed,
-                       REPORT_TEACHER_STEPS, cost={"teacher": teacher_cost, label: cost})
+                       REPORT_TEACHER_STEPS, cost={"teacher": teacher_cost, label: cost}, threads=request.threads)
             card.update(inputs)
     report = {**read_nfe_report(report_dir), "reused": reused}
     return {"method": request.method, "teacher_run": ref.id, "dataset_id": dataset, "rounds": rounds,

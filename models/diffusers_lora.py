@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut
 from models.samplers import SampleResult
 
@@ -57,17 +58,20 @@ class DiffusersLoraConfig(FamilyConfig):
                                               "pipeline folder (the run layer fills it in, so the run id hashes it; "
                                               "checked whenever the family is built)")
 
-    @model_validator(mode="after")
-    def _check_lora(self) -> "DiffusersLoraConfig":
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
         from models.hf_diffusers import parse_spec
 
-        parse_spec(self.pipeline)
-        if self.conditioning != "text" or self.text_encoder != "pipeline":
-            raise ValueError("diffusers_lora: conditioning is 'text' through the pipeline's text encoder "
-                             "(leave conditioning and text_encoder unset)")
-        if self.data != "pixels" or self.channels != 3:
-            raise ValueError("diffusers_lora trains on RGB images (data='pixels', channels=3); the VAE encodes them")
-        return self
+        if p.can("pipeline"):
+            try:
+                parse_spec(self.pipeline)
+            except ValueError as exc:
+                p.add(str(exc))
+        if p.can("conditioning", "text_encoder") and (self.conditioning != "text" or self.text_encoder != "pipeline"):
+            p.add("conditioning is 'text' through the pipeline's text encoder "
+                  "(leave conditioning and text_encoder unset)")
+        if p.can("data", "channels") and (self.data != "pixels" or self.channels != 3):
+            p.add("diffusers_lora trains on RGB images (data='pixels', channels=3); the VAE encodes them")
 
 
 def base_digest(files: Mapping[str, str]) -> str:
