@@ -405,6 +405,8 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     ff = pd.read_parquet(Path(filtered.path) / "filter.parquet")
     cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
     kept = ff.loc[ff["keep"], "key"].tolist()
+    if not kept:  # before the shard plan, which refuses an empty key list without the accounting
+        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
 
     plan = shard_mod.plan_shards(kept, config.shard)
     # one pass over the image parts routes each kept image to its planned shard's spill file, so
@@ -429,8 +431,6 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
         return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
 
     metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
-    if not kept:
-        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
 
     shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
     loaded: dict[str, Any] = {"shard": None, "images": {}}
