@@ -273,6 +273,9 @@ ALL_AT_ONCE = {
             ["s1=5 must be >= s0=10", "sigma_min 5.0 must be < sigma_max 1.0"]),
     "diffusers_lora": (["train.model.pipeline=nodiffusers", "train.model.data=latents", "train.model.channels=4"],
                        ["is not a diffusers spec", "trains on RGB images"]),
+    "lcm_lora": (["train.model.pipeline=diffusers:x", "train.model.guidance_min=3", "train.model.guidance_max=2",
+                  "train.model.sample_steps=60", "train.model.ddim_steps=50"],
+                 ["guidance_max=2.0 < guidance_min=3.0", "sample_steps=60 > ddim_steps=50"]),
     "ddpm": (['train.model.net_overrides={"model_channels":20,"norm_groups":8,"attention_resolutions":[5]}'],
              ["20 channels are not divisible by norm_groups 8", "attention_resolutions [5] are never reached"]),
 }
