@@ -3,8 +3,10 @@ the same bytes as one process, a killed worker's part run again, clear errors be
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -168,6 +170,56 @@ def test_missing_runner_package_is_named(monkeypatch):
         E.check_runner("ray")
 
 
+def test_distributor_problems_are_named_before_work(tmp_path, monkeypatch):
+    """img2dataset's distributors: a malformed or unreachable cluster address, a missing package, pyspark
+    without a Java runtime are refused by curate's preconditions (the CLI's exit 2) before any stage runs."""
+    from pydantic import ValidationError
+
+    from imagegen import curate as C
+    from imagegen.stages.download import DownloadConfig
+
+    with pytest.raises(ValidationError, match="distributor_address.*only for distributor"):
+        DownloadConfig(distributor_address="auto")
+    with pytest.raises(ValidationError, match="not a pyspark address"):
+        DownloadConfig(distributor="pyspark", distributor_address="ray://h:10001")
+    port = _free_port()
+    for dist, addr, what in (("ray", f"127.0.0.1:{port}", "Ray head"), ("ray", f"ray://127.0.0.1:{port}", "Ray head"),
+                             ("pyspark", f"spark://127.0.0.1:{port}", "Spark master")):
+        if importlib.util.find_spec(dist) is None:
+            continue
+        cfg = C.CurateConfig(download=DownloadConfig(distributor=dist, distributor_address=addr))
+        with pytest.raises(E.RunnerError, match=f"cannot reach the {what} at {re.escape(addr)}"):
+            C.check_preconditions(cfg, tmp_path / "root")
+        assert not (tmp_path / "root").exists()  # nothing was started or written
+    monkeypatch.setitem(E._DIST_PACKAGES, "ray", ("imagegen_no_such_module", "ray"))
+    with pytest.raises(E.RunnerError, match="distributor='ray' needs the 'ray' package"):
+        E.check_distributor("ray")
+    # pyspark without Java: no java on PATH, no JAVA_HOME (a JAVA_HOME without bin/java is named)
+    if importlib.util.find_spec("pyspark") is not None:
+        monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+        monkeypatch.delenv("JAVA_HOME", raising=False)
+        cfg = C.CurateConfig(download=DownloadConfig(distributor="pyspark"))
+        with pytest.raises(E.RunnerError, match="needs a Java runtime.*apt-get install -y default-jre-headless"):
+            C.check_preconditions(cfg, tmp_path / "root")
+        monkeypatch.setenv("JAVA_HOME", str(tmp_path / "no-jre"))
+        with pytest.raises(E.RunnerError, match=f"JAVA_HOME={re.escape(str(tmp_path / 'no-jre'))} has no bin/java"):
+            E.check_distributor("pyspark")
+
+
+def test_pyspark_without_java_exits_2_from_the_cli(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("pyspark")
+    from imagegen import cli
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    rc = cli.main(["curate", "--preset", "smoke", "--no-prefect", "--data-root", str(tmp_path / "root"),
+                   "--set", "download.distributor=pyspark"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "needs a Java runtime" in err and "default-jre-headless" in err and "Traceback" not in err
+    assert not (tmp_path / "root").exists()
+
+
 def test_unwritable_shared_dir_is_named(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
@@ -210,27 +262,50 @@ def _fingerprint(ref) -> dict:
             "manifest": pd.read_parquet(ref.path / "manifest.parquet")}
 
 
+def _java_missing() -> bool:
+    return E.java_binary() is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
-@pytest.mark.parametrize("runner", ["local:2", "dask:2", "ray:2"])
-def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner):
+@pytest.mark.parametrize("runner,distributor", [
+    ("local:2", "pyspark"),  # img2dataset's distributors fetch (Spark local / Ray local), the runner maps parts
+    ("dask:2", "multiprocessing"),
+    ("ray:2", "ray"),
+])
+def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner, distributor):
+    """The reference fetched with img2dataset's multiprocessing distributor and ran every map step in one
+    process; here the map steps run on another runner and the fetch on another distributor: the same
+    dataset id (the distributor and the runner are execution knobs), shard bytes, accounting, manifest."""
     import shutil
 
     from imagegen import curate as C
     from imagegen.presets import CURATE_PRESETS, build_config
 
-    if runner.startswith("ray"):
+    if "ray" in (runner.split(":")[0], distributor):
         pytest.importorskip("ray")
+    if distributor == "pyspark":
+        pytest.importorskip("pyspark")
+        if _java_missing():
+            pytest.skip("download.distributor=pyspark needs a Java runtime: " + E.JAVA_HINT)
     root1, port, ref1 = one_process_run
     assert ref1.card["counts"]["download"]["parts"] >= 3
+    assert ref1.card["counts"]["download"]["distributor"]["kind"] == "multiprocessing"
     root = tmp_path / "root"
     # the world and its reference CLIP are content-addressed and independent of the runner: reuse them
     shutil.copytree(root1 / "models", root / "models")
     shutil.copytree(root1 / "stages" / "world", root / "stages" / "world")
-    cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", [*_E2E, f"source.world_port={port}", f"runner={runner}"])
+    cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", [*_E2E, f"source.world_port={port}", f"runner={runner}",
+                                                                   f"download.distributor={distributor}"])
     log: list[tuple[str, bool]] = []
     ref = C.curate(cfg, root, progress=lambda st, r: log.append((st, r.cached)))
     assert dict(log)["download"] is False and dict(log)["filter"] is False  # really recomputed here
+    engine = ref.card["counts"]["download"]["distributor"]  # what really fetched: an engine started for it
+    assert engine["kind"] == distributor
+    if distributor == "ray":
+        assert engine["started_here"] and engine["cpus"] == 1 and engine["nodes"] == 1
+    if distributor == "pyspark":
+        assert engine["started_here"] and engine["master"] == "local[1]"
     a, b = _fingerprint(ref1), _fingerprint(ref)
     assert a["id"] == b["id"]  # same dataset id
     assert a["shards"] == b["shards"]  # same shard bytes (sha256 per shard)
