@@ -20,8 +20,8 @@ Face cache, safetensors only), sampled with its own scheduler (``sampler="pipeli
 ``"pipeline:<SchedulerClass>"``) or the project's samplers, at ``resolution``, with LoRA adapters
 ``loras=["PATH[:SCALE]"]``.
 
-Editing and control (SDEdit, inpainting / outpainting, the inversion edit, ControlNet, a LoRA
-adapter, a textual-inversion embedding) are request fields too, for runs of this project;
+Editing and control (SDEdit, inpainting / outpainting, the inversion edit, ControlNet, LoRA
+adapters, textual-inversion embeddings) are request fields too, for runs of this project;
 imagegen/sample_edit.py checks their files before any work and makes each batch's call.
 
 """
@@ -77,9 +77,9 @@ class SampleRequest(BaseModel):
     steps: int | None = Field(None, ge=1, le=10_000, description="Sampler steps (None = the family's default)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds every image's noise")
     n: int = Field(4, ge=1, le=1024, description="Images per prompt (unconditional runs: images in all)")
-    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE]: safetensors for "
-                             "diffusers models (repeatable); for a run, one peft adapter folder made by "
-                             "models/lora.save_lora on its net")
+    loras: list[str] = Field(default_factory=list, description="LoRA adapters PATH[:SCALE], merged at their "
+                             "scales: safetensors for diffusers models; for a run, peft adapter folders made by "
+                             "models/lora.save_lora on its net or run:<id> of a personalize LoRA run of it")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = the "
                                    "pipeline's default)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
@@ -112,7 +112,16 @@ class SampleRequest(BaseModel):
                                  ".npy [C, H, W] for any signal)")
     controlnet: str | None = Field(None, description="A ControlNet run trained on run (or give the ControlNet run "
                                    "as run); for a diffusers model, a diffusers ControlNetModel folder")
-    embedding: str | None = Field(None, description="Textual-inversion embedding (learned_embeds.safetensors)")
+    embedding: list[str] | None = Field(None, description="Textual-inversion embeddings, one new token each: "
+                                        "learned_embeds.safetensors files, or run:<id> of a personalize "
+                                        "textual-inversion run")
+
+    @field_validator("embedding", mode="before")
+    @classmethod
+    def _embeddings(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]  # one embedding (the field took a single path before)
+        return v or None
 
     @field_validator("strength")
     @classmethod
@@ -522,8 +531,9 @@ def add_sample_parser(sub: Any) -> None:
     sp.add_argument("--seed", type=int, help="seed (default 0)")
     sp.add_argument("--n", type=int, help="images per prompt (default 4)")
     sp.add_argument("--lora", dest="loras", action="append", default=[], metavar="PATH[:SCALE]",
-                    help="LoRA adapter: safetensors for diffusers models (repeatable); for a run, a peft "
-                    "adapter folder made by models/lora.save_lora on its net")
+                    help="LoRA adapter (repeatable; merged at their scales): safetensors for diffusers models; "
+                    "for a run, a peft adapter folder made by models/lora.save_lora on its net, or run:<id> of a "
+                    "personalize LoRA run of it")
     sp.add_argument("--resolution", type=int, help="diffusers models: image side (default: the pipeline's)")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
@@ -549,7 +559,9 @@ def add_sample_parser(sub: Any) -> None:
     ed.add_argument("--control-is-map", action="store_true",
                     help="--control is the map itself (grayscale image for Canny, .npy [C, H, W] for any signal)")
     ed.add_argument("--controlnet", metavar="RUN", help="a ControlNet run trained on --run")
-    ed.add_argument("--embedding", metavar="FILE", help="textual-inversion embedding (learned_embeds.safetensors)")
+    ed.add_argument("--embedding", action="append", metavar="FILE",
+                    help="textual-inversion embedding (learned_embeds.safetensors, or run:<id> of a personalize "
+                    "textual-inversion run; repeatable)")
 
 
 def _margins(text: str) -> list[int]:
@@ -562,14 +574,14 @@ def _margins(text: str) -> list[int]:
     return vals
 
 
-_PATH_FIELDS = ("prompts_file", "out", "init_image", "mask", "control", "embedding")
+_PATH_FIELDS = ("prompts_file", "out", "init_image", "mask", "control")
 
 
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     data: dict[str, Any] = {}
     for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
                   "output_size", "watermark", "device", "resolution", "init_image", "strength", "mask", "outpaint",
-                  "resample", "source_prompt", "control", "control_scale", "controlnet", "embedding"):
+                  "resample", "source_prompt", "control", "control_scale", "controlnet"):
         v = getattr(args, field, None)
         if v is not None:
             data[field] = str(Path(v).resolve()) if field in _PATH_FIELDS else v
@@ -582,8 +594,11 @@ def request_from_args(args: argparse.Namespace) -> SampleRequest:
     loras = []
     for spec in args.loras:
         path, scale = parse_lora(spec)
-        loras.append(f"{path.resolve()}:{scale:g}" if spec != str(path) else str(path.resolve()))
+        where = str(path) if str(path).startswith("run:") else str(path.resolve())  # run:<id> is no path
+        loras.append(f"{where}:{scale:g}" if spec != str(path) else where)
     data["loras"] = loras
+    if getattr(args, "embedding", None):
+        data["embedding"] = [e if e.startswith("run:") else str(Path(e).resolve()) for e in args.embedding]
     return SampleRequest(**data)
 
 

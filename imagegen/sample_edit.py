@@ -18,9 +18,11 @@ Modes, from the request's fields (imagegen/sample.py's SampleRequest):
   or the map itself with ``control_is_map``: a grayscale image for Canny, a ``.npy`` [C, H, W]
   for any signal), with a ControlNet run as ``run`` or ``controlnet`` over ``run`` (its base);
   combines with every mode above except the trained inpainting family;
-* **LoRA** (``loras`` = ["PATH[:SCALE]"]: peft adapter folders written by models/lora.save_lora
-  on the project's nets) and a **textual-inversion** embedding (``embedding`` =
-  learned_embeds.safetensors of models/personalize.py).
+* **LoRA** (``loras`` = ["PATH[:SCALE]", ...]: peft adapter folders written by models/lora.save_lora
+  on the project's nets, or ``run:<id>`` of a personalize LoRA run of this run; several are merged
+  at their scales) and **textual-inversion** embeddings (``embedding`` = [learned_embeds.safetensors
+  of models/personalize.py, or ``run:<id>`` of a personalize textual-inversion run, ...]; one new
+  token each, all active at once).
 
 Every input file is identified by its sha256 in the sample id and the PNG parameters chunk.
 """
@@ -77,6 +79,38 @@ def pixel_size(family: str, model: dict[str, Any]) -> int:
             raise EditInputError("a latent run without an autoencoder cannot edit images")
         return int(_state_config(ae).get("model", {}).get("image_size", 0))
     return int(model.get("image_size", 0))
+
+
+def _net_weight_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
+    """{module: weight shape} of a checkpoint's denoiser net (``model/net.*.weight``), from the
+    safetensors header alone."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(Path(ckpt) / "tensors.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith("model/net.") and k.endswith(".weight"):
+                out[k[len("model/net."):-len(".weight")]] = tuple(f.get_slice(k).get_shape())
+    return out
+
+
+def _ema_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as load_family takes them: EMA shadows where present, else raw."""
+    raw = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    if meta.get("has_ema"):
+        raw.update({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
+    return raw
+
+
+def _same_checkpoint(a: Path, b: Path) -> bool:
+    """Two checkpoint folders are the same one (path, or recorded tensors sha256)."""
+    if a.resolve() == b.resolve():
+        return True
+    sha = []
+    for p in (a, b):
+        st = p / "state.json"
+        sha.append(json.loads(st.read_text()).get("tensors_sha256") if st.is_file() else None)
+    return sha[0] is not None and sha[0] == sha[1]
 
 
 def _open_image(path: str, what: str) -> Image.Image:
@@ -229,30 +263,22 @@ class EditPlan:
             self.control = self._control(req, side, where)
             self.inputs["control"] = _file_id(req.control)
 
-        # LoRA adapters and the embedding
+        # LoRA adapters and the embeddings
         self.loras: list[dict[str, Any]] = []
-        for spec in req.loras:
-            path, scale = parse_lora(spec)
-            if path.is_file():
-                raise EditInputError(f"LoRA {path}: a single-file adapter (diffusers / kohya safetensors) applies to "
-                                     "diffusers models; a run of this project takes a peft adapter folder "
-                                     f"({LORA_CONFIG} + {LORA_WEIGHTS}) written by models/lora.save_lora")
-            if not path.is_dir():
-                raise EditInputError(f"LoRA adapter {path} does not exist")
-            if not (path / LORA_CONFIG).is_file() or not (path / LORA_WEIGHTS).is_file():
-                raise EditInputError(f"LoRA adapter {path} is not a peft adapter folder (needs {LORA_CONFIG} and "
-                                     f"{LORA_WEIGHTS})")
-            if not -10.0 <= scale <= 10.0:
-                raise EditInputError(f"LoRA {spec!r}: scale {scale} is outside [-10, 10]")
-            self.loras.append({"spec": spec, "path": str(path.resolve()), "scale": scale,
-                               "sha256": file_sha256(path / LORA_WEIGHTS)})
-        if len(self.loras) > 1:
-            raise EditInputError(f"{len(self.loras)} LoRA adapters: a run of this project takes one adapter at a time "
-                                 "(merge them into one, or into a run)")
-        self.embedding = None
-        if req.embedding is not None:
-            self.embedding = self._embedding(req, prep)
-            self.inputs["embedding"] = {**_file_id(self.embedding["path"]), "token": self.embedding["token"]}
+        self.lora_sources: list[Any] = []
+        if req.loras:
+            self._loras(req, prep, fam_name, model)
+        self.embeddings: list[dict[str, Any]] = []
+        self._embedding_set = None
+        for spec in req.embedding or ():
+            self.embeddings.append(self._embedding(spec, prep))
+        if self.embeddings:
+            self.inputs["embedding"] = [{k: v for k, v in e.items() if k not in ("path", "vector", "spec")}
+                                        for e in self.embeddings]
+            tokens = [e["token"] for e in self.embeddings]
+            dup = sorted({t for t in tokens if tokens.count(t) > 1})
+            if dup:
+                raise EditInputError(f"embeddings {req.embedding}: the token {dup[0]!r} is defined more than once")
 
     # ------------------------------------------------------------------ checks
 
@@ -300,29 +326,126 @@ class EditPlan:
                                  f"as a .npy array [{ch}, {side}, {side}] (an image holds one channel)")
         return torch.from_numpy(np.where(np.asarray(im.convert("L")) > 127, 1.0, -1.0).astype(np.float32))[None, None]
 
-    def _embedding(self, req: Any, prep: Any) -> dict[str, Any]:
+    def _loras(self, req: Any, prep: Any, fam_name: str, model: dict[str, Any]) -> None:
+        """Each ``PATH[:SCALE]``: a peft adapter folder, or ``run:<id>`` of a personalize LoRA run of
+        this run; read, and checked against the net's weight shapes (from the checkpoint header)."""
+        from models.lora import LoraError, LoraSource, check_lora_fits
+
+        if fam_name == "personalize":
+            raise EditInputError(f"run {prep.run.id} is a personalize run: give its base as run and this run as "
+                                 f"lora=run:{prep.run.id} (or embedding=run:{prep.run.id} for textual inversion), "
+                                 "with any other adapters")
+        target = Path(model["base"]) if fam_name == "controlnet" else Path(prep.run.checkpoint)
+        shapes = _net_weight_shapes(target)
+        if not shapes:
+            raise EditInputError(f"LoRA: run {prep.run.id} is a {fam_name!r} run without a denoiser net to adapt")
+        for spec in req.loras:
+            path, scale = parse_lora(spec)
+            if not -10.0 <= scale <= 10.0:
+                raise EditInputError(f"LoRA {spec!r}: scale {scale} is outside [-10, 10]")
+            if str(path).startswith("run:"):
+                src, rec = self._personalize_lora(str(path)[4:], prep, target)
+            else:
+                if path.is_file():
+                    raise EditInputError(f"LoRA {path}: a single-file adapter (diffusers / kohya safetensors) applies "
+                                         "to diffusers models; a run of this project takes a peft adapter folder "
+                                         f"({LORA_CONFIG} + {LORA_WEIGHTS}) written by models/lora.save_lora, or "
+                                         "run:<id> of a personalize LoRA run")
+                if not path.is_dir():
+                    raise EditInputError(f"LoRA adapter {path} does not exist")
+                if not (path / LORA_CONFIG).is_file() or not (path / LORA_WEIGHTS).is_file():
+                    raise EditInputError(f"LoRA adapter {path} is not a peft adapter folder (needs {LORA_CONFIG} and "
+                                         f"{LORA_WEIGHTS})")
+                try:
+                    src = LoraSource.from_folder(path)
+                except (LoraError, ValueError, KeyError) as exc:
+                    raise EditInputError(f"LoRA adapter {path}: {exc}") from None
+                rec = {"path": str(path.resolve()), "sha256": file_sha256(path / LORA_WEIGHTS)}
+            try:
+                check_lora_fits(src, shapes, f"run {prep.run.id}'s net")
+            except LoraError as exc:
+                raise EditInputError(str(exc)) from None
+            self.loras.append({"spec": spec, "scale": scale, **rec})
+            self.lora_sources.append(src)
+
+    def _personalize(self, run_id: str, prep: Any, method: str, what: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """A finished personalize run of ``method`` named by ``what=run:<id>``: (run, its model config,
+        the record of its checkpoint)."""
+        from imagegen.train.runs import get_run
+        from models.checkpoint import verify_checkpoint
+
+        try:
+            ref = get_run(prep.root, run_id)
+        except (LookupError, ValueError) as exc:
+            raise EditInputError(f"{what}=run:{run_id}: {exc}") from None
+        if ref.checkpoint is None:
+            raise EditInputError(f"{what}=run:{run_id}: run {ref.id} has no checkpoint yet")
+        meta = verify_checkpoint(Path(ref.checkpoint))
+        cfg = meta.get("config", {})
+        fam, m = cfg.get("family"), cfg.get("model", {})
+        if fam != "personalize" or m.get("method") != method:
+            kind = f"a personalize {m.get('method')!r} run" if fam == "personalize" else f"a {fam!r} run"
+            hint = {"dreambooth": f"(its whole net trained: sample it as run={ref.id})",
+                    "lora": f"(give it as lora=run:{ref.id})",
+                    "textual_inversion": f"(give it as embedding=run:{ref.id})"}.get(m.get("method"), "")
+            raise EditInputError(f"{what}=run:{run_id}: run {ref.id} is {kind}, not a personalize {method!r} run "
+                                 f"{hint}".rstrip())
+        rec = {"run": ref.id, "checkpoint_step": int(meta["step"]), "sha256": meta["tensors_sha256"]}
+        return ref, m, rec
+
+    def _personalize_lora(self, run_id: str, prep: Any, target: Path) -> tuple[Any, dict[str, Any]]:
+        from models.checkpoint import read_checkpoint
+        from models.lora import LoraSource
+
+        ref, m, rec = self._personalize(run_id, prep, "lora", "lora")
+        base = Path(str(m.get("base", "")))
+        if not _same_checkpoint(base, target):
+            raise EditInputError(f"lora=run:{run_id}: personalize run {ref.id} adapted the base checkpoint {base}, not "
+                                 f"run {prep.run.id}'s {target} (another base run or another step); sample it over "
+                                 "its own base")
+        tensors, meta = read_checkpoint(Path(ref.checkpoint))
+        rank = int(m.get("lora_rank", 4))
+        state = _ema_state(tensors, meta)
+        src = LoraSource.from_state(state, "inner.net.", rank, float(m.get("lora_alpha") or rank),
+                                    m.get("lora_targets", "default"), f"run:{ref.id}")
+        return src, rec
+
+    def _embedding(self, spec_text: str, prep: Any) -> dict[str, Any]:
         from safetensors import safe_open
 
-        p = Path(req.embedding)
-        p = p / "learned_embeds.safetensors" if p.is_dir() else p
-        if not p.is_file():
-            raise EditInputError(f"embedding {p} does not exist")
-        if p.suffix != ".safetensors":
-            raise EditInputError(f"embedding {p}: only safetensors embeddings are read (learned_embeds.safetensors)")
         if prep.cond_kind != "text":
-            raise EditInputError(f"embedding {p}: a textual-inversion embedding needs a text-conditioned run; "
+            raise EditInputError(f"embedding {spec_text}: a textual-inversion embedding needs a text-conditioned run; "
                                  f"run {prep.run.id} is {prep.cond_kind}-conditioned")
-        with safe_open(str(p), framework="pt") as f:
-            keys, meta = list(f.keys()), f.metadata() or {}
-        if len(keys) != 1:
-            raise EditInputError(f"embedding {p} holds {len(keys)} tensors; expected one (token -> vector)")
         # the checkpoint's own config names the resolved encoder (the run card may hold an alias such as 'world')
         spec = str(_state_config(prep.run.checkpoint).get("model", {}).get("text_encoder"))
-        theirs = meta.get("text_encoder")
+        if spec_text.startswith("run:"):
+            from models.checkpoint import read_checkpoint
+
+            ref, m, rec = self._personalize(spec_text[4:], prep, "textual_inversion", "embedding")
+            tensors, meta = read_checkpoint(Path(ref.checkpoint))
+            vec = _ema_state(tensors, meta).get("ti.embedding")
+            if vec is None:
+                raise EditInputError(f"embedding {spec_text}: run {ref.id}'s checkpoint holds no ti.embedding")
+            theirs = m.get("text_encoder")
+            token = str(m.get("placeholder", "sks"))
+        else:
+            p = Path(spec_text)
+            p = p / "learned_embeds.safetensors" if p.is_dir() else p
+            if not p.is_file():
+                raise EditInputError(f"embedding {p} does not exist")
+            if p.suffix != ".safetensors":
+                raise EditInputError(f"embedding {p}: only safetensors embeddings are read (learned_embeds.safetensors)")
+            with safe_open(str(p), framework="pt") as f:
+                keys, meta = list(f.keys()), f.metadata() or {}
+                if len(keys) != 1:
+                    raise EditInputError(f"embedding {p} holds {len(keys)} tensors; expected one (token -> vector)")
+                vec = f.get_tensor(keys[0])
+            theirs, token = meta.get("text_encoder"), keys[0]
+            rec = {**_file_id(str(p)), "path": str(p.resolve())}
         if theirs is not None and theirs != spec:
-            raise EditInputError(f"embedding {p} was learned for the text encoder {theirs!r}; run {prep.run.id} "
+            raise EditInputError(f"embedding {spec_text} was learned for the text encoder {theirs!r}; run {prep.run.id} "
                                  f"uses {spec!r}")
-        return {"path": str(p.resolve()), "token": keys[0], "spec": spec}
+        return {**rec, "token": token, "spec": spec, "vector": vec.reshape(-1)}
 
     # ------------------------------------------------------------------ records
 
@@ -360,16 +483,11 @@ class EditPlan:
                                 "tensors_sha256": meta["tensors_sha256"]}
         else:
             fam = load_family(prep.run.checkpoint, device=device)
-        if self.loras:
-            from models.lora import load_lora, lora_layers, merge_lora
+        if self.lora_sources:
+            from models.lora import apply_loras
 
             target = fam.base if hasattr(fam, "controlled") else fam
-            spec = self.loras[0]
-            load_lora(target, spec["path"])
-            for layer in lora_layers(target.net):
-                for name in layer.active_adapters:
-                    layer.set_scale(name, spec["scale"])
-            merge_lora(target)
+            apply_loras(target, [(src, lo["scale"]) for src, lo in zip(self.lora_sources, self.loras)])
             target.to(device).eval().requires_grad_(False)
         if self.control is not None:
             c = self.control.to(fam.device)
@@ -384,11 +502,14 @@ class EditPlan:
 
     def context(self, fam: Any) -> ExitStack:
         stack = ExitStack()
-        if self.embedding is not None:
-            from models.personalize import TextualInversion
+        if self.embeddings:
+            from models.personalize import EmbeddingSet
 
-            ti = TextualInversion.load(self.embedding["path"], self.embedding["spec"], device=fam.device)
-            stack.enter_context(ti.active(self.text_family(fam)))
+            if self._embedding_set is None:
+                self._embedding_set = EmbeddingSet(self.embeddings[0]["spec"], [
+                    (e["token"], e["vector"], e.get("file") or f"run:{e.get('run')}") for e in self.embeddings],
+                    device=fam.device)
+            stack.enter_context(self._embedding_set.active(self.text_family(fam)))
         return stack
 
     # ------------------------------------------------------------------ one batch

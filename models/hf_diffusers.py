@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -268,7 +269,9 @@ class DiffusersModel:
         f = lora_file(path)
         name = f"lora{len(self.loras)}"
         try:
-            self.pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=name)
+            with warnings.catch_warnings():  # peft warns that a second adapter joins the first: as meant
+                warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+                self.pipe.load_lora_weights(str(f.parent), weight_name=f.name, adapter_name=name)
         except (RuntimeError, ValueError, KeyError) as exc:
             msg = str(exc)
             if "size mismatch" in msg or "shape" in msg:

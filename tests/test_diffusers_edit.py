@@ -124,3 +124,40 @@ def test_imagegen_sample_edits_a_diffusers_model(tiny, tmp_path):
         sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(r)), tmp_path / "root")
     with pytest.raises(ValueError, match="invert.*diffusers"):
         SampleRequest(**base, init_image=str(r / "init.png"), invert=True)
+
+
+def test_two_loras_equal_merging_them_by_hand(tiny, tmp_path):
+    """Two diffusers adapters at scales (a, b) through set_adapters = the UNet with a B1 A1 + b B2 A2
+    added to its weights by hand; scales 0 = the base; recorded in the PNG."""
+    from _diffusers_tiny import random_unet_lora
+    from safetensors.torch import load_file
+
+    from imagegen.sample import SampleRequest, read_parameters, sample
+    from models.hf_diffusers import DiffusersModel
+
+    f1 = random_unet_lora(tiny["pipe"], tmp_path / "l1", seed=1)
+    f2 = random_unet_lora(tiny["pipe"], tmp_path / "l2", rank=2, seed=2)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kw = {"steps": 3, "x_T": x}
+    both = DiffusersModel(tiny["spec"], loras=[f"{f1}:0.6", f"{f2}:-1.2"])
+    ours = both.sample(1, ["a cat"], **kw)
+    hand = DiffusersModel(tiny["spec"])
+    base = hand.sample(1, ["a cat"], **kw)
+    weights = dict(hand.net.named_parameters())
+    for f, scale in ((f1, 0.6), (f2, -1.2)):
+        sd = load_file(str(f))
+        for k in sd:
+            if ".lora_A." in k:  # unet.<module>.lora_A.weight; alpha = rank
+                mod = k[len("unet."):].rsplit(".lora_A.", 1)[0]
+                with torch.no_grad():
+                    weights[mod + ".weight"].add_(scale * sd[k.replace(".lora_A.", ".lora_B.")] @ sd[k])
+    ref = hand.sample(1, ["a cat"], **kw)
+    assert float((ref - base).abs().max()) > 1e-3  # the adapters act
+    assert torch.allclose(ours, ref, atol=1e-4)
+    zero = DiffusersModel(tiny["spec"], loras=[f"{f1}:0", f"{f2}:0"]).sample(1, ["a cat"], **kw)
+    assert torch.allclose(zero, base, atol=1e-6)
+    res = sample(SampleRequest(model=tiny["spec"], prompts=["a cat"], n=1, steps=2, loras=[f"{f1}:0.6", f"{f2}:-1.2"],
+                               out=str(tmp_path / "s")), tmp_path / "root")
+    p = read_parameters(res["files"][0])
+    assert p["loras"] == [f"{f1}:0.6", f"{f2}:-1.2"]
+    assert [d["scale"] for d in p["model"]["loras"]] == [0.6, -1.2] and p["model"]["loras"][1]["file"] == str(f2)

@@ -160,31 +160,67 @@ def test_refusals_before_any_work(edit_root, tmp_path):
     assert not out.exists()
 
 
-def test_lora_and_embedding(edit_root, tmp_path):
+def _adapter(root: Path, run: str, folder: Path, seed: int, rank: int = 2, targets=None) -> Path:
     from imagegen.train.runs import get_run
     from models.checkpoint import load_family
     from models.lora import add_lora, save_lora
+
+    fam = load_family(get_run(root, run).checkpoint)
+    add_lora(fam, rank=rank, targets=targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in fam.net.named_parameters():
+            if "lora_B" in name:
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+    return save_lora(fam, folder)
+
+
+def test_lora_and_embedding(edit_root, tmp_path):
+    from imagegen.sample import Prepared
+    from imagegen.train.runs import get_run
+    from models.checkpoint import load_family
     from models.personalize import TextualInversion
 
     root, run, init = edit_root
     fam = load_family(get_run(root, run).checkpoint)
-    add_lora(fam, rank=2)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, prm in fam.net.named_parameters():
-            if "lora_B" in name:
-                prm.normal_(0, 0.3)
-    folder = save_lora(fam, tmp_path / "adapter")
+    folder = _adapter(root, run, tmp_path / "adapter", seed=0)
+    other = _adapter(root, run, tmp_path / "adapter2", seed=1, rank=3, targets=["qkv", "emb_proj"])
     base = {"run": run, "prompts": ["a sks circle"], "n": 1, "steps": 3}
     plain = sample(SampleRequest(**base, out=str(tmp_path / "plain")), root)
-    off = sample(SampleRequest(**base, loras=[f"{folder}:0"], out=str(tmp_path / "off")), root)
-    on = sample(SampleRequest(**base, loras=[f"{folder}:1.5"], out=str(tmp_path / "on")), root)
+    off = sample(SampleRequest(**base, loras=[f"{folder}:0", f"{other}:0"], out=str(tmp_path / "off")), root)
+    on = sample(SampleRequest(**base, loras=[f"{folder}:1.5", f"{other}:-0.5"], out=str(tmp_path / "on")), root)
     assert np.abs(_px(off["files"][0]).astype(int) - _px(plain["files"][0]).astype(int)).max() <= 1
     assert not np.array_equal(_px(on["files"][0]), _px(plain["files"][0]))
     lo = read_parameters(on["files"][0])["loras"]
-    assert lo[0]["scale"] == 1.5 and len(lo[0]["sha256"]) == 64
-    with pytest.raises(SampleError, match="one adapter at a time"):
-        sample(SampleRequest(**base, loras=[str(folder), str(folder)]), root)
+    assert [d["scale"] for d in lo] == [1.5, -0.5] and all(len(d["sha256"]) == 64 for d in lo)
+    assert lo[0]["spec"] == f"{folder}:1.5" and "path" not in lo[0]
+    # the two adapters at (1.5, -0.5): the run's weights plus 1.5 B1 A1 - 0.5 B2 A2, merged by hand
+    from safetensors.torch import load_file
+
+    prep = Prepared(SampleRequest(**base, loras=[f"{folder}:1.5", f"{other}:-0.5"]), root)
+    merged = {k.replace(".base_layer", ""): v for k, v in prep.edit.load(prep, "cpu").net.state_dict().items()
+              if "lora_" not in k}
+    want = {k: v.clone() for k, v in fam.net.state_dict().items()}
+    for f, scale in ((folder, 1.5), (other, -0.5)):
+        sd = load_file(str(f / "adapter_model.safetensors"))
+        for k in sd:
+            if ".lora_A." in k:
+                mod = k[len("base_model.model."):].rsplit(".lora_A.", 1)[0]
+                want[mod + ".weight"] += scale * sd[k.replace(".lora_A.", ".lora_B.")] @ sd[k]  # alpha = r
+    assert merged.keys() == want.keys()
+    assert all(torch.allclose(merged[k], want[k], atol=1e-6) for k in want)
+    assert any(not torch.equal(want[k], v) for k, v in fam.net.state_dict().items())
+    # an adapter for another base: the first mismatched tensor named, before any model is built
+    from _helpers import random_family
+
+    wide = random_family("flow", {**TINY_UNET, "net_overrides": {**TINY_UNET["net_overrides"], "model_channels": 32}})
+    from models.lora import add_lora, save_lora
+
+    add_lora(wide, rank=2)
+    alien = save_lora(wide, tmp_path / "alien")
+    with pytest.raises(SampleError, match=r"does not fit run \S+'s net: shape mismatch: \S+lora_[AB]\.weight is \[\d+, "
+                                          r"\d+\] in the adapter but run \S+'s net needs \[\d+, \d+\]"):
+        Prepared(SampleRequest(**base, loras=[str(folder), str(alien)]), root)
 
     spec = str(fam.cfg.text_encoder)
     ti = TextualInversion(spec, "sks")
@@ -193,11 +229,9 @@ def test_lora_and_embedding(edit_root, tmp_path):
     emb = ti.save(tmp_path / "ti")
     req = SampleRequest(**base, embedding=str(emb), out=str(tmp_path / "ti-out"))
     with_ti = sample(req, root)
-    assert read_parameters(with_ti["files"][0])["embedding"]["token"] == "sks"
+    assert read_parameters(with_ti["files"][0])["embedding"][0]["token"] == "sks"
     assert with_ti["sample_id"] != plain["sample_id"]
     # (a 2-step run barely listens to its prompt: the embedding is checked where it acts, the condition)
-    from imagegen.sample import Prepared
-
     prep = Prepared(req, root)
     f2 = prep.edit.load(prep, "cpu")
     before = f2.condition_from(["a sks circle"], 1, "test")["pooled"]
@@ -206,6 +240,20 @@ def test_lora_and_embedding(edit_root, tmp_path):
         other = f2.condition_from(["a red circle"], 1, "test")["pooled"]
     assert not torch.allclose(before, during)
     assert torch.equal(other, f2.condition_from(["a red circle"], 1, "test")["pooled"])
+    # two embeddings at once (one token each): each acts where its token occurs; a token defined twice is refused
+    ti2 = TextualInversion(spec, "star")
+    with torch.no_grad():
+        ti2.embedding.normal_(0, 1.0)
+    emb2 = ti2.save(tmp_path / "ti2")
+    prep = Prepared(SampleRequest(**base, embedding=[str(emb), str(emb2)]), root)
+    assert [e["token"] for e in prep.edit.inputs["embedding"]] == ["sks", "star"]
+    with prep.edit.context(f2):
+        both = f2.condition_from(["a sks star"], 1, "test")["pooled"]
+    with Prepared(SampleRequest(**base, embedding=[str(emb)]), root).edit.context(f2):
+        one = f2.condition_from(["a sks star"], 1, "test")["pooled"]
+    assert not torch.allclose(both, one)
+    with pytest.raises(SampleError, match="'sks' is defined more than once"):
+        Prepared(SampleRequest(**base, embedding=[str(emb), str(emb)]), root)
     bad = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 

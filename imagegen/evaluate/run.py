@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imagegen.artifacts import read_card, write_json_atomic
+from imagegen.artifacts import read_card, sweep_stale, write_json_atomic
 from imagegen.evaluate import metrics as M
 from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.hashing import code_version, stable_hash
@@ -447,8 +447,35 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+BATCHES = ".batches"  # generate_set's per-batch records: <start>.json once that batch's images are on disk
+
+
+def _batch_done(out: Path, start: int, idx: list[int]) -> int | None:
+    """The NFE of batch ``start`` when a killed earlier run finished it (record and every image there)."""
+    rec = out / BATCHES / f"{start:06d}.json"
+    if not rec.is_file() or not all((out / f"{i:05d}.png").is_file() for i in idx):
+        return None
+    try:
+        got = json.loads(rec.read_text())
+    except ValueError:
+        return None
+    return int(got["nfe"]) if got.get("images") == len(idx) and got.get("nfe") is not None else None
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG under a temporary name, then rename: an image file on disk is always whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[str, Any]:
     """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete).
+
+    The folder is the evaluation's (named by its id), so a batch a killed run finished is the
+    same batch: every image is written whole (temporary name, rename), a record per batch
+    (``.batches/<start>.json``) follows its images, and a rerun keeps the recorded batches and
+    generates the rest (each batch depends only on its own seeds, see :func:`rank_batches`).
 
     Under torchrun (a process group initialised) each rank generates its range of batches
     (:func:`rank_batches`) into the shared folder, then one gather tells rank 0 what each rank
@@ -462,11 +489,20 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
     captions, cond = conditions(src, req.n_samples, req.seed)
     shape = fam.noise_shape
     out.mkdir(parents=True, exist_ok=True)
+    (out / BATCHES).mkdir(exist_ok=True)
+    if rank == 0:  # half-written images and records of a killed run
+        sweep_stale(out)
+        sweep_stale(out / BATCHES)
     t0 = time.time()
     nfe = None
+    kept = 0
     mine = rank_batches(req.n_samples, req.batch_size, rank, world)
     for start in mine:
         idx = list(range(start, min(req.n_samples, start + req.batch_size)))
+        had = _batch_done(out, start, idx)
+        if had is not None:
+            nfe, kept = had, kept + len(idx)
+            continue
         c = None if cond is None else (cond[start:idx[-1] + 1] if isinstance(cond, list) else cond)
         if isinstance(c, list) and c and isinstance(c[0], int):
             c = torch.tensor(c)
@@ -478,7 +514,8 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
         nfe = int(res.nfe)
         u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for j, i in enumerate(idx):
-            Image.fromarray(u8[j]).save(out / f"{i:05d}.png")
+            _save_png(Image.fromarray(u8[j]), out / f"{i:05d}.png")
+        write_json_atomic(out / BATCHES / f"{start:06d}.json", {"nfe": nfe, "images": len(idx)})
     if world > 1:
         import torch.distributed as dist
 
@@ -489,8 +526,8 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
             raise EvalError(f"distributed generation: the ranks made batches {made}, not every batch once")
         nfe = next((p["nfe"] for p in parts if p["nfe"] is not None), None)
         if rank != 0:
-            return {"nfe": nfe, "generated": sum(len(range(s, min(req.n_samples, s + req.batch_size))) for s in mine),
-                    "reused": False, "rank": rank, "world": world}
+            return {"nfe": nfe, "generated": sum(len(range(s, min(req.n_samples, s + req.batch_size))) for s in mine)
+                    - kept, "kept": kept, "reused": False, "rank": rank, "world": world}
     lines = [json.dumps({"file": f"{i:05d}.png", "caption": captions[i] if captions else None})
              for i in range(req.n_samples)]
     tmp = out / ".captions.jsonl.tmp"
@@ -498,7 +535,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
     info = {"nfe": nfe, "seconds": round(time.time() - t0, 3), "world_size": world}
     write_json_atomic(info_path, info)
     tmp.replace(done)  # written last: marks the set complete
-    return {**info, "generated": req.n_samples, "reused": False}
+    return {**info, "generated": req.n_samples - kept, "kept": kept, "reused": False}
 
 
 def reference_images(src: Source, size: int, n: int | None, seed: int) -> list[Path]:
@@ -803,6 +840,8 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
                 (card.get("metrics_file") is None or Path(card["metrics_file"]).is_file()):
             return {k: v for k, v in card.items() if k not in ("request", "identity")} | {"reused": True}  # type: ignore[return-value]
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, evals_dir(root) / "reference"):  # temporaries of a killed evaluation
+        sweep_stale(folder)
     t0 = time.time()
     base = {"eval_id": eval_id, "source": json.dumps(src.identity), "run_id": src.run.id if src.run else None,
             "family": src.train_cfg.family if src.train_cfg else ("diffusers" if src.diffusers else None),

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from imagegen.executors import StageRunner, map_step
 from imagegen.hashing import bytes_sha256, file_sha256, stable_hash
 from imagegen.retry_after import rate_limited, wait_before_retry
+from imagegen.stages.ledger import write_ledger
 
 log = logging.getLogger(__name__)
 
@@ -560,8 +561,9 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True, runner: str | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
-    Writes ``out_dir/ledger.parquet`` (one row per input row, ``url`` from ``record_url`` where
-    the table has one) and
+    Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
+    order, ``url`` from ``record_url`` where the table has one; read it with
+    :func:`imagegen.stages.ledger.read_ledger`) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
     caption), one image part per img2dataset part of the first pass (rows recovered by a retry
     pass go back to the part of their input row, so parts stay in key order).  Passes keep only
@@ -683,7 +685,7 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     for col in ("attempts", "original_width", "original_height", "width", "height"):
         ledger[col] = ledger[col].astype("Int64")
     ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
-    ledger.to_parquet(out_dir / "ledger.parquet", index=False)
+    write_ledger(out_dir, ledger, cfg.number_sample_per_shard)
 
     counts = summarize_ledger(ledger)
     counts["passes"] = passes
