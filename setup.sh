@@ -12,7 +12,7 @@ fi
 echo "setup: creating .venv with locked versions (constraints.txt)" >&2
 "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+.venv/bin/python -m pip install -q -c constraints.txt -e ".[test,spark]"
 # RapidOCR (the OCR filter; its ONNX models ship in the wheel) without its opencv-python requirement:
 # cv2 comes from opencv-python-headless, and a second cv2 build would overwrite it
 .venv/bin/python -m pip install -q -c constraints.txt --no-deps rapidocr-onnxruntime

@@ -9,10 +9,20 @@ recovery, time to recover against a clean run of the same request (all in this r
    each must end in ``accounting.parquet`` with an outcome.
 2. For each curate stage after the world: a fresh data root holding copies of the finished stages
    before it (what an earlier run would have left), a run killed with SIGKILL to its process group
-   a random moment into that stage, then a rerun; compared byte for byte with the reference.
-3. ``imagegen train`` killed at a random step and rerun, against an uninterrupted run: the last
-   checkpoint's tensors.
-4. Two concurrent runs of the same request on one data root.
+   a random moment after that stage starts writing its output (its temporary folder appears; at
+   most a quarter of its clean duration later), then a rerun; compared byte for byte with the
+   reference.  A kill that did not land mid-stage (exit not -SIGKILL, or the stage's output
+   complete) counts as not survived.
+3. ``imagegen train`` killed once a random checkpoint is on disk and rerun, against an
+   uninterrupted run: the last checkpoint's tensors (``imagegen.faultinject.train_drill``).
+4. ``imagegen distill`` (reflow) killed once its student has a random checkpoint, rerun, against
+   an uninterrupted distillation: pairs dataset, student tensors, NFE report (``distill_drill``).
+5. ``imagegen evaluate`` (FD + KID) killed once some of its images are on disk, rerun, against an
+   uninterrupted evaluation: every generated PNG, metric values and intervals (``evaluate_drill``).
+6. Two concurrent runs of the same request on one data root.
+
+"survived" for the drills of 3-5: the kill landed mid-work and the rerun ended on identical bytes,
+reusing what was complete (the checkpoint, the pairs, the finished image batches).
 
 Prints a markdown table and one JSON line.
 """
@@ -35,10 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 
 from imagegen import faultinject as F  # noqa: E402
-
-# where each stage keeps its output under a data root
-STAGE_DIRS = {"world": "stages/world", "reference_clip": "models/reference_clip", "download": "stages/download",
-              "dedup": "stages/dedup", "filter": "stages/filter", "recaption": "stages/recaption"}
 
 
 def _ok(o: F.Outcome) -> dict:
@@ -64,7 +70,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=12)
     ap.add_argument("--stages", default=",".join(F.CURATE_STAGES[1:]),
                     help="curate stages to kill in (comma-separated; default: every stage after the world)")
-    ap.add_argument("--no-train", action="store_true", help="skip the training drill")
+    ap.add_argument("--no-train", action="store_true", help="skip the training, distill and evaluate drills")
+    ap.add_argument("--no-distill", action="store_true", help="skip the distill drill")
+    ap.add_argument("--no-evaluate", action="store_true", help="skip the evaluate drill")
     ap.add_argument("--no-concurrent", action="store_true", help="skip the two concurrent runs")
     args = ap.parse_args()
     wanted = set(args.stages.split(",")) if args.stages else set()
@@ -78,6 +86,7 @@ def main() -> int:
     ref = _ok(clean)
     clean_s = time.perf_counter() - t0
     ref_digests = F.dataset_digests(ref["path"])
+    seconds = F.stage_seconds(clean_root)
     world_dir = next((clean_root / "stages" / "world").iterdir())
     truth = pd.read_parquet(world_dir / "truth.parquet")
     acc = pd.read_parquet(Path(ref["path"]) / "accounting.parquet")
@@ -92,19 +101,24 @@ def main() -> int:
             continue
         root = work / f"kill-{stage}"
         for done in F.CURATE_STAGES[:F.CURATE_STAGES.index(stage)]:
-            shutil.copytree(clean_root / STAGE_DIRS[done], root / STAGE_DIRS[done], dirs_exist_ok=True)
-        delay = F.random_delay(rng, 2.0 if stage in ("reference_clip", "download") else 0.3)
-        killed = F.run(F.curate_cmd(root), kill_after_line=f"[{before}]", delay=delay)
+            shutil.copytree(clean_root / F.STAGE_PARENTS[done], root / F.STAGE_PARENTS[done], dirs_exist_ok=True)
+        delay = F.random_delay(rng, 0.25 * seconds[stage])
+        killed, at_kill = F.kill_curate_in(root, stage, delay)
         t1 = time.perf_counter()
         res = _ok(F.run(F.curate_cmd(root)))
         rows.append({"fault": f"kill -9 curate in {stage} (+{delay:.2f} s)", "injected": 1,
-                     "survived": int(killed.killed and res["dataset_id"] == ref["dataset_id"]),
+                     "survived": int(killed.sigkilled and not at_kill["complete"]
+                                     and res["dataset_id"] == ref["dataset_id"]),
                      "rows_lost": rows_lost(ref, res), "bytes_differing": bytes_differing(ref_digests, res["path"]),
                      "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(clean_s, 1),
                      "leftovers": len(F.leftovers(root))})
 
     if not args.no_train:
-        train_drill(rows, rng, ref, clean_root, work)
+        teacher_root, teacher = train_drill(rows, rng, ref, clean_root, work)
+        if not args.no_distill:
+            drill_row(rows, F.distill_drill(teacher_root, teacher, work, rng))
+        if not args.no_evaluate:
+            drill_row(rows, F.evaluate_drill(teacher_root, teacher, work, rng))
     if not args.no_concurrent:
         concurrent_drill(rows, ref, ref_digests, clean_s, work)
     print_table(rows, clean_s, ref)
@@ -114,21 +128,25 @@ def main() -> int:
     return 0 if total["rows_lost"] == 0 and total["bytes_differing"] == 0 else 1
 
 
-def train_drill(rows: list[dict], rng: random.Random, ref: dict, clean_root: Path, work: Path) -> None:
-    t1 = time.perf_counter()
-    straight = _ok(F.run(F.train_cmd(clean_root, ref["dataset_id"], "train.seed=1")))
-    train_s = time.perf_counter() - t1
-    troot = work / "train"
-    shutil.copytree(clean_root, troot, ignore=shutil.ignore_patterns("runs"))
-    k = rng.randint(5, 18)
-    killed = F.run(F.train_cmd(troot, ref["dataset_id"], "train.seed=1"), kill_after_line=f"[train] step {k}/")
-    t1 = time.perf_counter()
-    resumed = _ok(F.run(F.train_cmd(troot, ref["dataset_id"], "train.seed=1")))
-    a, b = F.checkpoint_tensors(straight["run_dir"]), F.checkpoint_tensors(resumed["run_dir"])
-    rows.append({"fault": f"kill -9 train after step {k}", "injected": 1, "survived": int(killed.killed),
-                 "rows_lost": 0, "bytes_differing": sum(a.get(x) != b.get(x) for x in set(a) | set(b)),
-                 "recover_s": round(time.perf_counter() - t1, 1), "clean_s": round(train_s, 1),
-                 "leftovers": len(F.leftovers(troot / "runs"))})
+def train_drill(rows: list[dict], rng: random.Random, ref: dict, clean_root: Path, work: Path) -> tuple[Path, str]:
+    """The uninterrupted tiny training run (in a copy of the clean root: the teacher of the distill
+    and evaluate drills) and the kill-and-rerun drill against it; returns (teacher root, run id)."""
+    teacher_root = F.copy_root(clean_root, work / "teacher")
+    straight = F.run(F.train_cmd(teacher_root, ref["dataset_id"], "train.seed=1"))
+    res = _ok(straight)
+    drill_row(rows, F.train_drill(clean_root, ref["dataset_id"], res, straight.seconds, work, rng, "train.seed=1"))
+    return teacher_root, res["run_id"]
+
+
+def drill_row(rows: list[dict], d: F.Drill) -> None:
+    """A row of the table from a kill-and-rerun drill (rows lost: none of these stages drops input rows)."""
+    ok = d.killed.sigkilled and d.rerun.returncode == 0 and not d.differing and bool(d.reused) and all(d.reused.values())
+    if not ok:
+        print(f"{d.name}: rc {d.killed.returncode}, at kill {d.at_kill}, differing {d.differing[:5]}, "
+              f"reused {d.reused}\n{d.rerun.stderr[-2000:]}", file=sys.stderr)
+    rows.append({"fault": d.name, "injected": 1, "survived": int(ok), "rows_lost": 0,
+                 "bytes_differing": len(d.differing), "recover_s": round(d.recover_s, 1),
+                 "clean_s": round(d.clean_s, 1), "leftovers": len(d.leftovers)})
 
 
 def concurrent_drill(rows: list[dict], ref: dict, ref_digests: dict, clean_s: float, work: Path) -> None:

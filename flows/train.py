@@ -25,8 +25,8 @@ def train_flow(preset: Literal["smoke", "demo", "gpu"] | None = "smoke", request
     ``family``, ``steps``, ``nproc``) are applied over it.
     """
     logger = get_run_logger()
-    req = build_train_request(preset, request, overrides, dataset, family, steps, nproc)  # validated before any work
     root = resolve_root(data_root)
+    req = build_train_request(preset, request, overrides, dataset, family, steps, nproc, root=root)  # validated first
     summary = T.train.with_options(timeout_seconds=T.timeout_seconds(req))(req, str(root))
     publish_pages(train_pages(summary, req))
     logger.info("run %s on dataset %s: step %s, losses %s (%s)", summary["run_id"], summary["dataset_id"],

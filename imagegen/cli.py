@@ -6,6 +6,7 @@
     imagegen families
     imagegen runs list | show RUN_ID
     imagegen distill --teacher RUN [--method progressive|reflow|consistency] [--preset P] [--steps N] [--set target_steps=2 ...]
+    imagegen distill --teacher diffusers:PATH --dataset D [--steps N] [--set lora_rank=64 ...]   # LCM-LoRA
     imagegen evaluate (--run RUN | --folder DIR) [--preset P] [--metrics fid,kid,clipscore,geneval] [--set steps=8 ...]
     imagegen benchmark [--runs A,B | --families flow,reflow] [--dataset D] [--nfe 1,2,4,8] [--set n_samples=5000 ...]
     imagegen pipeline --preset smoke|demo|gpu [--set train.family=ddpm --set distill.method=null ...]
@@ -111,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true")
 
     di = sub.add_parser("distill", help="distil a finished training run into a few-step student, with an NFE report")
-    di.add_argument("--teacher", required=True, help="teacher: a finished training run id or unique prefix")
+    di.add_argument("--teacher", required=True, help="teacher: a finished training run id or unique prefix, or "
+                    "diffusers:PATH_OR_REPO_ID[@REVISION] (method lcm_lora)")
+    di.add_argument("--dataset", help="lcm_lora: the dataset of images and captions to distil on (= --set dataset=...)")
     di.add_argument("--method", choices=list(METHODS),
                     help="progressive (DDPM v-prediction teacher), reflow (flow teacher), consistency (EDM teacher), "
                     "dmd (flow teacher), ict (consistency training; the EDM run is data, network and reference); "
@@ -258,8 +261,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen.requests import build_train_request
 
     # validated before anything starts; the dataset and model checks come first in train_run
-    request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps, args.nproc)
     root = data_root(args.data_root)
+    request = build_train_request(args.preset, None, list(args.overrides), args.dataset, args.family, args.steps,
+                                  args.nproc, root=root)
     if args.no_prefect:
         from imagegen.train import runs
 
@@ -307,6 +311,8 @@ def cmd_distill(args: argparse.Namespace) -> dict[str, Any]:
     from imagegen.requests import natural_method
 
     named_steps = [f"steps={args.steps}"] if args.steps is not None else []
+    if args.dataset is not None:
+        named_steps.append(f"dataset={json.dumps(args.dataset)}")
     root = data_root(args.data_root)
     method = args.method or natural_method(root, args.teacher)
     request = build_request(None, args.teacher, method, [*args.overrides, *named_steps], preset=args.preset)

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -24,15 +23,17 @@ import imagegen.stages.dedup as dedup_mod
 import imagegen.stages.download as download_mod
 import imagegen.stages.filter as filter_mod
 import imagegen.stages.recaption as recaption_mod
-import imagegen.stages.shard as shard_mod
+import imagegen.stages.ledger as ledger_mod
+import imagegen.stages.shard_parts as shard_parts
 from imagegen.artifacts import is_complete, read_card, stage_output
-from imagegen.executors import check_runner, runner_spec
+from imagegen.executors import check_distributor, check_runner, runner_spec
 from imagegen.hashing import code_version, file_sha256, stable_hash
 from imagegen.paths import datasets_dir, ensure_writable, models_dir, stage_dir
 from imagegen.registry import DatasetRef, get_dataset, register_name
 from imagegen.stages.dedup import DedupConfig
 from imagegen.stages.download import DownloadConfig
 from imagegen.stages.filter import FilterConfig
+from imagegen.stages.ledger import read_ledger
 from imagegen.stages.recaption import RecaptionConfig
 from imagegen.stages.shard import ShardConfig
 from imagegen.world.publish import PublishConfig
@@ -45,11 +46,11 @@ log = logging.getLogger(__name__)
 # order; user filters' and captioners' own modules are added by stage_code).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "world": ("imagegen.world.scene", "imagegen.world.publish"),
-    "download": ("imagegen.stages.download",),
+    "download": ("imagegen.stages.download", "imagegen.stages.ledger"),
     "dedup": ("imagegen.stages.dedup", "imagegen.mih"),
     "filter": ("imagegen.stages.filter",),
     "recaption": ("imagegen.stages.recaption", "imagegen.world.detector"),
-    "shard": ("imagegen.stages.shard",),
+    "shard": ("imagegen.stages.shard", "imagegen.stages.shard_parts"),
 }
 
 
@@ -79,7 +80,7 @@ def stage_code(stage: str, cfg: BaseModel | None = None) -> str:
 
 # Fields that change how fast a stage runs, never what it produces: left out of stage ids.
 EXECUTION_FIELDS = {
-    "download": {"processes_count", "thread_count", "distributor", "runner"},
+    "download": {"processes_count", "thread_count", "distributor", "distributor_address", "runner"},
     "dedup": {"processes", "batch_rows", "runner", "semantic_batch_size"},
     "filter": {"runner"},
     "recaption": {"batch_size", "device"},
@@ -273,7 +274,7 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
             append = download_mod.read_url_list(cfg.append_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
         card["parent"] = {"dataset": cfg.parent, "download": parent_dir.name}
         if source.kind == "url_list":
-            urls = pd.read_parquet(parent_dir / "ledger.parquet", columns=["row_id", "url", "caption"])
+            urls = read_ledger(parent_dir, ["row_id", "url", "caption"])
             return incremental.run_incremental_download(parent_dir, urls, append, cfg, tmp, runner=cfg.runner)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
@@ -305,9 +306,12 @@ def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: Stage
     (``clip``: the world's reference CLIP, for ``semantic_model='world'``)."""
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        counts = dedup_mod.run_dedup(d / "images", d / "ledger.parquet", cfg, tmp / "dedup.parquet",
+        # run_dedup takes one ledger file: the columns it reads, streamed from the ledger's part files
+        led = ledger_mod.compact_copy(d, dedup_mod.LEDGER_COLUMNS, tmp / "_ledger" / "ledger.parquet")
+        counts = dedup_mod.run_dedup(d / "images", led, cfg, tmp / "dedup.parquet",
                                      runner=cfg.runner, resolve_model=model_resolver(clip))
         shutil.rmtree(tmp / "_embeddings", ignore_errors=True)
+        shutil.rmtree(tmp / "_ledger", ignore_errors=True)
         return counts
 
     from imagegen import semdedup
@@ -400,54 +404,27 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
                   dedup: StageResult, filtered: StageResult, captions: StageResult,
                   world: StageResult | None, clip: StageResult | None) -> dict[str, Any]:
     ddir = Path(download.path)
-    ledger = pd.read_parquet(ddir / "ledger.parquet")
+    # the columns the accounting and the samples' metadata use, concatenated lazily from the ledger's parts
+    ledger = read_ledger(ddir, ["row_id", "url", "key", "status", "reason", "original_width", "original_height",
+                                "sha256", "source_sha256"])
     dd = pd.read_parquet(Path(dedup.path) / "dedup.parquet")
     ff = pd.read_parquet(Path(filtered.path) / "filter.parquet")
     cc = pd.read_parquet(Path(captions.path) / "captions.parquet")
     kept = ff.loc[ff["keep"], "key"].tolist()
+    if not kept:  # before plan_shards, which refuses an empty key list without saying why
+        _refuse_empty(out, ddir, account_rows(ledger, dd, ff))
 
-    plan = shard_mod.plan_shards(kept, config.shard)
-    # one pass over the image parts routes each kept image to its planned shard's spill file, so
-    # writing a shard holds only that shard's images, never the dataset's
+    # compact columns only: the metadata table (no image), then the shards part-parallel on the runner
+    table, score_cols = shard_parts.metadata_table(ledger, dd, ff, cc, kept)
     grid_keys = kept[:16]
-    grid: dict[str, tuple[bytes, str]] = {}
-    spill = _spill_by_shard(ddir / "images", plan, out / "_spill", grid_keys, grid)
-    led = ledger.set_index("key", drop=False)
-    ddi, ffi, cci = dd.set_index("key"), ff.set_index("key"), cc.set_index("key")
-    score_cols = [c for c in ff.columns if c.endswith("_score")]
-
-    def meta(key: str) -> dict[str, Any]:
-        lr, dr, cr = led.loc[key], ddi.loc[key], cci.loc[key]
-        m = {"row_id": int(lr["row_id"]), "url": lr["url"], "original_caption": cr["original_caption"],
-             "generated_caption": cr["generated_caption"], "caption_source": cr["caption_source"],
-             "captioner": cr["captioner"], "captioner_model": cr["captioner_model"],
-             "original_width": int(lr["original_width"]), "original_height": int(lr["original_height"]),
-             "sha256": lr["sha256"], "source_sha256": lr["source_sha256"], "phash": dr["phash"],
-             "near_cluster": dr["near_cluster"]}
-        for c in score_cols:
-            m[c] = float(ffi.loc[key, c])
-        return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in m.items()}
-
-    metas = {k: meta(k) for k in kept}  # once: used by the tar members and by the manifest
-    if not kept:
-        _refuse_empty(out, ledger, account_rows(ledger, dd, ff))
-
-    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
-    loaded: dict[str, Any] = {"shard": None, "images": {}}
-
-    def get_sample(key: str) -> dict[str, Any]:
-        s = shard_of[key]
-        if loaded["shard"] != s:  # plan order: each shard's spill is read once
-            loaded["shard"], loaded["images"] = s, spill.load(s)
-        img, ext = loaded["images"][key]
-        return {"key": key, "image": img, "ext": ext, "caption": cci.loc[key, "caption"], "meta": metas[key]}
-
-    infos = shard_mod.write_shards_from_plan(plan, get_sample, out / "shards", config.shard)
-    loaded.clear()
-    spill.remove()
-
-    manifest = pd.DataFrame([{"key": k, "shard": infos[shard_of[k]].name, **metas[k],
-                              "caption": cci.loc[k, "caption"]} for k in kept])
+    infos, tar_of, grid = shard_parts.write_dataset_shards(
+        ddir / "images", table, score_cols, config.shard, out / "shards",
+        out / "_work", runner=config.runner, grid_keys=grid_keys)
+    manifest = table.drop(columns=["caption"])
+    manifest.insert(1, "shard", tar_of.loc[kept].to_numpy())
+    manifest["caption"] = table["caption"].to_numpy()
+    del table
+    ffi, cci = ff.set_index("key"), cc.set_index("key")
     # the filters' extra columns (OCR text, NudeNet detections, blocklist matches): manifest only,
     # so the shards' bytes do not depend on which detectors ran
     extra = [c for c in ff.columns if c not in {"key", "row_id", "duplicate", "keep", "reason"}
@@ -484,7 +461,7 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     return counts
 
 
-def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> None:
+def _refuse_empty(out: Path, download_dir: Path, accounting: pd.DataFrame) -> None:
     """No row survived: keep the accounting and the ledger where the user can read them, then refuse.
 
     They go to ``<data root>/failed/<dataset id>/`` (the dataset folder itself never appears: an
@@ -493,78 +470,12 @@ def _refuse_empty(out: Path, ledger: pd.DataFrame, accounting: pd.DataFrame) -> 
     where = out.parent.parent / "failed" / sid
     where.mkdir(parents=True, exist_ok=True)
     accounting.to_parquet(where / "accounting.parquet", index=False)
-    ledger.to_parquet(where / "ledger.parquet", index=False)
+    ledger_mod.compact_copy(download_dir, ledger_mod.ledger_dataset(download_dir).schema.names,
+                            where / "ledger.parquet")  # every column, streamed from the ledger's parts
     outcomes = accounting["outcome"].value_counts().to_dict()
     raise ValueError(f"no sample to shard: none of the {len(accounting)} input rows survived "
                      f"(outcomes: {outcomes}); every row's outcome is in {where / 'accounting.parquet'} "
                      f"and the download ledger in {where / 'ledger.parquet'}")
-class _Spill:
-    """Per-shard spill files of (key, image, ext) rows, written in one pass over the image parts."""
-
-    def __init__(self, folder: Path, n: int, flush_bytes: int = 64 << 20) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.folder, self.n, self.flush_bytes = folder, n, flush_bytes
-        folder.mkdir(parents=True, exist_ok=True)
-        self.schema = pa.schema([("key", pa.string()), ("image", pa.binary()), ("ext", pa.string())])
-        self.writers: dict[int, Any] = {}
-        self.buf: dict[int, list[tuple[str, bytes, str]]] = {}
-        self.buffered = 0
-        self._pa, self._pq = pa, pq
-
-    def path(self, s: int) -> Path:
-        return self.folder / f"{s:05d}.parquet"
-
-    def add(self, s: int, key: str, image: bytes, ext: str) -> None:
-        self.buf.setdefault(s, []).append((key, image, ext))
-        self.buffered += len(image)
-        if self.buffered > self.flush_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        for s, rows in self.buf.items():
-            if s not in self.writers:
-                self.writers[s] = self._pq.ParquetWriter(self.path(s), self.schema)
-            self.writers[s].write_table(self._pa.table(
-                {"key": [r[0] for r in rows], "image": [r[1] for r in rows], "ext": [r[2] for r in rows]},
-                schema=self.schema))
-        self.buf.clear()
-        self.buffered = 0
-
-    def close(self) -> None:
-        self.flush()
-        for w in self.writers.values():
-            w.close()
-        self.writers.clear()
-
-    def load(self, s: int) -> dict[str, tuple[bytes, str]]:
-        t = self._pq.read_table(self.path(s))
-        return {k: (img, ext) for k, img, ext in zip(t.column("key").to_pylist(), t.column("image").to_pylist(),
-                                                     t.column("ext").to_pylist())}
-
-    def remove(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _spill_by_shard(images_dir: Path, plan: list[list[str]], folder: Path, grid_keys: list[str],
-                    grid: dict[str, tuple[bytes, str]], flush_bytes: int = 64 << 20) -> _Spill:
-    shard_of = {k: i for i, keys in enumerate(plan) for k in keys}
-    want_grid = set(grid_keys)
-    spill = _Spill(folder, len(plan), flush_bytes)
-    for batch in download_mod.iter_images(images_dir, ["key", "image", "ext"]):
-        for k, img, ext in zip(batch.column("key").to_pylist(), batch.column("image").to_pylist(),
-                               batch.column("ext").to_pylist()):
-            s = shard_of.get(k)
-            if s is None:
-                continue
-            spill.add(s, k, img, ext)
-            if k in want_grid:
-                grid[k] = (img, ext)
-    spill.close()
-    return spill
 
 
 def root_of(res: StageResult) -> Path:
@@ -660,6 +571,7 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
     try:
         for spec in sorted({config.runner, *(getattr(config, st).runner or config.runner for st in RUNNER_STAGES)}):
             check_runner(spec, root)
+        check_distributor(config.download.distributor, config.download.distributor_address)
         if config.download.parent:
             parent_download(root, config.download.parent)  # a known dataset whose download is still here
             if config.download.append_list:

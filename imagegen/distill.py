@@ -36,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.artifacts import is_complete, stage_output
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.hashing import code_version, stable_hash
 from imagegen.paths import datasets_dir
 from imagegen.registry import get_dataset, register_name
@@ -50,9 +51,13 @@ class DistillRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    teacher: str = Field(min_length=1, description="Teacher training run id (or unique prefix) in the run registry")
+    teacher: str = Field(min_length=1, description="Teacher training run id (or unique prefix) in the run registry; "
+                         "lcm_lora: a diffusers pipeline, diffusers:PATH_OR_REPO_ID[@REVISION]")
     method: Method = Field(description="progressive (DDPM v-pred teacher), reflow (flow teacher), consistency (EDM), "
-                           "dmd (flow teacher), ict (consistency training; the EDM run is the reference)")
+                           "dmd (flow teacher), ict (consistency training; the EDM run is the reference), "
+                           "lcm_lora (a diffusers UNet pipeline into a LoRA adapter)")
+    dataset: str | None = Field(None, description="lcm_lora: the dataset (name or id) of images and captions to "
+                                "distil on (a run teacher brings its own)")
     steps: int = Field(1000, ge=1, le=10_000_000, description="Training steps per student (per round)")
     lr: float | None = Field(None, gt=0, le=1.0, description="Student LR (None = the teacher's)")
     batch_size: int | None = Field(None, ge=1, description="Global batch (None = the teacher's)")
@@ -77,8 +82,24 @@ class DistillRequest(BaseModel):
     # dmd
     regression_weight: float = Field(0.25, ge=0.0, le=100.0, description="dmd: weight of the regression loss on "
                                      "the teacher pairs (paper: 0.25)")
+    # lcm_lora
+    lora_rank: int = Field(64, ge=1, le=1024, description="lcm_lora: LoRA rank (LCM-LoRA: 64)")
+    lora_targets: tuple[str, ...] | None = Field(None, description="lcm_lora: UNet module suffixes (None = convs, "
+                                                 "attention and feed-forward: models.lcm_lora.LCM_TARGETS)")
+    ddim_steps: int = Field(50, ge=2, le=1000, description="lcm_lora: N of the skipping-step grid (k = T / N)")
+    teacher_guidance_max: float | None = Field(None, ge=0, le=50, description="lcm_lora: w ~ U[teacher_guidance, "
+                                               "this] (None = teacher_guidance alone)")
+    guidance_embedding: int = Field(0, ge=0, le=4096, description="lcm_lora: w-embedding size (LCM: 256; 0 = "
+                                    "guidance baked in, as LCM-LoRA)")
+    target: Literal["ema", "stopgrad"] = Field("ema", description="lcm_lora: EMA target (decay target_ema) or the "
+                                               "student without gradient (consistency: always EMA)")
+    image_size: int | None = Field(None, ge=8, le=4096, description="lcm_lora: training resolution (None = the "
+                                   "pipeline's default)")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds pairs and report noise")
     nproc: int = Field(1, ge=1, le=1024, description="Processes per student run (torchrun when > 1)")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of the reflow pairs "
+                         "and the NFE report (their floats depend on it: hashed into the pairs' and the report's "
+                         "ids; the student runs train on their own train.threads)")
     report_nfe: tuple[int, ...] = Field((1, 2, 4, 8), description="NFEs of the report grids")
     report_count: int = Field(8, ge=1, le=64, description="Images per report row")
 
@@ -99,9 +120,23 @@ class DistillRequest(BaseModel):
         if not conditional:
             return 1.0, 1.0
         learned = {"reflow": self.pair_guidance if self.pair_guidance is not None else teacher_sample_guidance,
-                   "consistency": self.teacher_guidance, "dmd": self.teacher_guidance,
+                   "consistency": self.teacher_guidance, "dmd": self.teacher_guidance, "lcm_lora": self.teacher_guidance,
                    "ict": 1.0}.get(self.method, teacher_sample_guidance)
         return float(learned), float(learned) if self.method == "progressive" else 1.0
+
+    @model_validator(mode="after")
+    def _check_lcm(self) -> "DistillRequest":
+        from models.hf_diffusers import is_diffusers_spec
+
+        if (self.method == "lcm_lora") != is_diffusers_spec(self.teacher):
+            raise ValueError("a diffusers pipeline teacher (diffusers:PATH) is distilled by method lcm_lora, and "
+                             f"lcm_lora distils a diffusers pipeline; got method {self.method!r} with teacher "
+                             f"{self.teacher!r}")
+        if self.method == "lcm_lora" and not self.dataset:
+            raise ValueError("lcm_lora distils on images and captions: set dataset (a registered dataset name or id)")
+        if self.teacher_guidance_max is not None and self.teacher_guidance_max < self.teacher_guidance:
+            raise ValueError(f"teacher_guidance_max={self.teacher_guidance_max} < teacher_guidance={self.teacher_guidance}")
+        return self
 
     def rounds(self) -> list[int]:
         """Student step counts, one training run each."""
@@ -120,7 +155,10 @@ class DistillRequest(BaseModel):
 
 
 def teacher_run(root: Path, run_id: str, method: str) -> tuple[Any, TrainConfig]:
-    """The finished teacher run and its config; refuses a teacher the method cannot use."""
+    """The finished teacher run and its config; refuses a teacher the method cannot use.  For
+    lcm_lora: (the pipeline's (folder, identity), the student's TrainConfig), everything checked."""
+    if method == "lcm_lora":
+        return _lcm_teacher(root, run_id)
     ref = get_run(root, run_id)
     if ref.card.get("status") != "finished" or ref.checkpoint is None:
         raise RunError(f"teacher run {ref.id} is {ref.card.get('status')!r}, not finished: train it to the end first")
@@ -137,6 +175,25 @@ def teacher_run(root: Path, run_id: str, method: str) -> tuple[Any, TrainConfig]
         raise RunError(f"progressive distillation needs a v-prediction teacher; run {ref.id} predicts "
                        f"{cfg.model.get('prediction')!r} (train the teacher with model.prediction=v)")
     return ref, cfg
+
+
+def _lcm_teacher(root: Path, spec: str) -> tuple[dict[str, Any], None]:
+    """A diffusers pipeline an LCM-LoRA student can be distilled from: its identity (checked:
+    a pipeline folder of safetensors with a UNet and a discrete-time scheduler); nothing loaded."""
+    import json
+
+    from models.hf_diffusers import DiffusersError, resolve_spec
+
+    try:
+        path, identity = resolve_spec(spec)
+    except DiffusersError as exc:
+        raise RunError(str(exc)) from None
+    mi = json.loads((path / "model_index.json").read_text())
+    sched = path / "scheduler" / "scheduler_config.json"
+    if not mi.get("unet") or not sched.is_file() or "num_train_timesteps" not in json.loads(sched.read_text()):
+        raise RunError(f"lcm_lora distils a UNet pipeline with a discrete-time (DDPM-family) scheduler; {spec} is a "
+                       f"{mi.get('_class_name')} without one")
+    return {"path": str(path), **identity}, None
 
 
 def student_request(request: DistillRequest, teacher_id: str, teacher_cfg: TrainConfig, dataset: str,
@@ -175,19 +232,20 @@ def _base_fields(method: str) -> set[str]:
 
 def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, steps: int, sampler: str,
                  guidance: float, seed: int, name: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> str:
+                 progress: Callable[[int, int], None] | None = None, threads: int = DEFAULT_THREADS) -> str:
     """Draw ``n`` (noise seed, teacher ODE sample) couplings into a registered dataset; returns its id.
 
     Conditions are captions drawn (seeded) from the teacher's own training dataset, so a class
     teacher's labels (from caption keywords or fields) and a text teacher's prompts carry over.
-    The dataset id hashes the teacher run, the settings and this code: rerunning reuses it."""
+    The dataset id hashes the teacher run, the settings, the torch thread count the teacher samples
+    on (``threads``: CPU float reductions split by it) and this code: rerunning reuses it."""
     from models.reflow import NOISE_KEY, pair_noise
     from models.checkpoint import load_family
 
     ref = get_run(root, teacher_id)
     ds = get_dataset(root, ref.card["dataset_id"])
     ident = {"teacher": ref.id, "n": n, "steps": steps, "sampler": sampler, "guidance": guidance, "seed": seed,
-             "code": code_version(__import__("models.reflow", fromlist=["x"]), _code_self())}
+             "threads": threads, "code": code_version(__import__("models.reflow", fromlist=["x"]), _code_self())}
     dataset_id = stable_hash(ident)
     final = datasets_dir(root) / dataset_id
     label = name or f"reflow-{ref.id[:8]}"
@@ -209,7 +267,7 @@ def reflow_pairs(root: Path, teacher_id: str, teacher_cfg: TrainConfig, n: int, 
 
         labeler = Labeler(teacher_cfg)
     samples = []
-    with stage_output(final) as (tmp, card):
+    with stage_output(final) as (tmp, card), torch_threads(threads):
         t0 = time.time()
         for start in range(0, n, 64):
             idx = list(range(start, min(n, start + 64)))
@@ -273,8 +331,9 @@ def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list
     (wall clock of the student runs and of drawing the pairs, as recorded when they ran).
 
     Per method: progressive 2 DDIM teacher steps per sample and step; reflow the pairs; consistency
-    one Heun step (2 evaluations, 3 with CFG as models/consistency.py computes it) per sample and
-    step; dmd the pairs plus one real-score evaluation (2 with CFG) per sample and step; ict none."""
+    one Heun step (2 denoiser calls, each one teacher evaluation, 2 with CFG: cond and uncond in one
+    doubled batch) per sample and step; dmd the pairs plus one real-score evaluation (2 with CFG) per
+    sample and step; ict none."""
     batch = request.batch_size or teacher_cfg.batch_size
     steps = request.steps * len(rounds)
     conditional = teacher_cfg.model.get("conditioning", "none") != "none"
@@ -286,10 +345,13 @@ def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list
     elif m == "reflow":
         calls = _pair_calls(request, conditional, learned)
     elif m == "consistency":
-        calls = batch * steps * 2 * (3 if guided else 1)
+        calls = batch * steps * 2 * (2 if guided else 1)
     elif m == "dmd":
         pair_g = request.pair_guidance if request.pair_guidance is not None else teacher_cfg.sample_guidance
         calls = _pair_calls(request, conditional, pair_g) + batch * steps * (2 if guided else 1)
+    elif m == "lcm_lora":  # teacher_substeps DDIM steps per sample and step, CFG as one doubled batch of 2
+        guided = request.teacher_guidance != 1.0 or (request.teacher_guidance_max or 1.0) != 1.0
+        calls = batch * steps * int(teacher_cfg.model.get("teacher_substeps", 1)) * (2 if guided else 1)
     else:
         calls = 0
     seconds = sum(float(r.get("seconds") or 0.0) for r in rounds) + float(pairs_seconds)
@@ -298,12 +360,18 @@ def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list
 
 def nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
                count: int, seed: int, teacher_steps: int = REPORT_TEACHER_STEPS,
-               cost: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+               cost: dict[str, dict[str, Any]] | None = None, threads: int = DEFAULT_THREADS) -> dict[str, Any]:
     """Sample every (label, family, CFG scale) at each NFE from the same noise and conditioning;
     the first model is the teacher, also sampled at ``teacher_steps`` as the reference.  Writes
     one grid per row, ``report.parquet`` (label, steps, nfe, guidance, mse to the reference, and the
     cost columns from ``cost[label]``, 0 where none is given) and ``nfe_mse.png``.  A one-step
-    generator (DMD) is sampled at NFE 1 only."""
+    generator (DMD) is sampled at NFE 1 only.  Everything samples on ``threads`` torch threads."""
+    with torch_threads(threads):
+        return _nfe_report(models, out_dir, cfg, nfes, count, seed, teacher_steps, cost)
+
+
+def _nfe_report(models: list[tuple[str, Any, float]], out_dir: Path, cfg: TrainConfig, nfes: tuple[int, ...],
+                count: int, seed: int, teacher_steps: int, cost: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher, teacher_g = models[0][1], models[0][2]
     shape = (count, *teacher.noise_shape)
@@ -416,6 +484,8 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     if not isinstance(request, DistillRequest):
         request = DistillRequest(**request)
     root = Path(root)
+    if request.method == "lcm_lora":
+        return distill_lcm_lora(request, root, progress)
     ref, tcfg = teacher_run(root, request.teacher, request.method)
     if request.method == "progressive":
         have = ref.card["config"]["model"]
@@ -432,7 +502,7 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     elif request.method in ("reflow", "dmd"):
         pair_g = request.pair_guidance if request.pair_guidance is not None else tcfg.sample_guidance
         dataset = reflow_pairs(root, ref.id, tcfg, request.pairs, request.pair_steps, request.pair_sampler,
-                               float(pair_g), request.seed)
+                               float(pair_g), request.seed, threads=request.threads)
         pairs_seconds = float(get_dataset(root, dataset).card.get("seconds") or 0.0)
         if request.method == "reflow":
             extra_for = lambda n: {"default_steps": n, "t_sampling": "uniform"}  # noqa: E731
@@ -463,7 +533,7 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
     # cost's seconds are a record of the runs, not an input)
     inputs = {"teacher_checkpoint": str(ref.checkpoint), "student_checkpoint": str(student["checkpoint"]),
               "nfe": list(request.report_nfe), "count": request.report_count, "seed": request.seed,
-              "teacher_steps": REPORT_TEACHER_STEPS,
+              "teacher_steps": REPORT_TEACHER_STEPS, "threads": request.threads,
               "code": code_version(_code_self(), __import__("models.samplers", fromlist=["x"]))}
     report_dir = Path(get_run(root, student["run_id"]).path) / "distill_report" / stable_hash(inputs)
     reused = is_complete(report_dir)
@@ -476,9 +546,96 @@ def distill(request: DistillRequest | dict[str, Any], root: Path | str,
             teacher_cost = {"student_steps": int(tcfg.steps),
                             "train_seconds": float((ref.card.get("summary") or {}).get("seconds") or 0.0)}
             nfe_report(models, tmp, tcfg, request.report_nfe, request.report_count, request.seed,
-                       REPORT_TEACHER_STEPS, cost={"teacher": teacher_cost, label: cost})
+                       REPORT_TEACHER_STEPS, cost={"teacher": teacher_cost, label: cost}, threads=request.threads)
             card.update(inputs)
     report = {**read_nfe_report(report_dir), "reused": reused}
     return {"method": request.method, "teacher_run": ref.id, "dataset_id": dataset, "rounds": rounds,
             "student_run": student["run_id"], "student_checkpoint": student["checkpoint"], "report": report,
             "cost": cost, "seconds": round(time.time() - t0, 3)}
+
+
+# ------------------------------------------------------------------------------------------ lcm_lora
+
+
+class _WithOptions:
+    """A family whose samples always take these sampler options (an NFE-report row)."""
+
+    def __init__(self, family: Any, **options: Any) -> None:
+        self.family, self.options = family, options
+        self.default_sampler, self.noise_shape = family.default_sampler, family.noise_shape
+
+    def sample_result(self, *args: Any, **kw: Any) -> Any:
+        return self.family.sample_result(*args, **{**kw, **self.options})
+
+
+def lcm_student_request(request: DistillRequest, identity: dict[str, Any]) -> TrainRequest:
+    """The lcm_lora student's TrainRequest: the pipeline, LoRA and distillation settings of the request."""
+    from models.hf_diffusers import default_resolution
+
+    model: dict[str, Any] = {
+        "pipeline": request.teacher, "image_size": request.image_size or default_resolution(Path(identity["path"])),
+        "rank": request.lora_rank, "ddim_steps": request.ddim_steps, "guidance_min": request.teacher_guidance,
+        "guidance_max": request.teacher_guidance_max if request.teacher_guidance_max is not None
+        else request.teacher_guidance, "guidance_embedding": request.guidance_embedding, "target": request.target,
+        "target_ema": request.target_ema, "distance": request.distance, "sample_steps": request.student_steps}
+    if request.lora_targets:
+        model["targets"] = list(request.lora_targets)
+    train = {"family": "lcm_lora", "model": model, "steps": request.steps, "batch_size": request.batch_size or 8,
+             "lr": request.lr or 1e-4, "ema_decay": request.ema_decay or 0.0, "warmup_steps": request.warmup_steps,
+             "ckpt_every": min(1000, request.steps), "seed": request.seed, "sample_count": 4}
+    try:
+        return TrainRequest(dataset=str(request.dataset), train=TrainConfig(**train), nproc=request.nproc)
+    except ValueError as exc:
+        raise RunError(f"lcm_lora: the student config is invalid: {exc}") from exc
+
+
+def distill_lcm_lora(request: DistillRequest, root: Path,
+                     progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """LCM-LoRA (models/lcm_lora.py): one student run on ``request.dataset`` with the diffusers
+    pipeline as teacher, the adapter exported alone (``<run>/adapter/``), and the NFE report: the
+    teacher with its own scheduler at 50 steps as the reference and at each NFE, the student with
+    the deterministic LCM sampler (``student``: gamma 0, stays on the noise's trajectory, so its MSE
+    to the teacher on the same noise measures the distillation) and with LCM's own fresh-noise
+    re-noising (``student_lcm``: gamma 1, what LCMScheduler does)."""
+    from models.checkpoint import load_family
+    from models.hf_diffusers import DiffusersModel
+    from models.lcm_lora import export_adapter
+
+    identity, _ = _lcm_teacher(root, request.teacher)
+    t0 = time.time()
+    treq = lcm_student_request(request, identity)
+    summary = train_run(treq, root, progress=progress)
+    rounds = [{"steps": request.student_steps, "run_id": summary["run_id"], "checkpoint": summary["checkpoint"],
+               "reused": summary["reused"], "last_losses": summary["last_losses"], "seconds": summary.get("seconds")}]
+    run = get_run(root, summary["run_id"])
+    scfg = TrainConfig(**run.card["config"])
+    adapter_dir = Path(run.path) / "adapter"
+    if not is_complete(adapter_dir):
+        with stage_output(adapter_dir) as (tmp, card):
+            export_adapter(summary["checkpoint"], tmp)
+            card.update(checkpoint=str(summary["checkpoint"]), base=request.teacher,
+                        base_files_sha256=stable_hash(identity["files"]))
+    cost = distill_cost(request, scfg, rounds)
+    inputs = {"teacher": request.teacher, "teacher_files": stable_hash(identity["files"]),
+              "student_checkpoint": str(summary["checkpoint"]), "nfe": list(request.report_nfe),
+              "count": request.report_count, "seed": request.seed, "teacher_steps": REPORT_TEACHER_STEPS,
+              "guidance": request.teacher_guidance,
+              "code": code_version(_code_self(), __import__("models.lcm_lora", fromlist=["x"]))}
+    report_dir = Path(run.path) / "distill_report" / stable_hash(inputs)
+    reused = is_complete(report_dir)
+    if not reused:
+        with stage_output(report_dir) as (tmp, card):
+            student = load_family(summary["checkpoint"])
+            teacher = DiffusersModel(request.teacher, resolution=int(scfg.model["image_size"]))
+            s_g = request.teacher_guidance if student.cfg.guidance_embedding else 1.0
+            models = [("teacher", teacher, request.teacher_guidance), ("student", _WithOptions(student, gamma=0.0), s_g),
+                      ("student_lcm", _WithOptions(student, gamma=1.0), s_g)]
+            nfe_report(models, tmp, scfg, request.report_nfe, request.report_count, request.seed,
+                       REPORT_TEACHER_STEPS, cost={"student": cost, "student_lcm": cost})
+            card.update(inputs)
+    report = {**read_nfe_report(report_dir), "reused": reused}
+    return {"method": request.method, "teacher_run": request.teacher, "teacher_identity":
+            {k: identity[k] for k in ("model", "source", "revision", "pipeline")} | {"files_sha256": inputs["teacher_files"]},
+            "dataset_id": summary["dataset_id"], "rounds": rounds, "student_run": summary["run_id"],
+            "student_checkpoint": summary["checkpoint"], "adapter": str(adapter_dir / "pytorch_lora_weights.safetensors"),
+            "report": report, "cost": cost, "seconds": round(time.time() - t0, 3)}

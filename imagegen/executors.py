@@ -141,6 +141,77 @@ def check_runner(spec: str, root: Path | None = None) -> Runner:
     return r
 
 
+# ---------------------------------------------------------------------------- img2dataset's distributors
+
+DISTRIBUTORS = ("multiprocessing", "ray", "pyspark")
+_DIST_PACKAGES = {"ray": ("ray", "ray"), "pyspark": ("pyspark", "pyspark")}
+_DIST_ADDRESS = {
+    "ray": re.compile(r"^(?:auto|(?:ray://)?(?P<host>[^:/\s]+):(?P<port>\d+))$"),
+    "pyspark": re.compile(r"^(?:local\[(?:\d+|\*)\]|spark://(?P<host>[^:/\s]+):(?P<port>\d+))$"),
+}
+JAVA_HINT = ("install a Java 17+ runtime (Debian/Ubuntu: apt-get install -y default-jre-headless) or point "
+             "JAVA_HOME at one")
+
+
+def distributor_address_problem(kind: str, address: str | None) -> str | None:
+    """Why ``address`` is not a valid cluster address for img2dataset's distributor ``kind`` (or None)."""
+    if address is None:
+        return None
+    if kind == "multiprocessing":
+        return "download.distributor_address is only for distributor 'ray' or 'pyspark' (multiprocessing runs here)"
+    if not _DIST_ADDRESS[kind].match(address.strip()):
+        want = "auto, HOST:PORT (the head's GCS port, 6379) or ray://HOST:PORT (Ray Client)" if kind == "ray" else \
+            "spark://HOST:PORT (a standalone master) or local[N]"
+        return f"download.distributor_address {address!r} is not a {kind} address: use {want}"
+    return None
+
+
+def java_binary() -> str | None:
+    """The Java runtime pyspark would start: $JAVA_HOME/bin/java, else ``java`` on PATH."""
+    import shutil
+
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        exe = Path(home) / "bin" / "java"
+        return str(exe) if exe.is_file() and os.access(exe, os.X_OK) else None
+    return shutil.which("java")
+
+
+def check_distributor(kind: str, address: str | None = None) -> None:
+    """img2dataset's distributor ``kind`` can start here, before any work: its package is installed,
+    pyspark finds a Java runtime, a cluster address answers.  Raises :class:`RunnerError` naming the
+    package, the runtime or the address."""
+    if kind not in DISTRIBUTORS:
+        raise RunnerError(f"download.distributor {kind!r} is not one of {', '.join(DISTRIBUTORS)}")
+    problem = distributor_address_problem(kind, address)
+    if problem:
+        raise RunnerError(problem)
+    if kind == "multiprocessing":
+        return
+    module, pip_name = _DIST_PACKAGES[kind]
+    try:
+        __import__(module)
+    except ImportError as exc:
+        extra = " (the project's extra: pip install -c constraints.txt -e '.[spark]')" if kind == "pyspark" else ""
+        raise RunnerError(f"download.distributor={kind!r} needs the {pip_name!r} package, which is not installed "
+                          f"here ({exc}); install it{extra} or use download.distributor=multiprocessing") from None
+    if kind == "pyspark" and java_binary() is None:
+        where = f"JAVA_HOME={os.environ['JAVA_HOME']} has no bin/java" if os.environ.get("JAVA_HOME") else \
+            "no 'java' on PATH and JAVA_HOME is not set"
+        raise RunnerError(f"download.distributor='pyspark' needs a Java runtime ({where}): {JAVA_HINT}; "
+                          "or use download.distributor=multiprocessing")
+    m = _DIST_ADDRESS[kind].match(address.strip()) if address else None
+    if m and m.group("host"):
+        host, port = m.group("host"), int(m.group("port"))
+        try:
+            with socket.create_connection((host, port), timeout=3.0):
+                pass
+        except OSError as exc:
+            what = "Ray head" if kind == "ray" else "Spark master"
+            raise RunnerError(f"download.distributor={kind!r}: cannot reach the {what} at {address} "
+                              f"({exc.strerror or exc}); is it running and the port open?") from None
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

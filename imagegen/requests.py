@@ -16,20 +16,72 @@ from imagegen.presets import base_data, deep_merge, parse_overrides
 
 def build_train_request(preset: str | None = "smoke", request: Any = None, overrides: list[str] | None = None,
                         dataset: str | None = None, family: str | None = None, steps: int | None = None,
-                        nproc: int | None = None) -> Any:
+                        nproc: int | None = None, root: str | Path | None = None) -> Any:
     """The validated :class:`~imagegen.train.runs.TrainRequest`: ``request`` (else ``preset``), then
     ``overrides`` (``a.b=value``), then the named parameters.
 
     Overrides merge into the base, so base settings that only fit what an override replaces are
     dropped first: switching ``train.family`` keeps only the model fields the new
     family knows, and switching ``train.model.net`` drops the base's ``net_overrides`` (the smoke
-    preset's U-Net levels mean nothing to a DiT); overrides given alongside still apply.
+    preset's U-Net levels mean nothing to a DiT); overrides given alongside still apply.  A family
+    built on a base run (``personalize``, ``controlnet``: its ``base_fields``) takes those fields
+    and the class settings (``label_keywords``, ``label_field``, ``classes``) from the base run's
+    checkpoint instead of the preset's (a ``run:<id>`` base is looked up under ``root``).
     """
     from imagegen.train.runs import TRAIN_PRESETS, TrainRequest
 
     named_train = {k: v for k, v in {"family": family, "steps": steps}.items() if v is not None}
     named = {k: v for k, v in {"dataset": dataset, "nproc": nproc, "train": named_train}.items() if v not in (None, {})}
-    return _build(TrainRequest, TRAIN_PRESETS, preset, request, overrides, named, _without_switched)
+
+    def prepare(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+        base = _without_switched(base, changes)
+        return _from_base_run(base, changes, root) if request is None else base
+
+    return _build(TrainRequest, TRAIN_PRESETS, preset, request, overrides, named, prepare)
+
+
+BASE_CLASS_FIELDS = ("label_keywords", "label_field", "classes")
+
+
+def _from_base_run(base: dict[str, Any], changes: dict[str, Any], root: str | Path | None) -> dict[str, Any]:
+    """A preset's settings that a base-run family must share with its base, replaced by the base's."""
+    import json
+
+    train, new = base.get("train"), changes.get("train") or {}
+    if not isinstance(train, dict) or not isinstance(new, dict):
+        return base
+    from models.registry import get_family
+
+    try:
+        fam_cls = get_family(new.get("family") or train.get("family"))
+    except (ValueError, TypeError):
+        return base  # validation names it
+    pinned = tuple(getattr(fam_cls, "base_fields", ()))
+    new_model = new.get("model") if isinstance(new.get("model"), dict) else {}
+    ref = new_model.get("base") or (train.get("model") or {}).get("base")
+    if not pinned or not isinstance(ref, str) or not ref:
+        return base
+    if ref.startswith("run:"):
+        if root is None:
+            return base
+        from imagegen.train.runs import get_run
+
+        try:
+            ck = get_run(Path(root), ref[4:]).checkpoint
+        except (LookupError, ValueError):
+            return base  # the run layer names an unknown base run
+        if ck is None:
+            return base
+    else:
+        ck = Path(ref)
+    state = Path(ck) / "state.json"
+    if not state.is_file():
+        return base
+    cfg = json.loads(state.read_text()).get("config", {})
+    theirs = cfg.get("model", {})
+    model = {**(train.get("model") or {}), **{f: theirs[f] for f in pinned if f in theirs}}
+    train = {**train, "model": model, **{f: cfg[f] for f in BASE_CLASS_FIELDS if f in cfg}}
+    return {**base, "train": train}
 
 
 def _build(model: Any, presets: dict[str, dict[str, Any]], preset: str | None, request: Any,
@@ -86,8 +138,11 @@ def natural_method(root: Path | str, teacher: str) -> str:
     table's methods that accepts the run's family (flow -> reflow, ddpm -> progressive, edm ->
     consistency); LookupError for an unknown run, ValueError for a family no method distils."""
     from imagegen.train.runs import get_run
+    from models.hf_diffusers import is_diffusers_spec
     from models.teacher import METHODS, methods_for
 
+    if is_diffusers_spec(teacher):
+        return "lcm_lora"
     ref = get_run(Path(root), teacher)
     family = str((ref.card.get("config") or {}).get("family"))
     fits = methods_for(family, METHODS)
@@ -104,6 +159,10 @@ def check_distill_request(request: Any, root: Path | str) -> None:
     from imagegen.distill import teacher_run
 
     teacher_run(Path(root), request.teacher, request.method)
+    if request.method == "lcm_lora":  # the distillation data, named in the request
+        from imagegen.registry import get_dataset
+
+        get_dataset(Path(root), str(request.dataset))
 
 
 def build_eval_request(request: Any = None, run: str | None = None, folder: str | None = None,

@@ -18,9 +18,11 @@ Modes, from the request's fields (imagegen/sample.py's SampleRequest):
   or the map itself with ``control_is_map``: a grayscale image for Canny, a ``.npy`` [C, H, W]
   for any signal), with a ControlNet run as ``run`` or ``controlnet`` over ``run`` (its base);
   combines with every mode above except the trained inpainting family;
-* **LoRA** (``loras`` = ["PATH[:SCALE]"]: peft adapter folders written by models/lora.save_lora
-  on the project's nets) and a **textual-inversion** embedding (``embedding`` =
-  learned_embeds.safetensors of models/personalize.py).
+* **LoRA** (``loras`` = ["PATH[:SCALE]", ...]: peft adapter folders written by models/lora.save_lora
+  on the project's nets, or ``run:<id>`` of a personalize LoRA run of this run; several are merged
+  at their scales) and **textual-inversion** embeddings (``embedding`` = [learned_embeds.safetensors
+  of models/personalize.py, or ``run:<id>`` of a personalize textual-inversion run, ...]; one new
+  token each, all active at once).
 
 Every input file is identified by its sha256 in the sample id and the PNG parameters chunk.
 """
@@ -28,7 +30,7 @@ Every input file is identified by its sha256 in the sample id and the PNG parame
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +81,38 @@ def pixel_size(family: str, model: dict[str, Any]) -> int:
     return int(model.get("image_size", 0))
 
 
+def _net_weight_shapes(ckpt: str | Path) -> dict[str, tuple[int, ...]]:
+    """{module: weight shape} of a checkpoint's denoiser net (``model/net.*.weight``), from the
+    safetensors header alone."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(Path(ckpt) / "tensors.safetensors"), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith("model/net.") and k.endswith(".weight"):
+                out[k[len("model/net."):-len(".weight")]] = tuple(f.get_slice(k).get_shape())
+    return out
+
+
+def _ema_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights as load_family takes them: EMA shadows where present, else raw."""
+    raw = {k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}
+    if meta.get("has_ema"):
+        raw.update({k[len("ema/"):]: v for k, v in tensors.items() if k.startswith("ema/")})
+    return raw
+
+
+def _same_checkpoint(a: Path, b: Path) -> bool:
+    """Two checkpoint folders are the same one (path, or recorded tensors sha256)."""
+    if a.resolve() == b.resolve():
+        return True
+    sha = []
+    for p in (a, b):
+        st = p / "state.json"
+        sha.append(json.loads(st.read_text()).get("tensors_sha256") if st.is_file() else None)
+    return sha[0] is not None and sha[0] == sha[1]
+
+
 def _open_image(path: str, what: str) -> Image.Image:
     p = Path(path)
     if not p.is_file():
@@ -114,6 +148,35 @@ def _edit_kind(family_cls: Any) -> tuple[bool, bool]:
     return editable, editable and not issubclass(family_cls, ConsistencyFunction)
 
 
+def bucket_size(width: int | None, height: int | None, run_id: str, fam_name: str, model: dict[str, Any],
+                side: int, controlnet: bool = False) -> tuple[int, int]:
+    """(h, w) a run's family samples at for an output of ``width`` x ``height`` pixels (None = the
+    run's ``side``), checked before any model loads: an any-size family (DDPM, EDM, flow, not
+    REPA), sides multiples of its net's patch / downsampling (times the autoencoder's factor for a
+    latent run).  Raises EditInputError naming the multiple."""
+    from models.registry import get_family
+
+    W, H = width or side, height or side
+    fam_cls = get_family(fam_name)
+    if fam_name == "controlnet" or controlnet:
+        raise EditInputError(f"height/width {W}x{H}: a ControlNet samples at its base's {side}x{side} only")
+    if not getattr(fam_cls, "any_size", False) or model.get("repa"):
+        what = f"a {fam_name!r} run" + (" with REPA" if model.get("repa") else "")
+        raise EditInputError(f"height/width {W}x{H}: run {run_id} is {what}, which samples only at {side}x{side}; "
+                             "other (aspect-bucket) sizes need a DDPM, EDM or flow run")
+    cfg = fam_cls.Config(**model)
+    net = cfg.net_config(8, 1.0)
+    multiple = int(getattr(net, "patch_size", 0) or 2 ** (len(net.channel_mult) - 1))
+    factor = side // int(cfg.image_size) if cfg.data == "latents" else 1
+    m = multiple * factor
+    if H % m or W % m:
+        why = f"the {cfg.net} {'patch' if cfg.net == 'dit' else 'downsampling'} {multiple}" + (
+            f" x the autoencoder's factor {factor}" if factor > 1 else "")
+        raise EditInputError(f"height/width {W}x{H} (width x height): run {run_id} samples sides that are "
+                             f"multiples of {m} ({why}); e.g. {max(m, W // m * m)}x{max(m, H // m * m)}")
+    return H // factor, W // factor
+
+
 class EditPlan:
     """The request's editing / control inputs, read and checked against the run (no model loaded)."""
 
@@ -144,6 +207,8 @@ class EditPlan:
         elif self.is_controlnet:
             self.cn_model = model
             base_family = _state_config(model["base"]).get("family", "")
+        if fam_name == "personalize":  # edited as its base's family (the tuned net, its embedding active)
+            base_family = _state_config(model["base"]).get("family", "")
         if req.control is not None and not (self.is_controlnet or self.controlnet_run is not None):
             raise EditInputError(f"control= needs a ControlNet: run {run_id} is a {fam_name!r} run; give "
                                  "controlnet=RUN (a ControlNet trained on it) or a ControlNet run as run")
@@ -151,7 +216,16 @@ class EditPlan:
             raise EditInputError(f"controlnet={req.controlnet!r} without control= (the control image) does nothing")
         side = pixel_size(fam_name, model)
         self.side = side
-        where = f"run {run_id} makes {side}x{side} images"
+        # the output size: the run's square, or an aspect-bucket size of an any-size family
+        self.width, self.height = req.width or side, req.height or side
+        self.latent_size: tuple[int, int] | None = None  # (h, w) the family samples at, None = its square
+        W0, H0 = self.width, self.height
+        if (W0, H0) != (side, side):
+            self.latent_size = bucket_size(req.width, req.height, run_id, fam_name, model, side,
+                                           controlnet=req.controlnet is not None)
+            where = f"run {run_id} samples {W0}x{H0} images here (width x height)"
+        else:
+            where = f"run {run_id} makes {side}x{side} images"
 
         # the init image, mask, outpainting canvas
         self.mode = "sample"
@@ -166,17 +240,18 @@ class EditPlan:
             if req.outpaint is not None:
                 left, top, right, bottom = req.outpaint
                 W, H = w + left + right, h + top + bottom
-                if (W, H) != (side, side):
+                if (W, H) != (W0, H0):
                     raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
                                          f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
-                                         f"but {where}")
-                canvas = torch.zeros((1, 3, side, side))
+                                         f"but {where}" + ("" if req.height or req.width else
+                                                           " (an any-size run extends to height=/width=)"))
+                canvas = torch.zeros((1, 3, H0, W0))
                 canvas[:, :, top:top + h, left:left + w] = _to_tensor(im)
-                mask = torch.ones((1, 1, side, side))
+                mask = torch.ones((1, 1, H0, W0))
                 mask[:, :, top:top + h, left:left + w] = 0
                 self.image, self.mask, self.mode = canvas, mask, "outpaint"
             else:
-                if (w, h) != (side, side):
+                if (w, h) != (W0, H0):
                     raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where} "
                                          "(resize it, or outpaint with margins)")
                 self.image = _to_tensor(im)
@@ -229,32 +304,25 @@ class EditPlan:
             self.control = self._control(req, side, where)
             self.inputs["control"] = _file_id(req.control)
 
-        # LoRA adapters and the embedding
+        # LoRA adapters and the embeddings
         self.loras: list[dict[str, Any]] = []
-        for spec in req.loras:
-            path, scale = parse_lora(spec)
-            if path.is_file():
-                raise EditInputError(f"LoRA {path}: a single-file adapter (diffusers / kohya safetensors) applies to "
-                                     "diffusers models; a run of this project takes a peft adapter folder "
-                                     f"({LORA_CONFIG} + {LORA_WEIGHTS}) written by models/lora.save_lora")
-            if not path.is_dir():
-                raise EditInputError(f"LoRA adapter {path} does not exist")
-            if not (path / LORA_CONFIG).is_file() or not (path / LORA_WEIGHTS).is_file():
-                raise EditInputError(f"LoRA adapter {path} is not a peft adapter folder (needs {LORA_CONFIG} and "
-                                     f"{LORA_WEIGHTS})")
-            if not -10.0 <= scale <= 10.0:
-                raise EditInputError(f"LoRA {spec!r}: scale {scale} is outside [-10, 10]")
-            self.loras.append({"spec": spec, "path": str(path.resolve()), "scale": scale,
-                               "sha256": file_sha256(path / LORA_WEIGHTS)})
-        if len(self.loras) > 1:
-            raise EditInputError(f"{len(self.loras)} LoRA adapters: a run of this project takes one adapter at a time "
-                                 "(merge them into one, or into a run)")
-        self.embedding = None
-        if req.embedding is not None:
-            self.embedding = self._embedding(req, prep)
-            self.inputs["embedding"] = {**_file_id(self.embedding["path"]), "token": self.embedding["token"]}
+        self.lora_sources: list[Any] = []
+        if req.loras:
+            self._loras(req, prep, fam_name, model)
+        self.embeddings: list[dict[str, Any]] = []
+        self._embedding_set = None
+        for spec in req.embedding or ():
+            self.embeddings.append(self._embedding(spec, prep))
+        if self.embeddings:
+            self.inputs["embedding"] = [{k: v for k, v in e.items() if k not in ("path", "vector", "spec")}
+                                        for e in self.embeddings]
+            tokens = [e["token"] for e in self.embeddings]
+            dup = sorted({t for t in tokens if tokens.count(t) > 1})
+            if dup:
+                raise EditInputError(f"embeddings {req.embedding}: the token {dup[0]!r} is defined more than once")
 
     # ------------------------------------------------------------------ checks
+
 
     @staticmethod
     def _check_base(cn: Any, prep: Any) -> None:
@@ -300,29 +368,126 @@ class EditPlan:
                                  f"as a .npy array [{ch}, {side}, {side}] (an image holds one channel)")
         return torch.from_numpy(np.where(np.asarray(im.convert("L")) > 127, 1.0, -1.0).astype(np.float32))[None, None]
 
-    def _embedding(self, req: Any, prep: Any) -> dict[str, Any]:
+    def _loras(self, req: Any, prep: Any, fam_name: str, model: dict[str, Any]) -> None:
+        """Each ``PATH[:SCALE]``: a peft adapter folder, or ``run:<id>`` of a personalize LoRA run of
+        this run; read, and checked against the net's weight shapes (from the checkpoint header)."""
+        from models.lora import LoraError, LoraSource, check_lora_fits
+
+        if fam_name == "personalize":
+            raise EditInputError(f"run {prep.run.id} is a personalize run: give its base as run and this run as "
+                                 f"lora=run:{prep.run.id} (or embedding=run:{prep.run.id} for textual inversion), "
+                                 "with any other adapters")
+        target = Path(model["base"]) if fam_name == "controlnet" else Path(prep.run.checkpoint)
+        shapes = _net_weight_shapes(target)
+        if not shapes:
+            raise EditInputError(f"LoRA: run {prep.run.id} is a {fam_name!r} run without a denoiser net to adapt")
+        for spec in req.loras:
+            path, scale = parse_lora(spec)
+            if not -10.0 <= scale <= 10.0:
+                raise EditInputError(f"LoRA {spec!r}: scale {scale} is outside [-10, 10]")
+            if str(path).startswith("run:"):
+                src, rec = self._personalize_lora(str(path)[4:], prep, target)
+            else:
+                if path.is_file():
+                    raise EditInputError(f"LoRA {path}: a single-file adapter (diffusers / kohya safetensors) applies "
+                                         "to diffusers models; a run of this project takes a peft adapter folder "
+                                         f"({LORA_CONFIG} + {LORA_WEIGHTS}) written by models/lora.save_lora, or "
+                                         "run:<id> of a personalize LoRA run")
+                if not path.is_dir():
+                    raise EditInputError(f"LoRA adapter {path} does not exist")
+                if not (path / LORA_CONFIG).is_file() or not (path / LORA_WEIGHTS).is_file():
+                    raise EditInputError(f"LoRA adapter {path} is not a peft adapter folder (needs {LORA_CONFIG} and "
+                                         f"{LORA_WEIGHTS})")
+                try:
+                    src = LoraSource.from_folder(path)
+                except (LoraError, ValueError, KeyError) as exc:
+                    raise EditInputError(f"LoRA adapter {path}: {exc}") from None
+                rec = {"path": str(path.resolve()), "sha256": file_sha256(path / LORA_WEIGHTS)}
+            try:
+                check_lora_fits(src, shapes, f"run {prep.run.id}'s net")
+            except LoraError as exc:
+                raise EditInputError(str(exc)) from None
+            self.loras.append({"spec": spec, "scale": scale, **rec})
+            self.lora_sources.append(src)
+
+    def _personalize(self, run_id: str, prep: Any, method: str, what: str) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """A finished personalize run of ``method`` named by ``what=run:<id>``: (run, its model config,
+        the record of its checkpoint)."""
+        from imagegen.train.runs import get_run
+        from models.checkpoint import verify_checkpoint
+
+        try:
+            ref = get_run(prep.root, run_id)
+        except (LookupError, ValueError) as exc:
+            raise EditInputError(f"{what}=run:{run_id}: {exc}") from None
+        if ref.checkpoint is None:
+            raise EditInputError(f"{what}=run:{run_id}: run {ref.id} has no checkpoint yet")
+        meta = verify_checkpoint(Path(ref.checkpoint))
+        cfg = meta.get("config", {})
+        fam, m = cfg.get("family"), cfg.get("model", {})
+        if fam != "personalize" or m.get("method") != method:
+            kind = f"a personalize {m.get('method')!r} run" if fam == "personalize" else f"a {fam!r} run"
+            hint = {"dreambooth": f"(its whole net trained: sample it as run={ref.id})",
+                    "lora": f"(give it as lora=run:{ref.id})",
+                    "textual_inversion": f"(give it as embedding=run:{ref.id})"}.get(m.get("method"), "")
+            raise EditInputError(f"{what}=run:{run_id}: run {ref.id} is {kind}, not a personalize {method!r} run "
+                                 f"{hint}".rstrip())
+        rec = {"run": ref.id, "checkpoint_step": int(meta["step"]), "sha256": meta["tensors_sha256"]}
+        return ref, m, rec
+
+    def _personalize_lora(self, run_id: str, prep: Any, target: Path) -> tuple[Any, dict[str, Any]]:
+        from models.checkpoint import read_checkpoint
+        from models.lora import LoraSource
+
+        ref, m, rec = self._personalize(run_id, prep, "lora", "lora")
+        base = Path(str(m.get("base", "")))
+        if not _same_checkpoint(base, target):
+            raise EditInputError(f"lora=run:{run_id}: personalize run {ref.id} adapted the base checkpoint {base}, not "
+                                 f"run {prep.run.id}'s {target} (another base run or another step); sample it over "
+                                 "its own base")
+        tensors, meta = read_checkpoint(Path(ref.checkpoint))
+        rank = int(m.get("lora_rank", 4))
+        state = _ema_state(tensors, meta)
+        src = LoraSource.from_state(state, "inner.net.", rank, float(m.get("lora_alpha") or rank),
+                                    m.get("lora_targets", "default"), f"run:{ref.id}")
+        return src, rec
+
+    def _embedding(self, spec_text: str, prep: Any) -> dict[str, Any]:
         from safetensors import safe_open
 
-        p = Path(req.embedding)
-        p = p / "learned_embeds.safetensors" if p.is_dir() else p
-        if not p.is_file():
-            raise EditInputError(f"embedding {p} does not exist")
-        if p.suffix != ".safetensors":
-            raise EditInputError(f"embedding {p}: only safetensors embeddings are read (learned_embeds.safetensors)")
         if prep.cond_kind != "text":
-            raise EditInputError(f"embedding {p}: a textual-inversion embedding needs a text-conditioned run; "
+            raise EditInputError(f"embedding {spec_text}: a textual-inversion embedding needs a text-conditioned run; "
                                  f"run {prep.run.id} is {prep.cond_kind}-conditioned")
-        with safe_open(str(p), framework="pt") as f:
-            keys, meta = list(f.keys()), f.metadata() or {}
-        if len(keys) != 1:
-            raise EditInputError(f"embedding {p} holds {len(keys)} tensors; expected one (token -> vector)")
         # the checkpoint's own config names the resolved encoder (the run card may hold an alias such as 'world')
         spec = str(_state_config(prep.run.checkpoint).get("model", {}).get("text_encoder"))
-        theirs = meta.get("text_encoder")
+        if spec_text.startswith("run:"):
+            from models.checkpoint import read_checkpoint
+
+            ref, m, rec = self._personalize(spec_text[4:], prep, "textual_inversion", "embedding")
+            tensors, meta = read_checkpoint(Path(ref.checkpoint))
+            vec = _ema_state(tensors, meta).get("ti.embedding")
+            if vec is None:
+                raise EditInputError(f"embedding {spec_text}: run {ref.id}'s checkpoint holds no ti.embedding")
+            theirs = m.get("text_encoder")
+            token = str(m.get("placeholder", "sks"))
+        else:
+            p = Path(spec_text)
+            p = p / "learned_embeds.safetensors" if p.is_dir() else p
+            if not p.is_file():
+                raise EditInputError(f"embedding {p} does not exist")
+            if p.suffix != ".safetensors":
+                raise EditInputError(f"embedding {p}: only safetensors embeddings are read (learned_embeds.safetensors)")
+            with safe_open(str(p), framework="pt") as f:
+                keys, meta = list(f.keys()), f.metadata() or {}
+                if len(keys) != 1:
+                    raise EditInputError(f"embedding {p} holds {len(keys)} tensors; expected one (token -> vector)")
+                vec = f.get_tensor(keys[0])
+            theirs, token = meta.get("text_encoder"), keys[0]
+            rec = {**_file_id(str(p)), "path": str(p.resolve())}
         if theirs is not None and theirs != spec:
-            raise EditInputError(f"embedding {p} was learned for the text encoder {theirs!r}; run {prep.run.id} "
+            raise EditInputError(f"embedding {spec_text} was learned for the text encoder {theirs!r}; run {prep.run.id} "
                                  f"uses {spec!r}")
-        return {"path": str(p.resolve()), "token": keys[0], "spec": spec}
+        return {**rec, "token": token, "spec": spec, "vector": vec.reshape(-1)}
 
     # ------------------------------------------------------------------ records
 
@@ -360,16 +525,11 @@ class EditPlan:
                                 "tensors_sha256": meta["tensors_sha256"]}
         else:
             fam = load_family(prep.run.checkpoint, device=device)
-        if self.loras:
-            from models.lora import load_lora, lora_layers, merge_lora
+        if self.lora_sources:
+            from models.lora import apply_loras
 
             target = fam.base if hasattr(fam, "controlled") else fam
-            spec = self.loras[0]
-            load_lora(target, spec["path"])
-            for layer in lora_layers(target.net):
-                for name in layer.active_adapters:
-                    layer.set_scale(name, spec["scale"])
-            merge_lora(target)
+            apply_loras(target, [(src, lo["scale"]) for src, lo in zip(self.lora_sources, self.loras)])
             target.to(device).eval().requires_grad_(False)
         if self.control is not None:
             c = self.control.to(fam.device)
@@ -384,11 +544,14 @@ class EditPlan:
 
     def context(self, fam: Any) -> ExitStack:
         stack = ExitStack()
-        if self.embedding is not None:
-            from models.personalize import TextualInversion
+        if self.embeddings:
+            from models.personalize import EmbeddingSet
 
-            ti = TextualInversion.load(self.embedding["path"], self.embedding["spec"], device=fam.device)
-            stack.enter_context(ti.active(self.text_family(fam)))
+            if self._embedding_set is None:
+                self._embedding_set = EmbeddingSet(self.embeddings[0]["spec"], [
+                    (e["token"], e["vector"], e.get("file") or f"run:{e.get('run')}") for e in self.embeddings],
+                    device=fam.device)
+            stack.enter_context(self._embedding_set.active(self.text_family(fam)))
         return stack
 
     # ------------------------------------------------------------------ one batch
@@ -396,14 +559,13 @@ class EditPlan:
     def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
                  x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """n images in [-1, 1] for one batch, and the network evaluations it took."""
-        from models import editing
-
         ctl: dict[str, Any] = {}
         if self.control is not None:
             ctl = {"control": self.control_map, "control_scale": self.req.control_scale}
         if self.mode == "sample":
+            size = {"height": self.latent_size[0], "width": self.latent_size[1]} if self.latent_size else {}
             res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
-                                    negative=negative, x_T=x_T, generator=generator, **ctl)
+                                    negative=negative, x_T=x_T, generator=generator, **ctl, **size)
             return res.sample, int(res.nfe)
         dev = fam.device
         images = self.image.to(dev).expand(n, -1, -1, -1)
@@ -417,20 +579,30 @@ class EditPlan:
                 return res.sample, int(res.nfe)
             common = {"sampler": sampler, "steps": steps, "guidance": guidance, "negative": negative,
                       "generator": generator, "noise": x_T, **ctl}
-            if self.mode == "sdedit":
-                out = editing.sdedit(fam, images, self.strength, cond, **common)
-            elif self.mode in ("inpaint", "outpaint"):
-                out = editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
-                                      resample=self.req.resample, **common).sample
-            else:
-                src = self.source
-                if src is not None:
-                    src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
-                out = editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
-                                          control=ctl.get("control"), control_scale=ctl.get("control_scale"))
+            inner, active = fam, nullcontext()
+            if getattr(fam, "name", None) == "personalize":  # the tuned base family, under its embedding
+                inner, active = fam.inner, fam._active()
+            with active:
+                out = self._edit(inner, images, n, cond, common, ctl, steps, guidance, negative, dev)
         finally:
             hook.remove()
         return out, calls[0]
+
+    def _edit(self, fam: Any, images: torch.Tensor, n: int, cond: Any, common: dict[str, Any], ctl: dict[str, Any],
+              steps: int, guidance: float, negative: Any, dev: Any) -> torch.Tensor:
+        """SDEdit, inpainting / outpainting or the inversion edit of one batch on ``fam``."""
+        from models import editing
+
+        if self.mode == "sdedit":
+            return editing.sdedit(fam, images, self.strength, cond, **common)
+        if self.mode in ("inpaint", "outpaint"):
+            return editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
+                                   resample=self.req.resample, **common).sample
+        src = self.source
+        if src is not None:
+            src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
+        return editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
+                                   control=ctl.get("control"), control_scale=ctl.get("control_scale"))
 
 
 class PlainPlan:
@@ -478,10 +650,20 @@ class DiffusersEditPlan:
         if req.init_image is not None:
             self.image = _open_image(req.init_image, "init image").convert("RGB")
             self.inputs["init_image"] = _file_id(req.init_image)
-            if self.image.size != (side, side):
-                raise EditInputError(f"the init image {req.init_image} is {self.image.size[0]}x{self.image.size[1]}, "
-                                     f"but {where}")
-            self.mode = "sdedit"
+            w, h = self.image.size
+            if req.outpaint is not None:
+                from models.diffusers_edit import outpaint_canvas
+
+                left, top, right, bottom = req.outpaint
+                W, H = w + left + right, h + top + bottom
+                if (W, H) != (side, side):
+                    raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"but {where}")
+                self.image, self.mask = outpaint_canvas(self.image, list(req.outpaint))
+            elif self.image.size != (side, side):
+                raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where}")
+            self.mode = "outpaint" if req.outpaint is not None else "invert" if req.invert else "sdedit"
             if req.mask is not None:
                 mi = _open_image(req.mask, "mask")
                 if mi.size != self.image.size:
@@ -489,10 +671,12 @@ class DiffusersEditPlan:
                                          f"{req.init_image} is {side}x{side}")
                 self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
                 self.inputs["mask"] = _file_id(req.mask)
+                self.mode = "inpaint"
+            if self.mask is not None:
                 frac = float((np.asarray(self.mask) > 0).mean())
                 self.inputs["mask_generate_fraction"] = round(frac, 6)
-                self.mode = "inpaint"
-            self.strength = req.strength if req.strength is not None else (SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
+            self.strength = None if self.mode == "invert" else req.strength if req.strength is not None else (
+                SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
         self.cn_path = None
         if req.control is not None:
             if req.controlnet is None:
@@ -513,7 +697,9 @@ class DiffusersEditPlan:
         req = self.req
         edit = None
         if self.mode != "sample":
-            edit = {**_edit_inputs(self), "pipeline": "diffusers"}
+            edit = {**_edit_inputs(self), "pipeline": "diffusers",
+                    "outpaint": list(req.outpaint) if req.outpaint is not None else None,
+                    "source_prompt": req.source_prompt if self.mode == "invert" else None}
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
@@ -538,7 +724,7 @@ class DiffusersEditPlan:
         return E.generate(fam, self._pipe, self.mode, list(cond), negative, steps, guidance, generator,
                           image=self.image, mask=self.mask, strength=self.strength, control=self.control,
                           control_scale=self.req.control_scale if self.req.control_scale is not None else 1.0,
-                          latents=x_T)
+                          latents=x_T, source=self.req.source_prompt)
 
 
 def stable_sha(files: dict[str, str]) -> str:

@@ -20,9 +20,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut
 from models.nets.tokens import CondVector, KVCache, TokenTransformer, cfg_logits, sample_logits, token_ids
 from models.samplers import SampleResult
@@ -46,16 +47,14 @@ class TokenModelConfig(FamilyConfig):
     top_k: int = Field(0, ge=0, description="Default top-k filter (0 = off)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Default nucleus filter (1 = off)")
 
-    @model_validator(mode="after")
-    def _check_tokens(self) -> "TokenModelConfig":
-        name = type(self).__name__
-        if self.data != "latents":
-            raise ValueError(f"{name}: data must be 'latents' (a token dataset of a tokenizer run)")
-        if self.hidden % self.heads:
-            raise ValueError(f"{name}: hidden {self.hidden} is not divisible by heads {self.heads}")
-        if self.top_k >= self.vocab_size:
-            raise ValueError(f"{name}: top_k {self.top_k} must be below vocab_size {self.vocab_size} (0 = off)")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("data") and self.data != "latents":
+            p.add("data must be 'latents' (a token dataset of a tokenizer run)")
+        if p.can("hidden", "heads") and self.hidden % self.heads:
+            p.add(f"hidden {self.hidden} is not divisible by heads {self.heads}")
+        if p.can("top_k", "vocab_size") and self.top_k >= self.vocab_size:
+            p.add(f"top_k {self.top_k} must be below vocab_size {self.vocab_size} (0 = off)")
 
 
 class ARConfig(TokenModelConfig):

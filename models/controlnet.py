@@ -243,6 +243,7 @@ def weights_fingerprint(module: nn.Module) -> str:
 class ControlNet(Family):
     name: ClassVar[str] = "controlnet"
     Config: ClassVar[type[FamilyConfig]] = ControlNetConfig
+    base_fields: ClassVar[tuple[str, ...]] = _SAME  # must equal the base run's (a preset's are replaced by them)
     # per instance these become the base family's samplers (set in __init__)
     samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "heun", "euler", "dpmpp_2m", "consistency")
     default_sampler: ClassVar[str] = "ddim"

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut
 from models.samplers import SampleResult
 
@@ -53,18 +54,48 @@ class DiffusersLoraConfig(FamilyConfig):
     prior_weight: float = Field(1.0, ge=0.0, description="Weight of the prior-preservation loss")
     prior_images: int = Field(8, ge=1, le=10_000, description="Class images the frozen base generates once")
     prior_steps: int = Field(25, ge=1, le=1000, description="Sampler steps for the class images")
+    base_files: dict[str, str] | None = Field(None, description="The base's identity: sha256 of every file of the "
+                                              "pipeline folder (the run layer fills it in, so the run id hashes it; "
+                                              "checked whenever the family is built)")
 
-    @model_validator(mode="after")
-    def _check_lora(self) -> "DiffusersLoraConfig":
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
         from models.hf_diffusers import parse_spec
 
-        parse_spec(self.pipeline)
-        if self.conditioning != "text" or self.text_encoder != "pipeline":
-            raise ValueError("diffusers_lora: conditioning is 'text' through the pipeline's text encoder "
-                             "(leave conditioning and text_encoder unset)")
-        if self.data != "pixels" or self.channels != 3:
-            raise ValueError("diffusers_lora trains on RGB images (data='pixels', channels=3); the VAE encodes them")
-        return self
+        if p.can("pipeline"):
+            try:
+                parse_spec(self.pipeline)
+            except ValueError as exc:
+                p.add(str(exc))
+        if p.can("conditioning", "text_encoder") and (self.conditioning != "text" or self.text_encoder != "pipeline"):
+            p.add("conditioning is 'text' through the pipeline's text encoder "
+                  "(leave conditioning and text_encoder unset)")
+        if p.can("data", "channels") and (self.data != "pixels" or self.channels != 3):
+            p.add("diffusers_lora trains on RGB images (data='pixels', channels=3); the VAE encodes them")
+
+
+def base_digest(files: Mapping[str, str]) -> str:
+    """One hash of a pipeline's identity (its files' sha256 by relative path)."""
+    from imagegen.hashing import stable_hash
+
+    return stable_hash(dict(sorted(files.items())))
+
+
+def check_base(cfg: DiffusersLoraConfig, identity: Mapping[str, Any]) -> None:
+    """Refuse a base pipeline whose files are not the ones the config records (``base_files``):
+    the folder behind the spec changed since the run was made (both identities named)."""
+    if cfg.base_files is None:
+        return
+    now = dict(identity.get("files") or {})
+    if now == cfg.base_files:
+        return
+    changed = sorted(k for k in set(now) | set(cfg.base_files) if now.get(k) != cfg.base_files.get(k))
+    what = "; ".join(f"{k}: recorded {str(cfg.base_files.get(k, 'absent'))[:12]}, now {str(now.get(k, 'absent'))[:12]}"
+                     for k in changed[:3])
+    raise ValueError(f"{cfg.pipeline}: the base pipeline changed since this model was made: it was trained on files "
+                     f"{base_digest(cfg.base_files)[:16]} (recorded in its config), the folder now holds files "
+                     f"{base_digest(now)[:16]}; {len(changed)} file(s) differ ({what}{'; ...' if len(changed) > 3 else ''}). "
+                     "Restore that base, or train a new run on this one")
 
 
 class DiffusersLora(Family):
@@ -84,6 +115,7 @@ class DiffusersLora(Family):
         from models.hf_diffusers import DiffusersModel
 
         model = DiffusersModel(cfg.pipeline, device="cpu", dtype=torch.float32, resolution=cfg.image_size)
+        check_base(cfg, model.identity)
         pipe = model.pipe
         if getattr(pipe, "unet", None) is None or not hasattr(pipe.scheduler, "alphas_cumprod"):
             raise ValueError(f"diffusers_lora: {cfg.pipeline} is a {type(pipe).__name__}; LoRA training here needs a "

@@ -27,9 +27,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import FamilyConfig, LossOut, randn
 from models.diffusion import flow_interpolate, flow_target, sample_t_logit_normal, sample_t_uniform
 from models.flow import FlowConfig, FlowMatching
@@ -47,13 +48,13 @@ class DMDConfig(FlowConfig):
     t_min: float = Field(0.02, ge=0.0, lt=1.0, description="Smallest re-noising time of the distribution matching")
     t_max: float = Field(0.98, gt=0.0, le=1.0, description="Largest re-noising time")
 
-    @model_validator(mode="after")
-    def _check_dmd(self) -> "DMDConfig":
-        if self.t_min >= self.t_max:
-            raise ValueError(f"DMDConfig: t_min {self.t_min} must be < t_max {self.t_max}")
-        if self.repa is not None:
-            raise ValueError("DMDConfig: repa is a pre-training option; a DMD generator does not use it")
-        return self
+    def repa_problems(self, p: Problems) -> None:
+        p.add("repa is a pre-training option; a DMD generator does not use it")
+
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("t_min", "t_max") and self.t_min >= self.t_max:
+            p.add(f"t_min {self.t_min} must be < t_max {self.t_max}")
 
 
 class DMD(TeacherMixin, FlowMatching):

@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut, randn
 from models.diffusion import edm_denoiser, edm_network_io, edm_precond, karras_sigmas, sample_sigma_lognormal
 from models.samplers import SampleResult, dpmpp_2m, edm_euler, edm_heun
@@ -25,11 +26,10 @@ class EDMConfig(FamilyConfig):
     rho: float = Field(7.0, gt=0.0, le=100.0, description="Karras grid exponent")
     s_churn: float = Field(0.0, ge=0.0, description="Heun/Euler churn (0 = deterministic)")
 
-    @model_validator(mode="after")
-    def _check_sigmas(self) -> "EDMConfig":
-        if self.sigma_min >= self.sigma_max:
-            raise ValueError(f"EDMConfig: sigma_min {self.sigma_min} must be < sigma_max {self.sigma_max}")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("sigma_min", "sigma_max") and self.sigma_min >= self.sigma_max:
+            p.add(f"sigma_min {self.sigma_min} must be < sigma_max {self.sigma_max}")
 
 
 _CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")

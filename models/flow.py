@@ -10,9 +10,10 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut, randn
 from models.diffusion import flow_interpolate, flow_target, sample_t_logit_normal, sample_t_uniform
 from models.repa import REPA, RepaConfig, check_repa
@@ -33,11 +34,27 @@ class FlowConfig(FamilyConfig):
     repa: RepaConfig | None = Field(None, description="REPA: align a DiT/MMDiT block's tokens to a frozen vision "
                                     "encoder's patch features (Yu et al. 2024); None = off")
 
-    @model_validator(mode="after")
-    def _check_repa(self) -> "FlowConfig":
-        if self.repa is not None:
-            check_repa(self.repa, self.net, getattr(self.net_config(8, 1.0), "depth", 0), type(self).__name__)
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if self.repa is not None and p.can("repa"):
+            self.repa_problems(p)
+
+    def repa_problems(self, p: Problems) -> None:
+        """The REPA settings against the network (its depth needs a valid net config)."""
+        if not p.can("net"):
+            return
+        if self.net not in ("dit", "mmdit"):
+            depth = 0
+        else:
+            try:  # a net config that does not build is reported by the base check
+                depth = getattr(self.net_config(8, 1.0), "depth", 0) if not p.bad else None
+            except ValueError:
+                depth = None
+        if depth is not None:
+            try:
+                check_repa(self.repa, self.net, depth, type(self).__name__)
+            except ValueError as exc:
+                p.add(str(exc).removeprefix(f"{type(self).__name__}: "))
 
 
 class FlowMatching(Family):

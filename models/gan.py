@@ -21,9 +21,10 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut, rand, randn
 from models.samplers import SampleResult
 
@@ -41,13 +42,12 @@ class GANConfig(FamilyConfig):
     spectral_norm: bool = Field(False, description="Spectral norm on the discriminator's layers")
     d_steps: int = Field(1, ge=1, le=100, description="Discriminator updates per generator update")
 
-    @model_validator(mode="after")
-    def _check(self) -> "GANConfig":
-        if self.image_size % (2 ** self.levels):
-            raise ValueError(f"GANConfig: image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
-        if self.conditioning == "text":
-            raise ValueError("GANConfig: conditioning is 'none' or 'class' (projection discriminator)")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("image_size", "levels") and self.image_size % (2 ** self.levels):
+            p.add(f"image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
+        if p.can("conditioning") and self.conditioning == "text":
+            p.add("conditioning is 'none' or 'class' (projection discriminator)")
 
 
 def _gn(c: int) -> nn.GroupNorm:

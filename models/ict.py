@@ -24,9 +24,10 @@ import math
 from typing import Any, ClassVar, Literal, Mapping
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
+from imagegen.checks import Problems
 from models.base import FamilyConfig, LossOut, rand, randn
 from models.consistency import ConsistencyFunction
 from models.diffusion import expand_to, karras_sigmas
@@ -43,11 +44,10 @@ class ICTConfig(EDMConfig):
     distance: Literal["l2", "pseudo_huber"] = Field("pseudo_huber", description="Consistency loss metric")
     sample_steps: int = Field(1, ge=1, le=16, description="Default consistency sampling steps")
 
-    @model_validator(mode="after")
-    def _check_curriculum(self) -> "ICTConfig":
-        if self.s1 < self.s0:
-            raise ValueError(f"ICTConfig: s1={self.s1} must be >= s0={self.s0}")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("s0", "s1") and self.s1 < self.s0:
+            p.add(f"s1={self.s1} must be >= s0={self.s0}")
 
 
 def discretisation(k: int, K: int, s0: int, s1: int) -> int:

@@ -18,9 +18,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut, rand
 from models.samplers import SampleResult
 
@@ -38,13 +39,12 @@ class MaskGITConfig(FamilyConfig):
     confidence_noise: float = Field(4.5, ge=0.0, le=100.0, description="Gumbel noise on confidences at step 0 "
                                     "(annealed to 0; the paper's choice_temperature)")
 
-    @model_validator(mode="after")
-    def _check(self) -> "MaskGITConfig":
-        if self.data != "latents":
-            raise ValueError("MaskGITConfig: data must be 'latents' (token grids)")
-        if self.hidden % self.heads:
-            raise ValueError(f"MaskGITConfig: hidden {self.hidden} is not divisible by heads {self.heads}")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("data") and self.data != "latents":
+            p.add("data must be 'latents' (token grids)")
+        if p.can("hidden", "heads") and self.hidden % self.heads:
+            p.add(f"hidden {self.hidden} is not divisible by heads {self.heads}")
 
 
 def mask_schedule(r: Tensor | float) -> Tensor:

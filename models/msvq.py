@@ -21,9 +21,10 @@ from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
+from imagegen.checks import Problems
 from models.base import FamilyConfig
 from models.vq import VQConfig, VQTokenizer
 
@@ -33,16 +34,16 @@ class MSVQConfig(VQConfig):
     scales: tuple[int, ...] = Field((1, 2, 3, 4), min_length=1, max_length=32,
                                     description="Token map sides s_1 < ... < s_K; s_K = image_size / 2^levels")
 
-    @model_validator(mode="after")
-    def _check_scales(self) -> "MSVQConfig":
-        side = self.image_size // 2 ** self.levels
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if not p.can("scales"):
+            return
         s = self.scales
-        if any(b <= a for a, b in zip(s, s[1:])) or s[0] < 1:
-            raise ValueError(f"MSVQConfig: scales must be positive and strictly increasing, got {list(s)}")
-        if s[-1] != side:
-            raise ValueError(f"MSVQConfig: the last scale must be the latent side image_size / 2^levels = {side}, "
-                             f"got scales {list(s)}")
-        return self
+        if not s or any(b <= a for a, b in zip(s, s[1:])) or s[0] < 1:
+            p.add(f"scales must be positive and strictly increasing, got {list(s)}")
+        side = self.image_size // 2 ** self.levels
+        if s and p.can("image_size", "levels") and s[-1] != side:
+            p.add(f"the last scale must be the latent side image_size / 2^levels = {side}, got scales {list(s)}")
 
 
 def down(x: Tensor, side: int) -> Tensor:

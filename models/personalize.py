@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -52,47 +52,13 @@ class TextualInversion(nn.Module):
 
     def encode(self, texts: Sequence[str]) -> TextEmbeddings:
         """TextEncoder's features (models/text.py) with the placeholder's row replaced, differentiably."""
-        enc = get_text_encoder(self.spec, self.embedding.device)
-        m = enc.clip.model
-        ids = enc.clip.tokenizer(list(texts)).to(self.embedding.device)
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(ids).to(cast)
-        x = torch.where((ids == self.token_id)[..., None], self.embedding.to(cast), x) + m.positional_embedding.to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
-        proj = m.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
-        if getattr(m, "text_pool_type", "argmax") != "argmax":
-            raise ValueError(f"TextualInversion: {self.spec!r} pools with {m.text_pool_type!r}; only argmax is supported")
-        end = ids.argmax(dim=-1)
-        pos = torch.arange(ids.shape[1], device=ids.device)[None]
-        pooled = x[torch.arange(ids.shape[0], device=ids.device), end]
-        return TextEmbeddings(x.float(), pos <= end[:, None], pooled.float())
+        return encode_with(self.spec, {self.token_id: self.embedding}, texts)
 
     @contextmanager
     def active(self, family: Any) -> Iterator[None]:
         """The family encodes captions through this embedding meanwhile (training and sampling)."""
-        if family.cfg.conditioning != "text" or str(family.cfg.text_encoder) != self.spec:
-            raise ValueError(f"TextualInversion for {self.spec!r} needs a family conditioned on that text encoder; "
-                             f"{type(family).__name__} has conditioning={family.cfg.conditioning!r} "
-                             f"text_encoder={family.cfg.text_encoder!r}")
-
-        def text(captions: Any, n: int, where: str, device: torch.device) -> dict[str, Tensor]:
-            if isinstance(captions, str):
-                captions = [captions] * n
-            if not isinstance(captions, (list, tuple)) or len(captions) != n:
-                raise ValueError(f"{where}: captions must be a list of {n} strings")
-            emb = self.encode(captions)
-            cond = {"pooled": emb.pooled.to(device)}
-            if family.cfg.text_tokens:
-                cond["tokens"], cond["token_mask"] = emb.tokens.to(device), emb.mask.to(device)
-            return cond
-
-        family.__dict__["_text"] = text
-        try:
+        with routed_text(family, self.spec, self.encode):
             yield
-        finally:
-            family.__dict__.pop("_text", None)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -116,6 +82,86 @@ class TextualInversion(nn.Module):
         with torch.no_grad():
             ti.embedding.copy_(vec)
         return ti
+
+
+def encode_with(spec: str, vectors: Mapping[int, Tensor], texts: Sequence[str]) -> TextEmbeddings:
+    """The text tower ``spec``'s features of ``texts`` with the token-embedding rows of the token
+    ids in ``vectors`` replaced by their vectors (differentiably)."""
+    device = next(iter(vectors.values())).device
+    enc = get_text_encoder(spec, device)
+    m = enc.clip.model
+    ids = enc.clip.tokenizer(list(texts)).to(device)
+    cast = m.transformer.get_cast_dtype()
+    x = m.token_embedding(ids).to(cast)
+    for token_id, vec in vectors.items():
+        x = torch.where((ids == token_id)[..., None], vec.to(cast), x)
+    x = x + m.positional_embedding.to(cast)
+    x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask))
+    proj = m.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj
+    if getattr(m, "text_pool_type", "argmax") != "argmax":
+        raise ValueError(f"TextualInversion: {spec!r} pools with {m.text_pool_type!r}; only argmax is supported")
+    end = ids.argmax(dim=-1)
+    pos = torch.arange(ids.shape[1], device=ids.device)[None]
+    pooled = x[torch.arange(ids.shape[0], device=ids.device), end]
+    return TextEmbeddings(x.float(), pos <= end[:, None], pooled.float())
+
+
+@contextmanager
+def routed_text(family: Any, spec: str, encode: Any) -> Iterator[None]:
+    """Meanwhile the family encodes its captions with ``encode(texts) -> TextEmbeddings``."""
+    if family.cfg.conditioning != "text" or str(family.cfg.text_encoder) != spec:
+        raise ValueError(f"TextualInversion for {spec!r} needs a family conditioned on that text encoder; "
+                         f"{type(family).__name__} has conditioning={family.cfg.conditioning!r} "
+                         f"text_encoder={family.cfg.text_encoder!r}")
+
+    def text(captions: Any, n: int, where: str, device: torch.device) -> dict[str, Tensor]:
+        if isinstance(captions, str):
+            captions = [captions] * n
+        if not isinstance(captions, (list, tuple)) or len(captions) != n:
+            raise ValueError(f"{where}: captions must be a list of {n} strings")
+        emb = encode(captions)
+        cond = {"pooled": emb.pooled.to(device)}
+        if family.cfg.text_tokens:
+            cond["tokens"], cond["token_mask"] = emb.tokens.to(device), emb.mask.to(device)
+        return cond
+
+    family.__dict__["_text"] = text
+    try:
+        yield
+    finally:
+        family.__dict__.pop("_text", None)
+
+
+class EmbeddingSet:
+    """Several textual-inversion embeddings at once (one new token each) for the text tower
+    ``spec``: ``(token, vector, where)`` triples; tokens must be distinct single tokens."""
+
+    def __init__(self, spec: str, embeddings: Sequence[tuple[str, Tensor, str]],
+                 device: str | torch.device = "cpu") -> None:
+        self.spec = spec
+        enc = get_text_encoder(spec, device)
+        width = enc.clip.model.token_embedding.weight.shape[-1]
+        self.vectors: dict[int, Tensor] = {}
+        seen: dict[str, str] = {}
+        for token, vec, where in embeddings:
+            if token in seen:
+                raise ValueError(f"embeddings {seen[token]} and {where} both define the token {token!r}")
+            seen[token] = where
+            if vec.shape != (width,):
+                raise ValueError(f"embedding {where}: its vector for {token!r} has shape {list(vec.shape)}; "
+                                 f"{spec!r} takes [{width}]")
+            self.vectors[TextualInversion._single_token(enc, token, f"the token of {where}")] = \
+                vec.detach().float().to(device)
+
+    def encode(self, texts: Sequence[str]) -> TextEmbeddings:
+        return encode_with(self.spec, self.vectors, texts)
+
+    @contextmanager
+    def active(self, family: Any) -> Iterator[None]:
+        with routed_text(family, self.spec, self.encode):
+            yield
 
 
 def _batch(family: Any, images: Tensor, conditioning: Any, idx: Tensor) -> dict[str, Any]:
@@ -207,7 +253,7 @@ def denoising_loss(family: Any, images: Tensor, conditioning: Any, repeats: int 
 # ----------------------------------------------------------------------------- as a trainer run
 
 
-from typing import ClassVar, Literal, Mapping  # noqa: E402
+from typing import ClassVar, Literal  # noqa: E402
 
 from pydantic import Field  # noqa: E402
 
@@ -250,6 +296,8 @@ class Personalize(Family):
 
     name: ClassVar[str] = "personalize"
     Config: ClassVar[type[FamilyConfig]] = PersonalizeConfig
+    base_fields: ClassVar[tuple[str, ...]] = ("net", "net_size", "net_overrides", "image_size", "channels", "data",
+                                              "conditioning", "num_classes", "text_encoder", "text_tokens")
     samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "heun", "euler", "dpmpp_2m", "consistency")
     default_sampler: ClassVar[str] = "ddim"
 
@@ -258,7 +306,6 @@ class Personalize(Family):
     def __init__(self, cfg: PersonalizeConfig | Mapping[str, Any]) -> None:
         super().__init__(cfg)
         from models.checkpoint import load_family
-        from models.controlnet import _SAME
         from models.teacher import TeacherError, same_fields
 
         c = self.cfg
@@ -267,7 +314,7 @@ class Personalize(Family):
         inner = load_family(c.base)
         if not isinstance(getattr(inner, "net", None), nn.Module):
             raise TeacherError(f"personalize: the base {c.base} is a {inner.name!r} model without a denoiser net")
-        same_fields(c, inner.cfg, _SAME, "personalize")
+        same_fields(c, inner.cfg, self.base_fields, "personalize")
         cond = inner.cfg.conditioning
         for field in ("prompt", "prior_prompt"):
             v = getattr(c, field)

@@ -169,3 +169,6 @@ def family_lines() -> list[str]:
 from models.diffusers_lora import DiffusersLora  # noqa: E402
 
 register_family(DiffusersLora)
+from models.lcm_lora import LcmLora  # noqa: E402
+
+register_family(LcmLora)

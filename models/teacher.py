@@ -25,13 +25,15 @@ if TYPE_CHECKING:  # no torch at import: the pipeline request checks teachers wi
 # THE teacher table: the teacher families each distillation family accepts (a distillation method
 # of imagegen.distill is the family of the same name).
 TEACHERS: dict[str, tuple[str, ...]] = {"progressive": ("ddpm", "progressive"), "reflow": ("flow", "reflow"),
-                                        "consistency": ("edm",), "dmd": ("flow", "reflow")}
+                                        "consistency": ("edm",), "dmd": ("flow", "reflow"),
+                                        # a diffusers pipeline (``--teacher diffusers:PATH``), not a run
+                                        "lcm_lora": ("diffusers",)}
 # Methods whose run named as "teacher" is only the reference: consistency training (iCT) learns
 # without a teacher, on that run's dataset with its network config (from scratch), and the NFE
 # report compares the student with it.
 REFERENCE_ONLY: dict[str, tuple[str, ...]] = {"ict": ("edm",)}
 # the methods ``imagegen distill`` runs (each the family of the same name)
-Method = Literal["progressive", "reflow", "consistency", "dmd", "ict"]
+Method = Literal["progressive", "reflow", "consistency", "dmd", "ict", "lcm_lora"]
 METHODS: tuple[str, ...] = get_args(Method)
 
 

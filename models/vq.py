@@ -31,9 +31,10 @@ from typing import Any, ClassVar, Literal, Mapping
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import Family, FamilyConfig, LossOut
 from models.samplers import SampleResult
 from models.vae import Decoder, Encoder
@@ -59,15 +60,14 @@ class VQConfig(FamilyConfig):
     levels: int = Field(2, ge=0, le=6, description="Downsampling levels (factor 2 each)")
     width: int = Field(32, ge=4, le=1024, description="Channels of the first level")
 
-    @model_validator(mode="after")
-    def _check(self) -> "VQConfig":
-        if self.image_size % (2 ** self.levels):
-            raise ValueError(f"VQConfig: image_size {self.image_size} is not divisible by 2^levels")
-        if self.conditioning != "none":
-            raise ValueError("VQConfig: a tokenizer is unconditional")
-        if any(lv < 2 for lv in self.fsq_levels):
-            raise ValueError(f"VQConfig: every FSQ level count must be >= 2, got {self.fsq_levels}")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("image_size", "levels") and self.image_size % (2 ** self.levels):
+            p.add(f"image_size {self.image_size} is not divisible by 2^levels = {2 ** self.levels}")
+        if p.can("conditioning") and self.conditioning != "none":
+            p.add("a tokenizer is unconditional (conditioning='none')")
+        if p.can("fsq_levels") and any(lv < 2 for lv in self.fsq_levels):
+            p.add(f"every FSQ level count must be >= 2, got {self.fsq_levels}")
 
     @property
     def latent_channels(self) -> int:  # what the shared Encoder/Decoder read

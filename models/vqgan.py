@@ -20,9 +20,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
+from imagegen.checks import Problems
 from models.base import FamilyConfig, LossOut
 from models.vae import AdversarialAutoencoder, AdversarialFields
 from models.vq import VQConfig, VQTokenizer
@@ -34,11 +35,10 @@ class VQGANConfig(AdversarialFields, VQConfig):
     adaptive_weight: bool = Field(True, description="Scale the GAN term by |grad rec| / |grad GAN| at the "
                                   "decoder's last layer (Esser et al. 2021 eq. 7)")
 
-    @model_validator(mode="after")
-    def _check_gan(self) -> "VQGANConfig":
-        if self.disc_weight <= 0:
-            raise ValueError("VQGANConfig: disc_weight must be > 0 (without a discriminator train family 'vq')")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("disc_weight") and self.disc_weight <= 0:
+            p.add("disc_weight must be > 0 (without a discriminator train family 'vq')")
 
 
 class VQGAN(AdversarialAutoencoder, VQTokenizer):

@@ -127,3 +127,55 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     mi.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
     index.write_text(json.dumps(mi, indent=2))
     return Path(folder)
+
+
+def trained_tiny_sd_pipeline(folder: Path, steps: int = 150, n_images: int = 64, seed: int = 0,
+                             batch_size: int = 16, lr: float = 2e-3) -> Path:
+    """A tiny StableDiffusionPipeline whose UNet has a real probability-flow ODE: the random VAE's
+    ``scaling_factor`` set so the latents of ``n_images`` embedded-world scenes (16 px) have unit
+    std, then the UNet trained ``steps`` steps (full weights, eps objective, 10% empty captions) on
+    those latents and their captions.  (A random UNet predicts eps ~ 0 and its ODE paths leave the
+    latents' scale: nothing to distil.)  Saved with save_pretrained; the folder."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from imagegen.world.scene import WorldConfig, render_scene
+
+    comps = tiny_sd_components(seed)
+    unet, vae, text, tok, sched = (comps[k] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"))
+    world = WorldConfig()
+    imgs, caps = [], []
+    for i in range(n_images):
+        scene, image = render_scene(world, i)
+        a = np.asarray(image.convert("RGB").resize((16, 16)), dtype=np.float32) / 127.5 - 1
+        imgs.append(torch.from_numpy(a).permute(2, 0, 1))
+        caps.append(scene.caption)
+    with torch.no_grad():
+        z = vae.encode(torch.stack(imgs)).latent_dist.mean
+        vae.register_to_config(scaling_factor=float(1.0 / z.std()))
+        z = z * vae.config.scaling_factor
+        ids = tok(caps + [""], padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        ctx_all = text(ids)[0]
+    ctx, null = ctx_all[:-1], ctx_all[-1:]
+    ab = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr)
+    unet.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n_images, (batch_size,), generator=g)
+        t = torch.randint(0, len(ab), (batch_size,), generator=g)
+        eps = torch.randn(batch_size, *z.shape[1:], generator=g)
+        a = ab[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z[idx] + (1 - a).sqrt() * eps
+        c = torch.where((torch.rand(batch_size, generator=g) < 0.1).view(-1, 1, 1), null, ctx[idx])
+        loss = (unet(x_t, t, encoder_hidden_states=c).sample - eps).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    unet.eval()
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text, tokenizer=tok, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)

@@ -15,6 +15,7 @@ from imagegen.stages.download import (DownloadConfig, InputError, classify_error
 from imagegen.world.publish import PublishConfig, publish_world, read_truth, url_table
 from imagegen.world.scene import WorldConfig, render_scene
 from imagegen.world.server import serve_world
+from imagegen.stages.ledger import read_ledger
 
 
 @pytest.fixture(scope="module")
@@ -26,21 +27,30 @@ def downloaded(tmp_path_factory):
     publish_world(world, pub, base / "world")
     out = base / "out"
     out.mkdir()
-    cfg = DownloadConfig(timeout=1.5, processes_count=1, thread_count=8)
+    # parts of 20 rows: several image parts and several ledger files
+    cfg = DownloadConfig(timeout=1.5, processes_count=1, thread_count=8, number_sample_per_shard=20)
     with serve_world(base / "world") as srv:
         urls = url_table(base / "world", srv.base_url)
         urls["skip_reason"] = None
         counts = run_download(urls, cfg, out)
         stats = srv.stats()
-    ledger = pd.read_parquet(out / "ledger.parquet")
+    ledger = read_ledger(out)
     truth = read_truth(base / "world")
     return world, counts, ledger.merge(truth, on="row_id"), out, stats
 
 
 @pytest.mark.slow
 def test_ledger_accounts_for_every_row(downloaded):
-    _, counts, led, _, _ = downloaded
+    import pyarrow.parquet as pq
+
+    from imagegen.stages.ledger import ledger_files
+
+    _, counts, led, out, _ = downloaded
     assert counts["input_rows"] == len(led) == led["row_id"].nunique()
+    files = ledger_files(out)  # the ledger is per-part files, in row order, read as one
+    assert len(files) >= 3 and [f.parent.name for f in files] == ["ledger"] * len(files)
+    ids = [r for f in files for r in pq.read_table(f, columns=["row_id"]).column("row_id").to_pylist()]
+    assert ids == sorted(ids) == sorted(led["row_id"]) and not (out / "ledger.parquet").exists()
     assert counts["success"] + counts["failed"] + counts["skipped"] == counts["input_rows"]
     assert sum(counts["reasons"].values()) == counts["failed"] + counts["skipped"]
     assert led["status"].isin(["success", "failed", "skipped"]).all()
@@ -186,3 +196,31 @@ def test_gzip_body_is_not_inflated():
 
     r = normalize_image(gzip.compress(b"\x00" * 10_000_000), DownloadConfig())
     assert r["reason"] == "compressed_body" and not r["ok"]
+
+
+def test_ledger_part_files_read_as_one(tmp_path):
+    """write_ledger cuts the rows into part files with one schema (a part whose column is all null
+    included); read_ledger/iter_ledger concatenate them lazily; a one-file ledger reads the same; a
+    folder without a ledger is named."""
+    import pyarrow.parquet as pq
+
+    from imagegen.stages import ledger as L
+
+    led = pd.DataFrame({"row_id": range(25), "key": [f"{i:09d}" if i < 10 else None for i in range(25)],
+                        "status": ["success"] * 10 + ["failed"] * 15,
+                        "original_width": pd.array([32] * 10 + [None] * 15, dtype="Int64")})
+    paths = L.write_ledger(tmp_path / "a", led, rows_per_file=10)
+    assert [p.name for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert len({pq.read_schema(p).remove_metadata() for p in paths}) == 1  # part 2's key column is all null
+    pd.testing.assert_frame_equal(L.read_ledger(tmp_path / "a"), led)
+    got = L.read_ledger(tmp_path / "a", ["row_id", "status"], filter=L.pds.field("status") == "failed")
+    assert got["row_id"].tolist() == list(range(10, 25))
+    assert sum(b.num_rows for b in L.iter_ledger(tmp_path / "a", ["row_id"], batch_rows=4)) == 25
+    assert L.count_rows(tmp_path / "a") == 25
+    (tmp_path / "b").mkdir()
+    led.to_parquet(tmp_path / "b" / "ledger.parquet", index=False)  # a folder from before the part files
+    pd.testing.assert_frame_equal(L.read_ledger(tmp_path / "b"), led)
+    with pytest.raises(ValueError, match="lacks column"):
+        L.read_ledger(tmp_path / "a", ["nope"])
+    with pytest.raises(FileNotFoundError, match="no download ledger"):
+        L.read_ledger(tmp_path / "c")

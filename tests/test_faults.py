@@ -54,23 +54,30 @@ def test_two_clean_runs_in_separate_roots_give_identical_shards(reference, tmp_p
 @pytest.mark.slow
 def test_curate_killed_in_every_stage_resumes_to_the_same_bytes(reference, tmp_path):
     """kill -9 of curate's process group in each stage in turn (a random moment after the stage
-    before it finished), then one last run: same dataset bytes as the undisturbed run, nothing
-    left over, and every stage that had finished is reused, not recomputed."""
-    _, out, digests = reference
+    starts writing its output, within a quarter of its reference duration), then one last run:
+    every kill landed mid-stage (exit -SIGKILL, no complete output of that stage), the rerun
+    recomputes the killed stage and reuses every stage that had finished, and ends on the same
+    dataset bytes as the undisturbed run with nothing left over."""
+    root, out, digests = reference
+    seconds = F.stage_seconds(root)
     rng = random.Random(12)
     finished: set[str] = set()
-    for before, stage in zip(F.CURATE_STAGES, F.CURATE_STAGES[1:]):
-        o = F.run(F.curate_cmd(tmp_path), kill_after_line=f"[{before}]",
-                  delay=F.random_delay(rng, 2.0 if stage in ("reference_clip", "download") else 0.3))
+    killed_in = None
+    for stage in F.CURATE_STAGES[1:]:
+        o, at_kill = F.kill_curate_in(tmp_path, stage, F.random_delay(rng, 0.25 * seconds[stage]))
+        assert o.sigkilled, (stage, o.returncode, o.stderr[-3000:])
+        assert at_kill["complete"] == [], at_kill  # the stage had not finished: the kill was mid-work
         status = F.stage_status(o)
-        assert all(status.get(s) == "cached" for s in finished if s in status), (stage, status)
+        assert stage not in status, status
+        assert all(status.get(s) == "cached" for s in finished), (stage, status)
+        if killed_in is not None:  # the stage killed last time is recomputed, from scratch
+            assert status.get(killed_in) == "done", (killed_in, status)
         finished |= set(status)
-        if not o.killed:  # the stage finished before the kill landed: the drill moves on
-            assert o.returncode == 0, o.stderr[-3000:]
+        killed_in = stage
     last = F.run(F.curate_cmd(tmp_path))
     res = _ok(last)
     status = F.stage_status(last)
-    assert all(status[s] == "cached" for s in finished if s in status), status
+    assert status["shard"] == "done" and all(status[s] == "cached" for s in finished), status
     assert res["dataset_id"] == out["dataset_id"]
     assert F.dataset_digests(res["path"]) == digests
     assert F.leftovers(tmp_path) == []
@@ -110,22 +117,62 @@ def test_two_concurrent_runs_of_one_request_on_one_root(reference, tmp_path):
     assert F.leftovers(tmp_path) == []
 
 
+@pytest.fixture(scope="module")
+def teacher(reference, tmp_path_factory):
+    """One uninterrupted tiny training run (flow, class-conditional) in a copy of the reference
+    root: the train drill's reference and the teacher the distill and evaluate drills start from."""
+    root = F.copy_root(reference[0], tmp_path_factory.mktemp("teacher") / "root")
+    o = F.run(F.train_cmd(root, reference[1]["dataset_id"], "train.seed=1"))
+    return root, _ok(o), o.seconds
+
+
+def _drilled(d: F.Drill) -> None:
+    """What every kill-and-rerun drill must show."""
+    assert d.killed.sigkilled, (d.name, d.killed.returncode, d.killed.stderr[-3000:])
+    assert d.rerun.returncode == 0, (d.name, d.rerun.stderr[-3000:])
+    assert d.differing == [], (d.name, d.differing)
+    assert d.reused and all(d.reused.values()), (d.name, d.reused, d.at_kill)
+    assert d.leftovers == [], (d.name, d.leftovers)
+
+
 @pytest.mark.slow
-def test_train_killed_at_a_random_step_resumes_bit_identically(reference, tmp_path):
-    """kill -9 of ``imagegen train`` after a random logged step, rerun: the final checkpoint's
-    tensors (model, EMA, optimizer, RNG) equal an uninterrupted run's, bit for bit."""
+def test_train_killed_at_a_random_checkpoint_resumes_bit_identically(reference, teacher, tmp_path):
+    """kill -9 of ``imagegen train`` once a random checkpoint is on disk (so mid-run: the run is
+    not finished), rerun: it resumes from that checkpoint and the final checkpoint's tensors
+    (model, EMA, optimizer, RNG) equal the uninterrupted run's, bit for bit."""
     root, out, _ = reference
-    straight = _ok(F.run(F.train_cmd(root, out["dataset_id"], "train.seed=1")))
-    other = tmp_path / "root"
-    _ok(F.run(F.curate_cmd(other)))
-    rng = random.Random(3)
-    k = rng.randint(5, 18)
-    o = F.run(F.train_cmd(other, out["dataset_id"], "train.seed=1"), kill_after_line=f"[train] step {k}/")
-    assert o.killed or o.returncode == 0
-    resumed = _ok(F.run(F.train_cmd(other, out["dataset_id"], "train.seed=1")))
-    assert resumed["run_id"] == straight["run_id"]
-    assert F.checkpoint_tensors(resumed["run_dir"]) == F.checkpoint_tensors(straight["run_dir"])
-    assert F.leftovers(other / "runs") == []
+    troot, straight, clean_s = teacher
+    d = F.train_drill(root, out["dataset_id"], straight, clean_s, tmp_path, random.Random(3), "train.seed=1")
+    assert d.at_kill["status"] == "running" and d.at_kill["checkpoints"], d.at_kill
+    assert d.at_kill["k"] <= max(d.at_kill["checkpoints"]) < 24, d.at_kill
+    _drilled(d)
+    assert d.result["run_id"] == straight["run_id"] and d.result["start_step"] == max(d.at_kill["checkpoints"])
+
+
+@pytest.mark.slow
+def test_distill_killed_mid_student_resumes_bit_identically(teacher, tmp_path):
+    """kill -9 of ``imagegen distill`` (reflow) once its student has a random checkpoint on disk,
+    rerun: the pairs dataset is reused (same folder, same card), the student resumes from its
+    checkpoint, and pairs, student tensors and NFE report equal an uninterrupted distillation's."""
+    troot, straight, _ = teacher
+    d = F.distill_drill(troot, straight["run_id"], tmp_path, random.Random(5))
+    assert len(d.at_kill["pairs"]) == 1 and len(d.at_kill["students"]) == 1, d.at_kill
+    student = next(iter(d.at_kill["students"].values()))
+    assert student["status"] == "running" and not student["report"], d.at_kill
+    assert d.at_kill["k"] <= max(student["checkpoints"]) < 12, d.at_kill
+    _drilled(d)
+
+
+@pytest.mark.slow
+def test_evaluate_killed_mid_generation_resumes_bit_identically(teacher, tmp_path):
+    """kill -9 of ``imagegen evaluate`` once a random number of its images are on disk, rerun:
+    the batches finished before the kill are kept (same files), the rest generated, and every
+    image and the metrics (FD, KID and their intervals) equal an uninterrupted evaluation's."""
+    troot, straight, _ = teacher
+    d = F.evaluate_drill(troot, straight["run_id"], tmp_path, random.Random(7))
+    assert d.at_kill["n"] // 4 - 1 <= d.at_kill["batches"] and d.at_kill["images"] < 48, d.at_kill
+    assert d.at_kill["complete"] == [] and d.at_kill["captions"] == [], d.at_kill
+    _drilled(d)
 
 
 @pytest.mark.parametrize("args, says", [
@@ -168,3 +215,76 @@ def test_every_problem_of_a_training_request_is_named_in_one_refusal(tmp_path):
                  "the VAE is unconditional", "train.lr", "warmup_steps=500 exceeds steps=10"):
         assert says in p.stderr, (says, p.stderr[-3000:])
     assert not root.exists()
+
+
+# family -> (--set overrides on the smoke preset, what the one refusal must name); every family
+# config and the U-Net config with at least two independent mistakes
+ALL_AT_ONCE = {
+    "flow": (["train.model.net=unet", 'train.model.repa={"encoder":"world","layer":1}',
+              "train.model.text_encoder=world", "train.model.logit_std=-1"],
+             ["repa aligns transformer tokens", "text_encoder is only used with conditioning='text'",
+              "train.model.logit_std"]),
+    "edm": (["train.model.sigma_min=5", "train.model.sigma_max=1", "train.model.text_encoder=world",
+             "train.model.image_size=2"],
+            ["sigma_min 5.0 must be < sigma_max 1.0", "text_encoder is only used", "train.model.image_size"]),
+    "gan": (["train.model.image_size=30", "train.model.conditioning=text", "train.model.num_classes=0",
+             "train.model.text_encoder=world"],
+            ["image_size 30 is not divisible by 2^levels", "conditioning is 'none' or 'class'"]),
+    "vq": (["train.model.image_size=30", "train.model.fsq_levels=[1,5]"],
+           ["image_size 30 is not divisible by 2^levels", "a tokenizer is unconditional",
+            "every FSQ level count must be >= 2"]),
+    "vqgan": (["train.model.image_size=30", "train.model.disc_weight=0"],
+              ["image_size 30 is not divisible by 2^levels", "a tokenizer is unconditional", "disc_weight must be > 0"]),
+    "ar": (["train.model.data=pixels", "train.model.hidden=30", "train.model.heads=4", "train.model.top_k=40",
+            "train.model.vocab_size=32"],
+           ["data must be 'latents'", "hidden 30 is not divisible by heads 4", "top_k 40 must be below vocab_size 32"]),
+    "maskgit": (["train.model.data=pixels", "train.model.hidden=30", "train.model.heads=4"],
+                ["data must be 'latents'", "hidden 30 is not divisible by heads 4"]),
+    "msvq": (["train.model.scales=[4,2]", "train.model.fsq_levels=[1,5]"],
+             ["scales must be positive and strictly increasing", "the last scale must be the latent side",
+              "every FSQ level count must be >= 2"]),
+    "dmd": (["train.model.t_min=0.5", "train.model.t_max=0.4", 'train.model.repa={"encoder":"world","layer":1}'],
+            ["t_min 0.5 must be < t_max 0.4", "repa is a pre-training option"]),
+    "ict": (["train.model.s0=10", "train.model.s1=5", "train.model.sigma_min=5", "train.model.sigma_max=1"],
+            ["s1=5 must be >= s0=10", "sigma_min 5.0 must be < sigma_max 1.0"]),
+    "diffusers_lora": (["train.model.pipeline=nodiffusers", "train.model.data=latents", "train.model.channels=4"],
+                       ["is not a diffusers spec", "trains on RGB images"]),
+    "ddpm": (['train.model.net_overrides={"model_channels":20,"norm_groups":8,"attention_resolutions":[5]}'],
+             ["20 channels are not divisible by norm_groups 8", "attention_resolutions [5] are never reached"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(ALL_AT_ONCE))
+def test_every_problem_of_a_family_config_is_named_in_one_refusal(family, tmp_path, capsys):
+    """Finding 10, for every family's config and the network configs: a request with several
+    independent mistakes is refused once (exit 2, no traceback, no data root) naming all of them."""
+    from imagegen.cli import main
+
+    sets, says = ALL_AT_ONCE[family]
+    root = tmp_path / "root"
+    rc = main(["train", "--preset", "smoke", "--set", f"train.family={family}",
+               *[a for s in sets for a in ("--set", s)], "--data-root", str(root), "--no-prefect"])
+    err = capsys.readouterr()
+    assert rc == 2, err.err[-3000:]
+    assert "Traceback" not in err.err + err.out
+    missing = [s for s in says if s not in err.err]
+    assert not missing, (missing, err.err[-3000:])
+    assert not root.exists()
+
+
+def test_every_problem_of_a_network_config_is_named_at_once():
+    """The DiT and U-Net configs report all their shape problems together (not the first only)."""
+    from pydantic import ValidationError
+
+    from models.nets.dit import DiTConfig
+    from models.nets.unet import UNetConfig
+
+    with pytest.raises(ValidationError) as dit:
+        DiTConfig(image_size=30, patch_size=4, hidden_size=30, num_heads=4, cross_attention=True)
+    for says in ("cross_attention=True needs text_dim > 0", "image_size 30 is not divisible by patch_size 4",
+                 "hidden_size 30 is not divisible by num_heads 4", "hidden_size 30 must be divisible by 4"):
+        assert says in str(dit.value), (says, str(dit.value))
+    with pytest.raises(ValidationError) as unet:
+        UNetConfig(image_size=32, model_channels=20, norm_groups=8, attention_resolutions=(5,), dropout=2.0)
+    for says in ("dropout", "20 channels are not divisible by norm_groups 8", "attention_resolutions [5] are never"):
+        assert says in str(unet.value), (says, str(unet.value))

@@ -147,3 +147,35 @@ def test_bad_few_step_configs_are_refused(dmd_setup):
     with pytest.raises(TeacherError, match="no integer 'noise_seed' in their .json; this is not a reflow pairs"):
         prep = prepare(TrainRequest(dataset="world-tiny", train=dmd_request(dmd_setup).train), dmd_setup[0])
         train(prep.resolved, prep.dataset.shards, dmd_setup[0] / "bad-dmd")
+
+
+def test_reflow_pairs_and_the_nfe_report_run_on_a_pinned_thread_count(dmd_setup, tmp_path):
+    """Issue 12: the teacher samples of the reflow pairs and of the NFE report are CPU float
+    reductions, so they run on a pinned torch thread count (default 1, never the machine's) that
+    is hashed into the pairs' id (and the report's, imagegen.distill.distill); the count in force
+    before is restored."""
+    from imagegen.determinism import DEFAULT_THREADS
+    from imagegen.distill import DistillRequest, nfe_report
+
+    root, teacher, pairs = dmd_setup
+    tcfg = TrainConfig(**get_run(root, teacher["run_id"]).card["config"])
+    assert DistillRequest(teacher="t", method="reflow").threads == DEFAULT_THREADS == 1
+    kw = dict(n=16, steps=2, sampler="euler", guidance=1.0, seed=0)
+    assert reflow_pairs(root, teacher["run_id"], tcfg, threads=1, **kw) == pairs  # the default, reused
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    two = reflow_pairs(root, teacher["run_id"], tcfg, threads=2, progress=lambda i, n: seen.append(torch.get_num_threads()),
+                       **kw)
+    assert two != pairs and seen and set(seen) == {2}
+    assert torch.get_num_threads() == before
+    fam = load_family(teacher["checkpoint"])
+    counts: list[int] = []
+    orig = fam.sample_result
+
+    def sample_result(*a, **k):  # the real sampler, recording the thread count it ran on
+        counts.append(torch.get_num_threads())
+        return orig(*a, **k)
+
+    fam.sample_result = sample_result
+    nfe_report([("teacher", fam, 1.0)], tmp_path / "report", tcfg, (1,), 2, 0, teacher_steps=2, threads=3)
+    assert counts and set(counts) == {3} and torch.get_num_threads() == before

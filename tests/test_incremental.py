@@ -12,6 +12,7 @@ import pytest
 from imagegen.artifacts import write_json_atomic
 from imagegen.paths import datasets_dir
 from imagegen.registry import RegistryError, get_dataset, register_name, versions_of
+from imagegen.stages.ledger import read_ledger
 
 
 def _fake_dataset(root: Path, did: str, name: str, t: int) -> None:
@@ -71,7 +72,7 @@ def test_a_new_version_retries_only_the_transient_failures(tmp_path):
     from imagegen.world.publish import read_truth
 
     v1 = C.curate(build_config(C.CurateConfig, CURATE_PRESETS, "smoke", [*_TINY, "download.retry_passes=0"]), tmp_path)
-    led1 = pd.read_parquet(C.stage_dir(tmp_path, "download", v1.card["stage_ids"]["download"]) / "ledger.parquet")
+    led1 = read_ledger(C.stage_dir(tmp_path, "download", v1.card["stage_ids"]["download"]))
     truth = read_truth(C.stage_dir(tmp_path, "world", v1.card["stage_ids"]["world"]))
     flaky = set(truth.loc[truth["planted"] == "flaky", "row_id"])
     assert flaky and set(led1.loc[led1["reason"] == "http_5xx", "row_id"]) == flaky  # no retry pass in v1
@@ -81,7 +82,7 @@ def test_a_new_version_retries_only_the_transient_failures(tmp_path):
                   progress=lambda st, r: log.append((st, r.cached)))
     dl2 = C.stage_dir(tmp_path, "download", v2.card["stage_ids"]["download"])
     dl1 = C.stage_dir(tmp_path, "download", v1.card["stage_ids"]["download"])
-    led2 = pd.read_parquet(dl2 / "ledger.parquet")
+    led2 = read_ledger(dl2)
     assert len(led2) == len(led1) and list(led2["row_id"]) == sorted(led2["row_id"])
     got = led2.set_index("row_id")
     assert (got.loc[sorted(flaky), "status"] == "success").all()  # recovered in the new version

@@ -171,3 +171,53 @@ def test_dreambooth_fits_the_subject_and_prior_preservation_limits_drift():
         assert subj < subject0, (name, subj, subject0)  # every variant learns the new subject
     assert results["full+prior"][1] < results["full"][1]  # prior preservation: less drift on the class
     assert results["lora4"][2] < 0.05
+
+
+def _random_adapter(net: dict, folder, rank: int, seed: int, targets=None):
+    fam = family("flow", net)
+    add_lora(fam, rank=rank, alpha=2.0 * rank, targets=targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in fam.net.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return save_lora(fam, folder)
+
+
+def test_several_adapters_equal_merging_them_by_hand(tmp_path):
+    from safetensors.torch import load_file
+
+    from models.lora import LoraSource, apply_loras, check_lora_fits
+
+    a = _random_adapter(UNET, tmp_path / "a", rank=2, seed=1)
+    b = _random_adapter(UNET, tmp_path / "b", rank=3, seed=2, targets=["qkv", "proj"])  # other rank and modules
+    (x, t), (sa, sb) = inputs(), (0.7, -1.3)
+    fam = family("flow", UNET)
+    assert apply_loras(fam, [(a, sa), (b, sb)]) == ["lora0", "lora1"]
+    by_hand = family("flow", UNET)
+    weights = dict(by_hand.net.named_parameters())
+    for folder, scale, rank in ((a, sa, 2), (b, sb, 3)):
+        sd = load_file(str(folder / "adapter_model.safetensors"))
+        for k in sd:
+            if ".lora_A." in k:
+                mod = k[len("base_model.model."):].rsplit(".lora_A.", 1)[0]
+                down, up = sd[k], sd[k.replace(".lora_A.", ".lora_B.")]
+                with torch.no_grad():  # alpha = 2 rank: scale * 2 * B A
+                    weights[mod + ".weight"].add_(scale * 2.0 * (up.flatten(1) @ down.flatten(1)).view_as(
+                        weights[mod + ".weight"]))
+    with torch.no_grad():
+        out, ref, base = fam.net(x, t, {}), by_hand.net(x, t, {}), family("flow", UNET).net(x, t, {})
+        assert (ref - base).abs().max() > 1e-3  # the adapters act
+        assert torch.allclose(out, ref, atol=1e-5)
+        zero = family("flow", UNET)
+        apply_loras(zero, [(a, 0.0), (b, 0.0)])
+        assert torch.equal(zero.net(x, t, {}), base)  # scale 0: the base itself
+    # an adapter for another base is named by its first mismatched tensor, from shapes alone
+    wide = {**UNET, "net_overrides": {**UNET["net_overrides"], "model_channels": 32}}
+    shapes = {n[:-len(".weight")]: tuple(p.shape) for n, p in family("flow", wide).net.named_parameters()
+              if n.endswith(".weight")}
+    with pytest.raises(LoraError, match=r"shape mismatch: \S+\.lora_A\.weight is \[2, \d+\] in the adapter but "
+                                        r"the net needs \[2, \d+\]"):
+        check_lora_fits(LoraSource.from_folder(a), shapes, "the net")
+    with pytest.raises(LoraError, match="shape"):
+        apply_loras(family("flow", wide), [(a, 1.0)])

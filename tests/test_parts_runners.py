@@ -268,7 +268,7 @@ from imagegen.hashing import bytes_sha256
 from imagegen.stages.dedup import DedupConfig, run_dedup
 from imagegen.stages.filter import FilterConfig, run_filter
 from imagegen.stages import shard as S
-from imagegen.curate import _spill_by_shard
+from imagegen.stages import shard_parts as SP
 
 def peak_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -289,25 +289,22 @@ for p in range(n_parts):  # noise pictures: ~100 kB each as JPEG, ~200 kB decode
                              "caption": ["noise"] * per_part}), d / "images" / f"part-{p:05d}.parquet", row_group_size=50)
     del keys, blobs
 pd.DataFrame({"row_id": rows, "key": [f"{r:09d}" for r in rows], "status": "success", "original_width": 256,
-              "original_height": 256}).to_parquet(d / "ledger.parquet", index=False)
+              "original_height": 256, "url": "http://x.invalid/", "sha256": "s", "source_sha256": "s"}
+             ).to_parquet(d / "ledger.parquet", index=False)
 base = peak_mb()
 out = {}
 run_dedup(d / "images", d / "ledger.parquet", DedupConfig(), d / "dedup.parquet", runner="local:1")
 out["dedup"] = peak_mb()
 run_filter(d, d / "dedup.parquet", FilterConfig(clip_score=None, min_entropy=1.0), d / "filter.parquet", runner="local:1")
 out["filter"] = peak_mb()
-keys = pd.read_parquet(d / "filter.parquet", columns=["key"])["key"].tolist()
-plan = S.plan_shards(keys, S.ShardConfig(target_shard_size=per_part))
-spill = _spill_by_shard(d / "images", plan, d / "spill", [], {}, flush_bytes=8 << 20)
-cur = {}
-def get(k):
-    s = shard_of[k]
-    if cur.get("s") != s:
-        cur["s"], cur["imgs"] = s, spill.load(s)
-    img, ext = cur["imgs"][k]
-    return {"key": k, "image": img, "ext": ext, "caption": "noise"}
-shard_of = {k: i for i, ks in enumerate(plan) for k in ks}
-S.write_shards_from_plan(plan, get, d / "shards", S.ShardConfig(target_shard_size=per_part))
+ff, dd, led = (pd.read_parquet(d / f) for f in ("filter.parquet", "dedup.parquet", "ledger.parquet"))
+kept = ff.loc[ff["keep"], "key"].tolist()
+cc = pd.DataFrame({"key": kept, "original_caption": "noise", "generated_caption": None, "caption_source": "original",
+                   "captioner": None, "captioner_model": None, "caption": "noise"})
+table, scores = SP.metadata_table(led, dd, ff, cc, kept)
+del ff, dd, led, cc
+SP.write_dataset_shards(d / "images", table, scores, S.ShardConfig(target_shard_size=per_part), d / "shards",
+                        d / "work", runner="local:1")
 out["shard"] = peak_mb()
 print(json.dumps({"base": base, **out}))
 """
@@ -445,8 +442,8 @@ def test_map_steps_run_as_prefect_tasks_on_dask_and_rerun_from_cache(prefect_ser
 def test_curate_flow_maps_parts_as_prefect_tasks_on_dask(prefect_server, one_process_run, tmp_path):
     """The curate flow on --runner dask:2 (the curate-stages subflow on prefect-dask's DaskTaskRunner, a
     real 2-worker LocalCluster): every part of download, dedup and filter is a Prefect task run, the
-    CLIP-backed filter parts carry the gpu tag (hashing does not), and the dataset id and shard bytes
-    equal the library's single-process run."""
+    CLIP-backed filter parts carry the gpu tag (hashing does not), each planned shard is written by a task
+    of its own, and the dataset id and shard bytes equal the library's single-process run."""
     import shutil
 
     from flows.curate import curate_flow
@@ -460,7 +457,8 @@ def test_curate_flow_maps_parts_as_prefect_tasks_on_dask(prefect_server, one_pro
     shutil.copytree(root1 / "models", root / "models")
     shutil.copytree(root1 / "stages" / "world", root / "stages" / "world")
     cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", [*_E2E, f"source.world_port={port}", "runner=dask:2"])
-    seen = {r.id for name in ("download-decode", "dedup-hash", "filter-score") for r in _task_runs(name)}
+    seen = {r.id for name in ("download-decode", "dedup-hash", "filter-score", "shard-route", "shard-write")
+            for r in _task_runs(name)}
     curate_flow(config=cfg, data_root=str(root))
     from imagegen.registry import get_dataset
 
@@ -473,3 +471,8 @@ def test_curate_flow_maps_parts_as_prefect_tasks_on_dask(prefect_server, one_pro
         runs = [r for r in _task_runs(name) if r.id not in seen]
         assert len(runs) == parts and all(r.state.is_completed() for r in runs), name
         assert all(("gpu" in r.tags) == gpu for r in runs), name
+    # the shard stage: one task per download part routes its kept images, one task per planned shard writes it
+    planned = -(-ref.card["counts"]["shard"]["samples"] // 20)
+    for name, n in (("shard-route", parts), ("shard-write", planned)):
+        runs = [r for r in _task_runs(name) if r.id not in seen]
+        assert len(runs) == n and all(r.state.is_completed() for r in runs), (name, len(runs), n)

@@ -160,31 +160,67 @@ def test_refusals_before_any_work(edit_root, tmp_path):
     assert not out.exists()
 
 
-def test_lora_and_embedding(edit_root, tmp_path):
+def _adapter(root: Path, run: str, folder: Path, seed: int, rank: int = 2, targets=None) -> Path:
     from imagegen.train.runs import get_run
     from models.checkpoint import load_family
     from models.lora import add_lora, save_lora
+
+    fam = load_family(get_run(root, run).checkpoint)
+    add_lora(fam, rank=rank, targets=targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in fam.net.named_parameters():
+            if "lora_B" in name:
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+    return save_lora(fam, folder)
+
+
+def test_lora_and_embedding(edit_root, tmp_path):
+    from imagegen.sample import Prepared
+    from imagegen.train.runs import get_run
+    from models.checkpoint import load_family
     from models.personalize import TextualInversion
 
     root, run, init = edit_root
     fam = load_family(get_run(root, run).checkpoint)
-    add_lora(fam, rank=2)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, prm in fam.net.named_parameters():
-            if "lora_B" in name:
-                prm.normal_(0, 0.3)
-    folder = save_lora(fam, tmp_path / "adapter")
+    folder = _adapter(root, run, tmp_path / "adapter", seed=0)
+    other = _adapter(root, run, tmp_path / "adapter2", seed=1, rank=3, targets=["qkv", "emb_proj"])
     base = {"run": run, "prompts": ["a sks circle"], "n": 1, "steps": 3}
     plain = sample(SampleRequest(**base, out=str(tmp_path / "plain")), root)
-    off = sample(SampleRequest(**base, loras=[f"{folder}:0"], out=str(tmp_path / "off")), root)
-    on = sample(SampleRequest(**base, loras=[f"{folder}:1.5"], out=str(tmp_path / "on")), root)
+    off = sample(SampleRequest(**base, loras=[f"{folder}:0", f"{other}:0"], out=str(tmp_path / "off")), root)
+    on = sample(SampleRequest(**base, loras=[f"{folder}:1.5", f"{other}:-0.5"], out=str(tmp_path / "on")), root)
     assert np.abs(_px(off["files"][0]).astype(int) - _px(plain["files"][0]).astype(int)).max() <= 1
     assert not np.array_equal(_px(on["files"][0]), _px(plain["files"][0]))
     lo = read_parameters(on["files"][0])["loras"]
-    assert lo[0]["scale"] == 1.5 and len(lo[0]["sha256"]) == 64
-    with pytest.raises(SampleError, match="one adapter at a time"):
-        sample(SampleRequest(**base, loras=[str(folder), str(folder)]), root)
+    assert [d["scale"] for d in lo] == [1.5, -0.5] and all(len(d["sha256"]) == 64 for d in lo)
+    assert lo[0]["spec"] == f"{folder}:1.5" and "path" not in lo[0]
+    # the two adapters at (1.5, -0.5): the run's weights plus 1.5 B1 A1 - 0.5 B2 A2, merged by hand
+    from safetensors.torch import load_file
+
+    prep = Prepared(SampleRequest(**base, loras=[f"{folder}:1.5", f"{other}:-0.5"]), root)
+    merged = {k.replace(".base_layer", ""): v for k, v in prep.edit.load(prep, "cpu").net.state_dict().items()
+              if "lora_" not in k}
+    want = {k: v.clone() for k, v in fam.net.state_dict().items()}
+    for f, scale in ((folder, 1.5), (other, -0.5)):
+        sd = load_file(str(f / "adapter_model.safetensors"))
+        for k in sd:
+            if ".lora_A." in k:
+                mod = k[len("base_model.model."):].rsplit(".lora_A.", 1)[0]
+                want[mod + ".weight"] += scale * sd[k.replace(".lora_A.", ".lora_B.")] @ sd[k]  # alpha = r
+    assert merged.keys() == want.keys()
+    assert all(torch.allclose(merged[k], want[k], atol=1e-6) for k in want)
+    assert any(not torch.equal(want[k], v) for k, v in fam.net.state_dict().items())
+    # an adapter for another base: the first mismatched tensor named, before any model is built
+    from _helpers import random_family
+
+    wide = random_family("flow", {**TINY_UNET, "net_overrides": {**TINY_UNET["net_overrides"], "model_channels": 32}})
+    from models.lora import add_lora, save_lora
+
+    add_lora(wide, rank=2)
+    alien = save_lora(wide, tmp_path / "alien")
+    with pytest.raises(SampleError, match=r"does not fit run \S+'s net: shape mismatch: \S+lora_[AB]\.weight is \[\d+, "
+                                          r"\d+\] in the adapter but run \S+'s net needs \[\d+, \d+\]"):
+        Prepared(SampleRequest(**base, loras=[str(folder), str(alien)]), root)
 
     spec = str(fam.cfg.text_encoder)
     ti = TextualInversion(spec, "sks")
@@ -193,11 +229,9 @@ def test_lora_and_embedding(edit_root, tmp_path):
     emb = ti.save(tmp_path / "ti")
     req = SampleRequest(**base, embedding=str(emb), out=str(tmp_path / "ti-out"))
     with_ti = sample(req, root)
-    assert read_parameters(with_ti["files"][0])["embedding"]["token"] == "sks"
+    assert read_parameters(with_ti["files"][0])["embedding"][0]["token"] == "sks"
     assert with_ti["sample_id"] != plain["sample_id"]
     # (a 2-step run barely listens to its prompt: the embedding is checked where it acts, the condition)
-    from imagegen.sample import Prepared
-
     prep = Prepared(req, root)
     f2 = prep.edit.load(prep, "cpu")
     before = f2.condition_from(["a sks circle"], 1, "test")["pooled"]
@@ -206,6 +240,20 @@ def test_lora_and_embedding(edit_root, tmp_path):
         other = f2.condition_from(["a red circle"], 1, "test")["pooled"]
     assert not torch.allclose(before, during)
     assert torch.equal(other, f2.condition_from(["a red circle"], 1, "test")["pooled"])
+    # two embeddings at once (one token each): each acts where its token occurs; a token defined twice is refused
+    ti2 = TextualInversion(spec, "star")
+    with torch.no_grad():
+        ti2.embedding.normal_(0, 1.0)
+    emb2 = ti2.save(tmp_path / "ti2")
+    prep = Prepared(SampleRequest(**base, embedding=[str(emb), str(emb2)]), root)
+    assert [e["token"] for e in prep.edit.inputs["embedding"]] == ["sks", "star"]
+    with prep.edit.context(f2):
+        both = f2.condition_from(["a sks star"], 1, "test")["pooled"]
+    with Prepared(SampleRequest(**base, embedding=[str(emb)]), root).edit.context(f2):
+        one = f2.condition_from(["a sks star"], 1, "test")["pooled"]
+    assert not torch.allclose(both, one)
+    with pytest.raises(SampleError, match="'sks' is defined more than once"):
+        Prepared(SampleRequest(**base, embedding=[str(emb), str(emb)]), root)
     bad = tmp_path / "other.safetensors"
     from safetensors.torch import save_file
 
@@ -333,3 +381,54 @@ def test_inpainting_through_the_prefect_flow(edit_root, tmp_path, prefect_server
         sample_flow(request=SampleRequest(run=run, prompts=["x"], init_image=str(init),
                                           mask=str(_mask(tmp_path / "m8.png", value=0, size=(8, 8)))),
                     data_root=str(root))
+
+
+def test_aspect_bucket_sizes_in_sample_and_evaluation(edit_root, tmp_path, capsys):
+    """height/width for an any-size (flow) run: the images are W x H and the PNG chunk remakes them;
+    a size off the net's multiple (and height/width for a diffusers model) is refused before any
+    work; outpainting onto an extended canvas keeps the init image's pixels exactly; an
+    evaluation generates its set at the bucket's size."""
+    import json
+
+    from imagegen.cli import main
+    from imagegen.evaluate.run import EvalError, EvalRequest, evaluate
+
+    root, run, init = edit_root
+    base = {"run": run, "prompts": ["a red circle"], "n": 2, "steps": 2}
+    wide = sample(SampleRequest(**base, height=16, width=24, out=str(tmp_path / "w")), root)
+    assert all(Image.open(f).size == (24, 16) for f in wide["files"])
+    p = read_parameters(wide["files"][0])
+    assert p["model_size"] == [24, 16] and p["request"]["width"] == 24
+    again = sample(SampleRequest(**p["request"], out=str(tmp_path / "w2")), root)  # the chunk remakes it
+    assert np.array_equal(_px(again["files"][0]), _px(wide["files"][0]))
+    with pytest.raises(SampleError, match=r"height/width 25x16 \(width x height\): run \S+ samples sides that are "
+                                          r"multiples of 2 \(the unet downsampling 2\); e.g. 24x16"):
+        sample(SampleRequest(**base, width=25), root)
+    with pytest.raises(ValueError, match="height/width apply to runs of this project"):
+        SampleRequest(model="diffusers:/nowhere", prompts=["x"], height=16)
+    # outpainting onto an extended canvas: the 16x16 init image plus 8 px on the right, a 24x16 run sample
+    out = sample(SampleRequest(**base, init_image=str(init), outpaint=[0, 0, 8, 0], width=24, out=str(tmp_path / "o")),
+                 root)
+    got = _px(out["files"][0])
+    assert got.shape == (16, 24, 3) and np.array_equal(got[:, :16], _px(init))
+    assert read_parameters(out["files"][0])["edit"]["mode"] == "outpaint"
+    with pytest.raises(SampleError, match="canvas is 24x16, but run .* makes 16x16 images .*height=/width="):
+        sample(SampleRequest(**base, init_image=str(init), outpaint=[0, 0, 8, 0]), root)
+    # the CLI flags
+    assert main(["sample", "--run", run, "--prompt", "a red circle", "--n", "1", "--steps", "2", "--height", "24",
+                 "--width", "16", "--data-root", str(root), "--out", str(tmp_path / "cli"), "--no-prefect",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(res["files"][0]).size == (16, 24)
+    assert main(["sample", "--run", run, "--prompt", "x", "--height", "17", "--data-root", str(root),
+                 "--no-prefect"]) == 2
+    assert "multiples of 2" in capsys.readouterr().err
+    # evaluation at a bucket's size
+    summary = evaluate(EvalRequest(run=run, metrics=["clipscore"], n_samples=4, steps=2, batch_size=4, height=16,
+                                   width=24, n_resamples=0), root)
+    made = sorted((Path(summary["path"]) / "samples").glob("*.png"))
+    assert len(made) == 4 and all(Image.open(f).size == (24, 16) for f in made)
+    with pytest.raises(EvalError, match="multiples of 2"):
+        evaluate(EvalRequest(run=run, metrics=["clipscore"], n_samples=4, steps=2, width=31), root)
+    with pytest.raises(ValueError, match="height/width apply to runs"):
+        EvalRequest(folder=str(tmp_path), height=16)

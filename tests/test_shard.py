@@ -300,3 +300,163 @@ def test_long_and_non_ascii_keys_use_pax_headers_reproducibly(tmp_path):
     with tarfile.open(tmp_path / "a" / "00000.tar") as tf:
         names = {m.name.split(".")[0] for m in tf.getmembers()}
     assert names == {"café-1", "k" * 150, "plain"}
+
+
+# ---------------------------------------------------------------------------------------------- the shard stage
+
+def _stage_chain_download(d: Path, n_parts: int = 3, per_part: int = 14) -> int:
+    """A download-stage folder: image parts in key order plus a full ledger with failed and skipped rows."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from imagegen.hashing import bytes_sha256
+    from imagegen.stages.download import IMAGE_SCHEMA, LEDGER_COLUMNS
+    from imagegen.stages.ledger import write_ledger
+
+    (d / "images").mkdir(parents=True)
+    led = []
+    rid = 0
+    for p in range(n_parts):
+        cols = {n: [] for n in IMAGE_SCHEMA.names}
+        for i in range(per_part):
+            rid += 1
+            if rid % 9 == 0:  # a failed and a skipped row now and then: every input row is accounted for
+                led.append({"row_id": rid, "url": f"http://x.invalid/{rid}", "caption": f"row {rid}",
+                            "status": "failed" if rid % 2 else "skipped", "reason": "http_404" if rid % 2 else
+                            "bad_url", "attempts": 1})
+                continue
+            side = 20 + rid % 9  # sizes differ, so tar sizes differ
+            blob = encode(rid if rid % 11 else rid - 1, size=side)  # some exact duplicates
+            key = f"{rid:09d}"
+            for n, v in (("key", key), ("row_id", rid), ("image", blob), ("ext", "jpg"),
+                         ("sha256", bytes_sha256(blob)), ("width", side), ("height", side),
+                         ("caption", f"a photo number {rid}")):
+                cols[n].append(v)
+            led.append({"row_id": rid, "url": f"http://x.invalid/{rid}", "caption": f"a photo number {rid}",
+                        "status": "success", "attempts": 1, "key": key, "original_width": side,
+                        "original_height": side, "original_mode": "RGB", "original_format": "JPEG",
+                        "exif_transposed": False, "width": side, "height": side,
+                        "source_sha256": bytes_sha256(blob), "sha256": bytes_sha256(blob)})
+        pq.write_table(pa.table(cols, schema=IMAGE_SCHEMA), d / "images" / f"part-{p:05d}.parquet", row_group_size=5)
+    ledger = pd.DataFrame(led, columns=LEDGER_COLUMNS)
+    for col in ("attempts", "original_width", "original_height", "width", "height"):
+        ledger[col] = ledger[col].astype("Int64")
+    ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
+    write_ledger(d, ledger, rows_per_file=10)  # the ledger as part files, as the download stage writes it
+    (d / "card.json").write_text(json.dumps({"stage": "download", "id": d.name, "counts": {}}))
+    return len(ledger)
+
+
+@pytest.fixture(scope="module")
+def stage_chain(tmp_path_factory):
+    """Real dedup, filter and recaption stage outputs over a small download folder (no CLIP, no world):
+    what the shard stage reads.  Returns (root, download, dedup, filter, recaption results, input rows)."""
+    from imagegen import curate as C
+    from imagegen.stages.dedup import DedupConfig
+    from imagegen.stages.filter import FilterConfig
+    from imagegen.stages.recaption import RecaptionConfig
+
+    root = tmp_path_factory.mktemp("chain")
+    d = root / "stages" / "download" / "fixture"
+    n_rows = _stage_chain_download(d)
+    dl = C.StageResult("download", "fixture", str(d))
+    dd = C.dedup_stage(root, dl, DedupConfig(runner="local:1"))
+    ff = C.filter_stage(root, dl, dd, FilterConfig(clip_score=None, min_side=8, runner="local:1"), None)
+    rc = C.recaption_stage(root, dl, ff, RecaptionConfig(policy="keep_both"), None)
+    return root, dl, dd, ff, rc, n_rows
+
+
+def _shard(stage_chain, root: Path | None = None, runner: str = "local:1", **shard) -> "object":
+    from imagegen import curate as C
+    from imagegen.registry import get_dataset
+
+    root0, dl, dd, ff, rc, _ = stage_chain
+    root = root or root0
+    cfg = C.CurateConfig(name="chain", shard=ShardConfig(**shard), runner=runner)
+    res = C.shard_stage(root, "chain", cfg, dl, dd, ff, rc, None, None)
+    return get_dataset(root, res.id)
+
+
+def _tar_of_key(folder: Path) -> dict[str, str]:
+    return {k: tar.name for tar in sorted(folder.glob("*.tar")) for k in tar_keys(tar)}
+
+
+def test_manifest_names_the_tar_that_holds_each_key_when_max_shard_bytes_splits(stage_chain, tmp_path):
+    import pandas as pd
+
+    ref = _shard(stage_chain, tmp_path / "root", target_shard_size=10, max_shard_bytes=10_240)
+    shards = ref.path / "shards"
+    man = pd.read_parquet(ref.path / "manifest.parquet")
+    n_kept = len(man)
+    planned = -(-n_kept // 10)
+    assert len(ref.card["shards"]) > planned, "the cap must really split planned shards"
+    assert [s["name"] for s in ref.card["shards"]] == [f"{i:05d}.tar" for i in range(len(ref.card["shards"]))]
+    assert all(s["bytes"] <= 10_240 for s in ref.card["shards"])
+    assert dict(zip(man["key"], man["shard"])) == _tar_of_key(shards)
+    assert sum(s["count"] for s in ref.card["shards"]) == n_kept
+
+
+def test_every_row_dropped_is_refused_with_where_to_read_the_outcomes(stage_chain):
+    import re
+
+    import pandas as pd
+
+    from imagegen import curate as C
+    from imagegen.stages.filter import FilterConfig
+    from imagegen.stages.recaption import RecaptionConfig
+
+    root, dl, dd, _, _, n_rows = stage_chain
+    ff = C.filter_stage(root, dl, dd, FilterConfig(clip_score=None, min_side=10_000, runner="local:1"), None)
+    rc = C.recaption_stage(root, dl, ff, RecaptionConfig(), None)
+    cfg = C.CurateConfig(name="none-left", shard=ShardConfig(target_shard_size=10))
+    with pytest.raises(ValueError, match=f"none of the {n_rows} input rows survived") as err:
+        C.shard_stage(root, "none-left", cfg, dl, dd, ff, rc, None, None)
+    msg = str(err.value)
+    acc_path, led_path = (Path(m) for m in re.findall(r"in (/\S+\.parquet)", msg))
+    assert acc_path.name == "accounting.parquet" and led_path.name == "ledger.parquet"
+    assert acc_path.parent.parent == root / "failed"
+    acc = pd.read_parquet(acc_path)
+    assert len(acc) == n_rows and "kept" not in set(acc["outcome"])
+    assert acc["outcome"].str.startswith(("filtered:", "download_failed:", "skipped:")).all()
+    assert len(pd.read_parquet(led_path)) == n_rows
+    assert not (root / "datasets" / acc_path.parent.name).exists(), "an empty dataset is not a dataset"
+
+
+def test_part_parallel_shards_equal_the_one_process_writer(stage_chain, tmp_path):
+    """Each planned shard written by its own map step on a 2-process pool: the same tars (names, bytes),
+    parquet and stats files, manifest and accounting as in one process, and as the one-process writer
+    (write_shards_from_plan) fed the same samples."""
+    import pandas as pd
+
+    from imagegen.stages.shard_parts import _meta_of
+
+    root, dl, *_ = stage_chain
+    cfg = dict(target_shard_size=6, max_shard_bytes=12_288, shuffle_seed=5, name_prefix="w-")
+    one = _shard(stage_chain, tmp_path / "one", "local:1", **cfg)
+    two = _shard(stage_chain, tmp_path / "two", "local:2", **cfg)
+    assert one.id == two.id and one.card["shards"] == two.card["shards"]
+    files = sorted(p.name for p in (one.path / "shards").iterdir())
+    assert files == sorted(p.name for p in (two.path / "shards").iterdir())
+    assert len(files) == 3 * len(one.card["shards"]) and not [f for f in files if f.startswith(".")]
+    for f in files:
+        assert (one.path / "shards" / f).read_bytes() == (two.path / "shards" / f).read_bytes(), f
+    for what in ("manifest", "accounting"):
+        pd.testing.assert_frame_equal(pd.read_parquet(one.path / f"{what}.parquet"),
+                                      pd.read_parquet(two.path / f"{what}.parquet"))
+    assert (one.path / "samples.png").read_bytes() == (two.path / "samples.png").read_bytes()
+    assert not (one.path / "_work").exists() and not (two.path / "_work").exists()
+    # the reference: the one-process writer over the same samples (images from the download parts)
+    man = pd.read_parquet(one.path / "manifest.parquet")
+    images = {r["key"]: (r["image"], r["ext"]) for part in sorted((Path(dl.path) / "images").glob("*.parquet"))
+              for r in pq.read_table(part, columns=["key", "image", "ext"]).to_pylist()}
+    rows = {r["key"]: r for r in man.to_dict("records")}
+    scores = [c for c in man.columns if c.endswith("_score")]
+
+    def get(key):
+        return {"key": key, "image": images[key][0], "ext": images[key][1], "caption": rows[key]["caption"],
+                "meta": _meta_of(rows[key], scores)}
+
+    scfg = ShardConfig(**cfg)
+    ref = write_shards_from_plan(plan_shards(man["key"], scfg), get, tmp_path / "ref", scfg)
+    assert [i.model_dump() for i in ref] == one.card["shards"]
+    assert dict(zip(man["key"], man["shard"])) == _tar_of_key(one.path / "shards")

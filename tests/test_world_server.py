@@ -17,6 +17,7 @@ import requests
 from imagegen.world.publish import BAD_IMAGE_KINDS, FAILURE_KINDS, PublishConfig, publish_world
 from imagegen.world.scene import WorldConfig
 from imagegen.world.server import PortInUseError, load_routes, serve_world
+from imagegen.stages.ledger import read_ledger
 
 STALL = 20.0  # far longer than any client timeout used here; the tests never wait for it
 
@@ -228,7 +229,7 @@ def test_hostile_http_faults_end_in_the_ledger_with_their_reason(world, tmp_path
         counts = run_download(urls, cfg, tmp_path / "dl")
         took = time.monotonic() - t0
         stats = srv.stats()
-    led = pd.read_parquet(tmp_path / "dl" / "ledger.parquet").set_index("caption")
+    led = read_ledger(tmp_path / "dl").set_index("caption")
     assert counts["input_rows"] == len(names)
     assert led.loc["/fine.jpg", "status"] == "success"
     assert led.loc["/slow.jpg", "status"] == "success"  # bounded here; see the README on slowloris
@@ -251,7 +252,7 @@ def test_private_addresses_are_refused_unless_allowed(tmp_path):
     urls = pd.DataFrame({"row_id": [0, 1], "url": ["http://169.254.169.254/x", "http://192.168.1.5/y.jpg"],
                          "caption": ["a", "b"], "skip_reason": None})
     counts = run_download(urls, DownloadConfig(processes_count=1), tmp_path)
-    led = pd.read_parquet(tmp_path / "ledger.parquet")
+    led = read_ledger(tmp_path)
     assert (led["reason"] == "private_address").all() and counts["skipped"] == 2
 
 
@@ -334,6 +335,6 @@ def test_a_download_retry_pass_waits_what_retry_after_asks(tmp_path):
         stats = srv.stats()
     first = counts["passes"][0]
     assert first["rate_limited"] == 1 and first["wait_s"] == 3.0 and first["wait_source"] == "retry-after"
-    led = pd.read_parquet(tmp_path / "dl" / "ledger.parquet").set_index("caption")
+    led = read_ledger(tmp_path / "dl").set_index("caption")
     assert led.loc["busy", "status"] == "success" and led.loc["busy", "attempts"] == 2
     assert stats["per_status"].get(429) == 2 and took >= 3.0

@@ -42,7 +42,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from imagegen.artifacts import read_card, write_json_atomic
+from imagegen.artifacts import read_card, sweep_stale, write_json_atomic
 from imagegen.evaluate import metrics as M
 from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.hashing import code_version, stable_hash
@@ -76,6 +76,10 @@ class EvalRequest(BaseModel):
     folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
     model: str | None = Field(None, description="Or: a diffusers pipeline, 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = its default)")
+    height: int | None = Field(None, ge=8, le=8192, description="runs of any-size families (DDPM, EDM, flow): "
+                               "generate at this height in pixels, e.g. an aspect bucket's (None = the run's size)")
+    width: int | None = Field(None, ge=8, le=8192, description="runs of any-size families: generate at this width "
+                              "in pixels (None = the run's size)")
     negative: str | None = Field(None, description="diffusers models: negative prompt for every image")
     metrics: tuple[Metric, ...] = Field(ALL_METRICS, min_length=1,
                                         description="Metrics to compute")
@@ -133,6 +137,9 @@ class EvalRequest(BaseModel):
             parse_spec(self.model)
         elif self.resolution is not None or self.negative is not None:
             raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
+        if (self.height is not None or self.width is not None) and self.run is None:
+            raise ValueError("height/width apply to runs (run=RUN) of any-size families; a diffusers model takes "
+                             "resolution=, a folder is evaluated at its images' size")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         if self.n_seeds > 1 and self.folder is not None:
@@ -203,6 +210,7 @@ class Source:
     def __init__(self, req: EvalRequest, root: Path) -> None:
         self.req, self.root = req, root
         self.family: Any = None
+        self.latent_size: tuple[int, int] | None = None  # (h, w) a run samples at (height/width), None = square
         self.train_cfg: Any = None
         self.run: Any = None
         self.diffusers: str | None = None
@@ -228,6 +236,15 @@ class Source:
             self.train_cfg = TrainConfig(**self.run.card["config"])
             self.identity = {"run": self.run.id, "step": int(meta["step"]), "tensors": meta["tensors_sha256"]}
             ds_name = req.reference or self.run.card.get("dataset_id")
+            if req.height is not None or req.width is not None:  # an aspect-bucket size: checked before any work
+                from imagegen.sample_edit import EditInputError, bucket_size, pixel_size
+
+                model = meta.get("config", {}).get("model", self.train_cfg.model)
+                try:
+                    self.latent_size = bucket_size(req.width, req.height, self.run.id, self.train_cfg.family, model,
+                                                   pixel_size(self.train_cfg.family, model))
+                except EditInputError as exc:
+                    raise EvalError(str(exc)) from None
         else:
             from imagegen.evaluate.images import list_images
 
@@ -293,6 +310,14 @@ class Source:
     @property
     def image_size(self) -> int:
         return int(self.train_cfg.model["image_size"]) if self.train_cfg is not None else self.size
+
+    def sampling(self, fam: Any) -> tuple[tuple[int, ...], dict[str, int]]:
+        """(one image's noise shape, the height/width arguments) of generation from ``fam``."""
+        shape = tuple(fam.noise_shape)
+        if self.latent_size is None:
+            return shape, {}
+        h, w = self.latent_size
+        return (shape[0], h, w), {"height": h, "width": w}
 
 
 def _resolve_clip(spec: str, src: Source) -> str:
@@ -447,8 +472,35 @@ def _dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+BATCHES = ".batches"  # generate_set's per-batch records: <start>.json once that batch's images are on disk
+
+
+def _batch_done(out: Path, start: int, idx: list[int]) -> int | None:
+    """The NFE of batch ``start`` when a killed earlier run finished it (record and every image there)."""
+    rec = out / BATCHES / f"{start:06d}.json"
+    if not rec.is_file() or not all((out / f"{i:05d}.png").is_file() for i in idx):
+        return None
+    try:
+        got = json.loads(rec.read_text())
+    except ValueError:
+        return None
+    return int(got["nfe"]) if got.get("images") == len(idx) and got.get("nfe") is not None else None
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    """Write a PNG under a temporary name, then rename: an image file on disk is always whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
 def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[str, Any]:
     """n_samples PNGs + captions.jsonl in ``out`` (kept when already complete).
+
+    The folder is the evaluation's (named by its id), so a batch a killed run finished is the
+    same batch: every image is written whole (temporary name, rename), a record per batch
+    (``.batches/<start>.json``) follows its images, and a rerun keeps the recorded batches and
+    generates the rest (each batch depends only on its own seeds, see :func:`rank_batches`).
 
     Under torchrun (a process group initialised) each rank generates its range of batches
     (:func:`rank_batches`) into the shared folder, then one gather tells rank 0 what each rank
@@ -460,25 +512,35 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
     rank, world = _dist_rank_world()
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
-    shape = fam.noise_shape
+    shape, size = src.sampling(fam)
     out.mkdir(parents=True, exist_ok=True)
+    (out / BATCHES).mkdir(exist_ok=True)
+    if rank == 0:  # half-written images and records of a killed run
+        sweep_stale(out)
+        sweep_stale(out / BATCHES)
     t0 = time.time()
     nfe = None
+    kept = 0
     mine = rank_batches(req.n_samples, req.batch_size, rank, world)
     for start in mine:
         idx = list(range(start, min(req.n_samples, start + req.batch_size)))
+        had = _batch_done(out, start, idx)
+        if had is not None:
+            nfe, kept = had, kept + len(idx)
+            continue
         c = None if cond is None else (cond[start:idx[-1] + 1] if isinstance(cond, list) else cond)
         if isinstance(c, list) and c and isinstance(c[0], int):
             c = torch.tensor(c)
         extra = {"negative": [req.negative] * len(idx)} if req.negative is not None else {}
         res = fam.sample_result(len(idx), conditioning=c, sampler=req.sampler, steps=req.steps,
-                                guidance=req.guidance if c is not None else 1.0, **extra,
+                                guidance=req.guidance if c is not None else 1.0, **extra, **size,
                                 x_T=image_noise(req.seed, idx, shape).to(device),
                                 generator=torch.Generator(device=device).manual_seed(req.seed + start))
         nfe = int(res.nfe)
         u8 = ((res.sample.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for j, i in enumerate(idx):
-            Image.fromarray(u8[j]).save(out / f"{i:05d}.png")
+            _save_png(Image.fromarray(u8[j]), out / f"{i:05d}.png")
+        write_json_atomic(out / BATCHES / f"{start:06d}.json", {"nfe": nfe, "images": len(idx)})
     if world > 1:
         import torch.distributed as dist
 
@@ -489,8 +551,8 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
             raise EvalError(f"distributed generation: the ranks made batches {made}, not every batch once")
         nfe = next((p["nfe"] for p in parts if p["nfe"] is not None), None)
         if rank != 0:
-            return {"nfe": nfe, "generated": sum(len(range(s, min(req.n_samples, s + req.batch_size))) for s in mine),
-                    "reused": False, "rank": rank, "world": world}
+            return {"nfe": nfe, "generated": sum(len(range(s, min(req.n_samples, s + req.batch_size))) for s in mine)
+                    - kept, "kept": kept, "reused": False, "rank": rank, "world": world}
     lines = [json.dumps({"file": f"{i:05d}.png", "caption": captions[i] if captions else None})
              for i in range(req.n_samples)]
     tmp = out / ".captions.jsonl.tmp"
@@ -498,7 +560,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
     info = {"nfe": nfe, "seconds": round(time.time() - t0, 3), "world_size": world}
     write_json_atomic(info_path, info)
     tmp.replace(done)  # written last: marks the set complete
-    return {**info, "generated": req.n_samples, "reused": False}
+    return {**info, "generated": req.n_samples - kept, "kept": kept, "reused": False}
 
 
 def reference_images(src: Source, size: int, n: int | None, seed: int) -> list[Path]:
@@ -657,7 +719,7 @@ def clipscore(src: Source, req: EvalRequest, files: list[Path], captions: list[s
 
     cos = np.asarray(out["cosine"], dtype=np.float64)
     tm_ci = interval_columns(100.0 * cos, None, req, kind="mean")  # max(mean, 0) is monotone in the mean
-    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") else v) for k, v in tm_ci.items()}
+    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") and v is not None else v) for k, v in tm_ci.items()}
     return [{**prov, "metric": "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))", "value": out["clipscore_hessel2021"],
              **interval_columns(HESSEL_W * np.maximum(cos, 0.0), None, req, kind="mean")},
             {**prov, "metric": "CLIPScore (torchmetrics: max(mean 100*cos, 0))", "value": out["clipscore_torchmetrics"],
@@ -697,16 +759,18 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     world_size = WorldConfig().image_size
     if src.generates:
         fam = src.load(device)
-        shape = fam.noise_shape
+        shape, size = src.sampling(fam)
 
         def make_images(meta: dict[str, Any], n: int, i: int) -> list[Image.Image]:
             idx = [i * 1000 + k for k in range(n)]
             res = fam.sample(n, conditioning=[meta["prompt"]] * n, sampler=req.sampler, steps=req.steps,
-                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device),
+                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device), **size,
                              generator=torch.Generator(device=device).manual_seed(req.seed + i))
             u8 = ((res.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ims = [Image.fromarray(a) for a in u8]
-            if req.detector == "world" and ims[0].size[0] != world_size:  # the detector reads world-sized images
+            if req.detector == "world" and ims[0].size[0] != world_size and ims[0].size[0] == ims[0].size[1]:
+                # the detector reads world-sized images (a non-square bucket's as they are: its objects keep
+                # the square world's sizes)
                 ims = [im.resize((world_size, world_size), Image.Resampling.BICUBIC) for im in ims]
             return ims
 
@@ -803,6 +867,8 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
                 (card.get("metrics_file") is None or Path(card["metrics_file"]).is_file()):
             return {k: v for k, v in card.items() if k not in ("request", "identity")} | {"reused": True}  # type: ignore[return-value]
     out.mkdir(parents=True, exist_ok=True)
+    for folder in (out, evals_dir(root) / "reference"):  # temporaries of a killed evaluation
+        sweep_stale(folder)
     t0 = time.time()
     base = {"eval_id": eval_id, "source": json.dumps(src.identity), "run_id": src.run.id if src.run else None,
             "family": src.train_cfg.family if src.train_cfg else ("diffusers" if src.diffusers else None),

@@ -227,6 +227,7 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
 
     from imagegen.stages.download import IMAGE_SCHEMA as schema
     from imagegen.stages.download import summarize_ledger
+    from imagegen.stages.ledger import write_ledger
 
     (out / "images").mkdir(parents=True)
     ok = [(row, r) for row, r in zip(rows, recs) if r["status"] == "success"]
@@ -242,7 +243,7 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
                 cols[n].append(v)
         pq.write_table(pa.table(cols, schema=schema), out / "images" / f"part-{part:05d}.parquet", row_group_size=1000)
     led = _ledger(recs)
-    led.to_parquet(out / "ledger.parquet", index=False)
+    write_ledger(out, led, IMPORT_PART_ROWS)
     return summarize_ledger(led)
 
 
@@ -355,7 +356,7 @@ def import_dataset(cfg: ImportConfig | dict[str, Any], root: Path | str,
     with stage_output(final) as (tmp, card):
         plan = shard_mod.plan_shards(kept, cfg.shard)
         infos = shard_mod.write_shards_from_plan(plan, get_sample, tmp / "shards", cfg.shard)
-        shard_of = {k: infos[i].name for i, keys in enumerate(plan) for k in keys}
+        shard_of = shard_mod.shard_of_keys(plan, infos)  # max_shard_bytes may split a planned shard
         manifest = pd.DataFrame([{"key": k, "shard": shard_of[k], **meta(k), "sha256": by_key[k][1]["sha256"],
                                   "caption": by_key[k][1]["caption"]} for k in kept])
         manifest.to_parquet(tmp / "manifest.parquet", index=False)

@@ -14,6 +14,7 @@ Every input row appears in the ledger exactly once with ``status`` in
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -25,18 +26,19 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.executors import StageRunner, map_step
 from imagegen.hashing import bytes_sha256, file_sha256, stable_hash
 from imagegen.retry_after import rate_limited, wait_before_retry
+from imagegen.stages.ledger import write_ledger
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,15 @@ class DownloadConfig(BaseModel):
     timeout: float = Field(5.0, gt=0, le=600, description="Per-request timeout in seconds")
     retries: int = Field(0, ge=0, le=10, description="img2dataset's immediate retries per URL")
     retry_passes: int = Field(1, ge=0, le=5, description="Extra passes over rows that failed transiently")
-    distributor: Literal["multiprocessing", "pyspark", "ray"] = "multiprocessing"
+    distributor: Literal["multiprocessing", "pyspark", "ray"] = Field(
+        "multiprocessing", description="img2dataset's distributor of its download subjobs: multiprocessing "
+        "(processes_count processes here), ray (a local Ray with processes_count CPUs, or the cluster at "
+        "distributor_address), pyspark (Spark local[processes_count], or the master at distributor_address; needs "
+        "Java). An execution knob, never part of an id: every distributor fetches the same parts")
+    distributor_address: str | None = Field(
+        None, description="The cluster img2dataset's distributor runs on: for ray 'auto' (the cluster this "
+        "machine joined with `ray start`), HOST:PORT or ray://HOST:PORT; for pyspark spark://HOST:PORT or local[N]. "
+        "None: a local one. Its workers write img2dataset's parts under the data root (a shared filesystem)")
     number_sample_per_shard: int = Field(10_000, ge=10, le=1_000_000)
     user_agent_token: str | None = Field(None, description="Identifies your crawler to site owners")
     url_col: str = "url"
@@ -90,6 +100,15 @@ class DownloadConfig(BaseModel):
     append_list: str | None = Field(None, description="With parent: a URL list whose rows are added (row ids "
                                     "continue after the parent's)")
     runner: StageRunner = None
+
+    @model_validator(mode="after")
+    def _distributor_address(self) -> "DownloadConfig":
+        from imagegen.executors import distributor_address_problem
+
+        problem = distributor_address_problem(self.distributor, self.distributor_address)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 # ---------------------------------------------------------------------------- input validation
@@ -309,6 +328,65 @@ def is_transient(reason: str) -> bool:
 
 # ---------------------------------------------------------------------------- img2dataset passes
 
+@contextlib.contextmanager
+def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
+    """The engine of img2dataset's distributor for the passes of one download, as img2dataset
+    expects it: ``ray`` finds an initialised Ray (``ray.init`` here: a local Ray with
+    ``processes_count`` CPUs, or the cluster at ``distributor_address``), ``pyspark`` an active
+    SparkSession (``local[processes_count]`` on loopback, or the master at ``distributor_address``).
+    An engine that is already up (a Ray task runner, the user's SparkSession) is used and left running;
+    one started here is stopped at the end.  Checked first (:func:`imagegen.executors.check_distributor`).
+    """
+    from imagegen.executors import check_distributor
+
+    check_distributor(cfg.distributor, cfg.distributor_address)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # before any worker starts: they inherit it
+    if cfg.distributor == "ray":
+        import ray
+
+        if ray.is_initialized():
+            yield
+            return
+        addr = cfg.distributor_address
+        if addr:
+            ray.init(address=addr, log_to_driver=False)
+        else:
+            ray.init(num_cpus=cfg.processes_count, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    elif cfg.distributor == "pyspark":
+        import sys
+
+        from pyspark.sql import SparkSession
+
+        if SparkSession.getActiveSession() is not None:
+            yield
+            return
+        master = cfg.distributor_address or f"local[{cfg.processes_count}]"
+        # the Python workers must be this interpreter (img2dataset is installed here), on every machine
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        local = master.startswith("local")
+        if local:  # servers listen on loopback (the JVM reads SPARK_LOCAL_IP when it starts)
+            os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+        b = (SparkSession.builder.master(master).appName("imagegen-download")
+             .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+             .config("spark.pyspark.python", os.environ["PYSPARK_PYTHON"])
+             .config("spark.executorEnv.NO_ALBUMENTATIONS_UPDATE", "1"))
+        if local:
+            b = b.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+        spark = b.getOrCreate()
+        spark.sparkContext.setLogLevel("ERROR")
+        try:
+            yield
+        finally:
+            spark.stop()
+    else:
+        yield
+
+
 def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
     """One img2dataset run over ``rows`` (row_id, url, caption).
 
@@ -403,7 +481,8 @@ class PartJob:
     inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
 
 
-_DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "runner", "timeout", "retries",
+_DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "distributor_address", "runner", "timeout",
+                     "retries",
                      "retry_passes", "retry_wait", "parent", "append_list"}  # not part of a decoded part
 
 
@@ -471,8 +550,9 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True, runner: str | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
-    Writes ``out_dir/ledger.parquet`` (one row per input row, ``url`` from ``record_url`` where
-    the table has one) and
+    Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
+    order, ``url`` from ``record_url`` where the table has one; read it with
+    :func:`imagegen.stages.ledger.read_ledger`) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
     caption), one image part per img2dataset part of the first pass (rows recovered by a retry
     pass go back to the part of their input row, so parts stay in key order).  Passes keep only
@@ -509,38 +589,41 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     part_files: list[list[Path]] = []          # per pass, img2dataset's part files
     fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
     home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
-    for attempt in range(1 + cfg.retry_passes):
-        if pending.empty:
-            break
-        got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
-        part_files.append(files)
-        if attempt == 0:
-            home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
-        ok = (got["status"] == "success").to_numpy()
-        ids = got["row_id"].to_numpy()
-        ledger.loc[ids, "attempts"] = ledger.loc[ids, "attempts"].to_numpy() + 1
-        fetched.append(got.loc[ok, ["row_id", "part"]])
-        bad_ids = got.loc[~ok, "row_id"].to_numpy()
-        msgs = got.loc[~ok, "error_message"].tolist()
-        reasons = [classify_error(m) for m in msgs]
-        ledger.loc[bad_ids, "status"] = "failed"
-        ledger.loc[bad_ids, "reason"] = np.asarray(reasons, dtype=object)
-        ledger.loc[bad_ids, "error"] = np.asarray(msgs, dtype=object)
-        retry_ids = [int(r) for r, why in zip(bad_ids, reasons) if is_transient(why)]
-        passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
-                       "transient_failures": len(retry_ids)})
-        if progress:
-            log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
-                     len(retry_ids))
-        pending = pending[pending["row_id"].isin(retry_ids)]
-        limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
-        if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
-            live = pending.set_index("row_id").loc[limited, "url"].tolist()
-            wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
-            log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
-                     attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
-            passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
-            time.sleep(wait["wait_s"])
+    with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
+        if not pending.empty:
+            engine.enter_context(distributor_session(cfg))
+        for attempt in range(1 + cfg.retry_passes):
+            if pending.empty:
+                break
+            got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
+            part_files.append(files)
+            if attempt == 0:
+                home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
+            ok = (got["status"] == "success").to_numpy()
+            ids = got["row_id"].to_numpy()
+            ledger.loc[ids, "attempts"] = ledger.loc[ids, "attempts"].to_numpy() + 1
+            fetched.append(got.loc[ok, ["row_id", "part"]])
+            bad_ids = got.loc[~ok, "row_id"].to_numpy()
+            msgs = got.loc[~ok, "error_message"].tolist()
+            reasons = [classify_error(m) for m in msgs]
+            ledger.loc[bad_ids, "status"] = "failed"
+            ledger.loc[bad_ids, "reason"] = np.asarray(reasons, dtype=object)
+            ledger.loc[bad_ids, "error"] = np.asarray(msgs, dtype=object)
+            retry_ids = [int(r) for r, why in zip(bad_ids, reasons) if is_transient(why)]
+            passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
+                           "transient_failures": len(retry_ids)})
+            if progress:
+                log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
+                         len(retry_ids))
+            pending = pending[pending["row_id"].isin(retry_ids)]
+            limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
+            if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
+                live = pending.set_index("row_id").loc[limited, "url"].tolist()
+                wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
+                log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
+                         attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
+                passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
+                time.sleep(wait["wait_s"])
 
     # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
     images_dir = out_dir / "images"
@@ -590,7 +673,7 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     for col in ("attempts", "original_width", "original_height", "width", "height"):
         ledger[col] = ledger[col].astype("Int64")
     ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
-    ledger.to_parquet(out_dir / "ledger.parquet", index=False)
+    write_ledger(out_dir, ledger, cfg.number_sample_per_shard)
 
     counts = summarize_ledger(ledger)
     counts["passes"] = passes

@@ -31,6 +31,7 @@ from imagegen.filters.blocklist import HashBlocklistConfig
 from imagegen.filters.nsfw import NudeNetConfig
 from imagegen.filters.ocr import OcrConfig
 from imagegen.filters.watermark import WatermarkConfig
+from imagegen.stages.ledger import read_ledger
 from imagegen.executors import StageRunner, map_step
 
 log = logging.getLogger(__name__)
@@ -430,8 +431,7 @@ def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, o
     """
     from imagegen.executors import executor
 
-    ledger = pq.read_table(download_dir / "ledger.parquet",
-                           columns=["key", "row_id", "status", "original_width", "original_height"]).to_pandas()
+    ledger = read_ledger(download_dir, ["key", "row_id", "status", "original_width", "original_height"])
     meta = ledger[ledger["status"] == "success"][["key", "row_id", "original_width", "original_height"]]
     del ledger
     parts = sorted((download_dir / "images").glob("part-*.parquet"))

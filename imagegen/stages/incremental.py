@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from imagegen.stages import download as D
+from imagegen.stages.ledger import read_ledger, write_ledger
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -33,7 +34,7 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
                              cfg: D.DownloadConfig, out_dir: Path, runner: str | None = None) -> dict[str, Any]:
     """``refetch_urls``: the current (row_id, url, caption) of the parent's rows (only the transiently
     failed ones are used); ``append``: a URL list from :func:`read_url_list` whose rows are added."""
-    parent_ledger = pd.read_parquet(parent_dir / "ledger.parquet")
+    parent_ledger = read_ledger(parent_dir)
     transient = parent_ledger["status"].eq("failed") & parent_ledger["reason"].map(
         lambda r: isinstance(r, str) and D.is_transient(r))
     retry_ids = parent_ledger.loc[transient, "row_id"].astype("int64")
@@ -76,7 +77,7 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
         work = out_dir / "_new"
         work.mkdir()
         new_counts = D.run_download(pending.reset_index(drop=True), cfg, work, runner=runner)
-        new = pd.read_parquet(work / "ledger.parquet").set_index("row_id", drop=False)
+        new = read_ledger(work).set_index("row_id", drop=False)
         import pyarrow.parquet as pq
 
         new_parts = [p for p in sorted((work / "images").glob("part-*.parquet")) if pq.ParquetFile(p).metadata.num_rows]
@@ -91,7 +92,7 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
     for col in ("attempts", "original_width", "original_height", "width", "height"):
         ledger[col] = ledger[col].astype("Int64")
     ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
-    ledger.to_parquet(out_dir / "ledger.parquet", index=False)
+    write_ledger(out_dir, ledger, cfg.number_sample_per_shard)
     counts = D.summarize_ledger(ledger)
     recovered = int(np.isin(ledger.loc[ledger["status"] == "success", "row_id"], retry_ids).sum())
     counts.update(parts=len(list(images.glob("part-*.parquet"))),

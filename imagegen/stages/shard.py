@@ -385,40 +385,58 @@ def write_shards_from_plan(plan: list[list[str]], get_sample: Callable[[str], Sa
                 raise ValueError(f"key {key!r} appears twice in the plan (again in shard {s}, position {i})")
             seen.add(key)
     _prepare_out_dir(out_dir, cfg.name_prefix, overwrite)
-
     infos: list[ShardInfo] = []
-    writer: _ShardWriter | None = None
+    for s, chunk in enumerate(plan):
+        infos += write_planned_shard(chunk, get_sample, out_dir, cfg,
+                                     lambda j: f"{cfg.name_prefix}{len(infos) + j:05d}.tar", f"plan shard {s}")
+    return infos
 
-    def next_writer() -> _ShardWriter:
-        return _ShardWriter(out_dir, f"{cfg.name_prefix}{len(infos):05d}.tar")
 
+def write_planned_shard(chunk: list[str], get_sample: Callable[[str], Sample], out_dir: Path, cfg: ShardConfig,
+                        name: Callable[[int], str], where: str) -> list[ShardInfo]:
+    """Write one planned shard (its keys in order) as one tar, or several where ``cfg.max_shard_bytes``
+    cuts it; ``name(j)`` names its j-th tar.  A tar's bytes never depend on its name, so the part-
+    parallel writer (:mod:`imagegen.stages.shard_parts`) writes each planned shard on its own under
+    provisional names and numbers the tars afterwards, byte for byte as one process would."""
+    infos: list[ShardInfo] = []
+    writer = _ShardWriter(out_dir, name(0))
     try:
-        for s, chunk in enumerate(plan):
-            writer = next_writer()
-            for i, key in enumerate(chunk):
-                where = f"plan shard {s}, position {i}"
-                image, ext, caption, meta = _check_sample(get_sample(key), key, cfg, where)
-                try:
-                    flat = _flatten(meta)
-                except ValueError as exc:
-                    raise ValueError(f"sample {key!r} ({where}): {exc}") from None
-                members = _members(key, image, ext, caption, meta)
-                nbytes = _member_bytes(members)
-                if cfg.max_shard_bytes is not None:
-                    if writer.rows and _closed_size(writer.payload + nbytes) > cfg.max_shard_bytes:
-                        infos.append(writer.close())
-                        writer = next_writer()
-                    if not writer.rows and _closed_size(nbytes) > cfg.max_shard_bytes:
-                        log.warning("sample %r (%s) alone makes a %d-byte tar, over max_shard_bytes=%d; "
-                                    "it gets a shard of its own", key, where, _closed_size(nbytes), cfg.max_shard_bytes)
-                writer.add(key, caption, flat, members, nbytes)
-            infos.append(writer.close())
-            writer = None
+        for i, key in enumerate(chunk):
+            pos = f"{where}, position {i}"
+            image, ext, caption, meta = _check_sample(get_sample(key), key, cfg, pos)
+            try:
+                flat = _flatten(meta)
+            except ValueError as exc:
+                raise ValueError(f"sample {key!r} ({pos}): {exc}") from None
+            members = _members(key, image, ext, caption, meta)
+            nbytes = _member_bytes(members)
+            if cfg.max_shard_bytes is not None:
+                if writer.rows and _closed_size(writer.payload + nbytes) > cfg.max_shard_bytes:
+                    infos.append(writer.close())
+                    writer = _ShardWriter(out_dir, name(len(infos)))
+                if not writer.rows and _closed_size(nbytes) > cfg.max_shard_bytes:
+                    log.warning("sample %r (%s) alone makes a %d-byte tar, over max_shard_bytes=%d; "
+                                "it gets a shard of its own", key, pos, _closed_size(nbytes), cfg.max_shard_bytes)
+            writer.add(key, caption, flat, members, nbytes)
+        infos.append(writer.close())
     except BaseException:
-        if writer is not None:
-            writer.abort()
+        writer.abort()
         raise
     return infos
+
+
+def shard_of_keys(plan: list[list[str]], infos: list[ShardInfo]) -> dict[str, str]:
+    """Key -> the name of the tar that holds it, for shards written from ``plan``.
+
+    ``max_shard_bytes`` may split a planned shard into several tars (numbering continues), so the
+    planned index is not the tar's: the tars hold the plan's keys in plan order, ``count`` each."""
+    order = (k for chunk in plan for k in chunk)
+    out = {info.name: [next(order) for _ in range(info.count)] for info in infos}
+    rest = sum(1 for _ in order)
+    if rest or len(out) != len(infos):
+        raise ValueError(f"the shards ({sum(i.count for i in infos)} samples) do not match the plan "
+                         f"({sum(len(c) for c in plan)} keys)")
+    return {k: name for name, keys in out.items() for k in keys}
 
 
 def write_shards(samples: Iterable[Sample], out_dir: str | Path, cfg: ShardConfig | None = None,

@@ -118,6 +118,19 @@ def _cpu(t: Tensor) -> Tensor:
     return t.detach().to("cpu", copy=True).contiguous()
 
 
+def _sweep_dead(base: Path) -> None:
+    """Remove ``.tmp-step_*-<pid>`` folders of processes that no longer run (a run killed mid-save)."""
+    from imagegen.artifacts import _pid_alive
+
+    for p in base.glob(".tmp-step_*-*"):
+        try:
+            pid = int(p.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: Mapping[str, torch.optim.Optimizer],
                     schedulers: Mapping[str, Any], ema: EMA | None, config: Mapping[str, Any],
                     generator_states: Mapping[int, Tensor], trainer_state: Mapping[str, Any], keep: int) -> Path:
@@ -149,6 +162,7 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
     final = base / f"step_{step:08d}"
     tmp = base / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    _sweep_dead(base)
     tmp.mkdir()
     try:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": str(FORMAT)})

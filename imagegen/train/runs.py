@@ -207,6 +207,18 @@ def _complete(cfg: TrainConfig, ds: DatasetRef) -> TrainConfig:
             data["model"]["vocab_size"] = ds.card["vocab_size"]
         cfg = TrainConfig(**data)
         data = cfg.model_dump(mode="json")
+    fields = get_family(cfg.family).Config.model_fields
+    if "base_files" in fields and cfg.model.get("base_files") is None and cfg.model.get("pipeline"):
+        # a diffusers base is identified by its files, not its path: the run id hashes them
+        from models.hf_diffusers import DiffusersError, resolve_spec
+
+        try:
+            files = resolve_spec(str(cfg.model["pipeline"]))[1]["files"]
+        except DiffusersError as exc:
+            raise RunError(str(exc)) from None
+        data["model"] = {**data["model"], "base_files": files}
+        cfg = TrainConfig(**data)
+        data = cfg.model_dump(mode="json")
     manifest = _manifest(ds)
     n = len(manifest)
     where = f"dataset {ds.name or ds.id} ({ds.id})"

@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Mapping
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.nets.layers import (
     CondEmbedder,
     CrossAttention,
@@ -43,24 +44,17 @@ class DiTConfig(DenoiserConfig):
     freq_dim: int = Field(256, ge=8, le=4096, description="Width of the sinusoidal timestep features")
     rope: bool = Field(False, description="Also apply 2D rotary embedding to q/k in self-attention")
 
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "DiTConfig":
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"DiTConfig: image_size {self.image_size} is not divisible by patch_size {self.patch_size}"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"DiTConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if self.hidden_size % 4:
-            raise ValueError(f"DiTConfig: hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos)")
-        if self.rope and (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(
-                f"DiTConfig: rope=True needs head dim (hidden_size/num_heads = "
-                f"{self.hidden_size // self.num_heads}) divisible by 4"
-            )
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("image_size", "patch_size") and self.image_size % self.patch_size:
+            p.add(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
+        if p.can("hidden_size", "num_heads") and self.hidden_size % self.num_heads:
+            p.add(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if p.can("hidden_size") and self.hidden_size % 4:
+            p.add(f"hidden_size {self.hidden_size} must be divisible by 4 (2D sin-cos)")
+        elif p.can("rope", "hidden_size", "num_heads") and self.rope and (self.hidden_size // self.num_heads) % 4:
+            p.add(f"rope=True needs head dim (hidden_size/num_heads = {self.hidden_size // self.num_heads}) "
+                  "divisible by 4")
 
     @property
     def grid(self) -> int:

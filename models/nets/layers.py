@@ -11,8 +11,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 from torch import Tensor, nn
+
+from imagegen.checks import AllProblems, Problems
 
 COND_KEYS = ("class", "pooled", "tokens", "token_mask")
 
@@ -22,7 +24,7 @@ COND_KEYS = ("class", "pooled", "tokens", "token_mask")
 # --------------------------------------------------------------------------------------------
 
 
-class DenoiserConfig(BaseModel):
+class DenoiserConfig(AllProblems):
     """Fields every denoiser has; subclasses add their architecture and their named presets."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -45,11 +47,11 @@ class DenoiserConfig(BaseModel):
         "(e.g. 1000 for flow time in [0, 1], so the embedding's frequencies resolve it)"
     )
 
-    @model_validator(mode="after")
-    def _check_text(self) -> "DenoiserConfig":
-        if self.cross_attention and self.text_dim == 0:
-            raise ValueError(f"{type(self).__name__}: cross_attention=True needs text_dim > 0")
-        return self
+    def problems(self, p: Problems) -> None:
+        """Every cross-field problem at once (imagegen/checks.py); subclasses add theirs."""
+        super().problems(p)
+        if p.can("cross_attention", "text_dim") and self.cross_attention and self.text_dim == 0:
+            p.add("cross_attention=True needs text_dim > 0")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "DenoiserConfig":

@@ -13,8 +13,10 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
+
+from imagegen.checks import Problems
 
 from models.nets.layers import CondEmbedder, CrossAttention, Denoiser, DenoiserConfig, SelfAttention
 
@@ -47,33 +49,33 @@ class UNetConfig(DenoiserConfig):
     head_channels: int = Field(64, ge=4, le=1024, description="Channels per attention head")
     norm_groups: int = Field(32, ge=1, le=1024, description="GroupNorm groups")
 
-    @model_validator(mode="after")
-    def _check_shapes(self) -> "UNetConfig":
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if not p.can("channel_mult"):
+            return
         if any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"UNetConfig: channel_mult entries must be >= 1, got {self.channel_mult}")
+            p.add(f"channel_mult entries must be >= 1, got {self.channel_mult}")
+            return  # the levels below are not defined
         factor = 2 ** (len(self.channel_mult) - 1)
-        if self.image_size % factor:
-            raise ValueError(
-                f"UNetConfig: image_size {self.image_size} must be divisible by {factor} "
-                f"(2 ** (len(channel_mult) - 1)) to downsample {len(self.channel_mult) - 1} times"
-            )
+        if p.can("image_size") and self.image_size % factor:
+            p.add(f"image_size {self.image_size} must be divisible by {factor} "
+                  f"(2 ** (len(channel_mult) - 1)) to downsample {len(self.channel_mult) - 1} times")
         sides = [self.image_size // 2**i for i in range(len(self.channel_mult))]
         bad = [r for r in self.attention_resolutions if r not in sides]
-        if bad:
-            raise ValueError(
-                f"UNetConfig: attention_resolutions {bad} are never reached; the levels are {sides} "
-                f"for image_size {self.image_size}"
-            )
+        if p.can("image_size", "attention_resolutions") and bad:
+            p.add(f"attention_resolutions {bad} are never reached; the levels are {sides} "
+                  f"for image_size {self.image_size}")
+        seen: dict[str, None] = {}  # one message per distinct problem, in level order
         for m, side in zip(self.channel_mult, sides):
             ch = self.model_channels * m
-            if ch % self.norm_groups:
-                raise ValueError(f"UNetConfig: {ch} channels are not divisible by norm_groups {self.norm_groups}")
+            if p.can("model_channels", "norm_groups") and ch % self.norm_groups:
+                seen[f"{ch} channels are not divisible by norm_groups {self.norm_groups}"] = None
             attends = side in self.attention_resolutions or side == sides[-1]  # the middle always attends
-            if attends and ch % self.head_channels:
-                raise ValueError(
-                    f"UNetConfig: {ch} channels at side {side} are not divisible by head_channels {self.head_channels}"
-                )
-        return self
+            if (p.can("model_channels", "head_channels", "image_size", "attention_resolutions") and attends
+                    and ch % self.head_channels):
+                seen[f"{ch} channels at side {side} are not divisible by head_channels {self.head_channels}"] = None
+        for msg in seen:
+            p.add(msg)
 
 
 def _conv_flops(batch: int, h: int, w: int, cin: int, cout: int, k: int) -> int:

@@ -1,0 +1,200 @@
+"""LCM-LoRA distillation of a diffusers pipeline (models/lcm_lora.py, ``imagegen distill --method
+lcm_lora``) on a tiny pipeline whose UNet was trained briefly on real latents (so it has an ODE to
+distil), and the base identity of diffusers-based runs (their id hashes the pipeline's files)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def teacher_pipe(tmp_path_factory) -> Path:
+    from _diffusers_tiny import trained_tiny_sd_pipeline
+
+    return trained_tiny_sd_pipeline(tmp_path_factory.mktemp("lcm-teacher") / "pipe", steps=150)
+
+
+def test_lcm_grid_and_scalings_are_the_lcm_schedulers():
+    from diffusers import LCMScheduler
+
+    from models.lcm_lora import lcm_timesteps
+
+    for steps in (1, 2, 4, 8):
+        s = LCMScheduler(original_inference_steps=50)
+        s.set_timesteps(steps)
+        assert lcm_timesteps(steps, 50, 1000) == s.timesteps.tolist()
+    assert lcm_timesteps(4, 50, 1000) == [999, 759, 499, 259]  # starts at T - 1, not at 751 as DDIM's "leading"
+
+
+def test_lcm_request_refusals(tmp_path):
+    from pydantic import ValidationError
+
+    from imagegen.distill import DistillRequest
+
+    with pytest.raises(ValidationError, match="lcm_lora distils a diffusers pipeline"):
+        DistillRequest(teacher="abc123", method="lcm_lora", dataset="d")
+    with pytest.raises(ValidationError, match="is distilled by method lcm_lora"):
+        DistillRequest(teacher="diffusers:/x", method="consistency")
+    with pytest.raises(ValidationError, match="set dataset"):
+        DistillRequest(teacher="diffusers:/x", method="lcm_lora")
+    with pytest.raises(ValidationError, match="teacher_guidance_max"):
+        DistillRequest(teacher="diffusers:/x", method="lcm_lora", dataset="d", teacher_guidance=3, teacher_guidance_max=2)
+
+
+@pytest.mark.slow
+def test_lcm_lora_distill_cli_end_to_end(teacher_pipe, tmp_path, capsys):
+    """``imagegen distill --teacher diffusers:PATH --dataset D``: the student run trains only its adapter;
+    the exported adapter loads with load_lora_weights and, under diffusers' LCMScheduler, gives the
+    family's own LCM samples; at 4 steps the student is closer to the teacher at 50 steps than the
+    teacher itself at 4 (MSE on the same noise), and distillation moved it (1 step closer than the
+    adapters-off student)."""
+    from _helpers import register_world_dataset
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from imagegen.cli import main
+    from imagegen.train.trainer import TrainConfig, sample_conditioning
+    from imagegen.train.runs import get_run
+    from models.checkpoint import load_family, read_checkpoint
+
+    root = tmp_path / "root"
+    register_world_dataset(root, n=64, per_shard=16)
+    spec = f"diffusers:{teacher_pipe}"
+    argv = ["distill", "--teacher", spec, "--dataset", "world-tiny", "--steps", "200", "--data-root", str(root),
+            "--no-prefect", "--json", "--set", "batch_size=16", "--set", "lr=3e-4", "--set", "lora_rank=16",
+            "--set", "target=ema", "--set", "target_ema=0.9", "--set", "distance=l2", "--set", "report_count=10"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "lcm_lora" and summary["teacher_run"] == spec
+    run = get_run(root, summary["student_run"])
+    assert run.card["config"]["family"] == "lcm_lora"
+    assert run.card["config"]["model"]["base_files"]["unet/diffusion_pytorch_model.safetensors"]
+    tensors, _ = read_checkpoint(Path(summary["student_checkpoint"]))
+    base = {k: v for k, v in tensors.items() if k.startswith("model/net.") and "lora_" not in k}
+    from safetensors.torch import load_file
+
+    orig = load_file(str(teacher_pipe / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(v, orig[k[len("model/net."):].replace(".base_layer", "")]) for k, v in base.items())
+
+    rows = {(r["model"], r["steps"]): r for r in summary["report"]["rows"]}
+    mse = {k: v["mse_to_reference"] for k, v in rows.items()}
+    assert {("teacher", 50), ("teacher", 4), ("student", 1), ("student", 4), ("student_lcm", 4)} <= set(mse)
+    assert mse[("student", 4)] < mse[("teacher", 4)], mse  # the issue's goal
+    # the same noise and prompts as the report: the adapters-off student (= the teacher with the LCM
+    # sampler, before distillation) is further at 1 step
+    student = load_family(summary["student_checkpoint"])
+    cfg = TrainConfig(**run.card["config"])
+    x_T = torch.randn((10, *student.noise_shape), generator=torch.Generator().manual_seed(0))
+    cond = sample_conditioning(cfg, 10)
+    ref = student.model.sample(10, cond, steps=50, x_T=x_T)
+    with student.adapters_off():
+        before = float((student.sample(10, cond, steps=1, x_T=x_T) - ref).pow(2).mean())
+    assert abs(float((student.sample(10, cond, steps=1, x_T=x_T) - ref).pow(2).mean()) - mse[("student", 1)]) < 1e-5
+    assert mse[("student", 1)] < 0.9 * before, (mse[("student", 1)], before)
+
+    # the adapter alone, diffusers' format: load_lora_weights + LCMScheduler = the family's gamma-1 sampler
+    adapter = Path(summary["adapter"])
+    keys = list(load_file(str(adapter)))
+    assert keys and all(k.startswith("unet.") and ".lora_" in k for k in keys)
+    assert any("resnets" in k and "conv1" in k for k in keys)  # convolutions too, not only attention
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_pipe, use_safetensors=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50)
+    P = ["a red circle", "a blue square"]
+    x = x_T[:2]
+    theirs = pipe(P, num_inference_steps=4, guidance_scale=1.0, latents=x.clone(), output_type="pt",
+                  generator=torch.Generator().manual_seed(3)).images * 2 - 1
+    ours = student.sample(2, P, steps=4, x_T=x, generator=torch.Generator().manual_seed(3), gamma=1.0)
+    assert torch.allclose(ours, theirs.clamp(-1, 1), atol=1e-4), float((ours - theirs).abs().max())
+    # the same request again reuses the run, the adapter and the report
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["student_run"] == summary["student_run"] and again["report"]["reused"]
+
+
+@pytest.mark.slow
+def test_guidance_embedding_is_fed_like_a_pipeline_with_time_cond_proj(teacher_pipe, tmp_path):
+    """With guidance_embedding=D the student gets UNet's cond_proj (zero at start: the base model);
+    one training step moves it; exported, attach_guidance_embedding makes StableDiffusionPipeline feed
+    the same w embedding (its timestep_cond) as the family's sampler."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from models.base import train_step
+    from models.lcm_lora import GUIDANCE_FILE, attach_guidance_embedding
+    from models.registry import build_family
+
+    spec = f"diffusers:{teacher_pipe}"
+    fam = build_family("lcm_lora", {"pipeline": spec, "image_size": 16, "rank": 4, "guidance_embedding": 32,
+                                    "guidance_min": 1.5, "guidance_max": 3.0, "target": "ema"})
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with fam.adapters_off():
+        base = fam.sample(2, ["a", "b"], steps=2, x_T=x, guidance=2.0, gamma=0.0)
+    assert torch.allclose(base, fam.sample(2, ["a", "b"], steps=2, x_T=x, guidance=2.0, gamma=0.0))
+    opt = {"model": torch.optim.AdamW([p for p in fam.parameters() if p.requires_grad], lr=1e-2)}
+    batch = {"image": torch.rand(4, 3, 16, 16) * 2 - 1, "caption": ["a red circle"] * 4}
+    for _ in range(2):
+        train_step(fam, opt, batch, torch.Generator().manual_seed(0))
+        fam.after_step()
+    w = fam.net.time_embedding.cond_proj.weight
+    assert float(w.abs().max()) > 0 and fam.target_0.shape == next(p for _, p in fam._adapter_params()).shape
+    # through diffusers: LoRA file + the embedding attached; the pipeline embeds guidance_scale - 1
+    from diffusers import StableDiffusionPipeline as SD
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    out = tmp_path / "adapter"
+    SD.save_lora_weights(out, unet_lora_layers={k: v for k, v in get_peft_model_state_dict(fam.net).items()
+                                                if "cond_proj" not in k}, safe_serialization=True)
+    save_file({"time_embedding.cond_proj.weight": w.detach().contiguous()}, str(out / GUIDANCE_FILE))
+    pipe = StableDiffusionPipeline.from_pretrained(teacher_pipe, use_safetensors=True, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    attach_guidance_embedding(pipe.unet, out)
+    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50)
+    theirs = pipe(["a", "b"], num_inference_steps=2, guidance_scale=2.0, latents=x.clone(), output_type="pt",
+                  generator=torch.Generator().manual_seed(3)).images * 2 - 1
+    ours = fam.sample(2, ["a", "b"], steps=2, x_T=x, guidance=2.0, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(ours, theirs.clamp(-1, 1), atol=1e-4), float((ours - theirs).abs().max())
+
+
+@pytest.mark.slow
+def test_a_diffusers_run_is_named_by_its_bases_files(tmp_path):
+    """The run id of a diffusers_lora (and lcm_lora) run hashes the pipeline's file hashes, not its
+    path: the same folder resumes the same run, a changed folder at the same path is another run,
+    and a checkpoint made on the old files is refused on the new ones, naming both identities."""
+    from _diffusers_tiny import tiny_sd_pipeline
+    from _helpers import register_world_dataset
+
+    from imagegen.train.runs import TrainRequest, prepare, train_run
+    from models.checkpoint import load_family
+
+    pipe = tiny_sd_pipeline(tmp_path / "pipe", seed=0)
+    root = tmp_path / "root"
+    register_world_dataset(root, n=8, per_shard=8)
+    train = {"family": "diffusers_lora", "model": {"pipeline": f"diffusers:{pipe}", "image_size": 16, "rank": 2},
+             "steps": 2, "batch_size": 2, "lr": 1e-3, "ckpt_every": 2, "epoch_batches": 2, "shuffle_buffer": 4,
+             "sample_count": 1, "sample_steps": 1}
+    req = TrainRequest(dataset="world-tiny", train=train)
+    first = train_run(req, root)
+    assert prepare(req, root).run_id == first["run_id"]
+    assert train_run(req, root)["reused"]
+    # another base saved at the same path (other weights): another run id, and the old checkpoint is refused
+    shutil.rmtree(pipe)
+    tiny_sd_pipeline(pipe, seed=1)
+    assert prepare(req, root).run_id != first["run_id"]
+    with pytest.raises(ValueError, match=r"base pipeline changed.*trained on files [0-9a-f]{16} .*now holds files "
+                                         r"[0-9a-f]{16}.*unet/diffusion_pytorch_model.safetensors: recorded"):
+        load_family(first["checkpoint"])
+    # a request that records the old identity is refused before any step (the run layer's check)
+    from imagegen.train.runs import RunError
+
+    old = json.loads((Path(first["run_dir"]) / "config.json").read_text())["model"]["base_files"]
+    with pytest.raises(RunError, match="base pipeline changed"):
+        prepare(TrainRequest(dataset="world-tiny", train={**train, "model": {**train["model"], "base_files": old}}),
+                root)
