@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -329,13 +330,14 @@ def is_transient(reason: str) -> bool:
 # ---------------------------------------------------------------------------- img2dataset passes
 
 @contextlib.contextmanager
-def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
+def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
     """The engine of img2dataset's distributor for the passes of one download, as img2dataset
     expects it: ``ray`` finds an initialised Ray (``ray.init`` here: a local Ray with
     ``processes_count`` CPUs, or the cluster at ``distributor_address``), ``pyspark`` an active
     SparkSession (``local[processes_count]`` on loopback, or the master at ``distributor_address``).
     An engine that is already up (a Ray task runner, the user's SparkSession) is used and left running;
     one started here is stopped at the end.  Checked first (:func:`imagegen.executors.check_distributor`).
+    Yields what ran the passes (recorded in the stage's counts, never in an id).
     """
     from imagegen.executors import check_distributor
 
@@ -344,8 +346,12 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
     if cfg.distributor == "ray":
         import ray
 
+        def info(started: bool) -> dict[str, Any]:
+            return {"kind": "ray", "ray": ray.__version__, "address": cfg.distributor_address, "started_here": started,
+                    "cpus": int(ray.cluster_resources().get("CPU", 0)), "nodes": len(ray.nodes())}
+
         if ray.is_initialized():
-            yield
+            yield info(False)
             return
         addr = cfg.distributor_address
         if addr:
@@ -354,7 +360,7 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
             ray.init(num_cpus=cfg.processes_count, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         try:
-            yield
+            yield info(True)
         finally:
             ray.shutdown()
     elif cfg.distributor == "pyspark":
@@ -362,8 +368,14 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
 
         from pyspark.sql import SparkSession
 
-        if SparkSession.getActiveSession() is not None:
-            yield
+        def info(spark: Any, started: bool) -> dict[str, Any]:
+            sc = spark.sparkContext
+            return {"kind": "pyspark", "pyspark": spark.version, "master": sc.master, "started_here": started,
+                    "parallelism": int(sc.defaultParallelism)}
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            yield info(active, False)
             return
         master = cfg.distributor_address or f"local[{cfg.processes_count}]"
         # the Python workers must be this interpreter (img2dataset is installed here), on every machine
@@ -380,11 +392,11 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
         spark = b.getOrCreate()
         spark.sparkContext.setLogLevel("ERROR")
         try:
-            yield
+            yield info(spark, True)
         finally:
             spark.stop()
     else:
-        yield
+        yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
 def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
@@ -441,8 +453,24 @@ def _normalize_all(blobs: list[bytes], cfg: DownloadConfig) -> list[dict[str, An
     n = min(cfg.processes_count, os.cpu_count() or 1)
     size = max(64, math.ceil(len(blobs) / (n * 4)))
     chunks = [(blobs[i:i + size], cfg) for i in range(0, len(blobs), size)]
-    with multiprocessing.get_context("fork").Pool(n) as pool:
-        return [r for part in pool.map(_normalize_chunk, chunks) for r in part]
+    # Closed and joined, not terminated (the Pool context manager's exit): the workers leave on
+    # their own.  Forked inside a Prefect flow process they inherit its SIGTERM handler, which
+    # raises TerminationSignal, so a terminate() printed a Traceback per worker into the flow's
+    # logs; they restore the default action too, for the terminate() after an error.
+    pool = multiprocessing.get_context("fork").Pool(n, initializer=_default_sigterm)
+    try:
+        out = [r for part in pool.map(_normalize_chunk, chunks) for r in part]
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return out
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def is_private_host(url: str) -> bool:
@@ -590,9 +618,10 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     part_files: list[list[Path]] = []          # per pass, img2dataset's part files
     fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
     home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
+    engine_info: dict[str, Any] | None = None
     with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
         if not pending.empty:
-            engine.enter_context(distributor_session(cfg))
+            engine_info = engine.enter_context(distributor_session(cfg))
         for attempt in range(1 + cfg.retry_passes):
             if pending.empty:
                 break
@@ -683,6 +712,7 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     counts = summary.result()
     counts["passes"] = passes
     counts["parts"] = n_parts
+    counts["distributor"] = engine_info  # what fetched (execution only; None: nothing to fetch)
     return counts
 
 
