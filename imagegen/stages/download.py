@@ -235,6 +235,12 @@ def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
+def _stable_message(exc: BaseException) -> str:
+    """An exception's text without object addresses (PIL names ``<_io.BytesIO object at 0x...>``), so a
+    ledger's error column is the same bytes in every run of the same request."""
+    return re.sub(r" object at 0x[0-9a-fA-F]+>", " object>", str(exc))
+
+
 def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     """Decode raw bytes into the dataset's uniform encoding.
 
@@ -269,11 +275,11 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     except Image.UnidentifiedImageError as exc:
         # an image signature that does not decode is a corrupt image, anything else is not an image
         reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_an_image"
-        return {"ok": False, "reason": reason, "error": str(exc)}
+        return {"ok": False, "reason": reason, "error": _stable_message(exc)}
     except Image.DecompressionBombError as exc:  # PIL's own limit, hit at open for > 2x MAX_IMAGE_PIXELS
         return {"ok": False, "reason": "image_too_large", "error": str(exc)}
     except (OSError, ValueError, SyntaxError) as exc:
-        return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {_stable_message(exc)}"}
     # original size is reported upright (after EXIF), as a viewer shows it
     uw, uh = rgb.size
     out = _resize(rgb, cfg.image_size, cfg.resize_mode)
