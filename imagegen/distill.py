@@ -126,9 +126,7 @@ class DistillRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_lcm(self) -> "DistillRequest":
-        from models.hf_diffusers import is_diffusers_spec
-
-        if (self.method == "lcm_lora") != is_diffusers_spec(self.teacher):
+        if (self.method == "lcm_lora") != self.teacher.startswith("diffusers:"):  # models.hf_diffusers.PREFIX
             raise ValueError("a diffusers pipeline teacher (diffusers:PATH) is distilled by method lcm_lora, and "
                              f"lcm_lora distils a diffusers pipeline; got method {self.method!r} with teacher "
                              f"{self.teacher!r}")

@@ -113,6 +113,9 @@ def test_normalize_reports_reasons():
     assert normalize_image(b"", cfg)["reason"] == "empty_body"
     assert normalize_image(b"<!DOCTYPE html><html></html>", cfg)["reason"] == "not_an_image"
     assert normalize_image(b"\xff\xd8\xff\xe0" + b"x" * 50, cfg)["reason"] in {"corrupt_image", "not_an_image"}
+    # the ledger's error text is the same in every run: PIL's message names no object address
+    errors = {normalize_image(b"\x89PNG\r\n\x1a\n" + b"y" * 40, cfg)["error"] for _ in range(3)}
+    assert len(errors) == 1 and "0x" not in errors.pop()
     buf = io.BytesIO()
     Image.new("RGBA", (20, 10), (255, 0, 0, 0)).save(buf, "PNG")
     r = normalize_image(buf.getvalue(), cfg)
@@ -198,6 +201,30 @@ def test_gzip_body_is_not_inflated():
     assert r["reason"] == "compressed_body" and not r["ok"]
 
 
+def test_the_decode_pool_ends_without_a_traceback_under_prefects_sigterm_handler(capfd):
+    """Issue 12, finding 10: a one-part download with processes_count > 1 decodes on a fork pool
+    inside the flow process, where Prefect's engine has installed its SIGTERM handler (it raises
+    TerminationSignal); the forked workers inherit it, so ending the pool by terminate() printed a
+    TerminationSignal Traceback per worker into the flow's logs.  The pool is closed and joined
+    (workers leave on their own) and its workers restore the default SIGTERM action."""
+    from prefect.utilities.engine import capture_sigterm
+
+    from imagegen.stages.download import _normalize_all
+
+    blobs = []
+    for i in range(300):  # over the 256 blobs from which the decode uses a pool
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (i % 256, 3 * i % 256, 7)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    cfg = DownloadConfig(processes_count=2)
+    capfd.readouterr()
+    with capture_sigterm():  # the real handler a Prefect flow run installs in its process
+        pooled = _normalize_all(blobs, cfg)
+    err = capfd.readouterr()
+    assert "Traceback" not in err.err + err.out, err.err[-3000:]
+    assert pooled == [normalize_image(b, cfg) for b in blobs]
+
+
 def test_ledger_part_files_read_as_one(tmp_path):
     """write_ledger cuts the rows into part files with one schema (a part whose column is all null
     included); read_ledger/iter_ledger concatenate them lazily; a one-file ledger reads the same; a
@@ -217,6 +244,11 @@ def test_ledger_part_files_read_as_one(tmp_path):
     assert got["row_id"].tolist() == list(range(10, 25))
     assert sum(b.num_rows for b in L.iter_ledger(tmp_path / "a", ["row_id"], batch_rows=4)) == 25
     assert L.count_rows(tmp_path / "a") == 25
+    w = L.LedgerWriter(tmp_path / "w", rows_per_file=10, schema=L.pa.Schema.from_pandas(led, preserve_index=False))
+    for start in (0, 3, 10, 17):  # rows arriving in pieces that straddle the part boundaries
+        w.add(led.iloc[start:{0: 3, 3: 10, 10: 17, 17: 25}[start]])
+    assert [p.name for p in w.close()] == [p.name for p in paths]  # the same files as write_ledger
+    pd.testing.assert_frame_equal(L.read_ledger(tmp_path / "w"), led)
     (tmp_path / "b").mkdir()
     led.to_parquet(tmp_path / "b" / "ledger.parquet", index=False)  # a folder from before the part files
     pd.testing.assert_frame_equal(L.read_ledger(tmp_path / "b"), led)

@@ -330,7 +330,7 @@ def _check_before_work(req: EvalRequest, src: Source) -> None:
     """Everything that can fail fast: weights, conditioning, prompt file, detector."""
     if req.reference_stats is not None:
         _stats_card(req, src)
-    if {"fid", "kid"} & set(req.metrics):
+    if {"fid", "kid", "sfid"} & set(req.metrics):
         ext = _extractor_name(req, src)
         if ext == "inception":
             from imagegen.evaluate.fid import check_inception_weights
@@ -825,6 +825,63 @@ def fid_kid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
         return rows, {"kid": (f"reference_stats {req.reference_stats} hold mu/sigma only; KID needs the reference "
                               "features (clean-fid's *_kid.npz 'feats')")}
     return rows, {}
+
+
+def sfid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
+    """sFID: the Fréchet distance on Inception's spatial features (imagegen.evaluate.fid.InceptionSpatial,
+    from the same weights file as FID), against the reference dataset or the spatial part
+    (``mu_s`` / ``sigma_s``) of imported reference statistics."""
+    from imagegen.evaluate.fid import SFID_ID, frechet_distance, gaussian_stats, inception_spatial_extractor, stats_hash
+    from imagegen.importers.fid_stats import load_fid_ref_spatial
+
+    name = _extractor_name(req, src)
+    if name != "inception":
+        return [], {"sfid": f"sFID is defined on Inception's spatial features; the extractor here is {name!r} "
+                            "(set extractor=inception, with the Inception weights in place)"}
+    extractor = inception_spatial_extractor(req.fid_mode, ctx.device)
+    weights = {"file_sha256": _inception_sha(req.fid_mode)}
+    gen = _features(ctx.files, extractor, req, ctx.device, None)
+    prov = {**ctx.base, "implementation": f"clean-fid {importlib.metadata.version('clean-fid')} data path, Inception "
+            "mixed_6/conv channels 0-6 (17x17x7, HWC), imagegen float64 eigen Fréchet distance", "mode": req.fid_mode,
+            "extractor": SFID_ID, "extractor_weights": json.dumps(weights), "n_generated": len(ctx.files)}
+    if req.reference_stats is not None:
+        got = load_fid_ref_spatial(src.root, str(req.reference_stats))
+        if got is None:
+            return [], {"sfid": f"reference_stats {req.reference_stats} hold no spatial statistics (mu_s/sigma_s, as "
+                                "ADM's reference batches do)"}
+        mu, sigma, card = got
+        if gen.shape[1] != mu.shape[0]:
+            raise EvalError(f"reference_stats {card['name']}: spatial statistics are {mu.shape[0]}-d, the extractor "
+                            f"gives {gen.shape[1]}-d")
+        prov.update(n_reference=card.get("n_feats"), reference_dataset=None, reference_stats=card["id"],
+                    reference_stats_name=card["name"], reference_stats_file_sha256=card["file_sha256"],
+                    reference_stats_protocol=card.get("protocol"), reference_stats_sha256=card["spatial_stats_sha256"])
+    else:
+        size = Image.open(ctx.files[0]).size[0]
+        ref_files = reference_images(src, size, req.reference_n, req.seed)
+        key = stable_hash({"dataset": src.dataset.id, "size": size, "extractor": SFID_ID, "mode": req.fid_mode,
+                           "n": req.reference_n, "seed": req.seed, "weights": weights})
+        ref = _features(ref_files, extractor, req, ctx.device, evals_dir(src.root) / "reference" / "features" / f"{key}.npy")
+        mu, sigma = gaussian_stats(ref, name="reference spatial features")
+        prov.update(n_reference=len(ref_files), reference_dataset=src.dataset.id, reference_size=size,
+                    reference_stats_sha256=stats_hash(mu, sigma))
+    from imagegen.evaluate.uncertainty import flag_columns, interval_columns
+
+    def fd_to_stats(g: np.ndarray, _: Any) -> float:
+        return frechet_distance(*gaussian_stats(g, name="resampled generated spatial features"), mu, sigma)
+
+    value = frechet_distance(*gaussian_stats(gen, name="generated spatial features"), mu, sigma)
+    return [{**prov, "metric": "sFID", "value": value,
+             **interval_columns(gen, None, req, kind="metric", metric=fd_to_stats, value=value,
+                                method="percentile bootstrap over the generated set (reference statistics fixed)"),
+             **flag_columns("fd", len(gen), prov.get("n_reference"), dim=int(gen.shape[1]))}], {}
+
+
+def _inception_sha(mode: str) -> str:
+    from imagegen.evaluate.fid import check_inception_weights
+    from imagegen.hashing import file_sha256
+
+    return file_sha256(check_inception_weights(mode))
 
 
 def clipscore_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
