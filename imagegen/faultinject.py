@@ -383,7 +383,7 @@ def distill_drill(teacher_root: Path, teacher: str, work: Path, rng: random.Rand
                  leftovers(root / "runs") + leftovers(root / "datasets"), clean_s, rerun.seconds)
 
 
-TINY_EVAL = ["n_samples=48", "batch_size=4", "steps=6", "kid_subsets=5", "kid_subset_size=8", "n_resamples=20"]
+TINY_EVAL = ["n_samples=48", "batch_size=4", "steps=3", "kid_subsets=5", "kid_subset_size=8", "n_resamples=20"]
 
 
 def evaluate_cmd(root: Path, run_id: str, *extra: str) -> list[str]:

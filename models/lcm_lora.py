@@ -51,9 +51,10 @@ from typing import Any, ClassVar, Literal, Mapping
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor, nn
 
+from imagegen.checks import Problems
 from models.base import LossOut, rand, randn
 from models.diffusers_lora import ADAPTER_FILE, DiffusersLora, DiffusersLoraConfig
 from models.samplers import SampleResult
@@ -88,17 +89,16 @@ class LcmLoraConfig(DiffusersLoraConfig):
                                 "noise (LCM), 0 = the step's own noise (deterministic), between: TCD's gamma")
     cond_dropout: float = Field(0.0, ge=0.0, le=1.0, description="Caption dropout (LCM distils on the captions)")
 
-    @model_validator(mode="after")
-    def _check_lcm(self) -> "LcmLoraConfig":
-        if self.guidance_max < self.guidance_min:
-            raise ValueError(f"guidance_max={self.guidance_max} < guidance_min={self.guidance_min}")
-        if self.text_encoder_lora or self.prior_prompt is not None:
-            raise ValueError("lcm_lora: text_encoder_lora and prior preservation are diffusers_lora options; "
-                             "LCM-LoRA distils the UNet only")
-        if self.sample_steps > self.ddim_steps:
-            raise ValueError(f"sample_steps={self.sample_steps} > ddim_steps={self.ddim_steps}: the sampling grid is "
-                             "a subset of the distillation grid")
-        return self
+    def problems(self, p: Problems) -> None:
+        super().problems(p)
+        if p.can("guidance_min", "guidance_max") and self.guidance_max < self.guidance_min:
+            p.add(f"guidance_max={self.guidance_max} < guidance_min={self.guidance_min}")
+        if p.can("text_encoder_lora", "prior_prompt") and (self.text_encoder_lora or self.prior_prompt is not None):
+            p.add("lcm_lora: text_encoder_lora and prior preservation are diffusers_lora options; "
+                  "LCM-LoRA distils the UNet only")
+        if p.can("sample_steps", "ddim_steps") and self.sample_steps > self.ddim_steps:
+            p.add(f"sample_steps={self.sample_steps} > ddim_steps={self.ddim_steps}: the sampling grid is "
+                  "a subset of the distillation grid")
 
 
 def guidance_embedding(w: Tensor, dim: int) -> Tensor:

@@ -38,6 +38,18 @@ def smoke_run(prefect_server, session_tmp):
     return root, env, first, second
 
 
+def test_a_normal_curate_logs_no_traceback(smoke_run):
+    """Issue 12, finding 10: the smoke curate through Prefect (300 images in one download part,
+    processes_count 2: decoded on a fork pool inside the flow process) prints no Traceback; the
+    pool's workers used to inherit Prefect's SIGTERM handler and each printed a TerminationSignal
+    Traceback when the pool was terminated at the end of a normal download."""
+    _, _, first, second = smoke_run
+    counts = _summary(first)
+    assert counts["input_rows"] >= 256  # enough images for the decode pool to be used
+    for proc in (first, second):
+        assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
+
+
 def _summary(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -198,6 +198,30 @@ def test_gzip_body_is_not_inflated():
     assert r["reason"] == "compressed_body" and not r["ok"]
 
 
+def test_the_decode_pool_ends_without_a_traceback_under_prefects_sigterm_handler(capfd):
+    """Issue 12, finding 10: a one-part download with processes_count > 1 decodes on a fork pool
+    inside the flow process, where Prefect's engine has installed its SIGTERM handler (it raises
+    TerminationSignal); the forked workers inherit it, so ending the pool by terminate() printed a
+    TerminationSignal Traceback per worker into the flow's logs.  The pool is closed and joined
+    (workers leave on their own) and its workers restore the default SIGTERM action."""
+    from prefect.utilities.engine import capture_sigterm
+
+    from imagegen.stages.download import _normalize_all
+
+    blobs = []
+    for i in range(300):  # over the 256 blobs from which the decode uses a pool
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (i % 256, 3 * i % 256, 7)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    cfg = DownloadConfig(processes_count=2)
+    capfd.readouterr()
+    with capture_sigterm():  # the real handler a Prefect flow run installs in its process
+        pooled = _normalize_all(blobs, cfg)
+    err = capfd.readouterr()
+    assert "Traceback" not in err.err + err.out, err.err[-3000:]
+    assert pooled == [normalize_image(b, cfg) for b in blobs]
+
+
 def test_ledger_part_files_read_as_one(tmp_path):
     """write_ledger cuts the rows into part files with one schema (a part whose column is all null
     included); read_ledger/iter_ledger concatenate them lazily; a one-file ledger reads the same; a

@@ -199,6 +199,30 @@ def test_bad_input_is_exit_2_with_a_message_and_leaves_no_data_root(tmp_path, ar
     assert not root.exists()
 
 
+@pytest.mark.slow
+def test_a_curate_whose_every_row_fails_keeps_its_accounting_and_ledger(tmp_path):
+    """Finding 10: when no input row survives, curate is refused (exit 2, no traceback) with a
+    message saying where every row's outcome and the download ledger are, and both files are
+    there with one row per input row."""
+    import pandas as pd
+
+    urls = tmp_path / "dead.jsonl"  # port 9 (discard) refuses the connection at once
+    urls.write_text("".join(f'{{"url": "http://127.0.0.1:9/{c}.jpg", "caption": "{c}"}}\n' for c in "abc"))
+    root = tmp_path / "root"
+    p = subprocess.run([*IMAGEGEN, "curate", "--url-list", str(urls), "--set", "filter.clip_score=null",
+                        "--set", "download.retry_passes=0", "--data-root", str(root), "--no-prefect"], cwd=REPO,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr + p.stdout
+    acc, led = sorted(root.glob("failed/*/accounting.parquet")), sorted(root.glob("failed/*/ledger.parquet"))
+    assert len(acc) == len(led) == 1, sorted(str(x) for x in root.rglob("*"))
+    assert str(acc[0]) in p.stderr and str(led[0]) in p.stderr, p.stderr[-3000:]
+    a = pd.read_parquet(acc[0])
+    assert len(a) == 3 and a["row_id"].nunique() == 3 and not (a["outcome"] == "kept").any(), a
+    assert len(pd.read_parquet(led[0])) == 3
+    assert not list((root / "datasets").glob("*/card.json"))  # an empty dataset is not a dataset
+
+
 def test_every_problem_of_a_training_request_is_named_in_one_refusal(tmp_path):
     """Finding 10: a kl_autoencoder request with independent mistakes (a family field out of
     range, two cross-field problems of the family config, a trainer field out of range, a
@@ -249,6 +273,9 @@ ALL_AT_ONCE = {
             ["s1=5 must be >= s0=10", "sigma_min 5.0 must be < sigma_max 1.0"]),
     "diffusers_lora": (["train.model.pipeline=nodiffusers", "train.model.data=latents", "train.model.channels=4"],
                        ["is not a diffusers spec", "trains on RGB images"]),
+    "lcm_lora": (["train.model.pipeline=diffusers:x", "train.model.guidance_min=3", "train.model.guidance_max=2",
+                  "train.model.sample_steps=60", "train.model.ddim_steps=50"],
+                 ["guidance_max=2.0 < guidance_min=3.0", "sample_steps=60 > ddim_steps=50"]),
     "ddpm": (['train.model.net_overrides={"model_channels":20,"norm_groups":8,"attention_resolutions":[5]}'],
              ["20 channels are not divisible by norm_groups 8", "attention_resolutions [5] are never reached"]),
 }

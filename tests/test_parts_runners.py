@@ -266,6 +266,24 @@ def _java_missing() -> bool:
     return E.java_binary() is None
 
 
+@pytest.fixture
+def one_ray_per_curate(runner):
+    """For ``ray:2``: one local Ray of 2 CPUs for the whole curate, started here with the arguments the
+    executor uses; each stage's map step then runs on it instead of starting and stopping a Ray of its
+    own (the executor reuses an initialised Ray; starting one per step is test_ray_local_equals_one_process's)."""
+    if not runner.startswith("ray"):
+        yield
+        return
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    ray.init(num_cpus=E.parse_runner(runner).workers, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("runner,distributor", [
@@ -273,6 +291,7 @@ def _java_missing() -> bool:
     ("dask:2", "multiprocessing"),
     ("ray:2", "ray"),
 ])
+@pytest.mark.usefixtures("one_ray_per_curate")
 def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner, distributor):
     """The reference fetched with img2dataset's multiprocessing distributor and ran every map step in one
     process; here the map steps run on another runner and the fetch on another distributor: the same

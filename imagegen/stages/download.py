@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import time
 import warnings
 from dataclasses import dataclass
@@ -452,8 +453,24 @@ def _normalize_all(blobs: list[bytes], cfg: DownloadConfig) -> list[dict[str, An
     n = min(cfg.processes_count, os.cpu_count() or 1)
     size = max(64, math.ceil(len(blobs) / (n * 4)))
     chunks = [(blobs[i:i + size], cfg) for i in range(0, len(blobs), size)]
-    with multiprocessing.get_context("fork").Pool(n) as pool:
-        return [r for part in pool.map(_normalize_chunk, chunks) for r in part]
+    # Closed and joined, not terminated (the Pool context manager's exit): the workers leave on
+    # their own.  Forked inside a Prefect flow process they inherit its SIGTERM handler, which
+    # raises TerminationSignal, so a terminate() printed a Traceback per worker into the flow's
+    # logs; they restore the default action too, for the terminate() after an error.
+    pool = multiprocessing.get_context("fork").Pool(n, initializer=_default_sigterm)
+    try:
+        out = [r for part in pool.map(_normalize_chunk, chunks) for r in part]
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
+    return out
+
+
+def _default_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def is_private_host(url: str) -> bool:
