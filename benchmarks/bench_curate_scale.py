@@ -178,7 +178,8 @@ def run_one(n: int, root: Path, args: argparse.Namespace, sampler: TreeSampler) 
 
 def map_compare(last: dict[str, Any], root: Path, args: argparse.Namespace, sampler: TreeSampler) -> dict[str, Any]:
     """The CPU-bound map steps on one download output: local:1 against the chosen runner."""
-    from imagegen.stages.dedup import DedupConfig, run_dedup
+    from imagegen.stages.dedup import LEDGER_COLUMNS, DedupConfig, run_dedup
+    from imagegen.stages.ledger import compact_copy
     from imagegen.stages.filter import FilterConfig, run_filter
 
     dl = Path(last["dirs"]["download"])
@@ -188,7 +189,8 @@ def map_compare(last: dict[str, Any], root: Path, args: argparse.Namespace, samp
         out = root / "mapcmp" / runner.replace(":", "_").replace("/", "_")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        _, a = timed(sampler, run_dedup, dl / "images", dl / "ledger.parquet", DedupConfig(), out / "dedup.parquet", runner)
+        ledger = compact_copy(dl, LEDGER_COLUMNS, out / "ledger.parquet")  # the ledger is per-part files
+        _, a = timed(sampler, run_dedup, dl / "images", ledger, DedupConfig(), out / "dedup.parquet", runner)
         _, b = timed(sampler, lambda: run_filter(dl, out / "dedup.parquet", fcfg, out / "filter.parquet",
                                                  resolve_model=lambda s: f"local-dir:{last['clip']}", runner=runner))
         res[runner] = {"dedup_hash": a, "filter_score": b}

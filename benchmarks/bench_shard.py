@@ -151,7 +151,9 @@ def main() -> None:
               f"{r['tree_peak_mb'] - r['base_mb']:10.0f}")
     print(f"same shard sha256s across runners: {same}")
     if args.json:
+        import hashlib
         print(json.dumps({"n": args.n, "load": load, "same_shards": same,
+                          "shards_digest": hashlib.sha256("".join(rows[0]["shards"]).encode()).hexdigest()[:16],
                           "runs": [{k: v for k, v in r.items() if k != "shards"} for r in rows]}))
 
 

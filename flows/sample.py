@@ -23,5 +23,6 @@ def sample_flow(request: SampleRequest, data_root: str | None = None) -> dict[st
     Prepared(request, root)  # unknown run, class name, prompts file: refused before the task
     summary = T.sample(request, str(root))
     publish_pages(sample_pages(summary))
-    logger.info("%d image(s) of run %s in %s", summary["n_images"], summary["run_id"], summary["out"])
+    logger.info("%d image(s) of %s in %s", summary["n_images"],
+                f"run {summary['run_id']}" if summary.get("run_id") else summary.get("model"), summary["out"])
     return summary

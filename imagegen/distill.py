@@ -126,9 +126,7 @@ class DistillRequest(BaseModel):
 
     @model_validator(mode="after")
     def _check_lcm(self) -> "DistillRequest":
-        from models.hf_diffusers import is_diffusers_spec
-
-        if (self.method == "lcm_lora") != is_diffusers_spec(self.teacher):
+        if (self.method == "lcm_lora") != self.teacher.startswith("diffusers:"):  # models.hf_diffusers.PREFIX
             raise ValueError("a diffusers pipeline teacher (diffusers:PATH) is distilled by method lcm_lora, and "
                              f"lcm_lora distils a diffusers pipeline; got method {self.method!r} with teacher "
                              f"{self.teacher!r}")
@@ -331,8 +329,9 @@ def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list
     (wall clock of the student runs and of drawing the pairs, as recorded when they ran).
 
     Per method: progressive 2 DDIM teacher steps per sample and step; reflow the pairs; consistency
-    one Heun step (2 evaluations, 3 with CFG as models/consistency.py computes it) per sample and
-    step; dmd the pairs plus one real-score evaluation (2 with CFG) per sample and step; ict none."""
+    one Heun step (2 denoiser calls, each one teacher evaluation, 2 with CFG: cond and uncond in one
+    doubled batch) per sample and step; dmd the pairs plus one real-score evaluation (2 with CFG) per
+    sample and step; ict none."""
     batch = request.batch_size or teacher_cfg.batch_size
     steps = request.steps * len(rounds)
     conditional = teacher_cfg.model.get("conditioning", "none") != "none"
@@ -344,7 +343,7 @@ def distill_cost(request: DistillRequest, teacher_cfg: TrainConfig, rounds: list
     elif m == "reflow":
         calls = _pair_calls(request, conditional, learned)
     elif m == "consistency":
-        calls = batch * steps * 2 * (3 if guided else 1)
+        calls = batch * steps * 2 * (2 if guided else 1)
     elif m == "dmd":
         pair_g = request.pair_guidance if request.pair_guidance is not None else teacher_cfg.sample_guidance
         calls = _pair_calls(request, conditional, pair_g) + batch * steps * (2 if guided else 1)

@@ -396,7 +396,8 @@ def sample_markdown(summary: dict[str, Any]) -> str:
 
 def sample_pages(summary: dict[str, Any]) -> list[Page]:
     return [Page("sample-grid", "markdown", sample_markdown(summary),
-                 f"Samples {summary['sample_id']} of run {summary['run_id']}")]
+                 f"Samples {summary['sample_id']} of "
+                 + (f"run {summary['run_id']}" if summary.get("run_id") else str(summary.get("model"))))]
 
 
 # pipeline --------------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ class SampleRequest(BaseModel):
                              "models/lora.save_lora on its net or run:<id> of a personalize LoRA run of it")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = the "
                                    "pipeline's default)")
+    height: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families (DDPM, EDM, flow): "
+                               "the image height in pixels, e.g. an aspect bucket's (None = the run's size); a "
+                               "multiple of the net's patch / downsampling")
+    width: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families: the image width in "
+                              "pixels (None = the run's size)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
     output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
                                     "(bicubic) before saving; None keeps the model's size")
@@ -149,18 +154,28 @@ class SampleRequest(BaseModel):
             elif not self.model.startswith("run:") or len(self.model) <= 4:
                 raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID' or "
                                  "'diffusers:PATH_OR_REPO_ID[@REVISION]'")
+        if (self.height is not None or self.width is not None) and self.is_diffusers:
+            raise ValueError("height/width apply to runs of this project; a diffusers model takes resolution= "
+                             "(its square side)")
+        if (self.height is not None or self.width is not None) and self.output_size is not None:
+            raise ValueError("output_size resizes to a square; with height/width leave it unset")
         if not self.is_diffusers and self.resolution is not None:
             raise ValueError("resolution= applies to diffusers models; a run samples at its own size "
                              "(resize with output_size=)")
         edits = [f for f in ("init_image", "strength", "mask", "outpaint", "source_prompt", "control",
                              "control_scale", "controlnet", "embedding") if getattr(self, f) is not None]
         edits += [f for f in ("invert", "control_is_map") if getattr(self, f)] + (["resample"] if self.resample != 1 else [])
-        unsupported = [f for f in edits if f not in ("init_image", "strength", "mask", "control", "control_scale",
-                                                     "controlnet")]
+        unsupported = [f for f in edits if f not in ("init_image", "strength", "mask", "outpaint", "invert",
+                                                     "source_prompt", "control", "control_scale", "controlnet",
+                                                     "embedding")]
         if self.is_diffusers and unsupported:
             raise ValueError(f"{', '.join(unsupported)}: not supported for diffusers models (they take init_image, "
-                             "strength, mask, control, control_scale and controlnet: diffusers' img2img, inpainting "
-                             "and ControlNet pipelines); they apply to runs of this project (run=RUN)")
+                             "strength, mask, outpaint, invert, source_prompt, control, control_scale, controlnet and "
+                             "embedding: diffusers' img2img, inpainting, DDIM-inversion, ControlNet pipelines and "
+                             "textual inversion); they apply to runs of this project (run=RUN)")
+        if self.is_diffusers and any(e.startswith("run:") for e in self.embedding or ()):
+            raise ValueError("embedding=run:<id> names a personalize run of this project (its embedding is for the "
+                             "run's own text encoder); a diffusers model takes learned_embeds.safetensors files")
         needs_image = [f for f in ("strength", "mask", "outpaint") if getattr(self, f) is not None]
         if self.invert:
             needs_image.append("invert")
@@ -225,14 +240,18 @@ class Prepared:
 
             self._diffusers(req)
             if req.init_image is None and req.control is None:
-                self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs
-                return
-            from imagegen.sample_edit import DiffusersEditPlan, EditInputError
+                self.edit = PlainPlan(req.loras)  # the pipeline's loader applies its LoRAs and embeddings
+            else:
+                from imagegen.sample_edit import DiffusersEditPlan, EditInputError
 
-            try:
-                self.edit = DiffusersEditPlan(req)  # diffusers' img2img / inpainting / ControlNet pipelines
-            except (EditInputError, ValueError) as exc:
-                raise SampleError(str(exc)) from None
+                try:
+                    self.edit = DiffusersEditPlan(req)  # diffusers' img2img / inpainting / ControlNet pipelines
+                except (EditInputError, ValueError) as exc:
+                    raise SampleError(str(exc)) from None
+            if req.embedding:
+                from imagegen.hashing import file_sha256
+
+                self.edit.inputs["embedding"] = [file_sha256(_embedding_file(e)) for e in req.embedding]
             return
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
@@ -274,6 +293,10 @@ class Prepared:
         _, self.identity = resolve_spec(str(req.model))  # not a pipeline / pickled weights: refused here
         for text in req.loras:
             lora_file(parse_lora(text)[0])
+        for e in req.embedding or ():
+            f = _embedding_file(e)
+            if not f.is_file() or f.suffix != ".safetensors":
+                raise SampleError(f"embedding {f} " + ("is not a .safetensors file" if f.is_file() else "does not exist"))
         self.run, self.train_cfg, self.family_name, self.cond_kind = None, None, "diffusers", "text"
         s = req.sampler
         if s is not None and s not in DiffusersModel.samplers and not s.startswith("pipeline:"):
@@ -292,7 +315,7 @@ class Prepared:
             from models.hf_diffusers import DiffusersModel
 
             return DiffusersModel(str(self.req.model), device=device, resolution=self.req.resolution,
-                                  loras=self.req.loras)
+                                  loras=self.req.loras, embeddings=self.req.embedding or ())
         from models.checkpoint import load_family
 
         return load_family(self.run.checkpoint, device=device)
@@ -314,6 +337,11 @@ class Prepared:
             raise SampleError(f"{what} {prompt!r} names none of the {len(lab.names)} classes of run {self.run.id}: "
                               f"{list(lab.names)[:20]}")
         return None
+
+
+def _embedding_file(path: str) -> Path:
+    f = Path(path).expanduser()
+    return f / "learned_embeds.safetensors" if f.is_dir() else f
 
 
 def _device(req: SampleRequest) -> str:
@@ -435,11 +463,17 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
     if plan.trivial:
         note(f"[sample] {plan.trivial}")
     sampler = req.sampler or fam.default_sampler
-    if plan.mode == "invert":
+    if plan.mode == "invert" and not req.is_diffusers:
         sampler = "ddim" if "ddim" in fam.samplers else "euler"
     request_record = req.model_dump(mode="json", exclude={"out"})
     edit_record = plan.record()
+    if req.is_diffusers and getattr(fam, "embeddings", None):
+        edit_record["embedding"] = [{k: v for k, v in e.items() if k != "file"} | {"file": Path(e["file"]).name}
+                                    for e in fam.embeddings]
     steps = int(req.steps or fam.default_steps)
+    noise_shape = tuple(fam.noise_shape)
+    if getattr(plan, "latent_size", None):  # an aspect-bucket size of an any-size family
+        noise_shape = (noise_shape[0], *plan.latent_size)
     t0 = time.time()
     records: list[dict[str, Any]] = []
     images: list[Image.Image] = []
@@ -458,7 +492,7 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
             with plan.context(fam):
                 x, nfe = plan.generate(fam, len(ks), c, neg, sampler, steps,
                                        req.guidance if c is not None else 1.0,
-                                       pair_noise(seeds, fam.noise_shape).to(device),
+                                       pair_noise(seeds, noise_shape).to(device),
                                        torch.Generator(device=device).manual_seed(seeds[0]))
             u8 = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for j, k in enumerate(ks):
@@ -535,6 +569,9 @@ def add_sample_parser(sub: Any) -> None:
                     "for a run, a peft adapter folder made by models/lora.save_lora on its net, or run:<id> of a "
                     "personalize LoRA run of it")
     sp.add_argument("--resolution", type=int, help="diffusers models: image side (default: the pipeline's)")
+    sp.add_argument("--height", type=int, help="any-size runs (DDPM, EDM, flow): image height in pixels, e.g. an "
+                    "aspect bucket's (default: the run's size)")
+    sp.add_argument("--width", type=int, help="any-size runs: image width in pixels (default: the run's size)")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
     sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
@@ -580,7 +617,7 @@ _PATH_FIELDS = ("prompts_file", "out", "init_image", "mask", "control")
 def request_from_args(args: argparse.Namespace) -> SampleRequest:
     data: dict[str, Any] = {}
     for field in ("run", "model", "prompts_file", "negative", "guidance", "sampler", "steps", "seed", "n", "out",
-                  "output_size", "watermark", "device", "resolution", "init_image", "strength", "mask", "outpaint",
+                  "output_size", "watermark", "device", "resolution", "height", "width", "init_image", "strength", "mask", "outpaint",
                   "resample", "source_prompt", "control", "control_scale", "controlnet"):
         v = getattr(args, field, None)
         if v is not None:

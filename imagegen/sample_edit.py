@@ -30,7 +30,7 @@ Every input file is identified by its sha256 in the sample id and the PNG parame
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,35 @@ def _edit_kind(family_cls: Any) -> tuple[bool, bool]:
     return editable, editable and not issubclass(family_cls, ConsistencyFunction)
 
 
+def bucket_size(width: int | None, height: int | None, run_id: str, fam_name: str, model: dict[str, Any],
+                side: int, controlnet: bool = False) -> tuple[int, int]:
+    """(h, w) a run's family samples at for an output of ``width`` x ``height`` pixels (None = the
+    run's ``side``), checked before any model loads: an any-size family (DDPM, EDM, flow, not
+    REPA), sides multiples of its net's patch / downsampling (times the autoencoder's factor for a
+    latent run).  Raises EditInputError naming the multiple."""
+    from models.registry import get_family
+
+    W, H = width or side, height or side
+    fam_cls = get_family(fam_name)
+    if fam_name == "controlnet" or controlnet:
+        raise EditInputError(f"height/width {W}x{H}: a ControlNet samples at its base's {side}x{side} only")
+    if not getattr(fam_cls, "any_size", False) or model.get("repa"):
+        what = f"a {fam_name!r} run" + (" with REPA" if model.get("repa") else "")
+        raise EditInputError(f"height/width {W}x{H}: run {run_id} is {what}, which samples only at {side}x{side}; "
+                             "other (aspect-bucket) sizes need a DDPM, EDM or flow run")
+    cfg = fam_cls.Config(**model)
+    net = cfg.net_config(8, 1.0)
+    multiple = int(getattr(net, "patch_size", 0) or 2 ** (len(net.channel_mult) - 1))
+    factor = side // int(cfg.image_size) if cfg.data == "latents" else 1
+    m = multiple * factor
+    if H % m or W % m:
+        why = f"the {cfg.net} {'patch' if cfg.net == 'dit' else 'downsampling'} {multiple}" + (
+            f" x the autoencoder's factor {factor}" if factor > 1 else "")
+        raise EditInputError(f"height/width {W}x{H} (width x height): run {run_id} samples sides that are "
+                             f"multiples of {m} ({why}); e.g. {max(m, W // m * m)}x{max(m, H // m * m)}")
+    return H // factor, W // factor
+
+
 class EditPlan:
     """The request's editing / control inputs, read and checked against the run (no model loaded)."""
 
@@ -178,6 +207,8 @@ class EditPlan:
         elif self.is_controlnet:
             self.cn_model = model
             base_family = _state_config(model["base"]).get("family", "")
+        if fam_name == "personalize":  # edited as its base's family (the tuned net, its embedding active)
+            base_family = _state_config(model["base"]).get("family", "")
         if req.control is not None and not (self.is_controlnet or self.controlnet_run is not None):
             raise EditInputError(f"control= needs a ControlNet: run {run_id} is a {fam_name!r} run; give "
                                  "controlnet=RUN (a ControlNet trained on it) or a ControlNet run as run")
@@ -185,7 +216,16 @@ class EditPlan:
             raise EditInputError(f"controlnet={req.controlnet!r} without control= (the control image) does nothing")
         side = pixel_size(fam_name, model)
         self.side = side
-        where = f"run {run_id} makes {side}x{side} images"
+        # the output size: the run's square, or an aspect-bucket size of an any-size family
+        self.width, self.height = req.width or side, req.height or side
+        self.latent_size: tuple[int, int] | None = None  # (h, w) the family samples at, None = its square
+        W0, H0 = self.width, self.height
+        if (W0, H0) != (side, side):
+            self.latent_size = bucket_size(req.width, req.height, run_id, fam_name, model, side,
+                                           controlnet=req.controlnet is not None)
+            where = f"run {run_id} samples {W0}x{H0} images here (width x height)"
+        else:
+            where = f"run {run_id} makes {side}x{side} images"
 
         # the init image, mask, outpainting canvas
         self.mode = "sample"
@@ -200,17 +240,18 @@ class EditPlan:
             if req.outpaint is not None:
                 left, top, right, bottom = req.outpaint
                 W, H = w + left + right, h + top + bottom
-                if (W, H) != (side, side):
+                if (W, H) != (W0, H0):
                     raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
                                          f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
-                                         f"but {where}")
-                canvas = torch.zeros((1, 3, side, side))
+                                         f"but {where}" + ("" if req.height or req.width else
+                                                           " (an any-size run extends to height=/width=)"))
+                canvas = torch.zeros((1, 3, H0, W0))
                 canvas[:, :, top:top + h, left:left + w] = _to_tensor(im)
-                mask = torch.ones((1, 1, side, side))
+                mask = torch.ones((1, 1, H0, W0))
                 mask[:, :, top:top + h, left:left + w] = 0
                 self.image, self.mask, self.mode = canvas, mask, "outpaint"
             else:
-                if (w, h) != (side, side):
+                if (w, h) != (W0, H0):
                     raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where} "
                                          "(resize it, or outpaint with margins)")
                 self.image = _to_tensor(im)
@@ -281,6 +322,7 @@ class EditPlan:
                 raise EditInputError(f"embeddings {req.embedding}: the token {dup[0]!r} is defined more than once")
 
     # ------------------------------------------------------------------ checks
+
 
     @staticmethod
     def _check_base(cn: Any, prep: Any) -> None:
@@ -517,14 +559,13 @@ class EditPlan:
     def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
                  x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
         """n images in [-1, 1] for one batch, and the network evaluations it took."""
-        from models import editing
-
         ctl: dict[str, Any] = {}
         if self.control is not None:
             ctl = {"control": self.control_map, "control_scale": self.req.control_scale}
         if self.mode == "sample":
+            size = {"height": self.latent_size[0], "width": self.latent_size[1]} if self.latent_size else {}
             res = fam.sample_result(n, conditioning=cond, sampler=sampler, steps=steps, guidance=guidance,
-                                    negative=negative, x_T=x_T, generator=generator, **ctl)
+                                    negative=negative, x_T=x_T, generator=generator, **ctl, **size)
             return res.sample, int(res.nfe)
         dev = fam.device
         images = self.image.to(dev).expand(n, -1, -1, -1)
@@ -538,20 +579,30 @@ class EditPlan:
                 return res.sample, int(res.nfe)
             common = {"sampler": sampler, "steps": steps, "guidance": guidance, "negative": negative,
                       "generator": generator, "noise": x_T, **ctl}
-            if self.mode == "sdedit":
-                out = editing.sdedit(fam, images, self.strength, cond, **common)
-            elif self.mode in ("inpaint", "outpaint"):
-                out = editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
-                                      resample=self.req.resample, **common).sample
-            else:
-                src = self.source
-                if src is not None:
-                    src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
-                out = editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
-                                          control=ctl.get("control"), control_scale=ctl.get("control_scale"))
+            inner, active = fam, nullcontext()
+            if getattr(fam, "name", None) == "personalize":  # the tuned base family, under its embedding
+                inner, active = fam.inner, fam._active()
+            with active:
+                out = self._edit(inner, images, n, cond, common, ctl, steps, guidance, negative, dev)
         finally:
             hook.remove()
         return out, calls[0]
+
+    def _edit(self, fam: Any, images: torch.Tensor, n: int, cond: Any, common: dict[str, Any], ctl: dict[str, Any],
+              steps: int, guidance: float, negative: Any, dev: Any) -> torch.Tensor:
+        """SDEdit, inpainting / outpainting or the inversion edit of one batch on ``fam``."""
+        from models import editing
+
+        if self.mode == "sdedit":
+            return editing.sdedit(fam, images, self.strength, cond, **common)
+        if self.mode in ("inpaint", "outpaint"):
+            return editing.inpaint(fam, images, self.mask.to(dev), cond, strength=self.strength,
+                                   resample=self.req.resample, **common).sample
+        src = self.source
+        if src is not None:
+            src = [src] * n if isinstance(src, str) else torch.tensor([src] * n)
+        return editing.invert_edit(fam, images, src, cond, steps=steps, guidance=guidance, negative=negative,
+                                   control=ctl.get("control"), control_scale=ctl.get("control_scale"))
 
 
 class PlainPlan:
@@ -599,10 +650,20 @@ class DiffusersEditPlan:
         if req.init_image is not None:
             self.image = _open_image(req.init_image, "init image").convert("RGB")
             self.inputs["init_image"] = _file_id(req.init_image)
-            if self.image.size != (side, side):
-                raise EditInputError(f"the init image {req.init_image} is {self.image.size[0]}x{self.image.size[1]}, "
-                                     f"but {where}")
-            self.mode = "sdedit"
+            w, h = self.image.size
+            if req.outpaint is not None:
+                from models.diffusers_edit import outpaint_canvas
+
+                left, top, right, bottom = req.outpaint
+                W, H = w + left + right, h + top + bottom
+                if (W, H) != (side, side):
+                    raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"but {where}")
+                self.image, self.mask = outpaint_canvas(self.image, list(req.outpaint))
+            elif self.image.size != (side, side):
+                raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where}")
+            self.mode = "outpaint" if req.outpaint is not None else "invert" if req.invert else "sdedit"
             if req.mask is not None:
                 mi = _open_image(req.mask, "mask")
                 if mi.size != self.image.size:
@@ -610,10 +671,12 @@ class DiffusersEditPlan:
                                          f"{req.init_image} is {side}x{side}")
                 self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
                 self.inputs["mask"] = _file_id(req.mask)
+                self.mode = "inpaint"
+            if self.mask is not None:
                 frac = float((np.asarray(self.mask) > 0).mean())
                 self.inputs["mask_generate_fraction"] = round(frac, 6)
-                self.mode = "inpaint"
-            self.strength = req.strength if req.strength is not None else (SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
+            self.strength = None if self.mode == "invert" else req.strength if req.strength is not None else (
+                SDEDIT_STRENGTH if self.mode == "sdedit" else 1.0)
         self.cn_path = None
         if req.control is not None:
             if req.controlnet is None:
@@ -634,7 +697,9 @@ class DiffusersEditPlan:
         req = self.req
         edit = None
         if self.mode != "sample":
-            edit = {**_edit_inputs(self), "pipeline": "diffusers"}
+            edit = {**_edit_inputs(self), "pipeline": "diffusers",
+                    "outpaint": list(req.outpaint) if req.outpaint is not None else None,
+                    "source_prompt": req.source_prompt if self.mode == "invert" else None}
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
@@ -659,7 +724,7 @@ class DiffusersEditPlan:
         return E.generate(fam, self._pipe, self.mode, list(cond), negative, steps, guidance, generator,
                           image=self.image, mask=self.mask, strength=self.strength, control=self.control,
                           control_scale=self.req.control_scale if self.req.control_scale is not None else 1.0,
-                          latents=x_T)
+                          latents=x_T, source=self.req.source_prompt)
 
 
 def stable_sha(files: dict[str, str]) -> str:

@@ -121,15 +121,21 @@ class ConsistencyDistillation(ConsistencyFunction, TeacherMixin, EDM):
         torch._foreach_lerp_(list(self.target_net.parameters()), list(self.net.parameters()), 1.0 - mu)
 
     def _teacher_denoiser(self, cond: dict[str, Tensor]) -> Any:
+        """The teacher's D(x; sigma) under ``cond``; with teacher_guidance w != 1 its F is
+        F_u + w (F_c - F_u), both branches in one doubled-batch forward (cfg_wrap)."""
+        from models.diffusion import cfg_wrap
+
         teacher, w = self.teacher, self.cfg.teacher_guidance
         uncond = self.null_condition(next(iter(cond.values())).shape[0]) if cond and w != 1.0 else None
 
+        def raw(x_in: Tensor, noise: Tensor, **c: Tensor) -> Tensor:
+            return teacher.net(x_in, noise, c)
+
+        F = (lambda x_in, noise: raw(x_in, noise, **cond)) if uncond is None else cfg_wrap(raw, w, cond, uncond)
+
         def D(x: Tensor, sigma: Tensor) -> Tensor:
             c_skip, c_out, c_in, c_noise = edm_precond(sigma, self.cfg.sigma_data)
-            x_in, noise = expand_to(c_in, x) * x, c_noise.to(x.dtype)
-            f = teacher.net(x_in, noise, cond)
-            if uncond is not None:
-                f = teacher.net(x_in, noise, uncond) + w * (f - teacher.net(x_in, noise, uncond))
+            f = F(expand_to(c_in, x) * x, c_noise.to(x.dtype))
             return expand_to(c_skip, x) * x + expand_to(c_out, x) * f
 
         return D

@@ -219,8 +219,14 @@ def _check_image(family: Any, images: Tensor, what: str = "init image") -> Tenso
         desc = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, Tensor) else type(images).__name__
         raise EditError(f"{name}: the {what} must be a float tensor [B, {c}, {s}, {s}] in [-1, 1], got {desc}")
     if tuple(images.shape[1:]) != (c, s, s):
-        raise EditError(f"{name}: the {what} is {images.shape[2]}x{images.shape[3]} with {images.shape[1]} "
-                        f"channels, the model makes {s}x{s} images with {c} channels")
+        h, w = int(images.shape[2]), int(images.shape[3])
+        f = s // family.cfg.image_size  # the autoencoder's factor (1 for pixel families)
+        m = family.size_multiple()
+        # an any-size family edits at any size it samples at (an aspect bucket's, an extended canvas)
+        if not (images.shape[1] == c and m and h % (m * f) == 0 and w % (m * f) == 0):
+            other = f", or sides that are multiples of {m * f}" if m else ""
+            raise EditError(f"{name}: the {what} is {h}x{w} with {images.shape[1]} "
+                            f"channels, the model makes {s}x{s} images{other} with {c} channels")
     lo, hi = float(images.min()), float(images.max())
     if not (lo >= -1.001 and hi <= 1.001):
         raise EditError(f"{name}: the {what} must lie in [-1, 1], got min {lo:.4g} max {hi:.4g}")
@@ -432,7 +438,8 @@ def inpaint(family: Any, images: Tensor, mask: Tensor, conditioning: Any = None,
 def outpaint(family: Any, images: Tensor, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
              conditioning: Any = None, **kw: Any) -> InpaintResult:
     """Extend ``images`` by the given margins: inpainting on a canvas of the model's size with the
-    input at (top, left) and the margins to generate.  The canvas must be the model's size."""
+    input at (top, left) and the margins to generate.  The canvas must be the model's size, or for
+    an any-size family (``size_multiple``) any size it samples at (an extended canvas)."""
     where = f"{type(family).__name__}.outpaint"
     if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in (left, top, right, bottom)):
         raise EditError(f"{where}: margins must be ints >= 0, got left={left} top={top} right={right} bottom={bottom}")
@@ -441,9 +448,9 @@ def outpaint(family: Any, images: Tensor, left: int = 0, top: int = 0, right: in
     b, c, h, w = images.shape
     size = family.cfg.image_size if family.cfg.data == "pixels" else autoencoder(family).cfg.image_size
     H, W = h + top + bottom, w + left + right
-    if (H, W) != (size, size):
+    if (H, W) != (size, size) and not family.size_multiple():
         raise EditError(f"{where}: the image ({h}x{w}) with its margins is a {H}x{W} canvas; the model makes "
-                        f"{size}x{size} images")
+                        f"{size}x{size} images")  # (an any-size family's canvas is checked by inpaint)
     canvas = torch.zeros((b, c, H, W), dtype=images.dtype, device=images.device)
     canvas[:, :, top:top + h, left:left + w] = images
     mask = torch.ones((1, 1, H, W), device=images.device)

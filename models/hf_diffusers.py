@@ -222,7 +222,7 @@ class DiffusersModel:
     conditioning = "text"
 
     def __init__(self, spec: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 resolution: int | None = None, loras: Sequence[str] = ()) -> None:
+                 resolution: int | None = None, loras: Sequence[str] = (), embeddings: Sequence[str] = ()) -> None:
         from diffusers import DiffusionPipeline
 
         self.spec = spec
@@ -254,6 +254,9 @@ class DiffusersModel:
         self.loras: list[dict[str, Any]] = []
         for text in loras:
             self.add_lora(text)
+        self.embeddings: list[dict[str, Any]] = []
+        for path in embeddings:
+            self.add_embedding(path)
         self._calls = 0
         self.net.register_forward_pre_hook(self._count)
 
@@ -287,6 +290,40 @@ class DiffusersModel:
         self.loras.append({"file": str(f), "scale": scale, "sha256": file_sha256(f), "adapter": name})
         self.pipe.set_adapters([d["adapter"] for d in self.loras], adapter_weights=[d["scale"] for d in self.loras])
         self.identity = {**self.identity, "loras": [{k: d[k] for k in ("file", "scale", "sha256")} for d in self.loras]}
+
+    def add_embedding(self, path: str | Path) -> None:
+        """A textual-inversion embedding (safetensors {token: vector}, as models/personalize.py and
+        diffusers' own training script write it) for the pipeline's text encoder, through diffusers'
+        ``load_textual_inversion``; the token must be new and the width the text encoder's."""
+        from safetensors import safe_open
+
+        from imagegen.hashing import file_sha256
+
+        f = Path(path).expanduser()
+        f = f / "learned_embeds.safetensors" if f.is_dir() else f
+        if not f.is_file():
+            raise DiffusersError(f"embedding {f} does not exist")
+        if f.suffix != ".safetensors":
+            raise DiffusersError(f"embedding {f}: only safetensors embeddings are read (learned_embeds.safetensors)")
+        if not hasattr(self.pipe, "load_textual_inversion"):
+            raise DiffusersError(f"embedding {f}: {type(self.pipe).__name__} does not load textual-inversion embeddings")
+        with safe_open(str(f), framework="pt") as sf:
+            keys, meta = list(sf.keys()), sf.metadata() or {}
+            if len(keys) != 1:
+                raise DiffusersError(f"embedding {f} holds {len(keys)} tensors; expected one (token -> vector)")
+            vec = sf.get_tensor(keys[0])
+        token = keys[0]
+        width = int(self.pipe.text_encoder.get_input_embeddings().weight.shape[-1])
+        if vec.ndim not in (1, 2) or vec.shape[-1] != width:
+            raise DiffusersError(f"embedding {f}: its vector for {token!r} has shape {list(vec.shape)}; the text encoder "
+                                 f"of {self.spec} takes width {width} (an embedding for another text encoder)")
+        try:
+            self.pipe.load_textual_inversion({token: vec.to(self.pipe.text_encoder.dtype)}, token=token)
+        except ValueError as exc:
+            raise DiffusersError(f"embedding {f} (token {token!r}) cannot be loaded into {self.spec}: {exc}") from None
+        self.embeddings.append({"file": str(f.resolve()), "token": token, "sha256": file_sha256(f),
+                                "text_encoder": meta.get("text_encoder")})
+        self.identity = {**self.identity, "embeddings": [dict(e) for e in self.embeddings]}
 
     # ------------------------------------------------------------------ family interface
 

@@ -47,15 +47,24 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def live_prefect(session_tmp):
+def pipeline_root(session_tmp) -> Path:
+    """The data root of the tiny pipeline runs of test_pipeline.py, test_orchestration.py and
+    test_browser.py, and the default one of ``live_prefect``'s worker.  Stages and runs are
+    content-addressed (and the curate tasks' Prefect cache keys name the root), so a request that one
+    of them computed is found done by the others: each tiny pipeline is computed once per session."""
+    return (session_tmp / "live-data").resolve()
+
+
+@pytest.fixture(scope="session")
+def live_prefect(session_tmp, pipeline_root):
     """A real ``prefect server start`` on a free loopback port with its own PREFECT_HOME (SQLite), the
     work pool, the ``gpu`` concurrency limit, every deployment of prefect.yaml and a process worker,
     brought up by the functions of ``imagegen serve``.  Flow runs that name no data root use
-    ``<session tmp>/live-data``; the server, deploy and worker logs are under ``<session tmp>/live-prefect``."""
+    ``pipeline_root``; the server, deploy and worker logs are under ``<session tmp>/live-prefect``."""
     from imagegen import serve as S
 
     home = session_tmp / "live-prefect"
-    served = S.bring_up(session_tmp / "live-data", port=S.free_port(), home=home, worker_log=home / "worker.log",
+    served = S.bring_up(pipeline_root, port=S.free_port(), home=home, worker_log=home / "worker.log",
                         worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_LOGGING_LEVEL": "INFO",
                                     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     yield served

@@ -20,7 +20,9 @@ pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "browser"
-BEFORE, AFTER = "train.steps=6", "train.steps=5"  # the one field changed in the form
+# the one field changed in the form: the deployment's defaults are the tiny pipeline with 5 steps, the
+# form sets TINY's 6, so the run is test_orchestration.py's first request on the same (shared) data root
+BEFORE, AFTER = "train.steps=5", "train.steps=6"
 
 
 @pytest.fixture
@@ -29,10 +31,11 @@ def tiny_pipeline_defaults(live_prefect):
     deployment's Edit page), so that the form opens with them; restored afterwards."""
     from prefect.client.schemas.actions import DeploymentUpdate
 
-    assert BEFORE in TINY
+    assert AFTER in TINY
+    defaults = [BEFORE if o == AFTER else o for o in TINY]
     with S.client(live_prefect.api_url) as c:
         dep = c.read_deployment_by_name("pipeline/pipeline")
-        c.update_deployment(dep.id, DeploymentUpdate(parameters={"preset": "smoke", "overrides": TINY}))
+        c.update_deployment(dep.id, DeploymentUpdate(parameters={"preset": "smoke", "overrides": defaults}))
     yield dep
     with S.client(live_prefect.api_url) as c:
         c.update_deployment(dep.id, DeploymentUpdate(parameters=dep.parameters))
@@ -104,10 +107,10 @@ def test_custom_pipeline_run_from_the_ui(live_prefect, tiny_pipeline_defaults):
             browser.close()
     assert run.state.is_completed(), (f"{run.name}: {run.state.name}: {run.state.message}\n"
                                       f"worker log ({live.worker.log}):\n{live.worker.tail(80)}")
-    # the form's change reached the flow run, and the pipeline trained 5 steps
+    # the form's change reached the flow run, and the pipeline trained 6 steps
     assert AFTER in run.parameters["overrides"] and BEFORE not in run.parameters["overrides"]
     assert run.deployment_id == tiny_pipeline_defaults.id and run.name == run_name
     assert run.parameters.get("data_root") is None  # so the run used the worker's IMAGEGEN_DATA_ROOT
     trained = [r for r in list_runs(live.data_root) if r.card.get("family") == "flow"
-               and r.card["config"].get("steps") == 5]
+               and r.card["config"].get("steps") == 6]
     assert len(trained) == 1 and trained[0].card["status"] == "finished"

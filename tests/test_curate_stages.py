@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -128,18 +129,20 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_cli_reports_bad_input_clearly(tmp_path):
-    r = _cli("curate", "--no-prefect", "--set", "download.timeout=-1", "--data-root", str(tmp_path), cwd=tmp_path)
-    assert r.returncode == 2 and "download.timeout" in r.stderr
     pd.DataFrame({"link": ["http://127.0.0.1/a.jpg"], "caption": ["a"]}).to_parquet(tmp_path / "l.parquet")
-    r = _cli("curate", "--no-prefect", "--url-list", str(tmp_path / "l.parquet"), "--data-root", str(tmp_path),
-             cwd=tmp_path)
-    assert r.returncode == 2 and "no column(s) ['url']" in r.stderr and "link" in r.stderr
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
-    r = _cli("curate", "--no-prefect", "--url-list", str(tmp_path / "bad.parquet"), "--data-root", str(tmp_path),
-             cwd=tmp_path)
-    assert r.returncode == 2 and "could not be read" in r.stderr
-    r = _cli("datasets", "show", "nope", "--data-root", str(tmp_path), cwd=tmp_path)
-    assert r.returncode == 2 and "no dataset 'nope'" in r.stderr
+    root = ["--data-root", str(tmp_path)]
+    # four independent commands: started together (each is mostly its interpreter's imports), then checked
+    with ThreadPoolExecutor(4) as pool:
+        timeout, columns, unreadable, unknown = pool.map(lambda args: _cli(*args, cwd=tmp_path), [
+            ("curate", "--no-prefect", "--set", "download.timeout=-1", *root),
+            ("curate", "--no-prefect", "--url-list", str(tmp_path / "l.parquet"), *root),
+            ("curate", "--no-prefect", "--url-list", str(tmp_path / "bad.parquet"), *root),
+            ("datasets", "show", "nope", *root)])
+    assert timeout.returncode == 2 and "download.timeout" in timeout.stderr
+    assert columns.returncode == 2 and "no column(s) ['url']" in columns.stderr and "link" in columns.stderr
+    assert unreadable.returncode == 2 and "could not be read" in unreadable.stderr
+    assert unknown.returncode == 2 and "no dataset 'nope'" in unknown.stderr
 
 
 @pytest.mark.slow

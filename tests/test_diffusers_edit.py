@@ -122,8 +122,8 @@ def test_imagegen_sample_edits_a_diffusers_model(tiny, tmp_path):
         sample(SampleRequest(**base, control=str(r / "control.png")), tmp_path / "root")
     with pytest.raises(SampleError, match="not a diffusers ControlNetModel"):
         sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(r)), tmp_path / "root")
-    with pytest.raises(ValueError, match="invert.*diffusers"):
-        SampleRequest(**base, init_image=str(r / "init.png"), invert=True)
+    with pytest.raises(ValueError, match="resample: not supported for diffusers"):
+        SampleRequest(**base, init_image=str(r / "init.png"), mask=str(r / "mask.png"), resample=2)
 
 
 def test_two_loras_equal_merging_them_by_hand(tiny, tmp_path):
@@ -161,3 +161,88 @@ def test_two_loras_equal_merging_them_by_hand(tiny, tmp_path):
     p = read_parameters(res["files"][0])
     assert p["loras"] == [f"{f1}:0.6", f"{f2}:-1.2"]
     assert [d["scale"] for d in p["model"]["loras"]] == [0.6, -1.2] and p["model"]["loras"][1]["file"] == str(f2)
+
+
+def test_inversion_outpainting_and_embeddings(tiny, tmp_path):
+    """DDIM inversion = DiffEdit's invert (DDIMInverseScheduler) then DDIM sampling from its latents;
+    outpainting = diffusers' inpainting of the canvas; a textual-inversion embedding in the
+    project's file format = diffusers' load_textual_inversion; all through imagegen sample."""
+    from diffusers import (DDIMInverseScheduler, DDIMScheduler, StableDiffusionDiffEditPipeline,
+                           StableDiffusionInpaintPipeline, StableDiffusionPipeline)
+    from safetensors.torch import save_file
+
+    from imagegen.sample import SampleError, SampleRequest, read_parameters, sample
+    from models import diffusers_edit as E
+    from models.hf_diffusers import DiffusersError, DiffusersModel
+
+    m = DiffusersModel(tiny["spec"])
+    init = Image.open(tiny["root"] / "init.png").convert("RGB")
+    z0 = E.image_latents(m, init)
+    x, nfe = E.generate(m, E.edit_pipeline(m, "invert"), "invert", ["the dog"], None, 5, 2.0, None, image=init,
+                        source="a cat")
+    assert nfe == 5 + 5  # 5 inversion steps at guidance 1, 5 sampling steps (CFG in one batched call)
+    c = m.pipe.components
+    diffedit = StableDiffusionDiffEditPipeline(
+        **{k: c[k] for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")}, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+        inverse_scheduler=DDIMInverseScheduler.from_config(c["scheduler"].config))
+    diffedit.set_progress_bar_config(disable=True)
+    inverted = diffedit.invert(prompt="a cat", image=z0, num_inference_steps=5, inpaint_strength=1.0,
+                               guidance_scale=1.0).latents[:, 0]
+    assert torch.equal(E.ddim_invert(m, z0, ["a cat"], 5), inverted)
+    ddim = _direct(StableDiffusionPipeline, tiny["pipe"])
+    ddim.scheduler = DDIMScheduler.from_config(ddim.scheduler.config)
+    ref = ddim(prompt=["the dog"], latents=inverted.clone(), num_inference_steps=5, guidance_scale=2.0,
+               output_type="pt").images * 2 - 1
+    assert torch.allclose(x, ref.clamp(-1, 1), atol=1e-5)
+    assert type(m.pipe.scheduler).__name__ == type(c["scheduler"]).__name__  # the loaded pipeline's scheduler stays
+
+    # outpainting: a 10x12 image with margins (2, 1, 4, 3) on the 16x16 canvas
+    small = init.crop((0, 0, 10, 12))
+    small.save(tmp_path / "small.png")
+    canvas, mask = E.outpaint_canvas(small, [2, 1, 4, 3])
+    assert canvas.size == (16, 16) and np.array_equal(np.asarray(canvas)[1:13, 2:12], np.asarray(small))
+    assert (np.asarray(mask) == 0).sum() == 120 and np.asarray(mask)[0].min() == 255
+    g = torch.Generator().manual_seed(4)
+    res = sample(SampleRequest(model=tiny["spec"], prompts=["a cat"], n=1, steps=4, init_image=str(tmp_path / "small.png"),
+                               outpaint=[2, 1, 4, 3], seed=0, out=str(tmp_path / "o")), tmp_path / "root")
+    po = read_parameters(res["files"][0])
+    assert po["edit"]["mode"] == "outpaint" and po["edit"]["outpaint"] == [2, 1, 4, 3]
+    assert po["edit"]["mask_generate_fraction"] == pytest.approx(1 - 120 / 256)
+    y, _ = E.generate(m, E.edit_pipeline(m, "outpaint"), "outpaint", ["a cat"], None, 4, 1.0, g, image=canvas,
+                      mask=mask, strength=1.0)
+    direct = _direct(StableDiffusionInpaintPipeline, tiny["pipe"])(
+        prompt=["a cat"], image=[canvas], mask_image=[mask], strength=1.0, num_inference_steps=4, guidance_scale=1.0,
+        generator=torch.Generator().manual_seed(4), output_type="pt", height=16, width=16).images * 2 - 1
+    assert torch.allclose(y, direct.clamp(-1, 1), atol=1e-5)
+    with pytest.raises(SampleError, match="canvas is 17x16"):
+        sample(SampleRequest(model=tiny["spec"], prompts=["a"], init_image=str(tmp_path / "small.png"),
+                             outpaint=[3, 1, 4, 3]), tmp_path / "root")
+    inv = sample(SampleRequest(model=tiny["spec"], prompts=["the dog"], n=1, steps=3, init_image=str(tiny["root"] / "init.png"),
+                               invert=True, source_prompt="a cat", out=str(tmp_path / "i")), tmp_path / "root")
+    pi = read_parameters(inv["files"][0])
+    assert pi["edit"]["mode"] == "invert" and pi["edit"]["source_prompt"] == "a cat" and pi["nfe"] == 6
+
+    # textual inversion: {token: vector} safetensors, as models/personalize.TextualInversion.save writes it
+    vec = torch.randn(32, generator=torch.Generator().manual_seed(7))
+    emb = tmp_path / "learned_embeds.safetensors"
+    save_file({"sks": vec}, str(emb), metadata={"text_encoder": "user"})
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with_ti = DiffusersModel(tiny["spec"], embeddings=[str(emb)])
+    a = with_ti.sample(1, ["a sks cat"], steps=3, x_T=z)
+    direct = _direct(StableDiffusionPipeline, tiny["pipe"])
+    direct.load_textual_inversion({"sks": vec}, token="sks")
+    ref = direct(prompt=["a sks cat"], latents=z.clone(), num_inference_steps=3, guidance_scale=1.0,
+                 output_type="pt").images * 2 - 1
+    assert torch.allclose(a, ref.clamp(-1, 1), atol=1e-5)
+    assert not torch.allclose(a, m.sample(1, ["a sks cat"], steps=3, x_T=z), atol=1e-3)  # the token acts
+    assert torch.allclose(with_ti.sample(1, ["a cat"], steps=3, x_T=z), m.sample(1, ["a cat"], steps=3, x_T=z), atol=1e-6)
+    ps = read_parameters(sample(SampleRequest(model=tiny["spec"], prompts=["a sks cat"], n=1, steps=2,
+                                              embedding=[str(emb)], out=str(tmp_path / "t")), tmp_path / "root")["files"][0])
+    assert ps["embedding"][0]["token"] == "sks" and ps["model"]["embeddings"][0]["sha256"] == ps["embedding"][0]["sha256"]
+    wide = tmp_path / "wide.safetensors"
+    save_file({"xyz": torch.zeros(48)}, str(wide))
+    with pytest.raises(DiffusersError, match=r"shape \[48\]; the text encoder of .* takes width 32"):
+        DiffusersModel(tiny["spec"], embeddings=[str(wide)])
+    with pytest.raises(ValueError, match="embedding=run:<id> names a personalize run"):
+        SampleRequest(model=tiny["spec"], prompts=["a"], embedding=["run:abc"])

@@ -72,9 +72,11 @@ def test_sample_request_takes_diffusers_specs(tmp_path):
     req = SampleRequest(model="diffusers:owner/name@rev", prompts=["x"], loras=["a.safetensors:0.7"], resolution=64)
     assert req.is_diffusers
     SampleRequest(run="abc", loras=["a.safetensors"])  # a run takes a peft adapter folder: checked when prepared
-    # img2img, inpainting and ControlNet run through diffusers' pipelines (tests/test_diffusers_edit.py); inversion not
-    with pytest.raises(ValueError, match="invert: not supported for diffusers models"):
-        SampleRequest(model="diffusers:owner/name", prompts=["x"], init_image="a.png", invert=True)
+    # img2img, inpainting, outpainting, inversion and ControlNet run through diffusers (tests/test_diffusers_edit.py);
+    # RePaint resampling not
+    SampleRequest(model="diffusers:owner/name", prompts=["x"], init_image="a.png", invert=True)
+    with pytest.raises(ValueError, match="resample: not supported for diffusers models"):
+        SampleRequest(model="diffusers:owner/name", prompts=["x"], init_image="a.png", mask="m.png", resample=3)
     with pytest.raises(ValueError, match="unknown model spec"):
         SampleRequest(model="hf:owner/name")
 

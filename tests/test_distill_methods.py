@@ -118,3 +118,40 @@ def test_dmd_and_ict_through_distill_with_their_cost(root):
         distill({"teacher": flow, "method": "ict"}, root)
     with pytest.raises(RunError, match="dmd distillation needs a flow-matching run"):
         distill({"teacher": edm, "method": "dmd"}, root)
+
+
+def test_consistency_cfg_runs_both_teacher_branches_in_one_call():
+    """With teacher_guidance, each teacher denoiser call of consistency distillation is one doubled
+    batch (cond + uncond): Heun's 2 calls evaluate 2 x 2B images, as distill_cost counts; D equals
+    F_u + w (F_c - F_u) computed from two separate forwards."""
+    from _helpers import random_family
+    from models.diffusion import edm_precond, expand_to
+    from models.registry import build_family
+    from models.teacher import inference_only
+
+    model = {**NET, "conditioning": "class", "num_classes": 3}
+    with inference_only():
+        fam = build_family("consistency", {**model, "teacher_guidance": 3.0, "levels": 6})
+    teacher = random_family("edm", NET, seed=1, conditioning="class", num_classes=3)
+    object.__setattr__(fam, "_teacher", teacher)
+    rows: list[int] = []
+    teacher.net.register_forward_pre_hook(lambda m, args: rows.append(int(args[0].shape[0])))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 2, 0])
+    fam.train()
+    fam.loss({"image": torch.rand((4, 3, 16, 16), generator=g) * 2 - 1, "label": labels}, g)
+    assert rows == [8, 8]  # 2 Heun denoiser calls, one forward each: 4 conditional + 4 unconditional images
+    t = TrainConfig(family="edm", model=model, steps=10, batch_size=4, label_keywords=("a", "b", "c"))
+    assert distill_cost(DistillRequest(teacher="t", method="consistency", steps=1, teacher_guidance=3.0), t,
+                        [{}])["teacher_calls"] == sum(rows)
+    cond, uncond = fam.condition_from(labels, 4, "test"), fam.null_condition(4)
+    x = torch.randn((4, 3, 16, 16), generator=g)
+    sigma = torch.tensor([0.5, 2.0, 10.0, 40.0])
+    with torch.no_grad():
+        got = fam._teacher_denoiser(cond)(x, sigma)
+        c_skip, c_out, c_in, c_noise = edm_precond(sigma, fam.cfg.sigma_data)
+        x_in, n = expand_to(c_in, x) * x, c_noise.to(x.dtype)
+        f_u, f_c = teacher.net(x_in, n, uncond), teacher.net(x_in, n, cond)
+        want = expand_to(c_skip, x) * x + expand_to(c_out, x) * (f_u + 3.0 * (f_c - f_u))
+    assert (f_c - f_u).abs().max() > 1e-3  # the branches differ: guidance acts
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

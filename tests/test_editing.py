@@ -123,8 +123,11 @@ def test_outpainting_extends_the_canvas_and_keeps_the_input():
     assert out.sample.shape == (2, 3, 16, 16)
     assert torch.equal(out.sample[..., :12], small)
     assert out.sample[..., 12:].abs().mean() > 0.01
-    with pytest.raises(EditError, match=r"16x14 canvas; the model makes 16x16"):
-        outpaint(fam, small, right=2)
+    wider = outpaint(fam, small, right=8, steps=2, generator=gen())  # an any-size family: an extended canvas
+    assert wider.sample.shape == (2, 3, 16, 20) and torch.equal(wider.sample[..., :12], small)
+    with pytest.raises(EditError, match=r"is 16x13 with 3 channels, the model makes 16x16 images, or sides that are "
+                                        r"multiples of \d+"):
+        outpaint(fam, small, right=1)
 
 
 def test_inversion_edit_reconstructs_with_the_source_and_changes_with_another_label():
@@ -159,8 +162,9 @@ def test_bad_input_is_named():
     for s in (-0.1, 1.5, "0.5", True):
         with pytest.raises(EditError, match="strength must be a number in \\[0, 1\\]"):
             sdedit(fam, x, s)
-    with pytest.raises(EditError, match="init image is 8x8 with 3 channels, the model makes 16x16"):
-        sdedit(fam, x[..., :8, :8], 0.5)
+    with pytest.raises(EditError, match="init image is 7x7 with 3 channels, the model makes 16x16"):
+        sdedit(fam, x[..., :7, :7], 0.5)
+    assert sdedit(fam, x[..., :8, :12], 0.5, steps=2).shape == (2, 3, 8, 12)  # any-size: edits at another size
     with pytest.raises(EditError, match="the mask is 8x16, the image is 16x16"):
         inpaint(fam, x, torch.ones(8, 16))
     with pytest.raises(EditError, match="0 \\(keep\\) or 1"):

@@ -35,7 +35,8 @@ def test_import_is_idempotent_by_file_hash(tmp_path):
     assert np.array_equal(m2, mu) and np.array_equal(s2, sigma) and feats is None and c2["mode"] == "legacy_tensorflow"
     # ADM-style reference batch: mu/sigma next to images and spatial statistics
     adm = tmp_path / "VIRTUAL_tiny_labeled.npz"
-    np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu[:10], sigma_s=sigma[:10, :10])
+    mu_s, sigma_s = _stats(2023, 5)  # sFID's 7 x 17 x 17 spatial statistics
+    np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     assert import_fid_stats(tmp_path / "root", adm)["arrays"] == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
     with pytest.raises(LookupError, match="no FID reference 'nope'"):
         get_fid_ref(tmp_path / "root", "nope")

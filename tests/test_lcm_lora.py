@@ -91,11 +91,13 @@ def test_lcm_lora_distill_cli_end_to_end(teacher_pipe, tmp_path, capsys):
     cfg = TrainConfig(**run.card["config"])
     x_T = torch.randn((10, *student.noise_shape), generator=torch.Generator().manual_seed(0))
     cond = sample_conditioning(cfg, 10)
-    ref = student.model.sample(10, cond, steps=50, x_T=x_T)
-    with student.adapters_off():
+    with student.adapters_off():  # the student's pipeline shares its UNet: adapters off = the teacher
+        ref = student.model.sample(10, cond, steps=50, x_T=x_T)
         before = float((student.sample(10, cond, steps=1, x_T=x_T) - ref).pow(2).mean())
     assert abs(float((student.sample(10, cond, steps=1, x_T=x_T) - ref).pow(2).mean()) - mse[("student", 1)]) < 1e-5
-    assert mse[("student", 1)] < 0.9 * before, (mse[("student", 1)], before)
+    assert mse[("student", 1)] < 0.9 * before, (mse, before)
+    print("LCM-LoRA MSE to the teacher at 50 steps:", {f"{m}@{k}": round(v, 4) for (m, k), v in mse.items()},
+          "adapters off @1:", round(before, 4))
 
     # the adapter alone, diffusers' format: load_lora_weights + LCMScheduler = the family's gamma-1 sampler
     adapter = Path(summary["adapter"])
@@ -142,7 +144,7 @@ def test_guidance_embedding_is_fed_like_a_pipeline_with_time_cond_proj(teacher_p
         train_step(fam, opt, batch, torch.Generator().manual_seed(0))
         fam.after_step()
     w = fam.net.time_embedding.cond_proj.weight
-    assert float(w.abs().max()) > 0 and fam.target_0.shape == next(p for _, p in fam._adapter_params()).shape
+    assert float(w.detach().abs().max()) > 0 and fam.target_0.shape == next(p for _, p in fam._adapter_params()).shape
     # through diffusers: LoRA file + the embedding attached; the pipeline embeds guidance_scale - 1
     from diffusers import StableDiffusionPipeline as SD
     from peft.utils import get_peft_model_state_dict

@@ -26,7 +26,7 @@ from imagegen import serve as S
 pytestmark = pytest.mark.slow
 
 ORDER = ["curate/curate", "train/train", "distill/distill", "evaluate/evaluate", "pipeline/pipeline",
-         "benchmark/benchmark", "control-benchmark/control-benchmark", "sample/sample"]
+         "benchmark/benchmark", "control-benchmark/control-benchmark", "import/import", "sample/sample"]
 DEPLOYMENTS = set(ORDER)
 # tiny evaluation settings for the benchmark run (the nightly defaults evaluate 1000 images at 4 NFEs)
 BENCH_SETTINGS = {"n_samples": 16, "kid_subsets": 5, "kid_subset_size": 8, "batch_size": 16,
@@ -77,10 +77,12 @@ def task_runs(live: S.Served, flow_run_id: Any) -> list[Any]:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """This module's data root, passed as the flows' ``data_root`` parameter (test_browser.py's run uses
-    the worker's default data root)."""
-    return tmp_path_factory.mktemp("orchestration")
+def root(live_prefect) -> Path:
+    """The data root passed as the flows' ``data_root`` parameter: the worker's default one, the session's
+    shared tiny-pipeline root (conftest ``pipeline_root``), where test_browser.py's run from the UI (the
+    same request as ``first``) and test_pipeline.py's runs (the same two requests in-process) land too;
+    whichever runs first computes a request, the others find its stages done."""
+    return live_prefect.data_root
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +137,9 @@ def test_pipeline_deployment_runs_end_to_end(first, live_prefect, root):
     assert teacher[0].card["status"] == student[0].card["status"] == "finished"
     assert teacher[0].card["dataset_id"] in datasets and datasets[teacher[0].card["dataset_id"]].name == "world-smoke"
     assert teacher[0].id in report.data and student[0].id in report.data
-    reports = list((root / "reports").glob("*/report.md"))
-    assert len(reports) == 1 and reports[0].parent.name in report.data
+    # this request's report (test_pipeline.py's second request may have added its own to the shared root)
+    reports = [p for p in (root / "reports").glob("*/report.md") if p.parent.name in report.data]
+    assert len(reports) == 1
 
 
 def test_bad_parameters_are_refused_by_the_server(live_prefect):
@@ -146,7 +149,8 @@ def test_bad_parameters_are_refused_by_the_server(live_prefect):
     bad = {"pipeline/pipeline": [({"request": {"train": {"steps": -5}}}, "request.train.steps"),
                                  ({"preset": "huge"}, "preset"),
                                  ({"request": {"evaluate": {"n_samples": 1}}}, "request.evaluate.n_samples")],
-           "train/train": [({"steps": "many"}, "steps"), ({"preset": "nope"}, "preset")]}
+           "train/train": [({"steps": "many"}, "steps"), ({"preset": "nope"}, "preset")],
+           "import/import": [({"request": {"kind": "zip", "source": "x"}}, "request.kind")]}
     with S.client(live_prefect.api_url) as c:
         for name, cases in bad.items():
             dep = c.read_deployment_by_name(name)
@@ -278,3 +282,54 @@ def test_cli_serve_on_an_existing_server_deploys_runs_a_worker_and_stops_on_sigt
     stops = [line for line in err.splitlines() if line.startswith("[serve] SIGTERM")]
     assert stops == [f"[serve] SIGTERM: stopping worker imagegen-{socket.gethostname()}-{proc.pid}"], err[-2000:]
     assert (tmp_path / "d" / "prefect" / "deploy.log").is_file()  # its PREFECT_HOME: <data root>/prefect
+
+
+def test_sample_deployment_with_a_diffusers_model(live_prefect, root, tmp_path):
+    """The ``sample`` deployment with ``request.model = diffusers:PATH`` (a tiny pipeline saved with
+    save_pretrained), run by the worker: PNGs whose parameters chunk names the pipeline and its file
+    hashes, and the grid artifact."""
+    from _diffusers_tiny import tiny_sd_pipeline
+
+    from imagegen.sample import read_parameters
+    from models.hf_diffusers import resolve_spec
+
+    spec = f"diffusers:{tiny_sd_pipeline(tmp_path / 'sd')}"
+    out = tmp_path / "samples"
+    run = run_deployment(live_prefect, "sample/sample", {
+        "request": {"model": spec, "prompts": ["a red circle", "a cat"], "n": 2, "steps": 2, "guidance": 2.0,
+                    "negative": "blurry", "seed": 3, "out": str(out)}, "data_root": str(root)})
+    pngs = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
+    assert len(pngs) == 4 and (out / "grid.png").is_file()
+    params = [read_parameters(p) for p in pngs]
+    files = resolve_spec(spec)[1]["files"]
+    for p in params:
+        assert p["model"]["model"] == spec and p["model"]["pipeline"] == "StableDiffusionPipeline"
+        assert p["model"]["files"] == files
+        assert (p["steps"], p["guidance"], p["negative"], p["seed"]) == (2, 2.0, "blurry", 3)
+    assert sorted({p["prompt"] for p in params}) == ["a cat", "a red circle"]
+    assert len({p["image_seed"] for p in params}) == 4
+    (grid,) = artifacts(live_prefect, "sample-grid", [run.id])
+    assert grid.type == "markdown" and spec in grid.description
+
+
+def test_import_deployment_registers_a_folder(live_prefect, root, tmp_path):
+    """The ``import`` deployment (typed ImportConfig form) run by the worker on a folder with class
+    sub-folders: a registry dataset with labels, one outcome per input row."""
+    import pandas as pd
+    from _helpers import gradient_png
+
+    from imagegen.registry import get_dataset
+
+    src = tmp_path / "photos"
+    for i in range(6):
+        d = src / ("cats" if i % 2 else "dogs")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.png").write_bytes(gradient_png(i))
+    (src / "dogs" / "broken.png").write_bytes(b"not an image")
+    run_deployment(live_prefect, "import/import",
+                   {"request": {"kind": "folder", "source": str(src), "name": "photos-flow"}, "data_root": str(root)})
+    ds = get_dataset(root, "photos-flow")
+    manifest = pd.read_parquet(ds.path / "manifest.parquet")
+    assert len(manifest) == 6 and sorted(manifest["label"].unique()) == ["cats", "dogs"]
+    outcomes = pd.read_parquet(ds.path / "accounting.parquet")["outcome"].value_counts().to_dict()
+    assert outcomes == {"kept": 6, "skipped:undecodable_image": 1}

@@ -39,6 +39,15 @@ def _px(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB")).astype(int)
 
 
+def _init(folder):
+    from imagegen.world.scene import WorldConfig, render_scene
+
+    _, im = render_scene(WorldConfig(), 700)
+    path = folder / "init.png"
+    im.convert("RGB").resize((16, 16), resample=Image.Resampling.BICUBIC).save(path)
+    return path
+
+
 def _base(world):
     from imagegen.train.runs import get_run
     from models.checkpoint import load_family
@@ -106,6 +115,16 @@ def test_textual_inversion_run_changes_only_the_embedding(world, tmp_path):
     assert np.abs(_px(own["files"][0]) - _px(over["files"][0])).max() <= 1
     assert read_parameters(over["files"][0])["embedding"][0] == {
         "run": rid, "token": "sks", "checkpoint_step": 3, "sha256": read_parameters(own["files"][0])["model"]["tensors_sha256"]}
+    # a personalize run edits as its base's family, with its embedding: SDEdit at strength 1 = its own sampling
+    plain = sample(SampleRequest(run=world["base"], **common, out=str(tmp_path / "plain")), world["root"])
+    assert not np.array_equal(_px(plain["files"][0]), _px(own["files"][0]))  # (same weights: the embedding acts)
+    init = _init(tmp_path)
+    full = sample(SampleRequest(run=rid, **common, init_image=str(init), strength=1.0, out=str(tmp_path / "e1")),
+                  world["root"])
+    assert np.abs(_px(full["files"][0]) - _px(own["files"][0])).max() <= 1
+    zero = sample(SampleRequest(run=rid, **common, init_image=str(init), strength=0.0, out=str(tmp_path / "e0")),
+                  world["root"])
+    assert np.array_equal(_px(zero["files"][0]), _px(init))
     with pytest.raises(SampleError, match=f"is a personalize 'textual_inversion' run, not a personalize 'lora' run "
                                           fr"\(give it as embedding=run:{rid}\)"):
         sample(SampleRequest(run=world["base"], **common, loras=[f"run:{rid}"]), world["root"])

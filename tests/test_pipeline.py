@@ -17,7 +17,7 @@ import pytest
 from imagegen import pipeline as P
 from imagegen import report as R
 
-pytestmark = pytest.mark.slow  # 81 s on the shared 2 cores: outside the fast tier (README, "Tests")
+pytestmark = pytest.mark.slow  # 81 s alone on the shared 2 cores (less after test_orchestration.py): outside the fast tier
 
 TINY = [
     # curate: 70 base images, a tiny reference CLIP (keep every CLIP score: it is barely trained)
@@ -57,8 +57,11 @@ def _run(root: Path, overrides: list[str]):
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("pipeline")
+def root(pipeline_root) -> Path:
+    """The session's shared tiny-pipeline data root (conftest): test_orchestration.py and test_browser.py
+    run the same two requests through the deployments there, so whichever module runs first computes
+    them and the others find every stage done (the assertions here hold either way)."""
+    return pipeline_root
 
 
 @pytest.fixture(scope="module")

@@ -381,3 +381,54 @@ def test_inpainting_through_the_prefect_flow(edit_root, tmp_path, prefect_server
         sample_flow(request=SampleRequest(run=run, prompts=["x"], init_image=str(init),
                                           mask=str(_mask(tmp_path / "m8.png", value=0, size=(8, 8)))),
                     data_root=str(root))
+
+
+def test_aspect_bucket_sizes_in_sample_and_evaluation(edit_root, tmp_path, capsys):
+    """height/width for an any-size (flow) run: the images are W x H and the PNG chunk remakes them;
+    a size off the net's multiple (and height/width for a diffusers model) is refused before any
+    work; outpainting onto an extended canvas keeps the init image's pixels exactly; an
+    evaluation generates its set at the bucket's size."""
+    import json
+
+    from imagegen.cli import main
+    from imagegen.evaluate.run import EvalError, EvalRequest, evaluate
+
+    root, run, init = edit_root
+    base = {"run": run, "prompts": ["a red circle"], "n": 2, "steps": 2}
+    wide = sample(SampleRequest(**base, height=16, width=24, out=str(tmp_path / "w")), root)
+    assert all(Image.open(f).size == (24, 16) for f in wide["files"])
+    p = read_parameters(wide["files"][0])
+    assert p["model_size"] == [24, 16] and p["request"]["width"] == 24
+    again = sample(SampleRequest(**p["request"], out=str(tmp_path / "w2")), root)  # the chunk remakes it
+    assert np.array_equal(_px(again["files"][0]), _px(wide["files"][0]))
+    with pytest.raises(SampleError, match=r"height/width 25x16 \(width x height\): run \S+ samples sides that are "
+                                          r"multiples of 2 \(the unet downsampling 2\); e.g. 24x16"):
+        sample(SampleRequest(**base, width=25), root)
+    with pytest.raises(ValueError, match="height/width apply to runs of this project"):
+        SampleRequest(model="diffusers:/nowhere", prompts=["x"], height=16)
+    # outpainting onto an extended canvas: the 16x16 init image plus 8 px on the right, a 24x16 run sample
+    out = sample(SampleRequest(**base, init_image=str(init), outpaint=[0, 0, 8, 0], width=24, out=str(tmp_path / "o")),
+                 root)
+    got = _px(out["files"][0])
+    assert got.shape == (16, 24, 3) and np.array_equal(got[:, :16], _px(init))
+    assert read_parameters(out["files"][0])["edit"]["mode"] == "outpaint"
+    with pytest.raises(SampleError, match="canvas is 24x16, but run .* makes 16x16 images .*height=/width="):
+        sample(SampleRequest(**base, init_image=str(init), outpaint=[0, 0, 8, 0]), root)
+    # the CLI flags
+    assert main(["sample", "--run", run, "--prompt", "a red circle", "--n", "1", "--steps", "2", "--height", "24",
+                 "--width", "16", "--data-root", str(root), "--out", str(tmp_path / "cli"), "--no-prefect",
+                 "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Image.open(res["files"][0]).size == (16, 24)
+    assert main(["sample", "--run", run, "--prompt", "x", "--height", "17", "--data-root", str(root),
+                 "--no-prefect"]) == 2
+    assert "multiples of 2" in capsys.readouterr().err
+    # evaluation at a bucket's size
+    summary = evaluate(EvalRequest(run=run, metrics=["clipscore"], n_samples=4, steps=2, batch_size=4, height=16,
+                                   width=24, n_resamples=0), root)
+    made = sorted((Path(summary["path"]) / "samples").glob("*.png"))
+    assert len(made) == 4 and all(Image.open(f).size == (24, 16) for f in made)
+    with pytest.raises(EvalError, match="multiples of 2"):
+        evaluate(EvalRequest(run=run, metrics=["clipscore"], n_samples=4, steps=2, width=31), root)
+    with pytest.raises(ValueError, match="height/width apply to runs"):
+        EvalRequest(folder=str(tmp_path), height=16)

@@ -420,6 +420,56 @@ def clean_fid_features(
     return feats
 
 
+SFID_ID = "inception_spatial"
+SFID_CHANNELS = 7  # Nash et al. 2021 / ADM's evaluator: the first 7 channels of mixed_6/conv (17 x 17)
+
+
+class InceptionSpatial(torch.nn.Module):
+    """sFID's features (Nash et al. 2021, "Generating images with sparse representations"; computed
+    as ADM's evaluator does): the TF Inception's ``mixed_6/conv`` output, a 17 x 17 map, first 7
+    channels, flattened in (height, width, channel) order as TensorFlow lays it out: 2023-d.
+
+    ``base`` is the TorchScript Inception clean-fid loads (StyleGAN's port of the 2015-12-05 TF
+    graph), whose ``layers`` keep the TF node names: the trunk ``conv`` ... ``mixed_5`` is run in
+    order, then ``mixed_6.conv``.  Input: ``[B, 3, H, W]`` in [0, 255]; resized to 299 x 299
+    (bilinear, as the TorchScript's own resize) unless already there, then (x - 128) / 128."""
+
+    def __init__(self, base: Any) -> None:
+        super().__init__()
+        layers = getattr(base, "layers", None)
+        children = dict(layers.named_children()) if layers is not None else {}
+        names = list(children)
+        mixed6 = children.get("mixed_6")
+        conv = dict(mixed6.named_children()).get("conv") if mixed6 is not None else None
+        if conv is None:
+            raise ValueError("sFID needs the TF Inception's layers.mixed_6.conv (StyleGAN's inception-2015-12-05 "
+                             f"TorchScript, the file clean-fid loads); this file's layers are {names[:20]}")
+        self.trunk = torch.nn.ModuleList([children[n] for n in names[:names.index("mixed_6")]])
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        if tuple(x.shape[2:]) != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        x = (x - 128) / 128
+        for m in self.trunk:
+            x = m(x)
+        x = self.conv(x)[:, :SFID_CHANNELS]
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+
+def inception_spatial_extractor(mode: str = "clean", device: str | torch.device = "cpu", *,
+                                download: bool = True) -> InceptionSpatial:
+    """The sFID extractor from the same Inception file FID uses (found, sha256-checked and loaded
+    as :func:`clean_fid_features` does); TorchScript modes only (``clean``, ``legacy_tensorflow``)."""
+    if mode not in ("clean", "legacy_tensorflow"):
+        raise ValueError(f"sFID uses the TF Inception's TorchScript port (fid_mode 'clean' or 'legacy_tensorflow'), "
+                         f"not {mode!r} (pytorch-fid's network has other layers)")
+    weights = check_inception_weights(mode, download=download)
+    base = torch.jit.load(str(weights), map_location="cpu").eval()
+    return InceptionSpatial(base).to(torch.device(device)).eval()
+
+
 class ClipImageExtractor(torch.nn.Module):
     """A CLIP image tower as a clean-fid custom extractor: ``[B,3,H,W]`` in 0..255 -> embeddings.
 

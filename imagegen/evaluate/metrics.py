@@ -43,6 +43,7 @@ _FD_MODULES = ("imagegen.evaluate.fid", "imagegen.clip", "imagegen.loader", "ima
 METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("fid", f"{_RUN}:fid_kid_rows", True, False, ("FID", "FD-"), _FD_MODULES),
     MetricSpec("kid", f"{_RUN}:fid_kid_rows", True, False, ("KID", "KD-"), _FD_MODULES),
+    MetricSpec("sfid", f"{_RUN}:sfid_rows", True, False, ("sFID",), ("imagegen.importers.fid_stats", *_FD_MODULES)),
     MetricSpec("clipscore", f"{_RUN}:clipscore_rows", True, True, ("CLIPScore",),
                ("imagegen.evaluate.clipscore", "imagegen.clip", "imagegen.evaluate.bootstrap", _U)),
     MetricSpec("geneval", f"{_RUN}:geneval_rows", False, True, ("GenEval",),

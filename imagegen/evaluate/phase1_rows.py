@@ -301,6 +301,7 @@ def _generate_dpg(src: Source, req: EvalRequest, ctx: MetricContext, prompts: di
     from imagegen.evaluate.run import image_noise
 
     fam = src.load(ctx.device)
+    shape, size = src.sampling(fam)
     out = ctx.out / "dpg"
     out.mkdir(parents=True, exist_ok=True)
     images = {}
@@ -310,7 +311,7 @@ def _generate_dpg(src: Source, req: EvalRequest, ctx: MetricContext, prompts: di
         if not all(f.is_file() for f in files):
             idx = [p * 1000 + k for k in range(n)]
             res = fam.sample(n, conditioning=[pr.text] * n, sampler=req.sampler, steps=req.steps,
-                             guidance=req.guidance, x_T=image_noise(req.seed, idx, fam.noise_shape).to(ctx.device),
+                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(ctx.device), **size,
                              generator=torch.Generator(device=ctx.device).manual_seed(req.seed + p))
             u8 = ((res.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for f, a in zip(files, u8):

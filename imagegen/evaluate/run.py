@@ -76,6 +76,10 @@ class EvalRequest(BaseModel):
     folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
     model: str | None = Field(None, description="Or: a diffusers pipeline, 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = its default)")
+    height: int | None = Field(None, ge=8, le=8192, description="runs of any-size families (DDPM, EDM, flow): "
+                               "generate at this height in pixels, e.g. an aspect bucket's (None = the run's size)")
+    width: int | None = Field(None, ge=8, le=8192, description="runs of any-size families: generate at this width "
+                              "in pixels (None = the run's size)")
     negative: str | None = Field(None, description="diffusers models: negative prompt for every image")
     metrics: tuple[Metric, ...] = Field(ALL_METRICS, min_length=1,
                                         description="Metrics to compute")
@@ -133,6 +137,9 @@ class EvalRequest(BaseModel):
             parse_spec(self.model)
         elif self.resolution is not None or self.negative is not None:
             raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
+        if (self.height is not None or self.width is not None) and self.run is None:
+            raise ValueError("height/width apply to runs (run=RUN) of any-size families; a diffusers model takes "
+                             "resolution=, a folder is evaluated at its images' size")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         if self.n_seeds > 1 and self.folder is not None:
@@ -203,6 +210,7 @@ class Source:
     def __init__(self, req: EvalRequest, root: Path) -> None:
         self.req, self.root = req, root
         self.family: Any = None
+        self.latent_size: tuple[int, int] | None = None  # (h, w) a run samples at (height/width), None = square
         self.train_cfg: Any = None
         self.run: Any = None
         self.diffusers: str | None = None
@@ -228,6 +236,15 @@ class Source:
             self.train_cfg = TrainConfig(**self.run.card["config"])
             self.identity = {"run": self.run.id, "step": int(meta["step"]), "tensors": meta["tensors_sha256"]}
             ds_name = req.reference or self.run.card.get("dataset_id")
+            if req.height is not None or req.width is not None:  # an aspect-bucket size: checked before any work
+                from imagegen.sample_edit import EditInputError, bucket_size, pixel_size
+
+                model = meta.get("config", {}).get("model", self.train_cfg.model)
+                try:
+                    self.latent_size = bucket_size(req.width, req.height, self.run.id, self.train_cfg.family, model,
+                                                   pixel_size(self.train_cfg.family, model))
+                except EditInputError as exc:
+                    raise EvalError(str(exc)) from None
         else:
             from imagegen.evaluate.images import list_images
 
@@ -294,6 +311,14 @@ class Source:
     def image_size(self) -> int:
         return int(self.train_cfg.model["image_size"]) if self.train_cfg is not None else self.size
 
+    def sampling(self, fam: Any) -> tuple[tuple[int, ...], dict[str, int]]:
+        """(one image's noise shape, the height/width arguments) of generation from ``fam``."""
+        shape = tuple(fam.noise_shape)
+        if self.latent_size is None:
+            return shape, {}
+        h, w = self.latent_size
+        return (shape[0], h, w), {"height": h, "width": w}
+
 
 def _resolve_clip(spec: str, src: Source) -> str:
     if spec == "auto":
@@ -305,7 +330,7 @@ def _check_before_work(req: EvalRequest, src: Source) -> None:
     """Everything that can fail fast: weights, conditioning, prompt file, detector."""
     if req.reference_stats is not None:
         _stats_card(req, src)
-    if {"fid", "kid"} & set(req.metrics):
+    if {"fid", "kid", "sfid"} & set(req.metrics):
         ext = _extractor_name(req, src)
         if ext == "inception":
             from imagegen.evaluate.fid import check_inception_weights
@@ -487,7 +512,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
     rank, world = _dist_rank_world()
     fam = src.load(device)
     captions, cond = conditions(src, req.n_samples, req.seed)
-    shape = fam.noise_shape
+    shape, size = src.sampling(fam)
     out.mkdir(parents=True, exist_ok=True)
     (out / BATCHES).mkdir(exist_ok=True)
     if rank == 0:  # half-written images and records of a killed run
@@ -508,7 +533,7 @@ def generate_set(src: Source, req: EvalRequest, out: Path, device: str) -> dict[
             c = torch.tensor(c)
         extra = {"negative": [req.negative] * len(idx)} if req.negative is not None else {}
         res = fam.sample_result(len(idx), conditioning=c, sampler=req.sampler, steps=req.steps,
-                                guidance=req.guidance if c is not None else 1.0, **extra,
+                                guidance=req.guidance if c is not None else 1.0, **extra, **size,
                                 x_T=image_noise(req.seed, idx, shape).to(device),
                                 generator=torch.Generator(device=device).manual_seed(req.seed + start))
         nfe = int(res.nfe)
@@ -694,7 +719,7 @@ def clipscore(src: Source, req: EvalRequest, files: list[Path], captions: list[s
 
     cos = np.asarray(out["cosine"], dtype=np.float64)
     tm_ci = interval_columns(100.0 * cos, None, req, kind="mean")  # max(mean, 0) is monotone in the mean
-    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") else v) for k, v in tm_ci.items()}
+    tm_ci = {k: (max(v, 0.0) if k in ("ci_low", "ci_high") and v is not None else v) for k, v in tm_ci.items()}
     return [{**prov, "metric": "CLIPScore (Hessel et al. 2021: 2.5*max(cos,0))", "value": out["clipscore_hessel2021"],
              **interval_columns(HESSEL_W * np.maximum(cos, 0.0), None, req, kind="mean")},
             {**prov, "metric": "CLIPScore (torchmetrics: max(mean 100*cos, 0))", "value": out["clipscore_torchmetrics"],
@@ -734,16 +759,18 @@ def geneval(src: Source, req: EvalRequest, out: Path, device: str, base: dict[st
     world_size = WorldConfig().image_size
     if src.generates:
         fam = src.load(device)
-        shape = fam.noise_shape
+        shape, size = src.sampling(fam)
 
         def make_images(meta: dict[str, Any], n: int, i: int) -> list[Image.Image]:
             idx = [i * 1000 + k for k in range(n)]
             res = fam.sample(n, conditioning=[meta["prompt"]] * n, sampler=req.sampler, steps=req.steps,
-                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device),
+                             guidance=req.guidance, x_T=image_noise(req.seed, idx, shape).to(device), **size,
                              generator=torch.Generator(device=device).manual_seed(req.seed + i))
             u8 = ((res.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             ims = [Image.fromarray(a) for a in u8]
-            if req.detector == "world" and ims[0].size[0] != world_size:  # the detector reads world-sized images
+            if req.detector == "world" and ims[0].size[0] != world_size and ims[0].size[0] == ims[0].size[1]:
+                # the detector reads world-sized images (a non-square bucket's as they are: its objects keep
+                # the square world's sizes)
                 ims = [im.resize((world_size, world_size), Image.Resampling.BICUBIC) for im in ims]
             return ims
 
@@ -798,6 +825,63 @@ def fid_kid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
         return rows, {"kid": (f"reference_stats {req.reference_stats} hold mu/sigma only; KID needs the reference "
                               "features (clean-fid's *_kid.npz 'feats')")}
     return rows, {}
+
+
+def sfid_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:
+    """sFID: the Fréchet distance on Inception's spatial features (imagegen.evaluate.fid.InceptionSpatial,
+    from the same weights file as FID), against the reference dataset or the spatial part
+    (``mu_s`` / ``sigma_s``) of imported reference statistics."""
+    from imagegen.evaluate.fid import SFID_ID, frechet_distance, gaussian_stats, inception_spatial_extractor, stats_hash
+    from imagegen.importers.fid_stats import load_fid_ref_spatial
+
+    name = _extractor_name(req, src)
+    if name != "inception":
+        return [], {"sfid": f"sFID is defined on Inception's spatial features; the extractor here is {name!r} "
+                            "(set extractor=inception, with the Inception weights in place)"}
+    extractor = inception_spatial_extractor(req.fid_mode, ctx.device)
+    weights = {"file_sha256": _inception_sha(req.fid_mode)}
+    gen = _features(ctx.files, extractor, req, ctx.device, None)
+    prov = {**ctx.base, "implementation": f"clean-fid {importlib.metadata.version('clean-fid')} data path, Inception "
+            "mixed_6/conv channels 0-6 (17x17x7, HWC), imagegen float64 eigen Fréchet distance", "mode": req.fid_mode,
+            "extractor": SFID_ID, "extractor_weights": json.dumps(weights), "n_generated": len(ctx.files)}
+    if req.reference_stats is not None:
+        got = load_fid_ref_spatial(src.root, str(req.reference_stats))
+        if got is None:
+            return [], {"sfid": f"reference_stats {req.reference_stats} hold no spatial statistics (mu_s/sigma_s, as "
+                                "ADM's reference batches do)"}
+        mu, sigma, card = got
+        if gen.shape[1] != mu.shape[0]:
+            raise EvalError(f"reference_stats {card['name']}: spatial statistics are {mu.shape[0]}-d, the extractor "
+                            f"gives {gen.shape[1]}-d")
+        prov.update(n_reference=card.get("n_feats"), reference_dataset=None, reference_stats=card["id"],
+                    reference_stats_name=card["name"], reference_stats_file_sha256=card["file_sha256"],
+                    reference_stats_protocol=card.get("protocol"), reference_stats_sha256=card["spatial_stats_sha256"])
+    else:
+        size = Image.open(ctx.files[0]).size[0]
+        ref_files = reference_images(src, size, req.reference_n, req.seed)
+        key = stable_hash({"dataset": src.dataset.id, "size": size, "extractor": SFID_ID, "mode": req.fid_mode,
+                           "n": req.reference_n, "seed": req.seed, "weights": weights})
+        ref = _features(ref_files, extractor, req, ctx.device, evals_dir(src.root) / "reference" / "features" / f"{key}.npy")
+        mu, sigma = gaussian_stats(ref, name="reference spatial features")
+        prov.update(n_reference=len(ref_files), reference_dataset=src.dataset.id, reference_size=size,
+                    reference_stats_sha256=stats_hash(mu, sigma))
+    from imagegen.evaluate.uncertainty import flag_columns, interval_columns
+
+    def fd_to_stats(g: np.ndarray, _: Any) -> float:
+        return frechet_distance(*gaussian_stats(g, name="resampled generated spatial features"), mu, sigma)
+
+    value = frechet_distance(*gaussian_stats(gen, name="generated spatial features"), mu, sigma)
+    return [{**prov, "metric": "sFID", "value": value,
+             **interval_columns(gen, None, req, kind="metric", metric=fd_to_stats, value=value,
+                                method="percentile bootstrap over the generated set (reference statistics fixed)"),
+             **flag_columns("fd", len(gen), prov.get("n_reference"), dim=int(gen.shape[1]))}], {}
+
+
+def _inception_sha(mode: str) -> str:
+    from imagegen.evaluate.fid import check_inception_weights
+    from imagegen.hashing import file_sha256
+
+    return file_sha256(check_inception_weights(mode))
 
 
 def clipscore_rows(src: Source, req: EvalRequest, ctx: MetricContext) -> Computed:

@@ -43,6 +43,10 @@ def _names(root: Path) -> dict[str, str]:
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
+SPATIAL_KEYS = ("mu_s", "sigma_s")  # ADM / guided-diffusion reference batches: sFID's spatial statistics
+SPATIAL_DIM = 2023  # 7 channels x 17 x 17 of Inception's mixed_6/conv
+
+
 def read_npz_stats(path: str | Path, mu_key: str = "mu", sigma_key: str = "sigma") -> dict[str, Any]:
     """``{"mu", "sigma", "feats" (or None), "keys"}`` from an ``.npz``, read with ``allow_pickle=False``."""
     path = Path(path)
@@ -81,7 +85,19 @@ def read_npz_stats(path: str | Path, mu_key: str = "mu", sigma_key: str = "sigma
         raise FidStatsError(f"{path}: '{sigma_key}' is not symmetric, so not a covariance")
     if feats is not None and (feats.ndim != 2 or feats.shape[1] != d):
         raise FidStatsError(f"{path}: 'feats' has shape {feats.shape}, expected (n, {d})")
-    return {"mu": mu, "sigma": sigma, "feats": feats, "keys": keys}
+    spatial = None
+    if SPATIAL_KEYS[0] in keys or SPATIAL_KEYS[1] in keys:  # ADM's reference batches: sFID's statistics
+        if not set(SPATIAL_KEYS) <= set(keys):
+            raise FidStatsError(f"{path} has only one of {list(SPATIAL_KEYS)}; sFID statistics need both")
+        with np.load(path, allow_pickle=False) as z:
+            mu_s = np.asarray(z[SPATIAL_KEYS[0]], dtype=np.float64)
+            sigma_s = np.asarray(z[SPATIAL_KEYS[1]], dtype=np.float64)
+        ds = mu_s.shape[0] if mu_s.ndim == 1 else -1
+        if ds < 1 or sigma_s.shape != (ds, ds) or not (np.isfinite(mu_s).all() and np.isfinite(sigma_s).all()):
+            raise FidStatsError(f"{path}: '{SPATIAL_KEYS[0]}' {mu_s.shape} / '{SPATIAL_KEYS[1]}' {sigma_s.shape} are not "
+                                "a finite mean vector and its square covariance")
+        spatial = (mu_s, sigma_s)
+    return {"mu": mu, "sigma": sigma, "feats": feats, "keys": keys, "spatial": spatial}
 
 
 def import_fid_stats(root: Path | str, path: str | Path, name: str | None = None, *, protocol: str | None = None,
@@ -93,6 +109,9 @@ def import_fid_stats(root: Path | str, path: str | Path, name: str | None = None
     root = Path(root)
     stats = read_npz_stats(path, mu_key, sigma_key)
     d = int(stats["mu"].shape[0])
+    if extractor == "inception" and stats["spatial"] is not None and stats["spatial"][0].shape[0] != SPATIAL_DIM:
+        raise FidStatsError(f"{path}: {stats['spatial'][0].shape[0]}-d spatial statistics (mu_s), but sFID's Inception "
+                            f"spatial features are {SPATIAL_DIM}-d (7 x 17 x 17 of mixed_6/conv)")
     if extractor == "inception" and d != INCEPTION_DIM:
         raise FidStatsError(f"{path}: {d}-d statistics, but Inception pool features are {INCEPTION_DIM}-d; pass the "
                             "extractor they were computed with (extractor=...) if they are not Inception's")
@@ -105,13 +124,17 @@ def import_fid_stats(root: Path | str, path: str | Path, name: str | None = None
             arrays = {"mu": stats["mu"], "sigma": stats["sigma"]}
             if stats["feats"] is not None:
                 arrays["feats"] = stats["feats"]
+            if stats["spatial"] is not None:
+                arrays["mu_s"], arrays["sigma_s"] = stats["spatial"]
             np.savez(tmp / "stats.npz", **arrays)
             card.update({"id": ref_id, "name": label, "file": str(Path(path).resolve()), "file_name": Path(path).name,
                          "file_sha256": sha, "file_bytes": Path(path).stat().st_size, "arrays": stats["keys"],
                          "mu_key": mu_key, "sigma_key": sigma_key, "feature_dim": d, "extractor": extractor,
                          "mode": mode, "protocol": protocol, "has_feats": stats["feats"] is not None,
                          "n_feats": None if stats["feats"] is None else int(stats["feats"].shape[0]),
-                         "stats_sha256": stats_hash(stats["mu"], stats["sigma"])})
+                         "stats_sha256": stats_hash(stats["mu"], stats["sigma"]),
+                         "spatial_dim": None if stats["spatial"] is None else int(stats["spatial"][0].shape[0]),
+                         "spatial_stats_sha256": None if stats["spatial"] is None else stats_hash(*stats["spatial"])})
     names = _names(root)
     names.pop(label, None)
     names[label] = ref_id
@@ -164,3 +187,19 @@ def remove_fid_ref(root: Path | str, name_or_id: str) -> None:
     shutil.rmtree(card["path"])
     names = {k: v for k, v in _names(Path(root)).items() if v != card["id"]}
     write_json_atomic(fid_refs_dir(root) / NAMES, names)
+
+
+def load_fid_ref_spatial(root: Path | str, name_or_id: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]] | None:
+    """(mu_s, sigma_s, card) of a reference imported with sFID statistics (ADM's ``mu_s`` / ``sigma_s``),
+    checked against the card's hash; None when the file had none."""
+    from imagegen.evaluate.fid import stats_hash
+
+    card = get_fid_ref(root, name_or_id)
+    if not card.get("spatial_stats_sha256"):
+        return None
+    with np.load(Path(card["path"]) / "stats.npz", allow_pickle=False) as z:
+        mu_s, sigma_s = z["mu_s"], z["sigma_s"]
+    if stats_hash(mu_s, sigma_s) != card["spatial_stats_sha256"]:
+        raise FidStatsError(f"FID reference {card['id']} at {card['path']}: its spatial statistics do not match the "
+                            "card's hash; import the .npz again")
+    return mu_s, sigma_s, card

@@ -330,13 +330,14 @@ def is_transient(reason: str) -> bool:
 # ---------------------------------------------------------------------------- img2dataset passes
 
 @contextlib.contextmanager
-def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
+def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
     """The engine of img2dataset's distributor for the passes of one download, as img2dataset
     expects it: ``ray`` finds an initialised Ray (``ray.init`` here: a local Ray with
     ``processes_count`` CPUs, or the cluster at ``distributor_address``), ``pyspark`` an active
     SparkSession (``local[processes_count]`` on loopback, or the master at ``distributor_address``).
     An engine that is already up (a Ray task runner, the user's SparkSession) is used and left running;
     one started here is stopped at the end.  Checked first (:func:`imagegen.executors.check_distributor`).
+    Yields what ran the passes (recorded in the stage's counts, never in an id).
     """
     from imagegen.executors import check_distributor
 
@@ -345,8 +346,12 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
     if cfg.distributor == "ray":
         import ray
 
+        def info(started: bool) -> dict[str, Any]:
+            return {"kind": "ray", "ray": ray.__version__, "address": cfg.distributor_address, "started_here": started,
+                    "cpus": int(ray.cluster_resources().get("CPU", 0)), "nodes": len(ray.nodes())}
+
         if ray.is_initialized():
-            yield
+            yield info(False)
             return
         addr = cfg.distributor_address
         if addr:
@@ -355,7 +360,7 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
             ray.init(num_cpus=cfg.processes_count, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         try:
-            yield
+            yield info(True)
         finally:
             ray.shutdown()
     elif cfg.distributor == "pyspark":
@@ -363,8 +368,14 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
 
         from pyspark.sql import SparkSession
 
-        if SparkSession.getActiveSession() is not None:
-            yield
+        def info(spark: Any, started: bool) -> dict[str, Any]:
+            sc = spark.sparkContext
+            return {"kind": "pyspark", "pyspark": spark.version, "master": sc.master, "started_here": started,
+                    "parallelism": int(sc.defaultParallelism)}
+
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            yield info(active, False)
             return
         master = cfg.distributor_address or f"local[{cfg.processes_count}]"
         # the Python workers must be this interpreter (img2dataset is installed here), on every machine
@@ -381,11 +392,11 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[None]:
         spark = b.getOrCreate()
         spark.sparkContext.setLogLevel("ERROR")
         try:
-            yield
+            yield info(spark, True)
         finally:
             spark.stop()
     else:
-        yield
+        yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
 def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
@@ -606,9 +617,10 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     part_files: list[list[Path]] = []          # per pass, img2dataset's part files
     fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
     home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
+    engine_info: dict[str, Any] | None = None
     with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
         if not pending.empty:
-            engine.enter_context(distributor_session(cfg))
+            engine_info = engine.enter_context(distributor_session(cfg))
         for attempt in range(1 + cfg.retry_passes):
             if pending.empty:
                 break
@@ -695,6 +707,7 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     counts = summarize_ledger(ledger)
     counts["passes"] = passes
     counts["parts"] = n_parts
+    counts["distributor"] = engine_info  # what fetched (execution only; None: nothing to fetch)
     return counts
 
 

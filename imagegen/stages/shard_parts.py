@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from imagegen.executors import executor, map_step
-from imagegen.stages.shard import ShardConfig, ShardInfo, check_key, plan_shards, write_planned_shard
+from imagegen.stages.shard import ShardConfig, ShardInfo, plan_shards, write_planned_shard
 
 # the metadata each sample carries (its .json member and its row in the shard's parquet), in this order
 LEDGER_META = ("row_id", "url")
@@ -250,5 +250,3 @@ def write_dataset_shards(images_dir: Path, table: pd.DataFrame, score_cols: list
     shutil.rmtree(work, ignore_errors=True)
     return infos, tar_of, grid
 
-
-__all__ = ["metadata_table", "write_dataset_shards", "route_part", "write_part_shard", "check_key"]
