@@ -13,7 +13,15 @@
    diffusers pipeline directly, same scheduler, steps, prompts and latents; reported as
    direct_time / wrapper_time (target >= 0.95), medians of alternated repeats.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_lora.py [--mode cpu|gpu] [--steps 8] [--rank 4]
+3. **Checkpoint size** (``--mode ckpt``): a ``diffusers_lora`` (rank ``--rank``) and an
+   ``lcm_lora`` family (rank ``--rank``, EMA target, guidance embedding) on the tiny pipeline,
+   one AdamW step, then the trainer's ``save_checkpoint`` twice in the same run: the adapter-only
+   layout (``checkpoint_state()``, EMA of those entries) and the former layout (the whole
+   state_dict and an EMA of all of it); bytes of ``tensors.safetensors`` and their ratio.  Plus
+   the adapter size of an SD1.5 UNet (its config on the meta device: 860M parameters) at each
+   family's default rank, and what the two layouts hold there (fp32).
+
+    nice -n 10 .venv/bin/python benchmarks/bench_lora.py [--mode cpu|gpu|ckpt] [--steps 8] [--rank 4]
 
 Prints a table and one JSON line.
 """
@@ -155,9 +163,67 @@ def bench_sampling(repeats: int, steps: int) -> dict:
             "repeats": repeats}
 
 
+SD15_UNET = dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+SD15_TEXT_PARAMS = 123_060_480  # CLIP ViT-L/14 text transformer of SD1.5
+
+
+def bench_checkpoint(rank: int) -> dict:
+    import torch
+    from _diffusers_tiny import tiny_sd_pipeline
+
+    from imagegen.train.checkpoint import save_checkpoint
+    from imagegen.train.ema import EMA
+    from models.registry import build_family
+
+    class FormerLayout:  # what a checkpoint held before the adapter-only hooks: the whole state_dict
+        def __init__(self, fam: torch.nn.Module) -> None:
+            self.state_dict = fam.state_dict
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = tiny_sd_pipeline(Path(tmp) / "pipe")
+        for name, extra in (("diffusers_lora", {}), ("lcm_lora", {"target": "ema", "guidance_embedding": 32})):
+            fam = build_family(name, {"pipeline": f"diffusers:{pipe}", "image_size": 16, "rank": rank, **extra})
+            opt = torch.optim.AdamW([p for p in fam.parameters() if p.requires_grad], lr=1e-3)
+            fam.loss({"image": torch.rand(2, 3, 16, 16) * 2 - 1, "caption": ["a cat", "a dog"]},
+                     torch.Generator().manual_seed(0)).losses["model"].backward()
+            opt.step()
+            sizes = {}
+            for layout, fam_view, ema in (("adapter_only", fam, EMA(fam, 0.9, names=fam.checkpoint_state())),
+                                          ("former", FormerLayout(fam), EMA(fam, 0.9))):
+                ck = save_checkpoint(Path(tmp) / f"{name}-{layout}", 1, family=fam_view, optimizers={"model": opt},
+                                     schedulers={}, ema=ema, config={"family": name}, generator_states={},
+                                     trainer_state={}, keep=1)
+                sizes[layout] = (ck / "tensors.safetensors").stat().st_size
+            out[name] = {**sizes, "ratio": sizes["former"] / sizes["adapter_only"],
+                         "adapter_params": sum(p.numel() for p in fam.parameters() if p.requires_grad)}
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    from models.diffusers_lora import DiffusersLoraConfig
+    from models.lcm_lora import LcmLoraConfig
+
+    sd15 = {}
+    for name, C in (("diffusers_lora", DiffusersLoraConfig), ("lcm_lora", LcmLoraConfig)):
+        r, targets = C.model_fields["rank"].default, C.model_fields["targets"].default
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**SD15_UNET)
+        base = sum(p.numel() for p in unet.parameters())
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, target_modules=list(targets)))
+        a = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        copies = 4  # weights, EMA, AdamW exp_avg and exp_avg_sq (lcm_lora's EMA target adds 2 more)
+        former = 2 * (base + a + SD15_TEXT_PARAMS) * 4 + 2 * a * 4
+        sd15[name] = {"rank": r, "unet_params": base, "adapter_params": a, "adapter_only_bytes": copies * a * 4,
+                      "former_bytes": former, "ratio": former / (copies * a * 4)}
+    out["sd15_fp32"] = sd15
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--mode", choices=["cpu", "gpu", "ckpt"], default="cpu")
     ap.add_argument("--steps", type=int, default=8, help="timed training steps per variant")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rank", type=int, default=4)
@@ -170,6 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     batch = a.batch or 4
     if a.child:
         print(json.dumps(train_child(a.child, a.mode, a.steps, a.warmup, a.rank, batch)))
+        return 0
+    if a.mode == "ckpt":
+        c = bench_checkpoint(a.rank)
+        print(f"checkpoint tensors.safetensors bytes, tiny pipeline, rank {a.rank} (former layout = whole state_dict + its EMA)")
+        for name in ("diffusers_lora", "lcm_lora"):
+            r = c[name]
+            print(f"{name:15s} adapter-only {r['adapter_only']:>10,d}  former {r['former']:>10,d}  "
+                  f"{r['ratio']:.1f}x smaller  ({r['adapter_params']:,d} adapter params)")
+        for name, r in c["sd15_fp32"].items():
+            print(f"SD1.5 {name:15s} rank {r['rank']}: {r['adapter_params']:,d} adapter params of {r['unet_params']:,d}; "
+                  f"adapter-only ~{r['adapter_only_bytes'] / 2**20:,.0f} MiB vs former ~{r['former_bytes'] / 2**30:,.2f} GiB "
+                  f"({r['ratio']:.0f}x)")
+        print(json.dumps({"mode": "ckpt", **c}))
         return 0
     train = bench_training(a.mode, a.steps, a.warmup, a.rank, batch)
     mem_key, unit = ("train_mem_gib", "GiB") if a.mode == "gpu" else ("train_mem_mib", "MiB")

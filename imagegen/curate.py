@@ -306,12 +306,10 @@ def dedup_stage(root: Path, download: StageResult, cfg: DedupConfig, clip: Stage
     (``clip``: the world's reference CLIP, for ``semantic_model='world'``)."""
     def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
         d = Path(download.path)
-        # run_dedup takes one ledger file: the columns it reads, streamed from the ledger's part files
-        led = ledger_mod.compact_copy(d, dedup_mod.LEDGER_COLUMNS, tmp / "_ledger" / "ledger.parquet")
-        counts = dedup_mod.run_dedup(d / "images", led, cfg, tmp / "dedup.parquet",
+        # the download folder's per-part ledger, read lazily (its errors name that folder, not a copy)
+        counts = dedup_mod.run_dedup(d / "images", d, cfg, tmp / "dedup.parquet",
                                      runner=cfg.runner, resolve_model=model_resolver(clip))
         shutil.rmtree(tmp / "_embeddings", ignore_errors=True)
-        shutil.rmtree(tmp / "_ledger", ignore_errors=True)
         return counts
 
     from imagegen import semdedup

@@ -356,6 +356,28 @@ class Family(nn.Module):
         State it changes must live in the state_dict (buffers or frozen parameters) to be
         checkpointed."""
 
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        """The tensors a training checkpoint holds (``model/<k>``; the EMA shadows their floating
+        entries, ``ema/<k>``): the whole state_dict by default.  A family built on a frozen base it
+        rebuilds itself (a pretrained pipeline plus an adapter) returns only what training changes,
+        with :meth:`checkpoint_info` naming the base and :meth:`load_checkpoint_state` loading them."""
+        return self.state_dict()
+
+    def load_checkpoint_state(self, state: Mapping[str, Tensor]) -> None:
+        """Load what :meth:`checkpoint_state` returned (every key, nothing else)."""
+        self.load_state_dict(state, strict=True)
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """JSON the checkpoint records next to those tensors (``state.json`` "family_info"), e.g. the
+        identity of a base the tensors apply to; {} by default."""
+        return {}
+
+    def check_checkpoint_info(self, info: Mapping[str, Any]) -> None:
+        """Refuse (ValueError, saying why) a checkpoint whose :meth:`checkpoint_info` does not fit
+        this family as built, before anything is loaded; checkpoints without it record {}."""
+
     def forward(self, batch: Mapping[str, Any], generator: torch.Generator | None = None) -> LossOut:
         """= loss(): DistributedDataParallel syncs gradients only for calls through forward."""
         return self.loss(batch, generator)

@@ -85,9 +85,10 @@ def load_family(path: str | Path, *, use_ema: bool = True, device: str | torch.d
         raise TeacherError(f"checkpoint {path} has no family/model config in its state.json")
     with inference_only():
         fam = build_family(cfg["family"], cfg["model"])
+    fam.check_checkpoint_info(meta.get("family_info") or {})  # e.g. the base an adapter was trained on
     prefix = "ema/" if use_ema and meta.get("has_ema") else "model/"
     sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    full = fam.state_dict()
+    full = fam.checkpoint_state()
     # EMA shadows hold the floating-point entries; anything else comes from the raw weights
     for k in full:
         if k not in sd and f"model/{k}" in tensors:
@@ -95,7 +96,10 @@ def load_family(path: str | Path, *, use_ema: bool = True, device: str | torch.d
     missing = sorted(set(full) - set(sd))
     if missing:
         raise TeacherError(f"checkpoint {path} lacks weights {missing[:5]} of family {cfg['family']!r}")
-    fam.load_state_dict(sd, strict=True)
+    # a checkpoint written before the family kept only its adapter also holds the frozen base it
+    # rebuilds now (the same files: checked above): those entries are not loaded
+    rebuilt = (set(sd) - set(full)) & set(fam.state_dict())
+    fam.load_checkpoint_state({k: v for k, v in sd.items() if k not in rebuilt})
     fam.to(device).eval().requires_grad_(False)
     fam.checkpoint_path = str(path)
     fam.checkpoint_step = int(meta.get("step", 0))

@@ -7,8 +7,8 @@ attention projections, and optionally the CLIP text encoder's (``text_encoder_lo
 then runs as for any family (EMA of the trainable weights only, resume, bf16 autocast,
 safetensors checkpoints, torchrun): the only trainable parameters are the adapters.
 
-Loss: the pipeline's own objective.  Images are encoded by the frozen VAE (posterior mean *
-``scaling_factor``), noised at a uniform training timestep with the scheduler's ``alphas_cumprod``,
+Loss: the pipeline's own objective.  Images are encoded by the frozen VAE ((posterior mean -
+``shift_factor``) * ``scaling_factor``), noised at a uniform training timestep with the scheduler's ``alphas_cumprod``,
 and the UNet's eps / v output regressed on its target (``prediction_type``); captions go through
 the frozen (or LoRA'd) text encoder, replaced by the empty prompt with probability
 ``cond_dropout`` (CFG).  DreamBooth prior preservation (``prior_prompt`` + ``prior_weight``):
@@ -81,7 +81,7 @@ def base_digest(files: Mapping[str, str]) -> str:
     return stable_hash(dict(sorted(files.items())))
 
 
-def check_base(cfg: DiffusersLoraConfig, identity: Mapping[str, Any]) -> None:
+def check_base(cfg: DiffusersLoraConfig, identity: Mapping[str, Any], recorded_in: str = "its config") -> None:
     """Refuse a base pipeline whose files are not the ones the config records (``base_files``):
     the folder behind the spec changed since the run was made (both identities named)."""
     if cfg.base_files is None:
@@ -93,7 +93,7 @@ def check_base(cfg: DiffusersLoraConfig, identity: Mapping[str, Any]) -> None:
     what = "; ".join(f"{k}: recorded {str(cfg.base_files.get(k, 'absent'))[:12]}, now {str(now.get(k, 'absent'))[:12]}"
                      for k in changed[:3])
     raise ValueError(f"{cfg.pipeline}: the base pipeline changed since this model was made: it was trained on files "
-                     f"{base_digest(cfg.base_files)[:16]} (recorded in its config), the folder now holds files "
+                     f"{base_digest(cfg.base_files)[:16]} (recorded in {recorded_in}), the folder now holds files "
                      f"{base_digest(now)[:16]}; {len(changed)} file(s) differ ({what}{'; ...' if len(changed) > 3 else ''}). "
                      "Restore that base, or train a new run on this one")
 
@@ -139,6 +139,38 @@ class DiffusersLora(Family):
         self.register_buffer("alphas_cumprod", pipe.scheduler.alphas_cumprod.clone().float(), persistent=False)
         self.prediction_type = pipe.scheduler.config.prediction_type
         self._prior: list[Tensor] | None = None
+        self._keep_adapter_keys()
+
+    # ------------------------------------------------------------------ checkpoints: the adapter alone
+
+    def _keep_adapter_keys(self) -> None:
+        """Record what training changes (a subclass that adds trainable state calls it again): the
+        trainable parameters (LoRA A/B, LCM's guidance embedding) and the family's own persistent
+        buffers (LCM's EMA target adapters).  Everything else is the frozen base, rebuilt from the
+        pipeline's files on load."""
+        own = [n for n, _ in self.named_buffers(recurse=False) if n not in self._non_persistent_buffers_set]
+        self.__dict__["_adapter_keys"] = tuple(self.trainable_names()) + tuple(own)
+
+    def checkpoint_state(self) -> dict[str, Tensor]:
+        sd = self.state_dict()
+        return {k: sd[k] for k in self.__dict__["_adapter_keys"]}
+
+    def load_checkpoint_state(self, state: Mapping[str, Tensor]) -> None:
+        want = self.__dict__["_adapter_keys"]
+        missing, extra = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+        if missing or extra:
+            raise ValueError(f"{self.name}: the checkpoint's adapter does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        self.load_state_dict(dict(state), strict=False)
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """The base's identity: the adapter means nothing on other weights."""
+        return {"pipeline": self.cfg.pipeline, "base_files": dict(self.model.identity.get("files") or {})}
+
+    def check_checkpoint_info(self, info: Mapping[str, Any]) -> None:
+        if info.get("base_files") is not None:
+            check_base(self.cfg.model_copy(update={"base_files": dict(info["base_files"])}), self.model.identity,
+                       recorded_in="its checkpoint")
 
     def _apply(self, fn: Any, recurse: bool = True) -> "DiffusersLora":  # .to(device) moves the VAE too
         super()._apply(fn, recurse)
@@ -160,13 +192,20 @@ class DiffusersLora(Family):
                                         max_length=self.model.pipe.tokenizer.model_max_length, return_tensors="pt")
         return self.text_model(tok.input_ids.to(self.device))[0]
 
+    def _latents(self, x: Tensor) -> Tensor:
+        """The VAE latents of images as the UNet takes them: (posterior mean - shift_factor) *
+        scaling_factor, as diffusers' training scripts (FLUX / SD3 VAEs have a shift)."""
+        vae = self.model.pipe.vae
+        with torch.no_grad():
+            z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
     def _denoise_loss(self, x: Tensor, captions: list[str], generator: torch.Generator | None) -> Tensor:
         from models.base import randn
         from models.diffusion import pred_from_x0_eps, q_sample
 
-        vae = self.model.pipe.vae
-        with torch.no_grad():
-            z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
+        z = self._latents(x)
         n = z.shape[0]
         T = self.alphas_cumprod.numel()
         if generator is None:

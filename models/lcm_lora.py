@@ -152,6 +152,7 @@ class LcmLora(DiffusersLora):
         if c.target == "ema":  # the target adapters: buffers in the state_dict, outside the optimizer
             for i, (_, p) in enumerate(self._adapter_params()):
                 self.register_buffer(f"target_{i}", p.detach().clone())
+        self._keep_adapter_keys()  # + the guidance embedding and the target adapters
 
     def _adapter_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
@@ -188,13 +189,6 @@ class LcmLora(DiffusersLora):
         return c_skip.view(-1, 1, 1, 1) * x + c_out.view(-1, 1, 1, 1) * x0
 
     # ------------------------------------------------------------------ training
-
-    def _latents(self, x: Tensor) -> Tensor:
-        vae = self.model.pipe.vae
-        with torch.no_grad():
-            z = vae.encode(x.to(vae.dtype)).latent_dist.mean.float()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * vae.config.scaling_factor
 
     @torch.no_grad()
     def teacher_step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: Tensor, uncond: Tensor | None,

@@ -239,7 +239,22 @@ def test_run_dedup_refuses_inconsistent_inputs(tmp_path: Path) -> None:
         run_dedup(images, tmp_path / "no_width.parquet", cfg, tmp_path / "o.parquet")
     with pytest.raises(FileNotFoundError, match="no part-"):
         run_dedup(tmp_path / "nowhere", ledger, cfg, tmp_path / "o.parquet")
+    # a download folder's per-part ledger is read where it is: its errors name that folder
+    from imagegen.stages.ledger import write_ledger
+
+    led = pd.read_parquet(ledger)
+    led.loc[led["key"] == "000000004", "original_width"] = None
+    write_ledger(tmp_path / "dl", led, rows_per_file=3)
+    with pytest.raises(ValueError, match=rf"ledger {tmp_path / 'dl' / 'ledger'}: 1 success row\(s\) lack key"):
+        run_dedup(images, tmp_path / "dl", cfg, tmp_path / "o.parquet")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"no download ledger in {tmp_path / 'empty'}"):
+        run_dedup(images, tmp_path / "empty", cfg, tmp_path / "o.parquet")
     assert not (tmp_path / "o.parquet").exists()
+    write_ledger(tmp_path / "dl", pd.read_parquet(ledger), rows_per_file=3)
+    run_dedup(images, tmp_path / "dl", cfg, tmp_path / "parts.parquet")  # the same marks as the one file
+    run_dedup(images, ledger, cfg, tmp_path / "one.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "parts.parquet"), pd.read_parquet(tmp_path / "one.parquet"))
 
 
 def test_run_dedup_on_an_empty_download(tmp_path: Path) -> None:

@@ -309,8 +309,13 @@ def test_lora_finetuning_run_on_a_diffusers_unet(tiny_sd, tmp_path):
     assert lora and all(".lora_A." in k or ".lora_B." in k for k in lora)
     changed = [k for k in lora if "lora_B" in k and float(net[k].abs().max()) > 0]
     assert changed, "the adapters trained (B starts at zero)"
-    frozen = {k.replace(".base_layer", ""): v for k, v in net.items() if "lora_" not in k}
-    assert set(frozen) == set(base) and all(torch.equal(frozen[k], base[k]) for k in base), "base weights unchanged"
+    # the checkpoint is the adapter alone (weights, EMA, moments) plus the base's identity
+    weights = {k for k in tensors if k.startswith(("model/", "ema/"))}
+    assert weights == {f"{p}net.{k}" for p in ("model/", "ema/") for k in lora}, sorted(weights - {f"model/net.{k}" for k in lora})[:5]
+    assert meta["family_info"]["base_files"] == meta["config"]["model"]["base_files"]
+    loaded = {k.replace(".base_layer", ""): v for k, v in load_family(res["checkpoint"]).net.state_dict().items()
+              if "lora_" not in k}
+    assert set(loaded) == set(base) and all(torch.equal(loaded[k], base[k]) for k in base), "base weights unchanged"
     assert not any(k.startswith("optim/") and "text_model" in k for k in tensors)
     # resume: a 2-step run continued to 4 gives the same tensors as 4 steps straight
     root2 = tmp_path / "root2"
@@ -379,6 +384,43 @@ def test_a_toy_sd3_transformer_pipeline(tmp_path):
     res = sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=2, sampler="dpmpp_2m", guidance=2.0,
                                out=str(tmp_path / "s")), tmp_path / "root")
     assert read_parameters(res["files"][0])["model"]["pipeline"] == "StableDiffusion3Pipeline"
+
+
+def test_lora_loss_applies_the_vaes_shift_factor(tmp_path):
+    """FLUX / SD3 VAEs have a shift_factor: the LoRA loss regresses on (mean - shift) * scale, the
+    latents the pipeline's decode (z / scale + shift) inverts."""
+    from _diffusers_tiny import tiny_sd_components
+    from diffusers import StableDiffusionPipeline
+
+    from models.registry import build_family
+
+    comps = tiny_sd_components(seed=0)
+    comps["vae"].register_to_config(shift_factor=0.5)
+    StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    fam = build_family("diffusers_lora", {"pipeline": f"diffusers:{tmp_path / 'pipe'}", "image_size": 16, "rank": 2})
+    vae = fam.model.pipe.vae
+    assert vae.config.shift_factor == 0.5
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    P = ["a cat", ""]
+    with torch.no_grad():
+        mu = vae.encode(x).latent_dist.mean
+        z = (mu - 0.5) * vae.config.scaling_factor
+        assert torch.allclose(fam._latents(x), z)
+        assert torch.allclose(fam.model.decode(z), vae.decode(mu).sample, atol=1e-5)
+        loss = fam._denoise_loss(x, P, torch.Generator().manual_seed(3))
+
+        def by_hand(lat: torch.Tensor) -> torch.Tensor:  # the same draws: t, then eps
+            g = torch.Generator().manual_seed(3)
+            t = torch.randint(0, 1000, (2,), generator=g)
+            eps = torch.randn(lat.shape, generator=g)
+            ab = fam.alphas_cumprod[t].view(-1, 1, 1, 1)
+            out = fam.net(ab.sqrt() * lat + (1 - ab).sqrt() * eps, t, encoder_hidden_states=fam._embed(P)).sample
+            return (out - eps).pow(2).mean()
+
+        shifted, unshifted = by_hand(z), by_hand(mu * vae.config.scaling_factor)
+    assert torch.allclose(loss, shifted, rtol=1e-5, atol=0), (float(loss), float(shifted))
+    assert abs(float(unshifted - shifted)) > 1e-4 * float(shifted), "the shift makes a difference here"
 
 
 @pytest.mark.slow

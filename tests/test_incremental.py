@@ -105,3 +105,44 @@ def test_a_new_version_retries_only_the_transient_failures(tmp_path):
     assert v2.card["parent"]["id"] == v1.id and v2.card["parent"]["version"] == 1
     acc = pd.read_parquet(v2.path / "accounting.parquet")
     assert len(acc) == len(led1) and not acc["outcome"].str.startswith("download_failed:http_5xx").any()
+
+
+def test_child_ledger_is_merged_part_by_part(tmp_path):
+    """The child's ledger is streamed from the parent's and the new download's part files: a refetched
+    row replaces the parent's (attempts added up), appended rows follow; the same rows as one
+    in-memory merge, in row-id order, each row once; a parent not in row-id order is refused."""
+    import numpy as np
+
+    from imagegen.stages import download as D
+    from imagegen.stages.incremental import _merged_ledger
+    from imagegen.stages.ledger import LedgerWriter, write_ledger
+
+    def ledger(ids, status, attempts):
+        n = len(ids)
+        f = pd.DataFrame({c: [None] * n for c in D.LEDGER_COLUMNS})
+        f["row_id"], f["url"], f["caption"] = ids, [f"http://x/{i}" for i in ids], "c"
+        f["status"], f["attempts"] = status, attempts
+        f["reason"] = [None if s == "success" else "timeout" for s in status]
+        f.loc[f["status"] == "success", "width"] = 8
+        return D.ledger_frame(f)
+
+    parent = ledger(list(range(25)), ["failed" if i % 7 == 3 else "success" for i in range(25)], 1)
+    write_ledger(tmp_path / "parent", parent, rows_per_file=6)
+    retried = [3, 10, 17, 24]
+    new = ledger(retried + [25, 26, 27], ["success", "failed", "success", "success", "success", "skipped", "success"],
+                 [1, 1, 1, 1, 1, 0, 1])
+    write_ledger(tmp_path / "new", new, rows_per_file=4)
+    want = pd.concat([parent.set_index("row_id").drop(index=retried),
+                      new.set_index("row_id").assign(attempts=lambda f: f["attempts"] + parent.set_index(
+                          "row_id")["attempts"].reindex(f.index).fillna(0).astype("Int64"))]).sort_index()
+    w = LedgerWriter(tmp_path / "child", 5, D.LEDGER_SCHEMA)
+    for part in _merged_ledger(tmp_path / "parent", tmp_path / "new"):
+        w.add(part)
+    w.close()
+    got = read_ledger(tmp_path / "child")
+    pd.testing.assert_frame_equal(got, D.ledger_frame(want.reset_index()))
+    assert got.loc[got["row_id"].isin(retried), "attempts"].tolist() == [2, 2, 2, 2]
+    assert list(got["row_id"]) == list(range(28)) and D.summarize_ledger(got)["input_rows"] == 28
+    write_ledger(tmp_path / "unordered", parent.iloc[np.r_[6:12, 0:6]], rows_per_file=6)
+    with pytest.raises(ValueError, match="not in row-id order"):
+        list(_merged_ledger(tmp_path / "unordered", None))

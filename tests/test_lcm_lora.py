@@ -74,12 +74,13 @@ def test_lcm_lora_distill_cli_end_to_end(teacher_pipe, tmp_path, capsys):
     run = get_run(root, summary["student_run"])
     assert run.card["config"]["family"] == "lcm_lora"
     assert run.card["config"]["model"]["base_files"]["unet/diffusion_pytorch_model.safetensors"]
-    tensors, _ = read_checkpoint(Path(summary["student_checkpoint"]))
-    base = {k: v for k, v in tensors.items() if k.startswith("model/net.") and "lora_" not in k}
+    tensors, meta = read_checkpoint(Path(summary["student_checkpoint"]))
+    kept = {k.split("/", 1)[1] for k in tensors if k.startswith(("model/", "ema/"))}
+    assert kept and all(".lora_" in k or k.startswith("target_") for k in kept), "the checkpoint is the adapter alone"
+    assert meta["family_info"]["base_files"] == run.card["config"]["model"]["base_files"]
     from safetensors.torch import load_file
 
     orig = load_file(str(teacher_pipe / "unet" / "diffusion_pytorch_model.safetensors"))
-    assert all(torch.equal(v, orig[k[len("model/net."):].replace(".base_layer", "")]) for k, v in base.items())
 
     rows = {(r["model"], r["steps"]): r for r in summary["report"]["rows"]}
     mse = {k: v["mse_to_reference"] for k, v in rows.items()}
@@ -88,6 +89,8 @@ def test_lcm_lora_distill_cli_end_to_end(teacher_pipe, tmp_path, capsys):
     # the same noise and prompts as the report: the adapters-off student (= the teacher with the LCM
     # sampler, before distillation) is further at 1 step
     student = load_family(summary["student_checkpoint"])
+    base = {k.replace(".base_layer", ""): v for k, v in student.net.state_dict().items() if "lora_" not in k}
+    assert set(base) == set(orig) and all(torch.equal(base[k], orig[k]) for k in orig), "the base is the teacher's"
     cfg = TrainConfig(**run.card["config"])
     x_T = torch.randn((10, *student.noise_shape), generator=torch.Generator().manual_seed(0))
     cond = sample_conditioning(cfg, 10)
@@ -118,6 +121,57 @@ def test_lcm_lora_distill_cli_end_to_end(teacher_pipe, tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["student_run"] == summary["student_run"] and again["report"]["reused"]
+
+
+@pytest.mark.slow
+def test_lcm_lora_checkpoint_is_the_adapter_and_resumes_exactly(tmp_path):
+    """The checkpoint holds what training changes (LoRA weights, the guidance embedding, the EMA
+    target adapters, their EMA and moments) and the base's file hashes; the full model is rebuilt
+    from the pipeline on resume (bit-exact against an uninterrupted run) and on load, and a changed
+    base is refused from the checkpoint's own record (this config carries no base_files)."""
+    from _diffusers_tiny import tiny_sd_pipeline
+    from _helpers import register_world_dataset
+
+    from imagegen.registry import get_dataset
+    from imagegen.train.checkpoint import CheckpointError, read_checkpoint
+    from imagegen.train.trainer import train
+    from models.checkpoint import load_family
+
+    pipe = tiny_sd_pipeline(tmp_path / "pipe", seed=0)
+    root = tmp_path / "root"
+    shards = get_dataset(root, register_world_dataset(root, n=8, per_shard=8)).shards
+    cfg = {"family": "lcm_lora", "model": {"pipeline": f"diffusers:{pipe}", "image_size": 16, "rank": 2,
+                                          "guidance_embedding": 8, "guidance_min": 1.0, "guidance_max": 2.0,
+                                          "target": "ema", "ddim_steps": 10},
+           "steps": 4, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "ema_decay": 0.5, "ckpt_every": 2,
+           "epoch_batches": 2, "shuffle_buffer": 4, "sample_count": 1, "sample_steps": 1, "seed": 0}
+    straight = train(cfg, shards, tmp_path / "a")
+    assert not train(cfg, shards, tmp_path / "b", stop_after=3)["finished"]  # "killed" at 3, checkpoint at 2
+    resumed = train(cfg, shards, tmp_path / "b")
+    assert resumed["start_step"] == 2 and resumed["finished"]
+    ta, meta = read_checkpoint(Path(straight["checkpoint"]))
+    tb, _ = read_checkpoint(Path(resumed["checkpoint"]))
+    assert set(ta) == set(tb)
+    for k in ta:
+        if k.startswith(("model/", "ema/", "optim/")):
+            assert torch.equal(ta[k], tb[k]), k
+    kept = {k[len("model/"):] for k in ta if k.startswith("model/")}
+    assert kept == {k[len("ema/"):] for k in ta if k.startswith("ema/")}
+    assert all(".lora_" in k or "cond_proj" in k or k.startswith("target_") for k in kept), sorted(kept)[:5]
+    assert "net.time_embedding.cond_proj.weight" in kept and "target_0" in kept
+    assert meta["family_info"]["base_files"]["unet/diffusion_pytorch_model.safetensors"]
+    fam = load_family(straight["checkpoint"])
+    assert set(fam.checkpoint_state()) == kept
+    assert torch.equal(fam.net.time_embedding.cond_proj.weight, ta["ema/net.time_embedding.cond_proj.weight"])
+    x = fam.sample(1, ["a red circle"], steps=2, guidance=1.5, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+    # the same path, other weights: resuming and loading are refused, naming the checkpoint's record
+    shutil.rmtree(pipe)
+    tiny_sd_pipeline(pipe, seed=1)
+    with pytest.raises(CheckpointError, match=r"base pipeline changed.*recorded in its checkpoint"):
+        train(cfg, shards, tmp_path / "b")
+    with pytest.raises(ValueError, match=r"base pipeline changed.*recorded in its checkpoint"):
+        load_family(straight["checkpoint"])
 
 
 @pytest.mark.slow

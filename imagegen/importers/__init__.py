@@ -226,8 +226,8 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
     import pyarrow.parquet as pq
 
     from imagegen.stages.download import IMAGE_SCHEMA as schema
-    from imagegen.stages.download import summarize_ledger
-    from imagegen.stages.ledger import write_ledger
+    from imagegen.stages.download import LEDGER_SCHEMA, LedgerSummary
+    from imagegen.stages.ledger import LedgerWriter
 
     (out / "images").mkdir(parents=True)
     ok = [(row, r) for row, r in zip(rows, recs) if r["status"] == "success"]
@@ -242,9 +242,15 @@ def _write_download_layout(out: Path, src: Source, rows: list[Row], recs: list[d
                          ("caption", r["caption"])):
                 cols[n].append(v)
         pq.write_table(pa.table(cols, schema=schema), out / "images" / f"part-{part:05d}.parquet", row_group_size=1000)
-    led = _ledger(recs)
-    write_ledger(out, led, IMPORT_PART_ROWS)
-    return summarize_ledger(led)
+    # the ledger a part at a time (never one frame of every row)
+    writer = LedgerWriter(out, IMPORT_PART_ROWS, LEDGER_SCHEMA)
+    summary = LedgerSummary()
+    for start in range(0, len(recs), IMPORT_PART_ROWS):
+        led = _ledger(recs[start:start + IMPORT_PART_ROWS])
+        summary.add(led)
+        writer.add(led)
+    writer.close()
+    return summary.result()
 
 
 def import_dataset(cfg: ImportConfig | dict[str, Any], root: Path | str,

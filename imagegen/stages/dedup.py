@@ -220,13 +220,25 @@ class Areas:
 
 
 def _read_ledger(ledger_path: Path, batch_rows: int) -> Areas:
-    """Original area (width * height) per key, for rows with status 'success'."""
-    if not Path(ledger_path).is_file():
+    """Original area (width * height) per key, for rows with status 'success'.  ``ledger_path``: one
+    parquet file, or a download stage folder whose per-part ledger is read lazily (messages name it)."""
+    if Path(ledger_path).is_dir():
+        from imagegen.stages.ledger import ledger_dataset, ledger_location
+
+        dset = ledger_dataset(ledger_path)  # raises naming the folder when it holds no ledger
+        ledger_path = ledger_location(ledger_path)
+        schema = dset.schema
+        batches: Iterable[pa.RecordBatch] = dset.to_batches(columns=LEDGER_COLUMNS,
+                                                            batch_size=max(batch_rows, 65536))
+    elif not Path(ledger_path).is_file():
         raise FileNotFoundError(f"ledger {ledger_path} does not exist")
-    pf = pq.ParquetFile(ledger_path)
-    _require_columns(pf.schema_arrow, LEDGER_COLUMNS, f"ledger {ledger_path}")
+    else:
+        pf = pq.ParquetFile(ledger_path)
+        schema = pf.schema_arrow
+        batches = pf.iter_batches(batch_size=max(batch_rows, 65536), columns=LEDGER_COLUMNS)
+    _require_columns(schema, LEDGER_COLUMNS, f"ledger {ledger_path}")
     keys, widths, heights = [], [], []
-    for batch in pf.iter_batches(batch_size=max(batch_rows, 65536), columns=LEDGER_COLUMNS):
+    for batch in batches:
         ok = pc.equal(batch.column("status"), "success").fill_null(False)
         b = batch.filter(ok)
         keys.append(pc.cast(b.column("key"), pa.string()))

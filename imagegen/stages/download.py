@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from imagegen.executors import StageRunner, map_step
 from imagegen.hashing import bytes_sha256, file_sha256, stable_hash
 from imagegen.retry_after import rate_limited, wait_before_retry
-from imagegen.stages.ledger import write_ledger
+from imagegen.stages.ledger import LedgerWriter
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,12 @@ def _resize(img: Image.Image, size: int, mode: str) -> Image.Image:
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 
 
+def _stable_message(exc: BaseException) -> str:
+    """An exception's text without object addresses (PIL names ``<_io.BytesIO object at 0x...>``), so a
+    ledger's error column is the same bytes in every run of the same request."""
+    return re.sub(r" object at 0x[0-9a-fA-F]+>", " object>", str(exc))
+
+
 def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     """Decode raw bytes into the dataset's uniform encoding.
 
@@ -269,11 +275,11 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
     except Image.UnidentifiedImageError as exc:
         # an image signature that does not decode is a corrupt image, anything else is not an image
         reason = "corrupt_image" if data.startswith(_IMAGE_MAGIC) or data[8:12] == b"WEBP" else "not_an_image"
-        return {"ok": False, "reason": reason, "error": str(exc)}
+        return {"ok": False, "reason": reason, "error": _stable_message(exc)}
     except Image.DecompressionBombError as exc:  # PIL's own limit, hit at open for > 2x MAX_IMAGE_PIXELS
         return {"ok": False, "reason": "image_too_large", "error": str(exc)}
     except (OSError, ValueError, SyntaxError) as exc:
-        return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {exc}"}
+        return {"ok": False, "reason": "corrupt_image", "error": f"{type(exc).__name__}: {_stable_message(exc)}"}
     # original size is reported upright (after EXIF), as a viewer shows it
     uw, uh = rgb.size
     out = _resize(rgb, cfg.image_size, cfg.resize_mode)
@@ -592,13 +598,14 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
 
     # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
     # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
-    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
-    ledger = pd.DataFrame({"row_id": url_list["row_id"].to_numpy(), "url": recorded.to_numpy(),
-                           "caption": url_list["caption"].to_numpy()})
-    for col in LEDGER_COLUMNS[3:]:
-        ledger[col] = None
-    ledger["attempts"] = 0
-    ledger = ledger.set_index("row_id", drop=False)
+    # The driver keeps compact per-row columns only (attempts, a status code, the reasons of rows
+    # that did not succeed); the ledger's rows are built and written one part at a time.
+    row_ids = url_list["row_id"].to_numpy(dtype=np.int64)
+    n_rows = len(row_ids)
+    position = pd.Index(row_ids)                      # row_id -> row position (row order)
+    attempts = np.zeros(n_rows, dtype=np.int64)
+    state = np.zeros(n_rows, dtype=np.int8)            # 0: none, 1: skipped, 2: failed
+    why: dict[int, tuple[str, str | None]] = {}        # row position -> (reason, error) of a skip or failure
     if not cfg.allow_private_addresses and "record_url" not in url_list.columns:
         # a user's list (the world's table carries record_url and is served by our own loopback server)
         private = url_list["skip_reason"].isna() & url_list["url"].map(is_private_host)
@@ -607,9 +614,9 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             url_list.loc[private, "skip_reason"] = "private_address"
             log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
                         "download.allow_private_addresses=true to fetch them)", int(private.sum()))
-    skip = url_list.set_index("row_id")["skip_reason"].dropna()
-    ledger.loc[skip.index, "status"] = "skipped"
-    ledger.loc[skip.index, "reason"] = skip.to_numpy()
+    skipped = url_list["skip_reason"].notna().to_numpy()
+    state[skipped] = 1
+    why.update(zip(np.flatnonzero(skipped).tolist(), ((str(r), None) for r in url_list["skip_reason"][skipped])))
 
     pending = url_list[url_list["skip_reason"].isna()]
     passes = []
@@ -630,15 +637,15 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                 home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
             ok = (got["status"] == "success").to_numpy()
             ids = got["row_id"].to_numpy()
-            ledger.loc[ids, "attempts"] = ledger.loc[ids, "attempts"].to_numpy() + 1
+            attempts[position.get_indexer(ids)] += 1
             fetched.append(got.loc[ok, ["row_id", "part"]])
             bad_ids = got.loc[~ok, "row_id"].to_numpy()
             msgs = got.loc[~ok, "error_message"].tolist()
             reasons = [classify_error(m) for m in msgs]
-            ledger.loc[bad_ids, "status"] = "failed"
-            ledger.loc[bad_ids, "reason"] = np.asarray(reasons, dtype=object)
-            ledger.loc[bad_ids, "error"] = np.asarray(msgs, dtype=object)
-            retry_ids = [int(r) for r, why in zip(bad_ids, reasons) if is_transient(why)]
+            bad_pos = position.get_indexer(bad_ids)
+            state[bad_pos] = 2
+            why.update(zip(bad_pos.tolist(), zip(reasons, msgs)))
+            retry_ids = [int(r) for r, why_ in zip(bad_ids, reasons) if is_transient(why_)]
             passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
                            "transient_failures": len(retry_ids)})
             if progress:
@@ -658,7 +665,7 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     n_parts = max(1, len(part_files[0]) if part_files else 0)
-    captions = ledger["caption"]
+    captions = url_list["caption"].to_numpy()
     jobs = []
     for k in range(n_parts):
         sources: list[tuple[str, list[int]]] = []
@@ -671,8 +678,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                 ids = g["row_id"].astype("int64").tolist()
                 sources.append((str(part_files[p][int(part)]), ids))
                 rows.extend(ids)
-        jobs.append(PartJob(k, sources, {r: str(captions.at[r]) for r in rows}, cfg,
-                            str(images_dir / f"part-{k:05d}.parquet")))
+        jobs.append(PartJob(k, sources, {r: str(captions[i]) for r, i in zip(rows, position.get_indexer(rows))},
+                            cfg, str(images_dir / f"part-{k:05d}.parquet")))
     spec = runner or "local"
     if len(jobs) == 1 or spec == "local:1":
         for j in jobs:
@@ -685,52 +692,133 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                     j.inner_pool = True
             results = ex.map(decode_part, jobs)
     del jobs
-    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(columns=["row_id", "ok"])
+    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(
+        {c: [] for c in ("row_id", "ok", "reason", "error", *_RESULT_FIELDS)})
     del results
-    if len(res):
-        ids = res["row_id"].astype("int64").to_numpy()
-        ok = res["ok"].astype(bool).to_numpy()
-        ledger.loc[ids[ok], list(_RESULT_FIELDS)] = res.loc[ok, list(_RESULT_FIELDS)].to_numpy()
-        ledger.loc[ids, "status"] = np.where(ok, "success", "failed")
-        ledger.loc[ids, "reason"] = res["reason"].to_numpy()
-        ledger.loc[ids, "error"] = res["error"].to_numpy()
+    # the decode results in row order (by row position), sliced for each ledger part below
+    res_pos = position.get_indexer(res["row_id"].astype("int64").to_numpy())
+    order = np.argsort(res_pos, kind="stable")
+    res = res.iloc[order].reset_index(drop=True)
+    res_pos = res_pos[order]
     shutil.rmtree(work, ignore_errors=True)
 
-    succ = ledger["status"] == "success"
-    ledger.loc[succ, "key"] = [f"{int(r):09d}" for r in ledger.loc[succ, "row_id"]]
-    ledger = ledger.reset_index(drop=True)[LEDGER_COLUMNS]
-    for col in ("attempts", "original_width", "original_height", "width", "height"):
-        ledger[col] = ledger[col].astype("Int64")
-    ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
-    write_ledger(out_dir, ledger, cfg.number_sample_per_shard)
+    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
+    recorded = recorded.to_numpy()
+    writer = LedgerWriter(out_dir, cfg.number_sample_per_shard, LEDGER_SCHEMA)
+    summary = LedgerSummary()
+    step = max(1, cfg.number_sample_per_shard)
+    for s in range(0, n_rows, step):
+        e = min(n_rows, s + step)
+        part = _ledger_part(s, e, row_ids, recorded, captions, attempts, state, why, res, res_pos)
+        summary.add(part)
+        writer.add(part)
+        del part
+    writer.close()
 
-    counts = summarize_ledger(ledger)
+    counts = summary.result()
     counts["passes"] = passes
     counts["parts"] = n_parts
     counts["distributor"] = engine_info  # what fetched (execution only; None: nothing to fetch)
     return counts
 
 
+LEDGER_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
+    ("reason", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("key", pa.string()),
+    ("original_width", pa.int64()), ("original_height", pa.int64()), ("original_mode", pa.string()),
+    ("original_format", pa.string()), ("exif_transposed", pa.bool_()), ("width", pa.int64()),
+    ("height", pa.int64()), ("source_sha256", pa.string()), ("sha256", pa.string())])
+assert LEDGER_SCHEMA.names == LEDGER_COLUMNS
+
+
+def ledger_frame(ledger: pd.DataFrame) -> pd.DataFrame:
+    """``ledger``'s columns in ledger order with the ledger's dtypes (nullable integers and booleans)."""
+    ledger = ledger[LEDGER_COLUMNS].copy()
+    for col in ("attempts", "original_width", "original_height", "width", "height"):
+        ledger[col] = ledger[col].astype("Int64")
+    ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
+    return ledger
+
+
+def _ledger_part(s: int, e: int, row_ids: np.ndarray, recorded: np.ndarray, captions: np.ndarray,
+                 attempts: np.ndarray, state: np.ndarray, why: dict[int, tuple[str, str | None]],
+                 res: pd.DataFrame, res_pos: np.ndarray) -> pd.DataFrame:
+    """The ledger rows of row positions ``s:e``: the input row, its passes' outcome, its decode result."""
+    n = e - s
+    status = np.full(n, None, dtype=object)
+    reason = np.full(n, None, dtype=object)
+    error = np.full(n, None, dtype=object)
+    st = state[s:e]
+    status[st == 1] = "skipped"
+    status[st == 2] = "failed"
+    for i in np.flatnonzero(st).tolist():
+        reason[i], error[i] = why[s + i]
+    part = pd.DataFrame({"row_id": row_ids[s:e], "url": recorded[s:e], "caption": captions[s:e],
+                         "status": status, "reason": reason, "error": error, "attempts": attempts[s:e],
+                         "key": None})
+    for col in _RESULT_FIELDS:
+        part[col] = None
+    a, b = np.searchsorted(res_pos, [s, e])
+    if b > a:
+        mine = res.iloc[a:b]
+        at = res_pos[a:b] - s
+        ok = mine["ok"].astype(bool).to_numpy()
+        part.loc[at[ok], list(_RESULT_FIELDS)] = mine.loc[ok, list(_RESULT_FIELDS)].to_numpy()
+        part.loc[at, "status"] = np.where(ok, "success", "failed")
+        part.loc[at, "reason"] = mine["reason"].to_numpy()
+        part.loc[at, "error"] = mine["error"].to_numpy()
+    succ = (part["status"] == "success").to_numpy()
+    part.loc[succ, "key"] = [f"{int(r):09d}" for r in part.loc[succ, "row_id"]]
+    return ledger_frame(part)
+
+
+class LedgerSummary:
+    """The stage card's counts of a ledger, added up part by part (memory: the row ids, 8 bytes a row)."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.by_status: dict[str, int] = {}
+        self.reasons: dict[str, int] = {}
+        self.retried = self.recovered = self.exif = 0
+        self.missing_status = False
+        self.ids: list[np.ndarray] = []
+
+    def add(self, ledger: pd.DataFrame) -> None:
+        self.rows += len(ledger)
+        for k, v in ledger["status"].value_counts().items():
+            self.by_status[str(k)] = self.by_status.get(str(k), 0) + int(v)
+        for k, v in ledger.loc[ledger["status"] != "success", "reason"].value_counts().items():
+            self.reasons[str(k)] = self.reasons.get(str(k), 0) + int(v)
+        att = ledger["attempts"]
+        self.retried += int((att > 1).sum())
+        self.recovered += int(((att > 1) & (ledger["status"] == "success")).sum())
+        self.exif += int(ledger["exif_transposed"].astype("boolean").fillna(False).sum())
+        self.missing_status |= bool(ledger["status"].isna().any())
+        self.ids.append(ledger["row_id"].to_numpy(dtype=np.int64))
+
+    def result(self) -> dict[str, Any]:
+        counts = {
+            "input_rows": self.rows,
+            "success": self.by_status.get("success", 0),
+            "failed": self.by_status.get("failed", 0),
+            "skipped": self.by_status.get("skipped", 0),
+            "reasons": dict(sorted(self.reasons.items())),
+            "retried_rows": self.retried,
+            "recovered_on_retry": self.recovered,
+            "exif_transposed": self.exif,
+        }
+        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int64)
+        if counts["success"] + counts["failed"] + counts["skipped"] != counts["input_rows"] or \
+                len(np.unique(ids)) != len(ids) or self.missing_status:
+            raise AssertionError(f"download ledger does not account for every row: {counts}")
+        return counts
+
+
 def summarize_ledger(ledger: pd.DataFrame) -> dict[str, Any]:
     """Counts that must add up: input = success + failed + skipped, and per reason."""
-    by_status = ledger["status"].value_counts().to_dict()
-    reasons = ledger.loc[ledger["status"] != "success", "reason"].value_counts().to_dict()
-    retried = int((ledger["attempts"] > 1).sum())
-    recovered = int(((ledger["attempts"] > 1) & (ledger["status"] == "success")).sum())
-    counts = {
-        "input_rows": int(len(ledger)),
-        "success": int(by_status.get("success", 0)),
-        "failed": int(by_status.get("failed", 0)),
-        "skipped": int(by_status.get("skipped", 0)),
-        "reasons": {str(k): int(v) for k, v in sorted(reasons.items())},
-        "retried_rows": retried,
-        "recovered_on_retry": recovered,
-        "exif_transposed": int(ledger["exif_transposed"].astype("boolean").fillna(False).sum()),
-    }
-    if counts["success"] + counts["failed"] + counts["skipped"] != counts["input_rows"] or \
-            ledger["row_id"].duplicated().any() or ledger["status"].isna().any():
-        raise AssertionError(f"download ledger does not account for every row: {counts}")
-    return counts
+    summary = LedgerSummary()
+    summary.add(ledger)
+    return summary.result()
 
 
 def iter_images(images_dir: Path, columns: list[str] | None = None, batch_rows: int = 1000):

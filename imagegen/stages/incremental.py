@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as pds
 
 from imagegen.stages import download as D
-from imagegen.stages.ledger import read_ledger, write_ledger
+from imagegen.stages.ledger import LedgerWriter, iter_ledger, read_ledger
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -30,14 +31,33 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _url_hashes(urls: pd.Series) -> np.ndarray:
+    """64-bit hashes of URLs (compact: 8 bytes a row); a hit is confirmed on the URL itself."""
+    return pd.util.hash_pandas_object(urls.astype(str), index=False).to_numpy(dtype=np.uint64)
+
+
+def _parent_urls(parent_dir: Path, urls: list[str]) -> dict[str, int]:
+    """The first parent row of each of ``urls`` (read in batches, only those URLs kept)."""
+    want = set(urls)
+    found: dict[str, int] = {}
+    for batch in iter_ledger(parent_dir, ["row_id", "url"]):
+        for rid, url in zip(batch.column("row_id").to_pylist(), batch.column("url").to_pylist()):
+            if url in want and url not in found:
+                found[url] = int(rid)
+    return found
+
+
 def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, append: pd.DataFrame | None,
                              cfg: D.DownloadConfig, out_dir: Path, runner: str | None = None) -> dict[str, Any]:
     """``refetch_urls``: the current (row_id, url, caption) of the parent's rows (only the transiently
-    failed ones are used); ``append``: a URL list from :func:`read_url_list` whose rows are added."""
-    parent_ledger = read_ledger(parent_dir)
-    transient = parent_ledger["status"].eq("failed") & parent_ledger["reason"].map(
-        lambda r: isinstance(r, str) and D.is_transient(r))
-    retry_ids = parent_ledger.loc[transient, "row_id"].astype("int64")
+    failed ones are used); ``append``: a URL list from :func:`read_url_list` whose rows are added.
+
+    The parent's ledger is streamed: the driver keeps its failed rows, its row ids' maximum and (with
+    ``append``) a 64-bit hash per URL; the child's ledger is written part by part."""
+    failed = read_ledger(parent_dir, ["row_id", "status", "reason"], filter=pds.field("status") == "failed")
+    transient = failed["reason"].map(lambda r: isinstance(r, str) and D.is_transient(r))
+    retry_ids = failed.loc[transient, "row_id"].astype("int64")
+    del failed
     cur = refetch_urls.set_index("row_id")
     missing = sorted(set(retry_ids) - set(cur.index))
     if missing:
@@ -50,17 +70,25 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
         pending["record_url"] = cur.loc[retry_ids, "record_url"].to_numpy()
     n_append = 0
     if append is not None and len(append):
-        start = int(parent_ledger["row_id"].max()) + 1
+        max_id, hashes = -1, []
+        for batch in iter_ledger(parent_dir, ["row_id", "url"]):
+            ids = batch.column("row_id").to_numpy()
+            if len(ids):
+                max_id = max(max_id, int(ids.max()))
+            hashes.append(_url_hashes(batch.column("url").to_pandas()))
+        known = np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
+        del hashes
         add = append.copy()
-        add["row_id"] = add["row_id"].astype("int64") + start
-        known = parent_ledger.drop_duplicates("url").set_index("url")["row_id"]
-        seen = add["url"].isin(known.index) & add["skip_reason"].isna()
+        add["row_id"] = add["row_id"].astype("int64") + max_id + 1
+        maybe = np.isin(_url_hashes(add["url"]), known) & add["skip_reason"].isna().to_numpy()
+        first = _parent_urls(parent_dir, add.loc[maybe, "url"].tolist()) if maybe.any() else {}
+        seen = add["url"].isin(first.keys()) & add["skip_reason"].isna()
         if seen.any():
             if cfg.on_duplicate_urls == "error":
-                ex = ", ".join(f"{u} (parent row {known[u]})" for u in add.loc[seen, "url"][:3])
+                ex = ", ".join(f"{u} (parent row {first[u]})" for u in add.loc[seen, "url"][:3])
                 raise D.InputError(f"the appended list repeats {int(seen.sum())} URL(s) of the parent: {ex}; "
                                    "pass on_duplicate_urls='skip' to ledger them as skipped")
-            add.loc[seen, "skip_reason"] = [f"duplicate_url_of_row_{known[u]}" for u in add.loc[seen, "url"]]
+            add.loc[seen, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in add.loc[seen, "url"]]
         if "record_url" in pending.columns:
             add["record_url"] = add["url"]
         pending = pd.concat([pending, add[[c for c in pending.columns]]], ignore_index=True)
@@ -71,32 +99,75 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
     parent_parts = sorted((parent_dir / "images").glob("part-*.parquet"))
     for i, p in enumerate(parent_parts):
         _link(p, images / f"part-{i:05d}.parquet")
-    ledger = parent_ledger.set_index("row_id", drop=False)
     new_counts: dict[str, Any] = {}
+    work = out_dir / "_new"
     if len(pending):
-        work = out_dir / "_new"
         work.mkdir()
         new_counts = D.run_download(pending.reset_index(drop=True), cfg, work, runner=runner)
-        new = read_ledger(work).set_index("row_id", drop=False)
         import pyarrow.parquet as pq
 
         new_parts = [p for p in sorted((work / "images").glob("part-*.parquet")) if pq.ParquetFile(p).metadata.num_rows]
         for j, p in enumerate(new_parts):
             os.replace(p, images / f"part-{len(parent_parts) + j:05d}.parquet")
-        again = new.index.intersection(ledger.index)
-        new.loc[again, "attempts"] = (new.loc[again, "attempts"].astype("Int64")
-                                      + ledger.loc[again, "attempts"].astype("Int64"))
-        ledger = pd.concat([ledger.drop(index=again), new]).sort_index()
-        shutil.rmtree(work)
-    ledger = ledger.reset_index(drop=True)[D.LEDGER_COLUMNS]
-    for col in ("attempts", "original_width", "original_height", "width", "height"):
-        ledger[col] = ledger[col].astype("Int64")
-    ledger["exif_transposed"] = ledger["exif_transposed"].astype("boolean")
-    write_ledger(out_dir, ledger, cfg.number_sample_per_shard)
-    counts = D.summarize_ledger(ledger)
-    recovered = int(np.isin(ledger.loc[ledger["status"] == "success", "row_id"], retry_ids).sum())
+    writer = LedgerWriter(out_dir, cfg.number_sample_per_shard, D.LEDGER_SCHEMA)
+    summary = D.LedgerSummary()
+    recovered = 0
+    retry_set = np.sort(retry_ids.to_numpy())
+    for part in _merged_ledger(parent_dir, work if len(pending) else None):
+        summary.add(part)
+        writer.add(part)
+        ok = part.loc[part["status"] == "success", "row_id"].to_numpy(dtype=np.int64)
+        recovered += int(np.isin(ok, retry_set).sum())
+    writer.close()
+    shutil.rmtree(work, ignore_errors=True)
+    counts = summary.result()
     counts.update(parts=len(list(images.glob("part-*.parquet"))),
                   incremental={"reused_parts": len(parent_parts), "refetched": int(len(retry_ids)),
                                "recovered": recovered, "appended": n_append,
                                "passes": new_counts.get("passes", [])})
     return counts
+
+
+def _merged_ledger(parent_dir: Path, new_dir: Path | None) -> Iterator[pd.DataFrame]:
+    """The child's ledger in row-id order, a batch at a time: the parent's rows, each replaced by the new
+    download's row of the same id (``attempts`` added up), then the new rows after the parent's.  Both
+    ledgers are in row-id order (row ids grow in a URL list; appended ids follow the parent's)."""
+    new_batches = iter_ledger(new_dir) if new_dir is not None else iter(())
+    new_buf = D.ledger_frame(pd.DataFrame(columns=D.LEDGER_COLUMNS))
+    new_done = new_dir is None
+
+    def new_upto(limit: int | None) -> pd.DataFrame:
+        """The new rows with row_id <= ``limit`` (all of them for None), taken off the buffer."""
+        nonlocal new_buf, new_done
+        while not new_done and (limit is None or not len(new_buf) or int(new_buf["row_id"].iloc[-1]) <= limit):
+            b = next(new_batches, None)
+            if b is None:
+                new_done = True
+                break
+            new_buf = pd.concat([new_buf, D.ledger_frame(b.to_pandas())], ignore_index=True)
+        take = len(new_buf) if limit is None else int(np.searchsorted(new_buf["row_id"].to_numpy(dtype=np.int64),
+                                                                      limit, side="right"))
+        out, new_buf = new_buf.iloc[:take], new_buf.iloc[take:].reset_index(drop=True)
+        return out
+
+    last = -1
+    for batch in iter_ledger(parent_dir):
+        old = D.ledger_frame(batch.to_pandas())
+        if not len(old):
+            continue
+        ids = old["row_id"].to_numpy(dtype=np.int64)
+        if ids[0] <= last or (np.diff(ids) <= 0).any():
+            raise ValueError(f"the parent ledger in {parent_dir} is not in row-id order near row {int(ids[0])}")
+        last = int(ids[-1])
+        new = new_upto(last)
+        if len(new):
+            again = old.set_index("row_id")["attempts"].reindex(new["row_id"].to_numpy())
+            new = new.copy()
+            hit = again.notna().to_numpy()
+            new.loc[hit, "attempts"] = new.loc[hit, "attempts"].to_numpy() + again.to_numpy()[hit]
+            old = pd.concat([old[~np.isin(ids, new["row_id"].to_numpy())], new]).sort_values(
+                "row_id", kind="stable").reset_index(drop=True)
+        yield D.ledger_frame(old)
+    rest = new_upto(None)
+    if len(rest):
+        yield D.ledger_frame(rest)

@@ -100,3 +100,51 @@ def compact_copy(folder: str | Path, columns: Sequence[str], dest: Path, batch_r
         for batch in dset.to_batches(columns=list(columns), batch_size=batch_rows):
             w.write_batch(batch)
     return dest
+
+
+class LedgerWriter:
+    """Write a ledger part by part as its rows arrive (in row order): every ``rows_per_file`` rows
+    become ``folder/ledger/part-NNNNN.parquet`` (atomically, one ``schema`` for all), so a writer
+    holds at most one part's rows.  :meth:`close` writes the rest (an empty ledger: one empty file)
+    and returns the paths.  Same files as :func:`write_ledger` of the whole ledger."""
+
+    def __init__(self, folder: str | Path, rows_per_file: int, schema: pa.Schema) -> None:
+        self.out = Path(folder) / LEDGER_DIR
+        self.out.mkdir(parents=True, exist_ok=True)
+        for old in self.out.glob("part-*.parquet"):
+            old.unlink()
+        self.step = max(1, int(rows_per_file))
+        self.schema = schema
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.rows = 0
+        self.paths: list[Path] = []
+
+    def add(self, rows: pd.DataFrame | pa.Table) -> None:
+        t = rows if isinstance(rows, pa.Table) else pa.Table.from_pandas(rows, schema=self.schema,
+                                                                         preserve_index=False)
+        t = t.cast(self.schema) if t.schema != self.schema else t
+        self.pending.append(t)
+        self.n_pending += t.num_rows
+        self.rows += t.num_rows
+        while self.n_pending >= self.step:
+            self._flush(self.step)
+
+    def _flush(self, n: int) -> None:
+        table = pa.concat_tables(self.pending) if self.pending else self.schema.empty_table()
+        path = self.out / f"part-{len(self.paths):05d}.parquet"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            pq.write_table(table.slice(0, n), tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.paths.append(path)
+        rest = table.slice(n)
+        self.pending = [rest] if rest.num_rows else []
+        self.n_pending = rest.num_rows
+
+    def close(self) -> list[Path]:
+        if self.n_pending or not self.paths:
+            self._flush(self.n_pending)
+        return self.paths

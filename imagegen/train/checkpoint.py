@@ -5,12 +5,15 @@ written into a hidden temporary folder and renamed into place, so a folder named
 is complete; ``state.json`` records the sha256 of the tensor file, so a damaged file is
 reported instead of half-loaded.
 
-Tensor keys: ``model/<k>`` (family.state_dict()), ``ema/<k>``, ``optim/<name>/<param idx>/<k>``
+Tensor keys: ``model/<k>`` (``family.checkpoint_state()``: the state_dict, or for a family
+built on a frozen base it rebuilds, such as a LoRA adapter on a diffusers pipeline, only what
+training changes), ``ema/<k>``, ``optim/<name>/<param idx>/<k>``
 (AdamW's exp_avg, exp_avg_sq, step), ``rng/torch_cpu`` (global CPU generator state, uint8),
 ``rng/generator/<slot>`` (the loss generator of each micro-batch slot of the global batch, see
 trainer.py), ``rng/cuda/<i>``.  JSON: step, config, optimizer
 param_groups, LR scheduler state, python/numpy RNG states and the trainer's own state (data
-position, bad-step count).
+position, bad-step count), and the family's ``checkpoint_info()`` ("family_info": e.g. the base
+pipeline's file hashes), which ``family.check_checkpoint_info`` checks before a resume.
 """
 
 from __future__ import annotations
@@ -113,6 +116,12 @@ def restore_rng(tensors: Mapping[str, Tensor], js: Mapping[str, Any], generators
 # ------------------------------------------------------------------------------------------ save
 
 
+def model_state(family: nn.Module) -> dict[str, Tensor]:
+    """What a checkpoint holds of ``family`` (its ``checkpoint_state()``; a plain module's state_dict)."""
+    hook = getattr(family, "checkpoint_state", None)
+    return hook() if hook is not None else family.state_dict()
+
+
 def _cpu(t: Tensor) -> Tensor:
     # clone: safetensors refuses tensors sharing storage (tied weights, views)
     return t.detach().to("cpu", copy=True).contiguous()
@@ -140,7 +149,7 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
     from all ranks by the caller), so any rank layout can resume."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    tensors: dict[str, Tensor] = {f"model/{k}": _cpu(v) for k, v in family.state_dict().items()}
+    tensors: dict[str, Tensor] = {f"model/{k}": _cpu(v) for k, v in model_state(family).items()}
     if ema is not None:
         tensors.update({f"ema/{k}": _cpu(v) for k, v in ema.state_dict().items()})
     optim_js: dict[str, Any] = {}
@@ -171,6 +180,7 @@ def save_checkpoint(run_dir: Path, step: int, *, family: nn.Module, optimizers: 
             "has_ema": ema is not None, "optimizers": optim_js,
             "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
             "rng": rng_js, "trainer": dict(trainer_state),
+            "family_info": dict(getattr(family, "checkpoint_info", dict)()),
         }
         (tmp / STATE).write_text(json.dumps(meta, indent=1, sort_keys=True))
         if final.exists():
@@ -241,8 +251,14 @@ def load_checkpoint(path: Path, *, family: nn.Module, optimizers: Mapping[str, t
     if diffs:
         raise CheckpointError(f"checkpoint {path} was made with a different config; resuming would not reproduce "
                               f"the run. Differences: {'; '.join(diffs)}")
+    check_info = getattr(family, "check_checkpoint_info", None)
+    if check_info is not None:
+        try:
+            check_info(meta.get("family_info") or {})
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint {path}: {exc}") from None
     model_sd = _sub(tensors, "model/")
-    _check_shapes("model weights", path, model_sd, family.state_dict())
+    _check_shapes("model weights", path, model_sd, model_state(family))
     if (ema is not None) != bool(meta.get("has_ema")):
         raise CheckpointError(f"checkpoint {path}: has_ema={meta.get('has_ema')} but this run "
                               f"{'uses' if ema is not None else 'does not use'} EMA")
@@ -279,7 +295,11 @@ def load_checkpoint(path: Path, *, family: nn.Module, optimizers: Mapping[str, t
         raise CheckpointError(f"checkpoint {path}: no loss-generator state for micro-batch slot(s) {missing_gen}")
 
     # -- all checks passed: restore
-    family.load_state_dict(model_sd, strict=True)
+    load_state = getattr(family, "load_checkpoint_state", None)
+    if load_state is not None:
+        load_state(model_sd)
+    else:
+        family.load_state_dict(model_sd, strict=True)
     if ema is not None:
         ema.load_state_dict(_sub(tensors, "ema/"))
     for name, opt in optimizers.items():

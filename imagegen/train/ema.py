@@ -7,7 +7,7 @@ module is :meth:`EMA.swap_in` (restores the live weights on exit, even on error)
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -16,16 +16,26 @@ from torch import Tensor, nn
 
 class EMA:
     """``shadow = decay * shadow + (1 - decay) * live`` for trainable floating parameters; the other
-    floating state (buffers, frozen weights) is copied as is, so the shadow is a full state_dict."""
+    floating state (buffers, frozen weights) is copied as is, so the shadow is a full state_dict.
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    ``names``: shadow only these state_dict entries (a family's ``checkpoint_state()`` keys: an
+    adapter on a frozen base needs no second copy of the base)."""
+
+    def __init__(self, module: nn.Module, decay: float, names: Iterable[str] | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay!r}")
         self.decay = float(decay)
         trainable = {n for n, p in module.named_parameters() if p.requires_grad}
         self.shadow: dict[str, Tensor] = {}
         self._trainable: set[str] = set()
-        for name, t in module.state_dict().items():
+        state = module.state_dict()
+        if names is not None:
+            keep = set(names)
+            unknown = sorted(keep - set(state))
+            if unknown:
+                raise ValueError(f"EMA: {type(module).__name__} has no state entries {unknown[:5]}")
+            state = {k: v for k, v in state.items() if k in keep}
+        for name, t in state.items():
             if t.is_floating_point():
                 self.shadow[name] = t.detach().clone()
                 if name in trainable:

@@ -442,7 +442,8 @@ def build(cfg: TrainConfig, device: torch.device) -> tuple[Family, dict[str, tor
                                           weight_decay=cfg.weight_decay, **fused) for name, params in spec.items()}
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
                   for name, opt in optimizers.items()}
-    ema = EMA(family, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    # the EMA shadows what a checkpoint holds (all of it, or an adapter's weights on a frozen base)
+    ema = EMA(family, cfg.ema_decay, names=family.checkpoint_state()) if cfg.ema_decay > 0 else None
     return family, optimizers, schedulers, ema
 
 
