@@ -49,6 +49,20 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_parquet_atomic(table: Any, path: Path) -> None:
+    """Write a pyarrow table to ``path`` through a temporary next to it, so a reader never sees half a file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False

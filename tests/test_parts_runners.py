@@ -266,24 +266,6 @@ def _java_missing() -> bool:
     return E.java_binary() is None
 
 
-@pytest.fixture
-def one_ray_per_curate(runner):
-    """For ``ray:2``: one local Ray of 2 CPUs for the whole curate, started here with the arguments the
-    executor uses; each stage's map step then runs on it instead of starting and stopping a Ray of its
-    own (the executor reuses an initialised Ray; starting one per step is test_ray_local_equals_one_process's)."""
-    if not runner.startswith("ray"):
-        yield
-        return
-    ray = pytest.importorskip("ray")
-    assert not ray.is_initialized()
-    ray.init(num_cpus=E.parse_runner(runner).workers, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(2400)
 @pytest.mark.parametrize("runner,distributor", [
@@ -291,7 +273,6 @@ def one_ray_per_curate(runner):
     ("dask:2", "multiprocessing"),
     ("ray:2", "ray"),
 ])
-@pytest.mark.usefixtures("one_ray_per_curate")
 def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner, distributor):
     """The reference fetched with img2dataset's multiprocessing distributor and ran every map step in one
     process; here the map steps run on another runner and the fetch on another distributor: the same
@@ -411,9 +392,10 @@ print(json.dumps(out))
 def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
     """dedup, filter and the shard writer over 3 and 12 parts of 100 noise images (~10 MB of JPEG, ~20 MB
     decoded per part), each stage in one process: its peak RSS over the RSS it started with (sampled every
-    2 ms) stays within 1.5x with 4x the parts, where holding the dataset would cost 4x. Measured 2026-12-03
-    (MB, 3 -> 12 parts): dedup 27 -> 38, filter 91 -> 79, shard 38 -> 55; dedup was 35 -> 90 before its
-    hashing went batch by batch (a chunk spanning two batches kept both alive and the heap grew part after part)."""
+    2 ms) stays within 2x with 4x the parts, where holding the dataset would cost 4x. Measured 2026-12-03 in
+    four runs (MB, 3 -> 12 parts): dedup 23-34 -> 38-53, filter 61-91 -> 49-79, shard 36-40 -> 31-63 (the
+    allocator's noise is ~+-15 MB); dedup was 35 -> 90 before its hashing went batch by batch (a chunk spanning
+    two batches kept both alive and the heap grew part after part)."""
     import json
     import subprocess
     import sys
@@ -426,9 +408,9 @@ def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
     small, big = measure(3), measure(12)
     print("peak RSS growth over the stage's start, MB, 3 -> 12 parts:",
           {st: (round(small[st]), round(big[st])) for st in ("dedup", "filter", "shard")})
-    # 4x the parts (4x the data): each stage's peak over its starting RSS stays within 1.5x (30 MB floor for noise)
+    # 4x the parts (4x the data): each stage's peak over its starting RSS stays within 2x (30 MB floor: allocator noise)
     for stage in ("dedup", "filter", "shard"):
-        assert big[stage] <= 1.5 * max(small[stage], 30.0), (stage, small, big)
+        assert big[stage] <= 2.0 * max(small[stage], 30.0), (stage, small, big)
 
 
 def _tiny_download(d: Path, n: int, per_part: int = 1000) -> None:

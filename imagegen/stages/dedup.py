@@ -39,6 +39,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen import mih
+from imagegen.artifacts import write_parquet_atomic
 from imagegen.semdedup import SemDedupConfig
 from imagegen.executors import StageRunner, map_step
 from imagegen.hashing import file_sha256, stable_hash
@@ -460,14 +461,7 @@ def _finish(keys: Any, row_ids: Any, shas: Any, hashes: np.ndarray, area_by_key:
         counts.update(sem_counts)
         counts["representatives"] = int(pc_sum(table.column("is_representative")))
         counts["marked_duplicates"] = counts["images"] - counts["representatives"]
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_parquet_atomic(table, Path(out_path))
     counts.update(hash_type=cfg.hash_type, radius=cfg.radius, keep_rule=cfg.keep_rule)
     log.info("dedup: %(images)d images, %(marked_duplicates)d marked duplicates "
              "(%(exact_duplicates)d exact, %(near_duplicates)d near)", counts)

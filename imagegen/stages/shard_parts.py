@@ -30,6 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from imagegen.artifacts import write_parquet_atomic
 from imagegen.executors import executor, map_step
 from imagegen.stages.shard import ShardConfig, ShardInfo, plan_shards, write_planned_shard
 
@@ -115,9 +116,9 @@ def route_part(job: RouteJob) -> int:
     name = Path(job.part).name
     for s, items in rows.items():
         n += len(items)
-        _write_atomic(_table(items), Path(job.spill) / f"{s:05d}" / name)
+        write_parquet_atomic(_table(items), Path(job.spill) / f"{s:05d}" / name)
     if grid:
-        _write_atomic(_table(grid), Path(job.grid_out) / name)
+        write_parquet_atomic(_table(grid), Path(job.grid_out) / name)
     if n != len(shard_of):
         raise ValueError(f"{job.part}: {len(shard_of) - n} of its kept keys are not in the part")
     return n
@@ -165,16 +166,6 @@ def write_part_shard(job: WriteJob) -> list[dict[str, Any]]:
 def _table(items: list[tuple[str, bytes, str]]) -> pa.Table:
     return pa.table({"key": [r[0] for r in items], "image": [r[1] for r in items], "ext": [r[2] for r in items]},
                     schema=_SPILL_SCHEMA)
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- the stage's driver
