@@ -42,6 +42,7 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imagegen.artifacts import write_json_atomic
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.hashing import stable_hash
 
 PARAMS_KEY = "parameters"
@@ -94,6 +95,8 @@ class SampleRequest(BaseModel):
                                   description="Embed this text as an invisible dwtDct watermark (None: no watermark)")
     grid: bool = Field(True, description="Also write grid.png")
     batch_size: int = Field(16, ge=1, le=1024, description="Images per sampler call")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of sampling (CPU "
+                         "float reductions split by it, so it is part of the sample id; never taken from the machine)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where sampling runs")
     # editing and control (imagegen/sample_edit.py)
     init_image: str | None = Field(None, description="Image to edit (the model's size): SDEdit, or with mask / "
@@ -421,11 +424,16 @@ def read_parameters(path: str | Path) -> dict[str, Any] | None:
 
 def sample(request: SampleRequest | dict[str, Any], root: Path | str,
            progress: Any = None) -> dict[str, Any]:
-    """Generate the request's images into its output folder; returns a summary (paths, parameters)."""
+    """Generate the request's images into its output folder; returns a summary (paths, parameters).
+    Everything runs on ``request.threads`` torch threads."""
+    req = request if isinstance(request, SampleRequest) else SampleRequest(**request)
+    with torch_threads(req.threads):
+        return _sample(req, Path(root), progress)
+
+
+def _sample(req: SampleRequest, root: Path, progress: Any) -> dict[str, Any]:
     from imagegen import __version__
     from models.reflow import pair_noise
-    req = request if isinstance(request, SampleRequest) else SampleRequest(**request)
-    root = Path(root)
     prep = Prepared(req, root)
     if req.watermark is not None:
         try:

@@ -96,3 +96,31 @@ def test_bad_input_is_refused_before_work(root, tmp_path):
         uncond = train_run({"dataset": "world-tiny", "train": {"family": "flow", "model": NET, "steps": 1,
                                                                "batch_size": 4, "ckpt_every": 1}}, root)["run_id"]
         ev(root, run=uncond, guidance=3.0)
+
+
+def test_evaluation_runs_on_a_pinned_thread_count_that_is_part_of_its_id(root, monkeypatch):
+    """Issue 12: generation and features are CPU float reductions, so an evaluation runs on ``threads``
+    (default 1, never the machine's), the count is in the evaluation id, and the previous count is restored."""
+    import torch
+
+    import imagegen.evaluate.run as R
+    from imagegen.determinism import DEFAULT_THREADS
+
+    assert EvalRequest(run="r").threads == DEFAULT_THREADS == 1
+    seen: list[int] = []
+    orig = R.generate_set
+
+    def generate_set(*a, **k):  # the real generation, recording the thread count it runs on
+        seen.append(torch.get_num_threads())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(R, "generate_set", generate_set)
+    r = run(root, 1, seed=2)
+    before = torch.get_num_threads()
+    small = dict(run=r, metrics=["fid"], n_samples=8, kid_subsets=2, kid_subset_size=4)
+    one = ev(root, **small)
+    two = ev(root, **small, threads=2)
+    assert seen == [1, 2] and torch.get_num_threads() == before
+    assert one["eval_id"] != two["eval_id"]
+    card = json.loads((Path(two["path"]) / "card.json").read_text())
+    assert card["identity"]["settings"]["threads"] == 2

@@ -167,3 +167,31 @@ def test_sample_flow_through_prefect(text_root, tmp_path, prefect_server):
     res = (sample_flow(request=SampleRequest(run=run, prompts=["a red circle"], n=2, steps=1,
                                                                out=str(tmp_path / "flow")), data_root=str(root)))
     assert res["n_images"] == 2 and read_parameters(res["files"][0])["model"]["run"] == run
+
+
+def test_sampling_runs_on_a_pinned_thread_count_that_is_part_of_its_id(text_root, tmp_path, monkeypatch):
+    """Issue 12: CPU float reductions split by the thread count, so sampling runs on ``threads`` (default
+    1, never the machine's), the count is in the sample id, and the count in force before is restored."""
+    import torch
+
+    import models.reflow
+    from imagegen.determinism import DEFAULT_THREADS
+
+    root, run = text_root
+    seen: list[int] = []
+    orig = models.reflow.pair_noise
+
+    def pair_noise(*a, **k):  # the real noise, recording the thread count sampling runs on
+        seen.append(torch.get_num_threads())
+        return orig(*a, **k)
+
+    monkeypatch.setattr(models.reflow, "pair_noise", pair_noise)
+    req = SampleRequest(run=run, prompts=["a red circle"], n=2, steps=2, out=str(tmp_path / "one"))
+    assert req.threads == DEFAULT_THREADS == 1
+    before = torch.get_num_threads()
+    one = sample(req, root)
+    assert seen and set(seen) == {1}
+    seen.clear()
+    two = sample(req.model_copy(update={"threads": 2, "out": str(tmp_path / "two")}), root)
+    assert seen and set(seen) == {2} and torch.get_num_threads() == before
+    assert one["sample_id"] != two["sample_id"]

@@ -43,6 +43,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imagegen.artifacts import read_card, sweep_stale, write_json_atomic
+from imagegen.determinism import DEFAULT_THREADS, torch_threads
 from imagegen.evaluate import metrics as M
 from imagegen.evaluate.metrics import ALL_METRICS, Metric
 from imagegen.hashing import code_version, stable_hash
@@ -125,6 +126,9 @@ class EvalRequest(BaseModel):
     n_seeds: int = Field(1, ge=1, le=64, description="Generate the set n_seeds times with independent seeds "
                          "(seed, seed+1, ...) and report mean +- std over them (runs only)")
     batch_size: int = Field(64, ge=1, le=4096, description="Generation and feature batch size")
+    threads: int = Field(DEFAULT_THREADS, ge=1, le=1024, description="torch intra-op CPU threads of generation and "
+                         "features (CPU float reductions split by it, so it is part of the evaluation id; never "
+                         "taken from the machine)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where generation and features run")
 
     @model_validator(mode="after")
@@ -912,6 +916,11 @@ def evaluate(request: EvalRequest | dict[str, Any], root: Path | str) -> EvalSum
     req = request
     if req.n_seeds > 1:
         return _evaluate_seeds(req, root)
+    with torch_threads(req.threads):
+        return _evaluate_one(req, root)
+
+
+def _evaluate_one(req: EvalRequest, root: Path) -> EvalSummary:
     src = Source(req, root)
     _check_before_work(req, src)
     device = _device(req)
