@@ -256,3 +256,20 @@ def test_ledger_part_files_read_as_one(tmp_path):
         L.read_ledger(tmp_path / "a", ["nope"])
     with pytest.raises(FileNotFoundError, match="no download ledger"):
         L.read_ledger(tmp_path / "c")
+
+
+def test_img2dataset_prints_go_to_stderr_not_to_the_callers_stdout(capfd):
+    """`imagegen curate --json` prints one JSON document on stdout: img2dataset's progress prints (in this
+    process and in the workers it starts) are sent to stderr while it runs, and stdout is restored."""
+    import subprocess
+    import sys
+
+    from imagegen.stages.download import stdout_to_stderr
+
+    with stdout_to_stderr():
+        print("from this process", flush=True)
+        subprocess.run([sys.executable, "-c", "print('from a worker')"], check=True)
+    print("after", flush=True)
+    out, err = capfd.readouterr()
+    assert out == "after\n"
+    assert "from this process" in err and "from a worker" in err

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -422,15 +423,16 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
     inp = work / "input.parquet"
     rows[["row_id", "url", "caption"]].to_parquet(inp, index=False)
     out = work / "out"
-    i2d_download(
-        url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
-        output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
-        disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
-        processes_count=cfg.processes_count, thread_count=cfg.thread_count,
-        timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
-        number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
-        compute_hash="sha256", extract_exif=False, enable_wandb=False,
-    )
+    with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
+        i2d_download(
+            url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
+            output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
+            disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
+            processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+            timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
+            number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
+            compute_hash="sha256", extract_exif=False, enable_wandb=False,
+        )
     parts = sorted(out.glob("*.parquet"))
     frames = []
     for i, p in enumerate(parts):  # compact columns only: the image bytes stay in the part files
@@ -446,6 +448,26 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
                               "part": -1})
         got = pd.concat([got, extra], ignore_index=True)
     return got, parts
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send file descriptor 1 to stderr for the block, in this process and every process it starts
+    (img2dataset prints progress with ``print`` in its workers); restored afterwards."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no usable descriptor 1 or 2 (a detached process): nothing to protect
+        yield
+        return
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # a sys.stdout that is not descriptor 1
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _normalize_chunk(args: tuple[list[bytes], DownloadConfig]) -> list[dict[str, Any]]:
