@@ -453,7 +453,7 @@ class EditPlan:
         return src, rec
 
     def _embedding(self, spec_text: str, prep: Any) -> dict[str, Any]:
-        from safetensors import safe_open
+        from models.personalize import embedding_file, read_embedding
 
         if prep.cond_kind != "text":
             raise EditInputError(f"embedding {spec_text}: a textual-inversion embedding needs a text-conditioned run; "
@@ -471,18 +471,9 @@ class EditPlan:
             theirs = m.get("text_encoder")
             token = str(m.get("placeholder", "sks"))
         else:
-            p = Path(spec_text)
-            p = p / "learned_embeds.safetensors" if p.is_dir() else p
-            if not p.is_file():
-                raise EditInputError(f"embedding {p} does not exist")
-            if p.suffix != ".safetensors":
-                raise EditInputError(f"embedding {p}: only safetensors embeddings are read (learned_embeds.safetensors)")
-            with safe_open(str(p), framework="pt") as f:
-                keys, meta = list(f.keys()), f.metadata() or {}
-                if len(keys) != 1:
-                    raise EditInputError(f"embedding {p} holds {len(keys)} tensors; expected one (token -> vector)")
-                vec = f.get_tensor(keys[0])
-            theirs, token = meta.get("text_encoder"), keys[0]
+            p = embedding_file(spec_text, EditInputError)
+            token, vec, meta = read_embedding(p, EditInputError)
+            theirs = meta.get("text_encoder")
             rec = {**_file_id(str(p)), "path": str(p.resolve())}
         if theirs is not None and theirs != spec:
             raise EditInputError(f"embedding {spec_text} was learned for the text encoder {theirs!r}; run {prep.run.id} "

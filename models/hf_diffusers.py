@@ -295,24 +295,13 @@ class DiffusersModel:
         """A textual-inversion embedding (safetensors {token: vector}, as models/personalize.py and
         diffusers' own training script write it) for the pipeline's text encoder, through diffusers'
         ``load_textual_inversion``; the token must be new and the width the text encoder's."""
-        from safetensors import safe_open
-
         from imagegen.hashing import file_sha256
+        from models.personalize import embedding_file, read_embedding
 
-        f = Path(path).expanduser()
-        f = f / "learned_embeds.safetensors" if f.is_dir() else f
-        if not f.is_file():
-            raise DiffusersError(f"embedding {f} does not exist")
-        if f.suffix != ".safetensors":
-            raise DiffusersError(f"embedding {f}: only safetensors embeddings are read (learned_embeds.safetensors)")
+        f = embedding_file(path, DiffusersError)
         if not hasattr(self.pipe, "load_textual_inversion"):
             raise DiffusersError(f"embedding {f}: {type(self.pipe).__name__} does not load textual-inversion embeddings")
-        with safe_open(str(f), framework="pt") as sf:
-            keys, meta = list(sf.keys()), sf.metadata() or {}
-            if len(keys) != 1:
-                raise DiffusersError(f"embedding {f} holds {len(keys)} tensors; expected one (token -> vector)")
-            vec = sf.get_tensor(keys[0])
-        token = keys[0]
+        token, vec, meta = read_embedding(f, DiffusersError)
         width = int(self.pipe.text_encoder.get_input_embeddings().weight.shape[-1])
         if vec.ndim not in (1, 2) or vec.shape[-1] != width:
             raise DiffusersError(f"embedding {f}: its vector for {token!r} has shape {list(vec.shape)}; the text encoder "

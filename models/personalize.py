@@ -134,6 +134,29 @@ def routed_text(family: Any, spec: str, encode: Any) -> Iterator[None]:
         family.__dict__.pop("_text", None)
 
 
+def embedding_file(path: str | Path, error: type[Exception] = ValueError) -> Path:
+    """The safetensors file of a textual-inversion embedding given as a file or as a folder holding
+    ``learned_embeds.safetensors`` (diffusers' layout); refused with ``error`` when missing or not safetensors."""
+    f = Path(path).expanduser()
+    f = f / "learned_embeds.safetensors" if f.is_dir() else f
+    if not f.is_file():
+        raise error(f"embedding {f} does not exist")
+    if f.suffix != ".safetensors":
+        raise error(f"embedding {f}: only safetensors embeddings are read (learned_embeds.safetensors)")
+    return f
+
+
+def read_embedding(f: Path, error: type[Exception] = ValueError) -> tuple[str, Tensor, dict[str, str]]:
+    """``(token, vector, metadata)`` of an embedding file holding one tensor named by its token."""
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as sf:
+        keys, meta = list(sf.keys()), sf.metadata() or {}
+        if len(keys) != 1:
+            raise error(f"embedding {f} holds {len(keys)} tensors; expected one (token -> vector)")
+        return keys[0], sf.get_tensor(keys[0]), meta
+
+
 class EmbeddingSet:
     """Several textual-inversion embeddings at once (one new token each) for the text tower
     ``spec``: ``(token, vector, where)`` triples; tokens must be distinct single tokens."""
