@@ -180,3 +180,39 @@ def stage_output(final: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
         raise
     finally:
         owner_file(tmp).unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path`` (created if missing) for the body.
+
+    For a work folder that several runs of one id would share (the shard stage's per-task outputs
+    under ``<root>/parts/shard/<id>``): a second run waits for the first, then finds its outputs
+    (or, once the first has finished and removed them, the published stage).  The file is removed
+    on release; a waiter that wakes on a removed file takes the lock again on the new one."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fd).st_ino == os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder before us removed this file: lock the one in its place
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)
+        except FileNotFoundError:
+            pass
+        os.close(fd)

@@ -171,11 +171,16 @@ def _params(stage: str, cfg: BaseModel) -> dict[str, Any]:
     return d
 
 
+def stage_id(stage: str, inputs: dict[str, Any], params: dict[str, Any], code: str) -> str:
+    """A stage's content id: its inputs' ids, its parameters, its code version."""
+    return stable_hash({"stage": stage, "inputs": inputs, "params": params, "code": code})
+
+
 def _run_stage(root: Path, stage: str, inputs: dict[str, Any], params: dict[str, Any], code: str,
                body: Callable[[Path, dict[str, Any]], dict[str, Any]],
                final: Callable[[str], Path] | None = None) -> StageResult:
     """Content-addressed, atomic, idempotent execution of one stage."""
-    sid = stable_hash({"stage": stage, "inputs": inputs, "params": params, "code": code})
+    sid = stage_id(stage, inputs, params, code)
     out = final(sid) if final is not None else stage_dir(root, stage, sid)
     if is_complete(out):
         return StageResult(stage, sid, str(out), cached=True, counts=read_card(out).get("counts", {}))
@@ -389,18 +394,23 @@ def shard_stage(root: Path, name: str, config: CurateConfig, download: StageResu
                 clip: StageResult | None) -> StageResult:
     """Write the dataset: shards, manifest, accounting of every input row, and the card."""
     inputs = {"download": download.id, "dedup": dedup.id, "filter": filtered.id, "recaption": captions.id}
-    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
-        return build_dataset(tmp, card, name, config, download, dedup, filtered, captions, world, clip)
+    params, code = _params("shard", config.shard), stage_code("shard")
+    # the shard tasks' outputs, named by the stage id: a rerun after a crash reuses the finished ones
+    work = root / "parts" / "shard" / stage_id("shard", inputs, params, code)
 
-    res = _run_stage(root, "shard", inputs, _params("shard", config.shard), stage_code("shard"), body,
-                     final=lambda sid: datasets_dir(root) / sid)
+    def body(tmp: Path, card: dict[str, Any]) -> dict[str, Any]:
+        return build_dataset(tmp, card, name, config, download, dedup, filtered, captions, world, clip, work)
+
+    res = _run_stage(root, "shard", inputs, params, code, body, final=lambda sid: datasets_dir(root) / sid)
     register_name(root, name, res.id)
     return res
 
 
 def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConfig, download: StageResult,
                   dedup: StageResult, filtered: StageResult, captions: StageResult,
-                  world: StageResult | None, clip: StageResult | None) -> dict[str, Any]:
+                  world: StageResult | None, clip: StageResult | None, work: Path | None = None) -> dict[str, Any]:
+    """The shard stage's body: writes into ``out``; ``work`` holds the shard tasks' outputs until the
+    tars are in place (default: inside ``out``, so nothing survives a crash)."""
     ddir = Path(download.path)
     # the columns the accounting and the samples' metadata use, concatenated lazily from the ledger's parts
     ledger = read_ledger(ddir, ["row_id", "url", "key", "status", "reason", "original_width", "original_height",
@@ -415,9 +425,9 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     # compact columns only: the metadata table (no image), then the shards part-parallel on the runner
     table, score_cols = shard_parts.metadata_table(ledger, dd, ff, cc, kept)
     grid_keys = kept[:16]
-    infos, tar_of, grid = shard_parts.write_dataset_shards(
+    infos, tar_of, grid, tasks = shard_parts.write_dataset_shards(
         ddir / "images", table, score_cols, config.shard, out / "shards",
-        out / "_work", runner=config.runner, grid_keys=grid_keys)
+        work if work is not None else out / "_work", runner=config.runner, grid_keys=grid_keys)
     manifest = table.drop(columns=["caption"])
     manifest.insert(1, "shard", tar_of.loc[kept].to_numpy())
     manifest["caption"] = table["caption"].to_numpy()
@@ -436,7 +446,8 @@ def build_dataset(out: Path, card: dict[str, Any], name: str, config: CurateConf
     counts = {
         "download": download.counts, "dedup": dedup.counts, "filter": filtered.counts,
         "recaption": captions.counts,
-        "shard": {"samples": len(kept), "shards": len(infos), "bytes": int(sum(i.bytes for i in infos))},
+        "shard": {"samples": len(kept), "shards": len(infos), "bytes": int(sum(i.bytes for i in infos)),
+                  "tasks": tasks},
         "accounting": accounting["outcome"].value_counts().sort_index().to_dict(),
     }
     card.update({

@@ -445,6 +445,8 @@ def test_part_parallel_shards_equal_the_one_process_writer(stage_chain, tmp_path
                                       pd.read_parquet(two.path / f"{what}.parquet"))
     assert (one.path / "samples.png").read_bytes() == (two.path / "samples.png").read_bytes()
     assert not (one.path / "_work").exists() and not (two.path / "_work").exists()
+    for r in ("one", "two"):  # the tasks' work folder is gone once the dataset is complete
+        assert list((tmp_path / r / "parts" / "shard").iterdir()) == []
     # the reference: the one-process writer over the same samples (images from the download parts)
     man = pd.read_parquet(one.path / "manifest.parquet")
     images = {r["key"]: (r["image"], r["ext"]) for part in sorted((Path(dl.path) / "images").glob("*.parquet"))
@@ -460,3 +462,85 @@ def test_part_parallel_shards_equal_the_one_process_writer(stage_chain, tmp_path
     ref = write_shards_from_plan(plan_shards(man["key"], scfg), get, tmp_path / "ref", scfg)
     assert [i.model_dump() for i in ref] == one.card["shards"]
     assert dict(zip(man["key"], man["shard"])) == _tar_of_key(one.path / "shards")
+
+
+def test_a_failed_shard_stage_reruns_only_the_tasks_whose_output_is_missing(stage_chain, tmp_path):
+    """The shard tasks' outputs live in ``<root>/parts/shard/<stage id>``: a stage that failed after its
+    tasks finished (here: the dataset folder could not be written) keeps them; with one shard-write output
+    deleted, the rerun of the stage runs that one task again, reuses every other task's files (the same
+    inodes end up in the dataset: hard links, nothing rewritten) and ends on the bytes of a clean run."""
+    import pandas as pd
+
+    from imagegen import curate as C
+    from imagegen.stages import shard_parts as SP
+    from imagegen.stages.ledger import read_ledger
+
+    _, dl, dd, ff, rc, _ = stage_chain
+    shard = dict(target_shard_size=4, shuffle_seed=3)
+    clean = _shard(stage_chain, tmp_path / "clean", "local:1", **shard)
+    root = tmp_path / "root"
+    cfg = C.CurateConfig(name="chain", shard=ShardConfig(**shard), runner="local:2")
+    inputs = {"download": dl.id, "dedup": dd.id, "filter": ff.id, "recaption": rc.id}
+    work = root / "parts" / "shard" / C.stage_id("shard", inputs, C._params("shard", cfg.shard), C.stage_code("shard"))
+    # what the stage's body computes before the tasks, then the tasks, then a failure placing the tars
+    ledger = read_ledger(Path(dl.path), ["row_id", "url", "key", "status", "reason", "original_width",
+                                         "original_height", "sha256", "source_sha256"])
+    f = pd.read_parquet(Path(ff.path) / "filter.parquet")
+    kept = f.loc[f["keep"], "key"].tolist()
+    table, scores = SP.metadata_table(ledger, pd.read_parquet(Path(dd.path) / "dedup.parquet"), f,
+                                      pd.read_parquet(Path(rc.path) / "captions.parquet"), kept)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(FileExistsError):
+        SP.write_dataset_shards(Path(dl.path) / "images", table, scores, cfg.shard, blocker, work, "local:2",
+                                kept[:16])
+    done = sorted((work / "tars").glob("*.done.json"))
+    n = len(done)
+    assert n == len(clean.card["shards"]) >= 5 and len(list((work / "route").glob("*.done.json"))) == 3
+    tars = sorted((work / "tars").glob("*.tar"))
+    victim = tars[2]
+    inode = {p.name: p.stat().st_ino for p in tars if p != victim}
+    victim.unlink()
+
+    res = C.shard_stage(root, "chain", cfg, dl, dd, ff, rc, None, None)
+    tasks = res.counts["shard"]["tasks"]
+    assert tasks == {"route": {"run": 0, "reused": 3}, "write": {"run": 1, "reused": n - 1}}
+    out = Path(res.path) / "shards"
+    assert res.id == clean.id
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (clean.path / "shards").iterdir())
+    for p in out.iterdir():
+        assert p.read_bytes() == (clean.path / "shards" / p.name).read_bytes(), p.name
+    # planned shard i is tar i here (no max_shard_bytes): the reused tars are the very files of the failed run
+    reused = {f"{int(name[:5]):05d}.tar": ino for name, ino in inode.items()}
+    assert {p.name: p.stat().st_ino for p in out.glob("*.tar") if p.name in reused} == reused
+    for what in ("manifest", "accounting"):
+        pd.testing.assert_frame_equal(pd.read_parquet(Path(res.path) / f"{what}.parquet"),
+                                      pd.read_parquet(clean.path / f"{what}.parquet"))
+    assert not work.exists() and not work.with_name(work.name + ".lock").exists()
+
+
+def test_runs_of_one_work_folder_take_turns(tmp_path):
+    """``artifacts.exclusive``: a second holder waits until the first lets go, then takes the lock
+    (on a fresh file: the first removed its own)."""
+    import threading
+    import time
+
+    from imagegen.artifacts import exclusive
+
+    lock = tmp_path / "w.lock"
+    events: list[str] = []
+    inside = threading.Event()
+
+    def second() -> None:
+        inside.wait()
+        with exclusive(lock):
+            events.append("second in")
+
+    t = threading.Thread(target=second)
+    t.start()
+    with exclusive(lock):
+        inside.set()
+        time.sleep(0.3)
+        events.append("first out")
+    t.join(10)
+    assert events == ["first out", "second in"] and not lock.exists()
