@@ -2,7 +2,8 @@
 
 The stages run in the subflow ``curate-stages``, whose task runner follows the config's ``runner``
 (``tasks.curate_map.task_runner_for``: Dask, Ray or a local process pool); each stage's per-part map
-step is a Prefect task per part on it (``tasks/curate_map.py``)."""
+step is a Prefect task per part on it (``tasks/curate_map.py``): one cluster for the whole curate (a
+stage with a runner of its own gets one more, started once for it and closed with the stages)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,11 @@ from prefect import flow, get_run_logger
 
 from flows.publish import publish_pages
 from imagegen import curate as C
-from imagegen.executors import mapped_by
 from imagegen.paths import data_root as resolve_root
 from imagegen.presets import CURATE_PRESETS, build_config
 from imagegen.report import curate_pages, curate_summary
 from tasks import curate as T
-from tasks.curate_map import prefect_mapper, task_runner_for
+from tasks.curate_map import prefect_mapping, task_runner_for
 
 
 def _fresh(task: Any, *args: Any) -> dict[str, Any]:
@@ -46,7 +46,7 @@ def _task_runner(root: str) -> C.StageRunner:
 @flow(name="curate-stages", log_prints=True)
 def curate_stages(config: C.CurateConfig, data_root: str) -> dict[str, Any]:
     """The stage tasks in order; map steps are Prefect tasks per part on this flow's task runner."""
-    with mapped_by(prefect_mapper(config.runner, Path(data_root))):
+    with prefect_mapping(config.runner, Path(data_root)):
         ds = C.run_stages(config, Path(data_root), run=_task_runner(data_root))
     return ds.model_dump()
 

@@ -26,7 +26,7 @@ import imagegen.stages.recaption as recaption_mod
 import imagegen.stages.ledger as ledger_mod
 import imagegen.stages.shard_parts as shard_parts
 from imagegen.artifacts import is_complete, read_card, stage_output
-from imagegen.executors import check_distributor, check_runner, runner_spec
+from imagegen.executors import check_distributor, check_runner, runner_spec, shared_executors
 from imagegen.hashing import code_version, file_sha256, stable_hash
 from imagegen.paths import datasets_dir, ensure_writable, models_dir, stage_dir
 from imagegen.registry import DatasetRef, get_dataset, register_name
@@ -672,8 +672,12 @@ def run_stages(config: CurateConfig, root: Path, run: StageRunner | None = None,
 
 
 def curate(config: CurateConfig, root: Path, progress: Callable[[str, StageResult], None] | None = None) -> DatasetRef:
-    """Run the whole curate DAG without Prefect; returns the registered dataset."""
+    """Run the whole curate DAG without Prefect; returns the registered dataset.
+
+    A ``dask``/``ray`` runner is started once for every stage's map steps and closed at the end,
+    also on an error (:func:`imagegen.executors.shared_executors`)."""
     check_preconditions(config, root)
     config = resolve_parent(config, root)
-    ds = run_stages(config, root, progress=progress)
+    with shared_executors():
+        ds = run_stages(config, root, progress=progress)
     return get_dataset(root, ds.id)

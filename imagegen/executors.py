@@ -19,6 +19,12 @@ resubmitted); parts write their outputs atomically, so a rerun gives the same by
 :func:`check_runner` refuses a runner before any work: an engine package that is not installed,
 an address that does not answer, a data root a worker cannot write.
 
+A cluster costs seconds to start (a Dask LocalCluster: 20-28 CPU-s on 2 loaded cores), so a
+curate starts one for all its stages: inside :func:`shared_executors` every :func:`executor` of a
+``dask``/``ray`` spec uses the one engine started for that spec on first use, and the context
+closes them all at its end, also on an error (:func:`imagegen.curate.curate` and the pipeline run
+inside one).  Outside it, each :func:`executor` starts and closes its own.
+
 An orchestrator may take the map steps over (:func:`mapped_by`): inside that context every
 :func:`executor` hands its ``map`` to the orchestrator's mapper instead of starting an engine;
 the curate flow uses it to run each part as a Prefect task on the flow's task runner
@@ -363,6 +369,9 @@ class LocalPool(Executor):
 
 
 class DaskExecutor(Executor):
+    """A Dask cluster's client: a LocalCluster started here (closed by :meth:`close`) or an existing
+    scheduler's."""
+
     def __init__(self, runner: Runner) -> None:
         import dask
         from distributed import Client, LocalCluster
@@ -379,6 +388,9 @@ class DaskExecutor(Executor):
                                              dashboard_address=None, host="127.0.0.1")
             self.client = Client(self._cluster)
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        self.address = self.client.scheduler_info().get("address", f"tcp://{runner.address}")
+        log.info("runner %s: %s Dask scheduler %s (%d workers)", runner,
+                 "started the" if self._cluster is not None else "connected to the", self.address, self.workers)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if not items:
@@ -390,6 +402,7 @@ class DaskExecutor(Executor):
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+            log.info("runner %s: closed the Dask cluster %s", self.runner, self.address)
 
 
 class RayExecutor(Executor):
@@ -406,6 +419,9 @@ class RayExecutor(Executor):
                          log_to_driver=False, configure_logging=False)
             self._started = True
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.address = ray.get_runtime_context().gcs_address
+        log.info("runner %s: %s Ray %s (%d CPUs)", runner, "started" if self._started else "using the running",
+                 self.address, self.workers)
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         import ray
@@ -420,13 +436,46 @@ class RayExecutor(Executor):
 
         if self._started:
             ray.shutdown()
+            log.info("runner %s: shut Ray %s down", self.runner, self.address)
+
+
+_SHARED: contextvars.ContextVar[dict[str, Executor] | None] = contextvars.ContextVar("imagegen_shared_executors",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def shared_executors() -> Iterator[dict[str, Executor]]:
+    """Inside this context one engine per ``dask``/``ray`` runner spec serves every :func:`executor`
+    of that spec (started on first use); all are closed when the context ends, also on an error.
+
+    Yields the started executors by spec.  Nested, the outermost context owns them.  ``local``
+    runners are not shared: a process pool is cheap and sized per stage."""
+    if _SHARED.get() is not None:
+        yield _SHARED.get()  # type: ignore[misc]
+        return
+    engines: dict[str, Executor] = {}
+    token = _SHARED.set(engines)
+    try:
+        yield engines
+    finally:
+        _SHARED.reset(token)
+        for spec, ex in reversed(list(engines.items())):
+            try:
+                ex.close()
+            except Exception as exc:  # closing one must not keep the others open
+                log.warning("runner %s: closing it failed (%s: %s)", spec, type(exc).__name__, exc)
+
+
+def _start(r: Runner) -> Executor:
+    return DaskExecutor(r) if r.kind == "dask" else RayExecutor(r)
 
 
 @contextlib.contextmanager
 def executor(spec: str | None = "local", root: Path | None = None, workers: int | None = None) -> Iterator[Executor]:
     """The executor for ``spec`` (see the module doc); ``workers`` caps ``local`` (default: CPU count).
 
-    With ``root``, every worker of a cluster runner must be able to write under it."""
+    With ``root``, every worker of a cluster runner must be able to write under it.  Inside
+    :func:`shared_executors` a cluster runner's engine is the shared one (left running here)."""
     r = check_runner(spec or "local")
     mapper = _MAPPER.get()
     if mapper is not None and not (r.kind == "local" and r.workers == 1):  # local:1 stays in this process
@@ -435,13 +484,20 @@ def executor(spec: str | None = "local", root: Path | None = None, workers: int 
             ex.probe_root(Path(root))
         yield ex
         return
+    shared = _SHARED.get() if r.kind != "local" else None
+    if shared is not None:
+        if str(r) not in shared:
+            shared[str(r)] = _start(r)
+        ex = shared[str(r)]
+        if root is not None:
+            ex.probe_root(Path(root))
+        yield ex
+        return
     if r.kind == "local":
         n = r.workers or workers or default_workers()
         ex = InProcess(r) if n <= 1 else LocalPool(r, n)
-    elif r.kind == "dask":
-        ex = DaskExecutor(r)
     else:
-        ex = RayExecutor(r)
+        ex = _start(r)
     try:
         if root is not None and r.kind != "local":
             ex.probe_root(Path(root))

@@ -8,7 +8,9 @@ part (``task.map`` over the parts' jobs: paths, row ids and parameters, never im
   run with :func:`task_runner_for` of it: ``dask``/``dask:N``/``dask://HOST:PORT`` ->
   prefect-dask's ``DaskTaskRunner``, ``ray``/``ray:N``/``ray://HOST:PORT`` -> prefect-ray's
   ``RayTaskRunner``, ``local``/``local:N`` -> Prefect's ``ProcessPoolTaskRunner``);
-- a task runner of its own, started for that map step, when a stage overrides the runner.
+- a task runner of its own when a stage overrides the runner: started on first use and shared by
+  every map step of that spec until the curate's stages end (:func:`prefect_mapping`), so a curate
+  starts one cluster per runner spec, never one per stage.
 
 Each part's cache key is its content identity as the step declares it (``map_step(key=...)``: the
 part file's sha256, the parameters that change its result) plus the step's code version, so a
@@ -22,15 +24,16 @@ worker finds the cache).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from prefect import task, unmapped
 from prefect.context import TaskRunContext
 
-from imagegen.executors import PART_RETRIES, Mapper, default_workers, parse_runner, step_info
+from imagegen.executors import PART_RETRIES, Mapper, default_workers, mapped_by, parse_runner, step_info
 from imagegen.hashing import code_version, stable_hash
 
 log = logging.getLogger(__name__)
@@ -87,9 +90,10 @@ def _missing_outputs(fn: Callable[..., Any], item: Any) -> bool:
     return info.outputs is not None and not all(Path(p).exists() for p in info.outputs(item))
 
 
-def map_parts(fn: Callable[[Any], Any], items: Sequence[Any], root: Path, task_runner: Any | None = None) -> list[Any]:
-    """``[fn(x) for x in items]`` as Prefect task runs: on ``task_runner`` (entered and closed here)
-    or, with None, on the current flow's task runner."""
+def map_parts(fn: Callable[[Any], Any], items: Sequence[Any], root: Path, task_runner: Any | None = None,
+              entered: bool = False) -> list[Any]:
+    """``[fn(x) for x in items]`` as Prefect task runs: on ``task_runner`` (entered and closed here,
+    unless ``entered``: the caller holds it open) or, with None, on the current flow's task runner."""
     info = step_info(fn)
     items = list(items)
     tags = {GPU_TAG} if any(info.uses_model(x) for x in items) else set()
@@ -111,19 +115,39 @@ def map_parts(fn: Callable[[Any], Any], items: Sequence[Any], root: Path, task_r
                 results[i] = res
         return results
 
-    if task_runner is None:
+    if task_runner is None or entered:
         return go()
     with task_runner:
         return go()
 
 
-def prefect_mapper(flow_spec: str, root: Path) -> Mapper:
+def prefect_mapper(flow_spec: str, root: Path, own: dict[str, Any] | None = None,
+                   stack: contextlib.ExitStack | None = None) -> Mapper:
     """The mapper the curate flow installs (:func:`imagegen.executors.mapped_by`): a stage whose
-    runner is ``flow_spec`` maps on the flow's task runner, another on a task runner of its own."""
+    runner is ``flow_spec`` maps on the flow's task runner, another on a task runner of its own.
+
+    With ``own`` and ``stack`` (see :func:`prefect_mapping`) a stage's own task runner is entered
+    once on ``stack`` and kept in ``own`` for every later map step of its spec; without them each
+    map step starts and closes one."""
     flow_spec = str(parse_runner(flow_spec))
 
     def mapper(spec: str, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        own = None if str(parse_runner(spec)) == flow_spec else task_runner_for(spec)
-        return map_parts(fn, items, root, own)
+        spec = str(parse_runner(spec))
+        if spec == flow_spec:
+            return map_parts(fn, items, root)
+        if own is None or stack is None:
+            return map_parts(fn, items, root, task_runner_for(spec))
+        if spec not in own:
+            own[spec] = stack.enter_context(task_runner_for(spec))
+        return map_parts(fn, items, root, own[spec], entered=True)
 
     return mapper
+
+
+@contextlib.contextmanager
+def prefect_mapping(flow_spec: str, root: Path) -> Iterator[None]:
+    """Every map step inside runs as Prefect tasks (:func:`prefect_mapper`); a task runner a stage's
+    own runner needs is started once and closed when the context ends, also on an error."""
+    with contextlib.ExitStack() as stack:
+        with mapped_by(prefect_mapper(flow_spec, root, {}, stack)):
+            yield

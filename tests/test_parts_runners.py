@@ -273,10 +273,12 @@ def _java_missing() -> bool:
     ("dask:2", "multiprocessing"),
     ("ray:2", "ray"),
 ])
-def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner, distributor):
+def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runner, distributor, caplog):
     """The reference fetched with img2dataset's multiprocessing distributor and ran every map step in one
     process; here the map steps run on another runner and the fetch on another distributor: the same
-    dataset id (the distributor and the runner are execution knobs), shard bytes, accounting, manifest."""
+    dataset id (the distributor and the runner are execution knobs), shard bytes, accounting, manifest.
+    A dask/ray runner is started once for the whole curate (every stage's map steps) and closed at its end."""
+    import logging
     import shutil
 
     from imagegen import curate as C
@@ -298,8 +300,16 @@ def test_part_parallel_curate_equals_one_process(one_process_run, tmp_path, runn
     cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", [*_E2E, f"source.world_port={port}", f"runner={runner}",
                                                                    f"download.distributor={distributor}"])
     log: list[tuple[str, bool]] = []
+    caplog.set_level(logging.INFO, logger="imagegen.executors")
     ref = C.curate(cfg, root, progress=lambda st, r: log.append((st, r.cached)))
     assert dict(log)["download"] is False and dict(log)["filter"] is False  # really recomputed here
+    engine_log = [r.getMessage() for r in caplog.records if r.name == "imagegen.executors"]
+    if runner.startswith("dask"):
+        assert len([m for m in engine_log if "started the Dask scheduler" in m]) == 1, engine_log
+        assert len([m for m in engine_log if "closed the Dask cluster" in m]) == 1, engine_log
+    if runner.startswith("ray"):
+        assert len([m for m in engine_log if "started Ray" in m]) == 1, engine_log
+        assert len([m for m in engine_log if "shut Ray" in m]) == 1, engine_log
     engine = ref.card["counts"]["download"]["distributor"]  # what really fetched: an engine started for it
     assert engine["kind"] == distributor
     if distributor == "ray":
