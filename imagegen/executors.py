@@ -368,24 +368,42 @@ class LocalPool(Executor):
         return [results[i] for i in range(len(items))]
 
 
+# Dask's LocalCluster settings for our map steps:
+# - non-daemonic workers: a step may start processes of its own (img2dataset does);
+# - glibc's trim threshold left alone: Dask's default sets MALLOC_TRIM_THRESHOLD_=65536 in its workers'
+#   environment, which turns off glibc's dynamic mmap threshold, so every image or tensor buffer over
+#   128 KiB is mmap'd and unmapped again; a filter-score part (5,000 images, the reference CLIP) took
+#   7.5-7.9 CPU-s in such a worker against 5.1-5.2 without it and 3.8-4.8 in a local pool worker
+#   (benchmarks/README.md).  Dask's per-worker thread caps (OMP/MKL/OpenBLAS = 1) are kept: the
+#   parallelism comes from the parts.
+LOCAL_CLUSTER_CONFIG = {"distributed.worker.daemon": False,
+                        "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def local_cluster(n_workers: int, **kwargs: Any) -> Any:
+    """A ``distributed.LocalCluster`` of ``n_workers`` single-threaded worker processes on loopback with
+    :data:`LOCAL_CLUSTER_CONFIG` (also prefect-dask's ``cluster_class`` for ``dask``/``dask:N``)."""
+    import dask
+    from distributed import LocalCluster
+
+    opts = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, "host": "127.0.0.1", **kwargs}
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):  # read when the nannies are made, which is here
+        return LocalCluster(n_workers=n_workers, **opts)
+
+
 class DaskExecutor(Executor):
     """A Dask cluster's client: a LocalCluster started here (closed by :meth:`close`) or an existing
     scheduler's."""
 
     def __init__(self, runner: Runner) -> None:
-        import dask
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
         self.runner = runner
         self._cluster = None
         if runner.address:
             self.client = Client(f"tcp://{runner.address}", timeout=10)
         else:
-            n = runner.workers or default_workers()
-            # non-daemonic workers: a step may start processes of its own (img2dataset does)
-            with dask.config.set({"distributed.worker.daemon": False}):
-                self._cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True,
-                                             dashboard_address=None, host="127.0.0.1")
+            self._cluster = local_cluster(runner.workers or default_workers())
             self.client = Client(self._cluster)
         self.workers = max(1, len(self.client.scheduler_info().get("workers", {})))
         self.address = self.client.scheduler_info().get("address", f"tcp://{runner.address}")

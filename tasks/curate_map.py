@@ -33,7 +33,8 @@ from typing import Any, Callable, Iterator, Sequence
 from prefect import task, unmapped
 from prefect.context import TaskRunContext
 
-from imagegen.executors import PART_RETRIES, Mapper, default_workers, mapped_by, parse_runner, step_info
+from imagegen.executors import (PART_RETRIES, Mapper, default_workers, local_cluster, mapped_by, parse_runner,
+                                step_info)
 from imagegen.hashing import code_version, stable_hash
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,7 @@ def task_runner_for(spec: str) -> Any:
 
         if r.address:
             return DaskTaskRunner(address=f"tcp://{r.address}")
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": r.workers or default_workers(), "threads_per_worker": 1, "processes": True,
-            "dashboard_address": None, "host": "127.0.0.1"})
+        return DaskTaskRunner(cluster_class=local_cluster, cluster_kwargs={"n_workers": r.workers or default_workers()})
     if r.kind == "ray":
         from prefect_ray import RayTaskRunner
 

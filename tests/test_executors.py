@@ -37,6 +37,9 @@ def test_one_dask_cluster_serves_every_stage_and_is_closed_on_error(tmp_path, ca
             with E.executor("dask:2", root=tmp_path / "a") as first:
                 workers = set(first.client.run(os.getpid).values())
                 assert len(workers) == 2 and set(first.map(_pid, range(6))) <= workers
+                # glibc's own trim threshold (Dask's default 64 KiB mmaps every image buffer), one thread each
+                env = first.client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
+                assert set(env.values()) == {(None, "1")}, env
             assert list(engines) == ["dask:2"]
             with E.executor("dask:2", root=tmp_path / "b") as second:
                 assert second is first
