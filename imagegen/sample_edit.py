@@ -627,13 +627,18 @@ class DiffusersEditPlan:
     trivial = None
 
     def __init__(self, req: Any) -> None:
+        from models import diffusers_edit as E
         from models.diffusers_edit import check_controlnet_folder
-        from models.hf_diffusers import default_resolution, resolve_spec
+        from models.hf_diffusers import DiffusersError, check_size, resolve_spec
 
         self.req = req
         path, _ = resolve_spec(str(req.model))
-        side = int(req.resolution or default_resolution(path))
-        where = f"{req.model} makes {side}x{side} images" + ("" if req.resolution else " (set resolution= for another size)")
+        try:
+            H, W = check_size(path, str(req.model), req.height, req.width, req.resolution)
+        except DiffusersError as exc:
+            raise EditInputError(str(exc)) from None
+        sized = req.resolution is not None or req.height is not None or req.width is not None
+        where = f"{req.model} makes {W}x{H} images" + ("" if sized else " (set resolution= or height/width for another size)")
         self.inputs: dict[str, Any] = {}
         self.loras = [{"spec": s} for s in req.loras]
         self.image = self.mask = self.control = None
@@ -646,20 +651,20 @@ class DiffusersEditPlan:
                 from models.diffusers_edit import outpaint_canvas
 
                 left, top, right, bottom = req.outpaint
-                W, H = w + left + right, h + top + bottom
-                if (W, H) != (side, side):
+                cw, ch = w + left + right, h + top + bottom
+                if (cw, ch) != (W, H):
                     raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
-                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {cw}x{ch}, "
                                          f"but {where}")
                 self.image, self.mask = outpaint_canvas(self.image, list(req.outpaint))
-            elif self.image.size != (side, side):
+            elif self.image.size != (W, H):
                 raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where}")
             self.mode = "outpaint" if req.outpaint is not None else "invert" if req.invert else "sdedit"
             if req.mask is not None:
                 mi = _open_image(req.mask, "mask")
                 if mi.size != self.image.size:
                     raise EditInputError(f"the mask {req.mask} is {mi.size[0]}x{mi.size[1]}, the init image "
-                                         f"{req.init_image} is {side}x{side}")
+                                         f"{req.init_image} is {W}x{H}")
                 self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
                 self.inputs["mask"] = _file_id(req.mask)
                 self.mode = "inpaint"
@@ -673,10 +678,15 @@ class DiffusersEditPlan:
             if req.controlnet is None:
                 raise EditInputError(f"control= for {req.model} needs controlnet= (a diffusers ControlNetModel folder)")
             self.cn_path = check_controlnet_folder(req.controlnet)
-            self.control = _open_image(req.control, "control image").convert("RGB")
-            if self.control.size != (side, side):
-                raise EditInputError(f"the control image {req.control} is {self.control.size[0]}x{self.control.size[1]}, "
-                                     f"but {where}")
+            if req.control_is_map and Path(req.control).suffix == ".npy":
+                raise EditInputError(f"control map {req.control}: a diffusers ControlNet takes its map as an image "
+                                     "(PNG / JPEG, as its pipeline does), not a .npy array")
+            control = _open_image(req.control, "control image").convert("RGB")
+            if control.size != (W, H):
+                raise EditInputError(f"the control {'map' if req.control_is_map else 'image'} {req.control} is "
+                                     f"{control.size[0]}x{control.size[1]}, but {where}")
+            # the map the ControlNet is given: the image itself (control_is_map), else its Canny edges
+            self.control = E.control_image(control, req.control_is_map)
             self.inputs["control"] = _file_id(req.control)
             self.inputs["controlnet"] = {"folder": str(self.cn_path), "sha256": {
                 str(f.relative_to(self.cn_path)): file_sha256(f) for f in sorted(self.cn_path.rglob("*.safetensors"))}}
@@ -694,13 +704,23 @@ class DiffusersEditPlan:
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
-            control = {"image": self.inputs["control"], "is_map": False,
+            control = {"image": self.inputs["control"], "is_map": req.control_is_map,
+                       "preprocessor": None if req.control_is_map else "canny",
                        "scale": req.control_scale if req.control_scale is not None else 1.0,
                        "controlnet": {"folder": cn["folder"], "sha256": stable_sha(cn["sha256"])}}
         return {"edit": edit, "control": control, "embedding": None}
 
     def context(self, fam: Any) -> ExitStack:
         return ExitStack()
+
+    def pipeline(self, fam: Any) -> Any:
+        """diffusers' pipeline for this edit on the loaded model ``fam`` (built once, its ControlNet loaded)."""
+        from models import diffusers_edit as E
+
+        if self._pipe is None:
+            cn = E.load_controlnet(self.cn_path, fam) if self.cn_path is not None else None
+            self._pipe = E.edit_pipeline(fam, self.mode, cn)
+        return self._pipe
 
     def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
                  x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -709,10 +729,7 @@ class DiffusersEditPlan:
         if sampler != "pipeline":
             raise EditInputError(f"diffusers editing and control run the pipeline's own scheduler; sampler "
                                  f"{sampler!r} applies to plain sampling")
-        if self._pipe is None:
-            cn = E.load_controlnet(self.cn_path, fam) if self.cn_path is not None else None
-            self._pipe = E.edit_pipeline(fam, self.mode, cn)
-        return E.generate(fam, self._pipe, self.mode, list(cond), negative, steps, guidance, generator,
+        return E.generate(fam, self.pipeline(fam), self.mode, list(cond), negative, steps, guidance, generator,
                           image=self.image, mask=self.mask, strength=self.strength, control=self.control,
                           control_scale=self.req.control_scale if self.req.control_scale is not None else 1.0,
                           latents=x_T, source=self.req.source_prompt)

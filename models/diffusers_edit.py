@@ -15,7 +15,10 @@ models/hf_diffusers.py), through diffusers' own pipelines built on the loaded on
   UNet pipelines);
 * **ControlNet**: a diffusers ``ControlNetModel`` folder (``save_pretrained``, safetensors) passed
   as ``controlnet``: the ControlNet variant of whichever of the three pipelines applies, with the
-  control image and ``controlnet_conditioning_scale``.
+  control map and ``controlnet_conditioning_scale``.  The map is the control image itself when it
+  is one already (``is_map``: edges, segmentation colours, depth, ...), else its Canny edges
+  (:func:`control_image`: models/controlnet.py's ``control_map`` at the project ControlNet's
+  thresholds, white edges on black as RGB, the layout diffusers' Canny ControlNets take).
 
 Textual-inversion embeddings are loaded by the model itself (models/hf_diffusers.py,
 ``DiffusersModel.add_embedding``), so every mode sees them.
@@ -63,6 +66,22 @@ def load_controlnet(path: str | Path, model: Any) -> Any:
         raise DiffusersError(f"controlnet {folder}: cross-attention width {cn.config.cross_attention_dim}, the "
                              f"pipeline's UNet has {cross} (a ControlNet for another base model)")
     return cn
+
+
+def control_image(image: Image.Image, is_map: bool) -> Image.Image:
+    """The map a diffusers ControlNet is given for the control ``image``: the image unchanged when
+    ``is_map``, else its Canny edges (models.controlnet.control_map with ControlNetConfig's default
+    thresholds) as a white-on-black RGB image of the same size."""
+    if is_map:
+        return image
+    import numpy as np
+
+    from models.controlnet import ControlNetConfig, control_map
+
+    f = ControlNetConfig.model_fields
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1
+    edges = control_map(x, "canny", f["canny_low"].default, f["canny_high"].default)[0, 0] > 0
+    return Image.fromarray(edges.numpy().astype(np.uint8) * 255).convert("RGB")
 
 
 def edit_pipeline(model: Any, mode: str, controlnet: Any = None) -> Any:
@@ -161,7 +180,7 @@ def generate(model: Any, pipe: Any, mode: str, prompts: list[str], negative: lis
     if mode == "outpaint":
         mode = "inpaint"  # on the canvas (outpaint_canvas), whose margins the mask generates
     kw: dict[str, Any] = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                              generator=generator, height=model.resolution, width=model.resolution)
+                              generator=generator, height=model.height, width=model.width)
     if negative is not None:
         kw["negative_prompt"] = negative
     if mode == "sample":

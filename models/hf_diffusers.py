@@ -150,18 +150,53 @@ def resolve_spec(spec: str) -> tuple[Path, dict[str, Any]]:
     return path, identity
 
 
-def default_resolution(path: Path) -> int:
-    """The image side a pipeline folder generates by default (net sample_size x VAE factor), from its configs."""
-    cfg = {}
+def _net_config(path: Path) -> tuple[str | None, dict[str, Any]]:
     for name in ("unet", "transformer"):
         f = path / name / "config.json"
         if f.is_file():
-            cfg = json.loads(f.read_text())
-            break
+            return name, json.loads(f.read_text())
+    return None, {}
+
+
+def _vae_factor(path: Path) -> int:
     vae = path / "vae" / "config.json"
-    factor = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0, 0, 0, 0])) - 1) if vae.is_file() else 8
-    size = cfg.get("sample_size", 64)
-    return int(size[0] if isinstance(size, list) else size) * factor
+    return 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0, 0, 0, 0])) - 1) if vae.is_file() else 8
+
+
+def default_resolution(path: Path) -> int:
+    """The image side a pipeline folder generates by default (net sample_size x VAE factor), from its configs."""
+    size = _net_config(path)[1].get("sample_size", 64)
+    return int(size[0] if isinstance(size, list) else size) * _vae_factor(path)
+
+
+def size_multiple(path: Path) -> tuple[int, str]:
+    """(m, why): every image side a pipeline folder generates must be a multiple of m, the VAE's
+    scale factor times the net's downsampling (a UNet's 2^(blocks - 1), a transformer's patch
+    size), from its configs alone."""
+    factor = _vae_factor(path)
+    kind, cfg = _net_config(path)
+    if kind == "unet":
+        down, what = 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1), "the UNet's downsampling"
+    elif kind == "transformer":
+        down, what = int(cfg.get("patch_size") or 1), "the transformer's patch size"
+    else:
+        down, what = 1, "no net config"
+    return factor * down, f"the VAE's scale factor {factor} x {what} {down}"
+
+
+def check_size(path: Path, spec: str, height: int | None = None, width: int | None = None,
+               resolution: int | None = None) -> tuple[int, int]:
+    """(height, width) a pipeline folder generates for the request (None = ``resolution``, else its
+    default side), checked before anything loads: each a multiple of :func:`size_multiple`."""
+    side = int(resolution or default_resolution(path))
+    h, w = int(height or side), int(width or side)
+    if height is not None or width is not None:
+        m, why = size_multiple(path)
+        bad = [f"{name} {v}" for name, v in (("height", h), ("width", w)) if v % m]
+        if bad:
+            raise DiffusersError(f"{' and '.join(bad)}: {spec} generates sides that are multiples of {m} ({why}); "
+                                 f"e.g. height={max(m, h // m * m)} width={max(m, w // m * m)}")
+    return h, w
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
@@ -222,11 +257,15 @@ class DiffusersModel:
     conditioning = "text"
 
     def __init__(self, spec: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 resolution: int | None = None, loras: Sequence[str] = (), embeddings: Sequence[str] = ()) -> None:
+                 resolution: int | None = None, loras: Sequence[str] = (), embeddings: Sequence[str] = (),
+                 height: int | None = None, width: int | None = None) -> None:
         from diffusers import DiffusionPipeline
 
         self.spec = spec
         self.path, self.identity = resolve_spec(spec)
+        if resolution is not None and (height is not None or width is not None):
+            raise DiffusersError("give resolution (a square side) or height/width, not both")
+        check_size(self.path, spec, height, width, resolution)  # bad sides refused before the pipeline loads
         self.device = torch.device(device)
         dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         mi = json.loads((self.path / "model_index.json").read_text())
@@ -250,6 +289,7 @@ class DiffusersModel:
         self.resolution = int(resolution or default_res)
         if self.resolution % self.vae_scale:
             raise DiffusersError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_scale}")
+        self.height, self.width = int(height or self.resolution), int(width or self.resolution)
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.loras: list[dict[str, Any]] = []
         for text in loras:
@@ -318,8 +358,7 @@ class DiffusersModel:
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale
-        return (self.latent_channels, side, side)
+        return (self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
 
     def _check(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
         sampler = sampler or self.default_sampler
@@ -395,7 +434,7 @@ class DiffusersModel:
         self.pipe.scheduler = self.scheduler_for(sampler)
         try:
             kw: dict[str, Any] = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
-                                      height=self.resolution, width=self.resolution, output_type="pt",
+                                      height=self.height, width=self.width, output_type="pt",
                                       latents=x_T.to(self.device, self.net.dtype), generator=generator)
             if neg is not None:
                 kw["negative_prompt"] = neg

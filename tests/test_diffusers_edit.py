@@ -246,3 +246,52 @@ def test_inversion_outpainting_and_embeddings(tiny, tmp_path):
         DiffusersModel(tiny["spec"], embeddings=[str(wide)])
     with pytest.raises(ValueError, match="embedding=run:<id> names a personalize run"):
         SampleRequest(model=tiny["spec"], prompts=["a"], embedding=["run:abc"])
+
+
+def test_control_is_map_reaches_the_controlnet_unchanged_else_canny_runs(tiny, tmp_path):
+    """control_is_map: the map image is what the ControlNet's forward receives (as [0, 1] RGB, the
+    pipeline's control processor); without it the image's Canny edges (OpenCV at the project
+    ControlNet's thresholds 100/200) are; both recorded and in the sample id."""
+    import cv2
+
+    from imagegen.sample import SampleError, SampleRequest, read_parameters, sample
+    from imagegen.sample_edit import DiffusersEditPlan
+    from models.hf_diffusers import DiffusersModel
+
+    r = tiny["root"]
+    fam = DiffusersModel(tiny["spec"])
+
+    def received(control: Path, is_map: bool) -> np.ndarray:
+        req = SampleRequest(model=tiny["spec"], prompts=["a cat"], n=1, steps=2, control=str(control),
+                            controlnet=str(tiny["cn"]), control_is_map=is_map)
+        plan = DiffusersEditPlan(req)
+        seen = []
+        hook = plan.pipeline(fam).controlnet.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw["controlnet_cond"].detach().clone()), with_kwargs=True)
+        try:
+            plan.generate(fam, 1, ["a cat"], None, "pipeline", 2, 1.0, torch.randn(1, 4, 8, 8),
+                          torch.Generator().manual_seed(0))
+        finally:
+            hook.remove()
+        assert len(seen) == 2  # one ControlNet call per step, each given the same map
+        return seen[0][0].permute(1, 2, 0).numpy()
+
+    edges = np.asarray(Image.open(r / "control.png").convert("RGB"))
+    assert np.array_equal(received(r / "control.png", True), edges.astype(np.float32) / 255)
+    photo = np.asarray(Image.open(r / "init.png").convert("RGB"))
+    canny = cv2.Canny(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY), 100, 200)
+    assert 0 < (canny > 0).mean() < 1
+    got = received(r / "init.png", False)
+    assert np.array_equal(got, np.repeat(canny[:, :, None], 3, axis=2).astype(np.float32) / 255)
+    assert not np.array_equal(received(r / "init.png", True), got)  # as a map, the photo itself goes in
+
+    base = dict(model=tiny["spec"], prompts=["a cat"], n=1, steps=2, control=str(r / "control.png"),
+                controlnet=str(tiny["cn"]))
+    as_map = sample(SampleRequest(**base, control_is_map=True, out=str(tmp_path / "m")), tmp_path / "root")
+    as_image = sample(SampleRequest(**base, out=str(tmp_path / "i")), tmp_path / "root")
+    pm, pi = read_parameters(as_map["files"][0])["control"], read_parameters(as_image["files"][0])["control"]
+    assert (pm["is_map"], pm["preprocessor"], pi["is_map"], pi["preprocessor"]) == (True, None, False, "canny")
+    assert as_map["sample_id"] != as_image["sample_id"]
+    np.save(tmp_path / "map.npy", np.zeros((3, 16, 16), np.float32))
+    with pytest.raises(SampleError, match="map.npy: a diffusers ControlNet takes its map as an image"):
+        sample(SampleRequest(**{**base, "control": str(tmp_path / "map.npy")}, control_is_map=True), tmp_path / "root")

@@ -140,6 +140,48 @@ def test_tiny_pipeline_samples_like_a_run(tiny_sd, tmp_path):
     assert Image.open(res2["files"][0]).size == (32, 32)
 
 
+def test_height_width_sample_a_diffusers_model_non_square(tiny_sd, tmp_path):
+    """height/width reach the pipeline (non-square latents, the same images as diffusers' own call),
+    are in the sample id, and a side off the multiple (VAE factor 2 x the tiny UNet's downsampling 2)
+    is refused before anything loads, naming the value and the multiple."""
+    from diffusers import StableDiffusionPipeline
+
+    from imagegen.evaluate.run import EvalRequest
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from models.hf_diffusers import DiffusersModel, size_multiple
+
+    spec = f"diffusers:{tiny_sd}"
+    assert size_multiple(tiny_sd)[0] == 4
+    m = DiffusersModel(spec, height=16, width=24)
+    assert m.noise_shape == (4, 8, 12)
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(4))
+    ours = m.sample(2, ["a cat", "the dog"], steps=4, guidance=2.0, x_T=x)
+    assert ours.shape == (2, 3, 16, 24)
+    direct = StableDiffusionPipeline.from_pretrained(tiny_sd, use_safetensors=True, local_files_only=True)
+    direct.set_progress_bar_config(disable=True)
+    ref = direct(["a cat", "the dog"], num_inference_steps=4, guidance_scale=2.0, height=16, width=24,
+                 latents=x.clone(), output_type="pt").images * 2 - 1
+    assert torch.allclose(ours, ref.clamp(-1, 1), atol=1e-5)
+    assert m.sample(1, ["a cat"], sampler="edm_euler", steps=3, x_T=x[:1]).shape == (1, 3, 16, 24)
+
+    base = dict(model=spec, prompts=["a cat"], n=1, steps=3)
+    wide = sample(SampleRequest(**base, height=16, width=24, out=str(tmp_path / "wide")), tmp_path / "root")
+    assert Image.open(wide["files"][0]).size == (24, 16)
+    square = sample(SampleRequest(**base, out=str(tmp_path / "sq")), tmp_path / "root")
+    assert Image.open(square["files"][0]).size == (16, 16) and square["sample_id"] != wide["sample_id"]
+    with pytest.raises(SampleError, match=r"height 18: .* multiples of 4 \(the VAE's scale factor 2 x the UNet's "
+                                          r"downsampling 2\)"):
+        sample(SampleRequest(**base, height=18, width=24, out=str(tmp_path / "bad")), tmp_path / "root")
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    with pytest.raises(DiffusersError, match="width 30"):
+        DiffusersModel(spec, width=30)
+    with pytest.raises(ValueError, match="resolution= .* or height/width, not both"):
+        SampleRequest(**base, resolution=32, height=16)
+    EvalRequest(model=spec, height=16, width=24, metrics=["clipscore"])
+    with pytest.raises(ValueError, match="folder is evaluated at its images' size"):
+        EvalRequest(folder=str(tmp_path), height=16, metrics=["clipscore"])
+
+
 @pytest.mark.slow
 def test_evaluate_and_leaderboard_a_diffusers_model(tiny_sd, tmp_path):
     from _helpers import eval_world_root
