@@ -234,7 +234,7 @@ class Prepared:
     """A request resolved against the registry: run, checkpoint identity, prompts and their conditions."""
 
     def __init__(self, req: SampleRequest, root: Path) -> None:
-        from models.checkpoint import read_checkpoint
+        from models.checkpoint import read_state
         from imagegen.train.runs import get_run
         from imagegen.train.trainer import TrainConfig
         from models.registry import get_family
@@ -261,7 +261,7 @@ class Prepared:
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
             raise SampleError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
-        _, meta = read_checkpoint(self.run.checkpoint)
+        meta = read_state(self.run.checkpoint)
         self.train_cfg = TrainConfig(**self.run.card["config"])
         self.family_name = self.train_cfg.family
         fam_cls = get_family(self.family_name)
@@ -469,12 +469,12 @@ def _sample(req: SampleRequest, root: Path, progress: Any) -> dict[str, Any]:
     sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings,
                              "inputs": plan.inputs, "loras": [lo.get("sha256") for lo in plan.loras]})
     out = Path(req.out) if req.out else root / "samples" / sample_id
-    out.mkdir(parents=True, exist_ok=True)
     if req.is_diffusers:
         fam = prep.load(device)
         prep.identity = fam.identity  # with the LoRAs' hashes
-    else:
+    else:  # (its tensors checked against the sha256 the id took from state.json: a corrupt file stops here)
         fam = plan.load(prep, device)  # the run's family (or its ControlNet), LoRA merged, control map made
+    out.mkdir(parents=True, exist_ok=True)
     if plan.trivial:
         note(f"[sample] {plan.trivial}")
     sampler = req.sampler or fam.default_sampler
