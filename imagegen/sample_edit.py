@@ -378,6 +378,15 @@ class EditPlan:
                                  f"lora=run:{prep.run.id} (or embedding=run:{prep.run.id} for textual inversion), "
                                  "with any other adapters")
         target = Path(model["base"]) if fam_name == "controlnet" else Path(prep.run.checkpoint)
+        from models.checkpoint import read_state
+
+        base_pipeline = (read_state(target).get("family_info") or {}).get("pipeline")
+        if base_pipeline:  # an adapter-only checkpoint (diffusers_lora, lcm_lora): its header holds no net weights
+            raise EditInputError(f"LoRA: run {prep.run.id} is a {fam_name!r} run, a LoRA adapter over the diffusers "
+                                 f"pipeline {base_pipeline} (its checkpoint holds the adapter alone, not the net's "
+                                 f"weights, so adapters are not merged into it here); sample model={base_pipeline} "
+                                 "with loras=[the run's adapter (models.diffusers_lora.export_adapter), the others "
+                                 "(diffusers safetensors)]")
         shapes = _net_weight_shapes(target)
         if not shapes:
             raise EditInputError(f"LoRA: run {prep.run.id} is a {fam_name!r} run without a denoiser net to adapt")

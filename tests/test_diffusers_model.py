@@ -486,3 +486,49 @@ def test_lora_family_options_prior_preservation_and_text_encoder(tiny_sd):
     assert state["text_encoder"] and all("lora" in k for k in state["text_encoder"])
     with pytest.raises(ValueError, match="conditioning is 'text' through the pipeline"):
         build_family("diffusers_lora", {"pipeline": f"diffusers:{tiny_sd}", "text_encoder": "ViT-B-32:openai"})
+
+
+@pytest.mark.slow
+def test_a_diffusers_lora_run_with_more_loras_is_pointed_to_the_pipeline(tiny_sd, tmp_path):
+    """A diffusers_lora checkpoint holds the adapter alone (no ``model/net.*`` base weights): extra
+    LoRAs on such a run reach the adapter check of imagegen/sample_edit.py, which read the net's
+    shapes from that header and refused a fitting adapter as one 'for another base model'; it now
+    names the run's kind and the pipeline route, before anything loads.  The run samples as before."""
+    from _helpers import eval_world_root
+
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from imagegen.sample_edit import _net_weight_shapes
+    from imagegen.train.runs import train_run
+    root = tmp_path / "root"
+    eval_world_root(root, n=8, per_shard=8)
+    spec = f"diffusers:{tiny_sd}"
+    train = {"family": "diffusers_lora", "model": {"pipeline": spec, "image_size": 16, "rank": 2}, "steps": 1,
+             "batch_size": 2, "lr": 5e-3, "warmup_steps": 0, "ckpt_every": 1, "epoch_batches": 1, "shuffle_buffer": 4,
+             "sample_count": 1, "sample_steps": 1, "seed": 0}
+    res = train_run({"dataset": "world-tiny", "train": train}, root)
+    shapes = _net_weight_shapes(res["checkpoint"])
+    assert shapes and all(".lora_" in k for k in shapes)  # the header: adapter matrices only
+    # a peft adapter folder on the base UNet's to_q projections, shapes from its own header: it fits
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        qs = {k[:-len(".weight")]: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("to_q.weight")}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({f"{m}.lora_{p}.weight": torch.zeros((2, i) if p == "A" else (o, 2)) for m, (o, i) in qs.items()
+               for p in "AB"}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                             "target_modules": ["to_q"]}))
+    from models.lora import LoraError, LoraSource, check_lora_fits
+
+    check_lora_fits(LoraSource.from_folder(adapter), {m: tuple(v) for m, v in qs.items()}, "the base UNet")
+    with pytest.raises(LoraError, match="another base model"):  # what the checkpoint's header alone said
+        check_lora_fits(LoraSource.from_folder(adapter), shapes, "the run's net")
+    with pytest.raises(SampleError, match=rf"'diffusers_lora' run, a LoRA adapter over the diffusers pipeline "
+                                          rf"{spec}.*sample model={spec}"):
+        sample(SampleRequest(run=res["run_id"], prompts=["a cat"], n=1, steps=1, loras=[str(adapter)],
+                             out=str(tmp_path / "x")), root)
+    assert not (tmp_path / "x").exists()
+    out = sample(SampleRequest(run=res["run_id"], prompts=["a cat"], n=1, steps=1, out=str(tmp_path / "ok")), root)
+    assert Image.open(out["files"][0]).size == (16, 16)
