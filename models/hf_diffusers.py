@@ -23,7 +23,9 @@ interface the project's runs have (``noise_shape``, ``sample_result``/``sample``
 
 Images come back in [-1, 1] like every family's samples.  One network call on a CFG-doubled
 batch counts as one NFE (the project's convention).  LoRA adapters (diffusers/peft format,
-safetensors) are attached with ``load_lora_weights`` at a scale each.
+safetensors) are attached with ``load_lora_weights`` at a scale each.  ``height`` / ``width``
+give non-square images, each side a multiple of :func:`size_multiple` (the VAE's scale factor x
+the net's downsampling), checked from the folder's configs before loading (:func:`check_size`).
 """
 
 from __future__ import annotations
