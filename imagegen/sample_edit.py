@@ -636,18 +636,14 @@ class DiffusersEditPlan:
     trivial = None
 
     def __init__(self, req: Any) -> None:
-        from models import diffusers_edit as E
         from models.diffusers_edit import check_controlnet_folder
-        from models.hf_diffusers import DiffusersError, check_size, resolve_spec
+        from models.hf_diffusers import image_size, resolve_spec
 
         self.req = req
         path, _ = resolve_spec(str(req.model))
-        try:
-            H, W = check_size(path, str(req.model), req.height, req.width, req.resolution)
-        except DiffusersError as exc:
-            raise EditInputError(str(exc)) from None
-        sized = req.resolution is not None or req.height is not None or req.width is not None
-        where = f"{req.model} makes {W}x{H} images" + ("" if sized else " (set resolution= or height/width for another size)")
+        H, W = image_size(path, req.resolution, req.height, req.width)
+        given = req.resolution or req.height or req.width
+        where = f"{req.model} makes {W}x{H} images" + ("" if given else " (set resolution= or height=/width= for another size)")
         self.inputs: dict[str, Any] = {}
         self.loras = [{"spec": s} for s in req.loras]
         self.image = self.mask = self.control = None
@@ -690,12 +686,14 @@ class DiffusersEditPlan:
             if req.control_is_map and Path(req.control).suffix == ".npy":
                 raise EditInputError(f"control map {req.control}: a diffusers ControlNet takes its map as an image "
                                      "(PNG / JPEG, as its pipeline does), not a .npy array")
-            control = _open_image(req.control, "control image").convert("RGB")
-            if control.size != (W, H):
-                raise EditInputError(f"the control {'map' if req.control_is_map else 'image'} {req.control} is "
-                                     f"{control.size[0]}x{control.size[1]}, but {where}")
-            # the map the ControlNet is given: the image itself (control_is_map), else its Canny edges
-            self.control = E.control_image(control, req.control_is_map)
+            self.control = _open_image(req.control, "control image").convert("RGB")
+            if self.control.size != (W, H):
+                raise EditInputError(f"the control image {req.control} is {self.control.size[0]}x{self.control.size[1]}, "
+                                     f"but {where}")
+            if not req.control_is_map:  # an image: its Canny edge map, as a canny ControlNet takes it
+                from models.diffusers_edit import canny_control
+
+                self.control = canny_control(self.control)
             self.inputs["control"] = _file_id(req.control)
             self.inputs["controlnet"] = {"folder": str(self.cn_path), "sha256": {
                 str(f.relative_to(self.cn_path)): file_sha256(f) for f in sorted(self.cn_path.rglob("*.safetensors"))}}
@@ -714,7 +712,7 @@ class DiffusersEditPlan:
         if self.control is not None:
             cn = self.inputs["controlnet"]
             control = {"image": self.inputs["control"], "is_map": req.control_is_map,
-                       "preprocessor": None if req.control_is_map else "canny",
+                       "signal": None if req.control_is_map else "canny",
                        "scale": req.control_scale if req.control_scale is not None else 1.0,
                        "controlnet": {"folder": cn["folder"], "sha256": stable_sha(cn["sha256"])}}
         return {"edit": edit, "control": control, "embedding": None}

@@ -23,9 +23,7 @@ interface the project's runs have (``noise_shape``, ``sample_result``/``sample``
 
 Images come back in [-1, 1] like every family's samples.  One network call on a CFG-doubled
 batch counts as one NFE (the project's convention).  LoRA adapters (diffusers/peft format,
-safetensors) are attached with ``load_lora_weights`` at a scale each.  ``height`` / ``width``
-give non-square images, each side a multiple of :func:`size_multiple` (the VAE's scale factor x
-the net's downsampling), checked from the folder's configs before loading (:func:`check_size`).
+safetensors) are attached with ``load_lora_weights`` at a scale each.
 """
 
 from __future__ import annotations
@@ -152,52 +150,38 @@ def resolve_spec(spec: str) -> tuple[Path, dict[str, Any]]:
     return path, identity
 
 
-def _net_config(path: Path) -> tuple[str | None, dict[str, Any]]:
-    for name in ("unet", "transformer"):
-        f = path / name / "config.json"
-        if f.is_file():
-            return name, json.loads(f.read_text())
-    return None, {}
-
-
-def _vae_factor(path: Path) -> int:
+def vae_factor(path: Path) -> int:
+    """A pipeline folder's VAE downsampling factor (2^(len(block_out_channels) - 1), as diffusers'
+    pipelines compute ``vae_scale_factor``), from its config: image sides must be multiples of it."""
     vae = path / "vae" / "config.json"
     return 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0, 0, 0, 0])) - 1) if vae.is_file() else 8
 
 
 def default_resolution(path: Path) -> int:
     """The image side a pipeline folder generates by default (net sample_size x VAE factor), from its configs."""
-    size = _net_config(path)[1].get("sample_size", 64)
-    return int(size[0] if isinstance(size, list) else size) * _vae_factor(path)
+    cfg = {}
+    for name in ("unet", "transformer"):
+        f = path / name / "config.json"
+        if f.is_file():
+            cfg = json.loads(f.read_text())
+            break
+    size = cfg.get("sample_size", 64)
+    return int(size[0] if isinstance(size, list) else size) * vae_factor(path)
 
 
-def size_multiple(path: Path) -> tuple[int, str]:
-    """(m, why): every image side a pipeline folder generates must be a multiple of m, the VAE's
-    scale factor times the net's downsampling (a UNet's 2^(blocks - 1), a transformer's patch
-    size), from its configs alone."""
-    factor = _vae_factor(path)
-    kind, cfg = _net_config(path)
-    if kind == "unet":
-        down, what = 2 ** (len(cfg.get("block_out_channels", [0, 0, 0, 0])) - 1), "the UNet's downsampling"
-    elif kind == "transformer":
-        down, what = int(cfg.get("patch_size") or 1), "the transformer's patch size"
-    else:
-        down, what = 1, "no net config"
-    return factor * down, f"the VAE's scale factor {factor} x {what} {down}"
-
-
-def check_size(path: Path, spec: str, height: int | None = None, width: int | None = None,
-               resolution: int | None = None) -> tuple[int, int]:
-    """(height, width) a pipeline folder generates for the request (None = ``resolution``, else its
-    default side), checked before anything loads: each a multiple of :func:`size_multiple`."""
+def image_size(path: Path, resolution: int | None = None, height: int | None = None,
+               width: int | None = None) -> tuple[int, int]:
+    """(height, width) a pipeline folder generates: ``height``/``width`` where given, else
+    ``resolution`` (a square side), else its default; each side a multiple of the VAE factor
+    (refused otherwise, naming the side and the factor), read from the configs before any loading."""
     side = int(resolution or default_resolution(path))
     h, w = int(height or side), int(width or side)
-    if height is not None or width is not None:
-        m, why = size_multiple(path)
-        bad = [f"{name} {v}" for name, v in (("height", h), ("width", w)) if v % m]
-        if bad:
-            raise DiffusersError(f"{' and '.join(bad)}: {spec} generates sides that are multiples of {m} ({why}); "
-                                 f"e.g. height={max(m, h // m * m)} width={max(m, w // m * m)}")
+    f = vae_factor(path)
+    bad = [f"{name} {v}" for name, v in (("resolution", resolution), ("height", height), ("width", width))
+           if v is not None and v % f]
+    if bad:
+        raise DiffusersError(f"{', '.join(bad)}: not a multiple of {path}'s VAE factor {f} (image sides must be "
+                             f"multiples of {f})")
     return h, w
 
 
@@ -259,15 +243,12 @@ class DiffusersModel:
     conditioning = "text"
 
     def __init__(self, spec: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 resolution: int | None = None, loras: Sequence[str] = (), embeddings: Sequence[str] = (),
-                 height: int | None = None, width: int | None = None) -> None:
+                 resolution: int | None = None, height: int | None = None, width: int | None = None,
+                 loras: Sequence[str] = (), embeddings: Sequence[str] = ()) -> None:
         from diffusers import DiffusionPipeline
 
         self.spec = spec
         self.path, self.identity = resolve_spec(spec)
-        if resolution is not None and (height is not None or width is not None):
-            raise DiffusersError("give resolution (a square side) or height/width, not both")
-        check_size(self.path, spec, height, width, resolution)  # bad sides refused before the pipeline loads
         self.device = torch.device(device)
         dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         mi = json.loads((self.path / "model_index.json").read_text())
@@ -289,9 +270,11 @@ class DiffusersModel:
         size = size[0] if isinstance(size, (list, tuple)) else int(size)
         default_res = size * self.vae_scale  # sample_size counts latent pixels (UNet and DiT alike)
         self.resolution = int(resolution or default_res)
-        if self.resolution % self.vae_scale:
-            raise DiffusersError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_scale}")
         self.height, self.width = int(height or self.resolution), int(width or self.resolution)
+        bad = [f"{k} {v}" for k, v in (("resolution", self.resolution), ("height", self.height), ("width", self.width))
+               if v % self.vae_scale]
+        if bad:
+            raise DiffusersError(f"{', '.join(bad)}: not a multiple of the VAE factor {self.vae_scale}")
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.loras: list[dict[str, Any]] = []
         for text in loras:

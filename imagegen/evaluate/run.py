@@ -78,8 +78,8 @@ class EvalRequest(BaseModel):
     model: str | None = Field(None, description="Or: a diffusers pipeline, 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = its default)")
     height: int | None = Field(None, ge=8, le=8192, description="runs of any-size families (DDPM, EDM, flow) and "
-                               "diffusers models: generate at this height in pixels, e.g. an aspect bucket's (None "
-                               "= the run's / pipeline's size)")
+                               "diffusers models: generate at this height in pixels, e.g. an aspect bucket's (None = "
+                               "the run's / pipeline's size)")
     width: int | None = Field(None, ge=8, le=8192, description="runs of any-size families and diffusers models: "
                               "generate at this width in pixels (None = the run's / pipeline's size)")
     negative: str | None = Field(None, description="diffusers models: negative prompt for every image")
@@ -143,10 +143,10 @@ class EvalRequest(BaseModel):
         elif self.resolution is not None or self.negative is not None:
             raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
         if (self.height is not None or self.width is not None) and self.folder is not None:
-            raise ValueError("height/width apply to runs (run=RUN) of any-size families and diffusers models; a "
+            raise ValueError("height/width apply to runs (run=RUN) of any-size families and to diffusers models; a "
                              "folder is evaluated at its images' size")
         if (self.height is not None or self.width is not None) and self.resolution is not None:
-            raise ValueError("give resolution= (a diffusers model's square side) or height/width, not both")
+            raise ValueError("give resolution= (a square side) or height=/width=, not both")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         if self.n_seeds > 1 and self.folder is not None:
@@ -222,15 +222,15 @@ class Source:
         self.run: Any = None
         self.diffusers: str | None = None
         if req.model is not None:
-            from models.hf_diffusers import DiffusersError, check_size, resolve_spec
+            from models.hf_diffusers import DiffusersError, image_size, resolve_spec
 
             path, self.identity = resolve_spec(req.model)  # not a pipeline / pickled weights: refused here
             self.diffusers = req.model
-            try:  # height / width: multiples of the VAE factor x the net's downsampling, refused before loading
-                h, w = check_size(path, req.model, req.height, req.width, req.resolution)
+            try:
+                h, w = image_size(path, req.resolution, req.height, req.width)  # checked before any work
             except DiffusersError as exc:
                 raise EvalError(str(exc)) from None
-            self.size = w
+            self.size = max(h, w)  # the long side (a square's side)
             ds_name = req.reference
             if ds_name is None and req.reference_stats is None and set(req.metrics) - {"geneval"}:
                 raise EvalError(f"evaluating {req.model} needs reference= (a dataset whose captions prompt it and whose "
