@@ -177,12 +177,21 @@ def image_size(path: Path, resolution: int | None = None, height: int | None = N
     side = int(resolution or default_resolution(path))
     h, w = int(height or side), int(width or side)
     f = vae_factor(path)
+    patch = transformer_patch(path)  # a DiT's latent patches (SD3's pipeline refuses other sides); a UNet: 1
+    m = f * patch
     bad = [f"{name} {v}" for name, v in (("resolution", resolution), ("height", height), ("width", width))
-           if v is not None and v % f]
+           if v is not None and v % m]
     if bad:
-        raise DiffusersError(f"{', '.join(bad)}: not a multiple of {path}'s VAE factor {f} (image sides must be "
-                             f"multiples of {f})")
+        why = f"{path}'s VAE factor {f}" + (f" x its transformer's patch size {patch}" if patch > 1 else "")
+        raise DiffusersError(f"{', '.join(bad)}: not a multiple of {m} ({why}; image sides must be multiples of {m})")
     return h, w
+
+
+def transformer_patch(path: Path) -> int:
+    """A transformer pipeline's latent patch size (SD3: 2) from its config; 1 for a UNet pipeline
+    (its UNet pads uneven sides itself, so only the VAE factor binds)."""
+    f = path / "transformer" / "config.json"
+    return int(json.loads(f.read_text()).get("patch_size") or 1) if f.is_file() else 1
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
@@ -271,10 +280,12 @@ class DiffusersModel:
         default_res = size * self.vae_scale  # sample_size counts latent pixels (UNet and DiT alike)
         self.resolution = int(resolution or default_res)
         self.height, self.width = int(height or self.resolution), int(width or self.resolution)
+        m = self.vae_scale * transformer_patch(self.path)
         bad = [f"{k} {v}" for k, v in (("resolution", self.resolution), ("height", self.height), ("width", self.width))
-               if v % self.vae_scale]
+               if v % m]
         if bad:
-            raise DiffusersError(f"{', '.join(bad)}: not a multiple of the VAE factor {self.vae_scale}")
+            raise DiffusersError(f"{', '.join(bad)}: not a multiple of {m} (the VAE factor {self.vae_scale}"
+                                 f"{' x the transformer patch size' if m != self.vae_scale else ''})")
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.loras: list[dict[str, Any]] = []
         for text in loras:

@@ -530,3 +530,25 @@ def test_a_diffusers_lora_run_with_more_loras_is_pointed_to_the_pipeline(tiny_sd
     assert not (tmp_path / "x").exists()
     out = sample(SampleRequest(run=res["run_id"], prompts=["a cat"], n=1, steps=1, out=str(tmp_path / "ok")), root)
     assert Image.open(out["files"][0]).size == (16, 16)
+
+
+def test_a_transformer_pipelines_sides_are_multiples_of_its_patch_times_the_vae_factor(tmp_path):
+    """SD3's pipeline takes only sides that are multiples of VAE factor x patch size: such a side
+    samples, another is refused before loading (naming the value and both factors)."""
+    from _diffusers_tiny import tiny_sd3_pipeline
+
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from models.hf_diffusers import image_size
+
+    folder = tiny_sd3_pipeline(tmp_path / "sd3", patch_size=2)
+    assert image_size(folder, height=16, width=24) == (16, 24)
+    with pytest.raises(DiffusersError, match=r"height 18: not a multiple of 4 \(.*VAE factor 2 x its transformer's "
+                                             r"patch size 2"):
+        image_size(folder, height=18)
+    spec = f"diffusers:{folder}"
+    with pytest.raises(SampleError, match="width 22: not a multiple of 4"):
+        sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=1, width=22, out=str(tmp_path / "x")),
+               tmp_path / "root")
+    assert not (tmp_path / "x").exists()
+    res = sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=2, height=16, width=24), tmp_path / "root")
+    assert Image.open(res["files"][0]).size == (24, 16)
