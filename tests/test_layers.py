@@ -154,3 +154,27 @@ code = main(['curate', '--no-prefect', '--json', '--data-root', {str(tmp_path)!r
 print(json.dumps({{"code": code, "prefect": [m for m in sys.modules if m.split('.')[0] == 'prefect']}}))
 """)
     assert out == {"code": 0, "prefect": []}
+
+
+def test_curate_requests_and_the_curate_flow_module_import_no_torch(tmp_path):
+    """A refused ``imagegen curate`` and the import a worker's curate flow run starts with
+    (flows/curate.py) load neither torch nor open_clip: the curate config reads the reference CLIP's
+    settings from imagegen.world.reference_clip_config; training it imports them only then."""
+    out = _fresh(f"""
+import contextlib, io, json, sys
+from imagegen.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(['curate', '--no-prefect', '--set', 'download.timeout=-1', '--data-root', {str(tmp_path)!r}])
+import flows.curate
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip'))
+from imagegen.world.reference_clip_config import ReferenceClipConfig as Light
+print(json.dumps({{"code": code, "err": err.getvalue(), "heavy": heavy,
+                  "curate_field": flows.curate.C.CurateConfig.model_fields["reference_clip"].annotation is Light}}))
+""")
+    assert out["heavy"] == [], out["heavy"]
+    assert out["code"] == 2 and "download.timeout" in out["err"], out["err"]
+    assert out["curate_field"] is True
+    from imagegen.world import reference_clip, reference_clip_config  # the trainer's class is the light one
+
+    assert reference_clip.ReferenceClipConfig is reference_clip_config.ReferenceClipConfig
