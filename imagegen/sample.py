@@ -232,7 +232,7 @@ class Prepared:
     """A request resolved against the registry: run, checkpoint identity, prompts and their conditions."""
 
     def __init__(self, req: SampleRequest, root: Path) -> None:
-        from models.checkpoint import read_checkpoint
+        from models.checkpoint import verify_checkpoint
         from imagegen.train.runs import get_run
         from imagegen.train.trainer import TrainConfig
         from models.registry import get_family
@@ -259,7 +259,7 @@ class Prepared:
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
             raise SampleError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
-        _, meta = read_checkpoint(self.run.checkpoint)
+        meta = verify_checkpoint(self.run.checkpoint)
         self.train_cfg = TrainConfig(**self.run.card["config"])
         self.family_name = self.train_cfg.family
         fam_cls = get_family(self.family_name)

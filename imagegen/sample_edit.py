@@ -506,12 +506,12 @@ class EditPlan:
 
     def load(self, prep: Any, device: str) -> Any:
         """The family to sample, with the ControlNet, LoRA and control map in place."""
-        from models.checkpoint import load_family, read_checkpoint
+        from models.checkpoint import load_family, verify_checkpoint
 
         if self.controlnet_run is not None:
             ck = self.controlnet_run.checkpoint
             fam = load_family(ck, device=device)
-            _, meta = read_checkpoint(ck)
+            meta = verify_checkpoint(ck)
             self.cn_identity = {"run": self.controlnet_run.id, "checkpoint_step": int(meta["step"]),
                                 "tensors_sha256": meta["tensors_sha256"]}
         else:

@@ -236,14 +236,14 @@ class Source:
                 raise EvalError(f"evaluating {req.model} needs reference= (a dataset whose captions prompt it and whose "
                                 "images are the FID/KID reference)")
         elif req.run is not None:
-            from models.checkpoint import read_checkpoint
+            from models.checkpoint import verify_checkpoint
             from imagegen.train.runs import get_run
             from imagegen.train.trainer import TrainConfig
 
             self.run = get_run(root, req.run)
             if self.run.checkpoint is None:
                 raise EvalError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
-            _, meta = read_checkpoint(self.run.checkpoint)
+            meta = verify_checkpoint(self.run.checkpoint)
             self.train_cfg = TrainConfig(**self.run.card["config"])
             self.identity = {"run": self.run.id, "step": int(meta["step"]), "tensors": meta["tensors_sha256"]}
             ds_name = req.reference or self.run.card.get("dataset_id")
