@@ -37,7 +37,7 @@ from imagegen.stages.ledger import read_ledger
 from imagegen.stages.recaption import RecaptionConfig
 from imagegen.stages.shard import ShardConfig
 from imagegen.world.publish import PublishConfig
-from imagegen.world.reference_clip import ReferenceClipConfig
+from imagegen.world.reference_clip_config import ReferenceClipConfig
 from imagegen.world.scene import WorldConfig
 
 log = logging.getLogger(__name__)

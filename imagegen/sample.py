@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -354,6 +353,8 @@ def _embedding_file(path: str) -> Path:
 
 
 def _device(req: SampleRequest) -> str:
+    import torch
+
     if req.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if req.device == "cuda" and not torch.cuda.is_available():
@@ -438,6 +439,8 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
 
 
 def _sample(req: SampleRequest, root: Path, progress: Any) -> dict[str, Any]:
+    import torch
+
     from imagegen import __version__
     from models.reflow import pair_noise
     prep = Prepared(req, root)
