@@ -36,11 +36,7 @@ def read_state(path: Path) -> dict[str, Any]:
     :class:`CheckpointError`."""
     path = Path(path)
     meta = _state_json(path)
-    try:
-        with safe_open(str(path / TENSORS), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
+    _check_header(path)
     if not isinstance(meta.get("tensors_sha256"), str):
         raise CheckpointError(f"checkpoint {path}: {STATE} records no tensors_sha256")
     return meta
@@ -77,12 +73,17 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     readable safetensors header).  Returns the state; raises :class:`CheckpointError`."""
     path = Path(path)
     meta = _checked_state(path)
+    _check_header(path)
+    return meta
+
+
+def _check_header(path: Path) -> None:
+    """The safetensors header of a checkpoint folder is readable (no tensor read)."""
     try:
         with safe_open(str(path / TENSORS), framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
-    return meta
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
