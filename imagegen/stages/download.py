@@ -119,62 +119,183 @@ class InputError(ValueError):
     """The URL list cannot be used; the message says what is wrong and where."""
 
 
+URL_BATCH_ROWS = 65_536
+
+
+def url_hashes(urls: pd.Series | np.ndarray | list[str]) -> np.ndarray:
+    """64-bit hashes of URLs (compact: 8 bytes a row).  Equal hashes only make two URLs candidates:
+    every hit is confirmed on the URLs themselves, so a collision never makes a row a duplicate."""
+    return pd.util.hash_pandas_object(pd.Series(urls, dtype=object).astype(str), index=False).to_numpy(
+        dtype=np.uint64)
+
+
+def _list_format(path: Path) -> str:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix not in (".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".jsonl", ".json"):
+        raise InputError(f"URL list {path}: unknown format {suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
+    return suffix
+
+
+def _raw_batches(path: Path, suffix: str, columns: list[str], batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The list's rows, ``batch_rows`` at a time, as read before (parquet through pyarrow; CSV, TSV and
+    JSONL through pandas' own readers in chunks, so every value parses as it did when the list was read
+    whole).  The first item is the column names (a list), then the frames."""
+    if suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        yield names
+        want = [c for c in columns if c in names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=want):
+            yield batch.to_pandas()
+    elif suffix in (".csv", ".csv.gz", ".tsv", ".tsv.gz"):
+        sep = "\t" if suffix.startswith(".tsv") else ","
+        names = list(pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=0).columns)
+        yield names
+        with pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=batch_rows,
+                         usecols=lambda c: c in columns) as reader:
+            yield from reader
+    elif suffix == ".jsonl":
+        first = None
+        with pd.read_json(path, lines=True, dtype=False, chunksize=batch_rows) as reader:
+            for chunk in reader:
+                if first is None:
+                    first = list(chunk.columns)
+                    yield first
+                yield chunk
+        if first is None:
+            yield []
+    else:  # one JSON document: read whole (there is no row to stop at inside it)
+        df = pd.read_json(path, dtype=False)
+        yield list(df.columns)
+        yield df
+
+
+def iter_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                  batch_rows: int = URL_BATCH_ROWS) -> Iterator[pd.DataFrame]:
+    """The URL list's rows in batches of row_id (position in the file), url (stripped), caption and
+    ``skip_reason`` (``invalid_url`` or None; duplicates are found by :func:`scan_url_list`).  Raises
+    :class:`InputError` naming the path (and the line of a bad JSONL file) for an unreadable list,
+    missing columns (with a hint) or an empty list.  Memory: one batch."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"URL list {path} does not exist")
+    suffix = _list_format(path)
+    n = 0
+    try:
+        batches = _raw_batches(path, suffix, [url_col, caption_col], batch_rows)
+        names = next(batches)
+        missing = [c for c in (url_col, caption_col) if c not in names]
+        if missing:
+            hint = ""
+            for want in missing:
+                close = [c for c in names if c.lower() in {want.lower(), *_ALIASES.get(want, ())}]
+                if close:
+                    hint += (f"; column {close[0]!r} looks like {want!r}: pass "
+                             f"--{'url' if want == url_col else 'caption'}-col {close[0]}")
+            raise InputError(f"URL list {path} has no column(s) {missing}; it has {list(names)}{hint}")
+        for df in batches:
+            if not len(df):
+                continue
+            if url_col not in df.columns or caption_col not in df.columns:  # a JSONL chunk without the key
+                df = df.reindex(columns=[url_col, caption_col])
+            url = df[url_col].astype(str).str.strip()
+            out = pd.DataFrame({"row_id": np.arange(n, n + len(df), dtype=np.int64), "url": url.to_numpy(),
+                                "caption": df[caption_col].fillna("").astype(str).to_numpy()})
+            out["skip_reason"] = None
+            bad_url = ~out["url"].str.match(r"^https?://[^\s/]+", na=False)
+            out.loc[bad_url, "skip_reason"] = "invalid_url"
+            n += len(df)
+            yield out
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
+        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
+        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
+    if n == 0:
+        raise InputError(f"URL list {path} is empty: nothing to download")
+
+
+@dataclass
+class UrlListScan:
+    """What :func:`scan_url_list` found: the row count and the repeated URLs (row ids, numpy)."""
+    rows: int
+    dup_rows: np.ndarray       # row ids of the rows whose URL an earlier row has, ascending
+    dup_of: np.ndarray         # the first row with that URL, for each of dup_rows
+
+
+def scan_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                  on_duplicate_urls: str = "error", batch_rows: int = URL_BATCH_ROWS) -> UrlListScan:
+    """Validate the list without holding it: one pass in batches keeps a 64-bit hash and the row id of
+    every valid URL (16 bytes a row); rows whose hash repeats are candidates, and a second pass (only
+    when there are any) reads just those rows' URLs and compares the URLs themselves, so two different
+    URLs with the same hash are both kept.  Raises :class:`InputError` for duplicates with
+    ``on_duplicate_urls='error'`` (naming the rows)."""
+    hashes, ids = [], []
+    rows = 0
+    for b in iter_url_list(path, url_col, caption_col, batch_rows):
+        ok = b["skip_reason"].isna().to_numpy()
+        hashes.append(url_hashes(b["url"].to_numpy()[ok]))
+        ids.append(b["row_id"].to_numpy()[ok])
+        rows += len(b)
+    h = np.concatenate(hashes)
+    rid = np.concatenate(ids)
+    del hashes, ids
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    rep = np.zeros(len(hs), dtype=bool)
+    if len(hs) > 1:
+        same = hs[1:] == hs[:-1]
+        rep[1:] |= same
+        rep[:-1] |= same
+    cand = np.sort(rid[order[rep]])
+    del h, rid, order, hs, rep
+    dup_rows = dup_of = np.zeros(0, dtype=np.int64)
+    if len(cand):
+        got_ids, got_urls = [], []
+        for b in iter_url_list(path, url_col, caption_col, batch_rows):
+            mine = np.isin(b["row_id"].to_numpy(), cand)
+            got_ids.append(b["row_id"].to_numpy()[mine])
+            got_urls.append(b["url"].to_numpy()[mine])
+        c = pd.DataFrame({"row_id": np.concatenate(got_ids), "url": np.concatenate(got_urls)})
+        first = c.groupby("url", sort=False)["row_id"].transform("min").to_numpy()
+        dup = c["row_id"].to_numpy() != first
+        dup_rows, dup_of = c["row_id"].to_numpy()[dup], first[dup]
+    if len(dup_rows) and on_duplicate_urls == "error":
+        examples = ", ".join(f"row {r} repeats row {f}" for r, f in zip(dup_rows[:5], dup_of[:5]))
+        raise InputError(f"URL list {path} has {len(dup_rows)} duplicate URL(s) ({examples}); "
+                         "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
+                         "with --set download.on_duplicate_urls=skip")
+    return UrlListScan(rows, dup_rows, dup_of)
+
+
+def iter_checked_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                          on_duplicate_urls: str = "error",
+                          batch_rows: int = URL_BATCH_ROWS) -> tuple[UrlListScan, Iterator[pd.DataFrame]]:
+    """:func:`scan_url_list`, then the list's batches with ``skip_reason`` set for every repeated URL
+    (``duplicate_url_of_row_N``)."""
+    scan = scan_url_list(path, url_col, caption_col, on_duplicate_urls, batch_rows)
+
+    def batches() -> Iterator[pd.DataFrame]:
+        for b in iter_url_list(path, url_col, caption_col, batch_rows):
+            a, e = np.searchsorted(scan.dup_rows, [b["row_id"].iloc[0], b["row_id"].iloc[-1] + 1])
+            if e > a:
+                at = scan.dup_rows[a:e] - int(b["row_id"].iloc[0])
+                b.loc[at, "skip_reason"] = [f"duplicate_url_of_row_{f}" for f in scan.dup_of[a:e]]
+            yield b
+    return scan, batches()
+
+
 def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
                   on_duplicate_urls: str = "error") -> pd.DataFrame:
     """Read and validate a LAION-style URL list (parquet, CSV, TSV or JSONL).
 
     Returns a frame with row_id (position in the file), url, caption, and ``skip_reason``
     (None, or why the row will not be fetched).  Raises :class:`InputError` before any work.
+    Reads in batches (:func:`iter_checked_url_list`); a caller that only validates uses
+    :func:`scan_url_list`, which never holds the rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"URL list {path} does not exist")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    try:
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix in (".csv", ".csv.gz"):
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix in (".tsv", ".tsv.gz"):
-            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        elif suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-        else:
-            raise InputError(f"URL list {path}: unknown format {suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
-    except InputError:
-        raise
-    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
-        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
-    missing = [c for c in (url_col, caption_col) if c not in df.columns]
-    if missing:
-        hint = ""
-        for want in missing:
-            close = [c for c in df.columns if c.lower() in {want.lower(), *_ALIASES.get(want, ())}]
-            if close:
-                hint += f"; column {close[0]!r} looks like {want!r}: pass --{'url' if want == url_col else 'caption'}-col {close[0]}"
-        raise InputError(f"URL list {path} has no column(s) {missing}; it has {list(df.columns)}{hint}")
-    if len(df) == 0:
-        raise InputError(f"URL list {path} is empty: nothing to download")
-    out = pd.DataFrame({
-        "row_id": np.arange(len(df), dtype=np.int64),
-        "url": df[url_col].astype(str).str.strip(),
-        "caption": df[caption_col].fillna("").astype(str),
-    })
-    out["skip_reason"] = None
-    bad_url = ~out["url"].str.match(r"^https?://[^\s/]+", na=False)
-    out.loc[bad_url, "skip_reason"] = "invalid_url"
-    dup = out["url"].duplicated(keep="first") & ~bad_url
-    if dup.any():
-        first = out.drop_duplicates("url").set_index("url")["row_id"]
-        examples = ", ".join(f"row {r} repeats row {first[u]}" for r, u in
-                             zip(out.loc[dup, "row_id"][:5], out.loc[dup, "url"][:5]))
-        if on_duplicate_urls == "error":
-            raise InputError(f"URL list {path} has {int(dup.sum())} duplicate URL(s) ({examples}); "
-                             "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
-                             "with --set download.on_duplicate_urls=skip")
-        out.loc[dup, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in out.loc[dup, "url"]]
-    return out
+    _, batches = iter_checked_url_list(path, url_col, caption_col, on_duplicate_urls)
+    return pd.concat(list(batches), ignore_index=True)
 
 
 def _bad_jsonl_line(path: Path) -> str | None:
@@ -302,7 +423,10 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- failure reasons
 
-_TRANSIENT = {"timeout", "http_5xx", "truncated", "connection_error", "http_429"}
+# ``subjob_failed``: img2dataset returned no record of the row (its subjob crashed); nothing is known
+# against the URL, so the row is fetched again in the next pass
+_TRANSIENT = {"timeout", "http_5xx", "truncated", "connection_error", "http_429", "subjob_failed"}
+_LOST_ROW = "img2dataset returned no record for this row (subjob failed)"
 
 
 def classify_error(message: str | None) -> str:
@@ -310,6 +434,8 @@ def classify_error(message: str | None) -> str:
     m = (message or "").lower()
     if not m:
         return "unknown_error"
+    if m == _LOST_ROW.lower():
+        return "subjob_failed"
     if "infinite loop" in m or "redirect loop" in m or "too many redirects" in m:
         return "redirect_loop"
     if mo := re.search(r"http error (\d{3})", m):
@@ -406,12 +532,14 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
         yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
+def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, dict[int, Path]]:
     """One img2dataset run over ``rows`` (row_id, url, caption).
 
     img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
-    ``number_sample_per_shard`` input rows, in input order) and streams to disk; this returns only
-    the compact columns of every row (row_id, status, error_message, part) and the part files.
+    ``number_sample_per_shard`` input rows, in input order: part ``k`` holds input rows
+    ``k * number_sample_per_shard`` on) and streams to disk; this returns only the compact columns of
+    every row (row_id, status, error_message, part: the part's number, -1 for a row img2dataset lost)
+    and the part files by number (a lost subjob's part is absent).
     """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
@@ -433,9 +561,9 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
             number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
             compute_hash="sha256", extract_exif=False, enable_wandb=False,
         )
-    parts = sorted(out.glob("*.parquet"))
+    parts = {int(p.stem): p for p in sorted(out.glob("*.parquet"))}
     frames = []
-    for i, p in enumerate(parts):  # compact columns only: the image bytes stay in the part files
+    for i, p in parts.items():  # compact columns only: the image bytes stay in the part files
         f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
         f["part"] = i
         frames.append(f)
@@ -444,7 +572,7 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
     missing = set(rows["row_id"]) - set(got["row_id"])
     if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
         extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
-                              "error_message": "img2dataset returned no record for this row (subjob failed)",
+                              "error_message": _LOST_ROW,
                               "part": -1})
         got = pd.concat([got, extra], ignore_index=True)
     return got, parts
@@ -643,9 +771,12 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     pending = url_list[url_list["skip_reason"].isna()]
     passes = []
     work = out_dir / "_img2dataset"
-    part_files: list[list[Path]] = []          # per pass, img2dataset's part files
+    part_files: list[dict[int, Path]] = []     # per pass, img2dataset's part files by part number
     fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
-    home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
+    # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
+    # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
+    home = np.full(n_rows, -1, dtype=np.int64)
+    n_parts = 1
     engine_info: dict[str, Any] | None = None
     with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
         if not pending.empty:
@@ -656,7 +787,9 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
             part_files.append(files)
             if attempt == 0:
-                home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
+                step = max(1, cfg.number_sample_per_shard)
+                home[position.get_indexer(pending["row_id"].to_numpy())] = np.arange(len(pending)) // step
+                n_parts = max(1, math.ceil(len(pending) / step))
             ok = (got["status"] == "success").to_numpy()
             ids = got["row_id"].to_numpy()
             attempts[position.get_indexer(ids)] += 1
@@ -686,20 +819,23 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    n_parts = max(1, len(part_files[0]) if part_files else 0)
     captions = url_list["caption"].to_numpy()
+    by_home: list[list[tuple[str, list[int]]]] = [[] for _ in range(n_parts)]
+    for p, got in enumerate(fetched):  # each pass's fetched rows, grouped by (image part, img2dataset part)
+        if got.empty:
+            continue
+        ids_all = got["row_id"].to_numpy(dtype=np.int64)
+        k_all = home[position.get_indexer(ids_all)]
+        if (k_all < 0).any():
+            raise AssertionError(f"download pass {p} fetched rows that were not in the first pass: "
+                                 f"{ids_all[k_all < 0][:5].tolist()}")
+        for (k, part), g in pd.DataFrame({"k": k_all, "part": got["part"].to_numpy(), "row_id": ids_all}).groupby(
+                ["k", "part"], sort=True):
+            by_home[int(k)].append((str(part_files[p][int(part)]), g["row_id"].tolist()))
     jobs = []
     for k in range(n_parts):
-        sources: list[tuple[str, list[int]]] = []
-        rows: list[int] = []
-        for p, got in enumerate(fetched):
-            if got.empty:
-                continue
-            mine = got[home.reindex(got["row_id"]).to_numpy() == k]
-            for part, g in mine.groupby("part"):
-                ids = g["row_id"].astype("int64").tolist()
-                sources.append((str(part_files[p][int(part)]), ids))
-                rows.extend(ids)
+        sources = by_home[k]
+        rows = [r for _, ids in sources for r in ids]
         jobs.append(PartJob(k, sources, {r: str(captions[i]) for r, i in zip(rows, position.get_indexer(rows))},
                             cfg, str(images_dir / f"part-{k:05d}.parquet")))
     spec = runner or "local"
