@@ -548,8 +548,15 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    inp = work / "input.parquet"
-    rows[["row_id", "url", "caption"]].to_parquet(inp, index=False)
+    # its input in parts of one shard each (img2dataset reads one input file whole, and numbers the shards
+    # of a folder's files on from each other: part file i is shard i), never the whole list in one file
+    inp = work / "input"
+    inp.mkdir()
+    step = max(1, cfg.number_sample_per_shard)
+    cols = rows[["row_id", "url", "caption"]]
+    for i, s0 in enumerate(range(0, len(cols), step)):
+        cols.iloc[s0:s0 + step].to_parquet(inp / f"{i:05d}.parquet", index=False)
+    del cols
     out = work / "out"
     with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
         i2d_download(
@@ -662,7 +669,15 @@ class PartJob:
     captions: dict[int, str]
     cfg: DownloadConfig
     out_path: str
+    result_path: str = ""                  # where the compact results (no image bytes) of its rows go
     inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
+
+
+RESULT_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("ok", pa.bool_()), ("reason", pa.string()), ("error", pa.string()),
+    ("original_width", pa.int64()), ("original_height", pa.int64()), ("original_mode", pa.string()),
+    ("original_format", pa.string()), ("exif_transposed", pa.bool_()), ("width", pa.int64()),
+    ("height", pa.int64()), ("sha256", pa.string()), ("source_sha256", pa.string())])
 
 
 _DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "distributor_address", "runner", "timeout",
@@ -673,14 +688,24 @@ _DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "distribu
 def _decode_key(job: PartJob) -> dict[str, Any]:
     cfg = {k: v for k, v in job.cfg.model_dump(mode="json").items() if k not in _DECODE_EXECUTION}
     return {"index": job.index, "sources": [(file_sha256(p), sorted(ids)) for p, ids in job.sources],
-            "captions": stable_hash(sorted(job.captions.items()), 32), "cfg": cfg}
+            "captions": stable_hash(sorted(job.captions.items()), 32), "cfg": cfg, "returns": "result_path"}
 
 
-@map_step("download-decode", key=_decode_key, outputs=lambda job: [job.out_path])
-def decode_part(job: PartJob) -> pd.DataFrame:
+def _write_atomic(table: pa.Table, out: Path, **kw: Any) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, **kw)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@map_step("download-decode", key=_decode_key, outputs=lambda job: [job.out_path, job.result_path])
+def decode_part(job: PartJob) -> str:
     """The map step of the download stage: decode one part's fetched bytes (never more than one
-    part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) atomically and
-    return the compact results (no image bytes) of its rows for the ledger."""
+    part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) and the compact
+    results (no image bytes) of its rows for the ledger to ``job.result_path``, each atomically;
+    returns that path (a driver never holds every part's results)."""
     ids: list[int] = []
     blobs: list[bytes] = []
     for path, want in job.sources:
@@ -720,18 +745,56 @@ def decode_part(job: PartJob) -> pd.DataFrame:
             for k in _RESULT_FIELDS:
                 compact[k].append(None)
     del results
-    out = Path(job.out_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(pa.table(cols, schema=IMAGE_SCHEMA), tmp, row_group_size=1000)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return pd.DataFrame(compact, dtype=object)
+    _write_atomic(pa.table(cols, schema=IMAGE_SCHEMA), Path(job.out_path), row_group_size=1000)
+    del cols
+    _write_atomic(pa.table(compact, schema=RESULT_SCHEMA), Path(job.result_path))
+    return job.result_path
+
+
+class _DecodedRows:
+    """The decode results of the image parts (files from :func:`decode_part`), read back one part at a
+    time in row order: :meth:`upto` hands over the results of the rows before a row position.  Image
+    part k holds rows of the first pass's input k * number_sample_per_shard on (in row order), so the
+    parts follow each other in row order; memory: one part's compact results."""
+
+    def __init__(self, paths: list[str], position: pd.Index) -> None:
+        self.paths = iter(paths)
+        self.position = position
+        self.res = pd.DataFrame({n: pd.Series([], dtype=object) for n in RESULT_SCHEMA.names})
+        self.pos = np.zeros(0, dtype=np.int64)
+        self.done = False
+
+    def upto(self, e: int) -> tuple[pd.DataFrame, np.ndarray]:
+        while not self.done and (not len(self.pos) or self.pos[-1] < e):
+            path = next(self.paths, None)
+            if path is None:
+                self.done = True
+                break
+            f = pq.read_table(path).to_pandas().astype(object)
+            p = self.position.get_indexer(f["row_id"].astype("int64").to_numpy())
+            order = np.argsort(p, kind="stable")
+            f, p = f.iloc[order], p[order]
+            if len(self.pos) and len(p) and p[0] <= self.pos[-1]:
+                raise AssertionError(f"decode results of {path} are not after the previous part's in row order")
+            self.res = pd.concat([self.res, f], ignore_index=True) if len(self.res) else f.reset_index(drop=True)
+            self.pos = np.concatenate([self.pos, p])
+        take = int(np.searchsorted(self.pos, e))
+        out, out_pos = self.res.iloc[:take], self.pos[:take]
+        self.res, self.pos = self.res.iloc[take:].reset_index(drop=True), self.pos[take:]
+        return out, out_pos
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, CPU of this process and its finished children) in seconds."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
-                 progress: bool = True, runner: str | None = None) -> dict[str, Any]:
+                 progress: bool = True, runner: str | None = None,
+                 timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
     Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
@@ -742,9 +805,19 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     pass go back to the part of their input row, so parts stay in key order).  Passes keep only
     compact columns in memory; decoding is a map step over parts on ``runner`` (see
     :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
-    Returns the counts for the stage card.
+    Returns the counts for the stage card.  ``timings`` (a benchmark's dict, never part of the
+    counts) receives the wall and CPU seconds of the fetch passes, the decode and the ledger.
     """
     from imagegen.executors import executor
+
+    clock = [_clock()]
+
+    def lap(name: str) -> None:
+        now = _clock()
+        if timings is not None:
+            timings[f"{name}_wall_s"] = round(now[0] - clock[-1][0], 3)
+            timings[f"{name}_cpu_s"] = round(now[1] - clock[-1][1], 3)
+        clock.append(now)
 
     # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
     # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
@@ -816,10 +889,13 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                 passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
                 time.sleep(wait["wait_s"])
 
+    lap("fetch")
     # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     captions = url_list["caption"].to_numpy()
+    decoded_dir = out_dir / "_decoded"   # each part's compact decode results, read back for the ledger
+    decoded_dir.mkdir(parents=True, exist_ok=True)
     by_home: list[list[tuple[str, list[int]]]] = [[] for _ in range(n_parts)]
     for p, got in enumerate(fetched):  # each pass's fetched rows, grouped by (image part, img2dataset part)
         if got.empty:
@@ -837,7 +913,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
         sources = by_home[k]
         rows = [r for _, ids in sources for r in ids]
         jobs.append(PartJob(k, sources, {r: str(captions[i]) for r, i in zip(rows, position.get_indexer(rows))},
-                            cfg, str(images_dir / f"part-{k:05d}.parquet")))
+                            cfg, str(images_dir / f"part-{k:05d}.parquet"),
+                            str(decoded_dir / f"part-{k:05d}.parquet")))
     spec = runner or "local"
     if len(jobs) == 1 or spec == "local:1":
         for j in jobs:
@@ -850,14 +927,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                     j.inner_pool = True
             results = ex.map(decode_part, jobs)
     del jobs
-    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(
-        {c: [] for c in ("row_id", "ok", "reason", "error", *_RESULT_FIELDS)})
-    del results
-    # the decode results in row order (by row position), sliced for each ledger part below
-    res_pos = position.get_indexer(res["row_id"].astype("int64").to_numpy())
-    order = np.argsort(res_pos, kind="stable")
-    res = res.iloc[order].reset_index(drop=True)
-    res_pos = res_pos[order]
+    decoded = _DecodedRows(results, position)  # the decode results in row order, a part at a time
+    lap("decode")
     shutil.rmtree(work, ignore_errors=True)
 
     recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
@@ -867,11 +938,14 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     step = max(1, cfg.number_sample_per_shard)
     for s in range(0, n_rows, step):
         e = min(n_rows, s + step)
+        res, res_pos = decoded.upto(e)
         part = _ledger_part(s, e, row_ids, recorded, captions, attempts, state, why, res, res_pos)
         summary.add(part)
         writer.add(part)
-        del part
+        del part, res
     writer.close()
+    shutil.rmtree(decoded_dir, ignore_errors=True)
+    lap("ledger")
 
     counts = summary.result()
     counts["passes"] = passes
