@@ -506,12 +506,12 @@ class EditPlan:
 
     def load(self, prep: Any, device: str) -> Any:
         """The family to sample, with the ControlNet, LoRA and control map in place."""
-        from models.checkpoint import load_family, read_checkpoint
+        from models.checkpoint import load_family, verify_checkpoint
 
         if self.controlnet_run is not None:
             ck = self.controlnet_run.checkpoint
             fam = load_family(ck, device=device)
-            _, meta = read_checkpoint(ck)
+            meta = verify_checkpoint(ck)
             self.cn_identity = {"run": self.controlnet_run.id, "checkpoint_step": int(meta["step"]),
                                 "tensors_sha256": meta["tensors_sha256"]}
         else:
@@ -628,12 +628,13 @@ class DiffusersEditPlan:
 
     def __init__(self, req: Any) -> None:
         from models.diffusers_edit import check_controlnet_folder
-        from models.hf_diffusers import default_resolution, resolve_spec
+        from models.hf_diffusers import image_size, resolve_spec
 
         self.req = req
         path, _ = resolve_spec(str(req.model))
-        side = int(req.resolution or default_resolution(path))
-        where = f"{req.model} makes {side}x{side} images" + ("" if req.resolution else " (set resolution= for another size)")
+        H, W = image_size(path, req.resolution, req.height, req.width)
+        given = req.resolution or req.height or req.width
+        where = f"{req.model} makes {W}x{H} images" + ("" if given else " (set resolution= or height=/width= for another size)")
         self.inputs: dict[str, Any] = {}
         self.loras = [{"spec": s} for s in req.loras]
         self.image = self.mask = self.control = None
@@ -646,20 +647,20 @@ class DiffusersEditPlan:
                 from models.diffusers_edit import outpaint_canvas
 
                 left, top, right, bottom = req.outpaint
-                W, H = w + left + right, h + top + bottom
-                if (W, H) != (side, side):
+                cw, ch = w + left + right, h + top + bottom
+                if (cw, ch) != (W, H):
                     raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
-                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {cw}x{ch}, "
                                          f"but {where}")
                 self.image, self.mask = outpaint_canvas(self.image, list(req.outpaint))
-            elif self.image.size != (side, side):
+            elif self.image.size != (W, H):
                 raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where}")
             self.mode = "outpaint" if req.outpaint is not None else "invert" if req.invert else "sdedit"
             if req.mask is not None:
                 mi = _open_image(req.mask, "mask")
                 if mi.size != self.image.size:
                     raise EditInputError(f"the mask {req.mask} is {mi.size[0]}x{mi.size[1]}, the init image "
-                                         f"{req.init_image} is {side}x{side}")
+                                         f"{req.init_image} is {W}x{H}")
                 self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
                 self.inputs["mask"] = _file_id(req.mask)
                 self.mode = "inpaint"
@@ -674,9 +675,13 @@ class DiffusersEditPlan:
                 raise EditInputError(f"control= for {req.model} needs controlnet= (a diffusers ControlNetModel folder)")
             self.cn_path = check_controlnet_folder(req.controlnet)
             self.control = _open_image(req.control, "control image").convert("RGB")
-            if self.control.size != (side, side):
+            if self.control.size != (W, H):
                 raise EditInputError(f"the control image {req.control} is {self.control.size[0]}x{self.control.size[1]}, "
                                      f"but {where}")
+            if not req.control_is_map:  # an image: its Canny edge map, as a canny ControlNet takes it
+                from models.diffusers_edit import canny_control
+
+                self.control = canny_control(self.control)
             self.inputs["control"] = _file_id(req.control)
             self.inputs["controlnet"] = {"folder": str(self.cn_path), "sha256": {
                 str(f.relative_to(self.cn_path)): file_sha256(f) for f in sorted(self.cn_path.rglob("*.safetensors"))}}
@@ -694,7 +699,8 @@ class DiffusersEditPlan:
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
-            control = {"image": self.inputs["control"], "is_map": False,
+            control = {"image": self.inputs["control"], "is_map": req.control_is_map,
+                       "signal": None if req.control_is_map else "canny",
                        "scale": req.control_scale if req.control_scale is not None else 1.0,
                        "controlnet": {"folder": cn["folder"], "sha256": stable_sha(cn["sha256"])}}
         return {"edit": edit, "control": control, "embedding": None}
