@@ -54,6 +54,7 @@ def main() -> None:
     cfg = DownloadConfig(processes_count=args.processes, thread_count=args.threads, timeout=10, retry_passes=0,
                          number_sample_per_shard=max(10, args.n // args.processes))
     times: dict[str, list[float]] = {"img2dataset": [], "stage": []}
+    splits: list[dict[str, float]] = []  # the stage's fetch / decode / ledger wall and CPU, per repeat
     with serve_world(tmp / "world") as srv:
         urls = url_table(tmp / "world", srv.base_url)
         urls.to_parquet(tmp / "urls.parquet", index=False)
@@ -67,7 +68,9 @@ def main() -> None:
                     bare_img2dataset(tmp / "urls.parquet", out, cfg)
                 else:
                     out.mkdir()
-                    counts = run_download(urls, cfg, out, progress=False)
+                    split: dict[str, float] = {}
+                    counts = run_download(urls, cfg, out, progress=False, timings=split)
+                    splits.append(split)
                     assert counts["success"] == args.n, counts
                 times[name].append(time.perf_counter() - t0)
     best = {k: min(v) for k, v in times.items()}
@@ -77,8 +80,13 @@ def main() -> None:
     for k in ("img2dataset", "stage"):
         print(f"{k:12} {best[k]:8.2f} {rate[k]:9.1f}")
     print(f"ratio stage / bare img2dataset: {ratio:.3f} (goal >= 0.95)")
+    for phase in ("fetch", "decode", "ledger"):
+        print(f"stage {phase:7} wall " + " ".join(f"{t[f'{phase}_wall_s']:7.2f}" for t in splits)
+              + "   CPU " + " ".join(f"{t[f'{phase}_cpu_s']:7.2f}" for t in splits))
+    print(f"load average: {open('/proc/loadavg').read().split()[:3]}")
     print(json.dumps({"bench": "download", "n": args.n, "best_seconds": best, "images_per_s": rate,
-                      "ratio": round(ratio, 3), "all_seconds": times}))
+                      "ratio": round(ratio, 3), "all_seconds": times, "stage_split": splits,
+                      "loadavg": open("/proc/loadavg").read().split()[:3]}))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     from imagegen.evaluate.metrics import ALL_METRICS, KNOWN_METRICS
     from imagegen.pipeline import DISTILL_PRESETS, EVAL_PRESETS
     from imagegen.presets import CURATE_PRESETS
-    from imagegen.train.runs import TRAIN_PRESETS
+    from imagegen.train.presets import TRAIN_PRESETS
     from models.teacher import METHODS
 
     parser = argparse.ArgumentParser(prog="imagegen", description=__doc__.split("\n")[0])

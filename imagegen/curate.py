@@ -37,7 +37,7 @@ from imagegen.stages.ledger import read_ledger
 from imagegen.stages.recaption import RecaptionConfig
 from imagegen.stages.shard import ShardConfig
 from imagegen.world.publish import PublishConfig
-from imagegen.world.reference_clip import ReferenceClipConfig
+from imagegen.world.reference_clip_config import ReferenceClipConfig
 from imagegen.world.scene import WorldConfig
 
 log = logging.getLogger(__name__)
@@ -584,7 +584,7 @@ def check_preconditions(config: CurateConfig, root: Path) -> None:
         if config.download.parent:
             parent_download(root, config.download.parent)  # a known dataset whose download is still here
             if config.download.append_list:
-                download_mod.read_url_list(config.download.append_list, config.download.url_col,
+                download_mod.scan_url_list(config.download.append_list, config.download.url_col,
                                            config.download.caption_col, config.download.on_duplicate_urls)
         _check_inputs(config)
     except BaseException:
@@ -616,7 +616,7 @@ def _check_inputs(config: CurateConfig) -> None:
                             "source.kind='world'; for a URL list set them to real models (e.g. --set "
                             "filter.clip_score.model=ViT-B-32:laion2b_s34b_b79k) or turn them off")
         try:
-            download_mod.read_url_list(config.source.url_list, config.download.url_col,
+            download_mod.scan_url_list(config.source.url_list, config.download.url_col,
                                        config.download.caption_col, config.download.on_duplicate_urls)
         except download_mod.InputError as exc:
             problems.insert(0, str(exc))

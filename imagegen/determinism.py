@@ -14,8 +14,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
-
 # Default thread count of model-backed CPU steps.  One thread is the only count that is not
 # slower on a loaded machine (an oversubscribed OpenMP pool spin-waits: 2 threads ran a CLIP
 # training step 7x slower than 1 on 2 busy cores); steps that want more say so in their config.
@@ -27,6 +25,8 @@ def torch_threads(n: int) -> Iterator[int]:
     """Run the block on exactly ``n`` intra-op torch threads, then restore the previous count."""
     if n < 1:
         raise ValueError(f"thread count must be >= 1, got {n}")
+    import torch  # here, not at the top: config models read DEFAULT_THREADS without importing torch
+
     prev = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

@@ -111,7 +111,7 @@ def _write_latents(final: Path, ds: Any, keys: list[str], captions: list[str], s
 def encode_dataset(root: Path | str, dataset: str, autoencoder_run: Any, *, batch_size: int = 64,
                    device: str = "cpu", name: str | None = None, image_size: int | None = None) -> str:
     """Encode ``dataset`` with the autoencoder of a finished run into a registered latent dataset; its id."""
-    from models.checkpoint import read_checkpoint
+    from models.checkpoint import read_state
     from imagegen.train.runs import get_run
     from models.checkpoint import load_family
 
@@ -125,7 +125,7 @@ def encode_dataset(root: Path | str, dataset: str, autoencoder_run: Any, *, batc
     run = get_run(root, autoencoder_run)
     if run.card.get("status") != "finished" or run.checkpoint is None:
         raise LatentError(f"autoencoder run {run.id} is {run.card.get('status')!r}, not finished")
-    _, meta = read_checkpoint(run.checkpoint)
+    meta = read_state(run.checkpoint)
     ae = load_family(run.checkpoint, device=device)
     tokens = hasattr(ae, "encode_tokens") and hasattr(ae, "decode_tokens")
     if not tokens and not (hasattr(ae, "encode") and hasattr(ae, "decode")):

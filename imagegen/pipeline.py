@@ -60,7 +60,7 @@ class CurateStage(_Stage):
 
 class TrainStage(_Stage):
     preset: Literal["smoke", "demo", "gpu"] | None = Field("smoke", description="Train preset "
-                                                           "(imagegen.train.runs.TRAIN_PRESETS)")
+                                                           "(imagegen.train.presets.TRAIN_PRESETS)")
     family: str | None = Field(None, min_length=1, description="Model family (None = the preset's), "
                                "e.g. flow, ddpm, edm")
     steps: int | None = Field(None, ge=1, le=100_000_000, description="Optimizer steps (None = the preset's)")

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,11 +82,12 @@ class SampleRequest(BaseModel):
                              "models/lora.save_lora on its net or run:<id> of a personalize LoRA run of it")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = the "
                                    "pipeline's default)")
-    height: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families (DDPM, EDM, flow): "
-                               "the image height in pixels, e.g. an aspect bucket's (None = the run's size); a "
-                               "multiple of the net's patch / downsampling")
-    width: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families: the image width in "
-                              "pixels (None = the run's size)")
+    height: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families (DDPM, EDM, flow) and "
+                               "diffusers models: the image height in pixels, e.g. an aspect bucket's (None = the "
+                               "run's / pipeline's size); a multiple of the net's patch / downsampling (diffusers: "
+                               "of the VAE factor)")
+    width: int | None = Field(None, ge=8, le=8192, description="Runs of any-size families and diffusers models: the "
+                              "image width in pixels (None = the run's / pipeline's size)")
     out: str | None = Field(None, description="Output folder (default <data root>/samples/<id>)")
     output_size: int | None = Field(None, ge=8, le=4096, description="Resize samples to this square side "
                                     "(bicubic) before saving; None keeps the model's size")
@@ -116,8 +116,9 @@ class SampleRequest(BaseModel):
                                 "ControlNet's own signal (Canny, boxes, segmentation)")
     control_scale: float | None = Field(None, ge=0.0, le=10.0, description="Weight of the control residuals "
                                         "(None: the ControlNet's default)")
-    control_is_map: bool = Field(False, description="control is the map itself (grayscale image for Canny, "
-                                 ".npy [C, H, W] for any signal)")
+    control_is_map: bool = Field(False, description="control is the map itself (runs: a grayscale image for "
+                                 "Canny, .npy [C, H, W] for any signal; diffusers: the image the ControlNet takes, "
+                                 "edges, depth, pose...); otherwise control is an image and its Canny edges are used")
     controlnet: str | None = Field(None, description="A ControlNet run trained on run (or give the ControlNet run "
                                    "as run); for a diffusers model, a diffusers ControlNetModel folder")
     embedding: list[str] | None = Field(None, description="Textual-inversion embeddings, one new token each: "
@@ -157,9 +158,8 @@ class SampleRequest(BaseModel):
             elif not self.model.startswith("run:") or len(self.model) <= 4:
                 raise ValueError(f"unknown model spec {self.model!r}; use 'run:RUN_ID' or "
                                  "'diffusers:PATH_OR_REPO_ID[@REVISION]'")
-        if (self.height is not None or self.width is not None) and self.is_diffusers:
-            raise ValueError("height/width apply to runs of this project; a diffusers model takes resolution= "
-                             "(its square side)")
+        if (self.height is not None or self.width is not None) and self.resolution is not None:
+            raise ValueError("give resolution= (a square side) or height=/width=, not both")
         if (self.height is not None or self.width is not None) and self.output_size is not None:
             raise ValueError("output_size resizes to a square; with height/width leave it unset")
         if not self.is_diffusers and self.resolution is not None:
@@ -170,12 +170,12 @@ class SampleRequest(BaseModel):
         edits += [f for f in ("invert", "control_is_map") if getattr(self, f)] + (["resample"] if self.resample != 1 else [])
         unsupported = [f for f in edits if f not in ("init_image", "strength", "mask", "outpaint", "invert",
                                                      "source_prompt", "control", "control_scale", "controlnet",
-                                                     "embedding")]
+                                                     "control_is_map", "embedding")]
         if self.is_diffusers and unsupported:
             raise ValueError(f"{', '.join(unsupported)}: not supported for diffusers models (they take init_image, "
-                             "strength, mask, outpaint, invert, source_prompt, control, control_scale, controlnet and "
-                             "embedding: diffusers' img2img, inpainting, DDIM-inversion, ControlNet pipelines and "
-                             "textual inversion); they apply to runs of this project (run=RUN)")
+                             "strength, mask, outpaint, invert, source_prompt, control, control_scale, controlnet, "
+                             "control_is_map and embedding: diffusers' img2img, inpainting, DDIM-inversion, ControlNet "
+                             "pipelines and textual inversion); they apply to runs of this project (run=RUN)")
         if self.is_diffusers and any(e.startswith("run:") for e in self.embedding or ()):
             raise ValueError("embedding=run:<id> names a personalize run of this project (its embedding is for the "
                              "run's own text encoder); a diffusers model takes learned_embeds.safetensors files")
@@ -232,7 +232,7 @@ class Prepared:
     """A request resolved against the registry: run, checkpoint identity, prompts and their conditions."""
 
     def __init__(self, req: SampleRequest, root: Path) -> None:
-        from models.checkpoint import read_checkpoint
+        from models.checkpoint import read_state
         from imagegen.train.runs import get_run
         from imagegen.train.trainer import TrainConfig
         from models.registry import get_family
@@ -259,7 +259,7 @@ class Prepared:
         self.run = get_run(root, req.run_id)
         if self.run.checkpoint is None:
             raise SampleError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
-        _, meta = read_checkpoint(self.run.checkpoint)
+        meta = read_state(self.run.checkpoint)
         self.train_cfg = TrainConfig(**self.run.card["config"])
         self.family_name = self.train_cfg.family
         fam_cls = get_family(self.family_name)
@@ -291,9 +291,13 @@ class Prepared:
             raise SampleError(str(exc)) from None
 
     def _diffusers(self, req: SampleRequest) -> None:
-        from models.hf_diffusers import DiffusersModel, lora_file, parse_lora, resolve_spec
+        from models.hf_diffusers import DiffusersError, DiffusersModel, image_size, lora_file, parse_lora, resolve_spec
 
-        _, self.identity = resolve_spec(str(req.model))  # not a pipeline / pickled weights: refused here
+        path, self.identity = resolve_spec(str(req.model))  # not a pipeline / pickled weights: refused here
+        try:
+            self.size = image_size(path, req.resolution, req.height, req.width)  # (h, w), checked before loading
+        except DiffusersError as exc:
+            raise SampleError(str(exc)) from None
         for text in req.loras:
             lora_file(parse_lora(text)[0])
         for e in req.embedding or ():
@@ -318,7 +322,8 @@ class Prepared:
             from models.hf_diffusers import DiffusersModel
 
             return DiffusersModel(str(self.req.model), device=device, resolution=self.req.resolution,
-                                  loras=self.req.loras, embeddings=self.req.embedding or ())
+                                  height=self.req.height, width=self.req.width, loras=self.req.loras,
+                                  embeddings=self.req.embedding or ())
         from models.checkpoint import load_family
 
         return load_family(self.run.checkpoint, device=device)
@@ -348,6 +353,8 @@ def _embedding_file(path: str) -> Path:
 
 
 def _device(req: SampleRequest) -> str:
+    import torch
+
     if req.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if req.device == "cuda" and not torch.cuda.is_available():
@@ -432,6 +439,8 @@ def sample(request: SampleRequest | dict[str, Any], root: Path | str,
 
 
 def _sample(req: SampleRequest, root: Path, progress: Any) -> dict[str, Any]:
+    import torch
+
     from imagegen import __version__
     from models.reflow import pair_noise
     prep = Prepared(req, root)
@@ -443,16 +452,17 @@ def _sample(req: SampleRequest, root: Path, progress: Any) -> dict[str, Any]:
                               "(pip install --no-deps invisible-watermark: its opencv-python requirement would "
                               "replace opencv-python-headless)") from None
 
-        side = req.output_size
-        if side is None and req.is_diffusers:
-            side = req.resolution
-        elif side is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
+        hw = (req.output_size, req.output_size) if req.output_size is not None else None
+        if hw is None and req.is_diffusers:
+            hw = prep.size
+        elif hw is None and prep.train_cfg.model.get("data", "pixels") == "pixels":
             side = int(prep.train_cfg.model.get("image_size", 0))
+            hw = (req.height or side, req.width or side)
         # (a latent run's decoded size is known once the first image is decoded: apply_watermark checks it
         # before anything is saved)
-        if side is not None and side * side < WATERMARK_MIN_PIXELS:
+        if hw is not None and hw[0] * hw[1] < WATERMARK_MIN_PIXELS:
             raise SampleError(f"a dwtDct watermark needs images of at least 256 x 256 pixels; {req.run or req.model} makes "
-                              f"about {side} x {side} (set output_size=256 or more)")
+                              f"about {hw[1]} x {hw[0]} (set output_size=256 or more)")
     device = _device(req)
     note = progress or (lambda msg: None)
     # batch_size stays in: a stochastic sampler's generator is seeded per batch, so the batch
@@ -462,12 +472,12 @@ def _sample(req: SampleRequest, root: Path, progress: Any) -> dict[str, Any]:
     sample_id = stable_hash({"model": prep.identity, "prompts": prep.prompts, "settings": settings,
                              "inputs": plan.inputs, "loras": [lo.get("sha256") for lo in plan.loras]})
     out = Path(req.out) if req.out else root / "samples" / sample_id
-    out.mkdir(parents=True, exist_ok=True)
     if req.is_diffusers:
         fam = prep.load(device)
         prep.identity = fam.identity  # with the LoRAs' hashes
-    else:
+    else:  # (its tensors checked against the sha256 the id took from state.json: a corrupt file stops here)
         fam = plan.load(prep, device)  # the run's family (or its ControlNet), LoRA merged, control map made
+    out.mkdir(parents=True, exist_ok=True)
     if plan.trivial:
         note(f"[sample] {plan.trivial}")
     sampler = req.sampler or fam.default_sampler
@@ -577,9 +587,10 @@ def add_sample_parser(sub: Any) -> None:
                     "for a run, a peft adapter folder made by models/lora.save_lora on its net, or run:<id> of a "
                     "personalize LoRA run of it")
     sp.add_argument("--resolution", type=int, help="diffusers models: image side (default: the pipeline's)")
-    sp.add_argument("--height", type=int, help="any-size runs (DDPM, EDM, flow): image height in pixels, e.g. an "
-                    "aspect bucket's (default: the run's size)")
-    sp.add_argument("--width", type=int, help="any-size runs: image width in pixels (default: the run's size)")
+    sp.add_argument("--height", type=int, help="any-size runs (DDPM, EDM, flow) and diffusers models: image height "
+                    "in pixels, e.g. an aspect bucket's (default: the run's / pipeline's size)")
+    sp.add_argument("--width", type=int, help="any-size runs and diffusers models: image width in pixels (default: "
+                    "the run's / pipeline's size)")
     sp.add_argument("--out", help="output folder (default <data root>/samples/<id>)")
     sp.add_argument("--output-size", type=int, help="resize samples to this side before saving")
     sp.add_argument("--watermark", nargs="?", const=DEFAULT_WATERMARK, default=None, metavar="TEXT",
@@ -602,7 +613,9 @@ def add_sample_parser(sub: Any) -> None:
     ed.add_argument("--control", metavar="IMAGE", help="control image; the ControlNet computes its map from it")
     ed.add_argument("--control-scale", type=float, help="weight of the control (default: the ControlNet's)")
     ed.add_argument("--control-is-map", action="store_true",
-                    help="--control is the map itself (grayscale image for Canny, .npy [C, H, W] for any signal)")
+                    help="--control is the map itself (runs: grayscale image for Canny, .npy [C, H, W] for any "
+                    "signal; diffusers: the image its ControlNet takes, e.g. depth or pose); without it, Canny edges "
+                    "of --control")
     ed.add_argument("--controlnet", metavar="RUN", help="a ControlNet run trained on --run")
     ed.add_argument("--embedding", action="append", metavar="FILE",
                     help="textual-inversion embedding (learned_embeds.safetensors, or run:<id> of a personalize "

@@ -378,6 +378,15 @@ class EditPlan:
                                  f"lora=run:{prep.run.id} (or embedding=run:{prep.run.id} for textual inversion), "
                                  "with any other adapters")
         target = Path(model["base"]) if fam_name == "controlnet" else Path(prep.run.checkpoint)
+        from models.checkpoint import read_state
+
+        base_pipeline = (read_state(target).get("family_info") or {}).get("pipeline")
+        if base_pipeline:  # an adapter-only checkpoint (diffusers_lora, lcm_lora): its header holds no net weights
+            raise EditInputError(f"LoRA: run {prep.run.id} is a {fam_name!r} run, a LoRA adapter over the diffusers "
+                                 f"pipeline {base_pipeline} (its checkpoint holds the adapter alone, not the net's "
+                                 f"weights, so adapters are not merged into it here); sample model={base_pipeline} "
+                                 "with loras=[the run's adapter (models.diffusers_lora.export_adapter), the others "
+                                 "(diffusers safetensors)]")
         shapes = _net_weight_shapes(target)
         if not shapes:
             raise EditInputError(f"LoRA: run {prep.run.id} is a {fam_name!r} run without a denoiser net to adapt")
@@ -506,12 +515,12 @@ class EditPlan:
 
     def load(self, prep: Any, device: str) -> Any:
         """The family to sample, with the ControlNet, LoRA and control map in place."""
-        from models.checkpoint import load_family, read_checkpoint
+        from models.checkpoint import load_family, read_state
 
         if self.controlnet_run is not None:
             ck = self.controlnet_run.checkpoint
             fam = load_family(ck, device=device)
-            _, meta = read_checkpoint(ck)
+            meta = read_state(ck)  # load_family just checked its tensors
             self.cn_identity = {"run": self.controlnet_run.id, "checkpoint_step": int(meta["step"]),
                                 "tensors_sha256": meta["tensors_sha256"]}
         else:
@@ -628,12 +637,13 @@ class DiffusersEditPlan:
 
     def __init__(self, req: Any) -> None:
         from models.diffusers_edit import check_controlnet_folder
-        from models.hf_diffusers import default_resolution, resolve_spec
+        from models.hf_diffusers import image_size, resolve_spec
 
         self.req = req
         path, _ = resolve_spec(str(req.model))
-        side = int(req.resolution or default_resolution(path))
-        where = f"{req.model} makes {side}x{side} images" + ("" if req.resolution else " (set resolution= for another size)")
+        H, W = image_size(path, req.resolution, req.height, req.width)
+        given = req.resolution or req.height or req.width
+        where = f"{req.model} makes {W}x{H} images" + ("" if given else " (set resolution= or height=/width= for another size)")
         self.inputs: dict[str, Any] = {}
         self.loras = [{"spec": s} for s in req.loras]
         self.image = self.mask = self.control = None
@@ -646,20 +656,20 @@ class DiffusersEditPlan:
                 from models.diffusers_edit import outpaint_canvas
 
                 left, top, right, bottom = req.outpaint
-                W, H = w + left + right, h + top + bottom
-                if (W, H) != (side, side):
+                cw, ch = w + left + right, h + top + bottom
+                if (cw, ch) != (W, H):
                     raise EditInputError(f"outpaint: the init image {req.init_image} is {w}x{h}; with margins "
-                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {W}x{H}, "
+                                         f"left={left} top={top} right={right} bottom={bottom} the canvas is {cw}x{ch}, "
                                          f"but {where}")
                 self.image, self.mask = outpaint_canvas(self.image, list(req.outpaint))
-            elif self.image.size != (side, side):
+            elif self.image.size != (W, H):
                 raise EditInputError(f"the init image {req.init_image} is {w}x{h}, but {where}")
             self.mode = "outpaint" if req.outpaint is not None else "invert" if req.invert else "sdedit"
             if req.mask is not None:
                 mi = _open_image(req.mask, "mask")
                 if mi.size != self.image.size:
                     raise EditInputError(f"the mask {req.mask} is {mi.size[0]}x{mi.size[1]}, the init image "
-                                         f"{req.init_image} is {side}x{side}")
+                                         f"{req.init_image} is {W}x{H}")
                 self.mask = Image.fromarray(np.where(np.asarray(mi.convert("L")) > 127, 255, 0).astype(np.uint8))
                 self.inputs["mask"] = _file_id(req.mask)
                 self.mode = "inpaint"
@@ -673,10 +683,17 @@ class DiffusersEditPlan:
             if req.controlnet is None:
                 raise EditInputError(f"control= for {req.model} needs controlnet= (a diffusers ControlNetModel folder)")
             self.cn_path = check_controlnet_folder(req.controlnet)
+            if req.control_is_map and Path(req.control).suffix == ".npy":
+                raise EditInputError(f"control map {req.control}: a diffusers ControlNet takes its map as an image "
+                                     "(PNG / JPEG, as its pipeline does), not a .npy array")
             self.control = _open_image(req.control, "control image").convert("RGB")
-            if self.control.size != (side, side):
+            if self.control.size != (W, H):
                 raise EditInputError(f"the control image {req.control} is {self.control.size[0]}x{self.control.size[1]}, "
                                      f"but {where}")
+            if not req.control_is_map:  # an image: its Canny edge map, as a canny ControlNet takes it
+                from models.diffusers_edit import canny_control
+
+                self.control = canny_control(self.control)
             self.inputs["control"] = _file_id(req.control)
             self.inputs["controlnet"] = {"folder": str(self.cn_path), "sha256": {
                 str(f.relative_to(self.cn_path)): file_sha256(f) for f in sorted(self.cn_path.rglob("*.safetensors"))}}
@@ -694,13 +711,23 @@ class DiffusersEditPlan:
         control = None
         if self.control is not None:
             cn = self.inputs["controlnet"]
-            control = {"image": self.inputs["control"], "is_map": False,
+            control = {"image": self.inputs["control"], "is_map": req.control_is_map,
+                       "signal": None if req.control_is_map else "canny",
                        "scale": req.control_scale if req.control_scale is not None else 1.0,
                        "controlnet": {"folder": cn["folder"], "sha256": stable_sha(cn["sha256"])}}
         return {"edit": edit, "control": control, "embedding": None}
 
     def context(self, fam: Any) -> ExitStack:
         return ExitStack()
+
+    def pipeline(self, fam: Any) -> Any:
+        """diffusers' pipeline for this edit on the loaded model ``fam`` (built once, its ControlNet loaded)."""
+        from models import diffusers_edit as E
+
+        if self._pipe is None:
+            cn = E.load_controlnet(self.cn_path, fam) if self.cn_path is not None else None
+            self._pipe = E.edit_pipeline(fam, self.mode, cn)
+        return self._pipe
 
     def generate(self, fam: Any, n: int, cond: Any, negative: Any, sampler: str, steps: int, guidance: float,
                  x_T: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, int]:
@@ -709,10 +736,7 @@ class DiffusersEditPlan:
         if sampler != "pipeline":
             raise EditInputError(f"diffusers editing and control run the pipeline's own scheduler; sampler "
                                  f"{sampler!r} applies to plain sampling")
-        if self._pipe is None:
-            cn = E.load_controlnet(self.cn_path, fam) if self.cn_path is not None else None
-            self._pipe = E.edit_pipeline(fam, self.mode, cn)
-        return E.generate(fam, self._pipe, self.mode, list(cond), negative, steps, guidance, generator,
+        return E.generate(fam, self.pipeline(fam), self.mode, list(cond), negative, steps, guidance, generator,
                           image=self.image, mask=self.mask, strength=self.strength, control=self.control,
                           control_scale=self.req.control_scale if self.req.control_scale is not None else 1.0,
                           latents=x_T, source=self.req.source_prompt)

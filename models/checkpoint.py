@@ -28,9 +28,21 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: damaged, or made by a different run setup."""
 
 
-def _checked_state(path: Path) -> dict[str, Any]:
-    """The state of a checkpoint folder after its integrity checks (files present, state JSON of
-    this format, tensors' sha256 as recorded); raises :class:`CheckpointError`."""
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state (step, config, the recorded tensors sha256, ...) from its metadata alone:
+    ``state.json`` of this format and a readable safetensors header (``safe_open``); no tensor read
+    and no hash of the tensor file, so what it records is checked later by :func:`read_checkpoint`
+    / :func:`load_family` before any tensor is used.  For ids and checks before work; raises
+    :class:`CheckpointError`."""
+    path = Path(path)
+    meta = _state_json(path)
+    _check_header(path)
+    if not isinstance(meta.get("tensors_sha256"), str):
+        raise CheckpointError(f"checkpoint {path}: {STATE} records no tensors_sha256")
+    return meta
+
+
+def _state_json(path: Path) -> dict[str, Any]:
     st, tf = path / STATE, path / TENSORS
     if not st.is_file() or not tf.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: needs {STATE} and {TENSORS}")
@@ -41,6 +53,14 @@ def _checked_state(path: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format') if isinstance(meta, dict) else meta!r}"
                               f" (this code reads format {FORMAT})")
+    return meta
+
+
+def _checked_state(path: Path) -> dict[str, Any]:
+    """The state of a checkpoint folder after its integrity checks (files present, state JSON of
+    this format, tensors' sha256 as recorded); raises :class:`CheckpointError`."""
+    tf = path / TENSORS
+    meta = _state_json(path)
     digest = file_sha256(tf)
     if digest != meta.get("tensors_sha256"):
         raise CheckpointError(f"checkpoint {path} is corrupt: {TENSORS} has sha256 {digest[:16]}..., "
@@ -53,12 +73,17 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     readable safetensors header).  Returns the state; raises :class:`CheckpointError`."""
     path = Path(path)
     meta = _checked_state(path)
+    _check_header(path)
+    return meta
+
+
+def _check_header(path: Path) -> None:
+    """The safetensors header of a checkpoint folder is readable (no tensor read)."""
     try:
         with safe_open(str(path / TENSORS), framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path}: cannot read {TENSORS} ({exc})") from None
-    return meta
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:

@@ -15,12 +15,14 @@ models/hf_diffusers.py), through diffusers' own pipelines built on the loaded on
   UNet pipelines);
 * **ControlNet**: a diffusers ``ControlNetModel`` folder (``save_pretrained``, safetensors) passed
   as ``controlnet``: the ControlNet variant of whichever of the three pipelines applies, with the
-  control image and ``controlnet_conditioning_scale``.
+  control image and ``controlnet_conditioning_scale``.  The control is given as the map itself
+  (``control_is_map``: edges, depth, pose, ... exactly as that ControlNet takes it) or as an image
+  whose Canny edge map (:func:`canny_control`) is the control, for canny ControlNets.
 
 Textual-inversion embeddings are loaded by the model itself (models/hf_diffusers.py,
 ``DiffusersModel.add_embedding``), so every mode sees them.
 
-Images go in as PIL images at the pipeline's resolution and come out in [-1, 1]; the NFE is the
+Images go in as PIL images at the model's height x width and come out in [-1, 1]; the NFE is the
 UNet calls the loaded model counts.
 """
 
@@ -30,6 +32,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -37,6 +40,7 @@ from torch import Tensor
 from models.hf_diffusers import DiffusersError, check_weights_folder
 
 MODES = ("sample", "sdedit", "inpaint", "outpaint", "invert")
+CANNY_LOW, CANNY_HIGH = 100, 200  # the Canny thresholds of diffusers' ControlNet examples and of models/controlnet.py
 
 
 def check_controlnet_folder(path: str | Path) -> Path:
@@ -92,6 +96,16 @@ def edit_pipeline(model: Any, mode: str, controlnet: Any = None) -> Any:
                              f"{' with a ControlNet' if controlnet is not None else ''} ({exc})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def canny_control(image: Image.Image, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
+    """The control image a canny ControlNet takes for ``image``: OpenCV Canny edges of its gray
+    version (thresholds 100/200, as diffusers' ControlNet examples use), white on black, in 3
+    channels.  The same edges as the project's own ControlNets (models.controlnet.control_map)."""
+    import cv2
+
+    edges = cv2.Canny(cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY), low, high)
+    return Image.fromarray(np.repeat(edges[:, :, None], 3, axis=2))
 
 
 def outpaint_canvas(image: Image.Image, margins: list[int], fill: int = 128) -> tuple[Image.Image, Image.Image]:
@@ -161,7 +175,7 @@ def generate(model: Any, pipe: Any, mode: str, prompts: list[str], negative: lis
     if mode == "outpaint":
         mode = "inpaint"  # on the canvas (outpaint_canvas), whose margins the mask generates
     kw: dict[str, Any] = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance, output_type="pt",
-                              generator=generator, height=model.resolution, width=model.resolution)
+                              generator=generator, height=model.height, width=model.width)
     if negative is not None:
         kw["negative_prompt"] = negative
     if mode == "sample":

@@ -150,6 +150,13 @@ def resolve_spec(spec: str) -> tuple[Path, dict[str, Any]]:
     return path, identity
 
 
+def vae_factor(path: Path) -> int:
+    """A pipeline folder's VAE downsampling factor (2^(len(block_out_channels) - 1), as diffusers'
+    pipelines compute ``vae_scale_factor``), from its config: image sides must be multiples of it."""
+    vae = path / "vae" / "config.json"
+    return 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0, 0, 0, 0])) - 1) if vae.is_file() else 8
+
+
 def default_resolution(path: Path) -> int:
     """The image side a pipeline folder generates by default (net sample_size x VAE factor), from its configs."""
     cfg = {}
@@ -158,10 +165,33 @@ def default_resolution(path: Path) -> int:
         if f.is_file():
             cfg = json.loads(f.read_text())
             break
-    vae = path / "vae" / "config.json"
-    factor = 2 ** (len(json.loads(vae.read_text()).get("block_out_channels", [0, 0, 0, 0])) - 1) if vae.is_file() else 8
     size = cfg.get("sample_size", 64)
-    return int(size[0] if isinstance(size, list) else size) * factor
+    return int(size[0] if isinstance(size, list) else size) * vae_factor(path)
+
+
+def image_size(path: Path, resolution: int | None = None, height: int | None = None,
+               width: int | None = None) -> tuple[int, int]:
+    """(height, width) a pipeline folder generates: ``height``/``width`` where given, else
+    ``resolution`` (a square side), else its default; each side a multiple of the VAE factor
+    (refused otherwise, naming the side and the factor), read from the configs before any loading."""
+    side = int(resolution or default_resolution(path))
+    h, w = int(height or side), int(width or side)
+    f = vae_factor(path)
+    patch = transformer_patch(path)  # a DiT's latent patches (SD3's pipeline refuses other sides); a UNet: 1
+    m = f * patch
+    bad = [f"{name} {v}" for name, v in (("resolution", resolution), ("height", height), ("width", width))
+           if v is not None and v % m]
+    if bad:
+        why = f"{path}'s VAE factor {f}" + (f" x its transformer's patch size {patch}" if patch > 1 else "")
+        raise DiffusersError(f"{', '.join(bad)}: not a multiple of {m} ({why}; image sides must be multiples of {m})")
+    return h, w
+
+
+def transformer_patch(path: Path) -> int:
+    """A transformer pipeline's latent patch size (SD3: 2) from its config; 1 for a UNet pipeline
+    (its UNet pads uneven sides itself, so only the VAE factor binds)."""
+    f = path / "transformer" / "config.json"
+    return int(json.loads(f.read_text()).get("patch_size") or 1) if f.is_file() else 1
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
@@ -222,7 +252,8 @@ class DiffusersModel:
     conditioning = "text"
 
     def __init__(self, spec: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
-                 resolution: int | None = None, loras: Sequence[str] = (), embeddings: Sequence[str] = ()) -> None:
+                 resolution: int | None = None, height: int | None = None, width: int | None = None,
+                 loras: Sequence[str] = (), embeddings: Sequence[str] = ()) -> None:
         from diffusers import DiffusionPipeline
 
         self.spec = spec
@@ -248,8 +279,13 @@ class DiffusersModel:
         size = size[0] if isinstance(size, (list, tuple)) else int(size)
         default_res = size * self.vae_scale  # sample_size counts latent pixels (UNet and DiT alike)
         self.resolution = int(resolution or default_res)
-        if self.resolution % self.vae_scale:
-            raise DiffusersError(f"resolution {self.resolution} is not a multiple of the VAE factor {self.vae_scale}")
+        self.height, self.width = int(height or self.resolution), int(width or self.resolution)
+        m = self.vae_scale * transformer_patch(self.path)
+        bad = [f"{k} {v}" for k, v in (("resolution", self.resolution), ("height", self.height), ("width", self.width))
+               if v % m]
+        if bad:
+            raise DiffusersError(f"{', '.join(bad)}: not a multiple of {m} (the VAE factor {self.vae_scale}"
+                                 f"{' x the transformer patch size' if m != self.vae_scale else ''})")
         self.latent_channels = int(pipe.vae.config.latent_channels)
         self.loras: list[dict[str, Any]] = []
         for text in loras:
@@ -318,8 +354,7 @@ class DiffusersModel:
 
     @property
     def noise_shape(self) -> tuple[int, ...]:
-        side = self.resolution // self.vae_scale
-        return (self.latent_channels, side, side)
+        return (self.latent_channels, self.height // self.vae_scale, self.width // self.vae_scale)
 
     def _check(self, sampler: str | None, steps: int | None) -> tuple[str, int]:
         sampler = sampler or self.default_sampler
@@ -395,7 +430,7 @@ class DiffusersModel:
         self.pipe.scheduler = self.scheduler_for(sampler)
         try:
             kw: dict[str, Any] = dict(prompt=prompts, num_inference_steps=steps, guidance_scale=guidance,
-                                      height=self.resolution, width=self.resolution, output_type="pt",
+                                      height=self.height, width=self.width, output_type="pt",
                                       latents=x_T.to(self.device, self.net.dtype), generator=generator)
             if neg is not None:
                 kw["negative_prompt"] = neg

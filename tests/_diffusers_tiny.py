@@ -91,7 +91,7 @@ def random_unet_lora(pipe_folder: Path, out: Path, rank: int = 4, seed: int = 1,
     return Path(out) / "pytorch_lora_weights.safetensors"
 
 
-def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
+def tiny_sd3_pipeline(folder: Path, seed: int = 0, patch_size: int = 1) -> Path:
     """A toy StableDiffusion3Pipeline (SD3Transformer2DModel, two CLIP text encoders with projection,
     no T5, flow-matching scheduler, a 4-channel AutoencoderKL with a shift factor), saved in ``folder``."""
     import tempfile
@@ -102,7 +102,7 @@ def tiny_sd3_pipeline(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=patch_size, in_channels=4, out_channels=4, num_layers=1,
                                         attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
                                         caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),

@@ -69,3 +69,18 @@ def live_prefect(session_tmp, pipeline_root):
                                     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     yield served
     served.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_curate(tmp_path_factory):
+    """One uninterrupted tiny curate (``imagegen curate --no-prefect`` of
+    ``imagegen.faultinject.TINY_CURATE``) in its own data root, once per session: test_faults.py's
+    reference bytes, and the root test_serve_auth.py's worker runs the same request in (its stages
+    are found done, so that flow run costs start-up and API traffic only).  (root, --json result,
+    dataset digests)."""
+    from imagegen import faultinject as F
+
+    root = tmp_path_factory.mktemp("tiny-curate")
+    o = F.run(F.curate_cmd(root), env={"OMP_NUM_THREADS": "1"})
+    assert o.returncode == 0 and o.result is not None, f"exit {o.returncode}\n{o.stderr[-4000:]}"
+    return root, o.result, F.dataset_digests(o.result["path"])

@@ -29,7 +29,10 @@ def tiny(tmp_path_factory) -> dict:
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for name, p in cn.named_parameters():
-            if "zero_conv" in name or "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            # every zero-initialised output, the control embedding's included (else the control image
+            # would change nothing)
+            if any(k in name for k in ("zero_conv", "controlnet_down_blocks", "controlnet_mid_block",
+                                       "controlnet_cond_embedding.conv_out")):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     cn.save_pretrained(root / "cn", safe_serialization=True)
     rng = np.random.default_rng(0)
@@ -109,11 +112,12 @@ def test_imagegen_sample_edits_a_diffusers_model(tiny, tmp_path):
                tmp_path / "root")
     assert read_parameters(b["files"][0])["edit"]["mode"] == "inpaint"
     c = sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(tiny["cn"]), control_scale=0.7,
-                             out=str(tmp_path / "c")), tmp_path / "root")
+                             control_is_map=True, out=str(tmp_path / "c")), tmp_path / "root")
     pc = read_parameters(c["files"][0])
     assert pc["control"]["scale"] == 0.7 and len(pc["control"]["controlnet"]["sha256"]) == 64
+    assert pc["control"]["is_map"] is True and pc["control"]["signal"] is None
     again = sample(SampleRequest(**base, control=str(r / "control.png"), controlnet=str(tiny["cn"]), control_scale=0.7,
-                                 out=str(tmp_path / "c2")), tmp_path / "root")
+                                 control_is_map=True, out=str(tmp_path / "c2")), tmp_path / "root")
     for f, g in zip(c["files"], again["files"]):
         assert np.array_equal(np.asarray(Image.open(f)), np.asarray(Image.open(g)))
     with pytest.raises(SampleError, match="32x32.*16x16"):
@@ -246,3 +250,125 @@ def test_inversion_outpainting_and_embeddings(tiny, tmp_path):
         DiffusersModel(tiny["spec"], embeddings=[str(wide)])
     with pytest.raises(ValueError, match="embedding=run:<id> names a personalize run"):
         SampleRequest(model=tiny["spec"], prompts=["a"], embedding=["run:abc"])
+
+
+def test_diffusers_control_is_the_map_or_the_images_canny_edges(tiny, tmp_path):
+    """control_is_map: the control image reaches the pipeline unchanged; otherwise its Canny edges
+    (the same edges as the project's own ControlNets compute), and the two give other images."""
+    from imagegen.sample import SampleRequest, read_parameters, sample
+    from imagegen.sample_edit import DiffusersEditPlan
+    from models.controlnet import control_map
+    from models.diffusers_edit import canny_control
+
+    r = tiny["root"]
+    photo = np.zeros((16, 16, 3), np.uint8)
+    photo[3:13, 5:11] = (200, 40, 40)  # a red block: edges along its border
+    Image.fromarray(photo).save(tmp_path / "photo.png")
+    base = dict(model=tiny["spec"], prompts=["a cat"], n=1, steps=3, guidance=2.0, controlnet=str(tiny["cn"]))
+    as_map = DiffusersEditPlan(SampleRequest(**base, control=str(tmp_path / "photo.png"), control_is_map=True))
+    assert np.array_equal(np.asarray(as_map.control), photo)
+    edged = DiffusersEditPlan(SampleRequest(**base, control=str(tmp_path / "photo.png")))
+    got = np.asarray(edged.control)
+    assert got.shape == (16, 16, 3) and set(np.unique(got)) == {0, 255}
+    assert (got[..., 0] == got[..., 1]).all() and (got[..., 0] == got[..., 2]).all()
+    x = torch.from_numpy(photo).permute(2, 0, 1)[None].float() / 127.5 - 1
+    ours = control_map(x, "canny")[0, 0].numpy() > 0
+    assert np.array_equal(got[..., 0] > 0, ours) and ours.any()
+    assert np.array_equal(np.asarray(canny_control(Image.fromarray(photo))), got)
+    a = sample(SampleRequest(**base, control=str(tmp_path / "photo.png"), out=str(tmp_path / "a")), tmp_path / "root")
+    b = sample(SampleRequest(**base, control=str(tmp_path / "photo.png"), control_is_map=True, out=str(tmp_path / "b")),
+               tmp_path / "root")
+    assert a["sample_id"] != b["sample_id"]
+    pa = read_parameters(a["files"][0])["control"]
+    assert pa["is_map"] is False and pa["signal"] == "canny"
+    # the two controls steer the pipeline differently (floats: the tiny model's PNGs can round alike)
+    from models import diffusers_edit as E
+    from models.hf_diffusers import DiffusersModel
+
+    m = DiffusersModel(tiny["spec"])
+    pipe = E.edit_pipeline(m, "sample", E.load_controlnet(tiny["cn"], m))
+    z = torch.randn((1, *m.noise_shape), generator=torch.Generator().manual_seed(1))
+    outs = [E.generate(m, pipe, "sample", ["a cat"], None, 3, 2.0, torch.Generator().manual_seed(0), control=c,
+                       control_scale=1.0, latents=z)[0] for c in (as_map.control, edged.control)]
+    assert not torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_diffusers_height_and_width(tiny, tmp_path):
+    """A non-square sample through the real pipeline, its size in the id; bad sides refused before loading."""
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from models.hf_diffusers import DiffusersModel, vae_factor
+
+    f = vae_factor(tiny["pipe"])
+    base = dict(model=tiny["spec"], prompts=["a cat"], n=1, steps=3, guidance=2.0)
+    wide = sample(SampleRequest(**base, height=16, width=16 + 4 * f, out=str(tmp_path / "w")), tmp_path / "root")
+    im = Image.open(wide["files"][0])
+    assert im.size == (16 + 4 * f, 16)
+    square = sample(SampleRequest(**base, out=str(tmp_path / "s")), tmp_path / "root")
+    assert Image.open(square["files"][0]).size == (16, 16) and square["sample_id"] != wide["sample_id"]
+    m = DiffusersModel(tiny["spec"], height=16, width=16 + 4 * f)
+    assert m.noise_shape[1:] == (16 // f, (16 + 4 * f) // f)
+    if f > 1:
+        with pytest.raises(SampleError, match=f"width {16 + f + 1}: not a multiple of .*VAE factor {f}"):
+            sample(SampleRequest(**base, width=16 + f + 1), tmp_path / "root")
+    with pytest.raises(ValueError, match="resolution= .* or height=/width=, not both"):
+        SampleRequest(**base, resolution=16, height=16)
+    # editing at that size: the init image must be width x height
+    Image.new("RGB", (16 + 4 * f, 16)).save(tmp_path / "wide.png")
+    ed = sample(SampleRequest(**base, height=16, width=16 + 4 * f, init_image=str(tmp_path / "wide.png"), strength=0.5,
+                              out=str(tmp_path / "e")), tmp_path / "root")
+    assert Image.open(ed["files"][0]).size == (16 + 4 * f, 16)
+    with pytest.raises(SampleError, match=f"is 16x16, but .* makes {16 + 4 * f}x16"):
+        sample(SampleRequest(**base, height=16, width=16 + 4 * f, init_image=str(tiny["root"] / "init.png")),
+               tmp_path / "root")
+    # evaluation takes the same sides, checked before any work
+    from imagegen.evaluate.run import EvalError, EvalRequest, evaluate
+
+    if f > 1:
+        with pytest.raises(EvalError, match=f"height {16 + 1}: not a multiple of .*VAE factor {f}"):
+            evaluate(EvalRequest(model=tiny["spec"], metrics=["clipscore"], height=17, n_samples=2), tmp_path / "root")
+    with pytest.raises(ValueError, match="not both"):
+        EvalRequest(model=tiny["spec"], resolution=16, width=32)
+
+
+def test_control_is_map_reaches_the_controlnet_unchanged_else_canny_runs(tiny, tmp_path):
+    """At the ControlNet's own input (its forward's controlnet_cond, [0, 1] RGB after the pipeline's
+    control processor): with control_is_map the map image itself, without it the image's Canny
+    edges (OpenCV at 100/200); a .npy map is refused for diffusers, naming the file."""
+    import cv2
+
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from imagegen.sample_edit import DiffusersEditPlan
+    from models.hf_diffusers import DiffusersModel
+
+    r = tiny["root"]
+    fam = DiffusersModel(tiny["spec"])
+
+    def received(control: Path, is_map: bool) -> np.ndarray:
+        req = SampleRequest(model=tiny["spec"], prompts=["a cat"], n=1, steps=2, control=str(control),
+                            controlnet=str(tiny["cn"]), control_is_map=is_map)
+        plan = DiffusersEditPlan(req)
+        seen = []
+        hook = plan.pipeline(fam).controlnet.register_forward_pre_hook(
+            lambda mod, args, kw: seen.append(kw["controlnet_cond"].detach().clone()), with_kwargs=True)
+        try:
+            plan.generate(fam, 1, ["a cat"], None, "pipeline", 2, 1.0, torch.randn(1, 4, 8, 8),
+                          torch.Generator().manual_seed(0))
+        finally:
+            hook.remove()
+        assert len(seen) == 2  # one ControlNet call per step, each given the same map
+        return seen[0][0].permute(1, 2, 0).numpy()
+
+    edges = np.asarray(Image.open(r / "control.png").convert("RGB"))
+    assert np.array_equal(received(r / "control.png", True), edges.astype(np.float32) / 255)
+    photo = np.asarray(Image.open(r / "init.png").convert("RGB"))
+    canny = cv2.Canny(cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY), 100, 200)
+    assert 0 < (canny > 0).mean() < 1
+    got = received(r / "init.png", False)
+    assert np.array_equal(got, np.repeat(canny[:, :, None], 3, axis=2).astype(np.float32) / 255)
+    assert not np.array_equal(received(r / "init.png", True), got)  # as a map, the photo itself goes in
+
+    base = dict(model=tiny["spec"], prompts=["a cat"], n=1, steps=2, control=str(r / "control.png"),
+                controlnet=str(tiny["cn"]))
+    np.save(tmp_path / "map.npy", np.zeros((3, 16, 16), np.float32))
+    with pytest.raises(SampleError, match="map.npy: a diffusers ControlNet takes its map as an image"):
+        sample(SampleRequest(**{**base, "control": str(tmp_path / "map.npy")}, control_is_map=True), tmp_path / "root")

@@ -140,6 +140,46 @@ def test_tiny_pipeline_samples_like_a_run(tiny_sd, tmp_path):
     assert Image.open(res2["files"][0]).size == (32, 32)
 
 
+def test_height_width_sample_a_diffusers_model_non_square(tiny_sd, tmp_path):
+    """height/width reach the pipeline: non-square latents give the same images as diffusers' own
+    call at that size (its scheduler and the project's samplers alike); a side off the VAE factor
+    is refused before the sample's folder is made, naming the value and the factor."""
+    from diffusers import StableDiffusionPipeline
+
+    from imagegen.evaluate.run import EvalRequest
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from models.hf_diffusers import DiffusersModel
+
+    spec = f"diffusers:{tiny_sd}"
+    m = DiffusersModel(spec, height=16, width=24)
+    assert m.noise_shape == (4, 8, 12)
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(4))
+    ours = m.sample(2, ["a cat", "the dog"], steps=4, guidance=2.0, x_T=x)
+    assert ours.shape == (2, 3, 16, 24)
+    direct = StableDiffusionPipeline.from_pretrained(tiny_sd, use_safetensors=True, local_files_only=True)
+    direct.set_progress_bar_config(disable=True)
+    ref = direct(["a cat", "the dog"], num_inference_steps=4, guidance_scale=2.0, height=16, width=24,
+                 latents=x.clone(), output_type="pt").images * 2 - 1
+    assert torch.allclose(ours, ref.clamp(-1, 1), atol=1e-5)
+    assert m.sample(1, ["a cat"], sampler="edm_euler", steps=3, x_T=x[:1]).shape == (1, 3, 16, 24)
+
+    base = dict(model=spec, prompts=["a cat"], n=1, steps=3)
+    wide = sample(SampleRequest(**base, height=16, width=24, out=str(tmp_path / "wide")), tmp_path / "root")
+    assert Image.open(wide["files"][0]).size == (24, 16)
+    square = sample(SampleRequest(**base, out=str(tmp_path / "sq")), tmp_path / "root")
+    assert Image.open(square["files"][0]).size == (16, 16) and square["sample_id"] != wide["sample_id"]
+    with pytest.raises(SampleError, match=r"height 17: not a multiple of .*VAE factor 2"):
+        sample(SampleRequest(**base, height=17, width=24, out=str(tmp_path / "bad")), tmp_path / "root")
+    assert not (tmp_path / "bad").exists()  # refused before any work
+    with pytest.raises(DiffusersError, match="width 31"):
+        DiffusersModel(spec, width=31)
+    with pytest.raises(ValueError, match="resolution= .* or height=/width=, not both"):
+        SampleRequest(**base, resolution=32, height=16)
+    EvalRequest(model=spec, height=16, width=24, metrics=["clipscore"])
+    with pytest.raises(ValueError, match="folder is evaluated at its images' size"):
+        EvalRequest(folder=str(tmp_path), height=16, metrics=["clipscore"])
+
+
 @pytest.mark.slow
 def test_evaluate_and_leaderboard_a_diffusers_model(tiny_sd, tmp_path):
     from _helpers import eval_world_root
@@ -444,3 +484,71 @@ def test_lora_family_options_prior_preservation_and_text_encoder(tiny_sd):
     assert state["text_encoder"] and all("lora" in k for k in state["text_encoder"])
     with pytest.raises(ValueError, match="conditioning is 'text' through the pipeline"):
         build_family("diffusers_lora", {"pipeline": f"diffusers:{tiny_sd}", "text_encoder": "ViT-B-32:openai"})
+
+
+@pytest.mark.slow
+def test_a_diffusers_lora_run_with_more_loras_is_pointed_to_the_pipeline(tiny_sd, tmp_path):
+    """A diffusers_lora checkpoint holds the adapter alone (no ``model/net.*`` base weights): extra
+    LoRAs on such a run reach the adapter check of imagegen/sample_edit.py, which read the net's
+    shapes from that header and refused a fitting adapter as one 'for another base model'; it now
+    names the run's kind and the pipeline route, before anything loads.  The run samples as before."""
+    from _helpers import eval_world_root
+
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from imagegen.sample_edit import _net_weight_shapes
+    from imagegen.train.runs import train_run
+    root = tmp_path / "root"
+    eval_world_root(root, n=8, per_shard=8)
+    spec = f"diffusers:{tiny_sd}"
+    train = {"family": "diffusers_lora", "model": {"pipeline": spec, "image_size": 16, "rank": 2}, "steps": 1,
+             "batch_size": 2, "lr": 5e-3, "warmup_steps": 0, "ckpt_every": 1, "epoch_batches": 1, "shuffle_buffer": 4,
+             "sample_count": 1, "sample_steps": 1, "seed": 0}
+    res = train_run({"dataset": "world-tiny", "train": train}, root)
+    shapes = _net_weight_shapes(res["checkpoint"])
+    assert shapes and all(".lora_" in k for k in shapes)  # the header: adapter matrices only
+    # a peft adapter folder on the base UNet's to_q projections, shapes from its own header: it fits
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_sd / "unet" / "diffusion_pytorch_model.safetensors"), framework="pt") as f:
+        qs = {k[:-len(".weight")]: f.get_slice(k).get_shape() for k in f.keys() if k.endswith("to_q.weight")}
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    save_file({f"{m}.lora_{p}.weight": torch.zeros((2, i) if p == "A" else (o, 2)) for m, (o, i) in qs.items()
+               for p in "AB"}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2,
+                                                             "target_modules": ["to_q"]}))
+    from models.lora import LoraError, LoraSource, check_lora_fits
+
+    check_lora_fits(LoraSource.from_folder(adapter), {m: tuple(v) for m, v in qs.items()}, "the base UNet")
+    with pytest.raises(LoraError, match="another base model"):  # what the checkpoint's header alone said
+        check_lora_fits(LoraSource.from_folder(adapter), shapes, "the run's net")
+    with pytest.raises(SampleError, match=rf"'diffusers_lora' run, a LoRA adapter over the diffusers pipeline "
+                                          rf"{spec}.*sample model={spec}"):
+        sample(SampleRequest(run=res["run_id"], prompts=["a cat"], n=1, steps=1, loras=[str(adapter)],
+                             out=str(tmp_path / "x")), root)
+    assert not (tmp_path / "x").exists()
+    out = sample(SampleRequest(run=res["run_id"], prompts=["a cat"], n=1, steps=1, out=str(tmp_path / "ok")), root)
+    assert Image.open(out["files"][0]).size == (16, 16)
+
+
+def test_a_transformer_pipelines_sides_are_multiples_of_its_patch_times_the_vae_factor(tmp_path):
+    """SD3's pipeline takes only sides that are multiples of VAE factor x patch size: such a side
+    samples, another is refused before loading (naming the value and both factors)."""
+    from _diffusers_tiny import tiny_sd3_pipeline
+
+    from imagegen.sample import SampleError, SampleRequest, sample
+    from models.hf_diffusers import image_size
+
+    folder = tiny_sd3_pipeline(tmp_path / "sd3", patch_size=2)
+    assert image_size(folder, height=16, width=24) == (16, 24)
+    with pytest.raises(DiffusersError, match=r"height 18: not a multiple of 4 \(.*VAE factor 2 x its transformer's "
+                                             r"patch size 2"):
+        image_size(folder, height=18)
+    spec = f"diffusers:{folder}"
+    with pytest.raises(SampleError, match="width 22: not a multiple of 4"):
+        sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=1, width=22, out=str(tmp_path / "x")),
+               tmp_path / "root")
+    assert not (tmp_path / "x").exists()
+    res = sample(SampleRequest(model=spec, prompts=["a cat"], n=1, steps=2, height=16, width=24), tmp_path / "root")
+    assert Image.open(res["files"][0]).size == (24, 16)

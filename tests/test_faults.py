@@ -29,11 +29,10 @@ def _ok(o: F.Outcome) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted tiny curate: the bytes every other run must reproduce."""
-    root = tmp_path_factory.mktemp("ref")
-    out = _ok(F.run(F.curate_cmd(root), env={"OMP_NUM_THREADS": "1"}))
-    return root, out, F.dataset_digests(out["path"])
+def reference(tiny_curate):
+    """One uninterrupted tiny curate (conftest ``tiny_curate``, shared with test_serve_auth.py): the
+    bytes every other run must reproduce."""
+    return tiny_curate
 
 
 @pytest.mark.slow

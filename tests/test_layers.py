@@ -154,3 +154,51 @@ code = main(['curate', '--no-prefect', '--json', '--data-root', {str(tmp_path)!r
 print(json.dumps({{"code": code, "prefect": [m for m in sys.modules if m.split('.')[0] == 'prefect']}}))
 """)
     assert out == {"code": 0, "prefect": []}
+
+
+def test_the_command_line_parser_imports_no_torch():
+    """``imagegen --help`` and a refused ``--preset`` import neither torch nor the trainer: the parser
+    reads the preset names from plain-data modules (imagegen.train.presets, imagegen.presets)."""
+    out = _fresh("""
+import contextlib, io, json, sys
+import imagegen.cli
+parser = imagegen.cli.build_parser()
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    try:
+        parser.parse_args(['train', '--preset', 'nope'])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'prefect'))
+print(json.dumps({"heavy": heavy, "code": code, "err": err.getvalue()}))
+""")
+    from imagegen.train.runs import TRAIN_PRESETS  # the run layer's presets are the ones the parser offers
+
+    assert out["heavy"] == [] and out["code"] == 2
+    assert "--preset: invalid choice: 'nope'" in out["err"]
+    assert all(repr(name) in out["err"] for name in TRAIN_PRESETS), out["err"]
+
+
+def test_curate_requests_and_the_curate_flow_module_import_no_torch(tmp_path):
+    """A refused ``imagegen curate`` and the import a worker's curate flow run starts with
+    (flows/curate.py) load neither torch nor open_clip: the curate config reads the reference CLIP's
+    settings from imagegen.world.reference_clip_config; training it imports them only then."""
+    out = _fresh(f"""
+import contextlib, io, json, sys
+from imagegen.cli import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(['curate', '--no-prefect', '--set', 'download.timeout=-1', '--data-root', {str(tmp_path)!r}])
+import flows.curate
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip'))
+from imagegen.world.reference_clip_config import ReferenceClipConfig as Light
+print(json.dumps({{"code": code, "err": err.getvalue(), "heavy": heavy,
+                  "curate_field": flows.curate.C.CurateConfig.model_fields["reference_clip"].annotation is Light}}))
+""")
+    assert out["heavy"] == [], out["heavy"]
+    assert out["code"] == 2 and "download.timeout" in out["err"], out["err"]
+    assert out["curate_field"] is True
+    from imagegen.world import reference_clip, reference_clip_config  # the trainer's class is the light one
+
+    assert reference_clip.ReferenceClipConfig is reference_clip_config.ReferenceClipConfig

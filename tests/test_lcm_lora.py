@@ -156,7 +156,8 @@ def test_lcm_lora_checkpoint_is_the_adapter_and_resumes_exactly(tmp_path):
         if k.startswith(("model/", "ema/", "optim/")):
             assert torch.equal(ta[k], tb[k]), k
     kept = {k[len("model/"):] for k in ta if k.startswith("model/")}
-    assert kept == {k[len("ema/"):] for k in ta if k.startswith("ema/")}
+    # the EMA shadows the trained adapter only; the target adapters (an EMA already) are kept once
+    assert {k[len("ema/"):] for k in ta if k.startswith("ema/")} == {k for k in kept if not k.startswith("target_")}
     assert all(".lora_" in k or "cond_proj" in k or k.startswith("target_") for k in kept), sorted(kept)[:5]
     assert "net.time_embedding.cond_proj.weight" in kept and "target_0" in kept
     assert meta["family_info"]["base_files"]["unet/diffusion_pytorch_model.safetensors"]

@@ -195,3 +195,32 @@ def test_sampling_runs_on_a_pinned_thread_count_that_is_part_of_its_id(text_root
     two = sample(req.model_copy(update={"threads": 2, "out": str(tmp_path / "two")}), root)
     assert seen and set(seen) == {2} and torch.get_num_threads() == before
     assert one["sample_id"] != two["sample_id"]
+
+
+def test_sample_reads_only_the_checkpoint_metadata_before_loading(text_root, tmp_path):
+    """The sample id comes from state.json and the safetensors header (models.checkpoint.read_state:
+    no tensor read, no hash); the tensors are checked against the recorded sha256 when the family
+    loads, so a corrupt tensor file stops the sample before its folder is made."""
+    import shutil
+
+    from imagegen.train.runs import get_run
+    from models.checkpoint import CheckpointError, read_state, verify_checkpoint
+
+    root, run = text_root
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    ck = Path(get_run(copy, run).checkpoint)
+    assert ck.resolve().is_relative_to(copy.resolve())
+    f = ck / "tensors.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF  # a tensor byte: the header still parses, the sha256 no longer matches
+    f.write_bytes(bytes(data))
+    assert read_state(ck)["step"] == verify_checkpoint(Path(get_run(root, run).checkpoint))["step"]
+    with pytest.raises(CheckpointError, match="corrupt"):
+        verify_checkpoint(ck)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sample(SampleRequest(run=run, prompts=["a red circle"], n=1, steps=1, out=str(tmp_path / "out")), copy)
+    assert not (tmp_path / "out").exists()
+    (ck / "state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="unknown format"):
+        read_state(ck)

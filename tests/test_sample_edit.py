@@ -404,8 +404,8 @@ def test_aspect_bucket_sizes_in_sample_and_evaluation(edit_root, tmp_path, capsy
     with pytest.raises(SampleError, match=r"height/width 25x16 \(width x height\): run \S+ samples sides that are "
                                           r"multiples of 2 \(the unet downsampling 2\); e.g. 24x16"):
         sample(SampleRequest(**base, width=25), root)
-    with pytest.raises(ValueError, match="height/width apply to runs of this project"):
-        SampleRequest(model="diffusers:/nowhere", prompts=["x"], height=16)
+    with pytest.raises(ValueError, match="resolution= .* or height=/width=, not both"):
+        SampleRequest(model="diffusers:/nowhere", prompts=["x"], height=16, resolution=16)
     # outpainting onto an extended canvas: the 16x16 init image plus 8 px on the right, a 24x16 run sample
     out = sample(SampleRequest(**base, init_image=str(init), outpaint=[0, 0, 8, 0], width=24, out=str(tmp_path / "o")),
                  root)

@@ -52,7 +52,8 @@ def test_edm_unconditional(world_shards, tmp_path):
 def test_flow_text_conditional(world_shards, tmp_path):
     spec = tiny_random_clip(tmp_path / "clip")
     falls(run("flow", {"conditioning": "text", "text_encoder": spec}, world_shards, tmp_path / "run",
-              sample_prompts=["a photo of a red circle", "a photo of two blue squares"], sample_guidance=3.0))
+              sample_prompts=["a photo of a red circle", "a photo of two blue squares"], sample_guidance=3.0,
+              caption_drop_words=["red", "blue", "green"], caption_word_dropout=0.3))  # through the training loop
 
 
 def test_labels_from_caption_keywords_and_fields():

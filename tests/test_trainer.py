@@ -18,6 +18,7 @@ from _helpers import gradient_shards
 from imagegen.train import EMA, CheckpointError, TrainConfig, TrainingDiverged, sample_images, train
 from imagegen.train.checkpoint import TENSORS, list_checkpoints, load_checkpoint, read_checkpoint
 from models.base import LossOut
+from models.checkpoint import load_family
 from models.ddpm import DDPM
 from models.registry import build_family, register_family
 
@@ -47,6 +48,20 @@ class NanDDPM(DDPM):
 
 
 register_family(NanDDPM)
+
+
+class PartFrozenDDPM(DDPM):
+    """DDPM with a frozen input conv and a persistent buffer (like a frozen base or target net)."""
+
+    name: ClassVar[str] = "test_part_frozen_ddpm"
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.net.conv_in.requires_grad_(False)
+        self.register_buffer("seen", torch.zeros(()))
+
+
+register_family(PartFrozenDDPM)
 
 
 
@@ -240,6 +255,40 @@ def test_ema_update_is_the_decay_formula():
     ema.update(fam)
     live = fam.state_dict()
     trainable = {n for n, p in fam.named_parameters()}
+    assert set(ema.state_dict()) == trainable
     for k, s in ema.state_dict().items():
-        expect = 0.9 * start[k] + 0.1 * live[k] if k in trainable else live[k]
-        torch.testing.assert_close(s, expect, rtol=1e-6, atol=1e-6, msg=k)
+        torch.testing.assert_close(s, 0.9 * start[k] + 0.1 * live[k], rtol=1e-6, atol=1e-6, msg=k)
+
+
+def test_ema_shadows_only_trainable_weights(shards, tmp_path):
+    """Frozen weights and buffers are stored once (model/), not copied into ema/; loading the EMA
+    weights takes them from model/, and tied aliases of a trainable weight follow the EMA."""
+    fam = build_family("ddpm", MODEL)
+    frozen = [n for n, _ in fam.net.named_parameters()][:4]
+    for n, p in fam.net.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    ema = EMA(fam, 0.5)
+    assert not {f"net.{n}" for n in frozen} & set(ema.state_dict())
+    assert set(ema.state_dict()) == {n for n, p in fam.named_parameters() if p.requires_grad}
+
+    lin = torch.nn.Sequential(torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 3, bias=False))
+    lin[1].weight = lin[0].weight  # tied: two state_dict names, one tensor
+    tied = EMA(lin, 0.5)
+    assert set(tied.state_dict()) == {"0.weight", "1.weight"}
+    with torch.no_grad():
+        lin[0].weight.add_(2.0)
+    tied.update(lin)
+    torch.testing.assert_close(tied.state_dict()["0.weight"], tied.state_dict()["1.weight"])
+
+    res = train(base_cfg(family="test_part_frozen_ddpm", steps=4, ema_decay=0.5, ckpt_every=4), shards, tmp_path)
+    tensors, meta = read_checkpoint(Path(res["checkpoint"]))
+    ema_keys = {k[4:] for k in tensors if k.startswith("ema/")}
+    model_keys = {k[6:] for k in tensors if k.startswith("model/")}
+    trained = build_family("test_part_frozen_ddpm", MODEL)
+    assert ema_keys == {n for n, p in trained.named_parameters() if p.requires_grad}
+    assert model_keys - ema_keys == {"seen", "net.conv_in.weight", "net.conv_in.bias"}  # stored once
+    loaded = load_family(res["checkpoint"])
+    for k, v in loaded.state_dict().items():
+        src = f"ema/{k}" if k in ema_keys else f"model/{k}"
+        assert torch.equal(v, tensors[src]), k

@@ -77,10 +77,11 @@ class EvalRequest(BaseModel):
     folder: str | None = Field(None, description="Or: a folder of images (PNG/JPEG) to evaluate as they are")
     model: str | None = Field(None, description="Or: a diffusers pipeline, 'diffusers:PATH_OR_REPO_ID[@REVISION]'")
     resolution: int | None = Field(None, ge=8, le=8192, description="diffusers models: image side (None = its default)")
-    height: int | None = Field(None, ge=8, le=8192, description="runs of any-size families (DDPM, EDM, flow): "
-                               "generate at this height in pixels, e.g. an aspect bucket's (None = the run's size)")
-    width: int | None = Field(None, ge=8, le=8192, description="runs of any-size families: generate at this width "
-                              "in pixels (None = the run's size)")
+    height: int | None = Field(None, ge=8, le=8192, description="runs of any-size families (DDPM, EDM, flow) and "
+                               "diffusers models: generate at this height in pixels, e.g. an aspect bucket's (None = "
+                               "the run's / pipeline's size)")
+    width: int | None = Field(None, ge=8, le=8192, description="runs of any-size families and diffusers models: "
+                              "generate at this width in pixels (None = the run's / pipeline's size)")
     negative: str | None = Field(None, description="diffusers models: negative prompt for every image")
     metrics: tuple[Metric, ...] = Field(ALL_METRICS, min_length=1,
                                         description="Metrics to compute")
@@ -141,9 +142,11 @@ class EvalRequest(BaseModel):
             parse_spec(self.model)
         elif self.resolution is not None or self.negative is not None:
             raise ValueError("resolution= and negative= apply to diffusers models (model='diffusers:...')")
-        if (self.height is not None or self.width is not None) and self.run is None:
-            raise ValueError("height/width apply to runs (run=RUN) of any-size families; a diffusers model takes "
-                             "resolution=, a folder is evaluated at its images' size")
+        if (self.height is not None or self.width is not None) and self.folder is not None:
+            raise ValueError("height/width apply to runs (run=RUN) of any-size families and to diffusers models; a "
+                             "folder is evaluated at its images' size")
+        if (self.height is not None or self.width is not None) and self.resolution is not None:
+            raise ValueError("give resolution= (a square side) or height=/width=, not both")
         if len(set(self.metrics)) != len(self.metrics):
             raise ValueError(f"metrics has duplicates: {list(self.metrics)}")
         if self.n_seeds > 1 and self.folder is not None:
@@ -219,24 +222,28 @@ class Source:
         self.run: Any = None
         self.diffusers: str | None = None
         if req.model is not None:
-            from models.hf_diffusers import default_resolution, resolve_spec
+            from models.hf_diffusers import DiffusersError, image_size, resolve_spec
 
             path, self.identity = resolve_spec(req.model)  # not a pipeline / pickled weights: refused here
             self.diffusers = req.model
-            self.size = int(req.resolution or default_resolution(path))
+            try:
+                h, w = image_size(path, req.resolution, req.height, req.width)  # checked before any work
+            except DiffusersError as exc:
+                raise EvalError(str(exc)) from None
+            self.size = max(h, w)  # the long side (a square's side)
             ds_name = req.reference
             if ds_name is None and req.reference_stats is None and set(req.metrics) - {"geneval"}:
                 raise EvalError(f"evaluating {req.model} needs reference= (a dataset whose captions prompt it and whose "
                                 "images are the FID/KID reference)")
         elif req.run is not None:
-            from models.checkpoint import read_checkpoint
+            from models.checkpoint import read_state
             from imagegen.train.runs import get_run
             from imagegen.train.trainer import TrainConfig
 
             self.run = get_run(root, req.run)
             if self.run.checkpoint is None:
                 raise EvalError(f"run {self.run.id} has no checkpoint yet (status {self.run.card.get('status')!r})")
-            _, meta = read_checkpoint(self.run.checkpoint)
+            meta = read_state(self.run.checkpoint)
             self.train_cfg = TrainConfig(**self.run.card["config"])
             self.identity = {"run": self.run.id, "step": int(meta["step"]), "tensors": meta["tensors_sha256"]}
             ds_name = req.reference or self.run.card.get("dataset_id")
@@ -304,7 +311,8 @@ class Source:
         if self.family is None and self.diffusers is not None:
             from models.hf_diffusers import DiffusersModel
 
-            self.family = DiffusersModel(self.diffusers, device=device, resolution=self.req.resolution)
+            self.family = DiffusersModel(self.diffusers, device=device, resolution=self.req.resolution,
+                                         height=self.req.height, width=self.req.width)
         if self.family is None and self.run is not None:
             from models.checkpoint import load_family
 

@@ -119,62 +119,183 @@ class InputError(ValueError):
     """The URL list cannot be used; the message says what is wrong and where."""
 
 
+URL_BATCH_ROWS = 16_384
+
+
+def url_hashes(urls: pd.Series | np.ndarray | list[str]) -> np.ndarray:
+    """64-bit hashes of URLs (compact: 8 bytes a row).  Equal hashes only make two URLs candidates:
+    every hit is confirmed on the URLs themselves, so a collision never makes a row a duplicate."""
+    return pd.util.hash_pandas_object(pd.Series(urls, dtype=object).astype(str), index=False).to_numpy(
+        dtype=np.uint64)
+
+
+def _list_format(path: Path) -> str:
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
+    if suffix not in (".parquet", ".csv", ".csv.gz", ".tsv", ".tsv.gz", ".jsonl", ".json"):
+        raise InputError(f"URL list {path}: unknown format {suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
+    return suffix
+
+
+def _raw_batches(path: Path, suffix: str, columns: list[str], batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The list's rows, ``batch_rows`` at a time, as read before (parquet through pyarrow; CSV, TSV and
+    JSONL through pandas' own readers in chunks, so every value parses as it did when the list was read
+    whole).  The first item is the column names (a list), then the frames."""
+    if suffix == ".parquet":
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        yield names
+        want = [c for c in columns if c in names]
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=want):
+            yield batch.to_pandas()
+    elif suffix in (".csv", ".csv.gz", ".tsv", ".tsv.gz"):
+        sep = "\t" if suffix.startswith(".tsv") else ","
+        names = list(pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, nrows=0).columns)
+        yield names
+        with pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, chunksize=batch_rows,
+                         usecols=lambda c: c in columns) as reader:
+            yield from reader
+    elif suffix == ".jsonl":
+        first = None
+        with pd.read_json(path, lines=True, dtype=False, chunksize=batch_rows) as reader:
+            for chunk in reader:
+                if first is None:
+                    first = list(chunk.columns)
+                    yield first
+                yield chunk
+        if first is None:
+            yield []
+    else:  # one JSON document: read whole (there is no row to stop at inside it)
+        df = pd.read_json(path, dtype=False)
+        yield list(df.columns)
+        yield df
+
+
+def iter_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                  batch_rows: int = URL_BATCH_ROWS) -> Iterator[pd.DataFrame]:
+    """The URL list's rows in batches of row_id (position in the file), url (stripped), caption and
+    ``skip_reason`` (``invalid_url`` or None; duplicates are found by :func:`scan_url_list`).  Raises
+    :class:`InputError` naming the path (and the line of a bad JSONL file) for an unreadable list,
+    missing columns (with a hint) or an empty list.  Memory: one batch."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"URL list {path} does not exist")
+    suffix = _list_format(path)
+    n = 0
+    try:
+        batches = _raw_batches(path, suffix, [url_col, caption_col], batch_rows)
+        names = next(batches)
+        missing = [c for c in (url_col, caption_col) if c not in names]
+        if missing:
+            hint = ""
+            for want in missing:
+                close = [c for c in names if c.lower() in {want.lower(), *_ALIASES.get(want, ())}]
+                if close:
+                    hint += (f"; column {close[0]!r} looks like {want!r}: pass "
+                             f"--{'url' if want == url_col else 'caption'}-col {close[0]}")
+            raise InputError(f"URL list {path} has no column(s) {missing}; it has {list(names)}{hint}")
+        for df in batches:
+            if not len(df):
+                continue
+            if url_col not in df.columns or caption_col not in df.columns:  # a JSONL chunk without the key
+                df = df.reindex(columns=[url_col, caption_col])
+            url = df[url_col].astype(str).str.strip()
+            out = pd.DataFrame({"row_id": np.arange(n, n + len(df), dtype=np.int64), "url": url.to_numpy(),
+                                "caption": df[caption_col].fillna("").astype(str).to_numpy()})
+            out["skip_reason"] = None
+            bad_url = ~out["url"].str.match(r"^https?://[^\s/]+", na=False)
+            out.loc[bad_url, "skip_reason"] = "invalid_url"
+            n += len(df)
+            yield out
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
+        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
+        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
+    if n == 0:
+        raise InputError(f"URL list {path} is empty: nothing to download")
+
+
+@dataclass
+class UrlListScan:
+    """What :func:`scan_url_list` found: the row count and the repeated URLs (row ids, numpy)."""
+    rows: int
+    dup_rows: np.ndarray       # row ids of the rows whose URL an earlier row has, ascending
+    dup_of: np.ndarray         # the first row with that URL, for each of dup_rows
+
+
+def scan_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                  on_duplicate_urls: str = "error", batch_rows: int = URL_BATCH_ROWS) -> UrlListScan:
+    """Validate the list without holding it: one pass in batches keeps a 64-bit hash and the row id of
+    every valid URL (16 bytes a row kept; measured peak slope about 80 bytes a row while sorting and confirming); rows whose hash repeats are candidates, and a second pass (only
+    when there are any) reads just those rows' URLs and compares the URLs themselves, so two different
+    URLs with the same hash are both kept.  Raises :class:`InputError` for duplicates with
+    ``on_duplicate_urls='error'`` (naming the rows)."""
+    hashes, ids = [], []
+    rows = 0
+    for b in iter_url_list(path, url_col, caption_col, batch_rows):
+        ok = b["skip_reason"].isna().to_numpy()
+        hashes.append(url_hashes(b["url"].to_numpy()[ok]))
+        ids.append(b["row_id"].to_numpy()[ok])
+        rows += len(b)
+    h = np.concatenate(hashes)
+    rid = np.concatenate(ids)
+    del hashes, ids
+    order = np.argsort(h, kind="stable")
+    hs = h[order]
+    rep = np.zeros(len(hs), dtype=bool)
+    if len(hs) > 1:
+        same = hs[1:] == hs[:-1]
+        rep[1:] |= same
+        rep[:-1] |= same
+    cand = np.sort(rid[order[rep]])
+    del h, rid, order, hs, rep
+    dup_rows = dup_of = np.zeros(0, dtype=np.int64)
+    if len(cand):
+        got_ids, got_urls = [], []
+        for b in iter_url_list(path, url_col, caption_col, batch_rows):
+            mine = np.isin(b["row_id"].to_numpy(), cand)
+            got_ids.append(b["row_id"].to_numpy()[mine])
+            got_urls.append(b["url"].to_numpy()[mine])
+        c = pd.DataFrame({"row_id": np.concatenate(got_ids), "url": np.concatenate(got_urls)})
+        first = c.groupby("url", sort=False)["row_id"].transform("min").to_numpy()
+        dup = c["row_id"].to_numpy() != first
+        dup_rows, dup_of = c["row_id"].to_numpy()[dup], first[dup]
+    if len(dup_rows) and on_duplicate_urls == "error":
+        examples = ", ".join(f"row {r} repeats row {f}" for r, f in zip(dup_rows[:5], dup_of[:5]))
+        raise InputError(f"URL list {path} has {len(dup_rows)} duplicate URL(s) ({examples}); "
+                         "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
+                         "with --set download.on_duplicate_urls=skip")
+    return UrlListScan(rows, dup_rows, dup_of)
+
+
+def iter_checked_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
+                          on_duplicate_urls: str = "error",
+                          batch_rows: int = URL_BATCH_ROWS) -> tuple[UrlListScan, Iterator[pd.DataFrame]]:
+    """:func:`scan_url_list`, then the list's batches with ``skip_reason`` set for every repeated URL
+    (``duplicate_url_of_row_N``)."""
+    scan = scan_url_list(path, url_col, caption_col, on_duplicate_urls, batch_rows)
+
+    def batches() -> Iterator[pd.DataFrame]:
+        for b in iter_url_list(path, url_col, caption_col, batch_rows):
+            a, e = np.searchsorted(scan.dup_rows, [b["row_id"].iloc[0], b["row_id"].iloc[-1] + 1])
+            if e > a:
+                at = scan.dup_rows[a:e] - int(b["row_id"].iloc[0])
+                b.loc[at, "skip_reason"] = [f"duplicate_url_of_row_{f}" for f in scan.dup_of[a:e]]
+            yield b
+    return scan, batches()
+
+
 def read_url_list(path: str | Path, url_col: str = "url", caption_col: str = "caption",
                   on_duplicate_urls: str = "error") -> pd.DataFrame:
     """Read and validate a LAION-style URL list (parquet, CSV, TSV or JSONL).
 
     Returns a frame with row_id (position in the file), url, caption, and ``skip_reason``
     (None, or why the row will not be fetched).  Raises :class:`InputError` before any work.
+    Reads in batches (:func:`iter_checked_url_list`); a caller that only validates uses
+    :func:`scan_url_list`, which never holds the rows.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"URL list {path} does not exist")
-    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    try:
-        if suffix == ".parquet":
-            df = pd.read_parquet(path)
-        elif suffix in (".csv", ".csv.gz"):
-            df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        elif suffix in (".tsv", ".tsv.gz"):
-            df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-        elif suffix in (".jsonl", ".json"):
-            df = pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-        else:
-            raise InputError(f"URL list {path}: unknown format {suffix!r} (use .parquet, .csv, .tsv or .jsonl)")
-    except InputError:
-        raise
-    except Exception as exc:  # pyarrow/pandas raise many types for unreadable files
-        where = _bad_jsonl_line(path) if suffix == ".jsonl" else None
-        raise InputError(f"URL list {path} could not be read as {suffix}{where or ''}: {exc}") from exc
-    missing = [c for c in (url_col, caption_col) if c not in df.columns]
-    if missing:
-        hint = ""
-        for want in missing:
-            close = [c for c in df.columns if c.lower() in {want.lower(), *_ALIASES.get(want, ())}]
-            if close:
-                hint += f"; column {close[0]!r} looks like {want!r}: pass --{'url' if want == url_col else 'caption'}-col {close[0]}"
-        raise InputError(f"URL list {path} has no column(s) {missing}; it has {list(df.columns)}{hint}")
-    if len(df) == 0:
-        raise InputError(f"URL list {path} is empty: nothing to download")
-    out = pd.DataFrame({
-        "row_id": np.arange(len(df), dtype=np.int64),
-        "url": df[url_col].astype(str).str.strip(),
-        "caption": df[caption_col].fillna("").astype(str),
-    })
-    out["skip_reason"] = None
-    bad_url = ~out["url"].str.match(r"^https?://[^\s/]+", na=False)
-    out.loc[bad_url, "skip_reason"] = "invalid_url"
-    dup = out["url"].duplicated(keep="first") & ~bad_url
-    if dup.any():
-        first = out.drop_duplicates("url").set_index("url")["row_id"]
-        examples = ", ".join(f"row {r} repeats row {first[u]}" for r, u in
-                             zip(out.loc[dup, "row_id"][:5], out.loc[dup, "url"][:5]))
-        if on_duplicate_urls == "error":
-            raise InputError(f"URL list {path} has {int(dup.sum())} duplicate URL(s) ({examples}); "
-                             "deduplicate it, or fetch each URL once and ledger the repeats as skipped "
-                             "with --set download.on_duplicate_urls=skip")
-        out.loc[dup, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in out.loc[dup, "url"]]
-    return out
+    _, batches = iter_checked_url_list(path, url_col, caption_col, on_duplicate_urls)
+    return pd.concat(list(batches), ignore_index=True)
 
 
 def _bad_jsonl_line(path: Path) -> str | None:
@@ -302,7 +423,10 @@ def normalize_image(data: bytes, cfg: DownloadConfig) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- failure reasons
 
-_TRANSIENT = {"timeout", "http_5xx", "truncated", "connection_error", "http_429"}
+# ``subjob_failed``: img2dataset returned no record of the row (its subjob crashed); nothing is known
+# against the URL, so the row is fetched again in the next pass
+_TRANSIENT = {"timeout", "http_5xx", "truncated", "connection_error", "http_429", "subjob_failed"}
+_LOST_ROW = "img2dataset returned no record for this row (subjob failed)"
 
 
 def classify_error(message: str | None) -> str:
@@ -310,6 +434,8 @@ def classify_error(message: str | None) -> str:
     m = (message or "").lower()
     if not m:
         return "unknown_error"
+    if m == _LOST_ROW.lower():
+        return "subjob_failed"
     if "infinite loop" in m or "redirect loop" in m or "too many redirects" in m:
         return "redirect_loop"
     if mo := re.search(r"http error (\d{3})", m):
@@ -406,12 +532,14 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
         yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, list[Path]]:
+def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, dict[int, Path]]:
     """One img2dataset run over ``rows`` (row_id, url, caption).
 
     img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
-    ``number_sample_per_shard`` input rows, in input order) and streams to disk; this returns only
-    the compact columns of every row (row_id, status, error_message, part) and the part files.
+    ``number_sample_per_shard`` input rows, in input order: part ``k`` holds input rows
+    ``k * number_sample_per_shard`` on) and streams to disk; this returns only the compact columns of
+    every row (row_id, status, error_message, part: the part's number, -1 for a row img2dataset lost)
+    and the part files by number (a lost subjob's part is absent).
     """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
@@ -420,8 +548,15 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    inp = work / "input.parquet"
-    rows[["row_id", "url", "caption"]].to_parquet(inp, index=False)
+    # its input in parts of one shard each (img2dataset reads one input file whole, and numbers the shards
+    # of a folder's files on from each other: part file i is shard i), never the whole list in one file
+    inp = work / "input"
+    inp.mkdir()
+    step = max(1, cfg.number_sample_per_shard)
+    cols = rows[["row_id", "url", "caption"]]
+    for i, s0 in enumerate(range(0, len(cols), step)):
+        cols.iloc[s0:s0 + step].to_parquet(inp / f"{i:05d}.parquet", index=False)
+    del cols
     out = work / "out"
     with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
         i2d_download(
@@ -433,9 +568,9 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
             number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
             compute_hash="sha256", extract_exif=False, enable_wandb=False,
         )
-    parts = sorted(out.glob("*.parquet"))
+    parts = {int(p.stem): p for p in sorted(out.glob("*.parquet"))}
     frames = []
-    for i, p in enumerate(parts):  # compact columns only: the image bytes stay in the part files
+    for i, p in parts.items():  # compact columns only: the image bytes stay in the part files
         f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
         f["part"] = i
         frames.append(f)
@@ -444,7 +579,7 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
     missing = set(rows["row_id"]) - set(got["row_id"])
     if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
         extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
-                              "error_message": "img2dataset returned no record for this row (subjob failed)",
+                              "error_message": _LOST_ROW,
                               "part": -1})
         got = pd.concat([got, extra], ignore_index=True)
     return got, parts
@@ -534,7 +669,15 @@ class PartJob:
     captions: dict[int, str]
     cfg: DownloadConfig
     out_path: str
+    result_path: str = ""                  # where the compact results (no image bytes) of its rows go
     inner_pool: bool = False               # decode with a pool of cfg.processes_count inside
+
+
+RESULT_SCHEMA = pa.schema([
+    ("row_id", pa.int64()), ("ok", pa.bool_()), ("reason", pa.string()), ("error", pa.string()),
+    ("original_width", pa.int64()), ("original_height", pa.int64()), ("original_mode", pa.string()),
+    ("original_format", pa.string()), ("exif_transposed", pa.bool_()), ("width", pa.int64()),
+    ("height", pa.int64()), ("sha256", pa.string()), ("source_sha256", pa.string())])
 
 
 _DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "distributor_address", "runner", "timeout",
@@ -545,14 +688,24 @@ _DECODE_EXECUTION = {"processes_count", "thread_count", "distributor", "distribu
 def _decode_key(job: PartJob) -> dict[str, Any]:
     cfg = {k: v for k, v in job.cfg.model_dump(mode="json").items() if k not in _DECODE_EXECUTION}
     return {"index": job.index, "sources": [(file_sha256(p), sorted(ids)) for p, ids in job.sources],
-            "captions": stable_hash(sorted(job.captions.items()), 32), "cfg": cfg}
+            "captions": stable_hash(sorted(job.captions.items()), 32), "cfg": cfg, "returns": "result_path"}
 
 
-@map_step("download-decode", key=_decode_key, outputs=lambda job: [job.out_path])
-def decode_part(job: PartJob) -> pd.DataFrame:
+def _write_atomic(table: pa.Table, out: Path, **kw: Any) -> None:
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, **kw)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@map_step("download-decode", key=_decode_key, outputs=lambda job: [job.out_path, job.result_path])
+def decode_part(job: PartJob) -> str:
     """The map step of the download stage: decode one part's fetched bytes (never more than one
-    part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) atomically and
-    return the compact results (no image bytes) of its rows for the ledger."""
+    part's images in memory), write ``images/part-NNNNN.parquet`` (rows by row_id) and the compact
+    results (no image bytes) of its rows for the ledger to ``job.result_path``, each atomically;
+    returns that path (a driver never holds every part's results)."""
     ids: list[int] = []
     blobs: list[bytes] = []
     for path, want in job.sources:
@@ -592,18 +745,56 @@ def decode_part(job: PartJob) -> pd.DataFrame:
             for k in _RESULT_FIELDS:
                 compact[k].append(None)
     del results
-    out = Path(job.out_path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        pq.write_table(pa.table(cols, schema=IMAGE_SCHEMA), tmp, row_group_size=1000)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return pd.DataFrame(compact, dtype=object)
+    _write_atomic(pa.table(cols, schema=IMAGE_SCHEMA), Path(job.out_path), row_group_size=1000)
+    del cols
+    _write_atomic(pa.table(compact, schema=RESULT_SCHEMA), Path(job.result_path))
+    return job.result_path
+
+
+class _DecodedRows:
+    """The decode results of the image parts (files from :func:`decode_part`), read back one part at a
+    time in row order: :meth:`upto` hands over the results of the rows before a row position.  Image
+    part k holds rows of the first pass's input k * number_sample_per_shard on (in row order), so the
+    parts follow each other in row order; memory: one part's compact results."""
+
+    def __init__(self, paths: list[str], position: pd.Index) -> None:
+        self.paths = iter(paths)
+        self.position = position
+        self.res = pd.DataFrame({n: pd.Series([], dtype=object) for n in RESULT_SCHEMA.names})
+        self.pos = np.zeros(0, dtype=np.int64)
+        self.done = False
+
+    def upto(self, e: int) -> tuple[pd.DataFrame, np.ndarray]:
+        while not self.done and (not len(self.pos) or self.pos[-1] < e):
+            path = next(self.paths, None)
+            if path is None:
+                self.done = True
+                break
+            f = pq.read_table(path).to_pandas().astype(object)
+            p = self.position.get_indexer(f["row_id"].astype("int64").to_numpy())
+            order = np.argsort(p, kind="stable")
+            f, p = f.iloc[order], p[order]
+            if len(self.pos) and len(p) and p[0] <= self.pos[-1]:
+                raise AssertionError(f"decode results of {path} are not after the previous part's in row order")
+            self.res = pd.concat([self.res, f], ignore_index=True) if len(self.res) else f.reset_index(drop=True)
+            self.pos = np.concatenate([self.pos, p])
+        take = int(np.searchsorted(self.pos, e))
+        out, out_pos = self.res.iloc[:take], self.pos[:take]
+        self.res, self.pos = self.res.iloc[take:].reset_index(drop=True), self.pos[take:]
+        return out, out_pos
+
+
+def _clock() -> tuple[float, float]:
+    """(wall, CPU of this process and its finished children) in seconds."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
-                 progress: bool = True, runner: str | None = None) -> dict[str, Any]:
+                 progress: bool = True, runner: str | None = None,
+                 timings: dict[str, float] | None = None) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
     Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
@@ -614,9 +805,19 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     pass go back to the part of their input row, so parts stay in key order).  Passes keep only
     compact columns in memory; decoding is a map step over parts on ``runner`` (see
     :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
-    Returns the counts for the stage card.
+    Returns the counts for the stage card.  ``timings`` (a benchmark's dict, never part of the
+    counts) receives the wall and CPU seconds of the fetch passes, the decode and the ledger.
     """
     from imagegen.executors import executor
+
+    clock = [_clock()]
+
+    def lap(name: str) -> None:
+        now = _clock()
+        if timings is not None:
+            timings[f"{name}_wall_s"] = round(now[0] - clock[-1][0], 3)
+            timings[f"{name}_cpu_s"] = round(now[1] - clock[-1][1], 3)
+        clock.append(now)
 
     # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
     # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
@@ -643,9 +844,12 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     pending = url_list[url_list["skip_reason"].isna()]
     passes = []
     work = out_dir / "_img2dataset"
-    part_files: list[list[Path]] = []          # per pass, img2dataset's part files
+    part_files: list[dict[int, Path]] = []     # per pass, img2dataset's part files by part number
     fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
-    home = pd.Series(dtype="int64")            # row_id -> image part (its first-pass img2dataset part)
+    # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
+    # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
+    home = np.full(n_rows, -1, dtype=np.int64)
+    n_parts = 1
     engine_info: dict[str, Any] | None = None
     with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
         if not pending.empty:
@@ -656,7 +860,9 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
             part_files.append(files)
             if attempt == 0:
-                home = got.loc[got["part"] >= 0].set_index("row_id")["part"]
+                step = max(1, cfg.number_sample_per_shard)
+                home[position.get_indexer(pending["row_id"].to_numpy())] = np.arange(len(pending)) // step
+                n_parts = max(1, math.ceil(len(pending) / step))
             ok = (got["status"] == "success").to_numpy()
             ids = got["row_id"].to_numpy()
             attempts[position.get_indexer(ids)] += 1
@@ -683,25 +889,32 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                 passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
                 time.sleep(wait["wait_s"])
 
+    lap("fetch")
     # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    n_parts = max(1, len(part_files[0]) if part_files else 0)
     captions = url_list["caption"].to_numpy()
+    decoded_dir = out_dir / "_decoded"   # each part's compact decode results, read back for the ledger
+    decoded_dir.mkdir(parents=True, exist_ok=True)
+    by_home: list[list[tuple[str, list[int]]]] = [[] for _ in range(n_parts)]
+    for p, got in enumerate(fetched):  # each pass's fetched rows, grouped by (image part, img2dataset part)
+        if got.empty:
+            continue
+        ids_all = got["row_id"].to_numpy(dtype=np.int64)
+        k_all = home[position.get_indexer(ids_all)]
+        if (k_all < 0).any():
+            raise AssertionError(f"download pass {p} fetched rows that were not in the first pass: "
+                                 f"{ids_all[k_all < 0][:5].tolist()}")
+        for (k, part), g in pd.DataFrame({"k": k_all, "part": got["part"].to_numpy(), "row_id": ids_all}).groupby(
+                ["k", "part"], sort=True):
+            by_home[int(k)].append((str(part_files[p][int(part)]), g["row_id"].tolist()))
     jobs = []
     for k in range(n_parts):
-        sources: list[tuple[str, list[int]]] = []
-        rows: list[int] = []
-        for p, got in enumerate(fetched):
-            if got.empty:
-                continue
-            mine = got[home.reindex(got["row_id"]).to_numpy() == k]
-            for part, g in mine.groupby("part"):
-                ids = g["row_id"].astype("int64").tolist()
-                sources.append((str(part_files[p][int(part)]), ids))
-                rows.extend(ids)
+        sources = by_home[k]
+        rows = [r for _, ids in sources for r in ids]
         jobs.append(PartJob(k, sources, {r: str(captions[i]) for r, i in zip(rows, position.get_indexer(rows))},
-                            cfg, str(images_dir / f"part-{k:05d}.parquet")))
+                            cfg, str(images_dir / f"part-{k:05d}.parquet"),
+                            str(decoded_dir / f"part-{k:05d}.parquet")))
     spec = runner or "local"
     if len(jobs) == 1 or spec == "local:1":
         for j in jobs:
@@ -714,14 +927,8 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                     j.inner_pool = True
             results = ex.map(decode_part, jobs)
     del jobs
-    res = pd.concat(results, ignore_index=True) if results else pd.DataFrame(
-        {c: [] for c in ("row_id", "ok", "reason", "error", *_RESULT_FIELDS)})
-    del results
-    # the decode results in row order (by row position), sliced for each ledger part below
-    res_pos = position.get_indexer(res["row_id"].astype("int64").to_numpy())
-    order = np.argsort(res_pos, kind="stable")
-    res = res.iloc[order].reset_index(drop=True)
-    res_pos = res_pos[order]
+    decoded = _DecodedRows(results, position)  # the decode results in row order, a part at a time
+    lap("decode")
     shutil.rmtree(work, ignore_errors=True)
 
     recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
@@ -731,11 +938,14 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     step = max(1, cfg.number_sample_per_shard)
     for s in range(0, n_rows, step):
         e = min(n_rows, s + step)
+        res, res_pos = decoded.upto(e)
         part = _ledger_part(s, e, row_ids, recorded, captions, attempts, state, why, res, res_pos)
         summary.add(part)
         writer.add(part)
-        del part
+        del part, res
     writer.close()
+    shutil.rmtree(decoded_dir, ignore_errors=True)
+    lap("ledger")
 
     counts = summary.result()
     counts["passes"] = passes

@@ -31,9 +31,7 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _url_hashes(urls: pd.Series) -> np.ndarray:
-    """64-bit hashes of URLs (compact: 8 bytes a row); a hit is confirmed on the URL itself."""
-    return pd.util.hash_pandas_object(urls.astype(str), index=False).to_numpy(dtype=np.uint64)
+_url_hashes = D.url_hashes  # 64-bit hashes of URLs; a hit is confirmed on the URL itself
 
 
 def _parent_urls(parent_dir: Path, urls: list[str]) -> dict[str, int]:

@@ -15,19 +15,22 @@ from torch import Tensor, nn
 
 
 class EMA:
-    """``shadow = decay * shadow + (1 - decay) * live`` for trainable floating parameters; the other
-    floating state (buffers, frozen weights) is copied as is, so the shadow is a full state_dict.
+    """``shadow = decay * shadow + (1 - decay) * live`` for the trainable floating parameters, and
+    only for them: buffers and frozen weights (a frozen base under an adapter, a consistency
+    model's target network, LCM's target adapters) would be copies of the live tensors, so a
+    checkpoint keeps them once, under ``model/``, and loaders take what ``ema/`` lacks from there
+    (``models.checkpoint.load_family``).
 
-    ``names``: shadow only these state_dict entries (a family's ``checkpoint_state()`` keys: an
-    adapter on a frozen base needs no second copy of the base)."""
+    ``names``: shadow only these state_dict entries (a family's ``checkpoint_state()`` keys)."""
 
     def __init__(self, module: nn.Module, decay: float, names: Iterable[str] | None = None) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay!r}")
         self.decay = float(decay)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        # every state_dict name of a trainable tensor, tied aliases included (one name left out
+        # would load the raw weights over the EMA ones)
+        trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
         self.shadow: dict[str, Tensor] = {}
-        self._trainable: set[str] = set()
         state = module.state_dict()
         if names is not None:
             keep = set(names)
@@ -36,32 +39,24 @@ class EMA:
                 raise ValueError(f"EMA: {type(module).__name__} has no state entries {unknown[:5]}")
             state = {k: v for k, v in state.items() if k in keep}
         for name, t in state.items():
-            if t.is_floating_point():
+            if t.is_floating_point() and name in trainable:
                 self.shadow[name] = t.detach().clone()
-                if name in trainable:
-                    self._trainable.add(name)
-        if not self._trainable:
+        if not self.shadow:
             raise ValueError(f"EMA: {type(module).__name__} has no trainable floating-point parameters")
 
     @torch.no_grad()
     def update(self, module: nn.Module) -> None:
         # live tensors by state_dict name, without building a state_dict (costly per step)
-        live = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        train_s, train_l, other_s, other_l = [], [], [], []
+        live = dict(module.named_parameters(remove_duplicate=False))
+        shadow, current = [], []
         for name, s in self.shadow.items():
             t = live[name].detach()
             if t.dtype != s.dtype or t.device != s.device:
                 t = t.to(device=s.device, dtype=s.dtype)
-            if name in self._trainable:
-                train_s.append(s)
-                train_l.append(t)
-            else:
-                other_s.append(s)
-                other_l.append(t)
+            shadow.append(s)
+            current.append(t)
         # s + (1-d)(live - s) = d*s + (1-d)*live, one fused kernel per tensor group
-        torch._foreach_lerp_(train_s, train_l, 1.0 - self.decay)
-        if other_s:
-            torch._foreach_copy_(other_s, other_l)
+        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)

@@ -89,6 +89,13 @@ class TrainConfig(AllProblems):
                                             "keyword found first in its caption (whole words, any case, plurals in -s/-es)")
     classes: tuple[str, ...] = Field((), description="Class names in label order (label_keywords: the keywords; "
                                      "label_field: filled from the dataset manifest when empty)")
+    caption_drop_words: tuple[str, ...] = Field((), description="Text conditioning: attribute words (e.g. the "
+                                                "colour names) that caption_word_dropout removes from a caption")
+    caption_word_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Text conditioning: probability that a "
+                                        "training caption loses every caption_drop_words word it holds (whole "
+                                        "words, any case; 'a'/'an' fixed), so prompts that name fewer attributes "
+                                        "stay in distribution; drawn per (seed, step, slot, sample), independent "
+                                        "of the loss noise and of model.cond_dropout (the empty caption for CFG)")
     log_every: int = Field(1, ge=1, description="Steps between metric rows (skipped steps always logged)")
     ckpt_every: int = Field(1000, ge=1, description="Steps between checkpoints (and at the end)")
     keep_checkpoints: int = Field(3, ge=1, le=1000, description="Newest checkpoints kept")
@@ -182,6 +189,15 @@ class TrainConfig(AllProblems):
             n = len(self.classes or self.label_keywords)
             if n and self.model.get("num_classes") != n:
                 p.add(f"model.num_classes={self.model.get('num_classes')} but there are {n} classes")
+        if p.can("caption_drop_words", "caption_word_dropout", "model"):
+            words = [w.strip().lower() for w in self.caption_drop_words]
+            if self.caption_word_dropout and not words:
+                p.add(f"caption_word_dropout={self.caption_word_dropout} needs caption_drop_words (the words to drop)")
+            if words and conditioning != "text":
+                p.add(f"caption_drop_words/caption_word_dropout are for text conditioning; the model has "
+                      f"conditioning={conditioning!r}")
+            if any(not w or not re.fullmatch(r"[\w' -]+", w) for w in words) or len(set(words)) != len(words):
+                p.add(f"caption_drop_words must be distinct non-empty words, got {list(self.caption_drop_words)}")
         if p.can("aspect_buckets", "model", "family") and self.aspect_buckets:
             fam_cls = get_family(self.family)
             if self.aspect_buckets < 1.0:
@@ -309,6 +325,47 @@ class Labeler:
         metas = batch.get("meta") or [None] * len(batch["key"])
         return torch.tensor([self.label(c, m, k) for c, m, k in zip(batch["caption"], metas, batch["key"])],
                             dtype=torch.long)
+
+
+class CaptionWordDropout:
+    """Attribute dropout of training captions: with probability ``cfg.caption_word_dropout`` a caption
+    loses every word of ``cfg.caption_drop_words`` ("a photo of an orange star" -> "a photo of a star"),
+    so a text-conditioned model also learns prompts that leave an attribute out (GenEval's
+    single_object prompts name no colour).  The draw is a function of (seed, step, slot, index in
+    the batch) alone: the same run drops the same words, also after a resume."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.p = cfg.caption_word_dropout
+        self.seed = cfg.seed
+        words = sorted({w.strip() for w in cfg.caption_drop_words}, key=len, reverse=True)
+        self.pattern = (re.compile(r"\b(?:" + "|".join(re.escape(w) for w in words) + r")\b", re.IGNORECASE)
+                        if words else None)
+
+    @property
+    def active(self) -> bool:
+        return self.pattern is not None and self.p > 0
+
+    def strip(self, caption: str) -> str:
+        """``caption`` without the drop words, spaces collapsed and a/an agreeing with the next word."""
+        if self.pattern is None:
+            return caption
+        return _fix_articles(" ".join(self.pattern.sub(" ", caption).split()))
+
+    def __call__(self, captions: Sequence[str], step: int, slot: int) -> list[str]:
+        if not self.active:
+            return list(captions)
+        rng = np.random.default_rng(derive_seed("caption-word-dropout", self.seed, step, slot))
+        drop = rng.random(len(captions)) < self.p
+        return [self.strip(str(c)) if d else str(c) for c, d in zip(captions, drop)]
+
+
+def _fix_articles(text: str) -> str:
+    """'a'/'an' before a word made to agree with that word's first letter (vowel -> 'an')."""
+    def fix(m: re.Match[str]) -> str:
+        art, word = m.group(1), m.group(2)
+        want = "an" if word[0].lower() in "aeiou" else "a"
+        return (want.capitalize() if art[0].isupper() else want) + " " + word
+    return re.sub(r"\b(an?|An?)\s+([A-Za-z]\w*)", fix, text)
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -515,6 +572,7 @@ def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, 
         raise ValueError(f"train: pixel shards hold RGB images; the family config has channels={family.cfg.channels} "
                          "(train on a latent dataset with data='latents' for other channel counts)")
     labeler = Labeler(cfg) if family.cfg.conditioning == "class" else None
+    word_dropout = CaptionWordDropout(cfg)
     generators = {s: torch.Generator(device=device).manual_seed(slot_seed(cfg.seed, s)) for s in slots}
     cfg_json = cfg.model_dump(mode="json")
 
@@ -587,6 +645,8 @@ def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, 
         log_sums: dict[str, float] = {}
         active = _active_optimizers(family, step, names)
         for j, (s, (_, _, batch)) in enumerate(zip(slots, got)):
+            if word_dropout.active:
+                batch = {**batch, "caption": word_dropout(batch["caption"], step, s)}
             batch = to_device(batch)
             sync = model.no_sync() if isinstance(model, DDP) and j + 1 < k else nullcontext()
             with sync:
