@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -532,7 +533,8 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
         yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, dict[int, Path]]:
+def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig,
+                      on_part: Any = None) -> tuple[pd.DataFrame, dict[int, Path]]:
     """One img2dataset run over ``rows`` (row_id, url, caption).
 
     img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
@@ -540,6 +542,10 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
     ``k * number_sample_per_shard`` on) and streams to disk; this returns only the compact columns of
     every row (row_id, status, error_message, part: the part's number, -1 for a row img2dataset lost)
     and the part files by number (a lost subjob's part is absent).
+
+    ``on_part(number, path, compact)`` (optional) is called once per part file with its compact
+    columns: while img2dataset runs, from a :class:`_PartWatcher` thread, for every part whose subjob
+    has finished; after it, from this thread, for the parts not seen yet.
     """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
@@ -558,23 +564,37 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
         cols.iloc[s0:s0 + step].to_parquet(inp / f"{i:05d}.parquet", index=False)
     del cols
     out = work / "out"
-    with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
-        i2d_download(
-            url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
-            output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
-            disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
-            processes_count=cfg.processes_count, thread_count=cfg.thread_count,
-            timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
-            number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
-            compute_hash="sha256", extract_exif=False, enable_wandb=False,
-        )
-    parts = {int(p.stem): p for p in sorted(out.glob("*.parquet"))}
-    frames = []
-    for i, p in parts.items():  # compact columns only: the image bytes stay in the part files
+    frames: dict[int, pd.DataFrame] = {}
+
+    def read_part(i: int, p: Path) -> None:  # compact columns only: the image bytes stay in the part files
         f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
         f["part"] = i
-        frames.append(f)
-    got = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        frames[i] = f
+        if on_part is not None:
+            on_part(i, p, f)
+
+    watcher = _PartWatcher(out, read_part) if on_part is not None else None
+    try:
+        with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
+            if watcher is not None:
+                watcher.start()
+            i2d_download(
+                url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
+                output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
+                disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
+                processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+                timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
+                number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
+                compute_hash="sha256", extract_exif=False, enable_wandb=False,
+            )
+    finally:
+        if watcher is not None:
+            watcher.finish()  # joined before anything else reads what it handed over (raises its error)
+    parts = {int(p.stem): p for p in sorted(out.glob("*.parquet"))}
+    for i, p in parts.items():  # the parts the watcher did not see finish (or all, without one)
+        if i not in frames:
+            read_part(i, p)
+    got = pd.concat([frames[i] for i in parts], ignore_index=True) if parts else pd.DataFrame(
         {"row_id": pd.Series([], dtype="int64"), "status": [], "error_message": [], "part": []})
     missing = set(rows["row_id"]) - set(got["row_id"])
     if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
@@ -583,6 +603,49 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tu
                               "part": -1})
         got = pd.concat([got, extra], ignore_index=True)
     return got, parts
+
+
+class _PartWatcher(threading.Thread):
+    """Hands over each img2dataset part of ``out`` as soon as its subjob has finished it, while img2dataset
+    runs on the main thread (it installs a SIGINT handler there, so it cannot move to a thread).
+
+    A part is finished once ``NNNNN_stats.json`` exists: img2dataset's ``Downloader.download_shard`` closes
+    the part's parquet writer (and its file) and only then calls ``logger.write_stats``, which writes that
+    file (img2dataset 1.45: downloader.py, logger.py).  A subjob that crashes writes no stats, so its part
+    is never handed over here (the pass accounts for it afterwards).  An error in ``on_part`` stops the
+    watcher and is raised by :meth:`finish`."""
+
+    POLL_S = 0.25
+
+    def __init__(self, out: Path, on_part: Any) -> None:
+        super().__init__(name=f"img2dataset-parts-{out.parent.name}", daemon=True)
+        self.out, self.on_part = out, on_part
+        self.seen: set[int] = set()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def sweep(self) -> None:
+        if not self.out.is_dir():
+            return
+        for st in sorted(self.out.glob("*_stats.json")):
+            name = st.name[:-len("_stats.json")]
+            if not name.isdigit() or int(name) in self.seen:
+                continue
+            self.seen.add(int(name))
+            self.on_part(int(name), self.out / f"{name}.parquet")
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(self.POLL_S):
+                self.sweep()
+        except BaseException as exc:  # raised on the main thread by finish()
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 @contextlib.contextmanager
@@ -751,6 +814,95 @@ def decode_part(job: PartJob) -> str:
     return job.result_path
 
 
+class _PartPlan:
+    """The image parts of one download and where their rows were fetched, pass by pass.
+
+    Image part k holds the rows of the first pass's img2dataset part k (its *home* rows), from whichever
+    pass fetched each.  A part is ready to decode once each of its rows has its final outcome: fetched,
+    failed for a reason that is not retried, or failed transiently in the last pass (a row img2dataset
+    lost is only known once its pass ends).  With an executor (:meth:`start`), each ready part is
+    submitted from the pass's part watcher while img2dataset still runs; :meth:`finish` submits the
+    rest and returns every part's result path, in part order.  Without one, :meth:`jobs` are all the
+    parts after the fetch.  Either way a part's job is the same (sources in pass, then part order)."""
+
+    def __init__(self, n_parts: int, home: np.ndarray, position: pd.Index, captions: np.ndarray,
+                 cfg: DownloadConfig, images_dir: Path, decoded_dir: Path) -> None:
+        self.n, self.home, self.position, self.captions, self.cfg = n_parts, home, position, captions, cfg
+        self.images_dir, self.decoded_dir = images_dir, decoded_dir
+        self.sources: list[list[tuple[int, int, str, list[int]]]] = [[] for _ in range(n_parts)]
+        self.open_rows = np.zeros(n_parts, dtype=np.int64)   # per part: rows without a final outcome
+        self.ex: Any = None
+        self.handles: dict[int, Any] = {}
+
+    def count_rows(self, first_pass_ids: np.ndarray) -> None:
+        k = self.home[self.position.get_indexer(first_pass_ids)]
+        self.open_rows += np.bincount(k, minlength=self.n)[:self.n]
+
+    def add_sources(self, attempt: int, part: int, path: Path, compact: pd.DataFrame) -> None:
+        """The rows of img2dataset part ``part`` of pass ``attempt`` it fetched, under their image parts."""
+        ok = (compact["status"] == "success").to_numpy()
+        ids = compact["row_id"].to_numpy(dtype=np.int64)[ok]
+        if not len(ids):
+            return
+        k = self.home[self.position.get_indexer(ids)]
+        if (k < 0).any():
+            raise AssertionError(f"download pass {attempt} fetched rows that were not in the first pass: "
+                                 f"{ids[k < 0][:5].tolist()}")
+        for kk in np.unique(k).tolist():
+            self.sources[kk].append((attempt, part, str(path), ids[k == kk].tolist()))
+
+    def job(self, k: int) -> PartJob:
+        sources = [(path, ids) for _, _, path, ids in sorted(self.sources[k], key=lambda s: s[:2])]
+        rows = [r for _, ids in sources for r in ids]
+        return PartJob(k, sources, {r: str(self.captions[i]) for r, i in zip(rows, self.position.get_indexer(rows))},
+                       self.cfg, str(self.images_dir / f"part-{k:05d}.parquet"),
+                       str(self.decoded_dir / f"part-{k:05d}.parquet"))
+
+    def jobs(self) -> list[PartJob]:
+        return [self.job(k) for k in range(self.n)]
+
+    def start(self, ex: Any) -> None:
+        self.ex = ex
+
+    def _submit(self, k: int) -> None:
+        job = self.job(k)
+        job.inner_pool = bool(self.ex.in_process)
+        self.handles[k] = self.ex.submit(decode_part, job)
+
+    def part_fetched(self, attempt: int) -> Any:
+        """The ``on_part`` of pass ``attempt``: record the part's sources, close its rows' outcomes and
+        submit every image part that is now complete."""
+        last = attempt == self.cfg.retry_passes
+
+        def on_part(part: int, path: Path, compact: pd.DataFrame) -> None:
+            self.add_sources(attempt, part, path, compact)
+            ok = (compact["status"] == "success").to_numpy()
+            final = ok.copy()
+            if last:
+                final[:] = True
+            else:
+                msgs = compact["error_message"].to_numpy()
+                final[~ok] = [not is_transient(classify_error(m)) for m in msgs[~ok]]
+            k = self.home[self.position.get_indexer(compact["row_id"].to_numpy(dtype=np.int64)[final])]
+            self.open_rows -= np.bincount(k[k >= 0], minlength=self.n)[:self.n]
+            for kk in np.flatnonzero(self.open_rows == 0).tolist():
+                if kk not in self.handles:
+                    self._submit(kk)
+        return on_part
+
+    def finish(self) -> list[str]:
+        for k in range(self.n):
+            if k not in self.handles:
+                self._submit(k)
+        return [self.handles[k].result() for k in range(self.n)]
+
+    def cancel(self) -> None:
+        """On an error: drop the parts not started (a running one finishes its atomic writes)."""
+        for h in self.handles.values():
+            with contextlib.suppress(Exception):
+                h.cancel()
+
+
 class _DecodedRows:
     """The decode results of the image parts (files from :func:`decode_part`), read back one part at a
     time in row order: :meth:`upto` hands over the results of the rows before a row position.  Image
@@ -794,7 +946,7 @@ def _clock() -> tuple[float, float]:
 
 def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True, runner: str | None = None,
-                 timings: dict[str, float] | None = None) -> dict[str, Any]:
+                 timings: dict[str, float] | None = None, overlap: bool = True) -> dict[str, Any]:
     """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
 
     Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
@@ -806,7 +958,13 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     compact columns in memory; decoding is a map step over parts on ``runner`` (see
     :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
     Returns the counts for the stage card.  ``timings`` (a benchmark's dict, never part of the
-    counts) receives the wall and CPU seconds of the fetch passes, the decode and the ledger.
+    counts) receives the wall and CPU seconds of the fetch passes (with the decode that overlapped
+    them), the decode after them and the ledger.
+
+    ``overlap`` (an execution knob: the same bytes either way): decode each image part while
+    img2dataset still fetches the others, as soon as every row of the part has its final outcome
+    (:class:`_PartPlan`), on an executor that takes parts one at a time (``submit``); False, one
+    part, ``local:1`` or an orchestrator's mapper: every part after the fetch.
     """
     from imagegen.executors import executor
 
@@ -844,89 +1002,88 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
     pending = url_list[url_list["skip_reason"].isna()]
     passes = []
     work = out_dir / "_img2dataset"
-    part_files: list[dict[int, Path]] = []     # per pass, img2dataset's part files by part number
-    fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
     # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
     # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
+    step = max(1, cfg.number_sample_per_shard)
     home = np.full(n_rows, -1, dtype=np.int64)
-    n_parts = 1
-    engine_info: dict[str, Any] | None = None
-    with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
-        if not pending.empty:
-            engine_info = engine.enter_context(distributor_session(cfg))
-        for attempt in range(1 + cfg.retry_passes):
-            if pending.empty:
-                break
-            got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
-            part_files.append(files)
-            if attempt == 0:
-                step = max(1, cfg.number_sample_per_shard)
-                home[position.get_indexer(pending["row_id"].to_numpy())] = np.arange(len(pending)) // step
-                n_parts = max(1, math.ceil(len(pending) / step))
-            ok = (got["status"] == "success").to_numpy()
-            ids = got["row_id"].to_numpy()
-            attempts[position.get_indexer(ids)] += 1
-            fetched.append(got.loc[ok, ["row_id", "part"]])
-            bad_ids = got.loc[~ok, "row_id"].to_numpy()
-            msgs = got.loc[~ok, "error_message"].tolist()
-            reasons = [classify_error(m) for m in msgs]
-            bad_pos = position.get_indexer(bad_ids)
-            state[bad_pos] = 2
-            why.update(zip(bad_pos.tolist(), zip(reasons, msgs)))
-            retry_ids = [int(r) for r, why_ in zip(bad_ids, reasons) if is_transient(why_)]
-            passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
-                           "transient_failures": len(retry_ids)})
-            if progress:
-                log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
-                         len(retry_ids))
-            pending = pending[pending["row_id"].isin(retry_ids)]
-            limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
-            if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
-                live = pending.set_index("row_id").loc[limited, "url"].tolist()
-                wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
-                log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
-                         attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
-                passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
-                time.sleep(wait["wait_s"])
-
-    lap("fetch")
-    # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
+    home[position.get_indexer(pending["row_id"].to_numpy())] = np.arange(len(pending)) // step
+    n_parts = max(1, math.ceil(len(pending) / step))
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     captions = url_list["caption"].to_numpy()
     decoded_dir = out_dir / "_decoded"   # each part's compact decode results, read back for the ledger
     decoded_dir.mkdir(parents=True, exist_ok=True)
-    by_home: list[list[tuple[str, list[int]]]] = [[] for _ in range(n_parts)]
-    for p, got in enumerate(fetched):  # each pass's fetched rows, grouped by (image part, img2dataset part)
-        if got.empty:
-            continue
-        ids_all = got["row_id"].to_numpy(dtype=np.int64)
-        k_all = home[position.get_indexer(ids_all)]
-        if (k_all < 0).any():
-            raise AssertionError(f"download pass {p} fetched rows that were not in the first pass: "
-                                 f"{ids_all[k_all < 0][:5].tolist()}")
-        for (k, part), g in pd.DataFrame({"k": k_all, "part": got["part"].to_numpy(), "row_id": ids_all}).groupby(
-                ["k", "part"], sort=True):
-            by_home[int(k)].append((str(part_files[p][int(part)]), g["row_id"].tolist()))
-    jobs = []
-    for k in range(n_parts):
-        sources = by_home[k]
-        rows = [r for _, ids in sources for r in ids]
-        jobs.append(PartJob(k, sources, {r: str(captions[i]) for r, i in zip(rows, position.get_indexer(rows))},
-                            cfg, str(images_dir / f"part-{k:05d}.parquet"),
-                            str(decoded_dir / f"part-{k:05d}.parquet")))
     spec = runner or "local"
-    if len(jobs) == 1 or spec == "local:1":
-        for j in jobs:
-            j.inner_pool = True
-        results = [decode_part(j) for j in jobs]
-    else:
-        with executor(spec, root=out_dir, workers=cfg.processes_count) as ex:
-            if ex.in_process:
-                for j in jobs:
-                    j.inner_pool = True
-            results = ex.map(decode_part, jobs)
-    del jobs
+    parts = _PartPlan(n_parts, home, position, captions, cfg, images_dir, decoded_dir)
+    parts.count_rows(pending["row_id"].to_numpy())
+    engine_info: dict[str, Any] | None = None
+    results: list[str] | None = None
+    with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
+        if not pending.empty:
+            engine_info = engine.enter_context(distributor_session(cfg))
+        ex = None
+        if overlap and n_parts > 1 and spec != "local:1":
+            # decode overlaps the fetch: each image part is submitted as soon as img2dataset has finished
+            # every row of it (see _PartPlan), while img2dataset keeps running on this thread
+            ex = engine.enter_context(executor(spec, root=out_dir, workers=cfg.processes_count))
+            if ex.supports_submit:
+                ex.warm()  # a local pool forks here, before the part watcher's thread starts
+                parts.start(ex)
+            else:  # an orchestrator's mapper takes whole lists: its map after the fetch
+                ex = None
+        try:
+            for attempt in range(1 + cfg.retry_passes):
+                if pending.empty:
+                    break
+                got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg,
+                                               on_part=parts.part_fetched(attempt) if ex is not None else None)
+                ok = (got["status"] == "success").to_numpy()
+                ids = got["row_id"].to_numpy()
+                attempts[position.get_indexer(ids)] += 1
+                bad_ids = got.loc[~ok, "row_id"].to_numpy()
+                msgs = got.loc[~ok, "error_message"].tolist()
+                reasons = [classify_error(m) for m in msgs]
+                bad_pos = position.get_indexer(bad_ids)
+                state[bad_pos] = 2
+                why.update(zip(bad_pos.tolist(), zip(reasons, msgs)))
+                retry_ids = [int(r) for r, why_ in zip(bad_ids, reasons) if is_transient(why_)]
+                passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
+                               "transient_failures": len(retry_ids)})
+                if ex is None:  # without overlap, the parts' sources are gathered here
+                    for i, f in got[got["part"] >= 0].groupby("part", sort=True):
+                        parts.add_sources(attempt, int(i), files[int(i)], f)
+                if progress:
+                    log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
+                             len(retry_ids))
+                pending = pending[pending["row_id"].isin(retry_ids)]
+                limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
+                if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
+                    live = pending.set_index("row_id").loc[limited, "url"].tolist()
+                    wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
+                    log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
+                             attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
+                    passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
+                    time.sleep(wait["wait_s"])
+            lap("fetch")
+            if ex is not None:
+                results = parts.finish()  # the parts not submitted yet (rows retried to the last pass), then all
+        except BaseException:
+            parts.cancel()
+            raise
+
+    if results is None:  # decode, part by part, after the fetch
+        jobs = parts.jobs()
+        if len(jobs) == 1 or spec == "local:1":
+            for j in jobs:
+                j.inner_pool = True
+            results = [decode_part(j) for j in jobs]
+        else:
+            with executor(spec, root=out_dir, workers=cfg.processes_count) as ex:
+                if ex.in_process:
+                    for j in jobs:
+                        j.inner_pool = True
+                results = ex.map(decode_part, jobs)
+        del jobs
     decoded = _DecodedRows(results, position)  # the decode results in row order, a part at a time
     lap("decode")
     shutil.rmtree(work, ignore_errors=True)
