@@ -567,11 +567,11 @@ def test_a_decode_error_during_the_fetch_surfaces_and_leaves_nothing_half_writte
         return real(job)
 
     monkeypatch.setattr(D, "decode_part", fails_on_part_1)
-    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=5, retry_passes=0,
+    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
                          allow_private_addresses=True, image_size=16)
     with _FlakyOnce(set()) as base:
         with pytest.raises(RuntimeError, match="planted decode failure in part 1"):
-            run_download(_small_list(base, 15), cfg, tmp_path / "dl", progress=False)
+            run_download(_small_list(base, 30), cfg, tmp_path / "dl", progress=False)
     assert not (tmp_path / "dl" / "ledger").exists()
     _all_whole(tmp_path / "dl")
     assert not [t for t in threading.enumerate() if t.name.startswith("img2dataset-parts")]
@@ -592,11 +592,11 @@ def test_a_fetch_error_surfaces_after_the_watcher_stops(tmp_path, monkeypatch):
         raise OSError("planted fetch failure")
 
     monkeypatch.setattr(img2dataset, "download", fails_after_writing)
-    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=5, retry_passes=0,
+    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
                          allow_private_addresses=True, image_size=16)
     with _FlakyOnce(set()) as base:
         with pytest.raises(OSError, match="planted fetch failure"):
-            run_download(_small_list(base, 15), cfg, tmp_path / "dl", progress=False)
+            run_download(_small_list(base, 30), cfg, tmp_path / "dl", progress=False)
     assert not (tmp_path / "dl" / "ledger").exists()
     _all_whole(tmp_path / "dl")
     assert not [t for t in threading.enumerate() if t.name.startswith("img2dataset-parts")]
