@@ -503,11 +503,13 @@ def test_parts_are_decoded_while_img2dataset_still_fetches_and_the_bytes_are_the
                          retry_wait=0, allow_private_addresses=True, image_size=16, timeout=10)
     slow = {f"/img/{i}.png": 2.0 for i in range(30, 40)}
     digests, counts = {}, {}
-    for overlap in (True, False):
-        with _FlakyOnce({"/img/15.png"}, slow) as base:
+    server = _FlakyOnce({"/img/15.png"}, slow)
+    with server as base:  # one server (the ledger records its port), its 503 armed again for each run
+        for overlap in (True, False):
+            server.asked.clear()
             counts[overlap] = run_download(_small_list(base, n), cfg, tmp_path / f"dl-{overlap}", progress=False,
                                            overlap=overlap)
-        digests[overlap] = _tree_digest(tmp_path / f"dl-{overlap}")
+            digests[overlap] = _tree_digest(tmp_path / f"dl-{overlap}")
     # pass 0 with overlap: parts 0 and 2 were decoded before img2dataset returned (part 3 may have been,
     # img2dataset takes a while to wind down), part 1 (a row to retry) was not
     assert {"part-00000.parquet", "part-00002.parquet"} <= set(seen_at_return[0]), seen_at_return
@@ -538,8 +540,10 @@ def test_overlapped_decode_on_a_process_pool_gives_the_sequential_bytes_with_eve
     assert counts[True] == counts[False]
     assert counts[True]["failed"] and counts[True]["recovered_on_retry"], counts[True]
     assert digests[True] == digests[False]
-    assert sorted(digests[True]) == [*(f"images/part-{k:05d}.parquet" for k in range(4)),
-                                     *(f"ledger/part-{k:05d}.parquet" for k in range(4))]
+    names = sorted(digests[True])  # only the outputs are left: image parts and ledger parts, several of each
+    assert len([f for f in names if f.startswith("images/part-")]) == counts[True]["parts"] >= 4
+    assert len([f for f in names if f.startswith("ledger/part-")]) >= 4
+    assert all(f.startswith(("images/part-", "ledger/part-")) for f in names), names
 
 
 def _all_whole(folder: Path) -> None:

@@ -533,47 +533,69 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
         yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig,
-                      on_part: Any = None) -> tuple[pd.DataFrame, dict[int, Path]]:
-    """One img2dataset run over ``rows`` (row_id, url, caption).
+def _write_shards(batches: Iterator[pd.DataFrame], inp: Path, step: int) -> np.ndarray:
+    """img2dataset's input for one pass: the rows of ``batches`` (row_id, url, caption) as
+    ``inp/NNNNN.parquet``, ``step`` rows a file (img2dataset reads one input file whole, and numbers the
+    shards of a folder's files on from each other: file i is shard i), never the whole list in one file.
+    Returns the row ids written (compact), in order."""
+    inp.mkdir(parents=True, exist_ok=True)
+    buf: list[pd.DataFrame] = []
+    n_buf = n_files = 0
+    ids: list[np.ndarray] = []
 
-    img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
-    ``number_sample_per_shard`` input rows, in input order: part ``k`` holds input rows
-    ``k * number_sample_per_shard`` on) and streams to disk; this returns only the compact columns of
-    every row (row_id, status, error_message, part: the part's number, -1 for a row img2dataset lost)
-    and the part files by number (a lost subjob's part is absent).
+    def flush(n: int) -> None:
+        nonlocal buf, n_buf, n_files
+        t = pd.concat(buf, ignore_index=True) if len(buf) > 1 else buf[0].reset_index(drop=True)
+        t.iloc[:n].to_parquet(inp / f"{n_files:05d}.parquet", index=False)
+        ids.append(t["row_id"].to_numpy(dtype=np.int64)[:n])
+        n_files += 1
+        rest = t.iloc[n:]
+        buf, n_buf = ([rest] if len(rest) else []), len(rest)
 
-    ``on_part(number, path, compact)`` (optional) is called once per part file with its compact
-    columns: while img2dataset runs, from a :class:`_PartWatcher` thread, for every part whose subjob
-    has finished; after it, from this thread, for the parts not seen yet.
+    for b in batches:
+        if not len(b):
+            continue
+        buf.append(b[["row_id", "url", "caption"]])
+        n_buf += len(b)
+        while n_buf >= step:
+            flush(step)
+    if n_buf:
+        flush(n_buf)
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _read_shards(inp: Path, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """A pass's input files (from :func:`_write_shards`), in order, one at a time."""
+    for p in sorted(inp.glob("*.parquet")):
+        yield pd.read_parquet(p, columns=columns)
+
+
+def _img2dataset_pass(work: Path, pass_ids: np.ndarray, cfg: DownloadConfig, on_part: Any,
+                      watch: bool = False) -> np.ndarray:
+    """One img2dataset run over the input files in ``work/input`` (:func:`_write_shards`; ``pass_ids``:
+    their row ids).
+
+    img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per input file, in input order)
+    and streams to disk.  ``on_part(number, path, compact)`` is called once per part file with its
+    compact columns (row_id, status, error_message; never the image bytes): with ``watch``, while
+    img2dataset runs, from a :class:`_PartWatcher` thread for every part whose subjob has finished; after
+    it, from this thread, for the parts not seen yet.  Returns the row ids img2dataset lost (no part
+    holds them: a crashed subjob's part is absent), ascending.
     """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as i2d_download
 
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    # its input in parts of one shard each (img2dataset reads one input file whole, and numbers the shards
-    # of a folder's files on from each other: part file i is shard i), never the whole list in one file
-    inp = work / "input"
-    inp.mkdir()
-    step = max(1, cfg.number_sample_per_shard)
-    cols = rows[["row_id", "url", "caption"]]
-    for i, s0 in enumerate(range(0, len(cols), step)):
-        cols.iloc[s0:s0 + step].to_parquet(inp / f"{i:05d}.parquet", index=False)
-    del cols
-    out = work / "out"
-    frames: dict[int, pd.DataFrame] = {}
+    inp, out = work / "input", work / "out"
+    seen: dict[int, np.ndarray] = {}
 
     def read_part(i: int, p: Path) -> None:  # compact columns only: the image bytes stay in the part files
         f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
-        f["part"] = i
-        frames[i] = f
-        if on_part is not None:
-            on_part(i, p, f)
+        seen[i] = f["row_id"].to_numpy(dtype=np.int64)
+        on_part(i, p, f)
 
-    watcher = _PartWatcher(out, read_part) if on_part is not None else None
+    watcher = _PartWatcher(out, read_part) if watch else None
     try:
         with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
             if watcher is not None:
@@ -590,19 +612,11 @@ def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig,
     finally:
         if watcher is not None:
             watcher.finish()  # joined before anything else reads what it handed over (raises its error)
-    parts = {int(p.stem): p for p in sorted(out.glob("*.parquet"))}
-    for i, p in parts.items():  # the parts the watcher did not see finish (or all, without one)
-        if i not in frames:
-            read_part(i, p)
-    got = pd.concat([frames[i] for i in parts], ignore_index=True) if parts else pd.DataFrame(
-        {"row_id": pd.Series([], dtype="int64"), "status": [], "error_message": [], "part": []})
-    missing = set(rows["row_id"]) - set(got["row_id"])
-    if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
-        extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
-                              "error_message": _LOST_ROW,
-                              "part": -1})
-        got = pd.concat([got, extra], ignore_index=True)
-    return got, parts
+    for p in sorted(out.glob("*.parquet")):  # the parts the watcher did not see finish (or all, without one)
+        if int(p.stem) not in seen:
+            read_part(int(p.stem), p)
+    got = np.concatenate(list(seen.values())) if seen else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(pass_ids, got)  # img2dataset lost rows (a crashed subjob): accounted for, never dropped
 
 
 class _PartWatcher(threading.Thread):
@@ -815,7 +829,9 @@ def decode_part(job: PartJob) -> str:
 
 
 class _PartPlan:
-    """The image parts of one download and where their rows were fetched, pass by pass.
+    """The rows of one download, pass by pass, in compact numpy columns (attempts, a status code, the
+    pass and img2dataset part of a row's last failure: its message stays in that part file, read back
+    by the ledger a part at a time), and the image parts with where their rows were fetched.
 
     Image part k holds the rows of the first pass's img2dataset part k (its *home* rows), from whichever
     pass fetched each.  A part is ready to decode once each of its rows has its final outcome: fetched,
@@ -825,23 +841,89 @@ class _PartPlan:
     rest and returns every part's result path, in part order.  Without one, :meth:`jobs` are all the
     parts after the fetch.  Either way a part's job is the same (sources in pass, then part order)."""
 
-    def __init__(self, n_parts: int, home: np.ndarray, position: pd.Index, captions: np.ndarray,
-                 cfg: DownloadConfig, images_dir: Path, decoded_dir: Path) -> None:
-        self.n, self.home, self.position, self.captions, self.cfg = n_parts, home, position, captions, cfg
-        self.images_dir, self.decoded_dir = images_dir, decoded_dir
-        self.sources: list[list[tuple[int, int, str, list[int]]]] = [[] for _ in range(n_parts)]
-        self.open_rows = np.zeros(n_parts, dtype=np.int64)   # per part: rows without a final outcome
+    def __init__(self, row_ids: np.ndarray, first_pass_ids: np.ndarray, cfg: DownloadConfig, work: Path,
+                 images_dir: Path, decoded_dir: Path) -> None:
+        self.cfg, self.work, self.images_dir, self.decoded_dir = cfg, work, images_dir, decoded_dir
+        self.step = max(1, cfg.number_sample_per_shard)
+        self.position = pd.Index(row_ids)                      # row_id -> row position (row order)
+        n_rows = len(row_ids)
+        self.attempts = np.zeros(n_rows, dtype=np.int64)
+        self.failed = np.zeros(n_rows, dtype=bool)             # failed in some pass
+        self.fail_pass = np.full(n_rows, -1, dtype=np.int8)    # the pass of its last failure
+        self.fail_part = np.full(n_rows, -1, dtype=np.int32)   # ... and its img2dataset part (-1: lost)
+        # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
+        # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
+        self.home = np.full(n_rows, -1, dtype=np.int64)
+        self.home[self.position.get_indexer(first_pass_ids)] = np.arange(len(first_pass_ids)) // self.step
+        self.n = max(1, math.ceil(len(first_pass_ids) / self.step))
+        self.sources: list[list[tuple[int, int, str, list[int]]]] = [[] for _ in range(self.n)]
+        self.open_rows = np.bincount(self.home[self.home >= 0], minlength=self.n)[:self.n].astype(np.int64)
         self.ex: Any = None
         self.handles: dict[int, Any] = {}
+        self.pass_counts: dict[int, dict[str, Any]] = {}
 
-    def count_rows(self, first_pass_ids: np.ndarray) -> None:
-        k = self.home[self.position.get_indexer(first_pass_ids)]
-        self.open_rows += np.bincount(k, minlength=self.n)[:self.n]
+    def pass_dir(self, attempt: int) -> Path:
+        return self.work / f"pass{attempt}"
 
-    def add_sources(self, attempt: int, part: int, path: Path, compact: pd.DataFrame) -> None:
+    def part_file(self, attempt: int, part: int) -> Path:
+        return self.pass_dir(attempt) / "out" / f"{part:05d}.parquet"
+
+    # -------------------------------------------------------------- fetch outcomes
+
+    def part_fetched(self, attempt: int, submit: bool) -> Any:
+        """The ``on_part`` of pass ``attempt``: record the outcome of the part's rows and where the fetched
+        ones are; with ``submit``, submit every image part that is now complete."""
+        last = attempt == self.cfg.retry_passes
+        counts = self.pass_counts.setdefault(attempt, {"rows": 0, "success": 0, "retry": {}, "limited": {}})
+
+        def on_part(part: int, path: Path, compact: pd.DataFrame) -> None:
+            ok = (compact["status"] == "success").to_numpy()
+            ids = compact["row_id"].to_numpy(dtype=np.int64)
+            pos = self.position.get_indexer(ids)
+            self.attempts[pos] += 1
+            bad_pos, bad_ids = pos[~ok], ids[~ok]
+            self.failed[bad_pos] = True
+            self.fail_pass[bad_pos] = attempt
+            self.fail_part[bad_pos] = part
+            msgs = compact["error_message"].to_numpy()[~ok].tolist()
+            transient = np.array([is_transient(classify_error(m)) for m in msgs], dtype=bool)
+            counts["rows"] += len(ids)
+            counts["success"] += int(ok.sum())
+            counts["retry"][part] = bad_ids[transient]
+            counts["limited"][part] = bad_ids[transient & np.asarray(rate_limited(msgs), dtype=bool)] \
+                if len(msgs) else bad_ids[:0]
+            self._add_sources(attempt, part, path, ids[ok])
+            final = ok.copy()
+            final[~ok] = True if last else ~transient
+            k = self.home[pos[final]]
+            self.open_rows -= np.bincount(k[k >= 0], minlength=self.n)[:self.n]
+            if submit and self.ex is not None:
+                for kk in np.flatnonzero(self.open_rows == 0).tolist():
+                    if kk not in self.handles:
+                        self._submit(kk)
+        return on_part
+
+    def lost(self, attempt: int, ids: np.ndarray) -> None:
+        """Rows img2dataset returned no record of in pass ``attempt``: failed as ``subjob_failed`` (retried)."""
+        counts = self.pass_counts.setdefault(attempt, {"rows": 0, "success": 0, "retry": {}, "limited": {}})
+        pos = self.position.get_indexer(ids)
+        self.attempts[pos] += 1
+        self.failed[pos] = True
+        self.fail_pass[pos] = attempt
+        self.fail_part[pos] = -1
+        counts["rows"] += len(ids)
+        counts["retry"][-1] = ids  # after every part, as the rows img2dataset lost were listed before
+
+    def retry_ids(self, attempt: int) -> np.ndarray:
+        r = self.pass_counts[attempt]["retry"]
+        return np.concatenate([r[p] for p in sorted(r, key=lambda p: (p < 0, p))]) if r else np.zeros(0, np.int64)
+
+    def limited_ids(self, attempt: int) -> list[int]:
+        r = self.pass_counts[attempt]["limited"]
+        return [int(x) for p in sorted(r) for x in r[p]]
+
+    def _add_sources(self, attempt: int, part: int, path: Path, ids: np.ndarray) -> None:
         """The rows of img2dataset part ``part`` of pass ``attempt`` it fetched, under their image parts."""
-        ok = (compact["status"] == "success").to_numpy()
-        ids = compact["row_id"].to_numpy(dtype=np.int64)[ok]
         if not len(ids):
             return
         k = self.home[self.position.get_indexer(ids)]
@@ -851,11 +933,16 @@ class _PartPlan:
         for kk in np.unique(k).tolist():
             self.sources[kk].append((attempt, part, str(path), ids[k == kk].tolist()))
 
+    # -------------------------------------------------------------- decode jobs
+
     def job(self, k: int) -> PartJob:
         sources = [(path, ids) for _, _, path, ids in sorted(self.sources[k], key=lambda s: s[:2])]
-        rows = [r for _, ids in sources for r in ids]
-        return PartJob(k, sources, {r: str(self.captions[i]) for r, i in zip(rows, self.position.get_indexer(rows))},
-                       self.cfg, str(self.images_dir / f"part-{k:05d}.parquet"),
+        captions: dict[int, str] = {}
+        if sources:  # the captions of its rows: home part k is the first pass's input file k
+            want = {r for _, ids in sources for r in ids}
+            f = pd.read_parquet(self.pass_dir(0) / "input" / f"{k:05d}.parquet", columns=["row_id", "caption"])
+            captions = {int(r): str(c) for r, c in zip(f["row_id"], f["caption"]) if int(r) in want}
+        return PartJob(k, sources, captions, self.cfg, str(self.images_dir / f"part-{k:05d}.parquet"),
                        str(self.decoded_dir / f"part-{k:05d}.parquet"))
 
     def jobs(self) -> list[PartJob]:
@@ -869,27 +956,6 @@ class _PartPlan:
         job.inner_pool = bool(self.ex.in_process)
         self.handles[k] = self.ex.submit(decode_part, job)
 
-    def part_fetched(self, attempt: int) -> Any:
-        """The ``on_part`` of pass ``attempt``: record the part's sources, close its rows' outcomes and
-        submit every image part that is now complete."""
-        last = attempt == self.cfg.retry_passes
-
-        def on_part(part: int, path: Path, compact: pd.DataFrame) -> None:
-            self.add_sources(attempt, part, path, compact)
-            ok = (compact["status"] == "success").to_numpy()
-            final = ok.copy()
-            if last:
-                final[:] = True
-            else:
-                msgs = compact["error_message"].to_numpy()
-                final[~ok] = [not is_transient(classify_error(m)) for m in msgs[~ok]]
-            k = self.home[self.position.get_indexer(compact["row_id"].to_numpy(dtype=np.int64)[final])]
-            self.open_rows -= np.bincount(k[k >= 0], minlength=self.n)[:self.n]
-            for kk in np.flatnonzero(self.open_rows == 0).tolist():
-                if kk not in self.handles:
-                    self._submit(kk)
-        return on_part
-
     def finish(self) -> list[str]:
         for k in range(self.n):
             if k not in self.handles:
@@ -901,6 +967,27 @@ class _PartPlan:
         for h in self.handles.values():
             with contextlib.suppress(Exception):
                 h.cancel()
+
+    # -------------------------------------------------------------- the ledger's failure texts
+
+    def failure_messages(self, s: int, e: int) -> dict[int, str]:
+        """Row position -> the error message of its last failed fetch, for the failed rows of ``s:e``
+        (read from the img2dataset part files that hold them)."""
+        pos = s + np.flatnonzero(self.failed[s:e])
+        out: dict[int, str] = {}
+        if not len(pos):
+            return out
+        keys = np.stack([self.fail_pass[pos].astype(np.int64), self.fail_part[pos].astype(np.int64)], axis=1)
+        for (p, part) in {tuple(k) for k in keys.tolist()}:
+            mine = pos[(keys[:, 0] == p) & (keys[:, 1] == part)]
+            if part < 0:
+                out.update((int(i), _LOST_ROW) for i in mine)
+                continue
+            f = pd.read_parquet(self.part_file(p, part), columns=["row_id", "error_message"])
+            at = self.position.get_indexer(f["row_id"].to_numpy(dtype=np.int64))
+            msg = dict(zip(at.tolist(), f["error_message"].tolist()))
+            out.update((int(i), msg[int(i)]) for i in mine)
+        return out
 
 
 class _DecodedRows:
@@ -944,19 +1031,101 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
+ROWS_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+                         ("skip_reason", pa.string())])
+
+
+def _url_batches(url_list: Any, cfg: DownloadConfig) -> Iterator[pd.DataFrame]:
+    """``run_download``'s input as batches: a path (read and checked by :func:`iter_checked_url_list`), an
+    iterable of batches (such as its second result), or one table (sliced)."""
+    if isinstance(url_list, (str, Path)):
+        yield from iter_checked_url_list(url_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)[1]
+    elif isinstance(url_list, pd.DataFrame):
+        for s in range(0, len(url_list), URL_BATCH_ROWS):
+            yield url_list.iloc[s:s + URL_BATCH_ROWS]
+    else:
+        yield from url_list
+
+
+def _spill_rows(batches: Iterator[pd.DataFrame], cfg: DownloadConfig, rows_dir: Path,
+                first_input: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the input batches: the ledger's input columns (row_id, url as recorded, caption,
+    skip_reason) go to ``rows_dir/part-NNNNN.parquet``, one per ledger part, and the rows to fetch to
+    the first pass's img2dataset input (:func:`_write_shards`).  Returns the row ids of every row and of
+    the rows to fetch (compact).  Memory: a batch and a part."""
+    step = max(1, cfg.number_sample_per_shard)
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    ids: list[np.ndarray] = []
+    n_private = 0
+    buf: list[pd.DataFrame] = []
+    n_buf = n_files = 0
+
+    def flush(n: int) -> None:
+        nonlocal buf, n_buf, n_files
+        t = pd.concat(buf, ignore_index=True) if len(buf) > 1 else buf[0].reset_index(drop=True)
+        _write_atomic(pa.Table.from_pandas(t.iloc[:n], schema=ROWS_SCHEMA, preserve_index=False),
+                      rows_dir / f"part-{n_files:05d}.parquet")
+        n_files += 1
+        rest = t.iloc[n:]
+        buf, n_buf = ([rest] if len(rest) else []), len(rest)
+
+    def fetchable() -> Iterator[pd.DataFrame]:
+        nonlocal n_buf, n_private
+        for b in batches:
+            if not len(b):
+                continue
+            skip = b["skip_reason"].astype(object).where(b["skip_reason"].notna(), None)
+            # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
+            # detail (the embedded world's ephemeral port); a user's URL is recorded as given
+            if not cfg.allow_private_addresses and "record_url" not in b.columns:
+                # a user's list (the world's table carries record_url and is served by our own loopback server)
+                private = skip.isna().to_numpy() & b["url"].map(is_private_host).to_numpy(dtype=bool)
+                if private.any():
+                    skip = skip.copy()
+                    skip[private] = "private_address"
+                    n_private += int(private.sum())
+            rid = b["row_id"].to_numpy(dtype=np.int64)
+            ids.append(rid)
+            recorded = b["record_url"] if "record_url" in b.columns else b["url"]
+            buf.append(pd.DataFrame({"row_id": rid, "url": recorded.to_numpy(), "caption": b["caption"].to_numpy(),
+                                     "skip_reason": skip.to_numpy()}))
+            n_buf += len(b)
+            while n_buf >= step:
+                flush(step)
+            todo = skip.isna().to_numpy()
+            yield pd.DataFrame({"row_id": rid[todo], "url": b["url"].to_numpy()[todo],
+                                "caption": b["caption"].to_numpy()[todo]})
+
+    first = _write_shards(fetchable(), first_input, step)
+    if n_buf or not n_files:
+        if not buf:
+            buf = [pd.DataFrame({n: pd.Series([], dtype="int64" if n == "row_id" else object)
+                                 for n in ROWS_SCHEMA.names})]
+        flush(n_buf)
+    if n_private:
+        log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
+                    "download.allow_private_addresses=true to fetch them)", n_private)
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)), first
+
+
+def run_download(url_list: Any, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True, runner: str | None = None,
                  timings: dict[str, float] | None = None, overlap: bool = True) -> dict[str, Any]:
-    """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
+    """Download ``url_list`` into ``out_dir``: the path of a URL list (read and checked in batches by
+    :func:`iter_checked_url_list`), its checked batches, or a table like one (from :func:`read_url_list`;
+    row_id, url, caption, skip_reason, optionally record_url).
 
     Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
     order, ``url`` from ``record_url`` where the table has one; read it with
     :func:`imagegen.stages.ledger.read_ledger`) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
     caption), one image part per img2dataset part of the first pass (rows recovered by a retry
-    pass go back to the part of their input row, so parts stay in key order).  Passes keep only
-    compact columns in memory; decoding is a map step over parts on ``runner`` (see
-    :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
+    pass go back to the part of their input row, so parts stay in key order).  The input is
+    streamed once into per-part files (the ledger's input columns, img2dataset's input files); the
+    driver keeps compact numpy columns only (row ids, attempts, a status code, where a row last
+    failed: its message stays in img2dataset's part file), and the ledger is assembled a part at a
+    time.  Decoding is a map step over parts on ``runner`` (see :mod:`imagegen.executors`; default: a
+    local pool of ``cfg.processes_count``).
     Returns the counts for the stage card.  ``timings`` (a benchmark's dict, never part of the
     counts) receives the wall and CPU seconds of the fetch passes (with the decode that overlapped
     them), the decode after them and the ledger.
@@ -977,49 +1146,24 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             timings[f"{name}_cpu_s"] = round(now[1] - clock[-1][1], 3)
         clock.append(now)
 
-    # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
-    # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
-    # The driver keeps compact per-row columns only (attempts, a status code, the reasons of rows
-    # that did not succeed); the ledger's rows are built and written one part at a time.
-    row_ids = url_list["row_id"].to_numpy(dtype=np.int64)
-    n_rows = len(row_ids)
-    position = pd.Index(row_ids)                      # row_id -> row position (row order)
-    attempts = np.zeros(n_rows, dtype=np.int64)
-    state = np.zeros(n_rows, dtype=np.int8)            # 0: none, 1: skipped, 2: failed
-    why: dict[int, tuple[str, str | None]] = {}        # row position -> (reason, error) of a skip or failure
-    if not cfg.allow_private_addresses and "record_url" not in url_list.columns:
-        # a user's list (the world's table carries record_url and is served by our own loopback server)
-        private = url_list["skip_reason"].isna() & url_list["url"].map(is_private_host)
-        if private.any():
-            url_list = url_list.copy()
-            url_list.loc[private, "skip_reason"] = "private_address"
-            log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
-                        "download.allow_private_addresses=true to fetch them)", int(private.sum()))
-    skipped = url_list["skip_reason"].notna().to_numpy()
-    state[skipped] = 1
-    why.update(zip(np.flatnonzero(skipped).tolist(), ((str(r), None) for r in url_list["skip_reason"][skipped])))
-
-    pending = url_list[url_list["skip_reason"].isna()]
-    passes = []
     work = out_dir / "_img2dataset"
-    # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
-    # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
-    step = max(1, cfg.number_sample_per_shard)
-    home = np.full(n_rows, -1, dtype=np.int64)
-    home[position.get_indexer(pending["row_id"].to_numpy())] = np.arange(len(pending)) // step
-    n_parts = max(1, math.ceil(len(pending) / step))
+    shutil.rmtree(work, ignore_errors=True)
+    rows_dir = out_dir / "_rows"   # the ledger's input columns, a ledger part a file
+    row_ids, first_ids = _spill_rows(_url_batches(url_list, cfg), cfg, rows_dir, work / "pass0" / "input")
+    n_rows = len(row_ids)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    captions = url_list["caption"].to_numpy()
     decoded_dir = out_dir / "_decoded"   # each part's compact decode results, read back for the ledger
     decoded_dir.mkdir(parents=True, exist_ok=True)
+    plan = _PartPlan(row_ids, first_ids, cfg, work, images_dir, decoded_dir)
+    n_parts = plan.n
     spec = runner or "local"
-    parts = _PartPlan(n_parts, home, position, captions, cfg, images_dir, decoded_dir)
-    parts.count_rows(pending["row_id"].to_numpy())
+    passes = []
+    pass_ids = first_ids
     engine_info: dict[str, Any] | None = None
     results: list[str] | None = None
     with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
-        if not pending.empty:
+        if len(pass_ids):
             engine_info = engine.enter_context(distributor_session(cfg))
         ex = None
         if overlap and n_parts > 1 and spec != "local:1":
@@ -1028,37 +1172,39 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             ex = engine.enter_context(executor(spec, root=out_dir, workers=cfg.processes_count))
             if ex.supports_submit:
                 ex.warm()  # a local pool forks here, before the part watcher's thread starts
-                parts.start(ex)
+                plan.start(ex)
             else:  # an orchestrator's mapper takes whole lists: its map after the fetch
                 ex = None
         try:
             for attempt in range(1 + cfg.retry_passes):
-                if pending.empty:
+                if not len(pass_ids):
                     break
-                got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg,
-                                               on_part=parts.part_fetched(attempt) if ex is not None else None)
-                ok = (got["status"] == "success").to_numpy()
-                ids = got["row_id"].to_numpy()
-                attempts[position.get_indexer(ids)] += 1
-                bad_ids = got.loc[~ok, "row_id"].to_numpy()
-                msgs = got.loc[~ok, "error_message"].tolist()
-                reasons = [classify_error(m) for m in msgs]
-                bad_pos = position.get_indexer(bad_ids)
-                state[bad_pos] = 2
-                why.update(zip(bad_pos.tolist(), zip(reasons, msgs)))
-                retry_ids = [int(r) for r, why_ in zip(bad_ids, reasons) if is_transient(why_)]
-                passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
+                if attempt:  # the rows to retry, from the previous pass's input (in row order)
+                    keep = np.sort(pass_ids)
+                    pass_ids = _write_shards(
+                        (b[np.isin(b["row_id"].to_numpy(dtype=np.int64), keep)]
+                         for b in _read_shards(plan.pass_dir(attempt - 1) / "input")),
+                        plan.pass_dir(attempt) / "input", plan.step)
+                lost = _img2dataset_pass(plan.pass_dir(attempt), pass_ids, cfg,
+                                         on_part=plan.part_fetched(attempt, submit=ex is not None),
+                                         watch=ex is not None)
+                plan.lost(attempt, lost)
+                c = plan.pass_counts[attempt]
+                retry_ids = plan.retry_ids(attempt)
+                passes.append({"pass": attempt, "rows": int(c["rows"]), "success": int(c["success"]),
                                "transient_failures": len(retry_ids)})
-                if ex is None:  # without overlap, the parts' sources are gathered here
-                    for i, f in got[got["part"] >= 0].groupby("part", sort=True):
-                        parts.add_sources(attempt, int(i), files[int(i)], f)
                 if progress:
-                    log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
+                    log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, c["rows"], c["success"],
                              len(retry_ids))
-                pending = pending[pending["row_id"].isin(retry_ids)]
-                limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
-                if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
-                    live = pending.set_index("row_id").loc[limited, "url"].tolist()
+                pass_ids = retry_ids
+                limited = plan.limited_ids(attempt)
+                if len(pass_ids) and limited and attempt < cfg.retry_passes:
+                    # 429/503: wait what the server asks (Retry-After), then ask again
+                    urls: dict[int, str] = {}
+                    for b in _read_shards(plan.pass_dir(attempt) / "input", ["row_id", "url"]):
+                        hit = np.isin(b["row_id"].to_numpy(dtype=np.int64), limited)
+                        urls.update(zip(b["row_id"].to_numpy()[hit].tolist(), b["url"].to_numpy()[hit].tolist()))
+                    live = [urls[r] for r in limited]
                     wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
                     log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
                              attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
@@ -1066,13 +1212,13 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                     time.sleep(wait["wait_s"])
             lap("fetch")
             if ex is not None:
-                results = parts.finish()  # the parts not submitted yet (rows retried to the last pass), then all
+                results = plan.finish()  # the parts not submitted yet (rows retried to the last pass), then all
         except BaseException:
-            parts.cancel()
+            plan.cancel()
             raise
 
     if results is None:  # decode, part by part, after the fetch
-        jobs = parts.jobs()
+        jobs = plan.jobs()
         if len(jobs) == 1 or spec == "local:1":
             for j in jobs:
                 j.inner_pool = True
@@ -1084,24 +1230,24 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
                         j.inner_pool = True
                 results = ex.map(decode_part, jobs)
         del jobs
-    decoded = _DecodedRows(results, position)  # the decode results in row order, a part at a time
+    decoded = _DecodedRows(results, plan.position)  # the decode results in row order, a part at a time
     lap("decode")
-    shutil.rmtree(work, ignore_errors=True)
 
-    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
-    recorded = recorded.to_numpy()
     writer = LedgerWriter(out_dir, cfg.number_sample_per_shard, LEDGER_SCHEMA)
     summary = LedgerSummary()
-    step = max(1, cfg.number_sample_per_shard)
-    for s in range(0, n_rows, step):
+    step = plan.step
+    for k, s in enumerate(range(0, n_rows, step)):
         e = min(n_rows, s + step)
         res, res_pos = decoded.upto(e)
-        part = _ledger_part(s, e, row_ids, recorded, captions, attempts, state, why, res, res_pos)
+        rows = pq.read_table(rows_dir / f"part-{k:05d}.parquet").to_pandas()
+        part = _ledger_part(s, e, rows, plan, res, res_pos)
         summary.add(part)
         writer.add(part)
-        del part, res
+        del part, res, rows
     writer.close()
     shutil.rmtree(decoded_dir, ignore_errors=True)
+    shutil.rmtree(rows_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     lap("ledger")
 
     counts = summary.result()
@@ -1129,21 +1275,27 @@ def ledger_frame(ledger: pd.DataFrame) -> pd.DataFrame:
     return ledger
 
 
-def _ledger_part(s: int, e: int, row_ids: np.ndarray, recorded: np.ndarray, captions: np.ndarray,
-                 attempts: np.ndarray, state: np.ndarray, why: dict[int, tuple[str, str | None]],
-                 res: pd.DataFrame, res_pos: np.ndarray) -> pd.DataFrame:
-    """The ledger rows of row positions ``s:e``: the input row, its passes' outcome, its decode result."""
+def _ledger_part(s: int, e: int, rows: pd.DataFrame, plan: _PartPlan, res: pd.DataFrame,
+                 res_pos: np.ndarray) -> pd.DataFrame:
+    """The ledger rows of row positions ``s:e``: the input row (``rows``, from the spilled input), its
+    passes' outcome (``plan``; a failure's message read back from its part file), its decode result."""
     n = e - s
+    skip = rows["skip_reason"].to_numpy(dtype=object)
+    skipped = pd.notna(skip)
     status = np.full(n, None, dtype=object)
     reason = np.full(n, None, dtype=object)
     error = np.full(n, None, dtype=object)
-    st = state[s:e]
-    status[st == 1] = "skipped"
-    status[st == 2] = "failed"
-    for i in np.flatnonzero(st).tolist():
-        reason[i], error[i] = why[s + i]
-    part = pd.DataFrame({"row_id": row_ids[s:e], "url": recorded[s:e], "caption": captions[s:e],
-                         "status": status, "reason": reason, "error": error, "attempts": attempts[s:e],
+    status[skipped] = "skipped"
+    reason[skipped] = skip[skipped]
+    failed = plan.failed[s:e] & ~skipped
+    status[failed] = "failed"
+    msgs = plan.failure_messages(s, e)
+    for i in np.flatnonzero(failed).tolist():
+        error[i] = msgs[s + i]
+        reason[i] = classify_error(error[i])
+    part = pd.DataFrame({"row_id": rows["row_id"].to_numpy(dtype=np.int64), "url": rows["url"].to_numpy(dtype=object),
+                         "caption": rows["caption"].to_numpy(dtype=object),
+                         "status": status, "reason": reason, "error": error, "attempts": plan.attempts[s:e],
                          "key": None})
     for col in _RESULT_FIELDS:
         part[col] = None
