@@ -256,9 +256,8 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
         if parent_dir is not None:
             return incremental_body(tmp, card)
         if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
-            table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
-                                               cfg.on_duplicate_urls)
-            return download_mod.run_download(table, cfg, tmp, runner=cfg.runner)
+            # streamed: run_download reads and checks the list in batches (never the whole table)
+            return download_mod.run_download(Path(source.url_list), cfg, tmp, runner=cfg.runner)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
 
@@ -275,8 +274,8 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
         from imagegen.stages import incremental
 
         append = None
-        if cfg.append_list:
-            append = download_mod.read_url_list(cfg.append_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
+        if cfg.append_list:  # streamed: checked, then read in batches by the incremental download
+            append = Path(cfg.append_list)
         card["parent"] = {"dataset": cfg.parent, "download": parent_dir.name}
         if source.kind == "url_list":
             urls = read_ledger(parent_dir, ["row_id", "url", "caption"])
