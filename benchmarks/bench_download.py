@@ -47,6 +47,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--processes", type=int, default=2)
     ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--shard-rows", type=int, default=None,
+                    help="img2dataset's number_sample_per_shard for both (default: n / processes, one part per "
+                         "process, which leaves the overlapped decode nothing to overlap: every part ends at the end)")
     ap.add_argument("--sequential", action="store_true",
                     help="also run the stage with overlap=False (decode after the fetch: the path before the "
                          "overlap), in the same run")
@@ -55,7 +58,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-download-"))
     publish_world(WorldConfig(), clean_publish(args.n), tmp / "world")
     cfg = DownloadConfig(processes_count=args.processes, thread_count=args.threads, timeout=10, retry_passes=0,
-                         number_sample_per_shard=max(10, args.n // args.processes))
+                         number_sample_per_shard=args.shard_rows or max(10, args.n // args.processes))
     names = ("img2dataset", "stage", *(("sequential",) if args.sequential else ()))
     times: dict[str, list[float]] = {k: [] for k in names}
     splits: dict[str, list[dict[str, float]]] = {k: [] for k in names[1:]}  # fetch / decode / ledger, per repeat
@@ -83,7 +86,8 @@ def main() -> None:
     best = {k: min(v) for k, v in times.items()}
     rate = {k: args.n / v for k, v in best.items()}
     ratio = rate["stage"] / rate["img2dataset"]
-    print(f"{'':12} {'best s':>8} {'images/s':>9}   (n={args.n}, processes={args.processes}, threads={args.threads})")
+    print(f"{'':12} {'best s':>8} {'images/s':>9}   (n={args.n}, processes={args.processes}, threads={args.threads}, "
+          f"rows per part={cfg.number_sample_per_shard})")
     for k in names:
         print(f"{k:12} {best[k]:8.2f} {rate[k]:9.1f}   load after each: {loads[k]}")
     print(f"ratio stage / bare img2dataset: {ratio:.3f} (goal >= 0.95)")
