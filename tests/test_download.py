@@ -604,3 +604,47 @@ def test_a_fetch_error_surfaces_after_the_watcher_stops(tmp_path, monkeypatch):
     assert not (tmp_path / "dl" / "ledger").exists()
     _all_whole(tmp_path / "dl")
     assert not [t for t in threading.enumerate() if t.name.startswith("img2dataset-parts")]
+
+
+@pytest.mark.slow
+def test_a_url_list_path_is_streamed_to_the_same_bytes_as_its_table(tmp_path):
+    """Issue 14: run_download reads a URL list path itself, in batches (repeats, invalid and padded URLs,
+    rows of several parts), and the incremental download streams an appended list the same way; both give
+    the ledger and image parts of the whole-table input, byte for byte."""
+    from imagegen.stages import download as D
+    from imagegen.stages.incremental import run_incremental_download
+
+    server = _FlakyOnce({"/img/4.png"})
+    with server as base:
+        urls = [f"{base}/img/{i}.png" for i in range(24)]
+        rows = urls + [urls[3], "  " + urls[5] + " ", "not a url", "", urls[20]]
+        pd.DataFrame({"url": rows, "caption": [f"cap {i}" for i in range(len(rows))]}).to_parquet(tmp_path / "l.parquet")
+        cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
+                             allow_private_addresses=True, image_size=16, on_duplicate_urls="skip")
+        digests, counts = {}, {}
+        for how in ("path", "table"):
+            server.asked.clear()
+            inp = tmp_path / "l.parquet" if how == "path" else read_url_list(tmp_path / "l.parquet",
+                                                                              on_duplicate_urls="skip")
+            counts[how] = run_download(inp, cfg, tmp_path / how, progress=False)
+            digests[how] = _tree_digest(tmp_path / how)
+        assert counts["path"] == counts["table"] and digests["path"] == digests["table"]
+        assert counts["path"]["skipped"] == 5 and counts["path"]["reasons"].get("http_5xx") == 1
+        # a new version: the 503 row again, and an appended list (one URL of the parent, new ones)
+        pd.DataFrame({"url": [urls[2], *(f"{base}/img/{i}.png" for i in range(30, 45))],
+                      "caption": [f"add {i}" for i in range(16)]}).to_parquet(tmp_path / "add.parquet")
+        parent = read_ledger(tmp_path / "path", ["row_id", "url", "caption"])
+        child = {}
+        for how in ("path", "table"):
+            server.asked.clear()
+            server.asked["/img/4.png"] = 1  # its 503 was served to the parent: the child's refetch succeeds
+            append = tmp_path / "add.parquet" if how == "path" else read_url_list(tmp_path / "add.parquet")
+            out = tmp_path / f"child-{how}"
+            out.mkdir()
+            child[how] = run_incremental_download(tmp_path / "path", parent, append, cfg, out)
+            digests[f"child-{how}"] = _tree_digest(out)
+    assert child["path"] == child["table"] and digests["child-path"] == digests["child-table"]
+    assert child["path"]["incremental"]["appended"] == 16 and child["path"]["incremental"]["recovered"] == 1
+    led = read_ledger(tmp_path / "child-path")
+    assert led["row_id"].tolist() == list(range(len(rows) + 16))
+    assert led.loc[len(rows), "reason"] == "duplicate_url_of_row_2" and D.is_transient("http_5xx")
