@@ -1162,6 +1162,7 @@ def run_download(url_list: Any, cfg: DownloadConfig, out_dir: Path,
     pass_ids = first_ids
     engine_info: dict[str, Any] | None = None
     results: list[str] | None = None
+    delegated = None  # an orchestrator's executor (no engine of its own), reused for the map after the fetch
     with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
         if len(pass_ids):
             engine_info = engine.enter_context(distributor_session(cfg))
@@ -1174,7 +1175,7 @@ def run_download(url_list: Any, cfg: DownloadConfig, out_dir: Path,
                 ex.warm()  # a local pool forks here, before the part watcher's thread starts
                 plan.start(ex)
             else:  # an orchestrator's mapper takes whole lists: its map after the fetch
-                ex = None
+                delegated, ex = ex, None
         try:
             for attempt in range(1 + cfg.retry_passes):
                 if not len(pass_ids):
@@ -1224,7 +1225,8 @@ def run_download(url_list: Any, cfg: DownloadConfig, out_dir: Path,
                 j.inner_pool = True
             results = [decode_part(j) for j in jobs]
         else:
-            with executor(spec, root=out_dir, workers=cfg.processes_count) as ex:
+            with (contextlib.nullcontext(delegated) if delegated is not None else
+                  executor(spec, root=out_dir, workers=cfg.processes_count)) as ex:
                 if ex.in_process:
                     for j in jobs:
                         j.inner_pool = True
