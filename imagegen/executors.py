@@ -355,6 +355,12 @@ class _PoolCall:
     def __init__(self, owner: "LocalPool", fn: Callable[[Any], Any], item: Any) -> None:
         self.owner, self.fn, self.item, self.tries = owner, fn, item, 1
         self.pool, self.fut = owner._submit(fn, item)
+        self.fut.add_done_callback(self._drop_item)
+
+    def _drop_item(self, fut: cf.Future) -> None:
+        """A part that ran (its worker did not die) is never resubmitted: its item is let go."""
+        if not fut.cancelled() and not isinstance(fut.exception(), cf.process.BrokenProcessPool):
+            self.item = None
 
     def result(self) -> Any:
         while True:
@@ -368,6 +374,7 @@ class _PoolCall:
                 log.warning("a worker process died; resubmitting a part (attempt %d)", self.tries)
                 self.owner._replace(self.pool)
                 self.pool, self.fut = self.owner._submit(self.fn, self.item)
+                self.fut.add_done_callback(self._drop_item)
 
     def cancel(self) -> bool:
         return self.fut.cancel()

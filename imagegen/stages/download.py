@@ -954,6 +954,7 @@ class _PartPlan:
     def _submit(self, k: int) -> None:
         job = self.job(k)
         job.inner_pool = bool(self.ex.in_process)
+        self.sources[k] = []  # in the job now (a submitted part is never submitted again from here)
         self.handles[k] = self.ex.submit(decode_part, job)
 
     def finish(self) -> list[str]:
