@@ -235,6 +235,47 @@ def check_distributor(kind: str, address: str | None = None) -> None:
                               f"({exc.strerror or exc}); is it running and the port open?") from None
 
 
+def _ray_download(downloader: Callable[[Any], tuple[bool, Any]], shard: Any) -> tuple[bool, Any]:
+    return downloader(shard)  # a Ray task: img2dataset's subjob, (status, shard) as its distributors take it
+
+
+def ray_distributor(processes_count: int, downloader: Callable[[Any], tuple[bool, Any]], reader: Any,
+                    subjob_size: int, max_shard_retry: int) -> None:
+    """img2dataset's ``ray`` distributor, retrying a failed subjob as its other distributors do.
+
+    img2dataset 1.47's own ``ray_distributor`` ignores the status its downloader returns and its
+    ``max_shard_retry``: a subjob that fails (the downloader caught an error and returned False) is never
+    run again, while ``multiprocessing`` and ``pyspark`` run the failed ones again through its
+    ``retrier``.  This one submits every subjob as a Ray task (Ray reruns a task whose worker died), then
+    hands the failed ones to that same ``retrier``.  Installed by :func:`img2dataset_ray_retries`."""
+    import ray
+    from img2dataset.distributor import retrier
+
+    task = ray.remote(_ray_download)
+    ref = ray.put(downloader)
+
+    def run(shards: Any) -> list[Any]:
+        refs = [task.remote(ref, shard) for shard in shards]
+        return [shard for ok, shard in ray.get(refs) if ok is False]
+
+    retrier(run, run(reader), max_shard_retry)
+
+
+@contextlib.contextmanager
+def img2dataset_ray_retries() -> Iterator[None]:
+    """While in this context ``img2dataset.download(distributor="ray")`` uses :func:`ray_distributor`
+    (img2dataset looks the name up in its ``main`` module at each call); restored afterwards."""
+    import importlib
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the module: the package's ``main`` is a function
+    saved = i2d_main.ray_distributor
+    i2d_main.ray_distributor = ray_distributor
+    try:
+        yield
+    finally:
+        i2d_main.ray_distributor = saved
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
