@@ -37,7 +37,7 @@ bytes on any pool, the hashes are per image (tests/test_executors.py: one part h
 and on 2 threads gives the same parquet bytes).  A cluster started elsewhere (``dask://``, ``ray://``)
 keeps its workers' own settings: its cores are not known here.  Dask's nanny also sets
 OMP/MKL/OpenBLAS to the cap before it spawns a worker, in its own process's environment, which in a
-LocalCluster is the driver's: :class:`_RestoringNanny` puts the driver's values back once the worker is
+LocalCluster is the driver's: :func:`_restoring_nanny` puts the driver's values back once the worker is
 up (else every process the driver starts afterwards, img2dataset's workers or a training run, would
 inherit one thread).
 
