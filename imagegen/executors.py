@@ -521,21 +521,35 @@ def _restoring_nanny() -> type:
     ``os.environ.update(pre_spawn_env)`` in its own process, which in a LocalCluster is the driver: the
     driver kept ``OMP_NUM_THREADS=1`` and the rest for good, and every process it started afterwards
     with them.  The spawned worker has its copy by the time ``instantiate`` returns; the driver's values
-    of those keys are put back then (the keys are set in the driver only while a worker starts)."""
+    of those keys are put back once no worker is starting (nannies start their workers concurrently: the
+    values are taken before the first of them and put back after the last)."""
+    import threading
+
     from distributed import Nanny
+
+    lock = threading.Lock()
+    state: dict[str, Any] = {"starting": 0, "saved": {}}
 
     class RestoringNanny(Nanny):
         async def instantiate(self):  # type: ignore[override]
             keys = list(getattr(self, "pre_spawn_env", {}) or {})
-            saved = {k: os.environ.get(k) for k in keys}
+            with lock:
+                if state["starting"] == 0:
+                    state["saved"] = {}
+                for k in keys:  # the driver's own value: before any nanny of ours wrote it
+                    state["saved"].setdefault(k, os.environ.get(k))
+                state["starting"] += 1
             try:
                 return await super().instantiate()
             finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+                with lock:
+                    state["starting"] -= 1
+                    if state["starting"] == 0:
+                        for k, v in state["saved"].items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
 
     return RestoringNanny
 
