@@ -25,6 +25,22 @@ curate starts one for all its stages: inside :func:`shared_executors` every :fun
 closes them all at its end, also on an error (:func:`imagegen.curate.curate` and the pipeline run
 inside one).  Outside it, each :func:`executor` starts and closes its own.
 
+**Threads per worker.**  A map step gets ``cores // workers`` threads (at least 1) for the libraries
+that start pools of their own: torch's intra-op threads, Arrow's CPU pool (parquet decoding), and the
+OpenMP/BLAS pools (through threadpoolctl); ``local:1`` gets every core, ``dask:2`` on 2 cores one thread
+per worker.  :func:`thread_caps` sets them around each part's call, in whichever process runs it, and
+restores the previous counts after (the driver's own, for ``local:1``); :func:`map_threads` overrides the
+count for the executors' maps inside it (``benchmarks/bench_curate_scale.py --map-compare`` runs its
+``local:1`` baseline on 1 thread: one worker against one worker).  The caps never change an output:
+CLIP encoding pins its own torch thread count (:mod:`imagegen.determinism`), Arrow decodes the same
+bytes on any pool, the hashes are per image (tests/test_executors.py: one part hashed and scored on 1
+and on 2 threads gives the same parquet bytes).  A cluster started elsewhere (``dask://``, ``ray://``)
+keeps its workers' own settings: its cores are not known here.  Dask's nanny also sets
+OMP/MKL/OpenBLAS to the cap before it spawns a worker, in its own process's environment, which in a
+LocalCluster is the driver's: :func:`_restoring_nanny` puts the driver's values back once the worker is
+up (else every process the driver starts afterwards, img2dataset's workers or a training run, would
+inherit one thread).
+
 An orchestrator may take the map steps over (:func:`mapped_by`): inside that context every
 :func:`executor` hands its ``map`` to the orchestrator's mapper instead of starting an engine;
 the curate flow uses it to run each part as a Prefect task on the flow's task runner
@@ -37,6 +53,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import contextvars
+import functools
 import logging
 import multiprocessing
 import os
@@ -219,11 +236,119 @@ def check_distributor(kind: str, address: str | None = None) -> None:
                               f"({exc.strerror or exc}); is it running and the port open?") from None
 
 
+def _ray_download(downloader: Callable[[Any], tuple[bool, Any]], shard: Any) -> tuple[bool, Any]:
+    return downloader(shard)  # a Ray task: img2dataset's subjob, (status, shard) as its distributors take it
+
+
+def ray_distributor(processes_count: int, downloader: Callable[[Any], tuple[bool, Any]], reader: Any,
+                    subjob_size: int, max_shard_retry: int) -> None:
+    """img2dataset's ``ray`` distributor, retrying a failed subjob as its other distributors do.
+
+    img2dataset 1.47's own ``ray_distributor`` ignores the status its downloader returns and its
+    ``max_shard_retry``: a subjob that fails (the downloader caught an error and returned False) is never
+    run again, while ``multiprocessing`` and ``pyspark`` run the failed ones again through its
+    ``retrier``.  This one submits every subjob as a Ray task (Ray reruns a task whose worker died), then
+    hands the failed ones to that same ``retrier``.  Installed by :func:`img2dataset_ray_retries`."""
+    import ray
+    from img2dataset.distributor import retrier
+
+    task = ray.remote(_ray_download)
+    ref = ray.put(downloader)
+
+    def run(shards: Any) -> list[Any]:
+        refs = [task.remote(ref, shard) for shard in shards]
+        return [shard for ok, shard in ray.get(refs) if ok is False]
+
+    retrier(run, run(reader), max_shard_retry)
+
+
+@contextlib.contextmanager
+def img2dataset_ray_retries() -> Iterator[None]:
+    """While in this context ``img2dataset.download(distributor="ray")`` uses :func:`ray_distributor`
+    (img2dataset looks the name up in its ``main`` module at each call); restored afterwards."""
+    import importlib
+
+    i2d_main = importlib.import_module("img2dataset.main")  # the module: the package's ``main`` is a function
+    saved = i2d_main.ray_distributor
+    i2d_main.ray_distributor = ray_distributor
+    try:
+        yield
+    finally:
+        i2d_main.ray_distributor = saved
+
+
 def default_workers() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------- threads per worker
+
+# The environment variables an engine sets before a worker process starts (read by OpenMP/BLAS at load)
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_THREADS: contextvars.ContextVar[int | None] = contextvars.ContextVar("imagegen_map_threads", default=None)
+
+
+def worker_threads(workers: int) -> int:
+    """Threads of one map-step worker out of ``workers`` on this machine: the :func:`map_threads`
+    override, else ``max(1, cores // workers)``."""
+    forced = _THREADS.get()
+    return forced if forced is not None else max(1, default_workers() // max(1, workers))
+
+
+@contextlib.contextmanager
+def map_threads(n: int) -> Iterator[int]:
+    """Inside this context every executor's ``map`` runs its parts on ``n`` threads each (see the module doc)."""
+    if n < 1:
+        raise ValueError(f"map threads must be >= 1, got {n}")
+    token = _THREADS.set(n)
+    try:
+        yield n
+    finally:
+        _THREADS.reset(token)
+
+
+@contextlib.contextmanager
+def thread_caps(n: int) -> Iterator[int]:
+    """Run the block with at most ``n`` threads in torch's intra-op pool (if torch is loaded), Arrow's CPU
+    pool and the loaded OpenMP/BLAS pools, then restore the previous counts.
+
+    Process-wide settings: an executor calls it around a whole part, one part at a time per process."""
+    import sys
+
+    import pyarrow as pa
+
+    if n < 1:
+        raise ValueError(f"thread count must be >= 1, got {n}")
+    torch = sys.modules.get("torch")  # not imported for it: a step that needs torch imports it itself
+    prev_arrow = pa.cpu_count()
+    prev_torch = torch.get_num_threads() if torch is not None else None
+    with contextlib.ExitStack() as stack:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # optional: without it OpenMP/BLAS keep their pools (no output depends on them)
+            pass
+        else:
+            stack.enter_context(threadpool_limits(limits=n))
+        pa.set_cpu_count(n)
+        if torch is not None:
+            torch.set_num_threads(n)
+        try:
+            yield n
+        finally:
+            pa.set_cpu_count(prev_arrow)
+            if torch is not None and prev_torch is not None:
+                torch.set_num_threads(prev_torch)
+
+
+def _capped_call(fn: Callable[[Any], Any], n: int | None, item: Any) -> Any:
+    """Runs on a worker: ``fn(item)`` under :func:`thread_caps` (``n`` None: the worker's own settings)."""
+    if n is None:
+        return fn(item)
+    with thread_caps(n):
+        return fn(item)
 
 
 # ---------------------------------------------------------------------------- probing workers
@@ -298,6 +423,12 @@ class Executor:
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         raise NotImplementedError
+
+    @property
+    def threads(self) -> int | None:
+        """Threads each part runs on (:func:`worker_threads`); None: the workers' own settings (a cluster
+        started elsewhere)."""
+        return worker_threads(self.workers) if self.runner.address is None else None
 
     @property
     def in_process(self) -> bool:
@@ -402,7 +533,8 @@ class InProcess(Executor):
         return True
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
-        return [fn(x) for x in items]
+        with thread_caps(self.threads or 1):
+            return [fn(x) for x in items]
 
     supports_submit = True
 
@@ -430,7 +562,7 @@ class LocalPool(Executor):
                 break
             broken = False
             with cf.ProcessPoolExecutor(min(self.workers, len(todo)), mp_context=self._ctx) as pool:
-                futs = {pool.submit(fn, items[i]): i for i in todo}
+                futs = {pool.submit(_capped_call, fn, self.threads, items[i]): i for i in todo}
                 for fut in cf.as_completed(futs):
                     try:
                         results[futs[fut]] = fut.result()
@@ -479,20 +611,65 @@ class LocalPool(Executor):
 #   environment, which turns off glibc's dynamic mmap threshold, so every image or tensor buffer over
 #   128 KiB is mmap'd and unmapped again; a filter-score part (5,000 images, the reference CLIP) took
 #   7.5-7.9 CPU-s in such a worker against 5.1-5.2 without it and 3.8-4.8 in a local pool worker
-#   (benchmarks/README.md).  Dask's per-worker thread caps (OMP/MKL/OpenBLAS = 1) are kept: the
-#   parallelism comes from the parts.
+#   (benchmarks/README.md);
+# - OMP/MKL/OpenBLAS threads: cores // workers (Dask's default is 1), set by :func:`local_cluster`
+#   (an environment variable of the driver's, as Dask's own precedence goes, wins).
 LOCAL_CLUSTER_CONFIG = {"distributed.worker.daemon": False,
                         "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 
 
+@functools.cache
+def _restoring_nanny() -> type:
+    """A ``distributed.Nanny`` that gives the driver its environment back after starting a worker.
+
+    Before each worker spawn (the first and every restart after a worker died) Dask's nanny runs
+    ``os.environ.update(pre_spawn_env)`` in its own process, which in a LocalCluster is the driver: the
+    driver kept ``OMP_NUM_THREADS=1`` and the rest for good, and every process it started afterwards
+    with them.  The spawned worker has its copy by the time ``instantiate`` returns; the driver's values
+    of those keys are put back once no worker is starting (nannies start their workers concurrently: the
+    values are taken before the first of them and put back after the last)."""
+    import threading
+
+    from distributed import Nanny
+
+    lock = threading.Lock()
+    state: dict[str, Any] = {"starting": 0, "saved": {}}
+
+    class RestoringNanny(Nanny):
+        async def instantiate(self):  # type: ignore[override]
+            keys = list(getattr(self, "pre_spawn_env", {}) or {})
+            with lock:
+                if state["starting"] == 0:
+                    state["saved"] = {}
+                for k in keys:  # the driver's own value: before any nanny of ours wrote it
+                    state["saved"].setdefault(k, os.environ.get(k))
+                state["starting"] += 1
+            try:
+                return await super().instantiate()
+            finally:
+                with lock:
+                    state["starting"] -= 1
+                    if state["starting"] == 0:
+                        for k, v in state["saved"].items():
+                            if v is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = v
+
+    return RestoringNanny
+
+
 def local_cluster(n_workers: int, **kwargs: Any) -> Any:
     """A ``distributed.LocalCluster`` of ``n_workers`` single-threaded worker processes on loopback with
-    :data:`LOCAL_CLUSTER_CONFIG` (also prefect-dask's ``cluster_class`` for ``dask``/``dask:N``)."""
+    :data:`LOCAL_CLUSTER_CONFIG`, OMP/MKL/OpenBLAS at :func:`worker_threads` and the driver's environment
+    kept as it was (:func:`_restoring_nanny`); also prefect-dask's ``cluster_class`` for ``dask``/``dask:N``."""
     import dask
     from distributed import LocalCluster
 
-    opts = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, "host": "127.0.0.1", **kwargs}
-    with dask.config.set(LOCAL_CLUSTER_CONFIG):  # read when the nannies are made, which is here
+    opts = {"threads_per_worker": 1, "processes": True, "dashboard_address": None, "host": "127.0.0.1",
+            "worker_class": _restoring_nanny(), **kwargs}
+    caps = {f"distributed.nanny.pre-spawn-environ.{k}": str(worker_threads(n_workers)) for k in THREAD_ENV}
+    with dask.config.set({**LOCAL_CLUSTER_CONFIG, **caps}):  # read when the nannies are made, which is here
         return LocalCluster(n_workers=n_workers, **opts)
 
 
@@ -518,7 +695,8 @@ class DaskExecutor(Executor):
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         if not items:
             return []
-        futs = self.client.map(fn, list(items), pure=False, retries=PART_RETRIES)
+        futs = self.client.map(functools.partial(_capped_call, fn, self.threads), list(items), pure=False,
+                               retries=PART_RETRIES, key=step_info(fn).name)
         return self.client.gather(futs)
 
     supports_submit = True
@@ -557,8 +735,8 @@ class RayExecutor(Executor):
 
         if not items:
             return []
-        remote = ray.remote(max_retries=PART_RETRIES, num_cpus=1)(fn)
-        return ray.get([remote.remote(x) for x in items])
+        remote = ray.remote(max_retries=PART_RETRIES, num_cpus=1)(_capped_call)
+        return ray.get([remote.remote(fn, self.threads, x) for x in items])
 
     supports_submit = True
 

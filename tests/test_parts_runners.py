@@ -626,3 +626,67 @@ def test_curate_flow_maps_parts_as_prefect_tasks_on_dask(prefect_server, one_pro
     for name, n in (("shard-route", parts), ("shard-write", planned)):
         runs = [r for r in _task_runs(name) if r.id not in seen]
         assert len(runs) == n and all(r.state.is_completed() for r in runs), (name, len(runs), n)
+
+
+class FlakyDownloader:
+    """img2dataset's subjob contract, ``(shard id, shard file) -> (status, same row)``: each call leaves a
+    file per attempt, and the first attempt at ``fail`` returns False, as img2dataset's ``Downloader``
+    does when its ``download_shard`` raised.  (A Ray task runs it in a worker process: the attempts are
+    counted on disk.)"""
+
+    def __init__(self, marks: str, fail: int) -> None:
+        self.marks, self.fail = marks, fail
+
+    def __call__(self, row: tuple[int, str]) -> tuple[bool, tuple[int, str]]:
+        shard_id, _ = row
+        n = len(list(Path(self.marks).glob(f"{shard_id}-*")))
+        (Path(self.marks) / f"{shard_id}-{n}").write_text(str(os.getpid()))
+        return (not (shard_id == self.fail and n == 0), row)
+
+
+def _attempts(marks: Path) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for p in marks.iterdir():
+        out[int(p.name.split("-")[0])] = out.get(int(p.name.split("-")[0]), 0) + 1
+    return out
+
+
+@pytest.mark.slow
+def test_ray_distributor_retries_a_failed_subjob(tmp_path):
+    """img2dataset 1.47's ``ray_distributor`` drops a subjob whose downloader returned False (its
+    multiprocessing and pyspark distributors retry it ``max_shard_retry`` times).  Inside the download's
+    ``distributor_session`` (real local Ray) img2dataset's ``ray`` name is ours: the failed subjob is run
+    again, ``max_shard_retry=0`` still means no retry, and img2dataset's own is back afterwards."""
+    pytest.importorskip("ray")
+    import importlib
+
+    i2d_dist = importlib.import_module("img2dataset.distributor")
+    i2d_main = importlib.import_module("img2dataset.main")  # the package's ``main`` attribute is a function
+
+    from imagegen.stages.download import DownloadConfig, distributor_session
+
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+    try:
+        _ray_retry_case(tmp_path, i2d_dist, i2d_main, distributor_session, DownloadConfig)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def _ray_retry_case(tmp_path, i2d_dist, i2d_main, distributor_session, DownloadConfig) -> None:
+    own = i2d_main.ray_distributor
+    shards = [(i, f"/nowhere/{i}.feather") for i in range(4)]
+    with distributor_session(DownloadConfig(distributor="ray", processes_count=1)) as info:
+        assert info["kind"] == "ray" and info["started_here"]
+        assert i2d_main.ray_distributor is E.ray_distributor
+        for name, dist, retries, want in (("img2dataset's", i2d_dist.ray_distributor, 1, {0: 1, 1: 1, 2: 1, 3: 1}),
+                                         ("ours", i2d_main.ray_distributor, 1, {0: 1, 1: 1, 2: 2, 3: 1}),
+                                         ("ours, no retry", i2d_main.ray_distributor, 0, {0: 1, 1: 1, 2: 1, 3: 1})):
+            marks = tmp_path / name.replace(" ", "_").replace(",", "").replace("'", "")
+            marks.mkdir()
+            dist(1, FlakyDownloader(str(marks), fail=2), iter(shards), 1, retries)
+            assert _attempts(marks) == want, name
+    assert i2d_main.ray_distributor is own

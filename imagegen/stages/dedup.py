@@ -41,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from imagegen import mih
 from imagegen.artifacts import write_parquet_atomic
 from imagegen.semdedup import SemDedupConfig
-from imagegen.executors import StageRunner, map_step
+from imagegen.executors import StageRunner, map_step, thread_caps, worker_threads
 from imagegen.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
@@ -352,7 +352,9 @@ def run_dedup(images_dir: Path, ledger_path: Path, cfg: DedupConfig, out_path: P
                 for i in range(0, len(images), CHUNK):
                     yield images.slice(i, CHUNK).to_pylist()
 
-    hashes = _hash_chunks(stream(), cfg.hash_type, HASH_SIZE, min(cfg.processes, os.cpu_count() or 1))
+    processes = min(cfg.processes, os.cpu_count() or 1)
+    with thread_caps(worker_threads(processes)):  # this process's share when it hashes (processes=1)
+        hashes = _hash_chunks(stream(), cfg.hash_type, HASH_SIZE, processes)
     return _finish(_concat(keys, pa.string()), _concat(row_ids, pa.int64()), _concat(shas, pa.string()), hashes,
                    area_by_key, cfg, out_path, parts, spec, resolve_model)
 

@@ -480,12 +480,15 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
     if cfg.distributor == "ray":
         import ray
 
+        from imagegen.executors import img2dataset_ray_retries  # its own ray distributor never retries
+
         def info(started: bool) -> dict[str, Any]:
             return {"kind": "ray", "ray": ray.__version__, "address": cfg.distributor_address, "started_here": started,
                     "cpus": int(ray.cluster_resources().get("CPU", 0)), "nodes": len(ray.nodes())}
 
         if ray.is_initialized():
-            yield info(False)
+            with img2dataset_ray_retries():
+                yield info(False)
             return
         addr = cfg.distributor_address
         if addr:
@@ -494,7 +497,8 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
             ray.init(num_cpus=cfg.processes_count, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         try:
-            yield info(True)
+            with img2dataset_ray_retries():
+                yield info(True)
         finally:
             ray.shutdown()
     elif cfg.distributor == "pyspark":

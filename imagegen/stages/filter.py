@@ -32,7 +32,7 @@ from imagegen.filters.nsfw import NudeNetConfig
 from imagegen.filters.ocr import OcrConfig
 from imagegen.filters.watermark import WatermarkConfig
 from imagegen.stages.ledger import read_ledger
-from imagegen.executors import StageRunner, map_step
+from imagegen.executors import StageRunner, map_step, thread_caps, worker_threads
 
 log = logging.getLogger(__name__)
 
@@ -446,7 +446,8 @@ def run_filter(download_dir: Path, dedup_path: Path | None, cfg: FilterConfig, o
         jobs.append(ScoreJob(str(part), meta[meta["key"].isin(keys)], cfg, models, dest))
     spec = runner or "local"
     if len(jobs) <= 1 or spec == "local:1":
-        frames = [score_part(j) for j in jobs]
+        with thread_caps(worker_threads(1)):  # one worker, this process: every core unless map_threads says
+            frames = [score_part(j) for j in jobs]
     else:
         with executor(spec, root=Path(out_path).parent) as ex:
             frames = ex.map(score_part, jobs)

@@ -80,6 +80,8 @@ class TrainConfig(AllProblems):
     schedule: Literal["cosine", "constant"] = Field("constant", description="LR after warmup")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global grad norm per optimizer (0 = no clipping)")
     ema_decay: float = Field(0.0, ge=0.0, lt=1.0, description="EMA decay of the weights (0 = no EMA)")
+    ema_warmup: bool = Field(True, description="EMA decay min(ema_decay, (1+n)/(10+n)) at step n, so a short "
+                             "run's EMA does not keep a share ema_decay^n of the random init")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 autocast (CUDA only; CPU runs fp32)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available")
     seed: int = Field(0, ge=0, le=2**62, description="Seeds weights, data order and loss noise")
@@ -500,7 +502,8 @@ def build(cfg: TrainConfig, device: torch.device) -> tuple[Family, dict[str, tor
     schedulers = {name: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
                   for name, opt in optimizers.items()}
     # the EMA shadows what a checkpoint holds (all of it, or an adapter's weights on a frozen base)
-    ema = EMA(family, cfg.ema_decay, names=family.checkpoint_state()) if cfg.ema_decay > 0 else None
+    ema = (EMA(family, cfg.ema_decay, names=family.checkpoint_state(), warmup=cfg.ema_warmup)
+           if cfg.ema_decay > 0 else None)
     return family, optimizers, schedulers, ema
 
 
@@ -677,7 +680,7 @@ def _train(cfg: TrainConfig, shards: Sequence[str | Path], run_dir: str | Path, 
                 optimizers[n].step()
             family.after_step()
             if ema is not None:
-                ema.update(family)
+                ema.update(family, step)
         else:
             bad_steps += 1
         with warnings.catch_warnings():
