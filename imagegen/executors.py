@@ -583,7 +583,7 @@ class LocalPool(Executor):
         with self._lock:
             if self._live is None:
                 self._live = cf.ProcessPoolExecutor(self.workers, mp_context=self._ctx)
-            return self._live, self._live.submit(fn, item)
+            return self._live, self._live.submit(_capped_call, fn, self.threads, item)  # as map's parts
 
     def _replace(self, broken: cf.ProcessPoolExecutor) -> None:
         with self._lock:
@@ -703,7 +703,7 @@ class DaskExecutor(Executor):
 
     def submit(self, fn: Callable[[Any], Any], item: Any) -> Any:
         """A Dask future (``result()``, ``cancel()``), rescheduled like a map's part when its worker dies."""
-        return self.client.submit(fn, item, pure=False, retries=PART_RETRIES)
+        return self.client.submit(_capped_call, fn, self.threads, item, pure=False, retries=PART_RETRIES)
 
     def close(self) -> None:
         self.client.close()
@@ -744,7 +744,7 @@ class RayExecutor(Executor):
         """Ray's own future of the task (``result()``, ``cancel()``), retried like a map's part."""
         import ray
 
-        return ray.remote(max_retries=PART_RETRIES, num_cpus=1)(fn).remote(item).future()
+        return ray.remote(max_retries=PART_RETRIES, num_cpus=1)(_capped_call).remote(fn, self.threads, item).future()
 
     def close(self) -> None:
         import ray
