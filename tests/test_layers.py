@@ -258,10 +258,10 @@ from imagegen.world.scene import WorldConfig
 light_id = reference_clip_id(WorldConfig(image_size=32), ReferenceClipConfig(n_train=64, steps=3, warmup_steps=0))
 still_light = 'imagegen.world.reference_clip' not in sys.modules and 'open_clip' not in sys.modules
 import imagegen.world.reference_clip as R
-world = WorldConfig(image_size=32)
+world, small = WorldConfig(image_size=32), dict(n_train=64, warmup_steps=0)
 print(json.dumps({"same": inspect.getsource(R) == before, "early": imported_early, "light": still_light,
-                  "ids": [light_id, R.reference_clip_id(world, ReferenceClipConfig(n_train=64, steps=3, warmup_steps=0))],
-                  "other": R.reference_clip_id(world, ReferenceClipConfig(n_train=64, steps=4, warmup_steps=0))}))
+                  "ids": [light_id, R.reference_clip_id(world, ReferenceClipConfig(steps=3, **small))],
+                  "other": R.reference_clip_id(world, ReferenceClipConfig(steps=4, **small))}))
 """)
     assert out["same"] is True and out["early"] is False and out["light"] is True
     assert out["ids"][0] == out["ids"][1] != out["other"]
@@ -269,3 +269,28 @@ print(json.dumps({"same": inspect.getsource(R) == before, "early": imported_earl
 
     with pytest.raises(ModuleNotFoundError, match="imagegen.no_such_module"):
         module_source("imagegen.no_such_module")
+
+
+@pytest.mark.slow
+def test_a_curate_found_done_imports_no_torch(tiny_curate):
+    """The session's tiny curate asked again (every stage found done) loads neither torch, open_clip
+    nor the reference CLIP's trainer: the reference CLIP id reads the trainer's source
+    (reference_clip_config.reference_clip_id) and the filter stage id reads the filter modules'
+    sources (imagegen.filters.stage_identity), without importing them; the ids are the first run's."""
+    from imagegen import faultinject as F
+
+    root, first, _ = tiny_curate
+    cmd = F.curate_cmd(root)
+    out = _fresh(f"""
+import contextlib, io, json, sys
+from imagegen.cli import main
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    code = main({cmd[cmd.index("curate"):]!r})
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip')
+               or m in ('imagegen.world.reference_clip', 'imagegen.filters.aesthetic_mlp'))
+print(json.dumps({{"code": code, "heavy": heavy, "result": json.loads(buf.getvalue().strip().splitlines()[-1])}}))
+""")
+    assert out["code"] == 0 and out["heavy"] == [], out["heavy"]
+    assert out["result"]["stage_ids"] == first["stage_ids"] and out["result"]["path"] == first["path"]
+    assert first["stage_ids"]["reference_clip"] and first["stage_ids"]["filter"]
