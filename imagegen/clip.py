@@ -369,15 +369,30 @@ def load_clip(
     allow_pickle: bool = False,
     cache_dir: str | Path | None = None,
 ) -> ClipModel:
-    """Load a CLIP through open_clip, once per (spec, device) per process."""
+    """Load a CLIP through open_clip, once per (spec, device, weights file) per process.
+
+    The in-process cache is keyed by the files the spec resolves to (path, size, mtime, inode), not
+    by the spec string alone: a long-lived process (a Dask worker, ``imagegen serve``) whose
+    local-dir or checkpoint is rewritten loads the new weights, with their new sha256 in
+    ``identity``, instead of answering with the old model."""
     parsed = parse_spec(spec)
     dev = torch.device(device)
-    return _load_cached(str(parsed), str(dev), allow_pickle,
-                        str(cache_dir) if cache_dir is not None else None)
+    cdir = str(cache_dir) if cache_dir is not None else None
+    weights = resolve_weights(parsed, allow_pickle=allow_pickle, cache_dir=cdir)
+    files = [weights]
+    if parsed.kind == "local-dir":
+        files.append(Path(str(parsed.path)) / CONFIG_NAME)
+    return _load_cached(str(parsed), str(dev), allow_pickle, cdir, tuple(_file_stamp(f) for f in files))
+
+
+def _file_stamp(path: Path) -> tuple[str, int, int, int]:
+    st = Path(path).stat()
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(spec_str: str, device: str, allow_pickle: bool, cache_dir: str | None) -> ClipModel:
+def _load_cached(spec_str: str, device: str, allow_pickle: bool, cache_dir: str | None,
+                 stamp: tuple[tuple[str, int, int, int], ...]) -> ClipModel:
     spec = parse_spec(spec_str)
     weights = resolve_weights(spec, allow_pickle=allow_pickle, cache_dir=cache_dir)
     # For a tag, open_clip gets the tag (so it applies the tag's mean/std/quick_gelu); the

@@ -197,6 +197,28 @@ def test_reload_through_open_clip_matches_in_memory_model(tiny_dir: Path) -> Non
     np.testing.assert_allclose(C.encode_images(other, images), via_pil, atol=1e-5)
 
 
+def test_cache_follows_the_weights_file_not_the_spec_string(tiny_dir: Path, tmp_path: Path) -> None:
+    """A long-lived process whose local-dir is rewritten gets the new weights and identity."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "rewritten"
+    shutil.copytree(tiny_dir, folder)
+    spec = f"local-dir:{folder}"
+    first = C.load_clip(spec)
+    assert C.load_clip(spec) is first
+    state = load_file(str(folder / C.SAFE_WEIGHTS_NAME))
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()},
+              str(folder / C.SAFE_WEIGHTS_NAME))
+    second = C.load_clip(spec)
+    assert second is not first
+    assert second.identity["weights_sha256"] == file_sha256(folder / C.SAFE_WEIGHTS_NAME)
+    assert second.identity["weights_sha256"] != first.identity["weights_sha256"]
+    texts = ["a photo of a red circle"]
+    assert not np.allclose(C.encode_texts(second, texts), C.encode_texts(first, texts))
+
+
 def test_allow_pickle_loads_a_bin_checkpoint(tiny_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "pickled"
     folder.mkdir()
