@@ -208,10 +208,14 @@ def world_stage(root: Path, source: SourceConfig) -> StageResult:
 
 
 def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
-    from imagegen.world import reference_clip as rc
+    from imagegen.world.reference_clip_config import reference_clip_id
 
-    existed = is_complete(models_dir(root) / "reference_clip" / rc.reference_clip_id(source.world, cfg))
-    path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
+    path = models_dir(root) / "reference_clip" / reference_clip_id(source.world, cfg)
+    existed = is_complete(path)
+    if not existed:
+        from imagegen.world import reference_clip as rc  # torch and open_clip: only to train it
+
+        path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
     card = read_card(path)
     return StageResult("reference_clip", path.name, str(path), cached=existed,
                        counts={"retrieval": card.get("retrieval"), "seconds": card.get("seconds"),

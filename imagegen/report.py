@@ -28,7 +28,7 @@ from imagegen.evaluate.images import image_grid
 from imagegen.hashing import stable_hash
 
 if TYPE_CHECKING:
-    from imagegen.evaluate.run import EvalSummary
+    from imagegen.evaluate.request import EvalSummary
 
 REPORTS = "reports"
 GRID_IMAGES = 16  # evaluated images shown per model
