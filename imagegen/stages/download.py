@@ -1172,7 +1172,11 @@ def run_download(url_list: Any, cfg: DownloadConfig, out_dir: Path,
         if len(pass_ids):
             engine_info = engine.enter_context(distributor_session(cfg))
         ex = None
-        if overlap and n_parts > 1 and spec != "local:1":
+        # A Ray runner and the Ray distributor would share this process's one Ray connection, and the
+        # distributor's Ray (its own CPUs or another cluster) is shut at the end of the fetch: with both,
+        # the decode runs after the fetch, on the runner's own Ray.
+        both_ray = cfg.distributor == "ray" and spec.split(":", 1)[0] == "ray"
+        if overlap and n_parts > 1 and spec != "local:1" and not both_ray:
             # decode overlaps the fetch: each image part is submitted as soon as img2dataset has finished
             # every row of it (see _PartPlan), while img2dataset keeps running on this thread
             ex = engine.enter_context(executor(spec, root=out_dir, workers=cfg.processes_count))
