@@ -11,6 +11,8 @@ Two figures, printed as a table and one JSON line:
   sigmas (in pixels of the N px image), drawn at N px and resized up the same way, each scored
   under every single_object prompt and every colors prompt.  Also the largest detection score
   seen on them (GenEval keeps detections above 0.3).
+* **noisy renders** (``--pixel-noise``) -- the ceiling's images with gaussian pixel noise of the
+  given std (8-bit units) added after the bottleneck: what an imperfect but right model scores.
 
 Not a speed benchmark: it takes no lock.  Run it as
 ``nice -n 19 .venv/bin/python benchmarks/geneval_world_ceiling.py [--sizes 64 32] [--noise 24]``.
@@ -50,10 +52,18 @@ def score(prompts, images_for, detector) -> dict:
             **{t: round(v["accuracy"], 4) for t, v in s["tasks"].items()}, "images": s["images"]}
 
 
-def ceiling(cfg: WorldConfig, prompts, n: int, per_prompt: int, detector) -> dict:
+def add_noise(img: Image.Image, std: float, rng: np.random.Generator) -> Image.Image:
+    if std <= 0:
+        return img
+    x = np.asarray(img, np.float32) + rng.normal(0, std, (img.size[1], img.size[0], 3))
+    return Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
+
+
+def ceiling(cfg: WorldConfig, prompts, n: int, per_prompt: int, detector, pixel_noise: float = 0.0) -> dict:
     make = WG.world_prompt_images(cfg)
-    return score(prompts, lambda meta, i: [squeeze(im, n, cfg.image_size) for im in make(meta, per_prompt, i)],
-                 detector)
+    rng = np.random.default_rng([1, n, int(pixel_noise * 10)])
+    return score(prompts, lambda meta, i: [add_noise(squeeze(im, n, cfg.image_size), pixel_noise, rng)
+                                          for im in make(meta, per_prompt, i)], detector)
 
 
 def noise_images(kind: str, sigma: float, n: int, count: int, size: int, seed: int) -> list[Image.Image]:
@@ -94,6 +104,8 @@ def main() -> None:
     ap.add_argument("--noise", type=int, default=24, help="noise images per (size, sigma)")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.7, 1.0, 1.5, 2.5])
     ap.add_argument("--skip-ceiling", action="store_true")
+    ap.add_argument("--pixel-noise", type=float, nargs="*", default=[],
+                    help="also score the ceiling's images with gaussian pixel noise of these stds")
     args = ap.parse_args()
     cfg = WorldConfig()
     prompts = WG.world_prompts(cfg)
@@ -104,6 +116,10 @@ def main() -> None:
         if not args.skip_ceiling:
             out["ceiling"][n] = ceiling(cfg, prompts, n, args.per_prompt, det)
             print(f"ceiling {n:3d} px: {out['ceiling'][n]}", flush=True)
+            for std in args.pixel_noise:
+                key = f"{n}+noise{std:g}"
+                out["ceiling"][key] = ceiling(cfg, prompts, n, args.per_prompt, det, std)
+                print(f"ceiling {n:3d} px + pixel noise std {std:g}: {out['ceiling'][key]}", flush=True)
         for r in noise(cfg, prompts, n, args.noise, args.sigmas, det):
             out["noise"].append(r)
             print(f"noise   {n:3d} px {r['noise']:8s} sigma {r['sigma']:.1f}: single_object {r['single_object']:.3f} "
