@@ -9,7 +9,8 @@ Two figures, printed as a table and one JSON line:
   perfect N px model scores this.
 * **noise** -- images no model should pass: uniform RGB noise and gaussian-blurred noise at a few
   sigmas (in pixels of the N px image), drawn at N px and resized up the same way, each scored
-  under every single_object prompt and every colors prompt.  Also the largest detection score
+  under every single_object prompt and every colors prompt; also N(0, 1) clamped to [-1, 1] (what
+  an untrained net's sampler puts out).  Also the largest detection score
   seen on them (GenEval keeps detections above 0.3).
 * **noisy renders** (``--pixel-noise``) -- the ceiling's images with gaussian pixel noise of the
   given std (8-bit units) added after the bottleneck: what an imperfect but right model scores.
@@ -67,10 +68,13 @@ def ceiling(cfg: WorldConfig, prompts, n: int, per_prompt: int, detector, pixel_
 
 
 def noise_images(kind: str, sigma: float, n: int, count: int, size: int, seed: int) -> list[Image.Image]:
-    rng = np.random.default_rng([seed, n, int(sigma * 100), kind == "uniform"])
+    rng = np.random.default_rng([seed, n, int(sigma * 100), ["uniform", "blurred", "normal"].index(kind)])
     out = []
     for _ in range(count):
-        x = rng.uniform(0, 255, (n, n, 3))
+        if kind == "normal":  # an untrained sampler's output: N(0, 1) clamped to [-1, 1], to 8 bits
+            x = (np.clip(rng.normal(0, 1, (n, n, 3)), -1, 1) + 1) * 127.5
+        else:
+            x = rng.uniform(0, 255, (n, n, 3))
         if sigma > 0:
             x = np.stack([ndi.gaussian_filter(x[..., c], sigma, mode="wrap") for c in range(3)], -1)
             # blurring shrinks the spread; stretch back to the full range as a sampler's output would be
@@ -84,8 +88,7 @@ def noise(cfg: WorldConfig, prompts, n: int, count: int, sigmas, detector) -> li
     single = [p for p in prompts if p["tag"] == "single_object"]
     colors = [p for p in prompts if p["tag"] == "colors"]
     rows = []
-    for sigma in sigmas:
-        kind = "uniform" if sigma == 0 else "blurred"
+    for kind, sigma in [("normal", 0.0)] + [("uniform" if s == 0 else "blurred", s) for s in sigmas]:
         ims = noise_images(kind, sigma, n, count, cfg.image_size, seed=0)
         dets = [detector(im) for im in ims]
         s_ok = [G.evaluate_image(p, d, G.detector_color, im)[0] for p in single for im, d in zip(ims, dets)]
