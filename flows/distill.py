@@ -7,10 +7,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.publish import publish_pages
-from imagegen.distill import DistillRequest, Method
+from imagegen.distill_config import DistillRequest
 from imagegen.paths import data_root as resolve_root
 from imagegen.report import distill_pages
 from imagegen.requests import build_distill_request, check_distill_request, natural_method
+from models.teacher import Method
 from tasks import distill as T
 
 

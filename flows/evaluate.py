@@ -7,7 +7,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.publish import publish_pages
-from imagegen.evaluate.run import EvalRequest
+from imagegen.evaluate.request import EvalRequest
 from imagegen.paths import data_root as resolve_root
 from imagegen.report import evaluate_pages, metric_lines
 from imagegen.requests import build_eval_request, check_eval_request

@@ -10,7 +10,7 @@ from flows.publish import publish_pages
 from imagegen.paths import data_root as resolve_root
 from imagegen.report import train_pages
 from imagegen.requests import build_train_request
-from imagegen.train.runs import TrainRequest
+from imagegen.train.config import TrainRequest
 from tasks import train as T
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from imagegen import leaderboard as L
-from imagegen.evaluate.run import EvalRequest, EvalSummary
+from imagegen.evaluate.request import EvalRequest, EvalSummary
 from imagegen.presets import parse_overrides
 from imagegen.requests import check_eval_request
 

@@ -208,10 +208,14 @@ def world_stage(root: Path, source: SourceConfig) -> StageResult:
 
 
 def reference_clip_stage(root: Path, source: SourceConfig, cfg: ReferenceClipConfig) -> StageResult:
-    from imagegen.world import reference_clip as rc
+    from imagegen.world.reference_clip_config import reference_clip_id
 
-    existed = is_complete(models_dir(root) / "reference_clip" / rc.reference_clip_id(source.world, cfg))
-    path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
+    path = models_dir(root) / "reference_clip" / reference_clip_id(source.world, cfg)
+    existed = is_complete(path)
+    if not existed:
+        from imagegen.world import reference_clip as rc  # torch and open_clip: only to train it
+
+        path = rc.ensure_reference_clip(source.world, cfg, models_dir(root))
     card = read_card(path)
     return StageResult("reference_clip", path.name, str(path), cached=existed,
                        counts={"retrieval": card.get("retrieval"), "seconds": card.get("seconds"),
@@ -256,9 +260,8 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
         if parent_dir is not None:
             return incremental_body(tmp, card)
         if source.kind == "url_list":  # read only when the stage runs (check_preconditions validated it)
-            table = download_mod.read_url_list(source.url_list, cfg.url_col, cfg.caption_col,
-                                               cfg.on_duplicate_urls)
-            return download_mod.run_download(table, cfg, tmp, runner=cfg.runner)
+            # streamed: run_download reads and checks the list in batches (never the whole table)
+            return download_mod.run_download(Path(source.url_list), cfg, tmp, runner=cfg.runner)
         from imagegen.world.publish import url_table
         from imagegen.world.server import serve_world
 
@@ -275,8 +278,8 @@ def download_stage(root: Path, source: SourceConfig, world: StageResult | None, 
         from imagegen.stages import incremental
 
         append = None
-        if cfg.append_list:
-            append = download_mod.read_url_list(cfg.append_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
+        if cfg.append_list:  # streamed: checked, then read in batches by the incremental download
+            append = Path(cfg.append_list)
         card["parent"] = {"dataset": cfg.parent, "download": parent_dir.name}
         if source.kind == "url_list":
             urls = read_ledger(parent_dir, ["row_id", "url", "caption"])

@@ -59,6 +59,7 @@ import multiprocessing
 import os
 import re
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,6 +353,10 @@ def _capped_call(fn: Callable[[Any], Any], n: int | None, item: Any) -> Any:
 
 # ---------------------------------------------------------------------------- probing workers
 
+def _pid(_: Any) -> int:
+    return os.getpid()
+
+
 def _probe(path: str) -> str:
     """Runs on a worker: write and remove a file under ``path``; returns '' or the error."""
     p = Path(path) / f".probe-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -441,6 +446,70 @@ class Executor:
     def close(self) -> None:
         pass
 
+    # submit: parts handed over one at a time as they become ready (a map whose items arrive while
+    # the caller still works on the next ones); the engines' own futures, never a scheduler here
+    supports_submit = False  # Delegated (an orchestrator's mapper) takes whole lists only
+
+    def warm(self) -> None:
+        """Start the engine's workers now (a local pool forks its processes here: call it from the main
+        thread before starting threads of one's own, so no worker is forked while they hold locks)."""
+
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        """Run ``fn(item)`` on the engine; returns a handle whose ``result()`` waits for its value (or
+        raises its error) and whose ``cancel()`` drops it if it has not started.  Thread-safe."""
+        raise NotImplementedError(f"runner {self.runner}: this executor takes whole maps only")
+
+
+class _Done:
+    """The handle of a call that already ran (its value or its error)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        try:
+            self._value = fn()
+        except Exception as exc:  # handed to result(), as a pool's future would
+            self._error = exc
+
+    def result(self) -> Any:
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def cancel(self) -> bool:
+        return False
+
+
+class _PoolCall:
+    """A :class:`LocalPool` part in flight: ``result()`` resubmits it to a new pool when its worker died."""
+
+    def __init__(self, owner: "LocalPool", fn: Callable[[Any], Any], item: Any) -> None:
+        self.owner, self.fn, self.item, self.tries = owner, fn, item, 1
+        self.pool, self.fut = owner._submit(fn, item)
+        self.fut.add_done_callback(self._drop_item)
+
+    def _drop_item(self, fut: cf.Future) -> None:
+        """A part that ran (its worker did not die) is never resubmitted: its item is let go."""
+        if not fut.cancelled() and not isinstance(fut.exception(), cf.process.BrokenProcessPool):
+            self.item = None
+
+    def result(self) -> Any:
+        while True:
+            try:
+                return self.fut.result()
+            except cf.process.BrokenProcessPool:
+                if self.tries > PART_RETRIES:
+                    raise RuntimeError(f"a part failed {1 + PART_RETRIES} times because its worker process "
+                                       "died (out of memory? killed?)") from None
+                self.tries += 1
+                log.warning("a worker process died; resubmitting a part (attempt %d)", self.tries)
+                self.owner._replace(self.pool)
+                self.pool, self.fut = self.owner._submit(self.fn, self.item)
+                self.fut.add_done_callback(self._drop_item)
+
+    def cancel(self) -> bool:
+        return self.fut.cancel()
+
 
 class Delegated(Executor):
     """The map steps of an orchestrator (see :func:`mapped_by`): no engine is started here."""
@@ -467,6 +536,12 @@ class InProcess(Executor):
         with thread_caps(self.threads or 1):
             return [fn(x) for x in items]
 
+    supports_submit = True
+
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        """Runs ``fn(item)`` now, in the calling thread."""
+        return _Done(lambda: fn(item))
+
 
 class LocalPool(Executor):
     """A process pool (fork where available); a dead worker's parts are resubmitted to a new pool."""
@@ -475,6 +550,8 @@ class LocalPool(Executor):
         self.runner, self.workers = runner, workers
         methods = multiprocessing.get_all_start_methods()
         self._ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self._live: cf.ProcessPoolExecutor | None = None  # the pool of submit (map makes its own)
+        self._lock = threading.Lock()
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
         items = list(items)
@@ -498,6 +575,34 @@ class LocalPool(Executor):
             raise RuntimeError(f"{len(todo)} part(s) failed {1 + PART_RETRIES} times because their worker "
                                "process died (out of memory? killed?)")
         return [results[i] for i in range(len(items))]
+
+    # submit: one pool kept for the executor's life (map keeps making its own)
+    supports_submit = True
+
+    def _submit(self, fn: Callable[[Any], Any], item: Any) -> tuple[cf.ProcessPoolExecutor, cf.Future]:
+        with self._lock:
+            if self._live is None:
+                self._live = cf.ProcessPoolExecutor(self.workers, mp_context=self._ctx)
+            return self._live, self._live.submit(_capped_call, fn, self.threads, item)  # as map's parts
+
+    def _replace(self, broken: cf.ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._live is broken:
+                self._live = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def warm(self) -> None:
+        """Forks the pool's processes (a fork pool starts them all at its first call)."""
+        _, fut = self._submit(_pid, None)
+        fut.result()
+
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        return _PoolCall(self, fn, item)
+
+    def close(self) -> None:
+        live, self._live = self._live, None
+        if live is not None:
+            live.shutdown(wait=True, cancel_futures=True)
 
 
 # Dask's LocalCluster settings for our map steps:
@@ -594,6 +699,12 @@ class DaskExecutor(Executor):
                                retries=PART_RETRIES, key=step_info(fn).name)
         return self.client.gather(futs)
 
+    supports_submit = True
+
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        """A Dask future (``result()``, ``cancel()``), rescheduled like a map's part when its worker dies."""
+        return self.client.submit(_capped_call, fn, self.threads, item, pure=False, retries=PART_RETRIES)
+
     def close(self) -> None:
         self.client.close()
         if self._cluster is not None:
@@ -626,6 +737,14 @@ class RayExecutor(Executor):
             return []
         remote = ray.remote(max_retries=PART_RETRIES, num_cpus=1)(_capped_call)
         return ray.get([remote.remote(fn, self.threads, x) for x in items])
+
+    supports_submit = True
+
+    def submit(self, fn: Callable[[Any], Any], item: Any) -> Any:
+        """Ray's own future of the task (``result()``, ``cancel()``), retried like a map's part."""
+        import ray
+
+        return ray.remote(max_retries=PART_RETRIES, num_cpus=1)(_capped_call).remote(fn, self.threads, item).future()
 
     def close(self) -> None:
         import ray

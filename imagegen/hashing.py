@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
+import sys
+import tokenize
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -48,6 +51,21 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def module_source(name: str) -> str:
+    """The source text of module ``name`` as :func:`inspect.getsource` gives it, read from its file
+    without importing it when no one has: an id that hashes a heavy module (torch) is computed
+    without loading it."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return inspect.getsource(module)
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ModuleNotFoundError(f"no Python source for module {name!r}")
+    with tokenize.open(spec.origin) as f:  # the decoding linecache (and so inspect) uses
+        text = f.read()
+    return text if not text or text.endswith("\n") else text + "\n"  # linecache ends the last line too
 
 
 def code_version(*modules: ModuleType | str) -> str:

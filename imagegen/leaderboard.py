@@ -27,7 +27,7 @@ from imagegen.artifacts import write_json_atomic
 from imagegen.hashing import code_version, stable_hash
 
 if TYPE_CHECKING:  # the evaluation module imports torch
-    from imagegen.evaluate.run import EvalSummary
+    from imagegen.evaluate.request import EvalSummary
 
 LEADERBOARDS = "leaderboards"
 ID_COLUMNS = ["run_id", "model", "model_revision", "model_files_sha256", "family", "teacher_run", "lineage", "dataset", "dataset_id", "trained_steps", "sampler",

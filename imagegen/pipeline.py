@@ -273,7 +273,7 @@ def check_method_fits(request: PipelineRequest, train_cfg: Any) -> None:
 
 
 def distill_request(request: PipelineRequest, teacher: str) -> Any:
-    from imagegen.distill import DistillRequest
+    from imagegen.distill_config import DistillRequest
 
     d = request.distill
     if d.method is None:
@@ -289,7 +289,7 @@ def distill_request(request: PipelineRequest, teacher: str) -> Any:
 
 
 def _eval_request(request: PipelineRequest, run: str, extra: dict[str, Any], teacher: bool = False) -> Any:
-    from imagegen.evaluate.run import EvalRequest
+    from imagegen.evaluate.request import EvalRequest
 
     e = request.evaluate
     _refuse_owned("evaluate", e.overrides)

@@ -28,7 +28,7 @@ from imagegen.evaluate.images import image_grid
 from imagegen.hashing import stable_hash
 
 if TYPE_CHECKING:
-    from imagegen.evaluate.run import EvalSummary
+    from imagegen.evaluate.request import EvalSummary
 
 REPORTS = "reports"
 GRID_IMAGES = 16  # evaluated images shown per model
@@ -181,7 +181,7 @@ def train_markdown(summary: dict[str, Any], request: Any) -> str:
              f"conditioning {model.get('conditioning')} |",
              f"| steps | {summary.get('step')} / {cfg.steps} |",
              f"| batch | {cfg.batch_size} ({cfg.micro_batches} micro-batches, {request.nproc} processes) |",
-             f"| optimizer | AdamW lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.schedule}, EMA {cfg.ema_decay:g} |",
+             f"| optimizer | AdamW lr {cfg.lr:g}, warmup {cfg.warmup_steps}, {cfg.schedule}, EMA {cfg.ema_decay:g}{' with warm-up' if cfg.ema_decay and cfg.ema_warmup else ''} |",
              f"| precision / device | {summary.get('precision', cfg.precision)} / {summary.get('device', cfg.device)} |",
              f"| final losses | {losses} |",
              f"| speed | {f'{rate:.3g} steps/s' if rate else '-'} |",

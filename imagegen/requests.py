@@ -28,7 +28,8 @@ def build_train_request(preset: str | None = "smoke", request: Any = None, overr
     and the class settings (``label_keywords``, ``label_field``, ``classes``) from the base run's
     checkpoint instead of the preset's (a ``run:<id>`` base is looked up under ``root``).
     """
-    from imagegen.train.runs import TRAIN_PRESETS, TrainRequest
+    from imagegen.train.config import TrainRequest
+    from imagegen.train.presets import TRAIN_PRESETS
 
     named_train = {k: v for k, v in {"family": family, "steps": steps}.items() if v is not None}
     named = {k: v for k, v in {"dataset": dataset, "nproc": nproc, "train": named_train}.items() if v not in (None, {})}
@@ -127,7 +128,7 @@ def build_distill_request(request: Any = None, teacher: str | None = None, metho
     distillation settings of that pipeline preset, else nothing), then ``overrides``
     (``key=value``, the value JSON when it parses), then the named ``teacher`` and ``method``,
     taken as they are."""
-    from imagegen.distill import DistillRequest
+    from imagegen.distill_config import DistillRequest
     from imagegen.pipeline import DISTILL_PRESETS
 
     return _build(DistillRequest, DISTILL_PRESETS, preset, request, overrides, {"teacher": teacher, "method": method})
@@ -173,7 +174,7 @@ def build_eval_request(request: Any = None, run: str | None = None, folder: str 
     the value JSON when it parses: ``metrics=["fid","kid"]``, ``steps=8``), then the named ``run`` /
     ``folder`` / ``model``, taken as they are (a run id ``123`` stays a string, a model path may hold
     ``=`` or look like JSON)."""
-    from imagegen.evaluate.run import EvalRequest
+    from imagegen.evaluate.request import EvalRequest
     from imagegen.pipeline import EVAL_PRESETS
 
     named = {"run": run, "folder": folder, **({"model": model} if model is not None else {})}

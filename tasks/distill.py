@@ -14,7 +14,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from imagegen import distill as D
+from imagegen.distill_config import DistillRequest
 from imagegen.report import progress_line
 from tasks.train import ProgressArtifact
 
@@ -45,9 +45,11 @@ class DistillProgress(ProgressArtifact):
 
 
 @task(name="distill", tags=["gpu"], retries=0, cache_policy=NO_CACHE, persist_result=False)
-def distill(request: D.DistillRequest, data_root: str) -> dict[str, Any]:
+def distill(request: DistillRequest, data_root: str) -> dict[str, Any]:
     """Train (resume, or reuse) the student run(s) ``request`` describes under ``data_root`` and
     write the NFE report; the summary of :func:`imagegen.distill.distill`."""
+    from imagegen import distill as D  # torch: in the task run, not when a worker imports the flow
+
     logger = get_run_logger()
     rounds = request.rounds()
     prog = DistillProgress(logger, f"{request.method} distillation of run {request.teacher}: {len(rounds)} "

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from imagegen.evaluate.run import EvalRequest, run_evaluation
+from imagegen.evaluate.request import EvalRequest
 from imagegen.report import metric_lines
 
 
@@ -36,6 +36,8 @@ def task_run_name() -> str:
 @task(name="evaluate", task_run_name=task_run_name, retries=0, cache_policy=NO_CACHE, persist_result=False)
 def evaluate(request: EvalRequest, data_root: str) -> dict[str, Any]:
     """Evaluate the run or folder ``request`` names under ``data_root``; the evaluation summary."""
+    from imagegen.evaluate.run import run_evaluation  # torch: in the task run, not at the flow's import
+
     logger = get_run_logger()
     summary = run_evaluation(request, Path(data_root))
     for line in metric_lines(summary):

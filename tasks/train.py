@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imagegen.report import progress_line
-from imagegen.train import runs
+from imagegen.train.config import TrainRequest
 
 PROGRESS_KEY = "train-progress"
 # train_run enforces timeout_s itself (with a timeout it trains in torchrun child processes and kills
@@ -53,13 +53,15 @@ class ProgressArtifact:
         self.set(100.0 * info["fraction"])
 
 
-def timeout_seconds(request: runs.TrainRequest) -> float | None:
+def timeout_seconds(request: TrainRequest) -> float | None:
     return None if request.timeout_s is None else request.timeout_s + TIMEOUT_GRACE_S
 
 
 @task(name="train", tags=["gpu"], retries=0, cache_policy=NO_CACHE, persist_result=False)
-def train(request: runs.TrainRequest, data_root: str) -> dict[str, Any]:
+def train(request: TrainRequest, data_root: str) -> dict[str, Any]:
     """Train (resume, or reuse) the run ``request`` describes under ``data_root``; its summary."""
+    from imagegen.train import runs  # torch: in the task run, not when a worker imports the flow
+
     logger = get_run_logger()
     prog = ProgressArtifact(logger, f"training on {request.dataset}: {request.train.family}, "
                                     f"{request.train.steps} steps")

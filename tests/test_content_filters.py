@@ -373,10 +373,17 @@ def test_reasons_land_in_the_filter_table_and_accounting(world, tmp_path):
 # ---------------------------------------------------------------------------- end to end
 
 @pytest.mark.slow
-def test_curate_drops_planted_content_end_to_end(tmp_path):
-    """World with planted content -> HTTP download -> dedup -> filters -> dataset: accounting says why."""
+def test_curate_drops_planted_content_end_to_end(tmp_path, tiny_curate):
+    """World with planted content -> HTTP download -> dedup -> filters -> dataset: accounting says why.
+
+    Its reference CLIP (same world, same size) is the session's tiny curate's (conftest
+    ``tiny_curate``): the model folder is copied in by its content id and found done."""
+    import shutil
+
     from imagegen import curate as C
+    from imagegen.paths import models_dir
     from imagegen.presets import CURATE_PRESETS, build_config
+    from imagegen.world.reference_clip_config import reference_clip_id
 
     over = [
         "name=content", "source.publish.n_images=60", "source.publish.stall_seconds=2.5",
@@ -388,6 +395,11 @@ def test_curate_drops_planted_content_end_to_end(tmp_path):
         "filter.clip_score.threshold=-1.0",
     ]
     cfg = build_config(C.CurateConfig, CURATE_PRESETS, "smoke", over)
+    tiny_root, tiny, _ = tiny_curate
+    clip_id = reference_clip_id(cfg.source.world, cfg.reference_clip)
+    assert clip_id == tiny["stage_ids"]["reference_clip"]  # the same model: reuse it
+    shutil.copytree(models_dir(tiny_root) / "reference_clip" / clip_id,
+                    models_dir(tmp_path) / "reference_clip" / clip_id)
     world = C.world_stage(tmp_path, cfg.source)  # the stage curate() reuses; its folder holds the list
     from imagegen.filters.blocklist import HashBlocklistConfig
     from imagegen.filters.nsfw import NudeNetConfig
@@ -396,7 +408,9 @@ def test_curate_drops_planted_content_end_to_end(tmp_path):
     cfg.filter = cfg.filter.model_copy(update={
         "hash_blocklist": HashBlocklistConfig(path=str(Path(world.path) / BLOCKLIST_FILE)),
         "nsfw_nudenet": NudeNetConfig(), "text_ocr": OcrConfig()})
-    ref = C.curate(cfg, tmp_path)
+    stages: dict[str, C.StageResult] = {}
+    ref = C.curate(cfg, tmp_path, progress=lambda stage, result: stages.setdefault(stage, result))
+    assert stages["reference_clip"].cached and stages["reference_clip"].id == clip_id  # found, not retrained
     acc = pd.read_parquet(ref.path / "accounting.parquet")
     truth = pd.read_parquet(Path(world.path) / "truth.parquet")
     acc = acc.merge(truth[["row_id", "planted"]], on="row_id")

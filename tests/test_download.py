@@ -280,11 +280,13 @@ class _FlakyOnce:
     """A loopback HTTP server of small PNGs, ``/img/N.png``; each path in ``flaky`` answers 503 the
     first time it is asked, then serves the image."""
 
-    def __init__(self, flaky: set[str]):
+    def __init__(self, flaky: set[str], slow: dict[str, float] | None = None):
         import http.server
         import threading
+        import time
 
         self.flaky, self.asked, self.lock = set(flaky), {}, threading.Lock()
+        self.slow = dict(slow or {})  # path -> seconds to wait before answering
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -294,6 +296,7 @@ class _FlakyOnce:
             def do_GET(self):
                 with outer.lock:
                     outer.asked[self.path] = n = outer.asked.get(self.path, 0) + 1
+                time.sleep(outer.slow.get(self.path, 0.0))
                 if self.path in outer.flaky and n == 1:
                     self.send_response(503)
                     self.end_headers()
@@ -334,12 +337,21 @@ def test_a_row_lost_in_the_first_pass_and_fetched_on_a_retry_gets_its_image_part
     lost: list[str] = []
 
     def crash_subjob_1_of_pass_0(**kw):
-        real(**kw)
         out = Path(kw["output_folder"])
-        if out.parent.name == "pass0":
-            for f in out.glob("00001*"):  # its parquet and its stats: as if the subjob never finished
+        if out.parent.name != "pass0":
+            return real(**kw)
+        # img2dataset writes elsewhere; then every part but 00001 appears where the stage watches (parquet,
+        # then stats, as a finishing subjob writes them): subjob 1 never finished and wrote nothing there
+        real(**{**kw, "output_folder": str(out) + "-real"})
+        out.mkdir(exist_ok=True)
+        for f in sorted(Path(str(out) + "-real").glob("*.parquet")):
+            if f.stem == "00001":
                 lost.append(f.name)
-                f.unlink()
+                continue
+            f.rename(out / f.name)
+            stats = f.with_name(f"{f.stem}_stats.json")
+            if stats.exists():
+                stats.rename(out / stats.name)
 
     monkeypatch.setattr(img2dataset, "download", crash_subjob_1_of_pass_0)
     n = 30
@@ -453,3 +465,186 @@ def test_a_bad_jsonl_line_is_named_in_a_batched_read(tmp_path):
     (tmp_path / "l.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"l\.jsonl could not be read as \.jsonl, line 24"):
         read_url_list(tmp_path / "l.jsonl")
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (ledger parts, image parts), by relative path."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _small_list(base: str, n: int) -> pd.DataFrame:
+    return pd.DataFrame({"row_id": np.arange(n, dtype=np.int64), "url": [f"{base}/img/{i}.png" for i in range(n)],
+                         "caption": [f"c{i}" for i in range(n)], "skip_reason": None})
+
+
+@pytest.mark.slow
+def test_parts_are_decoded_while_img2dataset_still_fetches_and_the_bytes_are_the_same(tmp_path, monkeypatch):
+    """Issue 14: an image part is decoded as soon as img2dataset has finished it (its stats file), while the
+    fetch goes on.  The last part's URLs answer after 2 s, so img2dataset (one process: its parts one after
+    the other) is still fetching it when it returns the earlier parts; a row of part 1 fails once (503) and
+    is fetched on the retry pass, so part 1 waits for that pass.  The ledger and image parts are the same
+    bytes as the sequential path's (decode after the fetch)."""
+    import img2dataset
+
+    real = img2dataset.download
+    seen_at_return: list[list[str]] = []
+
+    def recording(**kw):
+        real(**kw)
+        dl = Path(kw["output_folder"]).parents[2]
+        seen_at_return.append(sorted(p.name for p in (dl / "images").glob("part-*.parquet")))
+
+    monkeypatch.setattr(img2dataset, "download", recording)
+    n = 40
+    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=1,
+                         retry_wait=0, allow_private_addresses=True, image_size=16, timeout=10)
+    slow = {f"/img/{i}.png": 2.0 for i in range(30, 40)}
+    digests, counts = {}, {}
+    server = _FlakyOnce({"/img/15.png"}, slow)
+    with server as base:  # one server (the ledger records its port), its 503 armed again for each run
+        for overlap in (True, False):
+            server.asked.clear()
+            counts[overlap] = run_download(_small_list(base, n), cfg, tmp_path / f"dl-{overlap}", progress=False,
+                                           overlap=overlap)
+            digests[overlap] = _tree_digest(tmp_path / f"dl-{overlap}")
+    # pass 0 with overlap: parts 0 and 2 were decoded before img2dataset returned (part 3 may have been,
+    # img2dataset takes a while to wind down), part 1 (a row to retry) was not
+    assert {"part-00000.parquet", "part-00002.parquet"} <= set(seen_at_return[0]), seen_at_return
+    assert "part-00001.parquet" not in seen_at_return[0], seen_at_return
+    assert seen_at_return[2] == [], seen_at_return  # sequential: nothing decoded during the fetch
+    assert counts[True] == counts[False] and counts[True]["success"] == n and counts[True]["recovered_on_retry"] == 1
+    assert digests[True] == digests[False] and len([k for k in digests[True] if k.startswith("images/")]) == 4
+
+
+@pytest.mark.slow
+def test_overlapped_decode_on_a_process_pool_gives_the_sequential_bytes_with_every_fault(tmp_path):
+    """Every planted fault (timeouts, 5xx once, truncated, HTML, corrupt, EXIF, CMYK, 16-bit...) through the
+    real img2dataset on 2 processes and a local pool of 2 decode workers: overlapped and sequential runs
+    (each against a fresh server) write sha256-identical ledger and image parts."""
+    world = WorldConfig(seed=5)
+    pub = PublishConfig(seed=5, n_images=40, stall_seconds=3.0, uninformative_rate=0.0, wrong_rate=0.0)
+    publish_world(world, pub, tmp_path / "world")
+    cfg = DownloadConfig(timeout=1.5, processes_count=2, thread_count=8, number_sample_per_shard=10)
+    digests, counts = {}, {}
+    for overlap in (True, False):
+        out = tmp_path / f"dl-{overlap}"
+        out.mkdir()
+        with serve_world(tmp_path / "world") as srv:
+            urls = url_table(tmp_path / "world", srv.base_url)
+            urls["skip_reason"] = None
+            counts[overlap] = run_download(urls, cfg, out, progress=False, overlap=overlap)
+        digests[overlap] = _tree_digest(out)
+    assert counts[True] == counts[False]
+    assert counts[True]["failed"] and counts[True]["recovered_on_retry"], counts[True]
+    assert digests[True] == digests[False]
+    names = sorted(digests[True])  # only the outputs are left: image parts and ledger parts, several of each
+    assert len([f for f in names if f.startswith("images/part-")]) == counts[True]["parts"] >= 4
+    assert len([f for f in names if f.startswith("ledger/part-")]) >= 4
+    assert all(f.startswith(("images/part-", "ledger/part-")) for f in names), names
+
+
+def _all_whole(folder: Path) -> None:
+    """No temporary file is left and every parquet file under ``folder`` reads whole."""
+    import pyarrow.parquet as pq
+
+    assert not [p for p in folder.rglob("*") if ".tmp-" in p.name]
+    for p in folder.rglob("*.parquet"):
+        pq.read_table(p)
+
+
+@pytest.mark.slow
+def test_a_decode_error_during_the_fetch_surfaces_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """A part whose decode fails while img2dataset still fetches: the error is raised by run_download, no
+    ledger is written, and every file left is whole (each decode writes atomically)."""
+    import threading
+
+    from imagegen.stages import download as D
+
+    real = D.decode_part
+
+    def fails_on_part_1(job):
+        if job.index == 1:
+            raise RuntimeError("planted decode failure in part 1")
+        return real(job)
+
+    monkeypatch.setattr(D, "decode_part", fails_on_part_1)
+    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
+                         allow_private_addresses=True, image_size=16)
+    with _FlakyOnce(set()) as base:
+        with pytest.raises(RuntimeError, match="planted decode failure in part 1"):
+            run_download(_small_list(base, 30), cfg, tmp_path / "dl", progress=False)
+    assert not (tmp_path / "dl" / "ledger").exists()
+    _all_whole(tmp_path / "dl")
+    assert not [t for t in threading.enumerate() if t.name.startswith("img2dataset-parts")]
+
+
+@pytest.mark.slow
+def test_a_fetch_error_surfaces_after_the_watcher_stops(tmp_path, monkeypatch):
+    """img2dataset failing after it wrote its parts: the error is raised, the part watcher has stopped, no
+    ledger is written and every file left is whole."""
+    import threading
+
+    import img2dataset
+
+    real = img2dataset.download
+
+    def fails_after_writing(**kw):
+        real(**kw)
+        raise OSError("planted fetch failure")
+
+    monkeypatch.setattr(img2dataset, "download", fails_after_writing)
+    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
+                         allow_private_addresses=True, image_size=16)
+    with _FlakyOnce(set()) as base:
+        with pytest.raises(OSError, match="planted fetch failure"):
+            run_download(_small_list(base, 30), cfg, tmp_path / "dl", progress=False)
+    assert not (tmp_path / "dl" / "ledger").exists()
+    _all_whole(tmp_path / "dl")
+    assert not [t for t in threading.enumerate() if t.name.startswith("img2dataset-parts")]
+
+
+@pytest.mark.slow
+def test_a_url_list_path_is_streamed_to_the_same_bytes_as_its_table(tmp_path):
+    """Issue 14: run_download reads a URL list path itself, in batches (repeats, invalid and padded URLs,
+    rows of several parts), and the incremental download streams an appended list the same way; both give
+    the ledger and image parts of the whole-table input, byte for byte."""
+    from imagegen.stages import download as D
+    from imagegen.stages.incremental import run_incremental_download
+
+    server = _FlakyOnce({"/img/4.png"})
+    with server as base:
+        urls = [f"{base}/img/{i}.png" for i in range(24)]
+        rows = urls + [urls[3], "  " + urls[5] + " ", "not a url", "", urls[20]]
+        pd.DataFrame({"url": rows, "caption": [f"cap {i}" for i in range(len(rows))]}).to_parquet(tmp_path / "l.parquet")
+        cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
+                             allow_private_addresses=True, image_size=16, on_duplicate_urls="skip")
+        digests, counts = {}, {}
+        for how in ("path", "table"):
+            server.asked.clear()
+            inp = tmp_path / "l.parquet" if how == "path" else read_url_list(tmp_path / "l.parquet",
+                                                                              on_duplicate_urls="skip")
+            counts[how] = run_download(inp, cfg, tmp_path / how, progress=False)
+            digests[how] = _tree_digest(tmp_path / how)
+        assert counts["path"] == counts["table"] and digests["path"] == digests["table"]
+        assert counts["path"]["skipped"] == 5 and counts["path"]["reasons"].get("http_5xx") == 1
+        # a new version: the 503 row again, and an appended list (one URL of the parent, new ones)
+        pd.DataFrame({"url": [urls[2], *(f"{base}/img/{i}.png" for i in range(30, 45))],
+                      "caption": [f"add {i}" for i in range(16)]}).to_parquet(tmp_path / "add.parquet")
+        parent = read_ledger(tmp_path / "path", ["row_id", "url", "caption"])
+        child = {}
+        for how in ("path", "table"):
+            server.asked.clear()
+            server.asked["/img/4.png"] = 1  # its 503 was served to the parent: the child's refetch succeeds
+            append = tmp_path / "add.parquet" if how == "path" else read_url_list(tmp_path / "add.parquet")
+            out = tmp_path / f"child-{how}"
+            out.mkdir()
+            child[how] = run_incremental_download(tmp_path / "path", parent, append, cfg, out)
+            digests[f"child-{how}"] = _tree_digest(out)
+    assert child["path"] == child["table"] and digests["child-path"] == digests["child-table"]
+    assert child["path"]["incremental"]["appended"] == 16 and child["path"]["incremental"]["recovered"] == 1
+    led = read_ledger(tmp_path / "child-path")
+    assert led["row_id"].tolist() == list(range(len(rows) + 16))
+    assert led.loc[len(rows), "reason"] == "duplicate_url_of_row_2" and D.is_transient("http_5xx")

@@ -202,3 +202,95 @@ print(json.dumps({{"code": code, "err": err.getvalue(), "heavy": heavy,
     from imagegen.world import reference_clip, reference_clip_config  # the trainer's class is the light one
 
     assert reference_clip.ReferenceClipConfig is reference_clip_config.ReferenceClipConfig
+
+
+def test_flow_modules_import_no_torch():
+    """What a worker's flow run starts with, importing its flow's module: no flow module (pipeline,
+    train, distill, evaluate, benchmark, ... together) loads torch, open_clip or the model families.
+    The requests in their signatures are plain pydantic (imagegen.train.config,
+    imagegen.distill_config, imagegen.evaluate.request) and the tasks import the work only when
+    they run.  (One interpreter imports them all: what all of them load together, each loads at most.)"""
+    names = sorted(f"flows.{p.stem}" for p in (REPO / "flows").glob("*.py") if p.stem != "__init__")
+    out = _fresh(f"""
+import importlib, json, sys
+for name in {names!r}:
+    importlib.import_module(name)
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'diffusers')
+               or m.startswith('models.registry') or m == 'imagegen.world.reference_clip')
+import flows.pipeline, flows.train, flows.distill, flows.evaluate
+hints = {{
+    "train": flows.train.train_flow.fn.__annotations__["request"],
+    "distill": flows.distill.distill_flow.fn.__annotations__["request"],
+    "evaluate": flows.evaluate.evaluate_flow.fn.__annotations__["request"],
+}}
+print(json.dumps({{"heavy": heavy, "loaded": [n for n in {names!r} if n in sys.modules], "hints": hints,
+                  "schema": sorted(flows.pipeline.pipeline_flow.parameters.properties)}}))
+""")
+    assert out["heavy"] == [], out["heavy"]
+    assert out["loaded"] == names and "flows.pipeline" in names and "flows.train" in names
+    assert out["hints"] == {"train": "TrainRequest | None", "distill": "DistillRequest | None",
+                            "evaluate": "EvalRequest | None"}
+    assert {"preset", "request", "overrides", "data_root"} <= set(out["schema"])
+    # the old import paths still give the same classes
+    from imagegen import distill, distill_config
+    from imagegen.evaluate import request, run
+    from imagegen.train import config, runs, trainer
+    import imagegen.train
+
+    assert trainer.TrainConfig is runs.TrainConfig is config.TrainConfig is imagegen.train.TrainConfig
+    assert runs.TrainRequest is config.TrainRequest and trainer.RESUMABLE_CHANGES is config.RESUMABLE_CHANGES
+    assert distill.DistillRequest is distill_config.DistillRequest
+    assert run.EvalRequest is request.EvalRequest and run.RewardModel is request.RewardModel
+    assert run.EvalSummary is request.EvalSummary
+
+
+def test_module_source_reads_what_inspect_would_without_importing():
+    """imagegen.hashing.module_source: the text inspect.getsource gives once the module is imported
+    (so ids hashing a heavy module's source are the same whether it was imported or not), read
+    from the file before; unknown modules are an error naming them."""
+    out = _fresh("""
+import inspect, json, sys
+from imagegen.hashing import module_source
+before = module_source('imagegen.world.reference_clip')
+imported_early = 'imagegen.world.reference_clip' in sys.modules or 'torch' in sys.modules
+from imagegen.world.reference_clip_config import ReferenceClipConfig, reference_clip_id
+from imagegen.world.scene import WorldConfig
+light_id = reference_clip_id(WorldConfig(image_size=32), ReferenceClipConfig(n_train=64, steps=3, warmup_steps=0))
+still_light = 'imagegen.world.reference_clip' not in sys.modules and 'open_clip' not in sys.modules
+import imagegen.world.reference_clip as R
+world, small = WorldConfig(image_size=32), dict(n_train=64, warmup_steps=0)
+print(json.dumps({"same": inspect.getsource(R) == before, "early": imported_early, "light": still_light,
+                  "ids": [light_id, R.reference_clip_id(world, ReferenceClipConfig(steps=3, **small))],
+                  "other": R.reference_clip_id(world, ReferenceClipConfig(steps=4, **small))}))
+""")
+    assert out["same"] is True and out["early"] is False and out["light"] is True
+    assert out["ids"][0] == out["ids"][1] != out["other"]
+    from imagegen.hashing import module_source
+
+    with pytest.raises(ModuleNotFoundError, match="imagegen.no_such_module"):
+        module_source("imagegen.no_such_module")
+
+
+@pytest.mark.slow
+def test_a_curate_found_done_imports_no_torch(tiny_curate):
+    """The session's tiny curate asked again (every stage found done) loads neither torch, open_clip
+    nor the reference CLIP's trainer: the reference CLIP id reads the trainer's source
+    (reference_clip_config.reference_clip_id) and the filter stage id reads the filter modules'
+    sources (imagegen.filters.stage_identity), without importing them; the ids are the first run's."""
+    from imagegen import faultinject as F
+
+    root, first, _ = tiny_curate
+    cmd = F.curate_cmd(root)
+    out = _fresh(f"""
+import contextlib, io, json, sys
+from imagegen.cli import main
+buf = io.StringIO()
+with contextlib.redirect_stdout(buf):
+    code = main({cmd[cmd.index("curate"):]!r})
+heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip')
+               or m in ('imagegen.world.reference_clip', 'imagegen.filters.aesthetic_mlp'))
+print(json.dumps({{"code": code, "heavy": heavy, "result": json.loads(buf.getvalue().strip().splitlines()[-1])}}))
+""")
+    assert out["code"] == 0 and out["heavy"] == [], out["heavy"]
+    assert out["result"]["stage_ids"] == first["stage_ids"] and out["result"]["path"] == first["path"]
+    assert first["stage_ids"]["reference_clip"] and first["stage_ids"]["filter"]

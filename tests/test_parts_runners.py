@@ -119,6 +119,23 @@ def test_local_pool_reruns_the_part_of_a_killed_worker(tmp_path):
     assert got == [(i, i * i) for i in range(6)]
 
 
+def test_submitted_parts_come_back_and_a_killed_workers_part_is_resubmitted(tmp_path):
+    """``submit`` (parts handed over one at a time, as the download's overlapped decode does): every
+    result comes back, the part whose worker died is run again in a new pool, and an error is raised by
+    its handle's result()."""
+    items = [(str(tmp_path / "marker"), i) for i in range(6)]
+    with E.executor("local:2") as ex:
+        assert ex.supports_submit
+        ex.warm()
+        handles = [ex.submit(_die_once, x) for x in items]
+        assert [h.result() for h in handles] == [(i, i * i) for i in range(6)]
+        with pytest.raises(TypeError):
+            ex.submit(_die_once, None).result()
+    assert (tmp_path / "marker").read_text() == "died"
+    with E.executor("local:1") as ex:  # in this process: run at submit
+        assert ex.in_process and ex.submit(_die_once, ("-", 3)).result() == (3, 9)
+
+
 @pytest.mark.slow
 def test_dask_reruns_the_part_of_a_killed_worker(tmp_path):
     items = [(str(tmp_path / "marker"), i) for i in range(6)]

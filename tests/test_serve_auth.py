@@ -24,7 +24,8 @@ def test_basic_auth_refuses_anonymous_requests_and_the_worker_runs_a_flow(tiny_c
     root, reference, digests = tiny_curate
     home = tmp_path / "home"
     served = S.bring_up(root, port=S.free_port(), home=home, worker_log=home / "worker.log",
-                        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_NUM_THREADS": "1"})
+                        worker_env={"PREFECT_WORKER_QUERY_SECONDS": "2", "OMP_NUM_THREADS": "1",
+                                    "PREFECT_LOGGING_LEVEL": "INFO"})  # its timeline in worker.log
     try:
         api = served.api_url
         assert httpx.get(f"{api}/health", timeout=10).status_code == 200  # probes stay open

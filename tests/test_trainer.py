@@ -260,6 +260,35 @@ def test_ema_update_is_the_decay_formula():
         torch.testing.assert_close(s, 0.9 * start[k] + 0.1 * live[k], rtol=1e-6, atol=1e-6, msg=k)
 
 
+def test_ema_warmup_forgets_the_init():
+    """With warm-up the decay after step n is min(decay, (1+n)/(10+n)): the first update keeps only
+    1/10 of the init, and after 200 steps of decay 0.99 the init's share is far below 0.99^200."""
+    fam = build_family("ddpm", MODEL)
+    ema = EMA(fam, 0.99, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10_000) == 0.99
+    assert EMA(fam, 0.99).decay_at(0) == 0.99  # no warm-up: the plain decay
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in fam.parameters():
+            p.add_(1.0)
+    ema.update(fam, step=0)
+    live = fam.state_dict()
+    for k, s in ema.state_dict().items():
+        torch.testing.assert_close(s, 0.1 * start[k] + 0.9 * live[k], rtol=1e-6, atol=1e-6, msg=k)
+    share_init, share_plain = 1.0, 0.99 ** 200
+    for n in range(200):
+        share_init *= ema.decay_at(n)
+    assert share_init < 1e-3 * share_plain
+
+
+def test_trainer_ema_warmup_is_in_the_run_id():
+    from imagegen.train.runs import run_identity
+
+    a, b = TrainConfig(**base_cfg(ema_decay=0.9)), TrainConfig(**base_cfg(ema_decay=0.9, ema_warmup=False))
+    assert a.ema_warmup and not b.ema_warmup
+    assert run_identity("d", a) != run_identity("d", b)
+
+
 def test_ema_shadows_only_trainable_weights(shards, tmp_path):
     """Frozen weights and buffers are stored once (model/), not copied into ema/; loading the EMA
     weights takes them from model/, and tied aliases of a trainable weight follow the EMA."""

@@ -24,20 +24,14 @@ def stage_identity(cfg: object) -> dict[str, object]:
     configured filter's model/list identity (file sha256s, package versions).
 
     ``cfg`` is a :class:`imagegen.stages.filter.FilterConfig`."""
-    import sys
+    import pkgutil
 
-    from imagegen.hashing import code_version
+    from imagegen.hashing import code_version, module_source
     from imagegen.stages.filter import build_filters
 
-    import imagegen.filters.aesthetic  # noqa: F401  (every module of the package, loaded)
-    import imagegen.filters.aesthetic_mlp  # noqa: F401
-    import imagegen.filters.base  # noqa: F401
-    import imagegen.filters.blocklist  # noqa: F401
-    import imagegen.filters.nsfw  # noqa: F401
-    import imagegen.filters.ocr  # noqa: F401
-    import imagegen.filters.watermark  # noqa: F401
-
-    mods = sorted((m for n, m in sys.modules.items() if n.startswith("imagegen.filters.") and n != "imagegen.filters.__main__"),
-                  key=lambda m: m.__name__)
+    # every module of the package, by its source text: read, not imported (aesthetic_mlp and the
+    # model filters import torch), so a filter stage found done loads none of them
+    names = sorted(f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if m.name != "__main__")
+    mods = [module_source(n) for n in names]
     ident = {f.name: f.identity() for f in build_filters(cfg) if hasattr(f, "identity")}  # type: ignore[arg-type]
     return {"code": code_version(*mods), "models": {k: v for k, v in ident.items() if v}}

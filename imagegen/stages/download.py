@@ -24,6 +24,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -536,57 +537,133 @@ def distributor_session(cfg: DownloadConfig) -> Iterator[dict[str, Any]]:
         yield {"kind": "multiprocessing", "processes": cfg.processes_count}
 
 
-def _img2dataset_pass(rows: pd.DataFrame, work: Path, cfg: DownloadConfig) -> tuple[pd.DataFrame, dict[int, Path]]:
-    """One img2dataset run over ``rows`` (row_id, url, caption).
+def _write_shards(batches: Iterator[pd.DataFrame], inp: Path, step: int) -> np.ndarray:
+    """img2dataset's input for one pass: the rows of ``batches`` (row_id, url, caption) as
+    ``inp/NNNNN.parquet``, ``step`` rows a file (img2dataset reads one input file whole, and numbers the
+    shards of a folder's files on from each other: file i is shard i), never the whole list in one file.
+    Returns the row ids written (compact), in order."""
+    inp.mkdir(parents=True, exist_ok=True)
+    buf: list[pd.DataFrame] = []
+    n_buf = n_files = 0
+    ids: list[np.ndarray] = []
 
-    img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per
-    ``number_sample_per_shard`` input rows, in input order: part ``k`` holds input rows
-    ``k * number_sample_per_shard`` on) and streams to disk; this returns only the compact columns of
-    every row (row_id, status, error_message, part: the part's number, -1 for a row img2dataset lost)
-    and the part files by number (a lost subjob's part is absent).
+    def flush(n: int) -> None:
+        nonlocal buf, n_buf, n_files
+        t = pd.concat(buf, ignore_index=True) if len(buf) > 1 else buf[0].reset_index(drop=True)
+        t.iloc[:n].to_parquet(inp / f"{n_files:05d}.parquet", index=False)
+        ids.append(t["row_id"].to_numpy(dtype=np.int64)[:n])
+        n_files += 1
+        rest = t.iloc[n:]
+        buf, n_buf = ([rest] if len(rest) else []), len(rest)
+
+    for b in batches:
+        if not len(b):
+            continue
+        buf.append(b[["row_id", "url", "caption"]])
+        n_buf += len(b)
+        while n_buf >= step:
+            flush(step)
+    if n_buf:
+        flush(n_buf)
+    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+
+
+def _read_shards(inp: Path, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """A pass's input files (from :func:`_write_shards`), in order, one at a time."""
+    for p in sorted(inp.glob("*.parquet")):
+        yield pd.read_parquet(p, columns=columns)
+
+
+def _img2dataset_pass(work: Path, pass_ids: np.ndarray, cfg: DownloadConfig, on_part: Any,
+                      watch: bool = False) -> np.ndarray:
+    """One img2dataset run over the input files in ``work/input`` (:func:`_write_shards`; ``pass_ids``:
+    their row ids).
+
+    img2dataset writes its own parts (``work/out/NNNNN.parquet``, one per input file, in input order)
+    and streams to disk.  ``on_part(number, path, compact)`` is called once per part file with its
+    compact columns (row_id, status, error_message; never the image bytes): with ``watch``, while
+    img2dataset runs, from a :class:`_PartWatcher` thread for every part whose subjob has finished; after
+    it, from this thread, for the parts not seen yet.  Returns the row ids img2dataset lost (no part
+    holds them: a crashed subjob's part is absent), ascending.
     """
     # img2dataset imports albumentations, which phones home for updates at import in every
     # spawned worker; offline that costs seconds per process.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download as i2d_download
 
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    # its input in parts of one shard each (img2dataset reads one input file whole, and numbers the shards
-    # of a folder's files on from each other: part file i is shard i), never the whole list in one file
-    inp = work / "input"
-    inp.mkdir()
-    step = max(1, cfg.number_sample_per_shard)
-    cols = rows[["row_id", "url", "caption"]]
-    for i, s0 in enumerate(range(0, len(cols), step)):
-        cols.iloc[s0:s0 + step].to_parquet(inp / f"{i:05d}.parquet", index=False)
-    del cols
-    out = work / "out"
-    with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
-        i2d_download(
-            url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
-            output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
-            disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
-            processes_count=cfg.processes_count, thread_count=cfg.thread_count,
-            timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
-            number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
-            compute_hash="sha256", extract_exif=False, enable_wandb=False,
-        )
-    parts = {int(p.stem): p for p in sorted(out.glob("*.parquet"))}
-    frames = []
-    for i, p in parts.items():  # compact columns only: the image bytes stay in the part files
+    inp, out = work / "input", work / "out"
+    seen: dict[int, np.ndarray] = {}
+
+    def read_part(i: int, p: Path) -> None:  # compact columns only: the image bytes stay in the part files
         f = pd.read_parquet(p, columns=["row_id", "status", "error_message"])
-        f["part"] = i
-        frames.append(f)
-    got = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
-        {"row_id": pd.Series([], dtype="int64"), "status": [], "error_message": [], "part": []})
-    missing = set(rows["row_id"]) - set(got["row_id"])
-    if missing:  # img2dataset lost rows (a crashed subjob): account for them, never drop silently
-        extra = pd.DataFrame({"row_id": sorted(missing), "status": "failed_to_download",
-                              "error_message": _LOST_ROW,
-                              "part": -1})
-        got = pd.concat([got, extra], ignore_index=True)
-    return got, parts
+        seen[i] = f["row_id"].to_numpy(dtype=np.int64)
+        on_part(i, p, f)
+
+    watcher = _PartWatcher(out, read_part) if watch else None
+    try:
+        with stdout_to_stderr():  # img2dataset's progress prints would break a caller's stdout (``--json``)
+            if watcher is not None:
+                watcher.start()
+            i2d_download(
+                url_list=str(inp), input_format="parquet", url_col="url", caption_col="caption",
+                output_format="parquet", output_folder=str(out), save_additional_columns=["row_id"],
+                disable_all_reencoding=True, encode_format="jpg", image_size=cfg.image_size,
+                processes_count=cfg.processes_count, thread_count=cfg.thread_count,
+                timeout=cfg.timeout, retries=cfg.retries, distributor=cfg.distributor,
+                number_sample_per_shard=cfg.number_sample_per_shard, user_agent_token=cfg.user_agent_token,
+                compute_hash="sha256", extract_exif=False, enable_wandb=False,
+            )
+    finally:
+        if watcher is not None:
+            watcher.finish()  # joined before anything else reads what it handed over (raises its error)
+    for p in sorted(out.glob("*.parquet")):  # the parts the watcher did not see finish (or all, without one)
+        if int(p.stem) not in seen:
+            read_part(int(p.stem), p)
+    got = np.concatenate(list(seen.values())) if seen else np.zeros(0, dtype=np.int64)
+    return np.setdiff1d(pass_ids, got)  # img2dataset lost rows (a crashed subjob): accounted for, never dropped
+
+
+class _PartWatcher(threading.Thread):
+    """Hands over each img2dataset part of ``out`` as soon as its subjob has finished it, while img2dataset
+    runs on the main thread (it installs a SIGINT handler there, so it cannot move to a thread).
+
+    A part is finished once ``NNNNN_stats.json`` exists: img2dataset's ``Downloader.download_shard`` closes
+    the part's parquet writer (and its file) and only then calls ``logger.write_stats``, which writes that
+    file (img2dataset 1.45: downloader.py, logger.py).  A subjob that crashes writes no stats, so its part
+    is never handed over here (the pass accounts for it afterwards).  An error in ``on_part`` stops the
+    watcher and is raised by :meth:`finish`."""
+
+    POLL_S = 0.25
+
+    def __init__(self, out: Path, on_part: Any) -> None:
+        super().__init__(name=f"img2dataset-parts-{out.parent.name}", daemon=True)
+        self.out, self.on_part = out, on_part
+        self.seen: set[int] = set()
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def sweep(self) -> None:
+        if not self.out.is_dir():
+            return
+        for st in sorted(self.out.glob("*_stats.json")):
+            name = st.name[:-len("_stats.json")]
+            if not name.isdigit() or int(name) in self.seen:
+                continue
+            self.seen.add(int(name))
+            self.on_part(int(name), self.out / f"{name}.parquet")
+
+    def run(self) -> None:
+        try:
+            while not self.stop.wait(self.POLL_S):
+                self.sweep()
+        except BaseException as exc:  # raised on the main thread by finish()
+            self.error = exc
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        if self.error is not None:
+            raise self.error
 
 
 @contextlib.contextmanager
@@ -755,6 +832,169 @@ def decode_part(job: PartJob) -> str:
     return job.result_path
 
 
+class _PartPlan:
+    """The rows of one download, pass by pass, in compact numpy columns (attempts, a status code, the
+    pass and img2dataset part of a row's last failure: its message stays in that part file, read back
+    by the ledger a part at a time), and the image parts with where their rows were fetched.
+
+    Image part k holds the rows of the first pass's img2dataset part k (its *home* rows), from whichever
+    pass fetched each.  A part is ready to decode once each of its rows has its final outcome: fetched,
+    failed for a reason that is not retried, or failed transiently in the last pass (a row img2dataset
+    lost is only known once its pass ends).  With an executor (:meth:`start`), each ready part is
+    submitted from the pass's part watcher while img2dataset still runs; :meth:`finish` submits the
+    rest and returns every part's result path, in part order.  Without one, :meth:`jobs` are all the
+    parts after the fetch.  Either way a part's job is the same (sources in pass, then part order)."""
+
+    def __init__(self, row_ids: np.ndarray, first_pass_ids: np.ndarray, cfg: DownloadConfig, work: Path,
+                 images_dir: Path, decoded_dir: Path) -> None:
+        self.cfg, self.work, self.images_dir, self.decoded_dir = cfg, work, images_dir, decoded_dir
+        self.step = max(1, cfg.number_sample_per_shard)
+        self.position = pd.Index(row_ids)                      # row_id -> row position (row order)
+        n_rows = len(row_ids)
+        self.attempts = np.zeros(n_rows, dtype=np.int64)
+        self.failed = np.zeros(n_rows, dtype=bool)             # failed in some pass
+        self.fail_pass = np.full(n_rows, -1, dtype=np.int8)    # the pass of its last failure
+        self.fail_part = np.full(n_rows, -1, dtype=np.int32)   # ... and its img2dataset part (-1: lost)
+        # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
+        # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
+        self.home = np.full(n_rows, -1, dtype=np.int64)
+        self.home[self.position.get_indexer(first_pass_ids)] = np.arange(len(first_pass_ids)) // self.step
+        self.n = max(1, math.ceil(len(first_pass_ids) / self.step))
+        self.sources: list[list[tuple[int, int, str, list[int]]]] = [[] for _ in range(self.n)]
+        self.open_rows = np.bincount(self.home[self.home >= 0], minlength=self.n)[:self.n].astype(np.int64)
+        self.ex: Any = None
+        self.handles: dict[int, Any] = {}
+        self.pass_counts: dict[int, dict[str, Any]] = {}
+
+    def pass_dir(self, attempt: int) -> Path:
+        return self.work / f"pass{attempt}"
+
+    def part_file(self, attempt: int, part: int) -> Path:
+        return self.pass_dir(attempt) / "out" / f"{part:05d}.parquet"
+
+    # -------------------------------------------------------------- fetch outcomes
+
+    def part_fetched(self, attempt: int, submit: bool) -> Any:
+        """The ``on_part`` of pass ``attempt``: record the outcome of the part's rows and where the fetched
+        ones are; with ``submit``, submit every image part that is now complete."""
+        last = attempt == self.cfg.retry_passes
+        counts = self.pass_counts.setdefault(attempt, {"rows": 0, "success": 0, "retry": {}, "limited": {}})
+
+        def on_part(part: int, path: Path, compact: pd.DataFrame) -> None:
+            ok = (compact["status"] == "success").to_numpy()
+            ids = compact["row_id"].to_numpy(dtype=np.int64)
+            pos = self.position.get_indexer(ids)
+            self.attempts[pos] += 1
+            bad_pos, bad_ids = pos[~ok], ids[~ok]
+            self.failed[bad_pos] = True
+            self.fail_pass[bad_pos] = attempt
+            self.fail_part[bad_pos] = part
+            msgs = compact["error_message"].to_numpy()[~ok].tolist()
+            transient = np.array([is_transient(classify_error(m)) for m in msgs], dtype=bool)
+            counts["rows"] += len(ids)
+            counts["success"] += int(ok.sum())
+            counts["retry"][part] = bad_ids[transient]
+            counts["limited"][part] = bad_ids[transient & np.asarray(rate_limited(msgs), dtype=bool)] \
+                if len(msgs) else bad_ids[:0]
+            self._add_sources(attempt, part, path, ids[ok])
+            final = ok.copy()
+            final[~ok] = True if last else ~transient
+            k = self.home[pos[final]]
+            self.open_rows -= np.bincount(k[k >= 0], minlength=self.n)[:self.n]
+            if submit and self.ex is not None:
+                for kk in np.flatnonzero(self.open_rows == 0).tolist():
+                    if kk not in self.handles:
+                        self._submit(kk)
+        return on_part
+
+    def lost(self, attempt: int, ids: np.ndarray) -> None:
+        """Rows img2dataset returned no record of in pass ``attempt``: failed as ``subjob_failed`` (retried)."""
+        counts = self.pass_counts.setdefault(attempt, {"rows": 0, "success": 0, "retry": {}, "limited": {}})
+        pos = self.position.get_indexer(ids)
+        self.attempts[pos] += 1
+        self.failed[pos] = True
+        self.fail_pass[pos] = attempt
+        self.fail_part[pos] = -1
+        counts["rows"] += len(ids)
+        counts["retry"][-1] = ids  # after every part, as the rows img2dataset lost were listed before
+
+    def retry_ids(self, attempt: int) -> np.ndarray:
+        r = self.pass_counts[attempt]["retry"]
+        return np.concatenate([r[p] for p in sorted(r, key=lambda p: (p < 0, p))]) if r else np.zeros(0, np.int64)
+
+    def limited_ids(self, attempt: int) -> list[int]:
+        r = self.pass_counts[attempt]["limited"]
+        return [int(x) for p in sorted(r) for x in r[p]]
+
+    def _add_sources(self, attempt: int, part: int, path: Path, ids: np.ndarray) -> None:
+        """The rows of img2dataset part ``part`` of pass ``attempt`` it fetched, under their image parts."""
+        if not len(ids):
+            return
+        k = self.home[self.position.get_indexer(ids)]
+        if (k < 0).any():
+            raise AssertionError(f"download pass {attempt} fetched rows that were not in the first pass: "
+                                 f"{ids[k < 0][:5].tolist()}")
+        for kk in np.unique(k).tolist():
+            self.sources[kk].append((attempt, part, str(path), ids[k == kk].tolist()))
+
+    # -------------------------------------------------------------- decode jobs
+
+    def job(self, k: int) -> PartJob:
+        sources = [(path, ids) for _, _, path, ids in sorted(self.sources[k], key=lambda s: s[:2])]
+        captions: dict[int, str] = {}
+        if sources:  # the captions of its rows: home part k is the first pass's input file k
+            want = {r for _, ids in sources for r in ids}
+            f = pd.read_parquet(self.pass_dir(0) / "input" / f"{k:05d}.parquet", columns=["row_id", "caption"])
+            captions = {int(r): str(c) for r, c in zip(f["row_id"], f["caption"]) if int(r) in want}
+        return PartJob(k, sources, captions, self.cfg, str(self.images_dir / f"part-{k:05d}.parquet"),
+                       str(self.decoded_dir / f"part-{k:05d}.parquet"))
+
+    def jobs(self) -> list[PartJob]:
+        return [self.job(k) for k in range(self.n)]
+
+    def start(self, ex: Any) -> None:
+        self.ex = ex
+
+    def _submit(self, k: int) -> None:
+        job = self.job(k)
+        job.inner_pool = bool(self.ex.in_process)
+        self.sources[k] = []  # in the job now (a submitted part is never submitted again from here)
+        self.handles[k] = self.ex.submit(decode_part, job)
+
+    def finish(self) -> list[str]:
+        for k in range(self.n):
+            if k not in self.handles:
+                self._submit(k)
+        return [self.handles[k].result() for k in range(self.n)]
+
+    def cancel(self) -> None:
+        """On an error: drop the parts not started (a running one finishes its atomic writes)."""
+        for h in self.handles.values():
+            with contextlib.suppress(Exception):
+                h.cancel()
+
+    # -------------------------------------------------------------- the ledger's failure texts
+
+    def failure_messages(self, s: int, e: int) -> dict[int, str]:
+        """Row position -> the error message of its last failed fetch, for the failed rows of ``s:e``
+        (read from the img2dataset part files that hold them)."""
+        pos = s + np.flatnonzero(self.failed[s:e])
+        out: dict[int, str] = {}
+        if not len(pos):
+            return out
+        keys = np.stack([self.fail_pass[pos].astype(np.int64), self.fail_part[pos].astype(np.int64)], axis=1)
+        for (p, part) in {tuple(k) for k in keys.tolist()}:
+            mine = pos[(keys[:, 0] == p) & (keys[:, 1] == part)]
+            if part < 0:
+                out.update((int(i), _LOST_ROW) for i in mine)
+                continue
+            f = pd.read_parquet(self.part_file(p, part), columns=["row_id", "error_message"])
+            at = self.position.get_indexer(f["row_id"].to_numpy(dtype=np.int64))
+            msg = dict(zip(at.tolist(), f["error_message"].tolist()))
+            out.update((int(i), msg[int(i)]) for i in mine)
+        return out
+
+
 class _DecodedRows:
     """The decode results of the image parts (files from :func:`decode_part`), read back one part at a
     time in row order: :meth:`upto` hands over the results of the rows before a row position.  Image
@@ -796,21 +1036,109 @@ def _clock() -> tuple[float, float]:
     return time.perf_counter(), me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
+ROWS_SCHEMA = pa.schema([("row_id", pa.int64()), ("url", pa.string()), ("caption", pa.string()),
+                         ("skip_reason", pa.string())])
+
+
+def _url_batches(url_list: Any, cfg: DownloadConfig) -> Iterator[pd.DataFrame]:
+    """``run_download``'s input as batches: a path (read and checked by :func:`iter_checked_url_list`), an
+    iterable of batches (such as its second result), or one table (sliced)."""
+    if isinstance(url_list, (str, Path)):
+        yield from iter_checked_url_list(url_list, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)[1]
+    elif isinstance(url_list, pd.DataFrame):
+        for s in range(0, len(url_list), URL_BATCH_ROWS):
+            yield url_list.iloc[s:s + URL_BATCH_ROWS]
+    else:
+        yield from url_list
+
+
+def _spill_rows(batches: Iterator[pd.DataFrame], cfg: DownloadConfig, rows_dir: Path,
+                first_input: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the input batches: the ledger's input columns (row_id, url as recorded, caption,
+    skip_reason) go to ``rows_dir/part-NNNNN.parquet``, one per ledger part, and the rows to fetch to
+    the first pass's img2dataset input (:func:`_write_shards`).  Returns the row ids of every row and of
+    the rows to fetch (compact).  Memory: a batch and a part."""
+    step = max(1, cfg.number_sample_per_shard)
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    ids: list[np.ndarray] = []
+    n_private = 0
+    buf: list[pd.DataFrame] = []
+    n_buf = n_files = 0
+
+    def flush(n: int) -> None:
+        nonlocal buf, n_buf, n_files
+        t = pd.concat(buf, ignore_index=True) if len(buf) > 1 else buf[0].reset_index(drop=True)
+        _write_atomic(pa.Table.from_pandas(t.iloc[:n], schema=ROWS_SCHEMA, preserve_index=False),
+                      rows_dir / f"part-{n_files:05d}.parquet")
+        n_files += 1
+        rest = t.iloc[n:]
+        buf, n_buf = ([rest] if len(rest) else []), len(rest)
+
+    def fetchable() -> Iterator[pd.DataFrame]:
+        nonlocal n_buf, n_private
+        for b in batches:
+            if not len(b):
+                continue
+            skip = b["skip_reason"].astype(object).where(b["skip_reason"].notna(), None)
+            # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
+            # detail (the embedded world's ephemeral port); a user's URL is recorded as given
+            if not cfg.allow_private_addresses and "record_url" not in b.columns:
+                # a user's list (the world's table carries record_url and is served by our own loopback server)
+                private = skip.isna().to_numpy() & b["url"].map(is_private_host).to_numpy(dtype=bool)
+                if private.any():
+                    skip = skip.copy()
+                    skip[private] = "private_address"
+                    n_private += int(private.sum())
+            rid = b["row_id"].to_numpy(dtype=np.int64)
+            ids.append(rid)
+            recorded = b["record_url"] if "record_url" in b.columns else b["url"]
+            buf.append(pd.DataFrame({"row_id": rid, "url": recorded.to_numpy(), "caption": b["caption"].to_numpy(),
+                                     "skip_reason": skip.to_numpy()}))
+            n_buf += len(b)
+            while n_buf >= step:
+                flush(step)
+            todo = skip.isna().to_numpy()
+            yield pd.DataFrame({"row_id": rid[todo], "url": b["url"].to_numpy()[todo],
+                                "caption": b["caption"].to_numpy()[todo]})
+
+    first = _write_shards(fetchable(), first_input, step)
+    if n_buf or not n_files:
+        if not buf:
+            buf = [pd.DataFrame({n: pd.Series([], dtype="int64" if n == "row_id" else object)
+                                 for n in ROWS_SCHEMA.names})]
+        flush(n_buf)
+    if n_private:
+        log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
+                    "download.allow_private_addresses=true to fetch them)", n_private)
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)), first
+
+
+def run_download(url_list: Any, cfg: DownloadConfig, out_dir: Path,
                  progress: bool = True, runner: str | None = None,
-                 timings: dict[str, float] | None = None) -> dict[str, Any]:
-    """Download ``url_list`` (from :func:`read_url_list`) into ``out_dir``.
+                 timings: dict[str, float] | None = None, overlap: bool = True) -> dict[str, Any]:
+    """Download ``url_list`` into ``out_dir``: the path of a URL list (read and checked in batches by
+    :func:`iter_checked_url_list`), its checked batches, or a table like one (from :func:`read_url_list`;
+    row_id, url, caption, skip_reason, optionally record_url).
 
     Writes the ledger as ``out_dir/ledger/part-NNNNN.parquet`` (one row per input row, in row
     order, ``url`` from ``record_url`` where the table has one; read it with
     :func:`imagegen.stages.ledger.read_ledger`) and
     ``out_dir/images/part-NNNNN.parquet`` (key, row_id, image, ext, sha256, width, height,
     caption), one image part per img2dataset part of the first pass (rows recovered by a retry
-    pass go back to the part of their input row, so parts stay in key order).  Passes keep only
-    compact columns in memory; decoding is a map step over parts on ``runner`` (see
-    :mod:`imagegen.executors`; default: a local pool of ``cfg.processes_count``).
+    pass go back to the part of their input row, so parts stay in key order).  The input is
+    streamed once into per-part files (the ledger's input columns, img2dataset's input files); the
+    driver keeps compact numpy columns only (row ids, attempts, a status code, where a row last
+    failed: its message stays in img2dataset's part file), and the ledger is assembled a part at a
+    time.  Decoding is a map step over parts on ``runner`` (see :mod:`imagegen.executors`; default: a
+    local pool of ``cfg.processes_count``).
     Returns the counts for the stage card.  ``timings`` (a benchmark's dict, never part of the
-    counts) receives the wall and CPU seconds of the fetch passes, the decode and the ledger.
+    counts) receives the wall and CPU seconds of the fetch passes (with the decode that overlapped
+    them), the decode after them and the ledger.
+
+    ``overlap`` (an execution knob: the same bytes either way): decode each image part while
+    img2dataset still fetches the others, as soon as every row of the part has its final outcome
+    (:class:`_PartPlan`), on an executor that takes parts one at a time (``submit``); False, one
+    part, ``local:1`` or an orchestrator's mapper: every part after the fetch.
     """
     from imagegen.executors import executor
 
@@ -823,132 +1151,110 @@ def run_download(url_list: pd.DataFrame, cfg: DownloadConfig, out_dir: Path,
             timings[f"{name}_cpu_s"] = round(now[1] - clock[-1][1], 3)
         clock.append(now)
 
-    # ``record_url`` (optional) is what the ledger keeps when the fetched URL holds an execution
-    # detail (the embedded world's ephemeral port); a user's URL is recorded as given.
-    # The driver keeps compact per-row columns only (attempts, a status code, the reasons of rows
-    # that did not succeed); the ledger's rows are built and written one part at a time.
-    row_ids = url_list["row_id"].to_numpy(dtype=np.int64)
-    n_rows = len(row_ids)
-    position = pd.Index(row_ids)                      # row_id -> row position (row order)
-    attempts = np.zeros(n_rows, dtype=np.int64)
-    state = np.zeros(n_rows, dtype=np.int8)            # 0: none, 1: skipped, 2: failed
-    why: dict[int, tuple[str, str | None]] = {}        # row position -> (reason, error) of a skip or failure
-    if not cfg.allow_private_addresses and "record_url" not in url_list.columns:
-        # a user's list (the world's table carries record_url and is served by our own loopback server)
-        private = url_list["skip_reason"].isna() & url_list["url"].map(is_private_host)
-        if private.any():
-            url_list = url_list.copy()
-            url_list.loc[private, "skip_reason"] = "private_address"
-            log.warning("%d URL(s) point to a private or loopback address and are skipped (set "
-                        "download.allow_private_addresses=true to fetch them)", int(private.sum()))
-    skipped = url_list["skip_reason"].notna().to_numpy()
-    state[skipped] = 1
-    why.update(zip(np.flatnonzero(skipped).tolist(), ((str(r), None) for r in url_list["skip_reason"][skipped])))
-
-    pending = url_list[url_list["skip_reason"].isna()]
-    passes = []
     work = out_dir / "_img2dataset"
-    part_files: list[dict[int, Path]] = []     # per pass, img2dataset's part files by part number
-    fetched: list[pd.DataFrame] = []           # per pass: row_id, part of the rows it fetched
-    # row position -> image part: the first-pass img2dataset part of its input row, known from the row's
-    # place in that pass's input (also for a row img2dataset lost there and a retry pass fetched)
-    home = np.full(n_rows, -1, dtype=np.int64)
-    n_parts = 1
-    engine_info: dict[str, Any] | None = None
-    with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
-        if not pending.empty:
-            engine_info = engine.enter_context(distributor_session(cfg))
-        for attempt in range(1 + cfg.retry_passes):
-            if pending.empty:
-                break
-            got, files = _img2dataset_pass(pending, work / f"pass{attempt}", cfg)
-            part_files.append(files)
-            if attempt == 0:
-                step = max(1, cfg.number_sample_per_shard)
-                home[position.get_indexer(pending["row_id"].to_numpy())] = np.arange(len(pending)) // step
-                n_parts = max(1, math.ceil(len(pending) / step))
-            ok = (got["status"] == "success").to_numpy()
-            ids = got["row_id"].to_numpy()
-            attempts[position.get_indexer(ids)] += 1
-            fetched.append(got.loc[ok, ["row_id", "part"]])
-            bad_ids = got.loc[~ok, "row_id"].to_numpy()
-            msgs = got.loc[~ok, "error_message"].tolist()
-            reasons = [classify_error(m) for m in msgs]
-            bad_pos = position.get_indexer(bad_ids)
-            state[bad_pos] = 2
-            why.update(zip(bad_pos.tolist(), zip(reasons, msgs)))
-            retry_ids = [int(r) for r, why_ in zip(bad_ids, reasons) if is_transient(why_)]
-            passes.append({"pass": attempt, "rows": int(len(got)), "success": int(ok.sum()),
-                           "transient_failures": len(retry_ids)})
-            if progress:
-                log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, len(got), int(ok.sum()),
-                         len(retry_ids))
-            pending = pending[pending["row_id"].isin(retry_ids)]
-            limited = [int(r) for r, m, lim in zip(bad_ids, msgs, rate_limited(msgs)) if lim and r in retry_ids]
-            if not pending.empty and limited:  # 429/503: wait what the server asks (Retry-After), then ask again
-                live = pending.set_index("row_id").loc[limited, "url"].tolist()
-                wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
-                log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
-                         attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
-                passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
-                time.sleep(wait["wait_s"])
-
-    lap("fetch")
-    # decode, part by part: each image part gathers its rows from every pass's img2dataset parts
+    shutil.rmtree(work, ignore_errors=True)
+    rows_dir = out_dir / "_rows"   # the ledger's input columns, a ledger part a file
+    row_ids, first_ids = _spill_rows(_url_batches(url_list, cfg), cfg, rows_dir, work / "pass0" / "input")
+    n_rows = len(row_ids)
     images_dir = out_dir / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    captions = url_list["caption"].to_numpy()
     decoded_dir = out_dir / "_decoded"   # each part's compact decode results, read back for the ledger
     decoded_dir.mkdir(parents=True, exist_ok=True)
-    by_home: list[list[tuple[str, list[int]]]] = [[] for _ in range(n_parts)]
-    for p, got in enumerate(fetched):  # each pass's fetched rows, grouped by (image part, img2dataset part)
-        if got.empty:
-            continue
-        ids_all = got["row_id"].to_numpy(dtype=np.int64)
-        k_all = home[position.get_indexer(ids_all)]
-        if (k_all < 0).any():
-            raise AssertionError(f"download pass {p} fetched rows that were not in the first pass: "
-                                 f"{ids_all[k_all < 0][:5].tolist()}")
-        for (k, part), g in pd.DataFrame({"k": k_all, "part": got["part"].to_numpy(), "row_id": ids_all}).groupby(
-                ["k", "part"], sort=True):
-            by_home[int(k)].append((str(part_files[p][int(part)]), g["row_id"].tolist()))
-    jobs = []
-    for k in range(n_parts):
-        sources = by_home[k]
-        rows = [r for _, ids in sources for r in ids]
-        jobs.append(PartJob(k, sources, {r: str(captions[i]) for r, i in zip(rows, position.get_indexer(rows))},
-                            cfg, str(images_dir / f"part-{k:05d}.parquet"),
-                            str(decoded_dir / f"part-{k:05d}.parquet")))
+    plan = _PartPlan(row_ids, first_ids, cfg, work, images_dir, decoded_dir)
+    n_parts = plan.n
     spec = runner or "local"
-    if len(jobs) == 1 or spec == "local:1":
-        for j in jobs:
-            j.inner_pool = True
-        results = [decode_part(j) for j in jobs]
-    else:
-        with executor(spec, root=out_dir, workers=cfg.processes_count) as ex:
-            if ex.in_process:
-                for j in jobs:
-                    j.inner_pool = True
-            results = ex.map(decode_part, jobs)
-    del jobs
-    decoded = _DecodedRows(results, position)  # the decode results in row order, a part at a time
-    lap("decode")
-    shutil.rmtree(work, ignore_errors=True)
+    passes = []
+    pass_ids = first_ids
+    engine_info: dict[str, Any] | None = None
+    results: list[str] | None = None
+    delegated = None  # an orchestrator's executor (no engine of its own), reused for the map after the fetch
+    with contextlib.ExitStack() as engine:  # the distributor's engine (Ray, Spark) for every pass
+        if len(pass_ids):
+            engine_info = engine.enter_context(distributor_session(cfg))
+        ex = None
+        if overlap and n_parts > 1 and spec != "local:1":
+            # decode overlaps the fetch: each image part is submitted as soon as img2dataset has finished
+            # every row of it (see _PartPlan), while img2dataset keeps running on this thread
+            ex = engine.enter_context(executor(spec, root=out_dir, workers=cfg.processes_count))
+            if ex.supports_submit:
+                ex.warm()  # a local pool forks here, before the part watcher's thread starts
+                plan.start(ex)
+            else:  # an orchestrator's mapper takes whole lists: its map after the fetch
+                delegated, ex = ex, None
+        try:
+            for attempt in range(1 + cfg.retry_passes):
+                if not len(pass_ids):
+                    break
+                if attempt:  # the rows to retry, from the previous pass's input (in row order)
+                    keep = np.sort(pass_ids)
+                    pass_ids = _write_shards(
+                        (b[np.isin(b["row_id"].to_numpy(dtype=np.int64), keep)]
+                         for b in _read_shards(plan.pass_dir(attempt - 1) / "input")),
+                        plan.pass_dir(attempt) / "input", plan.step)
+                lost = _img2dataset_pass(plan.pass_dir(attempt), pass_ids, cfg,
+                                         on_part=plan.part_fetched(attempt, submit=ex is not None),
+                                         watch=ex is not None)
+                plan.lost(attempt, lost)
+                c = plan.pass_counts[attempt]
+                retry_ids = plan.retry_ids(attempt)
+                passes.append({"pass": attempt, "rows": int(c["rows"]), "success": int(c["success"]),
+                               "transient_failures": len(retry_ids)})
+                if progress:
+                    log.info("download pass %d: %d rows, %d fetched, %d to retry", attempt, c["rows"], c["success"],
+                             len(retry_ids))
+                pass_ids = retry_ids
+                limited = plan.limited_ids(attempt)
+                if len(pass_ids) and limited and attempt < cfg.retry_passes:
+                    # 429/503: wait what the server asks (Retry-After), then ask again
+                    urls: dict[int, str] = {}
+                    for b in _read_shards(plan.pass_dir(attempt) / "input", ["row_id", "url"]):
+                        hit = np.isin(b["row_id"].to_numpy(dtype=np.int64), limited)
+                        urls.update(zip(b["row_id"].to_numpy()[hit].tolist(), b["url"].to_numpy()[hit].tolist()))
+                    live = [urls[r] for r in limited]
+                    wait = wait_before_retry(live, cfg.retry_wait, cfg.retry_after_max, cfg.timeout, cfg.user_agent_token)
+                    log.info("download pass %d: %d rate-limited row(s); waiting %.3g s (%s; probed %s) before pass %d",
+                             attempt, len(limited), wait["wait_s"], wait["source"], wait["probed"], attempt + 1)
+                    passes[-1].update(rate_limited=len(limited), wait_s=wait["wait_s"], wait_source=wait["source"])
+                    time.sleep(wait["wait_s"])
+            lap("fetch")
+            if ex is not None:
+                results = plan.finish()  # the parts not submitted yet (rows retried to the last pass), then all
+        except BaseException:
+            plan.cancel()
+            raise
 
-    recorded = url_list["record_url"] if "record_url" in url_list.columns else url_list["url"]
-    recorded = recorded.to_numpy()
+    if results is None:  # decode, part by part, after the fetch
+        jobs = plan.jobs()
+        if len(jobs) == 1 or spec == "local:1":
+            for j in jobs:
+                j.inner_pool = True
+            results = [decode_part(j) for j in jobs]
+        else:
+            with (contextlib.nullcontext(delegated) if delegated is not None else
+                  executor(spec, root=out_dir, workers=cfg.processes_count)) as ex:
+                if ex.in_process:
+                    for j in jobs:
+                        j.inner_pool = True
+                results = ex.map(decode_part, jobs)
+        del jobs
+    decoded = _DecodedRows(results, plan.position)  # the decode results in row order, a part at a time
+    lap("decode")
+
     writer = LedgerWriter(out_dir, cfg.number_sample_per_shard, LEDGER_SCHEMA)
     summary = LedgerSummary()
-    step = max(1, cfg.number_sample_per_shard)
-    for s in range(0, n_rows, step):
+    step = plan.step
+    for k, s in enumerate(range(0, n_rows, step)):
         e = min(n_rows, s + step)
         res, res_pos = decoded.upto(e)
-        part = _ledger_part(s, e, row_ids, recorded, captions, attempts, state, why, res, res_pos)
+        rows = pq.read_table(rows_dir / f"part-{k:05d}.parquet").to_pandas()
+        part = _ledger_part(s, e, rows, plan, res, res_pos)
         summary.add(part)
         writer.add(part)
-        del part, res
+        del part, res, rows
     writer.close()
     shutil.rmtree(decoded_dir, ignore_errors=True)
+    shutil.rmtree(rows_dir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     lap("ledger")
 
     counts = summary.result()
@@ -976,21 +1282,27 @@ def ledger_frame(ledger: pd.DataFrame) -> pd.DataFrame:
     return ledger
 
 
-def _ledger_part(s: int, e: int, row_ids: np.ndarray, recorded: np.ndarray, captions: np.ndarray,
-                 attempts: np.ndarray, state: np.ndarray, why: dict[int, tuple[str, str | None]],
-                 res: pd.DataFrame, res_pos: np.ndarray) -> pd.DataFrame:
-    """The ledger rows of row positions ``s:e``: the input row, its passes' outcome, its decode result."""
+def _ledger_part(s: int, e: int, rows: pd.DataFrame, plan: _PartPlan, res: pd.DataFrame,
+                 res_pos: np.ndarray) -> pd.DataFrame:
+    """The ledger rows of row positions ``s:e``: the input row (``rows``, from the spilled input), its
+    passes' outcome (``plan``; a failure's message read back from its part file), its decode result."""
     n = e - s
+    skip = rows["skip_reason"].to_numpy(dtype=object)
+    skipped = pd.notna(skip)
     status = np.full(n, None, dtype=object)
     reason = np.full(n, None, dtype=object)
     error = np.full(n, None, dtype=object)
-    st = state[s:e]
-    status[st == 1] = "skipped"
-    status[st == 2] = "failed"
-    for i in np.flatnonzero(st).tolist():
-        reason[i], error[i] = why[s + i]
-    part = pd.DataFrame({"row_id": row_ids[s:e], "url": recorded[s:e], "caption": captions[s:e],
-                         "status": status, "reason": reason, "error": error, "attempts": attempts[s:e],
+    status[skipped] = "skipped"
+    reason[skipped] = skip[skipped]
+    failed = plan.failed[s:e] & ~skipped
+    status[failed] = "failed"
+    msgs = plan.failure_messages(s, e)
+    for i in np.flatnonzero(failed).tolist():
+        error[i] = msgs[s + i]
+        reason[i] = classify_error(error[i])
+    part = pd.DataFrame({"row_id": rows["row_id"].to_numpy(dtype=np.int64), "url": rows["url"].to_numpy(dtype=object),
+                         "caption": rows["caption"].to_numpy(dtype=object),
+                         "status": status, "reason": reason, "error": error, "attempts": plan.attempts[s:e],
                          "key": None})
     for col in _RESULT_FIELDS:
         part[col] = None

@@ -11,6 +11,7 @@ per-part scores are keyed by the part file's sha256), so the unchanged parts are
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from pathlib import Path
@@ -45,13 +46,21 @@ def _parent_urls(parent_dir: Path, urls: list[str]) -> dict[str, int]:
     return found
 
 
-def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, append: pd.DataFrame | None,
+def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame,
+                             append: pd.DataFrame | str | Path | None,
                              cfg: D.DownloadConfig, out_dir: Path, runner: str | None = None) -> dict[str, Any]:
     """``refetch_urls``: the current (row_id, url, caption) of the parent's rows (only the transiently
-    failed ones are used); ``append``: a URL list from :func:`read_url_list` whose rows are added.
+    failed ones are used); ``append``: a URL list whose rows are added: its path (checked first, then
+    read in batches) or a table from :func:`read_url_list`.
 
     The parent's ledger is streamed: the driver keeps its failed rows, its row ids' maximum and (with
-    ``append``) a 64-bit hash per URL; the child's ledger is written part by part."""
+    ``append``) a 64-bit hash per URL; the appended list goes to the download a batch at a time; the
+    child's ledger is written part by part."""
+    append_batches: Any = None
+    if isinstance(append, (str, Path)):  # refused before any work (duplicates, bad columns...)
+        _, append_batches = D.iter_checked_url_list(append, cfg.url_col, cfg.caption_col, cfg.on_duplicate_urls)
+    elif append is not None and len(append):
+        append_batches = iter([append])
     failed = read_ledger(parent_dir, ["row_id", "status", "reason"], filter=pds.field("status") == "failed")
     transient = failed["reason"].map(lambda r: isinstance(r, str) and D.is_transient(r))
     retry_ids = failed.loc[transient, "row_id"].astype("int64")
@@ -64,10 +73,13 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
     pending = pd.DataFrame({"row_id": retry_ids.to_numpy(), "url": cur.loc[retry_ids, "url"].to_numpy(),
                             "caption": cur.loc[retry_ids, "caption"].to_numpy()})
     pending["skip_reason"] = None
-    if "record_url" in cur.columns:  # the world's table: the ledger keeps the port-free URL
+    with_record = "record_url" in cur.columns
+    if with_record:  # the world's table: the ledger keeps the port-free URL
         pending["record_url"] = cur.loc[retry_ids, "record_url"].to_numpy()
+    del cur
     n_append = 0
-    if append is not None and len(append):
+    first_add: pd.DataFrame | None = None
+    if append_batches is not None:
         max_id, hashes = -1, []
         for batch in iter_ledger(parent_dir, ["row_id", "url"]):
             ids = batch.column("row_id").to_numpy()
@@ -76,21 +88,35 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
             hashes.append(_url_hashes(batch.column("url").to_pandas()))
         known = np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, dtype=np.uint64)
         del hashes
-        add = append.copy()
-        add["row_id"] = add["row_id"].astype("int64") + max_id + 1
-        maybe = np.isin(_url_hashes(add["url"]), known) & add["skip_reason"].isna().to_numpy()
-        first = _parent_urls(parent_dir, add.loc[maybe, "url"].tolist()) if maybe.any() else {}
-        seen = add["url"].isin(first.keys()) & add["skip_reason"].isna()
-        if seen.any():
-            if cfg.on_duplicate_urls == "error":
-                ex = ", ".join(f"{u} (parent row {first[u]})" for u in add.loc[seen, "url"][:3])
-                raise D.InputError(f"the appended list repeats {int(seen.sum())} URL(s) of the parent: {ex}; "
-                                   "pass on_duplicate_urls='skip' to ledger them as skipped")
-            add.loc[seen, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in add.loc[seen, "url"]]
-        if "record_url" in pending.columns:
-            add["record_url"] = add["url"]
-        pending = pd.concat([pending, add[[c for c in pending.columns]]], ignore_index=True)
-        n_append = len(add)
+
+        def added() -> Iterator[pd.DataFrame]:
+            """The appended rows, a batch at a time: ids after the parent's, the parent's URLs skipped."""
+            nonlocal n_append
+            for add in append_batches:
+                if not len(add):
+                    continue
+                add = add.copy()
+                add["row_id"] = add["row_id"].astype("int64") + max_id + 1
+                maybe = np.isin(_url_hashes(add["url"]), known) & add["skip_reason"].isna().to_numpy()
+                first = _parent_urls(parent_dir, add.loc[maybe, "url"].tolist()) if maybe.any() else {}
+                seen = add["url"].isin(first.keys()) & add["skip_reason"].isna()
+                if seen.any():
+                    if cfg.on_duplicate_urls == "error":
+                        ex = ", ".join(f"{u} (parent row {first[u]})" for u in add.loc[seen, "url"][:3])
+                        raise D.InputError(f"the appended list repeats {int(seen.sum())} URL(s) of the parent: "
+                                           f"{ex}; pass on_duplicate_urls='skip' to ledger them as skipped")
+                    add.loc[seen, "skip_reason"] = [f"duplicate_url_of_row_{first[u]}" for u in add.loc[seen, "url"]]
+                if with_record:
+                    add["record_url"] = add["url"]
+                n_append += len(add)
+                yield add[list(pending.columns)]
+
+        more = added()
+        first_add = next(more, None)  # the first batch now: a repeat of the parent's URLs is refused before work
+    batches: Any = [pending] if len(pending) else []
+    if first_add is not None:
+        batches = itertools.chain(batches, [first_add], more)
+    has_rows = len(pending) > 0 or first_add is not None
 
     images = out_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -99,9 +125,9 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
         _link(p, images / f"part-{i:05d}.parquet")
     new_counts: dict[str, Any] = {}
     work = out_dir / "_new"
-    if len(pending):
+    if has_rows:
         work.mkdir()
-        new_counts = D.run_download(pending.reset_index(drop=True), cfg, work, runner=runner)
+        new_counts = D.run_download(batches, cfg, work, runner=runner)
         import pyarrow.parquet as pq
 
         new_parts = [p for p in sorted((work / "images").glob("part-*.parquet")) if pq.ParquetFile(p).metadata.num_rows]
@@ -111,7 +137,7 @@ def run_incremental_download(parent_dir: Path, refetch_urls: pd.DataFrame, appen
     summary = D.LedgerSummary()
     recovered = 0
     retry_set = np.sort(retry_ids.to_numpy())
-    for part in _merged_ledger(parent_dir, work if len(pending) else None):
+    for part in _merged_ledger(parent_dir, work if has_rows else None):
         summary.add(part)
         writer.add(part)
         ok = part.loc[part["status"] == "success", "row_id"].to_numpy(dtype=np.int64)

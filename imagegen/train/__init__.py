@@ -15,7 +15,7 @@ _EXPORTS = {
     "list_checkpoints": "imagegen.train.checkpoint", "load_checkpoint": "imagegen.train.checkpoint",
     "read_checkpoint": "imagegen.train.checkpoint", "save_checkpoint": "imagegen.train.checkpoint",
     "EMA": "imagegen.train.ema",
-    "TrainConfig": "imagegen.train.trainer", "TrainingDiverged": "imagegen.train.trainer",
+    "TrainConfig": "imagegen.train.config", "TrainRequest": "imagegen.train.config", "TrainingDiverged": "imagegen.train.trainer",
     "lr_factor": "imagegen.train.trainer", "sample_images": "imagegen.train.trainer", "train": "imagegen.train.trainer",
 }
 

@@ -21,12 +21,20 @@ class EMA:
     checkpoint keeps them once, under ``model/``, and loaders take what ``ema/`` lacks from there
     (``models.checkpoint.load_family``).
 
-    ``names``: shadow only these state_dict entries (a family's ``checkpoint_state()`` keys)."""
+    ``names``: shadow only these state_dict entries (a family's ``checkpoint_state()`` keys).
 
-    def __init__(self, module: nn.Module, decay: float, names: Iterable[str] | None = None) -> None:
+    ``warmup``: the decay at optimizer step n (0-based) is ``min(decay, (1 + n) / (10 + n))``, the
+    usual warm-up (diffusers' ``EMAModel`` default form), so the shadow forgets its random
+    initial weights within a few hundred steps: without it a fraction decay^n of the shadow is
+    still the untrained init after n steps (0.99^200 = 13%, 0.998^800 = 20%), which is what a short
+    run samples from."""
+
+    def __init__(self, module: nn.Module, decay: float, names: Iterable[str] | None = None,
+                 warmup: bool = False) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay!r}")
         self.decay = float(decay)
+        self.warmup = bool(warmup)
         # every state_dict name of a trainable tensor, tied aliases included (one name left out
         # would load the raw weights over the EMA ones)
         trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
@@ -44,8 +52,17 @@ class EMA:
         if not self.shadow:
             raise ValueError(f"EMA: {type(module).__name__} has no trainable floating-point parameters")
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay used for the update after optimizer step ``step`` (0-based)."""
+        if not self.warmup or step is None:
+            return self.decay
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
     @torch.no_grad()
-    def update(self, module: nn.Module) -> None:
+    def update(self, module: nn.Module, step: int | None = None) -> None:
+        """Blend the live weights in; ``step`` (the optimizer step just taken, 0-based) sets the
+        warm-up decay (ignored without ``warmup``)."""
+        decay = self.decay_at(step)
         # live tensors by state_dict name, without building a state_dict (costly per step)
         live = dict(module.named_parameters(remove_duplicate=False))
         shadow, current = [], []
@@ -56,7 +73,7 @@ class EMA:
             shadow.append(s)
             current.append(t)
         # s + (1-d)(live - s) = d*s + (1-d)*live, one fused kernel per tensor group
-        torch._foreach_lerp_(shadow, current, 1.0 - self.decay)
+        torch._foreach_lerp_(shadow, current, 1.0 - decay)
 
     def state_dict(self) -> dict[str, Tensor]:
         return dict(self.shadow)

@@ -26,15 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.artifacts import read_card, write_json_atomic
 from imagegen.hashing import code_version, stable_hash
 from imagegen.paths import models_dir
 from imagegen.registry import DatasetRef, get_dataset
 from imagegen.train.checkpoint import latest_checkpoint, latest_valid_checkpoint, read_checkpoint, verify_checkpoint
+from imagegen.train.config import RESUMABLE_CHANGES, TrainConfig, TrainRequest  # noqa: F401 (re-exported)
 from imagegen.train.presets import TRAIN_PRESETS, WORLD_TEXT_ENCODER  # noqa: F401 (re-exported)
-from imagegen.train.trainer import RESUMABLE_CHANGES, TrainConfig
 from models.registry import get_family
 
 RUNS = "runs"
@@ -49,25 +48,15 @@ class RunBusy(RuntimeError):
     """Another process is training this run right now."""
 
 
-class TrainRequest(BaseModel):
-    """What a flow run or ``imagegen train`` asks for."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    dataset: str = Field(min_length=1, description="Dataset name or id (or unique id prefix) in the registry")
-    train: TrainConfig = Field(description="The training configuration")
-    nproc: int = Field(1, ge=1, le=1024, description="Processes (GPUs) on this machine; >1 launches torchrun")
-    timeout_s: float | None = Field(None, gt=0, description="Kill the training (all processes) after this long")
-
-
 # ------------------------------------------------------------------------------------------ identity
 
 
 def train_code_version(family: str) -> str:
     """Source of everything a run's trajectory depends on: the family's module, the model code,
-    the trainer, the loader."""
+    the trainer and its config, the loader."""
     import imagegen.loader
     import imagegen.train.checkpoint
+    import imagegen.train.config
     import imagegen.train.distributed
     import imagegen.train.ema
     import imagegen.train.trainer
@@ -86,8 +75,8 @@ def train_code_version(family: str) -> str:
     shared = [models.base, models.diffusion, models.samplers, models.text, models.nets.layers, models.nets.unet,
               models.nets.dit]
     own = [m for m in _models_closure(sys.modules[fam.__module__]) if m not in shared]
-    return code_version(*own, *shared, imagegen.loader, imagegen.train.trainer, imagegen.train.checkpoint,
-                        imagegen.train.ema, imagegen.train.distributed)
+    return code_version(*own, *shared, imagegen.loader, imagegen.train.trainer, imagegen.train.config,
+                        imagegen.train.checkpoint, imagegen.train.ema, imagegen.train.distributed)
 
 
 def _models_closure(module: Any) -> list[Any]:

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,10 +35,8 @@ from safetensors.torch import save_file
 from imagegen.artifacts import is_complete, read_card, stage_output
 from imagegen.determinism import torch_threads
 from imagegen.clip import CONFIG_NAME, SAFE_WEIGHTS_NAME
-from imagegen.hashing import code_version, file_sha256, stable_hash
-from imagegen.world import reference_clip_config as config_mod
-from imagegen.world import scene as scene_mod
-from imagegen.world.reference_clip_config import ReferenceClipConfig  # noqa: F401 (re-exported)
+from imagegen.hashing import file_sha256, stable_hash
+from imagegen.world.reference_clip_config import ReferenceClipConfig, reference_clip_id  # noqa: F401 (re-exported)
 from imagegen.world.scene import Scene, WorldConfig, caption_for, render_scene
 
 log = logging.getLogger(__name__)
@@ -55,16 +52,6 @@ TRAIN_RUNS = 0  # how many times this process trained a model (tests check the c
 
 
 # ------------------------------------------------------------------------------- identities
-
-
-def reference_clip_id(world_cfg: WorldConfig, clip_cfg: ReferenceClipConfig) -> str:
-    """Content id: both configs plus the source of this module and of the world's scene code."""
-    return stable_hash({
-        "world": world_cfg,
-        "clip": clip_cfg.id_fields(),
-        "code": code_version(sys.modules[__name__], config_mod, scene_mod),
-        "open_clip": open_clip.__version__,
-    })
 
 
 def data_world(world_cfg: WorldConfig, clip_cfg: ReferenceClipConfig) -> WorldConfig:

@@ -1,15 +1,24 @@
-"""The reference CLIP's configuration (size, schedule, seed, threads): plain pydantic, no torch.
+"""The reference CLIP's configuration (size, schedule, seed, threads) and id: plain pydantic, no torch.
 
 ``imagegen.curate`` (and so the ``imagegen curate`` command line and every curate flow run) reads
-it to validate a request; training it (``imagegen.world.reference_clip``, which re-exports the
-class and hashes this module into the model id) imports torch and open_clip only then.
+it to validate a request, and computes the model's id here (``reference_clip_id``), so a curate
+that finds the model trained imports neither torch nor open_clip; training it
+(``imagegen.world.reference_clip``, which re-exports both) imports them only then.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import sys
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from imagegen.hashing import code_version, module_source, stable_hash
+from imagegen.world import scene as scene_mod
+from imagegen.world.scene import WorldConfig
+
+TRAINER = "imagegen.world.reference_clip"  # the module that trains it (torch, open_clip)
 
 
 class ReferenceClipConfig(BaseModel):
@@ -86,3 +95,14 @@ class ReferenceClipConfig(BaseModel):
 
     def id_fields(self) -> dict[str, Any]:
         return self.model_dump()  # every field, threads included: each one can change the weights
+
+
+def reference_clip_id(world_cfg: WorldConfig, clip_cfg: ReferenceClipConfig) -> str:
+    """Content id: both configs, the source of the trainer module (read, not imported), of this
+    module and of the world's scene code, and open_clip's version (from its installed metadata)."""
+    return stable_hash({
+        "world": world_cfg,
+        "clip": clip_cfg.id_fields(),
+        "code": code_version(module_source(TRAINER), sys.modules[__name__], scene_mod),
+        "open_clip": importlib.metadata.version("open_clip_torch"),
+    })
