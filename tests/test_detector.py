@@ -108,6 +108,46 @@ def test_empty_backgrounds_give_nothing():
         assert det.caption_from_detections(det.detect(img)) == ""
 
 
+def _noise(rng, n: int, sigma: float) -> Image.Image:
+    """RGB noise drawn at n px (uniform, or gaussian-blurred by sigma px and restretched to the
+    uniform's spread), resized to 64 px with bicubic as ``evaluate`` resizes samples."""
+    from scipy import ndimage as ndi
+
+    x = rng.uniform(0, 255, (n, n, 3))
+    if sigma > 0:
+        x = np.stack([ndi.gaussian_filter(x[..., c], sigma, mode="wrap") for c in range(3)], -1)
+        x = (x - x.mean()) / x.std() * (255 / np.sqrt(12)) + 127.5
+    img = Image.fromarray(np.clip(x, 0, 255).round().astype(np.uint8))
+    return img if n == 64 else img.resize((64, 64), Image.Resampling.BICUBIC)
+
+
+@pytest.mark.parametrize("n", [32, 64])
+def test_noise_yields_no_detection_above_geneval_threshold(n):
+    # before the absolute plausibility factor, blurred noise at sigma 1-1.5 gave a detection above
+    # 0.3 on every image (benchmarks/geneval_world_ceiling.py: GenEval-world single_object up to 0.64)
+    from imagegen.evaluate.geneval import THRESHOLD
+
+    rng = np.random.default_rng([7, n])
+    for sigma in (0.0, 1.0, 1.5, 2.5):
+        for k in range(4):
+            dets = det.detect(_noise(rng, n, sigma))
+            assert all(d.score <= THRESHOLD for d in dets), (n, sigma, k, [(d.class_name, d.score) for d in dets])
+
+
+def test_world_renders_are_fully_plausible():
+    # the absolute factors are 1 on the world's own renders: clean, JPEG and squeezed through 32 px
+    cfg = WorldConfig(seed=21)
+    seen = 0
+    for i in range(12):
+        _, img = render_scene(cfg, i)
+        squeezed = img.resize((32, 32), Image.Resampling.BICUBIC).resize((64, 64), Image.Resampling.BICUBIC)
+        for variant in (img, jpeg(img, 85), squeezed):
+            for d in det.detect(variant):
+                assert det.plausibility(d.features) == 1.0, (i, d, d.features)
+                seen += 1
+    assert seen >= 36
+
+
 def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="RGB image"):
         det.detect(np.zeros((64, 64), np.uint8))
