@@ -559,8 +559,6 @@ def _all_whole(folder: Path) -> None:
 def test_a_decode_error_during_the_fetch_surfaces_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     """A part whose decode fails while img2dataset still fetches: the error is raised by run_download, no
     ledger is written, and every file left is whole (each decode writes atomically)."""
-    import threading
-
     from imagegen.stages import download as D
 
     real = D.decode_part
@@ -571,10 +569,18 @@ def test_a_decode_error_during_the_fetch_surfaces_and_leaves_nothing_half_writte
         return real(job)
 
     monkeypatch.setattr(D, "decode_part", fails_on_part_1)
+    _fails_cleanly(tmp_path, RuntimeError, "planted decode failure in part 1")
+
+
+def _fails_cleanly(tmp_path, exc: type[BaseException], match: str) -> None:
+    """run_download on 30 rows in parts of 10 raises ``exc``; no ledger, every file left whole, the part
+    watcher's thread stopped."""
+    import threading
+
     cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
                          allow_private_addresses=True, image_size=16)
     with _FlakyOnce(set()) as base:
-        with pytest.raises(RuntimeError, match="planted decode failure in part 1"):
+        with pytest.raises(exc, match=match):
             run_download(_small_list(base, 30), cfg, tmp_path / "dl", progress=False)
     assert not (tmp_path / "dl" / "ledger").exists()
     _all_whole(tmp_path / "dl")
@@ -585,8 +591,6 @@ def test_a_decode_error_during_the_fetch_surfaces_and_leaves_nothing_half_writte
 def test_a_fetch_error_surfaces_after_the_watcher_stops(tmp_path, monkeypatch):
     """img2dataset failing after it wrote its parts: the error is raised, the part watcher has stopped, no
     ledger is written and every file left is whole."""
-    import threading
-
     import img2dataset
 
     real = img2dataset.download
@@ -596,14 +600,7 @@ def test_a_fetch_error_surfaces_after_the_watcher_stops(tmp_path, monkeypatch):
         raise OSError("planted fetch failure")
 
     monkeypatch.setattr(img2dataset, "download", fails_after_writing)
-    cfg = DownloadConfig(processes_count=1, thread_count=4, number_sample_per_shard=10, retry_passes=0,
-                         allow_private_addresses=True, image_size=16)
-    with _FlakyOnce(set()) as base:
-        with pytest.raises(OSError, match="planted fetch failure"):
-            run_download(_small_list(base, 30), cfg, tmp_path / "dl", progress=False)
-    assert not (tmp_path / "dl" / "ledger").exists()
-    _all_whole(tmp_path / "dl")
-    assert not [t for t in threading.enumerate() if t.name.startswith("img2dataset-parts")]
+    _fails_cleanly(tmp_path, OSError, "planted fetch failure")
 
 
 @pytest.mark.slow
