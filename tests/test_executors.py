@@ -158,6 +158,11 @@ def test_dask_nanny_leaves_the_driver_environment_as_it_was(monkeypatch):
         one = sorted(ex.client.scheduler_info()["workers"])[0]
         old = ex.client.run(os.getpid)
         ex.client.restart_workers([one])
+        # the client's call returns once the scheduler has the new worker, which can be before the
+        # nanny's instantiate (where the values are put back) has returned on the cluster's loop
+        deadline = time.monotonic() + 30
+        while env() != (None, "7", None) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert env() == (None, "7", None)
         now = ex.client.run(os.getpid)
         assert len(now) == 2 and set(now.values()) != set(old.values())  # a new worker process
