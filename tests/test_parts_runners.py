@@ -422,7 +422,11 @@ def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
     2 ms) stays within 2x with 4x the parts, where holding the dataset would cost 4x. Measured 2026-12-03 in
     four runs (MB, 3 -> 12 parts): dedup 23-34 -> 38-53, filter 61-91 -> 49-79, shard 36-40 -> 31-63 (the
     allocator's noise is ~+-15 MB); dedup was 35 -> 90 before its hashing went batch by batch (a chunk spanning
-    two batches kept both alive and the heap grew part after part)."""
+    two batches kept both alive and the heap grew part after part). 2026-12-04, seven runs: shard 1-22 at 3
+    parts but 59-80 at 12, 41/14 at 6 -> 68/63 at 24, 64/80 at 12 -> 71/58 at 24 (MALLOC_ARENA_MAX=1 alike):
+    a plateau reached by ~6 parts, not growth with N (one part's images are held two or three times while it
+    is routed, ~30 MB, plus the allocator's cache), so the floor is that working set, 50 MB; holding the
+    dataset would add >= 90 MB of JPEG bytes alone at 12 parts."""
     import json
     import subprocess
     import sys
@@ -435,9 +439,10 @@ def test_stage_memory_does_not_grow_with_the_number_of_parts(tmp_path):
     small, big = measure(3), measure(12)
     print("peak RSS growth over the stage's start, MB, 3 -> 12 parts:",
           {st: (round(small[st]), round(big[st])) for st in ("dedup", "filter", "shard")})
-    # 4x the parts (4x the data): each stage's peak over its starting RSS stays within 2x (30 MB floor: allocator noise)
+    # 4x the parts (4x the data): each stage's peak over its starting RSS stays within 2x (50 MB floor: one part's
+    # working set and the allocator's cache, see above)
     for stage in ("dedup", "filter", "shard"):
-        assert big[stage] <= 2.0 * max(small[stage], 30.0), (stage, small, big)
+        assert big[stage] <= 2.0 * max(small[stage], 50.0), (stage, small, big)
 
 
 def _tiny_download(d: Path, n: int, per_part: int = 1000) -> None:
