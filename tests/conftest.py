@@ -7,8 +7,12 @@ import tempfile
 from pathlib import Path
 
 _SESSION_TMP = Path(tempfile.mkdtemp(prefix="imagegen-tests-"))
-os.environ.setdefault("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
-os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(_SESSION_TMP / "prefect-results"))
+# Under pytest-xdist (the CI command: -n 2) each worker is a session of its own, with its own Prefect server,
+# home and result storage: a worker inherits the controller's environment, where setdefault would keep the
+# controller's paths and two workers would read each other's cached task results.
+_set = os.environ.__setitem__ if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.setdefault
+_set("PREFECT_HOME", str(_SESSION_TMP / "prefect-home"))
+_set("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(_SESSION_TMP / "prefect-results"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
