@@ -152,9 +152,12 @@ def test_flow_published_artifacts(smoke_run):
     with get_client(sync_client=True) as client:
         table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-stage-counts"])))
         md = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-summary"])))
+    # the session's server holds every curate of the test files run before this one: take this dataset's
+    s = _summary(smoke_run[2])
+    table = [a for a in table if s["dataset_id"] in (a.description or "")]
+    md = [a for a in md if s["dataset_id"] in (a.data or "")]
     assert table and md
     rows = table[0].data if isinstance(table[0].data, list) else json.loads(table[0].data)
     assert [r["stage"] for r in rows] == ["download", "dedup", "filter", "recaption", "shard"]
-    s = _summary(smoke_run[2])
     assert rows[0]["in"] == s["input_rows"] and rows[-1]["kept"] == s["samples"]
-    assert "data:image/png;base64," in md[0].data and s["dataset_id"] in md[0].data
+    assert "data:image/png;base64," in md[0].data
