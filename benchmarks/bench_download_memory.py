@@ -5,7 +5,8 @@ PNG; the URL list is a parquet file of N rows that ``run_download`` reads itself
 driver's peak traced heap (tracemalloc: Python and NumPy/pandas buffers; img2dataset's and the decode
 pool's processes are other processes) is printed per size, with the slope in bytes per row between the two
 sizes against the compact columns the driver keeps by design (row ids, attempts, a status code, where a row
-last failed, its image part, the row-id index).  Memory, not speed: it needs no quiet machine.
+last failed, its image part, the row-id index, the ledger summary's row ids).  Memory, not speed: it needs
+no quiet machine.
 
     .venv/bin/python benchmarks/bench_download_memory.py --sizes 20000 80000
 """
@@ -30,8 +31,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 # per row kept by the driver: row id (8), attempts (8), failed (1), pass (1) and part (4) of the last failure,
-# image part (8), and the row_id -> position index (pandas' hash table: about 16-24)
-COMPACT_BYTES_PER_ROW = 8 + 8 + 1 + 1 + 4 + 8 + 24
+# image part (8), the row_id -> position index (pandas' hash table: 26 measured at 20,000-40,000 rows), and
+# the ledger summary's row ids (8: its check that every row is in the ledger once, filled part by part)
+COMPACT_BYTES_PER_ROW = 8 + 8 + 1 + 1 + 4 + 8 + 26 + 8
 
 
 def _serve(port_out, stop) -> None:

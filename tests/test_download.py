@@ -445,6 +445,49 @@ def test_the_batched_url_list_reads_as_the_whole_file_did(tmp_path, fmt):
     assert f"has {len(dup)} duplicate URL(s) ({first})" in str(new_err.value) and str(path) in str(new_err.value)
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_read_batch_leaves_no_reference_cycle(tmp_path, fmt):
+    """Issue 14: a batch of the URL list is freed as soon as it is dropped, not at the next full garbage
+    collection (pandas' cached ``.str`` accessor made a cycle per batch that kept its strings: ~190 bytes a
+    row of every batch in the driver, most of the slope of bench_download_memory)."""
+    import gc
+
+    from imagegen.stages.download import iter_url_list, scan_url_list
+
+    df = _planted_list(300)
+    path = tmp_path / f"list.{fmt}"
+    df.to_parquet(path, index=False) if fmt == "parquet" else df.to_csv(path, index=False)
+    gc.collect()
+    gc.disable()
+    try:
+        n = sum(len(b) for b in iter_url_list(path, batch_rows=50))
+        scan_url_list(path, on_duplicate_urls="skip", batch_rows=50)
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert n == len(df)
+    assert unreachable == 0
+
+
+def test_the_ledger_summary_keeps_8_bytes_a_row():
+    """Its row ids are copies: a view of a ledger part's row_id kept the part's whole int64 block."""
+    from imagegen.stages.download import LedgerSummary, ledger_frame
+
+    n = 1000
+    part = pd.DataFrame({"row_id": np.arange(n, dtype=np.int64), "url": "u", "caption": "c", "status": "failed",
+                         "reason": "timeout", "error": "e", "attempts": np.ones(n, dtype=np.int64), "key": None})
+    for col in ("original_width", "original_height", "original_mode", "original_format", "exif_transposed",
+                "width", "height", "source_sha256", "sha256"):
+        part[col] = None
+    summary = LedgerSummary()
+    summary.add(ledger_frame(part))
+    kept = summary.ids[0]
+    while kept.base is not None:
+        kept = kept.base
+    assert kept.nbytes == 8 * n
+    assert summary.result()["failed"] == n
+
+
 def test_a_hash_collision_never_makes_a_row_a_duplicate(tmp_path, monkeypatch):
     """Every URL hashing to the same 64 bits (the worst collision): the repeats found are still exactly
     the equal URLs, because a hash hit is confirmed on the URLs themselves."""
