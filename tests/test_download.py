@@ -471,14 +471,12 @@ def test_a_read_batch_leaves_no_reference_cycle(tmp_path, fmt):
 
 def test_the_ledger_summary_keeps_8_bytes_a_row():
     """Its row ids are copies: a view of a ledger part's row_id kept the part's whole int64 block."""
-    from imagegen.stages.download import LedgerSummary, ledger_frame
+    from imagegen.stages.download import LEDGER_COLUMNS, LedgerSummary, ledger_frame
 
     n = 1000
-    part = pd.DataFrame({"row_id": np.arange(n, dtype=np.int64), "url": "u", "caption": "c", "status": "failed",
-                         "reason": "timeout", "error": "e", "attempts": np.ones(n, dtype=np.int64), "key": None})
-    for col in ("original_width", "original_height", "original_mode", "original_format", "exif_transposed",
-                "width", "height", "source_sha256", "sha256"):
-        part[col] = None
+    part = pd.DataFrame({c: [None] * n for c in LEDGER_COLUMNS})
+    part = part.assign(row_id=np.arange(n, dtype=np.int64), url="u", caption="c", status="failed", reason="timeout",
+                       error="e", attempts=np.ones(n, dtype=np.int64))
     summary = LedgerSummary()
     summary.add(ledger_frame(part))
     kept = summary.ids[0]
